@@ -1,0 +1,1 @@
+"""Everything that talks to etcd (through aetcd) lives in this package, and only here."""
