@@ -14,7 +14,7 @@ from vmha.config import ConfigError
 COMMANDS: dict[str, str] = {
     "agent": "vmha.agent.cli:agent",
     "manager": "vmha.manager.cli:manager",
-    "status": "vmha.manager.cli:status",
+    "status": "vmha.manager.status:status",
     "events": "vmha.manager.cli:events",
     "recovery": "vmha.manager.cli:recovery",
     "host": "vmha.manager.cli:host",
@@ -27,11 +27,17 @@ COMMANDS: dict[str, str] = {
 
 
 class LazyGroup(click.Group):
+    """A group whose subcommands are imported from "module:attr" targets when used."""
+
+    def __init__(self, *args: object, commands_map: dict[str, str] | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.commands_map = COMMANDS if commands_map is None else commands_map
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted(self.commands_map)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
+        target = self.commands_map.get(cmd_name)
         if target is None:
             return None
         module, attr = target.split(":")

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vmha.core.health import HealthTimings
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyError, PolicyTable
 
@@ -63,7 +64,7 @@ class Timings(_Strict):
     lease_ttl: int = Field(2, ge=2, le=60, description="etcd lease TTL per plane, whole seconds")
     keepalive_interval: float = Field(0.5, gt=0, le=20)
     suspect_after: float = Field(1.2, gt=0, description="heartbeat unchanged this long: SUSPECT")
-    down_grace: float = Field(0.5, ge=0, description="lease gone this long: DOWN")
+    down_grace: float = Field(0.3, ge=0, description="lease gone this long: DOWN")
     fabric_window: float = Field(5.0, gt=0, description="losses of one plane this close count together")
     fabric_fraction: float = Field(0.5, gt=0, lt=1, description="more than this share lost: fabric")
     fabric_min_hosts: int = Field(3, ge=2, description="a fabric outage needs at least this many hosts")
@@ -78,6 +79,9 @@ class Timings(_Strict):
         if self.suspect_after <= self.keepalive_interval:
             raise ValueError("suspect_after must be longer than keepalive_interval")
         return self
+
+    def health(self) -> HealthTimings:
+        return HealthTimings(**self.model_dump())
 
 
 class LocksConfig(_Strict):

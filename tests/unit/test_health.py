@@ -1,0 +1,246 @@
+"""The health core, event by event, with an explicit clock."""
+
+from __future__ import annotations
+
+from vmha.core.health import (
+    EtcdStatus,
+    FabricChange,
+    HealthCore,
+    HealthTimings,
+    Heartbeat,
+    HostGone,
+    HostHealth,
+    HostSeen,
+    LeaseGone,
+    Tick,
+)
+from vmha.core.planes import PLANES, Plane, PlaneState
+
+M, S, V = Plane.MANAGEMENT, Plane.STORAGE, Plane.SERVICE
+T = HealthTimings(
+    lease_ttl=2,
+    keepalive_interval=0.5,
+    suspect_after=1.2,
+    down_grace=0.5,
+    fabric_window=5.0,
+    fabric_fraction=0.5,
+    fabric_min_hosts=3,
+)
+
+
+class Cluster:
+    """Feeds a HealthCore like the manager adapter does and records every change."""
+
+    def __init__(self, hosts: dict[str, str], timings: HealthTimings = T) -> None:
+        self.core = HealthCore(timings)
+        self.seq: dict[tuple[str, Plane], int] = {}
+        self.changes: list[tuple[float, str, str, str]] = []
+        self.fabric: list[FabricChange] = []
+        self.log: list[str] = []
+        for h, d in hosts.items():
+            self.step(HostSeen(h, d), 0.0)
+
+    def step(self, event: object, now: float) -> None:
+        out = self.core.step(event, now)  # type: ignore[arg-type]
+        self.changes += [(now, c.host, c.plane.value, c.new.value) for c in out.changes]
+        self.fabric += out.fabric
+        self.log += [line.render() for line in out.log]
+
+    def beat(self, host: str, plane: Plane, now: float) -> None:
+        n = self.seq.get((host, plane), 0) + 1
+        self.seq[(host, plane)] = n
+        self.step(Heartbeat(host, plane, n, 1000.0 + now, n, 7), now)
+
+    def beat_all(self, now: float, skip: set[tuple[str, Plane]] = frozenset()) -> None:  # type: ignore[assignment]
+        for h in sorted(self.core.view()):
+            for p in PLANES:
+                if (h, p) not in skip:
+                    self.beat(h, p, now)
+
+    def state(self, host: str, plane: Plane) -> PlaneState:
+        return self.core.view()[host].planes[plane].state
+
+    def run(
+        self, start: float, end: float, skip: set[tuple[str, Plane]], gone_at: dict[tuple[str, Plane], float]
+    ) -> None:
+        """Heartbeats every 0.5 s except `skip`; LeaseGone at the given times; ticks in between."""
+        t = start
+        pending = dict(gone_at)
+        while t <= end + 1e-9:
+            for key, when in sorted(pending.items(), key=lambda kv: kv[1]):
+                if when <= t:
+                    self.step(LeaseGone(key[0], key[1], 99), when)
+                    del pending[key]
+            self.beat_all(t, skip)
+            self.step(Tick(), t)
+            t = round(t + 0.1, 6)
+
+
+def healthy(hosts: dict[str, str]) -> Cluster:
+    c = Cluster(hosts)
+    c.beat_all(0.0)
+    c.changes.clear()
+    return c
+
+
+def test_heartbeats_make_planes_up_and_registration_is_logged() -> None:
+    c = Cluster({"h1": "r1"})
+    assert c.state("h1", M) == PlaneState.UNKNOWN
+    c.beat_all(0.0)
+    assert {c.state("h1", p) for p in PLANES} == {PlaneState.UP}
+    assert any("host 'h1' registered (domain r1)" in line for line in c.log)
+
+
+def test_single_plane_down_only_that_plane() -> None:
+    hosts = {f"h{i}": "r1" for i in range(1, 6)}
+    c = healthy(hosts)
+    cut = {("h2", S)}
+    # Last keepalive at 0.0; lease expiry observed at 2.3 s.
+    c.run(0.5, 6.0, cut, {("h2", S): 2.3})
+    assert c.state("h2", S) == PlaneState.DOWN
+    assert [x for x in c.changes if x[3] == "down"] == [(2.8, "h2", "storage", "down")]
+    assert {(h, p.value) for h in hosts for p in PLANES if c.state(h, p) != PlaneState.UP} == {("h2", "storage")}
+    # SUSPECT came first, from staleness, before the lease expired.
+    assert c.changes[0] == (1.2, "h2", "storage", "suspect")
+    assert c.core.view()["h2"].failed() == frozenset({S})
+
+
+def test_flapping_link_never_goes_down_while_the_lease_lives() -> None:
+    c = healthy({"h1": "r1", "h2": "r1", "h3": "r1"})
+    t = 0.0
+    # Keepalives for h1/service arrive every 1.5 s (two of three lost): SUSPECT, UP, SUSPECT... never DOWN.
+    for _ in range(10):
+        for k in range(15):
+            now = round(t + k * 0.1, 6)
+            if k % 5 == 0:
+                c.beat_all(now, {("h1", V)})
+            c.step(Tick(), now)
+        t = round(t + 1.5, 6)
+        c.beat("h1", V, t)
+    states = {x[3] for x in c.changes if x[1] == "h1"}
+    assert states == {"suspect", "up"}
+    assert c.state("h1", V) == PlaneState.UP
+
+
+def test_lease_back_within_grace_is_no_down() -> None:
+    c = healthy({"h1": "r1"})
+    c.step(LeaseGone("h1", M, 5), 1.0)
+    assert c.state("h1", M) == PlaneState.SUSPECT
+    c.step(Tick(), 1.3)
+    c.beat("h1", M, 1.4)  # re-granted lease, new value
+    c.step(Tick(), 2.0)
+    assert c.state("h1", M) == PlaneState.UP
+    assert [x[3] for x in c.changes if x[2] == "management"] == ["suspect", "up"]
+
+
+def test_leader_change_freezes_staleness_and_does_not_flap() -> None:
+    hosts = {f"h{i}": "r1" for i in range(1, 5)}
+    c = healthy(hosts)
+    # etcd election: the manager loses etcd at 0.2 s; no heartbeat moves for 8 s; leases are extended
+    # by etcd (TTL + 1 s) so no key is deleted.
+    c.step(EtcdStatus(False), 0.2)
+    for k in range(3, 80):
+        c.step(Tick(), k * 0.1)
+    c.step(EtcdStatus(True), 8.0)
+    c.beat_all(8.3)
+    c.step(Tick(), 8.4)
+    assert c.changes == []
+    assert any("etcd unreachable" in line for line in c.log)
+
+
+def test_all_planes_down_single_host() -> None:
+    hosts = {f"h{i}": "r1" for i in range(1, 6)}
+    c = healthy(hosts)
+    cut = {("h3", p) for p in PLANES}
+    c.run(0.5, 5.0, cut, {("h3", p): 2.3 + 0.1 * i for i, p in enumerate(PLANES)})
+    assert c.core.view()["h3"].failed() == frozenset(PLANES)
+    assert c.fabric == []
+
+
+def test_fabric_outage_over_the_cluster() -> None:
+    hosts = {f"h{i}": "r1" if i <= 2 else "r2" for i in range(1, 5)}
+    c = healthy(hosts)
+    cut = {(h, M) for h in hosts}
+    c.run(0.5, 6.0, cut, {(h, M): 2.2 + 0.1 * i for i, h in enumerate(sorted(hosts))})
+    assert {c.state(h, M) for h in hosts} == {PlaneState.FABRIC}
+    assert not any(x[3] == "down" for x in c.changes)
+    active = [f for f in c.fabric if f.active]
+    assert [(f.plane, f.domain) for f in active] == [(M, None)]
+    assert c.core.fabric_outages()[0].hosts == tuple(sorted(hosts))
+    # The fabric comes back: every host UP, the outage ends, nobody was ever DOWN.
+    c.run(6.1, 8.0, set(), {})
+    assert {c.state(h, M) for h in hosts} == {PlaneState.UP}
+    assert [f.active for f in c.fabric] == [True, False]
+    assert c.core.fabric_outages() == []
+
+
+def test_fabric_outage_of_one_domain() -> None:
+    hosts = {**{f"a{i}": "rackA" for i in range(1, 5)}, **{f"b{i}": "rackB" for i in range(1, 7)}}
+    c = healthy(hosts)
+    lost = {f"a{i}" for i in range(1, 4)}  # 3 of 4 in rackA, 3 of 10 overall
+    cut = {(h, V) for h in lost}
+    c.run(0.5, 6.0, cut, {(h, V): 2.3 for h in lost})
+    assert {c.state(h, V) for h in lost} == {PlaneState.FABRIC}
+    assert c.state("a4", V) == PlaneState.UP
+    assert [(f.plane, f.domain, f.active) for f in c.fabric] == [(V, "rackA", True)]
+    # a4 loses service during the outage: FABRIC at once, never DOWN.
+    c.run(6.1, 10.0, cut | {("a4", V)}, {("a4", V): 8.4})
+    assert c.state("a4", V) == PlaneState.FABRIC
+    assert not any(x[3] == "down" for x in c.changes)
+
+
+def test_too_few_hosts_is_no_fabric_outage() -> None:
+    c = healthy({"h1": "r1", "h2": "r1"})
+    cut = {("h1", S), ("h2", S)}
+    c.run(0.5, 5.0, cut, {("h1", S): 2.3, ("h2", S): 2.3})
+    assert {c.state("h1", S), c.state("h2", S)} == {PlaneState.DOWN}
+    assert c.fabric == []
+
+
+def test_host_dead_before_fabric_keeps_down_but_losses_in_window_turn_fabric() -> None:
+    hosts = {f"h{i}": "r1" for i in range(1, 5)}
+    c = healthy(hosts)
+    # h1 dies at 0 (DOWN at 2.8). 60 s later the storage fabric fails for h2..h4.
+    c.run(0.5, 60.0, {("h1", p) for p in PLANES}, {("h1", p): 2.3 for p in PLANES})
+    assert c.core.view()["h1"].failed() == frozenset(PLANES)
+    cut = {("h1", p) for p in PLANES} | {(h, S) for h in ("h2", "h3", "h4")}
+    c.run(60.1, 66.0, cut, {(h, S): 62.4 for h in ("h2", "h3", "h4")})
+    assert c.state("h1", S) == PlaneState.DOWN  # lost long before: an individual failure
+    assert {c.state(h, S) for h in ("h2", "h3", "h4")} == {PlaneState.FABRIC}
+
+
+def test_fabric_end_leaves_stragglers_suspect_for_a_window() -> None:
+    hosts = {f"h{i}": "r1" for i in range(1, 5)}
+    c = healthy(hosts)
+    cut = {(h, M) for h in hosts}
+    c.run(0.5, 6.0, cut, {(h, M): 2.3 for h in hosts})
+    # Three come back, h4 does not (its NIC is really broken).
+    c.run(6.1, 8.0, {("h4", M)}, {})
+    assert c.state("h4", M) == PlaneState.SUSPECT
+    c.run(8.1, 12.0, {("h4", M)}, {})
+    assert c.state("h4", M) == PlaneState.DOWN  # fabric_window after the outage ended
+    down_at = [x[0] for x in c.changes if x[3] == "down"]
+    assert len(down_at) == 1 and down_at[0] >= 6.1 + T.fabric_window - 0.2
+
+
+def test_host_gone_and_persisted_view_roundtrip() -> None:
+    c = healthy({"h1": "r1", "h2": "r2"})
+    view = c.core.view()["h2"]
+    assert HostHealth.from_dict(view.to_dict()) == view
+    c.step(HostGone("h2"), 1.0)
+    assert sorted(c.core.view()) == ["h1"]
+
+
+def test_next_deadline_tells_when_to_tick() -> None:
+    c = healthy({"h1": "r1"})
+    assert c.core.next_deadline() == T.suspect_after
+    c.step(LeaseGone("h1", S, 3), 0.7)
+    assert c.core.next_deadline() == 0.7 + T.down_grace
+
+
+def test_repeated_value_is_no_news() -> None:
+    c = healthy({"h1": "r1"})
+    n = c.seq[("h1", M)]
+    c.step(Heartbeat("h1", M, n, 1000.0, n, 7), 1.0)  # re-delivered after a watch resume
+    c.step(Tick(), 1.3)
+    assert c.state("h1", M) == PlaneState.SUSPECT
