@@ -131,6 +131,8 @@ class Config(_Strict):
     agent: AgentConfig = AgentConfig()
     nova: NovaConfig = NovaConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
+    # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
+    power: dict[str, dict[str, str | int | bool]] = Field(default_factory=dict)
 
     @field_validator("policy")
     @classmethod

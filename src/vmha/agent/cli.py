@@ -1,0 +1,52 @@
+"""`vmha agent --config FILE`: run the agent; `--status` prints the running agent's plane view."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from vmha import config
+from vmha.agent.daemon import Agent, default_status_path
+
+
+async def _serve(agent: Agent) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.run(stop)
+
+
+@click.command("agent")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="vmha config file")
+@click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON status file [default: /run/vmha/agent-<host>.json]")  # fmt: skip
+@click.option("--status", "show_status", is_flag=True, help="print the running agent's plane view and exit")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def agent(config_path: str, status_file: Path | None, show_status: bool, verbose: bool) -> None:
+    """Run the per-host agent: per-plane etcd heartbeats and the host's own plane view."""
+    cfg = config.load(config_path)
+    host = cfg.require_host()
+    path = status_file or default_status_path(host.name)
+    if show_status:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise click.ClickException(f"no status file {path}: is the agent of {host.name} running?") from None
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f"cannot read status file {path}: {e}") from None
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        # Exit 1 when a plane is unreachable, so scripts can test it.
+        sys.exit(1 if data.get("unreachable") else 0)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(_serve(Agent(cfg, status_path=path)))

@@ -1,0 +1,324 @@
+"""`vmha bench locks`: time to fence proof per method, and lease acquire/release throughput.
+
+Runs its own lab sanlock daemons (LAB ONLY: no watchdog, see vmha.lab.sanlockd) in a temporary
+directory: this process is the manager's host (host_id 2), host A (host_id 1) is another daemon
+whose VM holders run as subprocesses. exit-attested builds a small namespace lab (prefix vt2b):
+A reaches the lease storage over sshfs on its storage NIC, which the benchmark cuts; etcd runs on
+the loopback and A's agent joins A's mount namespace only. Prints numbers; never pass/fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from vmha.core.fencing import ProofMethod
+from vmha.core.planes import Plane
+from vmha.etcd.attest import AttestResponse, request_attestation
+from vmha.etcd.client import EtcdClient
+from vmha.etcd.keys import Keys
+from vmha.lab.net import LabNet, Node, kill_pids
+from vmha.lab.sanlockd import LabSanlock, start_sanlock, stop_sanlock
+from vmha.lab.storage import MOUNT_POINT, SharedStorage
+from vmha.locks import LeaseHold, LockSpace, Prover
+from vmha.testing.etcd import EtcdProcess
+
+A_ID, MGR_ID = 1, 2
+METHODS = ("request-force", "power", "exit-attested", "host-dead")
+
+# What runs on host A, as `python -c` programs (each host's clients are processes of their own).
+_JOIN = "from vmha.locks import LockSpace as S; S({path!r}, {ls!r}, {io}).join(1, 'vt2ba', timeout=60)"
+_HOLD = ("import signal; from vmha.locks import LockSpace as S, acquire_self as a\n"
+         "h = a(S({path!r}, {ls!r}, {io}), {vm!r}); print('held', flush=True); signal.pause()")
+_AGENT = """
+import asyncio
+from vmha.etcd.attest import serve_attestations
+from vmha.etcd.client import EtcdClient
+from vmha.etcd.keys import Keys
+from vmha.locks import LockSpace, attest_exit
+s = LockSpace({path!r}, {ls!r}, {io})
+async def check(vm):
+    return await asyncio.to_thread(attest_exit, s, vm)
+async def main():
+    async with EtcdClient([{etcd!r}], timeout=1.0) as c:
+        print("serving", flush=True)
+        await serve_attestations(c, Keys("vt2b"), "vt2ba", check, poll=0.1)
+asyncio.run(main())
+"""
+
+
+class HostA:
+    """Host A: its daemon and the processes run on it."""
+
+    def __init__(self, base: Path, path: str, lockspace: str, io: int, enter: tuple[str, ...] = ()) -> None:
+        self.base, self.path, self.lockspace, self.io, self.enter = base, path, lockspace, io, enter
+        self.daemon: LabSanlock | None = None
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def env(self) -> dict[str, str]:
+        assert self.daemon is not None
+        return {**self.daemon.env(), "VMHA_RUN_DIR": str(self.base / "a-vmha")}
+
+    def boot(self) -> subprocess.Popen[str]:
+        """Starts A's daemon and its join (returns the join process: wait for it)."""
+        run_dir = None if self.enter else self.base / "a-run"
+        self.daemon = start_sanlock("vt2ba", run_dir=run_dir, enter=self.enter, kill_grace=5,
+                                    log_path=self.base / "a-sanlock.log")
+        return self.spawn(_JOIN.format(path=self.path, ls=self.lockspace, io=self.io))
+
+    def spawn(self, code: str, enter: tuple[str, ...] | None = None) -> subprocess.Popen[str]:
+        p = subprocess.Popen([*(self.enter if enter is None else enter), sys.executable, "-c", code], env=self.env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.procs.append(p)
+        return p
+
+    def hold(self, vm: str) -> subprocess.Popen[str]:
+        p = self.spawn(_HOLD.format(path=self.path, ls=self.lockspace, io=self.io, vm=vm))
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "held":
+            raise click.ClickException(f"host A could not take the lease of {vm}")
+        return p
+
+    def power_off(self) -> list[int]:
+        """Kills every process of A (its holders and its daemon) by pid."""
+        pids = [p.pid for p in self.procs if p.poll() is None]
+        if self.daemon is not None:
+            pids.append(self.daemon.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for p in self.procs:
+            p.wait(timeout=10)
+        if self.daemon is not None:
+            stop_sanlock(self.daemon)  # reaps it
+        self.procs.clear()
+        self.daemon = None
+        return pids
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+        self.procs.clear()
+        if self.daemon is not None:
+            stop_sanlock(self.daemon)
+            self.daemon = None
+
+
+class KillPower:
+    def __init__(self, a: HostA) -> None:
+        self.a = a
+
+    async def power_off(self, host: str, timeout: float) -> str:
+        return f"killed {await asyncio.to_thread(self.a.power_off)}"
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@click.command(name="locks")
+@click.option("--leases", default=1000, show_default=True, help="leases for the throughput run")
+@click.option("--io-timeout", "io", default=1, show_default=True, help="sanlock io_timeout of the bench lockspace")
+@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS), help="proof methods (default: all)")
+@click.option("--repeat", default=3, show_default=True, help="proofs per fast method")
+def locks(leases: int, io: int, methods: tuple[str, ...], repeat: int) -> None:
+    """Time to fence proof per method, and acquire/release throughput of VM leases (lab daemons)."""
+    if os.environ.get("SANLOCK_RUN_DIR"):
+        raise click.ClickException("run without SANLOCK_RUN_DIR: the benchmark starts its own daemons")
+    chosen = methods or METHODS
+    with tempfile.TemporaryDirectory(prefix="vt2b-", dir="/var/tmp") as tmp, _manager(Path(tmp)) as base:
+        _throughput(base, leases, io)
+        for m in ("request-force", "power", "host-dead"):
+            if m in chosen:
+                _proofs(base, io, ProofMethod(m), 1 if m == "host-dead" else repeat)
+        if "exit-attested" in chosen:
+            _exit_attested(base, io, repeat)
+
+
+@contextlib.contextmanager
+def _manager(base: Path) -> Iterator[Path]:
+    # The binding binds this process to the daemon SANLOCK_RUN_DIR names at its first call.
+    os.environ["SANLOCK_RUN_DIR"] = str(base / "mgr-run")
+    os.environ["VMHA_RUN_DIR"] = str(base / "mgr-vmha")
+    d = start_sanlock("vt2bmgr", run_dir=base / "mgr-run", log_path=base / "mgr-sanlock.log")
+    try:
+        yield base
+    finally:
+        stop_sanlock(d)
+
+
+def _space(path: Path, io: int, tag: str) -> LockSpace:
+    path.mkdir(parents=True, exist_ok=True)
+    space = LockSpace(path, f"vt2b{tag}", io)
+    space.init()
+    return space
+
+
+def _throughput(base: Path, n: int, io: int) -> None:
+    space = _space(base / "tp", io, "tp")
+    t = time.monotonic()
+    for i in range(n):
+        space.create_lease(f"vm{i}")
+    created = time.monotonic() - t
+    t = time.monotonic()
+    space.join(MGR_ID, "vt2bmgr", timeout=60)
+    joined = time.monotonic() - t
+    holds: list[LeaseHold] = []
+    try:
+        t = time.monotonic()
+        for i in range(n):
+            holds.append(LeaseHold(space, f"vm{i}"))
+        acq = time.monotonic() - t
+        t = time.monotonic()
+        for h in holds:
+            h.release()
+        rel = time.monotonic() - t
+    finally:
+        for h in holds:
+            h.release()
+        space.leave(MGR_ID)
+    click.echo(f"leases: created {n} in {created:.2f} s ({n / created:.0f}/s); join {joined:.1f} s")
+    click.echo(f"leases: acquired {n} in {acq:.2f} s ({n / acq:.0f}/s, {1000 * acq / n:.2f} ms each); "
+               f"released in {rel:.2f} s ({n / rel:.0f}/s)")
+
+
+def _proofs(base: Path, io: int, method: ProofMethod, repeat: int) -> None:
+    space = _space(base / method.value, io, method.value.replace("-", "")[:8])
+    a = HostA(base, str(space.path), space.name, io)
+    times: list[float] = []
+    try:
+        for r in range(repeat):
+            vm = f"vm{r}"
+            space.create_lease(vm)
+            join = a.boot() if a.daemon is None else None
+            if space.local_state() != "joined":
+                space.join(MGR_ID, "vt2bmgr", timeout=60)
+            if join is not None:
+                join.wait(timeout=120)
+            while {h.host_id for h in space.hosts()} < {A_ID, MGR_ID}:
+                time.sleep(0.2)
+            holder = a.hold(vm)
+
+            async def prove(vm: str = vm, holder: subprocess.Popen[str] = holder) -> float:
+                async def host_id_of(host: str) -> int | None:
+                    return A_ID
+
+                prover = Prover(space, host_id_of=host_id_of, power=KillPower(a), poll=0.05)
+                t0 = time.monotonic()
+                if method is ProofMethod.HOST_DEAD:
+                    await asyncio.to_thread(a.power_off)
+                    t0 = time.monotonic()
+                await prover.prove(vm, "vt2ba", (method,), timeout=space.host_dead + 60)
+                took = time.monotonic() - t0
+                assert _dead(holder.pid), "proof returned while the holder is alive"
+                await prover.release_all()
+                return took
+
+            times.append(asyncio.run(prove()))
+    finally:
+        a.stop()
+        with contextlib.suppress(Exception):
+            space.leave(MGR_ID)
+    _report(method.value, times, io)
+
+
+def _report(name: str, times: list[float], io: int) -> None:
+    text = " ".join(f"{t:.2f}" for t in times)
+    click.echo(f"proof {name:14s} io_timeout={io}: median {statistics.median(times):.2f} s (runs: {text})")
+
+
+def _exit_attested(base: Path, io: int, repeat: int) -> None:
+    net = LabNet("vt2b", log_dir=base / "logs")
+    net.destroy()
+    storage = SharedStorage(base / "export", base / "state", base / "logs")
+    etcd = EtcdProcess(base / "etcd")
+    host = net.host(1)
+    sshd = sshfs = 0
+    a: HostA | None = None
+    space: LockSpace | None = None
+    times: list[float] = []
+    try:
+        etcd.start()
+        ctl = net.start_anchor(_added(net, net.controller()))
+        host = net.start_anchor(_added(net, host))
+        sshd = storage.start_server(ctl)
+        sshfs = storage.mount(host, ctl.address(Plane.STORAGE))
+        space = _space(base / "export", io, "ea")
+        a = HostA(base, str(MOUNT_POINT), space.name, io, enter=tuple(host.enter()))
+        mount_only = ("nsenter", "-t", str(host.anchor), "-m", "--")
+        for r in range(repeat):
+            vm = f"vm{r}"
+            space.create_lease(vm)
+            join = a.boot()
+            if space.local_state() != "joined":
+                space.join(MGR_ID, "vt2bmgr", timeout=60)
+            join.wait(timeout=120)
+            while {h.host_id for h in space.hosts()} < {A_ID, MGR_ID}:
+                time.sleep(0.2)
+            agent = a.spawn(_AGENT.format(path=str(MOUNT_POINT), ls=space.name, io=io, etcd=etcd.client_urls[0]),
+                            enter=mount_only)
+            assert agent.stdout is not None and agent.stdout.readline().strip() == "serving"
+            holder = a.hold(vm)
+
+            async def prove(vm: str = vm, holder: subprocess.Popen[str] = holder, sp: LockSpace = space) -> float:
+                async with EtcdClient(etcd.client_urls, timeout=1.0) as client:
+                    async def attest(host_name: str, vm_name: str, timeout: float) -> AttestResponse:
+                        return await request_attestation(client, Keys("vt2b"), host_name, vm_name, timeout,
+                                                         poll=0.05)
+
+                    async def host_id_of(host_name: str) -> int | None:
+                        return A_ID
+
+                    prover = Prover(sp, host_id_of=host_id_of, attest=attest, poll=0.05)
+                    t0 = time.monotonic()
+                    net.set_link(host, Plane.STORAGE, False)
+                    await prover.prove(vm, "vt2ba", (ProofMethod.EXIT_ATTESTED,), timeout=sp.renewal_fail + 30)
+                    took = time.monotonic() - t0
+                    assert _dead(holder.pid), "proof returned while the holder is alive"
+                    await prover.release_all()
+                    return took
+
+            times.append(asyncio.run(prove()))
+            a.stop()
+            net.set_link(host, Plane.STORAGE, True)
+            time.sleep(2 * io + 4)  # sshfs reconnects (ServerAliveInterval 1, reconnect)
+    finally:
+        if a is not None:
+            a.stop()
+        if host.anchor:
+            net.set_link(host, Plane.STORAGE, True)
+        if sshfs:
+            storage.unmount(host, sshfs)
+        if sshd:
+            kill_pids([sshd])
+        net.destroy()
+        etcd.stop()
+        if space is not None:
+            with contextlib.suppress(Exception):
+                space.leave(MGR_ID)
+    _report("exit-attested", times, io)
+
+
+def _added(net: LabNet, node: Node) -> Node:
+    net.add_node(node)
+    return node
+
+
+__all__ = ["locks"]

@@ -1,0 +1,985 @@
+"""RecoveryCore: the manager's decisions, from host health to recoveries (pure; events in, actions out).
+
+    core = RecoveryCore(policy, RecoverySettings(...))
+    out = core.step(event, now)     # out.actions: run them in order, feed each result back as an event
+    core.next_deadline()            # call core.step(Tick(), t) no later than this
+
+The runtime executes `out.actions` in list order: a PersistTask always comes before the action of
+the step it records (persist, then act), so a leader that dies between the two leaves a task whose
+state names the step in flight, and the next leader repeats only that (idempotent) step.
+
+Per host, the policy row of its plane states decides (policy.py): alert, disable, live-migrate
+(no proof), or isolate-/fence-evacuate: for every HA VM of the host a task proves the old copy dead
+(fencing.proof_methods), the host is marked down, then, by priority and within the concurrency
+limits, the proof lease is released and the VM evacuated to the least loaded healthy host.
+
+THE INVARIANT: no Evacuate without a FenceProof for that VM and host. It is enforced in one place,
+`Evacuate.__post_init__`: the action cannot be built otherwise, so no code path can emit one.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from vmha.core.fencing import FenceProof, ProofMethod, proof_methods
+from vmha.core.health import FabricChange, HealthOutput, HostHealth
+from vmha.core.log import Level, LogLine
+from vmha.core.planes import PLANES, PlaneState
+from vmha.core.policy import Action, Decision, PolicyTable
+from vmha.core.queue import (
+    ACTOR,
+    STEP_STATE,
+    TERMINAL,
+    QueueLimits,
+    RecoveryQueue,
+    Step,
+    Task,
+    TaskKind,
+    TaskState,
+)
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverySettings:
+    """The manager's knobs (config.ManagerConfig.recovery_settings() builds one)."""
+
+    max_parallel: int = 8  # restarts/migrations in flight, cluster-wide
+    max_per_host: int = 4  # restarts/migrations in flight towards one destination host
+    retry_base: float = 2.0  # first retry after this many seconds, doubling each time
+    retry_cap: float = 60.0  # longest wait between retries
+    max_attempts: int = 5  # failed attempts before a task is FAILED
+    decide_after: float = 0.0  # hold a host's new policy row this long before acting on it
+    power_fence: bool = False  # an out-of-band power fence exists for every host
+    allow_exit_attested: bool = True  # VM disks bypass the page cache: exit attestation is a proof
+    host_capacity: int = 0  # VMs per host (0: unlimited)
+
+    @property
+    def limits(self) -> QueueLimits:
+        return QueueLimits(
+            self.max_parallel, self.max_per_host, self.retry_base, self.retry_cap, self.max_attempts
+        )
+
+
+# -- inventory: drivers.base.VmInfo / HostInfo match these shapes (the core imports no adapter) -----
+
+
+class VmLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def host(self) -> str | None: ...
+    @property
+    def ha(self) -> bool: ...
+    @property
+    def priority(self) -> int: ...
+
+
+class HostLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def up(self) -> bool: ...
+    @property
+    def forced_down(self) -> bool: ...
+
+
+# -- events in -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HealthUpdate:
+    """A host's whole health view (HealthChange.health, or HealthCore.view() at start-up)."""
+
+    health: HostHealth
+
+
+@dataclass(frozen=True, slots=True)
+class FabricUpdate:
+    """A fabric outage began or ended (HealthOutput.fabric). Logged and alerted; the plane states
+    themselves arrive as HealthUpdate (FABRIC planes select the 'fabric' policy row)."""
+
+    change: FabricChange
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """A full snapshot of the compute hosts and VMs (driver.hosts(), driver.vms())."""
+
+    hosts: tuple[HostLike, ...]
+    vms: tuple[VmLike, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProofObtained:
+    """Result of Prove: the old copy of the VM can no longer write."""
+
+    proof: FenceProof
+
+
+@dataclass(frozen=True, slots=True)
+class ProofRefused:
+    """Result of Prove: no method succeeded (yet). retryable=False gives up at once."""
+
+    vm: str
+    host: str
+    reason: str
+    retryable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """Result of ReleaseProof (step release), Evacuate (evacuate) or LiveMigrate (migrate).
+    running_on: where the VM runs now (evacuate / migrate)."""
+
+    vm: str
+    step: Step
+    running_on: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailed:
+    """A step of a VM's task failed (DriverError.retryable says whether to retry)."""
+
+    vm: str
+    step: Step
+    reason: str
+    retryable: bool = True
+
+
+class HostOp(StrEnum):
+    DISABLE = "disable"
+    MARK_DOWN = "mark-down"
+
+
+@dataclass(frozen=True, slots=True)
+class HostOpDone:
+    """Result of DisableHost (op disable) or MarkHostDown (op mark-down)."""
+
+    host: str
+    op: HostOp
+
+
+@dataclass(frozen=True, slots=True)
+class HostOpFailed:
+    host: str
+    op: HostOp
+    reason: str
+    retryable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TasksLoaded:
+    """This manager became leader: the tasks persisted under tasks/ (Task.from_dict of each)."""
+
+    tasks: tuple[Task, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: retries and held decisions whose time has come are acted upon."""
+
+
+RecoveryEvent = (
+    HealthUpdate
+    | FabricUpdate
+    | Inventory
+    | ProofObtained
+    | ProofRefused
+    | StepDone
+    | StepFailed
+    | HostOpDone
+    | HostOpFailed
+    | TasksLoaded
+    | Tick
+)
+
+
+# -- actions out -----------------------------------------------------------------------------------
+
+
+class InvariantError(AssertionError):
+    """An evacuation without a matching fence proof was about to be emitted: a bug, never allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class PersistTask:
+    """Write tasks/<vm> = data (JSON) with compare-and-swap. Comes before the step it records."""
+
+    vm: str
+    data: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordEvidence:
+    """Write records/<vm>/<recovery> = data: the finished (done, failed, cancelled) recovery."""
+
+    vm: str
+    recovery: int
+    data: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """Tell the operator (events stream, notification)."""
+
+    level: Level
+    host: str | None
+    vm: str | None
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class DisableHost:
+    """driver.disable_host(host, reason); result: HostOpDone/HostOpFailed(op=disable)."""
+
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prove:
+    """Obtain a FenceProof for the VM's old copy on host, trying `methods` in order;
+    result: ProofObtained or ProofRefused."""
+
+    vm: str
+    host: str
+    methods: tuple[ProofMethod, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelProof:
+    """Stop a Prove in flight (the host came back). A proof that still arrives is fed back anyway."""
+
+    vm: str
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class MarkHostDown:
+    """driver.mark_host_down(host) (Nova force_down); only emitted once a proof exists for the host.
+    Result: HostOpDone/HostOpFailed(op=mark-down)."""
+
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseProof:
+    """Release the VM's lease that the proof holds, right before its restart, so the new copy can
+    acquire it. Result: StepDone/StepFailed(step=release)."""
+
+    vm: str
+    host: str
+    proof: FenceProof
+
+
+@dataclass(frozen=True, slots=True)
+class Evacuate:
+    """driver.evacuate(vm, source, dest). Result: StepDone/StepFailed(step=evacuate).
+
+    THE INVARIANT lives here, and only here: the action cannot exist without a proof for this VM
+    and this source host."""
+
+    vm: str
+    source: str
+    dest: str | None
+    proof: FenceProof
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.proof, FenceProof):
+            raise InvariantError(f"evacuate vm '{self.vm}' refused: no fence proof")
+        if self.proof.vm != self.vm or self.proof.host != self.source:
+            raise InvariantError(
+                f"evacuate vm '{self.vm}' from '{self.source}' refused: the proof is for vm "
+                f"'{self.proof.vm}' on '{self.proof.host}'"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class LiveMigrate:
+    """driver.live_migrate(vm, source, dest). No proof: the VM keeps running, nothing restarts.
+    Result: StepDone/StepFailed(step=migrate)."""
+
+    vm: str
+    source: str
+    dest: str | None
+
+
+RecoveryAction = (
+    PersistTask
+    | RecordEvidence
+    | Alert
+    | DisableHost
+    | Prove
+    | CancelProof
+    | MarkHostDown
+    | ReleaseProof
+    | Evacuate
+    | LiveMigrate
+)
+
+
+@dataclass(slots=True)
+class RecoveryOutput:
+    actions: list[RecoveryAction] = field(default_factory=list)
+    log: list[LogLine] = field(default_factory=list)
+
+
+# -- the core --------------------------------------------------------------------------------------
+
+_EVACUATING_ACTIONS = frozenset({Action.ISOLATE_EVACUATE, Action.FENCE_EVACUATE})
+
+
+@dataclass(slots=True)
+class _HostDecision:
+    decision: Decision
+    since: float  # when the row took effect
+    acted: bool = False
+    waiting_inventory: bool = False
+
+
+class RecoveryCore:
+    def __init__(self, policy: PolicyTable, settings: RecoverySettings) -> None:
+        self.policy = policy
+        self.settings = settings
+        self.queue = RecoveryQueue(settings.limits)
+        self._health: dict[str, HostHealth] = {}
+        self._decisions: dict[str, _HostDecision] = {}
+        self._held: set[str] = set()  # hosts whose decision waits (decide_after, inventory)
+        self._hosts: dict[str, HostLike] = {}
+        self._vms: dict[str, VmLike] = {}
+        self._placed: dict[str, str | None] = {}  # vm -> host, updated by our own moves too
+        self._vms_on: dict[str, set[str]] = {}  # host -> VMs placed there (all, HA or not)
+        self._inventory = False
+        self._by_source: dict[str, set[str]] = {}  # host -> VMs with a task from it
+        self._disabled: set[str] = set()  # disable requested (done or in flight)
+        self._marked_down: set[str] = set()
+        self._marking_down: set[str] = set()  # MarkHostDown in flight
+        # VMs recovered (done / failed) from a host while it stayed failed: no second task for them
+        # until the host has been seen healthy again.
+        self._settled: dict[str, set[str]] = {}
+        # vm -> recovery number of a task cancelled while its Prove was in flight
+        self._late_proof: dict[str, int] = {}
+        self._dests: list[str] | None = None  # eligible destinations, sorted (None: recompute)
+        self._dest_set: set[str] = set()
+        # (load, host) of eligible destinations, least loaded first. Every load change pushes a
+        # fresh entry (_touch); entries whose load is no longer current are dropped when popped.
+        self._dest_heap: list[tuple[int, str]] = []
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def tasks(self) -> list[Task]:
+        return list(self.queue)
+
+    def task(self, vm: str) -> Task | None:
+        return self.queue.get(vm)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [t.retry_at for t in self.queue.in_state(TaskState.RETRY_WAIT) if t.retry_at is not None]
+        deadlines += [
+            d.since + self.settings.decide_after
+            for d in self._decisions.values()
+            if not d.acted and d.decision.action is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self, event: RecoveryEvent, now: float) -> RecoveryOutput:
+        out = RecoveryOutput()
+        match event:
+            case HealthUpdate(health):
+                self._health[health.host] = health
+                if self._dests is not None and self._is_eligible(health.host) != (health.host in self._dest_set):
+                    self._dests = None
+                self._reconcile(health.host, now, out)
+                self._unblock_unplaced(now, out)
+            case FabricUpdate(change):
+                self._fabric(change, now, out)
+            case Inventory():
+                self._set_inventory(event, now, out)
+            case ProofObtained(proof):
+                self._proof_obtained(proof, now, out)
+            case ProofRefused(vm, host, reason, retryable):
+                self._proof_refused(vm, host, reason, retryable, now, out)
+            case StepDone():
+                self._step_done(event, now, out)
+            case StepFailed(vm, step, reason, retryable):
+                task = self._expect(vm, step, now, out)
+                if task is not None:
+                    self._fail_step(task, step, reason, retryable, now, out)
+            case HostOpDone(host, op):
+                self._host_op_done(host, op, now, out)
+            case HostOpFailed(host, op, reason, retryable):
+                self._host_op_failed(host, op, reason, retryable, now, out)
+            case TasksLoaded(tasks):
+                self._load(tasks, now, out)
+            case Tick():
+                pass
+        self._timers(now, out)
+        self._dispatch(now, out)
+        return out
+
+    # -- host decisions ---------------------------------------------------------------------------
+
+    def _reconcile(self, host: str, now: float, out: RecoveryOutput) -> None:
+        hh = self._health.get(host)
+        if hh is None or any(hh.planes.get(p) is None or hh.planes[p].state == PlaneState.UNKNOWN
+                             for p in PLANES):
+            return  # not everything known yet (e.g. just after a takeover): decide nothing
+        decision = self.policy.decide(hh.states())
+        if decision.action is None and any(hh.planes[p].state != PlaneState.UP for p in PLANES):
+            return  # SUSPECT, nothing failed: not back yet, not failed yet (e.g. after a fabric outage)
+        cur = self._decisions.get(host)
+        if cur is None or cur.decision != decision:
+            old = cur.decision if cur is not None else Decision("", None)
+            if decision.action is None:
+                self._decisions.pop(host, None)
+                self._settled.pop(host, None)
+                # A next failure must disable and mark it down again; until the operator re-enables
+                # it (`vmha host enable`), the inventory keeps it out of the destinations.
+                self._disabled.discard(host)
+                self._marked_down.discard(host)
+                self._dests = None
+                if old.action is not None:
+                    out.log.append(LogLine(Level.INFO, now, ACTOR,
+                                           f"host '{host}': healthy again (was row {old.key})"))
+            else:
+                # A new row with the same action (storage -> management+storage) is the same episode.
+                same = cur is not None and cur.acted and cur.decision.action == decision.action
+                self._decisions[host] = cur = _HostDecision(decision, now, acted=same)
+                if not same:
+                    self._held.add(host)
+                hold = f", acting at {now + self.settings.decide_after:.1f}" if self.settings.decide_after else ""
+                out.log.append(LogLine(
+                    Level.WARN, now, ACTOR,
+                    f"host '{host}': row {decision.key} -> {decision.action.value if decision.action else '-'}"
+                    f" ({self._failed_text(hh)}{hold})"))
+            self._withdraw(host, decision, now, out)
+        if cur is not None and not cur.acted and now >= cur.since + self.settings.decide_after:
+            self._act(host, cur, hh, now, out)
+
+    @staticmethod
+    def _failed_text(hh: HostHealth) -> str:
+        lost = [f"{p.value} {hh.planes[p].state.value} since {hh.planes[p].since:.1f}"
+                for p in PLANES if hh.planes[p].state in (PlaneState.DOWN, PlaneState.FABRIC)]
+        return ", ".join(lost) or "no plane lost"
+
+    def _withdraw(self, host: str, decision: Decision, now: float, out: RecoveryOutput) -> None:
+        """The host's row changed: cancel the tasks the new row no longer calls for and that have
+        not passed the point of no return (a proof: the old copy is gone, the restart must follow)."""
+        for vm in sorted(self._by_source.get(host, ())):
+            task = self.queue.active(vm)
+            if task is None or task.source != host:
+                continue
+            if task.kind == TaskKind.EVACUATE:
+                if decision.action in _EVACUATING_ACTIONS or task.proof is not None:
+                    continue
+            elif decision.action == Action.LIVE_MIGRATE or task.state == TaskState.MIGRATING:
+                continue
+            why = f"host back to row {decision.key or 'none'} before a proof" if decision.action is None \
+                else f"row now {decision.key} ({decision.action.value if decision.action else '-'})"
+            if task.state == TaskState.PROVING:
+                out.actions.append(CancelProof(vm, host))
+                self._late_proof[vm] = task.recovery
+                task.finish(Step.PROVE, now, "cancelled")
+            task.reason = f"cancelled: {why}"
+            self._move(task, TaskState.CANCELLED, now, f"cancelled: {why}", out)
+            self._finish(task, out)
+
+    def _act(self, host: str, cur: _HostDecision, hh: HostHealth, now: float, out: RecoveryOutput) -> None:
+        action = cur.decision.action
+        assert action is not None
+        key = cur.decision.key
+        if action == Action.ALERT:
+            cur.acted = True
+            out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': row {key}: alert only "
+                                     f"({self._failed_text(hh)})"))
+            return
+        if action in (Action.DISABLE, Action.LIVE_MIGRATE):
+            self._disable(host, f"row {key}: {self._failed_text(hh)}", now, out)
+            if action == Action.DISABLE:
+                cur.acted = True
+                out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': row {key}: scheduling "
+                                         f"disabled, VMs left running ({self._failed_text(hh)})"))
+                return
+        if not self._inventory:
+            if not cur.waiting_inventory:
+                cur.waiting_inventory = True
+                out.log.append(LogLine(Level.INFO, now, ACTOR,
+                                       f"host '{host}': waiting for the inventory before acting"))
+            return
+        cur.acted = True
+        kind = TaskKind.MIGRATE if action == Action.LIVE_MIGRATE else TaskKind.EVACUATE
+        failed = {p.value: hh.planes[p].since for p in PLANES
+                  if hh.planes[p].state in (PlaneState.DOWN, PlaneState.FABRIC)}
+        settled = self._settled.get(host, set())
+        vms = [self._vms[v] for v in sorted(self._vms_on.get(host, ()))]
+        new: list[Task] = []
+        skipped_non_ha = skipped_known = 0
+        for vm in vms:
+            if not vm.ha:
+                skipped_non_ha += 1
+                continue
+            if vm.name in settled or self.queue.active(vm.name) is not None:
+                skipped_known += 1
+                continue
+            task = Task(vm=vm.name, source=host, kind=kind, recovery=self.queue.next_recovery(vm.name),
+                        priority=vm.priority, row=key, action=action.value, failed=failed, created=now)
+            self.queue.add(task, now)
+            self._late_proof.pop(vm.name, None)  # a result of the old task's proof is no longer awaited
+            self._by_source.setdefault(host, set()).add(vm.name)
+            new.append(task)
+        out.log.append(LogLine(Level.INFO, now, ACTOR,
+                               f"host '{host}': {action.value} {len(new)} HA VM(s)"
+                               + (f", {skipped_known} already handled" if skipped_known else "")
+                               + (f", {skipped_non_ha} non-HA VM(s) left alone" if skipped_non_ha else "")))
+        if kind == TaskKind.EVACUATE:
+            self._capacity_check(now, out)
+        methods = proof_methods(hh.states(), power_fence=self.settings.power_fence,
+                                allow_exit_attested=self.settings.allow_exit_attested)
+        for task in new:
+            if kind == TaskKind.MIGRATE:
+                self._move(task, TaskState.READY, now,
+                           f"row {key}, action {action.value}, priority {task.priority}", out)
+            else:
+                self._prove(task, methods, now, out, f"row {key}, action {action.value}")
+
+    def _disable(self, host: str, reason: str, now: float, out: RecoveryOutput) -> None:
+        if host in self._disabled:
+            return
+        self._disabled.add(host)
+        self._dests = None
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': disable scheduling ({reason})"))
+        out.actions.append(DisableHost(host, reason))
+
+    def _fabric(self, change: FabricChange, now: float, out: RecoveryOutput) -> None:
+        where = "cluster" if change.domain is None else f"domain {change.domain}"
+        if change.active:
+            text = (f"fabric outage of plane {change.plane.value} in {where} "
+                    f"(hosts {', '.join(change.hosts)}): nothing is evacuated because of it")
+            out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+            out.actions.append(Alert(Level.WARN, None, None, text))
+        else:
+            out.log.append(LogLine(Level.INFO, now, ACTOR,
+                                   f"fabric outage of plane {change.plane.value} in {where} over"))
+
+    # -- inventory and capacity -------------------------------------------------------------------
+
+    def _set_inventory(self, inv: Inventory, now: float, out: RecoveryOutput) -> None:
+        self._hosts = {h.name: h for h in inv.hosts}
+        self._vms = {v.name: v for v in inv.vms}
+        self._placed = {v.name: v.host for v in inv.vms}
+        self._vms_on = {}
+        for v in inv.vms:
+            if v.host is not None:
+                self._vms_on.setdefault(v.host, set()).add(v.name)
+        self._inventory = True
+        self._dests = None
+        for host in sorted(self._decisions):
+            self._reconcile(host, now, out)
+        self._unblock_unplaced(now, out)
+
+    def _load_of(self, host: str) -> int:
+        return len(self._vms_on.get(host, ())) + self.queue.running_to(host)
+
+    def _is_eligible(self, h: str) -> bool:
+        """May receive VMs: every plane UP, enabled and up in the cloud, not disabled by us."""
+        info = self._hosts.get(h)
+        hh = self._health.get(h)
+        return (
+            info is not None and info.enabled and info.up and not info.forced_down
+            and h not in self._disabled and h not in self._marked_down
+            and hh is not None and all(
+                (s := hh.planes.get(p)) is not None and s.state == PlaneState.UP for p in PLANES)
+        )
+
+    def _eligible(self) -> list[str]:
+        """The eligible destinations, sorted; cached until something that affects them changes."""
+        if self._dests is None:
+            self._dests = [h for h in sorted(self._hosts) if self._is_eligible(h)]
+            self._dest_set = set(self._dests)
+            self._dest_heap = [(self._load_of(h), h) for h in self._dests]
+            heapq.heapify(self._dest_heap)
+        return self._dests
+
+    def _touch(self, host: str | None) -> None:
+        """The load of `host` changed: keep its place in the destination order current."""
+        if host is not None and self._dests is not None and host in self._dest_set:
+            heapq.heappush(self._dest_heap, (self._load_of(host), host))
+
+    def _pick_dest(self, source: str) -> tuple[str | None, bool]:
+        """(the least loaded eligible host with room and a free slot, ties by name; whether any host
+        has room). (None, True): every host with room is busy; (None, False): no host has room."""
+        self._eligible()
+        seen: list[tuple[int, str]] = []
+        choice: str | None = None
+        room = False
+        while self._dest_heap:
+            entry = heapq.heappop(self._dest_heap)
+            load, h = entry
+            if h not in self._dest_set or load != self._load_of(h) or entry in seen:
+                continue  # stale: a current entry for the host is in the heap
+            seen.append(entry)
+            if h == source:
+                continue
+            if not self._room(h):
+                break  # the least loaded host is full: every host is
+            room = True
+            if self.queue.has_slot(h):
+                choice = h
+                break
+        for entry in seen:
+            heapq.heappush(self._dest_heap, entry)
+        return choice, room
+
+    def _room(self, host: str) -> bool:
+        cap = self.settings.host_capacity
+        return cap == 0 or self._load_of(host) < cap
+
+    def _capacity_check(self, now: float, out: RecoveryOutput) -> None:
+        """Before evacuating: can the surviving hosts hold every VM waiting for a place?"""
+        cap = self.settings.host_capacity
+        if cap == 0:
+            return
+        free = sum(max(0, cap - self._load_of(h)) for h in self._eligible())
+        waiting = sorted(
+            (t for t in self.queue if t.kind == TaskKind.EVACUATE and t.state not in TERMINAL
+             and t.dest is None),
+            key=lambda t: (-t.priority, t.vm))
+        if len(waiting) <= free:
+            return
+        left = waiting[free:]
+        text = (f"capacity shortfall: {len(waiting)} VM(s) to evacuate, room for {free} "
+                f"({len(self._eligible())} host(s) x {cap}); cannot be placed: "
+                + ", ".join(f"{t.vm} (priority {t.priority})" for t in left))
+        out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+        out.actions.append(Alert(Level.WARN, None, None, text))
+
+    def _unblock_unplaced(self, now: float, out: RecoveryOutput) -> None:
+        unplaced = self.queue.in_state(TaskState.UNPLACED)
+        if unplaced and any(self._room(h) for h in self._eligible()):
+            for t in unplaced:
+                self._move(t, TaskState.READY, now, "room on a host again", out)
+
+    # -- task steps -------------------------------------------------------------------------------
+
+    def _prove(self, task: Task, methods: tuple[ProofMethod, ...], now: float, out: RecoveryOutput,
+               why: str) -> None:
+        task.begin(Step.PROVE, now)
+        if task.proof_started is None:
+            task.proof_started = now
+        self._move(task, TaskState.PROVING, now,
+                   f"{why}, methods {','.join(m.value for m in methods)}", out)
+        out.actions.append(Prove(task.vm, task.source, methods))
+
+    def _proof_obtained(self, proof: FenceProof, now: float, out: RecoveryOutput) -> None:
+        task = self.queue.get(proof.vm)
+        late = task is not None and self._late_proof.get(proof.vm) == task.recovery
+        if task is None or (task.state != TaskState.PROVING and not (late and task.state == TaskState.CANCELLED)):
+            out.log.append(LogLine(Level.WARN, now, ACTOR,
+                                   f"vm '{proof.vm}': proof {proof.method.value} not expected, ignored"))
+            return
+        if proof.host != task.source:
+            out.log.append(LogLine(Level.ERROR, now, ACTOR,
+                                   f"vm '{proof.vm}': proof for host '{proof.host}' but the task is for "
+                                   f"'{task.source}': refused"))
+            return
+        self._late_proof.pop(proof.vm, None)
+        task.proof = proof
+        task.finish(Step.PROVE, now, "ok", proof.method.value)
+        if late:
+            task.reason = ""
+            out.log.append(LogLine(Level.WARN, now, ACTOR,
+                                   f"vm '{task.vm}': proof arrived after the cancel: the old copy is gone, "
+                                   "the recovery continues"))
+        self._mark_down(task, now, out, f"proof {proof.method.value} after {proof.proved - proof.started:.1f}s")
+
+    def _proof_refused(self, vm: str, host: str, reason: str, retryable: bool, now: float,
+                       out: RecoveryOutput) -> None:
+        if self._late_proof.pop(vm, None) is not None:
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{vm}': cancelled proof ended ({reason})"))
+            return
+        task = self._expect(vm, Step.PROVE, now, out)
+        if task is not None:
+            self._fail_step(task, Step.PROVE, f"proof refused: {reason}", retryable, now, out)
+
+    def _mark_down(self, task: Task, now: float, out: RecoveryOutput, why: str) -> None:
+        host = task.source
+        if host in self._marked_down:
+            task.finish(Step.MARK_DOWN, now, "ok", "host already marked down")
+            self._move(task, TaskState.READY, now, f"{why}, host already marked down", out)
+            return
+        task.begin(Step.MARK_DOWN, now)
+        self._move(task, TaskState.MARKING_DOWN, now, why, out)
+        if host not in self._marking_down:
+            self._marking_down.add(host)
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': mark down (fenced: {why})"))
+            out.actions.append(MarkHostDown(host))
+
+    def _host_op_done(self, host: str, op: HostOp, now: float, out: RecoveryOutput) -> None:
+        if op == HostOp.DISABLE:
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': disabled"))
+            return
+        self._marking_down.discard(host)
+        self._marked_down.add(host)
+        self._dests = None
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': marked down"))
+        for vm in sorted(self._by_source.get(host, ())):
+            task = self.queue.get(vm)
+            if task is not None and task.state == TaskState.MARKING_DOWN and task.source == host:
+                task.finish(Step.MARK_DOWN, now, "ok")
+                self._move(task, TaskState.READY, now, f"host marked down, priority {task.priority}", out)
+
+    def _host_op_failed(self, host: str, op: HostOp, reason: str, retryable: bool, now: float,
+                        out: RecoveryOutput) -> None:
+        if op == HostOp.DISABLE:
+            self._disabled.discard(host)
+            self._dests = None
+            text = f"host '{host}': disable failed: {reason}"
+            out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+            out.actions.append(Alert(Level.WARN, host, None, text))
+            return
+        self._marking_down.discard(host)
+        out.log.append(LogLine(Level.WARN, now, ACTOR, f"host '{host}': mark down failed: {reason}"))
+        for vm in sorted(self._by_source.get(host, ())):
+            task = self.queue.get(vm)
+            if task is not None and task.state == TaskState.MARKING_DOWN and task.source == host:
+                self._fail_step(task, Step.MARK_DOWN, reason, retryable, now, out)
+
+    def _expect(self, vm: str, step: Step, now: float, out: RecoveryOutput) -> Task | None:
+        """The task waiting for this step's result; a stale or unknown result is logged and dropped."""
+        task = self.queue.get(vm)
+        if task is None or task.state != STEP_STATE[step]:
+            state = "no task" if task is None else task.state.value
+            out.log.append(LogLine(Level.WARN, now, ACTOR,
+                                   f"vm '{vm}': result of step {step.value} ignored ({state})"))
+            return None
+        return task
+
+    def _step_done(self, ev: StepDone, now: float, out: RecoveryOutput) -> None:
+        task = self._expect(ev.vm, ev.step, now, out)
+        if task is None:
+            return
+        if ev.step == Step.RELEASE:
+            task.finish(Step.RELEASE, now, "ok", ev.detail)
+            self._evacuate(task, now, out, "proof lease released")
+            return
+        if ev.step in (Step.EVACUATE, Step.MIGRATE):
+            task.finish(ev.step, now, "ok", ev.detail)
+            task.running_on = ev.running_on or task.dest
+            task.reason = ""
+            self._move(task, TaskState.DONE, now, f"running on '{task.running_on}'", out)
+            self._place(task.vm, task.running_on)
+            self._settled.setdefault(task.source, set()).add(task.vm)
+            self._finish(task, out)
+            return
+        out.log.append(LogLine(Level.WARN, now, ACTOR, f"vm '{ev.vm}': unexpected result of {ev.step.value}"))
+
+    def _place(self, vm: str, host: str | None) -> None:
+        """The VM moved (our own evacuation/migration), before the next inventory says so."""
+        old = self._placed.get(vm)
+        if old is not None:
+            self._vms_on.get(old, set()).discard(vm)
+        self._placed[vm] = host
+        if host is not None:
+            self._vms_on.setdefault(host, set()).add(vm)
+        self._touch(old)
+        self._touch(host)
+
+    def _evacuate(self, task: Task, now: float, out: RecoveryOutput, why: str) -> None:
+        proof = task.proof
+        if proof is None:  # unreachable by the state table; Evacuate itself refuses it anyway
+            raise InvariantError(f"vm '{task.vm}': evacuating state without a proof")
+        task.begin(Step.EVACUATE, now)
+        self._move(task, TaskState.EVACUATING, now, f"{why}, to '{task.dest}'", out)
+        out.actions.append(Evacuate(task.vm, task.source, task.dest, proof))
+
+    def _fail_step(self, task: Task, step: Step, reason: str, retryable: bool, now: float,
+                   out: RecoveryOutput) -> None:
+        task.finish(step, now, reason)
+        task.attempts += 1
+        task.reason = reason
+        limits = self.queue.limits
+        if not retryable or task.attempts >= limits.max_attempts:
+            why = (f"{step.value} failed: {reason}; "
+                   + ("not retryable" if not retryable else f"{task.attempts} attempts"))
+            task.reason = why
+            self._move(task, TaskState.FAILED, now, why, out, Level.ERROR)
+            out.actions.append(Alert(Level.ERROR, task.source, task.vm,
+                                     f"vm '{task.vm}' recovery FAILED: {why}"))
+            self._settled.setdefault(task.source, set()).add(task.vm)
+            self._finish(task, out)
+            return
+        wait = limits.backoff(task.attempts)
+        task.retry_at = now + wait
+        # A restart step retries from READY: it gives its slot back and may get another destination.
+        task.resume = STEP_STATE[step] if step in (Step.PROVE, Step.MARK_DOWN) else TaskState.READY
+        self._move(task, TaskState.RETRY_WAIT, now,
+                   f"{step.value} failed: {reason}; attempt {task.attempts}/{limits.max_attempts}, "
+                   f"retry in {wait:g}s", out, Level.WARN, persist=False)
+        if task.resume == TaskState.READY:
+            task.dest = None  # after the slot is given back: the retry picks a destination again
+        self._persist(task, out)
+
+    def _timers(self, now: float, out: RecoveryOutput) -> None:
+        for host in sorted(self._held):
+            d = self._decisions.get(host)
+            if d is not None and not d.acted and now >= d.since + self.settings.decide_after:
+                self._reconcile(host, now, out)
+            d = self._decisions.get(host)
+            if d is None or d.acted:
+                self._held.discard(host)
+        for task in self.queue.in_state(TaskState.RETRY_WAIT):
+            if task.retry_at is None or now < task.retry_at:
+                continue
+            resume = task.resume or TaskState.READY
+            task.retry_at, task.resume = None, None
+            why = f"retry {task.attempts + 1}/{self.queue.limits.max_attempts}"
+            if resume == TaskState.PROVING:
+                self._prove(task, self._methods(task.source), now, out, why)
+            elif resume == TaskState.MARKING_DOWN:
+                self._mark_down(task, now, out, why)
+            else:
+                self._move(task, TaskState.READY, now, why, out)
+
+    def _methods(self, host: str) -> tuple[ProofMethod, ...]:
+        hh = self._health.get(host)
+        states = hh.states() if hh is not None else {}
+        return proof_methods(states, power_fence=self.settings.power_fence,
+                             allow_exit_attested=self.settings.allow_exit_attested)
+
+    def _dispatch(self, now: float, out: RecoveryOutput) -> None:
+        """Start READY tasks, highest priority first, while slots and destinations allow."""
+        if not self._inventory:
+            return  # a new leader before its first inventory: no view of the destinations yet
+        while not self.queue.full():
+            task = self.queue.pop_ready()
+            if task is None:
+                return
+            dest, room = self._pick_dest(task.source)
+            if not room:
+                task.reason = "no surviving host has room" if self._eligible() else "no healthy host"
+                self._move(task, TaskState.UNPLACED, now, task.reason, out, Level.WARN)
+                out.actions.append(Alert(Level.WARN, task.source, task.vm,
+                                         f"vm '{task.vm}' cannot be placed: {task.reason}"))
+                continue
+            if dest is None:
+                self.queue.push_back(task)  # every destination with room is busy: wait for a slot
+                return
+            task.dest = dest
+            slots = f"slot {self.queue.running() + 1}/{self.queue.limits.max_parallel}"
+            if task.kind == TaskKind.MIGRATE:
+                task.begin(Step.MIGRATE, now)
+                self._move(task, TaskState.MIGRATING, now, f"live-migrate to '{dest}', {slots}", out)
+                out.actions.append(LiveMigrate(task.vm, task.source, dest))
+            elif task.done(Step.RELEASE):
+                self._evacuate(task, now, out, f"proof lease already released, {slots}")
+            else:
+                task.begin(Step.RELEASE, now)
+                assert task.proof is not None  # READY evacuate tasks are proved (state table)
+                self._move(task, TaskState.RELEASING, now, f"to '{dest}', {slots}", out)
+                out.actions.append(ReleaseProof(task.vm, task.source, task.proof))
+
+    # -- takeover ---------------------------------------------------------------------------------
+
+    def _load(self, tasks: tuple[Task, ...], now: float, out: RecoveryOutput) -> None:
+        self.queue.load(list(tasks))
+        self._by_source = {}
+        self._settled = {}
+        self._marked_down = set()
+        self._marking_down = set()
+        self._late_proof = {}
+        self._dests = None
+        for t in self.queue:
+            self._by_source.setdefault(t.source, set()).add(t.vm)
+            if t.done(Step.MARK_DOWN) and t.state not in TERMINAL:
+                self._marked_down.add(t.source)
+            if t.state in (TaskState.DONE, TaskState.FAILED):
+                self._settled.setdefault(t.source, set()).add(t.vm)
+        active = [t for t in self.queue if t.state not in TERMINAL]
+        out.log.append(LogLine(Level.INFO, now, ACTOR,
+                               f"leader: loaded {len(self.queue)} task(s), {len(active)} active"))
+        for t in active:
+            self._resume(t, now, out)
+
+    def _resume(self, task: Task, now: float, out: RecoveryOutput) -> None:
+        """Repeat the (idempotent) step that was in flight when the old leader stopped; steps already
+        recorded as done are not repeated."""
+        why = "resumed by the new leader"
+        match task.state:
+            case TaskState.PROVING:
+                task.finish(Step.PROVE, now, "interrupted by leader change")
+                task.begin(Step.PROVE, now)
+                methods = self._methods(task.source)
+                out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{task.vm}': {why}: prove again"))
+                out.actions.append(Prove(task.vm, task.source, methods))
+            case TaskState.MARKING_DOWN:
+                if task.source in self._marked_down:
+                    task.finish(Step.MARK_DOWN, now, "ok", "host already marked down")
+                    self._move(task, TaskState.READY, now, f"{why}, host already marked down", out)
+                elif task.source not in self._marking_down:
+                    self._marking_down.add(task.source)
+                    out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{task.source}': mark down ({why})"))
+                    out.actions.append(MarkHostDown(task.source))
+            case TaskState.RELEASING:
+                assert task.proof is not None
+                out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{task.vm}': {why}: release again"))
+                out.actions.append(ReleaseProof(task.vm, task.source, task.proof))
+            case TaskState.EVACUATING:
+                assert task.proof is not None
+                out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{task.vm}': {why}: evacuate again"))
+                out.actions.append(Evacuate(task.vm, task.source, task.dest, task.proof))
+            case TaskState.MIGRATING:
+                out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{task.vm}': {why}: migrate again"))
+                out.actions.append(LiveMigrate(task.vm, task.source, task.dest))
+            case TaskState.QUEUED:
+                if task.kind == TaskKind.MIGRATE:
+                    self._move(task, TaskState.READY, now, why, out)
+                else:
+                    self._prove(task, self._methods(task.source), now, out, why)
+            case _:
+                pass  # READY / UNPLACED / RETRY_WAIT: dispatch and timers carry on
+
+    # -- the one place state changes are made, persisted and logged ---------------------------------
+
+    def _move(self, task: Task, new: TaskState, now: float, why: str, out: RecoveryOutput,
+              level: Level = Level.INFO, persist: bool = True) -> None:
+        out.log.append(self.queue.transition(task, new, now, why, level))
+        self._touch(task.dest)  # a slot towards task.dest was taken or given back
+        if persist:
+            self._persist(task, out)
+
+    @staticmethod
+    def _persist(task: Task, out: RecoveryOutput) -> None:
+        out.actions.append(PersistTask(task.vm, task.to_dict()))
+
+    @staticmethod
+    def _finish(task: Task, out: RecoveryOutput) -> None:
+        out.actions.append(RecordEvidence(task.vm, task.recovery, task.to_dict()))
+
+
+def from_health(out: HealthOutput) -> list[RecoveryEvent]:
+    """The RecoveryCore events of one HealthCore output: each changed host's last view (its planes
+    changed at the same instant: deciding on the first of them would act on half the picture), then
+    the fabric changes."""
+    last = {c.host: c.health for c in out.changes}  # dicts keep the order of first appearance
+    events: list[RecoveryEvent] = [HealthUpdate(h) for h in last.values()]
+    events += [FabricUpdate(f) for f in out.fabric]
+    return events
+
+
+__all__ = [
+    "Alert", "CancelProof", "DisableHost", "Evacuate", "FabricUpdate", "HealthUpdate", "HostLike",
+    "HostOp", "HostOpDone", "HostOpFailed", "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown",
+    "PersistTask", "ProofObtained", "ProofRefused", "Prove", "RecordEvidence", "RecoveryAction",
+    "RecoveryCore", "RecoveryEvent", "RecoveryOutput", "RecoverySettings", "ReleaseProof", "StepDone",
+    "StepFailed", "Tick", "VmLike", "from_health",
+]

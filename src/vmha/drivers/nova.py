@@ -1,0 +1,344 @@
+"""The nova driver: ComputeDriver through openstacksdk, the only vmha module importing openstack.
+
+Nova's rules this driver is built around (all seen against a real Nova API):
+- evacuate is refused (400) while the source nova-compute service is up: it must be forced down,
+  which the manager asks for only after a fence proof (mark_host_down);
+- from microversion 2.95 an evacuated server stays stopped at the destination: the connection is
+  pinned to config.nova.microversion (2.94), and a server that still ends SHUTOFF is started;
+- un-forcing a repaired host is refused (400) until its nova-compute restarted and completed the
+  evacuations from it: enable_host surfaces that as a non-retryable DriverError with the reason.
+openstacksdk blocks, so every call runs in a thread (asyncio.to_thread) under a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import keystoneauth1.exceptions as ks_exc
+import openstack
+import openstack.exceptions as os_exc
+
+from vmha.config import NovaConfig
+from vmha.drivers.base import DriverError, HostInfo, VmInfo
+
+log = logging.getLogger("vmha.drivers.nova")
+
+T = TypeVar("T")
+
+COMPUTE_BINARY = "nova-compute"
+_TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+# Nova answers these 400s when the source service is still up; the queue may retry once it is down.
+_SERVICE_IN_USE = ("still in use", "ComputeServiceInUse")
+# Task states of an evacuation (a rebuild on another host) that is under way.
+_REBUILDING = frozenset({"rebuilding", "rebuild_block_device_mapping", "rebuild_spawning"})
+
+
+def connect(cloud: str | None = None, *, microversion: str = "2.94", api_timeout: float = 30.0, **options: Any) -> Any:
+    """An openstacksdk connection with the compute API pinned to `microversion`.
+
+    `cloud` names a clouds.yaml entry (OS_CLIENT_CONFIG_FILE or the standard places); `options` are
+    passed to openstack.connect as they are (auth_type, auth, endpoint overrides...).
+    """
+    try:
+        return openstack.connect(cloud=cloud, compute_api_version=microversion, api_timeout=api_timeout, **options)
+    except os_exc.ConfigException as e:
+        raise DriverError(
+            f"nova: cannot load cloud {cloud!r} from clouds.yaml: {e} "
+            "(set [nova] cloud to an entry of clouds.yaml, or OS_CLIENT_CONFIG_FILE)",
+            retryable=False,
+        ) from None
+
+
+def _is_ha(server: Any, key: str, tag: str) -> bool:
+    meta = server.metadata or {}
+    if str(meta.get(key, "")).strip().lower() in _TRUE_WORDS:
+        return True
+    return tag in (server.tags or [])
+
+
+def _error(what: str, e: BaseException) -> DriverError:
+    """Map an openstacksdk / keystoneauth failure to DriverError, deciding whether a retry can help."""
+    if isinstance(e, os_exc.HttpException):
+        code = e.status_code or 0
+        detail = e.details or e.message
+        text = f"nova: {what}: HTTP {code}: {detail}"
+        if code == 400 and any(s in str(detail) for s in _SERVICE_IN_USE):
+            # The source service is still up (not forced down yet, or un-forced meanwhile).
+            return DriverError(text + " (the source compute service is still up: force it down first)")
+        if code == 400 and "No valid host" in str(detail):
+            # The scheduler found no room now (hosts disabled, full): capacity may come back.
+            return DriverError(text)
+        if code in (401, 403):
+            return DriverError(text + " (check the credentials and the admin role)", retryable=False)
+        if code == 409 and "vm_state" in str(detail):
+            # Wrong VM state for the action (e.g. live-migrating a stopped server): a retry won't help.
+            return DriverError(text, retryable=False)
+        # 409: the server is busy with another task; 5xx and 429: the API is struggling.
+        return DriverError(text, retryable=code in (409, 429) or code >= 500)
+    if isinstance(e, ks_exc.ConnectionError | ks_exc.RetriableConnectionFailure):
+        return DriverError(f"nova: {what}: cannot reach the API: {e}")
+    if isinstance(e, TimeoutError):
+        return DriverError(f"nova: {what}: no answer in time")
+    return DriverError(f"nova: {what}: {type(e).__name__}: {e}")
+
+
+class NovaDriver:
+    """ComputeDriver for OpenStack Nova. VM names are server ids; HA servers carry the metadata
+    `config.ha_metadata_key`=True (as Masakari users set it) or the tag `config.ha_tag`."""
+
+    name = "nova"
+
+    def __init__(
+        self,
+        config: NovaConfig | None = None,
+        *,
+        connection: Any = None,
+        priority_key: str = "HA_Priority",
+        call_timeout: float = 30.0,
+        evacuate_timeout: float = 300.0,
+        migrate_timeout: float = 300.0,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.config = config or NovaConfig()
+        self.priority_key = priority_key
+        self.call_timeout = call_timeout
+        self.evacuate_timeout = evacuate_timeout
+        self.migrate_timeout = migrate_timeout
+        self.poll_interval = poll_interval
+        self._conn = connection
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            self._conn = connect(
+                self.config.cloud, microversion=self.config.microversion, api_timeout=self.call_timeout
+            )
+        return self._conn
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one blocking openstacksdk call in a thread, bounded by call_timeout."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), self.call_timeout)
+        except DriverError:
+            raise
+        except (os_exc.SDKException, ks_exc.ClientException, TimeoutError) as e:
+            raise _error(what, e) from e
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    async def hosts(self) -> Sequence[HostInfo]:
+        def run() -> list[Any]:
+            return list(self.conn.compute.services(binary=COMPUTE_BINARY))
+
+        services = await self._call("list compute services", run)
+        return sorted(
+            (
+                HostInfo(
+                    name=s.host,
+                    enabled=s.status == "enabled",
+                    up=s.state == "up",
+                    forced_down=bool(s.is_forced_down),
+                )
+                for s in services
+            ),
+            key=lambda h: h.name,
+        )
+
+    async def vms(self, host: str | None = None) -> Sequence[VmInfo]:
+        query: dict[str, Any] = {"details": True, "all_projects": True}
+        if host is not None:
+            query["compute_host"] = host
+
+        def run() -> list[Any]:
+            return list(self.conn.compute.servers(**query))
+
+        servers = await self._call(f"list servers on {host or 'all hosts'}", run)
+        return [self._vm_info(s) for s in sorted(servers, key=lambda s: s.id)]
+
+    def _vm_info(self, server: Any) -> VmInfo:
+        ha = _is_ha(server, self.config.ha_metadata_key, self.config.ha_tag)
+        raw = (server.metadata or {}).get(self.priority_key)
+        priority = 0
+        if raw is not None:
+            try:
+                priority = int(raw)
+            except ValueError:
+                log.warning(
+                    "nova: vm=%s metadata %s=%r is not an integer: priority 0 used "
+                    "(set it to a whole number, higher recovers first)",
+                    server.id,
+                    self.priority_key,
+                    raw,
+                )
+        return VmInfo(name=server.id, host=server.compute_host, ha=ha, priority=priority, state=server.status)
+
+    async def _server(self, vm: str) -> Any:
+        return await self._call(f"get server {vm}", self.conn.compute.get_server, vm)
+
+    async def _service(self, host: str) -> Any:
+        def run() -> list[Any]:
+            return list(self.conn.compute.services(host=host, binary=COMPUTE_BINARY))
+
+        found = await self._call(f"find nova-compute on {host}", run)
+        if not found:
+            raise DriverError(
+                f"nova: host {host}: no nova-compute service of that name "
+                "(the host name must match `openstack compute service list`)",
+                retryable=False,
+            )
+        return found[0]
+
+    # --- host actions ----------------------------------------------------------------------------
+
+    async def disable_host(self, host: str, reason: str) -> None:
+        svc = await self._service(host)
+        if svc.status == "disabled":
+            # Nova refuses an update that changes only the reason (400 "No updates were requested").
+            log.info("nova: host=%s already disabled (reason: %s)", host, svc.disabled_reason)
+            return
+        try:
+            await self._call(
+                f"disable nova-compute on {host}",
+                self.conn.compute.disable_service,
+                svc,
+                disabled_reason=f"vmha: {reason}"[:255],
+            )
+        except DriverError as e:
+            if not e.retryable:
+                raise
+            # Nova saves the disable, then tells the compute over RPC: a dead compute that Nova still
+            # believes up (not forced down, heartbeat not yet stale) holds the answer for
+            # rpc_response_timeout (60 s). The saved state is what matters.
+            if (await self._service(host)).status != "disabled":
+                raise
+            log.warning("nova: host=%s disabled, but Nova's answer timed out (%s): its compute is unreachable", host, e)
+            return
+        log.info("nova: host=%s disabled (reason: %s)", host, reason)
+
+    async def mark_host_down(self, host: str) -> None:
+        svc = await self._service(host)
+        await self._call(
+            f"force down nova-compute on {host}", self.conn.compute.update_service_forced_down, svc, forced=True
+        )
+        log.info("nova: host=%s forced down (fence proof held by the caller)", host)
+
+    async def enable_host(self, host: str) -> None:
+        svc = await self._service(host)
+        if svc.is_forced_down:
+            try:
+                await self._call(
+                    f"un-force nova-compute on {host}",
+                    self.conn.compute.update_service_forced_down,
+                    svc,
+                    forced=False,
+                )
+            except DriverError as e:
+                if "evacuation" in str(e):
+                    # Nova keeps evacuation records 'done' until the old compute restarts and
+                    # deletes its local copies; retrying before that changes nothing.
+                    raise DriverError(
+                        f"nova: host {host} cannot be brought back yet: {e} "
+                        f"(restart nova-compute on {host} so it cleans up the evacuated servers, then retry)",
+                        retryable=False,
+                    ) from e
+                raise
+        await self._call(f"enable nova-compute on {host}", self.conn.compute.enable_service, svc)
+        log.info("nova: host=%s enabled (forced_down cleared)", host)
+
+    # --- VM actions ------------------------------------------------------------------------------
+
+    async def evacuate(self, vm: str, source: str, dest: str | None) -> str:
+        _check_dest(vm, source, dest)
+        server = await self._server(vm)
+        if server.compute_host != source and server.task_state is None and server.status in ("ACTIVE", "SHUTOFF"):
+            # Already done (a previous leader's attempt, or a retry after a lost answer).
+            log.info("nova: vm=%s already on host=%s (not %s): evacuation done before", vm, server.compute_host, source)
+            return str(server.compute_host)
+        if server.task_state in _REBUILDING:
+            # An evacuation already in flight (a retry after a timeout or a lost answer): wait for it.
+            # If its destination died, the server stays 'rebuilding' until an operator resets it.
+            log.info("nova: vm=%s evacuation already in progress (task_state=%s): waiting", vm, server.task_state)
+            return await self._wait_moved(vm, source, self.evacuate_timeout, "evacuation", start=True)
+        if server.task_state is not None:
+            # A task left over from the dead host (e.g. 'migrating' or 'powering-off') blocks the
+            # evacuation with 409; resetting the state clears the task. The host is fenced already.
+            log.info(
+                "nova: vm=%s task_state=%s on fenced host=%s: reset state to active", vm, server.task_state, source
+            )
+            await self._call(f"reset state of {vm}", self.conn.compute.reset_server_state, vm, "active")
+        await self._call(
+            f"evacuate {vm} from {source} to {dest or 'scheduler choice'}",
+            self.conn.compute.evacuate_server,
+            vm,
+            host=dest,
+        )
+        log.info("nova: vm=%s evacuate requested from host=%s to %s", vm, source, dest or "scheduler choice")
+        return await self._wait_moved(vm, source, self.evacuate_timeout, "evacuation", start=server.status != "SHUTOFF")
+
+    async def live_migrate(self, vm: str, source: str, dest: str | None) -> str:
+        _check_dest(vm, source, dest)
+        server = await self._server(vm)
+        if server.compute_host != source and server.task_state is None:
+            log.info("nova: vm=%s already on host=%s (not %s): migration done before", vm, server.compute_host, source)
+            return str(server.compute_host)
+        if server.task_state not in (None, "migrating"):
+            raise DriverError(f"nova: vm={vm} is busy (task_state={server.task_state}): live migration later")
+        if server.task_state is None:
+            await self._call(
+                f"live-migrate {vm} from {source} to {dest or 'scheduler choice'}",
+                self.conn.compute.live_migrate_server,
+                vm,
+                host=dest,
+                block_migration="auto",
+            )
+            log.info("nova: vm=%s live migration requested from host=%s to %s", vm, source, dest or "scheduler choice")
+        return await self._wait_moved(vm, source, self.migrate_timeout, "live migration", start=False)
+
+    async def _wait_moved(self, vm: str, source: str, timeout: float, what: str, *, start: bool) -> str:
+        """Poll until the server runs on another host with no task; `start`: it must end ACTIVE.
+
+        Nova sets the task (rebuilding, migrating) before answering the request, so a server back
+        to no task on the source host means the operation failed.
+        """
+        deadline = time.monotonic() + timeout
+        started = False
+        while True:
+            s = await self._server(vm)
+            host, task, status = s.compute_host, s.task_state, s.status
+            if task is None and host != source:
+                if status == "ACTIVE" or (status == "SHUTOFF" and not start):
+                    log.info("nova: vm=%s %s done: host=%s status=%s", vm, what, host, status)
+                    return str(host)
+                if status == "SHUTOFF" and not started:
+                    # Evacuated at microversion >= 2.95 (connection not pinned): start it.
+                    log.info("nova: vm=%s evacuated but SHUTOFF on host=%s: starting it", vm, host)
+                    await self._call(f"start {vm}", self.conn.compute.start_server, vm)
+                    started = True
+                elif status == "ERROR":
+                    raise DriverError(f"nova: vm={vm} {what} to {host} ended in ERROR: {_fault(s)}")
+            elif task is None and host == source:
+                raise DriverError(
+                    f"nova: vm={vm} {what} from {source} failed: status={status} {_fault(s)}".rstrip(),
+                    retryable=True,
+                )
+            if time.monotonic() >= deadline:
+                raise DriverError(
+                    f"nova: vm={vm} {what} not finished after {timeout:.0f} s "
+                    f"(host={host} status={status} task_state={task})"
+                )
+            await asyncio.sleep(self.poll_interval)
+
+
+def _check_dest(vm: str, source: str, dest: str | None) -> None:
+    if dest == source:
+        raise DriverError(f"nova: vm={vm}: destination {dest} is the source host: pick another", retryable=False)
+
+
+def _fault(server: Any) -> str:
+    fault = server.fault or {}
+    msg = fault.get("message") if isinstance(fault, dict) else None
+    return f"(fault: {msg})" if msg else ""

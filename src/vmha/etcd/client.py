@@ -1,0 +1,407 @@
+"""The one etcd client every vmha process uses: aetcd behind a small, typed, failure-aware wrapper.
+
+Why a wrapper:
+- aetcd talks to one host:port; vmha configures a list of endpoint URLs. EtcdClient rotates to the
+  next endpoint when a call fails for connectivity reasons and rebuilds the gRPC channel.
+- Every call is bounded (``timeout`` per client, overridable per call), so a silently dead network
+  path turns into EtcdUnavailable within that time instead of a hang.
+- Every connectivity failure raises EtcdUnavailable (one exception for callers to catch), and a
+  value that is not JSON raises BadValue naming the key (callers log it and skip it).
+- Reconnection pacing is a capped exponential backoff with jitter; long-running loops call
+  ``await client.wait_backoff()`` after a failure, and every success resets it.
+
+Each EtcdClient owns its own TCP connection (a local gRPC subchannel pool): the per-plane heartbeat
+relies on that, since a lease kept alive through a connection proves that connection's path.
+
+Usage:
+    async with EtcdClient(["http://198.18.0.1:2379"], timeout=1.0) as c:
+        await c.put_json(key, {"a": 1})
+        created = await c.create(key, {"a": 1})          # txn: only if the key is absent
+        ok = await c.cas(key, {"a": 2}, kv.mod_revision)  # txn: only if nobody wrote since
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+from aetcd import rpc  # re-exports the grpc names used here (grpc itself ships no type stubs)
+
+log = logging.getLogger("vmha.etcd")
+
+T = TypeVar("T")
+
+# gRPC options for every channel. The local subchannel pool gives each client its own connection
+# (by default channels to the same target share one). The short reconnect backoff keeps gRPC's own
+# retries close to ours (its default grows to 120 s). The 10 s transport keepalive notices a dead
+# watch stream on a path that drops packets silently; etcd refuses pings more often than every 5 s.
+_CHANNEL_OPTIONS: dict[str, Any] = {
+    "grpc.use_local_subchannel_pool": 1,
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 3_000,
+}
+
+
+class EtcdError(Exception):
+    """Base of the errors EtcdClient raises."""
+
+
+class EtcdUnavailable(EtcdError):
+    """etcd could not be reached (refused, reset, timed out, no leader): retry after wait_backoff()."""
+
+
+class Compacted(EtcdError):
+    """A watch asked for a revision etcd has compacted away: list again, then watch from there."""
+
+    def __init__(self, compacted_revision: int) -> None:
+        super().__init__(f"revision compacted (oldest kept: {compacted_revision})")
+        self.compacted_revision = compacted_revision
+
+
+class BadValue(EtcdError):
+    """A stored value that is not the JSON vmha wrote; str() names the key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"etcd key {key}: unreadable value ({reason})")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    """One key-value pair as read from etcd (or received in a watch event)."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    version: int
+    lease: int
+
+    def json(self) -> Any:
+        """The value decoded as JSON; BadValue if it is not."""
+        return decode_json(self.key, self.value)
+
+    @classmethod
+    def from_aetcd(cls, kv: Any) -> KV:
+        return cls(
+            key=bytes(kv.key).decode(errors="replace"),
+            value=bytes(kv.value),
+            mod_revision=int(kv.mod_revision),
+            create_revision=int(kv.create_revision),
+            version=int(kv.version),
+            lease=int(kv.lease),
+        )
+
+
+def encode_json(value: Any) -> bytes:
+    # Sorted keys and no spaces: the same value always gives the same bytes (tests compare them).
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_json(key: str, raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadValue(key, f"not JSON: {e}; raw={raw[:80]!r}") from None
+
+
+def parse_endpoint(url: str) -> tuple[str, int]:
+    """(host, port) of an etcd client URL such as http://198.18.0.1:2379."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+        raise ValueError(f"{url!r} is not an etcd URL of the form http://HOST:PORT")
+    host = parts.hostname
+    return (f"[{host}]" if ":" in host else host), parts.port
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (so hundreds of agents do not retry in step)."""
+
+    def __init__(self, initial: float = 0.1, cap: float = 2.0, factor: float = 2.0) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.factor = factor
+        self._next = initial
+
+    def next(self) -> float:
+        """The delay to wait now; each call grows the following one up to the cap."""
+        delay = random.uniform(self._next / 2, self._next)
+        self._next = min(self.cap, self._next * self.factor)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+# aetcd / gRPC errors that mean "this endpoint is not usable now" rather than "your request is wrong".
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    aetcd.exceptions.ConnectionFailedError,
+    aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.InternalError,
+    aetcd.exceptions.WatchTimeoutError,
+    rpc.RpcError,
+    TimeoutError,
+    OSError,
+)
+
+
+# gRPC codes aetcd leaves as a plain ClientError although they mean the connection, not the request.
+_TRANSIENT_CODES = {
+    rpc.StatusCode.CANCELLED,
+    rpc.StatusCode.UNKNOWN,
+    rpc.StatusCode.ABORTED,
+    rpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _is_connectivity(e: BaseException) -> bool:
+    if isinstance(e, _UNAVAILABLE):
+        return True
+    cause = e.__cause__
+    return isinstance(cause, rpc.AioRpcError) and cause.code() in _TRANSIENT_CODES
+
+
+class EtcdClient:
+    """A connection to one etcd cluster through a list of endpoints, with bounded calls.
+
+    Safe to share between tasks of one event loop. Not thread-safe (nothing in vmha uses threads).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float = 2.0,
+        backoff: Backoff | None = None,
+        name: str = "etcd",
+    ) -> None:
+        if not endpoints:
+            raise ValueError("EtcdClient needs at least one endpoint")
+        self.endpoints = [parse_endpoint(u) for u in endpoints]
+        self.urls = list(endpoints)
+        self.timeout = timeout
+        self.backoff = backoff or Backoff()
+        self.name = name
+        self._index = 0
+        self._client: aetcd.Client | None = None
+        self.last_ok: float | None = None  # time.monotonic() of the last successful call
+        self.last_error: str | None = None  # text of the last failure, cleared by a success
+        self._keepalive: tuple[aetcd.Client, Any] | None = None  # (connection, LeaseKeepAlive stream)
+        self._keepalive_lock = asyncio.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        """The URL currently in use."""
+        return self.urls[self._index]
+
+    async def __aenter__(self) -> EtcdClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def raw(self) -> aetcd.Client:
+        """The underlying aetcd client of the current endpoint (created on first use)."""
+        if self._client is None:
+            host, port = self.endpoints[self._index]
+            self._client = aetcd.Client(host=host, port=port, timeout=self.timeout, options=dict(_CHANNEL_OPTIONS))
+        return self._client
+
+    async def close(self) -> None:
+        self._drop_keepalive()
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await asyncio.wait_for(client.close(), timeout=self.timeout)
+            except (*_UNAVAILABLE, aetcd.exceptions.ClientError) as e:
+                # The connection is being dropped anyway; a failing close changes nothing.
+                log.debug("%s: closing %s: %r", self.name, self.endpoint, e)
+
+    async def reset(self, reason: str) -> None:
+        """Drop the current connection and move to the next endpoint (called on connectivity errors)."""
+        self.last_error = reason
+        await self.close()
+        self._index = (self._index + 1) % len(self.endpoints)
+
+    async def wait_backoff(self) -> None:
+        """Sleep the current backoff delay; loops call this after EtcdUnavailable."""
+        await asyncio.sleep(self.backoff.next())
+
+    def succeeded(self) -> None:
+        self.last_ok = time.monotonic()
+        self.last_error = None
+        self.backoff.reset()
+
+    async def call(self, op: Callable[[aetcd.Client], Awaitable[T]], timeout: float | None = None) -> T:
+        """Run ``op(aetcd_client)`` bounded by ``timeout``; connectivity errors raise EtcdUnavailable
+        after the connection has been dropped (the next call reconnects, to the next endpoint)."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            result = await asyncio.wait_for(op(self.raw()), timeout=limit)
+        except (*_UNAVAILABLE, aetcd.exceptions.ClientError) as e:
+            raise await self.fail(e) from None
+        self.succeeded()
+        return result
+
+    async def fail(self, e: BaseException) -> EtcdError:
+        """The EtcdError to raise for an aetcd/gRPC failure; a connectivity failure also drops the
+        connection. For code that drives aetcd streams itself (watch)."""
+        if isinstance(e, EtcdError):
+            return e
+        if isinstance(e, aetcd.exceptions.RevisionCompactedError):
+            return Compacted(int(e.compacted_revision))
+        reason = f"{self.endpoint}: {type(e).__name__}: {e}".strip()
+        if not _is_connectivity(e):
+            return EtcdError(f"{self.name}: {reason}")
+        await self.reset(reason)
+        return EtcdUnavailable(f"{self.name}: {reason}")
+
+    # --- keys -------------------------------------------------------------------------------------
+
+    async def get(self, key: str, timeout: float | None = None) -> KV | None:
+        r = await self.call(lambda c: c.get(key.encode()), timeout)
+        return None if r is None else KV.from_aetcd(r)
+
+    async def get_json(self, key: str, timeout: float | None = None) -> tuple[Any, KV] | None:
+        """(decoded value, KV) or None if absent; BadValue if the value is not JSON."""
+        kv = await self.get(key, timeout)
+        return None if kv is None else (kv.json(), kv)
+
+    async def get_prefix(self, prefix: str, timeout: float | None = None) -> tuple[list[KV], int]:
+        """Every key under ``prefix`` (sorted by key) and the store revision of the read; watching
+        from that revision + 1 misses nothing."""
+        r = await self.call(lambda c: c.get_prefix(prefix.encode(), sort_order="ascend"), timeout)
+        return [KV.from_aetcd(kv) for kv in r.kvs], int(r.header.revision)
+
+    async def put(self, key: str, value: bytes, lease: int | None = None, timeout: float | None = None) -> int:
+        """Write the key; returns the revision of the write."""
+        r = await self.call(lambda c: c.put(key.encode(), value, lease=lease), timeout)
+        return int(r.header.revision)
+
+    async def put_json(self, key: str, value: Any, lease: int | None = None, timeout: float | None = None) -> int:
+        return await self.put(key, encode_json(value), lease, timeout)
+
+    async def delete(self, key: str, timeout: float | None = None) -> bool:
+        r = await self.call(lambda c: c.delete(key.encode()), timeout)
+        return r is not None and int(r.deleted) > 0
+
+    async def delete_prefix(self, prefix: str, timeout: float | None = None) -> int:
+        r = await self.call(lambda c: c.delete_prefix(prefix.encode()), timeout)
+        return int(r.deleted)
+
+    async def create(self, key: str, value: Any, lease: int | None = None, timeout: float | None = None) -> bool:
+        """Write the JSON value only if the key does not exist; True if this call created it."""
+        return await self.cas(key, value, 0, lease, timeout)
+
+    async def cas(
+        self, key: str, value: Any, mod_revision: int, lease: int | None = None, timeout: float | None = None
+    ) -> bool:
+        """Write the JSON value only if the key's mod_revision is still ``mod_revision`` (0: absent).
+        True if written; False if someone else wrote (re-read and decide again)."""
+        k = key.encode()
+
+        async def op(c: aetcd.Client) -> bool:
+            t = c.transactions
+            ok, _ = await c.transaction(
+                compare=[t.mod(k) == mod_revision],
+                success=[t.put(k, encode_json(value), lease=lease)],
+                failure=[],
+            )
+            return bool(ok)
+
+        return await self.call(op, timeout)
+
+    async def delete_cas(self, key: str, mod_revision: int, timeout: float | None = None) -> bool:
+        """Delete only if the key's mod_revision is still ``mod_revision``; True if deleted."""
+        k = key.encode()
+
+        async def op(c: aetcd.Client) -> bool:
+            t = c.transactions
+            ok, _ = await c.transaction(compare=[t.mod(k) == mod_revision], success=[t.delete(k)], failure=[])
+            return bool(ok)
+
+        return await self.call(op, timeout)
+
+    # --- leases -----------------------------------------------------------------------------------
+
+    async def grant(self, ttl: int, timeout: float | None = None) -> int:
+        """A new lease of ``ttl`` whole seconds; returns its id."""
+        lease = await self.call(lambda c: c.lease(ttl), timeout)
+        return int(lease.id)
+
+    async def refresh(self, lease_id: int, timeout: float | None = None) -> int:
+        """Keep the lease alive once; returns the TTL etcd granted (<= 0: the lease is gone).
+
+        Uses one long-lived LeaseKeepAlive stream per connection (aetcd opens a stream per call,
+        which costs about 4x the CPU: it matters with hundreds of heartbeats a second). Any error or
+        timeout drops the stream; the next call opens a new one."""
+
+        async def op(c: aetcd.Client) -> int:
+            async with self._keepalive_lock:
+                await c.connect()
+                if self._keepalive is None or self._keepalive[0] is not c:
+                    self._keepalive = (c, c.leasestub.LeaseKeepAlive(metadata=c.metadata))
+                stream = self._keepalive[1]
+                try:
+                    await stream.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                    reply = await stream.read()
+                    if not isinstance(reply, rpc.LeaseKeepAliveResponse):
+                        raise ConnectionError("the keepalive stream was closed")
+                except (asyncio.CancelledError, rpc.RpcError):
+                    self._drop_keepalive()
+                    raise
+                except Exception as e:  # e.g. InvalidStateError: the stream ended under us
+                    self._drop_keepalive()
+                    raise ConnectionError(f"keepalive stream: {e!r}") from e
+                return int(reply.TTL)
+
+        return await self.call(op, timeout)
+
+    def _drop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive[1].cancel()
+            self._keepalive = None
+
+    async def revoke(self, lease_id: int, timeout: float | None = None) -> None:
+        """Revoke the lease (its keys are deleted at once). A lease already gone is not an error."""
+        try:
+            await self.call(lambda c: c.revoke_lease(lease_id), timeout)
+        except EtcdError as e:
+            if isinstance(e, EtcdUnavailable) or "not found" not in str(e):
+                raise
+
+    # --- cluster ----------------------------------------------------------------------------------
+
+    async def revision(self, timeout: float | None = None) -> int:
+        """The current store revision, through a linearizable read (it fails without a leader)."""
+        r = await self.call(lambda c: c.get_prefix(b"\0vmha-probe", keys_only=True), timeout)
+        return int(r.header.revision)
+
+    async def compact(self, revision: int, timeout: float | None = None) -> None:
+        await self.call(lambda c: c.compact(revision, physical=True), timeout)
+
+
+__all__ = [
+    "KV",
+    "Backoff",
+    "BadValue",
+    "Compacted",
+    "EtcdClient",
+    "EtcdError",
+    "EtcdUnavailable",
+    "decode_json",
+    "encode_json",
+    "parse_endpoint",
+]

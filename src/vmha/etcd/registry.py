@@ -1,0 +1,81 @@
+"""Host registration: keys.host(h) = {"host", "domain", ...}, written by the host's agent, no lease.
+
+The record outlives the agent (a host whose agent died is still a member whose planes are DOWN).
+register() merges its fields into whatever is stored (compare-and-swap on mod_revision), so fields
+written by other parts of vmha, such as the sanlock host_id, survive an agent restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmha.etcd.client import KV, BadValue, EtcdClient
+from vmha.etcd.keys import Keys
+
+log = logging.getLogger("vmha.etcd.registry")
+
+
+@dataclass(frozen=True, slots=True)
+class HostRecord:
+    host: str
+    domain: str
+    fields: dict[str, Any] = field(default_factory=dict)  # the whole stored value
+
+
+def parse_host(keys: Keys, kv: KV, value: Any) -> HostRecord:
+    """The record of a hosts/ key and its decoded value; BadValue if it is not a host record."""
+    host = kv.key[len(keys.hosts_prefix) :]
+    if not host or "/" in host:
+        raise BadValue(kv.key, "not a host key")
+    if not isinstance(value, dict) or not isinstance(value.get("domain"), str) or not value["domain"]:
+        raise BadValue(kv.key, 'expected {"domain": "<failure domain>", ...}')
+    return HostRecord(host, value["domain"], dict(value))
+
+
+async def register(client: EtcdClient, keys: Keys, host: str, domain: str, **fields: Any) -> HostRecord:
+    """Create or update the host's record with ``domain`` and ``fields``, keeping other fields."""
+    key = keys.host(host)
+    while True:
+        current: dict[str, Any] = {}
+        mod = 0
+        try:
+            got = await client.get_json(key)
+        except BadValue as e:
+            log.warning("%s: overwriting it", e)
+            kv = await client.get(key)
+            mod = 0 if kv is None else kv.mod_revision
+        else:
+            if got is not None:
+                value, kv = got
+                mod = kv.mod_revision
+                if isinstance(value, dict):
+                    current = value
+        new = {**current, **fields, "host": host, "domain": domain}
+        if new == current:
+            return HostRecord(host, domain, new)
+        if await client.cas(key, new, mod):
+            return HostRecord(host, domain, new)
+        # Someone wrote between our read and our write: read again and merge again.
+
+
+async def list_hosts(client: EtcdClient, keys: Keys) -> dict[str, HostRecord]:
+    """Every registered host; a broken record is logged and left out."""
+    kvs, _ = await client.get_prefix(keys.hosts_prefix)
+    hosts: dict[str, HostRecord] = {}
+    for kv in kvs:
+        try:
+            rec = parse_host(keys, kv, kv.json())
+        except BadValue as e:
+            log.warning("%s (skipped)", e)
+            continue
+        hosts[rec.host] = rec
+    return hosts
+
+
+async def unregister(client: EtcdClient, keys: Keys, host: str) -> bool:
+    return await client.delete(keys.host(host))
+
+
+__all__ = ["HostRecord", "list_hosts", "parse_host", "register", "unregister"]

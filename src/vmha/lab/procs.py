@@ -1,0 +1,94 @@
+"""Finding the lab VMs' processes: where each VM really runs is where its `vmha-vm` process is.
+
+The host of a process is the netns it sits in (<prefix>-<host>), not what its arguments claim.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+NETNS_DIR = Path("/run/netns")
+
+
+@dataclass(frozen=True, slots=True)
+class VmProcess:
+    vm: str
+    pid: int
+    host: str | None  # None: not inside any host namespace of this lab
+    active: bool  # has its disk open: it holds the lease (a starting or incoming copy does not yet)
+
+
+def vm_binary() -> str:
+    """The vmha-vm console script next to this interpreter (so `ps` shows `vmha-vm <name>`)."""
+    local = Path(sys.executable).parent / "vmha-vm"
+    if local.exists():
+        return str(local)
+    found = shutil.which("vmha-vm")
+    if found is None:
+        raise FileNotFoundError("vmha-vm is not installed: run scripts/setup.sh (pip install -e .)")
+    return found
+
+
+def netns_names(prefix: str) -> dict[int, str]:
+    """inode of each <prefix>- network namespace -> its name without the prefix."""
+    out: dict[int, str] = {}
+    try:
+        entries = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return out
+    for name in entries:
+        if name.startswith(f"{prefix}-"):
+            try:
+                out[os.stat(NETNS_DIR / name).st_ino] = name[len(prefix) + 1 :]
+            except OSError:
+                continue
+    return out
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return []
+    return [] if state == "Z" else [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _disk_open(pid: int) -> bool:
+    """Whether the process has a .disk file open (vmha-vm opens its disk only after taking the lease)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(".disk"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def vm_processes(prefix: str) -> list[VmProcess]:
+    """Every running vmha-vm process, with the lab host it runs on; sorted by VM then pid."""
+    names = netns_names(prefix)
+    out: list[VmProcess] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        argv = _cmdline(pid)
+        # python .../vmha-vm NAME ...: the script path is argv[1] (argv[0] when exec'd directly).
+        idx = next((i for i, a in enumerate(argv[:2]) if os.path.basename(a) == "vmha-vm"), None)
+        if idx is None or len(argv) <= idx + 1:
+            continue
+        try:
+            ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            continue
+        out.append(VmProcess(argv[idx + 1], pid, names.get(ino), _disk_open(pid)))
+    return sorted(out, key=lambda p: (p.vm, p.pid))

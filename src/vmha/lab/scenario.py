@@ -1,0 +1,243 @@
+"""One fault of one class against a running lab, watched to its outcome and repaired: the building
+block of `vmha demo`, `vmha bench rto` and the end-to-end tests.
+
+Timeline of a fault (seconds after the fault was injected):
+  detected   the manager's health view shows the fault (plane DOWN, or FABRIC)
+  decided    the manager acted on it: a recovery task created, or the host disabled (management)
+  proved     the last fence proof of the host's VMs was obtained (evacuations only)
+  recovered  every VM of the host writes again elsewhere (evacuations, migrations)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmha.core.planes import PLANES, Plane
+from vmha.lab import etcdq, faults
+from vmha.lab.cluster import KEYS, health_problems, health_view
+from vmha.lab.configs import manager_config
+from vmha.lab.controller import sanlock_run_dir
+from vmha.lab.hosts import vmha_command
+from vmha.lab.net import LabError, run
+from vmha.lab.procs import vm_processes
+from vmha.lab.state import LabState
+from vmha.lab.verify import check_disk, downtime_between
+
+Echo = Callable[[str], None]
+
+# Fault classes: the planes each cuts on the host ("fabric" cuts one plane's bridge instead).
+CLASSES: dict[str, tuple[Plane, ...]] = {
+    "management": (Plane.MANAGEMENT,),
+    "service": (Plane.SERVICE,),
+    "storage": (Plane.STORAGE,),
+    "isolation": (Plane.MANAGEMENT, Plane.SERVICE),
+    "power-off": (),
+    "fabric": (Plane.SERVICE,),
+}
+MOVES = {"service", "storage", "isolation", "power-off"}  # the classes whose VMs must end elsewhere
+OBSERVE = 10.0  # no-move classes: how long after detection nothing may move
+OUTCOME_TIMEOUT = 150.0  # longer than sanlock's host_dead at io_timeout 1 (~70 s) with margin
+POLL = 0.25
+
+
+@dataclass(slots=True)
+class Timeline:
+    fault: str
+    host: str
+    t0: float
+    vms: list[str]
+    detected: float | None = None
+    decided: float | None = None
+    proved: float | None = None
+    recovered: float | None = None
+    moved: dict[str, str | None] = field(default_factory=dict)  # vm -> host it runs on after
+    downtime: dict[str, float] = field(default_factory=dict)
+    proofs: dict[str, str] = field(default_factory=dict)  # vm -> proof method
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def rel(self, t: float | None) -> float | None:
+        return None if t is None else round(t - self.t0, 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fault": self.fault, "host": self.host, "t0": self.t0, "vms": self.vms,
+            "detected": self.rel(self.detected), "decided": self.rel(self.decided),
+            "proved": self.rel(self.proved), "recovered": self.rel(self.recovered),
+            "moved": self.moved, "downtime": self.downtime, "proofs": self.proofs,
+            "ok": self.ok, "problems": self.problems,
+        }  # fmt: skip
+
+    def line(self) -> str:
+        def s(t: float | None) -> str:
+            r = self.rel(t)
+            return "-" if r is None else f"+{r:.1f}s"
+
+        where = ", ".join(f"{vm}->{h or 'nowhere'}" for vm, h in sorted(self.moved.items())) or "nothing moved"
+        down = max(self.downtime.values(), default=0.0)
+        verdict = "ok" if self.ok else "WRONG: " + "; ".join(self.problems)
+        return (f"{self.fault:<10} {self.host:<6} detected {s(self.detected):>8}  decided {s(self.decided):>8}  "
+                f"proved {s(self.proved):>8}  recovered {s(self.recovered):>8}  max VM downtime "
+                f"{down:.1f}s  [{where}]  {verdict}")
+
+
+def running_on(state: LabState) -> dict[str, list[str | None]]:
+    out: dict[str, list[str | None]] = {}
+    for p in vm_processes(state.prefix):
+        if p.active:
+            out.setdefault(p.vm, []).append(p.host)
+    return out
+
+
+def _records_since(state: LabState, vms: list[str], t0: float) -> list[dict[str, Any]]:
+    raw, _ = etcdq.get_json_prefix(state, KEYS.records_prefix())
+    tasks, _ = etcdq.get_json_prefix(state, KEYS.tasks_prefix)
+    out = []
+    for value in [*raw.values(), *tasks.values()]:
+        if isinstance(value, dict) and value.get("vm") in vms and float(value.get("created") or 0) >= t0:
+            out.append(value)
+    return out
+
+
+def inject(state: LabState, kind: str, host: str, up: bool) -> None:
+    if kind == "power-off":
+        faults.power(state, host, on=up)
+    elif kind == "fabric":
+        for p in CLASSES[kind]:
+            faults.fabric(state, p.value, "up" if up else "down")
+    else:
+        for p in CLASSES[kind]:
+            faults.host_plane(state, host, p.value, "up" if up else "down")
+
+
+def _detected(state: LabState, kind: str, host: str) -> bool:
+    view = health_view(state)
+    if kind == "fabric":
+        lost = CLASSES[kind][0].value
+        return any(v.get(lost) == "fabric" for v in view.values())
+    planes = PLANES if kind == "power-off" else CLASSES[kind]
+    mine = view.get(host, {})
+    return all(mine.get(p.value) == "down" for p in planes)
+
+
+def _disabled(state: LabState, host: str) -> bool:
+    rec, _ = etcdq.get_json_prefix(state, KEYS.lab("hosts", host))
+    value = rec.get(KEYS.lab("hosts", host))
+    return isinstance(value, dict) and value.get("enabled") is False
+
+
+def run_fault(state: LabState, kind: str, host: str, echo: Echo) -> Timeline:
+    """Injects one fault, waits for its outcome, repairs it and waits until the lab is healthy again."""
+    if kind not in CLASSES:
+        raise LabError(f"unknown fault class {kind!r}: {', '.join(CLASSES)}")
+    before = running_on(state)
+    vms = sorted(vm for vm, hs in before.items() if host in hs) if kind != "fabric" else sorted(before)
+    t0 = time.time()
+    tl = Timeline(kind, host if kind != "fabric" else "all", t0, vms)
+    echo(f"fault {kind} on {tl.host} (VMs there: {', '.join(vms) or 'none'})")
+    inject(state, kind, host, up=False)
+    try:
+        _watch(state, tl, kind, host)
+    finally:
+        echo(f"repair {kind} on {tl.host}")
+        inject(state, kind, host, up=True)
+    _settle(state, tl, host if kind != "fabric" else None)
+    after = running_on(state)
+    for vm in vms:
+        hs = after.get(vm, [])
+        tl.moved[vm] = hs[0] if len(hs) == 1 else None
+        if len(hs) != 1:
+            tl.problems.append(f"{vm} runs {len(hs)} times after the fault, expected once")
+        elif kind in MOVES and hs[0] == host:
+            tl.problems.append(f"{vm} still on {host}")
+        elif kind not in MOVES and hs != before.get(vm):
+            tl.problems.append(f"{vm} moved ({before.get(vm)} -> {hs}) though the policy keeps it")
+    now = time.time()
+    for vm in vms:
+        report = check_disk(vm, state.disk_on_controller(vm).read_text(errors="replace").splitlines())
+        tl.downtime[vm] = round(downtime_between(report, t0, now), 2)
+        if report.split_brain:
+            tl.problems.append(f"{vm}: SPLIT-BRAIN {[o.to_dict() for o in report.overlaps]}")
+        if kind in ("management", "fabric", "service") and tl.downtime[vm] > 0:
+            tl.problems.append(f"{vm}: {tl.downtime[vm]} s downtime where none is allowed")
+    return tl
+
+
+def _watch(state: LabState, tl: Timeline, kind: str, host: str) -> None:
+    deadline = time.monotonic() + OUTCOME_TIMEOUT
+    quiet_until: float | None = None
+    while time.monotonic() < deadline:
+        now = time.time()
+        if tl.detected is None and _detected(state, kind, host):
+            tl.detected = now
+            if kind not in MOVES:
+                quiet_until = time.monotonic() + OBSERVE
+        recs = _records_since(state, tl.vms, tl.t0) if kind in MOVES else []
+        if recs and tl.decided is None:
+            tl.decided = min(float(r["created"]) for r in recs)
+            failed = [float(s) for r in recs for s in (r.get("failed") or {}).values()]
+            if failed and tl.detected is not None:
+                tl.detected = min(tl.detected, min(failed))  # the manager's own DOWN time is earlier
+        if kind == "management" and tl.decided is None and _disabled(state, host):
+            tl.decided = now
+        for r in recs:
+            proof = r.get("proof")
+            if isinstance(proof, dict):
+                tl.proofs[str(r["vm"])] = str(proof.get("method"))
+                tl.proved = max(tl.proved or 0.0, float(proof.get("proved") or 0.0))
+        if kind in MOVES:
+            where = running_on(state)
+            if tl.vms and all(len(where.get(vm, [])) == 1 and where[vm][0] != host for vm in tl.vms):
+                tl.recovered = now
+                return
+            if not tl.vms and tl.detected is not None:
+                return
+        elif quiet_until is not None and time.monotonic() >= quiet_until:
+            return
+        time.sleep(POLL)
+    tl.problems.append(f"no outcome within {OUTCOME_TIMEOUT:.0f} s (detected: {tl.detected is not None})")
+
+
+def _settle(state: LabState, tl: Timeline, host: str | None) -> None:
+    """After the repair: the host enabled again (vmha host enable) and the lab healthy."""
+    deadline = time.monotonic() + OUTCOME_TIMEOUT
+    since = time.time()
+    enabled = host is None
+    problems: list[str] = []
+    while time.monotonic() < deadline:
+        if not enabled and all(v == "up" for v in health_view(state).get(str(host), {}).values()):
+            enabled = enable_host(state, str(host))
+        problems = health_problems(state, since)
+        if enabled and not problems:
+            return
+        time.sleep(0.5)
+    tl.problems.append(f"lab not healthy after the repair: {'; '.join(problems[:4])}")
+
+
+def enable_host(state: LabState, host: str) -> bool:
+    """`vmha host enable HOST` (the manager's own command, which checks the host is clean first)."""
+    if not _disabled(state, host):
+        return True
+    ctl = state.node("controller")
+    cfg = manager_config(state, "m1")
+    cp = run([*ctl.enter(), "env", f"SANLOCK_RUN_DIR={sanlock_run_dir(state, 'm1')}",
+              *vmha_command("host", "enable", "--config", str(cfg), host)], check=False, timeout=30)
+    return cp.returncode == 0
+
+
+def busiest_host(state: LabState, exclude: frozenset[str] = frozenset()) -> str:
+    """The powered host running the most VMs (ties: by name), so every fault has VMs to move."""
+    load = {h: 0 for h, ns in state.hosts.items() if ns.power == "on" and h not in exclude}
+    for hs in running_on(state).values():
+        for h in hs:
+            if h in load:
+                load[h] += 1
+    if not load:
+        raise LabError("no powered host left to inject a fault into")
+    return max(sorted(load), key=lambda h: load[h])

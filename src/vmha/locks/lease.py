@@ -1,0 +1,220 @@
+"""Per-VM leases held by processes: acquire for the calling process or on behalf of a pid, release,
+inquire, and the host-local record of who holds what.
+
+Every holder is also recorded in holders_dir() (/run/vmha/lease-holders, a tmpfs: a reboot clears it
+with the processes). The record outlives the sanlock daemon's knowledge: once a lockspace has failed
+or the daemon has died, sanlock can no longer say which processes held the VM's lease, and the exit
+attestation must still check that each of them has left the process table. The record names the pid
+and its start time, so a reused pid is not mistaken for the holder.
+
+sanlock keeps at most 8 leases per registered client; every LeaseHold registers its own client, so
+one process (the manager) can hold any number of leases, bounded by its file descriptors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import sanlock
+
+from vmha.locks.space import LEASE_HELD, LeaseBusy, LockError, LockSpace, SanlockUnavailable, is_unavailable, why
+
+
+def holders_dir() -> Path:
+    """/run/vmha/lease-holders, or under $VMHA_RUN_DIR (tests run several hosts in one mount namespace)."""
+    return Path(os.environ.get("VMHA_RUN_DIR", "/run/vmha")) / "lease-holders"
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A process that holds (or held) a VM's lease on this host."""
+
+    vm: str
+    pid: int
+    started: float  # the process's start time (psutil create_time), against pid reuse
+
+    def alive(self) -> bool:
+        """Still in the process table as the same process and not a zombie (a zombie cannot write:
+        its memory and files are gone and its in-flight I/O was completed by exit)."""
+        try:
+            p = psutil.Process(self.pid)
+            return bool(abs(p.create_time() - self.started) < 0.01 and p.status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return False
+
+    def text(self) -> str:
+        return f"pid={self.pid}"
+
+
+def holder_of(vm: str, pid: int) -> Holder:
+    try:
+        return Holder(vm, pid, psutil.Process(pid).create_time())
+    except psutil.NoSuchProcess:
+        raise LockError(f"VM {vm}: process {pid} does not exist, it cannot hold the lease") from None
+
+
+def _record_path(h: Holder) -> Path:
+    return holders_dir() / f"{h.vm}.{h.pid}"
+
+
+def record(h: Holder) -> None:
+    holders_dir().mkdir(parents=True, exist_ok=True)
+    tmp = _record_path(h).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"vm": h.vm, "pid": h.pid, "started": h.started}))
+    tmp.rename(_record_path(h))
+
+
+def forget(h: Holder) -> None:
+    _record_path(h).unlink(missing_ok=True)
+
+
+def recorded_holders(vm: str | None = None) -> list[Holder]:
+    """Holders recorded on this host (alive or not), for one VM or all; unreadable records skipped."""
+    out: list[Holder] = []
+    if not holders_dir().is_dir():
+        return out
+    for p in sorted(holders_dir().iterdir()):
+        try:
+            d = json.loads(p.read_text())
+            h = Holder(str(d["vm"]), int(d["pid"]), float(d["started"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a half-written or foreign file: the live sanlock scan still covers its holder
+        if vm is None or h.vm == vm:
+            out.append(h)
+    return out
+
+
+def _busy(space: LockSpace, vm: str, e: sanlock.SanlockException) -> LockError:
+    if is_unavailable(e):
+        return SanlockUnavailable(f"VM {vm}: local sanlock daemon does not answer ({why(e)}): the VM must not run")
+    if int(e.errno) == LEASE_HELD:
+        try:
+            owners = ", ".join(o.text() for o in space.owners(vm)) or "none recorded"
+        except (LockError, sanlock.SanlockException):
+            owners = "unreadable"
+        return LeaseBusy(f"VM {vm}: its lease {space.lease_path(vm)} is held by another live host ({owners}): "
+                         "the VM must not run here")
+    return LockError(f"VM {vm}: acquiring {space.lease_path(vm)} failed: {why(e)} ({e.errno})")
+
+
+class LeaseHold:
+    """A VM's lease held by this process through its own sanlock registration.
+
+    Closing the registration (release(), or the process dying) makes sanlock release the lease.
+    """
+
+    def __init__(self, space: LockSpace, vm: str) -> None:
+        space.check_lease(vm)
+        self.space = space
+        self.vm = vm
+        self.holder = holder_of(vm, os.getpid())
+        try:
+            self.fd: int | None = sanlock.register()
+        except sanlock.SanlockException as e:
+            raise _busy(space, vm, e) from None
+        try:
+            sanlock.acquire(space.bname, vm.encode(), space.disks(vm), slkfd=self.fd)
+        except sanlock.SanlockException as e:
+            os.close(self.fd)
+            self.fd = None
+            raise _busy(space, vm, e) from None
+        record(self.holder)
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        """Releases the lease (idempotent)."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            sanlock.release(self.space.bname, self.vm.encode(), self.space.disks(self.vm), slkfd=fd)
+        except sanlock.SanlockException as e:
+            if not is_unavailable(e):
+                raise LockError(f"VM {self.vm}: releasing its lease failed: {why(e)}") from None
+        finally:
+            os.close(fd)  # also releases whatever the daemon still holds for this registration
+            forget(self.holder)
+
+    def __enter__(self) -> LeaseHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def acquire_self(space: LockSpace, vm: str) -> LeaseHold:
+    """The calling process takes the VM's lease (the lab VM process does this before writing).
+
+    LeaseMissing if the VM has no lease, LeaseBusy if another live host holds it."""
+    return LeaseHold(space, vm)
+
+
+def acquire_for(space: LockSpace, vm: str, pid: int) -> Holder:
+    """Takes the VM's lease on behalf of process `pid`, which must have called sanlock.register()
+    (vmha.locks.register_self) and kept that connection open; the lease lives as long as the pid."""
+    space.check_lease(vm)
+    h = holder_of(vm, pid)
+    try:
+        sanlock.acquire(space.bname, vm.encode(), space.disks(vm), pid=pid)
+    except sanlock.SanlockException as e:
+        raise _busy(space, vm, e) from None
+    record(h)
+    return h
+
+
+def release_for(space: LockSpace, vm: str, pid: int) -> None:
+    """Releases the lease that `pid` holds (clean stop of the VM)."""
+    try:
+        sanlock.release(space.bname, vm.encode(), space.disks(vm), pid=pid)
+    except sanlock.SanlockException as e:
+        # A holder that has exited was released by sanlock already.
+        if psutil.pid_exists(pid) and not is_unavailable(e):
+            raise LockError(f"VM {vm}: releasing the lease of pid {pid} failed: {why(e)}") from None
+    for h in recorded_holders(vm):
+        if h.pid == pid:
+            forget(h)
+
+
+def register_self() -> int:
+    """Registers the calling process with the local sanlock daemon (for acquire_for by a parent);
+    keep the returned fd open for as long as the process may write."""
+    try:
+        return int(sanlock.register())
+    except sanlock.SanlockException as e:
+        raise SanlockUnavailable(f"local sanlock daemon does not answer: {why(e)}") from None
+
+
+def inquire(space: LockSpace, pid: int) -> list[str]:
+    """The VMs whose lease `pid` holds in this lockspace, per the local daemon ([] if none)."""
+    try:
+        res = sanlock.inquire(pid=pid)
+    except sanlock.SanlockException as e:
+        if is_unavailable(e):
+            raise SanlockUnavailable(f"local sanlock daemon does not answer: {why(e)}") from None
+        return []  # not a client of the daemon (ESRCH)
+    return sorted(r["resource"].decode() for r in res if r["lockspace"] == space.bname)
+
+
+def live_holders(space: LockSpace) -> list[Holder]:
+    """Every process on this host holding a lease of the lockspace: the daemon's view of every pid,
+    plus recorded holders still alive (covers a daemon that lost the lockspace or died)."""
+    found: dict[tuple[str, int], Holder] = {}
+    with contextlib.suppress(SanlockUnavailable):
+        for pid in psutil.pids():
+            if pid == os.getpid():  # the caller (agent) is never a VM
+                continue
+            for vm in inquire(space, pid):
+                with contextlib.suppress(LockError):
+                    found[(vm, pid)] = holder_of(vm, pid)
+    for h in recorded_holders():
+        if (h.vm, h.pid) not in found and h.alive():
+            found[(h.vm, h.pid)] = h
+    return sorted(found.values(), key=lambda h: (h.vm, h.pid))

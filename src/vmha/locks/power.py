@@ -1,0 +1,100 @@
+"""Power fencing: an out-of-band fence that confirms a host is off.
+
+PowerFence is the protocol the Prover calls. Production: FenceAgentPower runs Debian's
+fence-agents (fence_ipmilan, fence_redfish, ...) per host. The lab supplies its own implementation
+(kill every process of the host's namespace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from vmha.locks.space import LockError
+
+
+class PowerFenceError(LockError):
+    """The host could not be confirmed off."""
+
+
+class PowerFence(Protocol):
+    async def power_off(self, host: str, timeout: float) -> str:
+        """Powers the host off and returns evidence once it is confirmed off; PowerFenceError otherwise."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FenceAgent:
+    """One host's fence agent: the program (fence_ipmilan, fence_redfish, ...) and its options
+    (ip, username, password or password_script, lanplus, ssl_insecure, ...; see `man fence_ipmilan`)."""
+
+    agent: str
+    options: Mapping[str, str]
+
+
+_AGENT = re.compile(r"^fence_[a-z0-9_]+$")
+_FORBIDDEN = {"action", "plug"}  # vmha sets the action itself; one host per agent entry
+
+
+def fence_agents(table: Mapping[str, Any], source: str = "config [power]") -> dict[str, FenceAgent]:
+    """Validates a host -> {agent = "fence_ipmilan", <option> = "<value>", ...} table."""
+    out: dict[str, FenceAgent] = {}
+    for host, entry in table.items():
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("agent"), str):
+            raise PowerFenceError(f'{source}.{host}: expected a table with agent = "fence_ipmilan" (or another '
+                                  "fence agent) and its options")
+        agent = entry["agent"]
+        if not _AGENT.match(agent):
+            raise PowerFenceError(f"{source}.{host}.agent: {agent!r} is not a fence agent name (fence_...)")
+        opts = {str(k): str(v) for k, v in entry.items() if k != "agent"}
+        bad = sorted(_FORBIDDEN & set(opts))
+        if bad:
+            raise PowerFenceError(f"{source}.{host}: remove {', '.join(bad)}: vmha chooses the action")
+        out[str(host)] = FenceAgent(agent, opts)
+    return out
+
+
+class FenceAgentPower:
+    """PowerFence through fence-agents. Options go on stdin (name=value lines), never on the command
+    line, so passwords do not show in the process table."""
+
+    def __init__(self, agents: Mapping[str, FenceAgent]) -> None:
+        self.agents = dict(agents)
+
+    async def _run(self, host: str, action: str, timeout: float) -> str:
+        spec = self.agents.get(host)
+        if spec is None:
+            raise PowerFenceError(f"host {host}: no fence agent configured ([power.{host}] in the config)")
+        stdin = "".join(f"{k}={v}\n" for k, v in {**spec.options, "action": action}.items())
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                spec.agent, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except FileNotFoundError:
+            raise PowerFenceError(f"host {host}: {spec.agent} not found: install Debian's fence-agents") from None
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise PowerFenceError(
+                f"host {host}: {spec.agent} action={action} gave no answer in {timeout:.0f} s") from None
+        text = out.decode(errors="replace").strip()
+        if proc.returncode != 0:
+            raise PowerFenceError(f"host {host}: {spec.agent} action={action} failed ({proc.returncode}): {text}")
+        return text
+
+    async def power_off(self, host: str, timeout: float) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self._run(host, "off", timeout)
+        # "off" returning 0 already means the agent saw the host off; the status read is the
+        # independent confirmation recorded in the proof.
+        status = await self._run(host, "status", max(1.0, deadline - loop.time()))
+        if "status: off" not in status.lower():
+            raise PowerFenceError(f"host {host}: after action=off the fence agent reports {status!r}, not OFF")
+        return f"{self.agents[host].agent}: off confirmed ({status})"

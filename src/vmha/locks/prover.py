@@ -1,0 +1,294 @@
+"""Manager side: prove that a VM's old copy can no longer write, by taking its lease.
+
+    prover = Prover(space, host_id_of=..., attest=..., power=...)
+    proof = await prover.prove(vm, host, methods, timeout)   # FenceProof, or raises ProofRefused
+    ...                                                      # the manager's sanlock host holds the lease
+    await prover.release(vm)                                 # right before the VM starts elsewhere
+
+Every proof ends with this process holding the VM's lease through its own sanlock registration:
+sanlock grants it only when the holder released it (its process exited) or the holder's host is
+DEAD. Two methods first make the lease free by rewriting it (reset), and only after evidence that
+nothing on the old host can write: exit-attested (the host's agent saw every holder leave the process
+table and the host's lockspace fail, and this daemon no longer sees the host renew) and power (a
+fence agent confirmed the host off). So prove() never returns while the old copy can still write;
+when no method succeeds in time it raises ProofRefused with what each method saw.
+
+The manager's process must talk to a sanlock daemon joined to the lockspace (its own host_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import sanlock
+
+from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.etcd.attest import AttestResponse, AttestTimeout
+from vmha.locks.lease import LeaseHold
+from vmha.locks.power import PowerFence, PowerFenceError
+from vmha.locks.space import HostInfo, HostState, LeaseBusy, LockError, LockSpace, why
+
+log = logging.getLogger("vmha.locks.prover")
+
+HostIdOf = Callable[[str], Awaitable[int | None]]
+Attest = Callable[[str, str, float], Awaitable[AttestResponse]]  # (host, vm, timeout)
+
+
+class ProofRefused(LockError):
+    """No proof: the old copy may still be able to write. `attempts` says what each method saw."""
+
+    def __init__(self, vm: str, host: str, reason: str, attempts: Sequence[str] = ()) -> None:
+        super().__init__(f"no fence proof for VM {vm} on host {host}: {reason}"
+                         + (f" [{'; '.join(attempts)}]" if attempts else ""))
+        self.vm = vm
+        self.host = host
+        self.reason = reason
+        self.attempts = list(attempts)
+
+
+class _Failed(Exception):
+    """One method did not give a proof (the next one is tried)."""
+
+
+class _Trail:
+    """What the proof saw, with times relative to its start: becomes the proof's details."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.lines: list[str] = []
+        self.states: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.lines.append(f"+{time.monotonic() - self.t0:.2f}s {text}")
+
+    def state(self, info: HostInfo | None) -> None:
+        text = "not seen" if info is None else info.state.value
+        if not self.states or not self.states[-1].endswith(f" {text}"):
+            self.states.append(f"+{time.monotonic() - self.t0:.2f}s {text}")
+
+
+def _owners_text(owners: Sequence[HostInfo]) -> str:
+    return " ".join(o.text() for o in owners) or "none"
+
+
+class Prover:
+    def __init__(
+        self,
+        space: LockSpace,
+        *,
+        host_id_of: HostIdOf,
+        attest: Attest | None = None,
+        power: PowerFence | None = None,
+        poll: float = 0.25,
+    ) -> None:
+        self.space = space
+        self.host_id_of = host_id_of
+        self.attest = attest
+        self.power = power
+        self.poll = poll
+        self._held: dict[str, LeaseHold] = {}
+
+    def held(self) -> list[str]:
+        """VMs whose lease this prover holds (proved, not yet released)."""
+        return sorted(self._held)
+
+    def budget(self, method: ProofMethod) -> float:
+        """Seconds a method may take before the next one is tried (the last gets all that remains)."""
+        io = self.space.io_timeout
+        return {
+            ProofMethod.LEASE_TAKEN: 2.0,
+            # The owner sees the request at its next renewal (every 2 io), kills and releases.
+            ProofMethod.REQUEST_FORCE: 4.0 * io + 5.0,
+            # The owner's lockspace fails 8 io after its last renewal; its agent then attests.
+            ProofMethod.EXIT_ATTESTED: self.space.renewal_fail + 4.0 * io + 10.0,
+            ProofMethod.POWER: 60.0,
+            ProofMethod.HOST_DEAD: self.space.host_dead + 4.0 * io + 10.0,
+        }[method]
+
+    async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
+        started = time.time()
+        if vm in self._held:
+            return FenceProof(vm, host, ProofMethod.LEASE_TAKEN, started, time.time(),
+                              {"trail": "lease already held by this manager"})
+        deadline = time.monotonic() + timeout
+        trail = _Trail()
+        try:
+            await asyncio.to_thread(self.space.check_lease, vm)
+            owners = await asyncio.to_thread(self.space.owners, vm)
+        except LockError as e:
+            raise ProofRefused(vm, host, str(e)) from None
+        host_id = await self.host_id_of(host)
+        trail.add(f"owners {_owners_text(owners)}; {host} is host_id {host_id}")
+        attempts: list[str] = []
+        for i, method in enumerate(methods):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                attempts.append(f"{method.value}: not tried, timeout {timeout:.0f} s used up")
+                continue
+            budget = remaining if i == len(methods) - 1 else min(remaining, self.budget(method))
+            trail.add(f"{method.value}: trying for up to {budget:.1f} s")
+            try:
+                hold = await self._method(method, vm, host, host_id, budget, trail)
+            except (_Failed, LockError) as e:  # LockError: storage or the local daemon failed meanwhile
+                attempts.append(f"{method.value}: {e}")
+                trail.add(f"{method.value}: failed: {e}")
+                continue
+            self._held[vm] = hold
+            try:
+                after = _owners_text(await asyncio.to_thread(self.space.owners, vm))
+            except LockError as e:
+                after = f"unreadable ({e})"
+            proof = FenceProof(vm, host, method, started, time.time(), {
+                "owners_before": _owners_text(owners),
+                "owners_after": after,
+                "host_id": str(host_id),
+                "host_states": " ".join(trail.states) or "not checked",
+                "failed_methods": "; ".join(attempts) or "none",
+                "trail": " | ".join(trail.lines),
+            })
+            log.info("proof vm=%s host=%s method=%s in %.1fs owners_before=[%s] states=[%s]", vm, host,
+                     method.value, proof.proved - started, proof.details["owners_before"],
+                     proof.details["host_states"])
+            return proof
+        refused = ProofRefused(vm, host, "every method failed" if methods else "no method allowed", attempts)
+        log.warning("proof vm=%s host=%s refused: %s", vm, host, refused)
+        raise refused
+
+    async def release(self, vm: str) -> None:
+        """Releases the lease a proof took (right before the VM is started elsewhere)."""
+        hold = self._held.pop(vm, None)
+        if hold is not None:
+            await asyncio.to_thread(hold.release)
+
+    async def release_all(self) -> None:
+        for vm in self.held():
+            await self.release(vm)
+
+    # --- methods ------------------------------------------------------------------------------------
+    async def _method(
+        self, method: ProofMethod, vm: str, host: str, host_id: int | None, budget: float, trail: _Trail
+    ) -> LeaseHold:
+        end = time.monotonic() + budget
+        if method is ProofMethod.LEASE_TAKEN:
+            return await self._take_or_fail(vm, trail)
+        if method is ProofMethod.REQUEST_FORCE:
+            return await self._request_force(vm, end, trail)
+        if host_id is None:
+            raise _Failed(f"host {host} has no sanlock host_id in etcd: cannot check its lease state")
+        if method is ProofMethod.HOST_DEAD:
+            return await self._host_dead(vm, host_id, end, trail)
+        if method is ProofMethod.EXIT_ATTESTED:
+            return await self._exit_attested(vm, host, host_id, end, trail)
+        return await self._power(vm, host, host_id, end, trail)
+
+    async def _take(self, vm: str) -> LeaseHold | None:
+        """The lease, or None while another host may hold it. sanlock's acquire returns at once when
+        the owner is LIVE, but blocks until host_dead when the owner is FAIL (or not yet known):
+        never call it then, or a method would overrun its budget by a minute."""
+        try:
+            owners = await asyncio.to_thread(self.space.owners, vm)
+            if any(o.state in (HostState.FAIL, HostState.UNKNOWN) for o in owners):
+                return None
+            return await asyncio.to_thread(LeaseHold, self.space, vm)
+        except LeaseBusy:
+            return None
+        except LockError as e:
+            raise _Failed(str(e)) from None
+
+    async def _take_or_fail(self, vm: str, trail: _Trail) -> LeaseHold:
+        hold = await self._take(vm)
+        if hold is None:
+            owners = await asyncio.to_thread(self.space.owners, vm)
+            raise _Failed(f"lease held by another host ({_owners_text(owners)})")
+        trail.add("lease acquired")
+        return hold
+
+    async def _take_until(self, vm: str, end: float, trail: _Trail, what: str) -> LeaseHold:
+        while True:
+            hold = await self._take(vm)
+            if hold is not None:
+                trail.add(f"lease acquired ({what})")
+                return hold
+            if time.monotonic() >= end:
+                owners = await asyncio.to_thread(self.space.owners, vm)
+                raise _Failed(f"{what}: lease still held ({_owners_text(owners)})")
+            await asyncio.sleep(self.poll)
+
+    async def _request_force(self, vm: str, end: float, trail: _Trail) -> LeaseHold:
+        hold = await self._take(vm)
+        if hold is not None:
+            trail.add("lease was free")
+            return hold
+        try:
+            await asyncio.to_thread(sanlock.request, self.space.bname, vm.encode(), self.space.disks(vm),
+                                    action=sanlock.REQ_FORCE)
+        except sanlock.SanlockException as e:
+            raise _Failed(f"REQ_FORCE could not be written: {why(e)}") from None
+        trail.add("REQ_FORCE written")
+        return await self._take_until(vm, end, trail, "owner did not release after REQ_FORCE (storage plane cut?)")
+
+    async def _wait_state(self, host_id: int, end: float, trail: _Trail, ok: Callable[[HostInfo | None], bool]) -> bool:
+        while True:
+            info = await asyncio.to_thread(self.space.host, host_id)
+            trail.state(info)
+            if ok(info):
+                return True
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(self.poll)
+
+    async def _host_dead(self, vm: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
+        if not await self._wait_state(host_id, end, trail, lambda i: i is not None and i.state is HostState.DEAD):
+            raise _Failed(f"host_id {host_id} not DEAD (states seen: {' '.join(trail.states)})")
+        return await self._take_until(vm, end, trail, f"host_id {host_id} DEAD")
+
+    async def _reset_and_take(self, vm: str, host_id: int, trail: _Trail, why: str) -> LeaseHold:
+        """After evidence that nothing on host_id can write: reset the lease if host_id owns it, take it."""
+        owners = await asyncio.to_thread(self.space.owners, vm)
+        others = [o for o in owners if o.host_id != host_id and o.state is not HostState.FREE]
+        if others:
+            raise _Failed(f"lease is held by another host than {host_id}: {_owners_text(others)}")
+        if owners:
+            await asyncio.to_thread(self.space.reset_lease, vm)
+            trail.add(f"lease reset (owners were {_owners_text(owners)}; {why})")
+        hold = await self._take(vm)
+        if hold is None:
+            raise _Failed("lease taken by someone else right after the reset")
+        trail.add("lease acquired after reset")
+        return hold
+
+    async def _exit_attested(self, vm: str, host: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
+        if self.attest is None:
+            raise _Failed("no attestation channel configured")
+        hold = await self._take(vm)
+        if hold is not None:
+            trail.add("lease was free")
+            return hold
+        try:
+            resp = await self.attest(host, vm, max(1.0, end - time.monotonic() - 1.0))
+        except AttestTimeout as e:
+            raise _Failed(str(e)) from None
+        evidence = " ".join(f"{k}={v}" for k, v in resp.evidence.items())
+        trail.add(f"agent answered ok={resp.ok}: {resp.reason} ({evidence})")
+        if not resp.ok:
+            raise _Failed(f"agent of {host} did not attest: {resp.reason}")
+        # Independent check: this daemon must see the host stop renewing its lockspace (a host that
+        # rejoined, or an agent that is wrong, shows LIVE here; UNKNOWN or unseen: not yet known).
+        stopped = (HostState.FAIL, HostState.DEAD, HostState.FREE)
+        if not await self._wait_state(host_id, end, trail, lambda i: i is not None and i.state in stopped):
+            raise _Failed(f"agent attested but this daemon does not see host_id {host_id} stop renewing "
+                          f"(states seen: {' '.join(trail.states)})")
+        return await self._reset_and_take(vm, host_id, trail, "exit attested")
+
+    async def _power(self, vm: str, host: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
+        if self.power is None:
+            raise _Failed("no power fence configured")
+        try:
+            evidence = await self.power.power_off(host, max(1.0, end - time.monotonic()))
+        except PowerFenceError as e:
+            raise _Failed(str(e)) from None
+        trail.add(f"power off confirmed: {evidence}")
+        return await self._reset_and_take(vm, host_id, trail, "power off confirmed")

@@ -1,0 +1,1 @@
+"""The manager: detection, decisions and recovery across the cluster."""

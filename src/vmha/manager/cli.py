@@ -1,0 +1,258 @@
+"""The manager's commands: `vmha manager`, `vmha events`, `vmha recovery show VM`,
+`vmha host enable HOST`, `vmha policy show` (src/vmha/cli.py maps the names here)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import click
+
+from vmha import config
+from vmha.core.planes import PLANES, PlaneState
+from vmha.core.policy import Action
+from vmha.core.queue import TERMINAL, Task
+from vmha.drivers.base import DriverError
+from vmha.etcd import health_store
+from vmha.etcd.client import EtcdClient, EtcdError
+from vmha.etcd.election import leader_name
+from vmha.etcd.keys import Keys
+from vmha.etcd.records import Event, EventLog, RecordStore
+from vmha.etcd.tasks import TaskStore
+
+T = TypeVar("T")
+
+_config_option = click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="vmha config file"
+)
+
+
+def _endpoints(cfg: config.Config) -> list[str]:
+    """The manager's etcd endpoints, or the management plane's on a node without [manager]."""
+    return cfg.manager.endpoints if cfg.manager is not None else cfg.planes.endpoints(PLANES[0])
+
+
+def _with_etcd(config_path: str, body: Callable[[config.Config, EtcdClient, Keys], Awaitable[T]]) -> T:
+    """Run `body` with a client of the configured etcd; etcd failures become a clear CLI error."""
+    cfg = config.load(config_path)
+
+    async def run() -> T:
+        async with EtcdClient(_endpoints(cfg), timeout=3.0, name="vmha") as client:
+            return await body(cfg, client, Keys(cfg.cluster.name))
+
+    try:
+        return asyncio.run(run())
+    except EtcdError as e:
+        raise click.ClickException(f"etcd: {e} (endpoints {', '.join(_endpoints(cfg))})") from None
+
+
+# -- vmha manager -----------------------------------------------------------------------------------
+
+
+@click.command("manager")
+@_config_option
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def manager(config_path: str, verbose: bool) -> None:
+    """Run the HA manager: campaign for leadership; as leader detect, decide and recover."""
+    from vmha.manager.daemon import Manager
+
+    cfg = config.load(config_path)
+    cfg.require_manager()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Manager(cfg).run(stop)
+
+    asyncio.run(serve())
+
+
+# -- vmha events ------------------------------------------------------------------------------------
+
+
+def _show_event(ev: Event, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(ev.to_dict(), sort_keys=True))
+        return
+    when = datetime.datetime.fromtimestamp(ev.t).isoformat(sep=" ", timespec="milliseconds")
+    colour = {"warn": "yellow", "err": "red"}.get(ev.level)
+    tag = "ALERT " if ev.kind == "alert" else ""
+    click.secho(f"{ev.seq:>7} {when} {ev.level:<4} {ev.actor}: {tag}{ev.text}", fg=colour)
+
+
+@click.command("events")
+@_config_option
+@click.option("-n", "--last", "count", default=50, show_default=True, help="show this many past events")
+@click.option("-f", "--follow", is_flag=True, help="keep streaming new events (Ctrl-C to stop)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def events(config_path: str, count: int, follow: bool, as_json: bool) -> None:
+    """Stream the manager's decisions and alerts (newest last)."""
+
+    async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> None:
+        log = EventLog(client, keys)
+        shown, revision = await log.tail(count)
+        for ev in shown:
+            _show_event(ev, as_json)
+        if follow:
+            async for ev in log.follow(revision):
+                _show_event(ev, as_json)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --follow: not an error
+        _with_etcd(config_path, body)
+
+
+# -- vmha recovery show VM --------------------------------------------------------------------------
+
+
+@click.group("recovery")
+def recovery() -> None:
+    """Recoveries and their evidence records."""
+
+
+_ROW_MEANS = {
+    None: "no plane of the host has failed: nothing to recover",
+    Action.ALERT: "alert only: its VMs are left running",
+    Action.DISABLE: "the host is disabled for new VMs; its VMs keep running and are never restarted for this row",
+    Action.LIVE_MIGRATE: "its HA VMs are live-migrated away, without a restart",
+    Action.ISOLATE_EVACUATE: "its HA VMs are fenced through the storage plane, then restarted elsewhere",
+    Action.FENCE_EVACUATE: "its HA VMs are restarted elsewhere once a fence proof exists",
+}
+
+
+async def _why_not(cfg: config.Config, client: EtcdClient, keys: Keys, vm: str) -> str:
+    """Why a VM without a recovery record was not restarted: where it runs, and its host's policy row."""
+    from vmha.manager.daemon import compute_driver
+
+    try:
+        info = next((v for v in await compute_driver(cfg, client).vms() if v.name == vm), None)
+    except DriverError as e:
+        return f"vm '{vm}': no recovery recorded (the compute driver cannot tell where it runs: {e})"
+    if info is None:
+        return f"vm '{vm}': no recovery recorded, and the compute driver does not know this VM"
+    if not info.ha:
+        return f"vm '{vm}' on host '{info.host}': not HA-protected: vmha never restarts it"
+    if info.host is None:
+        return f"vm '{vm}': placed on no host; no recovery recorded"
+    stored = (await health_store.load(client, keys)).hosts.get(info.host)
+    if stored is None:
+        return f"vm '{vm}' on host '{info.host}': the host is not in the manager's health view; no recovery"
+    hh = stored.health
+    planes = ", ".join(f"{p.value} {hh.planes[p].state.value}" for p in PLANES if p in hh.planes)
+    decision = cfg.policy_table.decide(hh.states())
+    row = f"row {decision.key}: {decision.action.value}" if decision.action else "no failed plane"
+    return f"vm '{vm}' on host '{info.host}' ({planes}): {row}; {_ROW_MEANS[decision.action]}. No recovery recorded."
+
+
+@recovery.command("show")
+@_config_option
+@click.argument("vm")
+@click.option("--all", "show_all", is_flag=True, help="every recorded recovery of the VM, not only the last")
+@click.option("--json", "as_json", is_flag=True, help="the records as JSON")
+def recovery_show(config_path: str, vm: str, show_all: bool, as_json: bool) -> None:
+    """Why was, or wasn't, this VM restarted: its evidence record."""
+
+    async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> tuple[list[Task], str]:
+        done = await RecordStore(client, keys).records(vm)
+        current = next((t for t in await TaskStore(client, keys).load() if t.vm == vm), None)
+        # The task under tasks/ is the newest state of the newest recovery; a finished one is also a record.
+        shown = {t.recovery: t for t in done}
+        if current is not None:
+            shown[current.recovery] = current
+        ordered = [shown[n] for n in sorted(shown)]
+        why_not = "" if ordered or as_json else await _why_not(cfg, client, keys, vm)
+        return (ordered if show_all else ordered[-1:]), why_not
+
+    ordered, why_not = _with_etcd(config_path, body)
+    if as_json:
+        click.echo(json.dumps([t.to_dict() for t in ordered], indent=2, sort_keys=True))
+        return
+    if not ordered:
+        click.echo(why_not)
+        sys.exit(1)
+    for t in ordered:
+        state = "in progress" if t.state not in TERMINAL else "finished"
+        click.echo(f"{t.describe()}\n  ({state})")
+
+
+# -- vmha host enable HOST --------------------------------------------------------------------------
+
+
+@click.group("host")
+def host() -> None:
+    """Hosts vmha disabled."""
+
+
+@host.command("enable")
+@_config_option
+@click.argument("name")
+def host_enable(config_path: str, name: str) -> None:
+    """Re-enable a repaired host, after checking it is clean: every plane UP in the manager's
+    health view and no recovery from it still running."""
+    from vmha.manager.daemon import compute_driver
+
+    async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> str:
+        view = await health_store.load(client, keys)
+        stored = view.hosts.get(name)
+        if stored is None:
+            raise click.ClickException(f"host '{name}': not in the manager's health view (is it registered?)")
+        states = {p: stored.health.planes[p].state if p in stored.health.planes else None for p in PLANES}
+        not_up = [f"{p.value} {s.value if s else 'unknown'}" for p, s in states.items() if s != PlaneState.UP]
+        if not_up:
+            raise click.ClickException(f"host '{name}' is not clean: {', '.join(not_up)}; repair it first")
+        running = [t for t in await TaskStore(client, keys).load() if t.source == name and t.state not in TERMINAL]
+        if running:
+            vms = ", ".join(f"{t.vm} ({t.state.value})" for t in running)
+            raise click.ClickException(f"host '{name}' still has recoveries running: {vms}; wait for them")
+        await compute_driver(cfg, client).enable_host(name)
+        await client.delete(keys.disabled(name))
+        leader = leader_name(await client.get(keys.leader))
+        return leader or "none"
+
+    leader = _with_etcd(config_path, body)
+    click.echo(f"host '{name}' enabled (manager leader: {leader})")
+
+
+# -- vmha policy show -------------------------------------------------------------------------------
+
+
+@click.group("policy")
+def policy() -> None:
+    """The policy table: which action each combination of failed planes gets."""
+
+
+@policy.command("show")
+@_config_option
+@click.option("--json", "as_json", is_flag=True)
+def policy_show(config_path: str, as_json: bool) -> None:
+    """Print the policy table in force (defaults merged with the config's [policy])."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = config.load(config_path)
+    rows = cfg.policy_table.render()
+    if as_json:
+        click.echo(json.dumps(dict(rows), indent=2))
+        return
+    table = Table(title=f"vmha policy ({cfg.cluster.name})")
+    table.add_column("failed planes")
+    table.add_column("action")
+    for key, action in rows:
+        table.add_row(key, action)
+    Console().print(table)
+
+
+__all__ = ["events", "host", "manager", "policy", "recovery"]

@@ -1,0 +1,591 @@
+"""The manager daemon: leader election, then the recovery core fed and executed against the world.
+
+    await Manager(config).run(stop)       # `vmha manager --config FILE`
+
+Standby: campaign (etcd/election.py) and wait. Leader, for one "term" at a time:
+  - load the persisted tasks (etcd/tasks.py) and hand them to a fresh RecoveryCore (TasksLoaded);
+  - run the HealthMonitor (manager/detection.py) and feed its HealthChange / FabricChange;
+  - take an inventory snapshot from the compute driver at start, every INVENTORY_INTERVAL, and
+    at once when a plane goes DOWN or FABRIC;
+  - call core.step(event, now) for each event (and Tick at core.next_deadline()); the events that
+    arrived together are stepped one after another, and their outputs applied together:
+      1. log each line (logger "vmha.manager") and append it to the decision stream,
+      2. persist the tasks it changed, with CAS guarded by the leadership, and write the evidence
+         records - BEFORE any other action of that output runs (persist, then act: a leader that
+         dies in between leaves a task naming the step in flight, which the next one repeats),
+      3. start the other actions concurrently (the core bounds how many), each feeding its result
+         back as an event.
+A refused task write (StaleTasks) ends the term: in-flight work is cancelled and the term starts
+over from what etcd holds. Losing the leadership (lease lost, keepalives failing past the TTL, a
+write refused by the leader check) cancels everything at once and releases the proof leases this
+manager holds (the proofs themselves are persisted in the tasks); the manager campaigns again.
+
+The compute driver is chosen by manager.driver ("lab" or "nova"); the fence proofs come from the
+lock manager's Prover (vmha.locks). Both are built by `production_parts`. TEST ONLY: the env
+variable VMHA_MANAGER_TEST_PARTS="module:function" names a function(config, client) -> Parts that
+replaces them (integration tests use recording doubles to test the queue, not compute or fencing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from aetcd import transactions as tx
+
+from vmha.config import Config, ConfigError, ManagerConfig
+from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.core.health import FabricChange, HealthChange
+from vmha.core.log import Level, LogLine
+from vmha.core.planes import PlaneState
+from vmha.core.queue import Step
+from vmha.core.recovery import (
+    Alert,
+    CancelProof,
+    DisableHost,
+    Evacuate,
+    FabricUpdate,
+    HealthUpdate,
+    HostOp,
+    HostOpDone,
+    HostOpFailed,
+    Inventory,
+    LiveMigrate,
+    MarkHostDown,
+    PersistTask,
+    ProofObtained,
+    ProofRefused,
+    Prove,
+    RecordEvidence,
+    RecoveryAction,
+    RecoveryCore,
+    RecoveryEvent,
+    RecoveryOutput,
+    RecoverySettings,
+    ReleaseProof,
+    StepDone,
+    StepFailed,
+    TasksLoaded,
+    Tick,
+)
+from vmha.drivers.base import ComputeDriver, DriverError
+from vmha.etcd.client import EtcdClient, EtcdUnavailable, encode_json
+from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
+from vmha.etcd.keys import Keys
+from vmha.etcd.records import EventLog, RecordStore
+from vmha.etcd.tasks import StaleTasks, TaskStore
+from vmha.manager.detection import HealthMonitor, unix_monotonic
+
+log = logging.getLogger("vmha.manager")
+
+INVENTORY_INTERVAL = 10.0  # seconds between inventory snapshots (plus one at each DOWN/FABRIC)
+TEST_PARTS_ENV = "VMHA_MANAGER_TEST_PARTS"
+
+T = TypeVar("T")
+
+_LEVELS = {Level.INFO: logging.INFO, Level.WARN: logging.WARNING, Level.ERROR: logging.ERROR}
+
+
+class Fencer(Protocol):
+    """What the manager needs from the lock manager (vmha.locks Prover)."""
+
+    async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
+        """A proof that the VM's copy on `host` can no longer write; raises if none was obtained
+        (the exception's text is the reason; a `retryable` attribute False gives up at once)."""
+        ...
+
+    async def release(self, vm: str) -> None:
+        """Release the VM's lease a proof took, so the restarted copy can acquire it."""
+        ...
+
+
+@dataclass(slots=True)
+class Parts:
+    driver: ComputeDriver
+    fencer: Fencer
+    # Release every proof lease held: when the leadership is lost (the next leader resumes from the
+    # proofs persisted in the tasks, and the restarted VMs need their leases free) and at exit.
+    release_all: Callable[[], Awaitable[None]] | None = None
+
+
+def recovery_settings(m: ManagerConfig) -> RecoverySettings:
+    return RecoverySettings(
+        max_parallel=m.max_parallel,
+        max_per_host=m.max_per_host,
+        retry_base=m.retry_base,
+        retry_cap=m.retry_cap,
+        max_attempts=m.max_attempts,
+        decide_after=m.decide_after,
+        power_fence=m.power_fence,
+        allow_exit_attested=m.allow_exit_attested,
+        host_capacity=m.host_capacity,
+    )
+
+
+def proof_timeout(cfg: Config) -> float:
+    """How long one Prove may take: host-dead is the method of last resort, and sanlock declares a
+    host dead 8*io + 60 s after its last renewal, seen up to 2*io late by the polling; with a margin."""
+    io = cfg.locks.io_timeout if cfg.locks is not None else 10
+    return 8 * io + 60 + 4 * io + 30
+
+
+def _test_parts(cfg: Config, client: EtcdClient) -> Parts | None:
+    """TEST ONLY: the Parts of the factory VMHA_MANAGER_TEST_PARTS names, if set."""
+    target = os.environ.get(TEST_PARTS_ENV)
+    if not target:
+        return None
+    module, _, attr = target.partition(":")
+    log.warning("TEST ONLY: compute driver and prover from %s", target)
+    parts = getattr(importlib.import_module(module), attr)(cfg, client)
+    assert isinstance(parts, Parts), f"{target} must return a Parts"
+    return parts
+
+
+async def production_parts(cfg: Config, client: EtcdClient) -> Parts:
+    """The driver of manager.driver and the lock manager's Prover (imported on use)."""
+    parts = _test_parts(cfg, client)
+    if parts is not None:
+        return parts
+    fencer, release_all = await _fencer(cfg, client)
+    return Parts(compute_driver(cfg, client), fencer, release_all)
+
+
+def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
+    """The ComputeDriver of manager.driver (imported on use: the lab's and Nova's code are big)."""
+    parts = _test_parts(cfg, client)
+    if parts is not None:
+        return parts.driver
+    if cfg.require_manager().driver == "nova":
+        from vmha.drivers.nova import NovaDriver
+
+        return NovaDriver(cfg.nova)
+    from vmha.drivers.lab import LabDriver
+
+    return LabDriver(client, Keys(cfg.cluster.name))
+
+
+async def _fencer(cfg: Config, client: EtcdClient) -> tuple[Fencer, Callable[[], Awaitable[None]]]:
+    """The lock manager's Prover on this manager's own lock host, and its clean-up.
+
+    The manager joins the lockspace at start, before campaigning, so a standby that takes over can
+    prove at once (joining takes 3 to 21 s depending on io_timeout). Its sanlock host name is the
+    manager's name, with a host_id allocated in etcd like any host's.
+    """
+    from vmha.etcd import hostids
+    from vmha.etcd.attest import AttestResponse, request_attestation
+    from vmha.locks import LockError, LockSpace, PowerFence, Prover
+
+    locks, m = cfg.require_locks(), cfg.require_manager()
+    keys = Keys(cfg.cluster.name)
+    power: PowerFence | None = None
+    if m.power_fence:
+        if m.driver != "lab":
+            raise ConfigError("manager.power_fence = true: only the lab provides a power fence so far; set it to false")
+        from vmha.lab.power import LabPowerFence
+
+        power = LabPowerFence(who=m.name)
+    space = LockSpace.from_config(locks)
+    while True:
+        try:
+            host_id = await hostids.allocate(client, keys, m.name, locks.max_hosts)
+            break
+        except EtcdUnavailable as e:
+            log.warning("manager %s: allocating a sanlock host_id: %s; retrying", m.name, e)
+            await client.wait_backoff()
+        except hostids.HostIdError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        await asyncio.to_thread(space.join, host_id, m.name)
+    except LockError as e:
+        raise ConfigError(f"manager {m.name}: cannot join lockspace {locks.lockspace} at {locks.path}: {e}") from None
+    log.info("manager %s: joined lockspace %s as host_id %d", m.name, locks.lockspace, host_id)
+
+    async def host_id_of(host: str) -> int | None:
+        return await hostids.lookup(client, keys, host)
+
+    async def attest(host: str, vm: str, timeout: float) -> AttestResponse:
+        return await request_attestation(client, keys, host, vm, timeout)
+
+    prover = Prover(space, host_id_of=host_id_of, attest=attest, power=power)
+    # The lockspace is left joined at exit: it belongs to this machine's lock host, and a restarted
+    # manager would otherwise wait for the join again.
+    return prover, prover.release_all
+
+
+class Inbox:
+    """The decision loop's input: events are taken all at once, so that a burst is decided together."""
+
+    def __init__(self) -> None:
+        self._items: list[RecoveryEvent] = []
+        self._ready = asyncio.Event()
+
+    def put(self, event: RecoveryEvent) -> None:
+        self._items.append(event)
+        self._ready.set()
+
+    async def take(self, timeout: float | None) -> list[RecoveryEvent]:
+        """Every pending event; waits up to `timeout` for one (an empty list: timed out)."""
+        if not self._items:
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout)
+        items, self._items = self._items, []
+        return items
+
+
+def coalesce(events: list[RecoveryEvent]) -> list[RecoveryEvent]:
+    """Drop a host's HealthUpdate when a later one of the same host follows in the batch: each is the
+    host's whole view, and the planes of a dead host go DOWN one change at a time within one
+    detection step; deciding on the first of them would act on a row that never really held."""
+    last = {e.health.host: i for i, e in enumerate(events) if isinstance(e, HealthUpdate)}
+    return [e for i, e in enumerate(events) if not isinstance(e, HealthUpdate) or last[e.health.host] == i]
+
+
+class _TermOver(Exception):
+    """The leadership ended: leave the term."""
+
+
+class Manager:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        parts: Callable[[Config, EtcdClient], Awaitable[Parts]] = production_parts,
+        clock: Callable[[], float] | None = None,
+        rpc_timeout: float = 1.0,
+    ) -> None:
+        self.cfg = cfg
+        self.m = cfg.require_manager()
+        self.keys = Keys(cfg.cluster.name)
+        self.client = EtcdClient(self.m.endpoints, timeout=rpc_timeout, name=f"manager {self.m.name}")
+        self.make_parts = parts
+        self.clock = clock or unix_monotonic()
+        self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)
+        self.leadership: Leadership | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Campaign, lead, and campaign again after a lost leadership, until `stop` is set."""
+        parts = await self.make_parts(self.cfg, self.client)
+        try:
+            while not stop.is_set():
+                campaign = asyncio.create_task(self.election.campaign())
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({campaign, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not campaign.done():
+                    campaign.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await campaign
+                    break
+                lead = campaign.result()
+                self.leadership = lead
+                try:
+                    await self._lead(lead, parts, stop)
+                finally:
+                    self.leadership = None
+                    await self.election.resign()
+                    if parts.release_all is not None:
+                        await parts.release_all()
+        finally:
+            if parts.release_all is not None:
+                await parts.release_all()
+            await self.client.close()
+
+    async def _lead(self, lead: Leadership, parts: Parts, stop: asyncio.Event) -> None:
+        while lead.active and not stop.is_set():
+            term = Term(self, lead, parts)
+            try:
+                await term.run(stop)
+            except StaleTasks as e:
+                log.warning("manager %s: %s; reloading the tasks", self.m.name, e)
+            except (NotLeader, _TermOver):
+                return
+
+
+class Term:
+    """One leadership term's state: a fresh core, monitor and in-flight actions."""
+
+    def __init__(self, mgr: Manager, lead: Leadership, parts: Parts) -> None:
+        self.mgr = mgr
+        self.lead = lead
+        self.driver = parts.driver
+        self.fencer = parts.fencer
+        self.client = mgr.client
+        self.keys = mgr.keys
+        self.clock = mgr.clock
+        self.core = RecoveryCore(mgr.cfg.policy_table, recovery_settings(mgr.m))
+        self.store = TaskStore(self.client, self.keys)
+        self.records = RecordStore(self.client, self.keys)
+        self.events = EventLog(self.client, self.keys)
+        self.monitor = HealthMonitor(self.client, self.keys, mgr.cfg.timings.health(), name=mgr.m.name,
+                                     clock=self.clock)  # fmt: skip
+        self.inbox = Inbox()
+        self.inventory_now = asyncio.Event()
+        self.pending_events: list[tuple[str, str, str, str]] = []  # health lines for the stream
+        self.inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.proof_timeout = proof_timeout(mgr.cfg)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = await self._durable(self.store.load)
+        await self._durable(self.events.start)
+        log.info("manager %s: leading; %d task(s) in etcd", self.mgr.m.name, len(tasks))
+        self.inbox.put(TasksLoaded(tuple(tasks)))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._until_lost(stop), name="lost")
+                tg.create_task(self.monitor.run(), name="health monitor")
+                tg.create_task(self._health_feed(), name="health feed")
+                tg.create_task(self._inventory(), name="inventory")
+                tg.create_task(self._decide(), name="decide")
+        except* StaleTasks as eg:
+            raise eg.exceptions[0] from None
+        except* NotLeader as eg:
+            raise eg.exceptions[0] from None
+        except* _TermOver:
+            raise _TermOver() from None
+        finally:
+            await self._cancel_inflight()
+
+    async def _until_lost(self, stop: asyncio.Event) -> None:
+        lost = asyncio.create_task(self.lead.lost.wait())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            stopping.cancel()
+        raise _TermOver()
+
+    async def _cancel_inflight(self) -> None:
+        tasks = list(self.inflight.values())
+        self.inflight.clear()
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            log.warning("manager %s: %d action(s) in flight cancelled", self.mgr.m.name, len(tasks))
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _durable(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Retry an etcd operation while etcd is unreachable; the keepalive ends the leadership
+        (and so the term) if that lasts past the TTL."""
+        while True:
+            if not self.lead.active:
+                raise _TermOver()
+            try:
+                return await op()
+            except EtcdUnavailable as e:
+                log.warning("manager %s: etcd unavailable (%s); retrying", self.mgr.m.name, e)
+                await self.client.wait_backoff()
+
+    # -- inputs -----------------------------------------------------------------------------------
+
+    async def _health_feed(self) -> None:
+        changes = self.monitor.subscribe()
+        await self.monitor.ready.wait()
+        for health in self.monitor.view().values():
+            self.inbox.put(HealthUpdate(health))
+        async for change in changes:
+            if isinstance(change, HealthChange):
+                status = change.health.planes[change.plane]
+                self.pending_events.append(
+                    (
+                        Level.WARN.value if change.new != PlaneState.UP else Level.INFO.value,
+                        "health",
+                        f"host '{change.host}' plane {change.plane.value}: {change.old.value} -> "
+                        f"{change.new.value} ({status.evidence})",
+                        "log",
+                    )
+                )
+                if change.new in (PlaneState.DOWN, PlaneState.FABRIC):
+                    self.inventory_now.set()
+                self.inbox.put(HealthUpdate(change.health))
+            elif isinstance(change, FabricChange):
+                self.inbox.put(FabricUpdate(change))
+
+    async def _inventory(self) -> None:
+        while True:
+            try:
+                hosts = await self.driver.hosts()
+                vms = await self.driver.vms()
+            except DriverError as e:
+                log.warning("manager %s: inventory failed: %s", self.mgr.m.name, e)
+            except Exception:  # a driver bug must not stop the recoveries: the next round retries
+                log.exception("manager %s: inventory failed", self.mgr.m.name)
+            else:
+                self.inbox.put(Inventory(tuple(hosts), tuple(vms)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.inventory_now.wait(), INVENTORY_INTERVAL)
+            self.inventory_now.clear()
+
+    # -- the decision loop ------------------------------------------------------------------------
+
+    async def _decide(self) -> None:
+        ticked: float | None = None
+        while True:
+            deadline = self.core.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            if timeout is not None and deadline == ticked:
+                timeout = max(timeout, 0.2)  # a deadline a Tick did not clear: never spin on it
+            batch = await self.inbox.take(timeout)
+            if not batch:
+                batch, ticked = [Tick()], deadline
+            # Every event that arrived meanwhile is stepped, then their outputs are applied at once:
+            # one etcd write for many transitions, and still no action before its persist.
+            merged = RecoveryOutput()
+            for event in coalesce(batch):
+                out = self.core.step(event, self.clock())
+                merged.actions += out.actions
+                merged.log += out.log
+            await self._apply(merged)
+
+    async def _apply(self, out: RecoveryOutput) -> None:
+        for line in out.log:
+            log.log(_LEVELS.get(line.level, logging.INFO), line.render())
+        # 1. what must be durable before anything acts
+        persist: dict[str, dict[str, object]] = {}
+        records: list[RecordEvidence] = []
+        for a in out.actions:
+            if isinstance(a, PersistTask):
+                persist[a.vm] = a.data  # the last state of a VM in this output includes the earlier ones
+            elif isinstance(a, RecordEvidence):
+                records.append(a)
+        if persist:
+            await self._durable(lambda: self.store.write(self.lead, persist))
+        if records:
+            batch = [(r.vm, r.recovery, r.data) for r in records]
+            await self._durable(lambda: self.records.put(self.lead, batch))
+        entries = self.pending_events + [_entry(line) for line in out.log]
+        entries += [(a.level.value, "manager", a.text, "alert") for a in out.actions if isinstance(a, Alert)]
+        self.pending_events = []
+        if entries:
+            await self._durable(lambda: self.events.append(self.lead, entries, time.time()))
+        # 2. the actions, concurrently; each result comes back through the inbox
+        for a in out.actions:
+            self._start(a)
+
+    def _start(self, a: RecoveryAction) -> None:
+        match a:
+            case PersistTask() | RecordEvidence():
+                return
+            case Alert(level, _host, _vm, text):
+                log.log(_LEVELS.get(level, logging.WARNING), "ALERT %s", text)
+                return
+            case CancelProof(vm, host):
+                task = self.inflight.pop(("prove", vm), None)
+                if task is not None:
+                    task.cancel()
+                    # The core waits for the end of the cancelled proof: tell it.
+                    self.inbox.put(ProofRefused(vm, host, "cancelled: the host came back"))
+                return
+            case Prove(vm, host, methods):
+                self._spawn(("prove", vm), self._prove(vm, host, methods))
+            case ReleaseProof(vm, _host, _proof):
+                self._spawn(("vm", vm), self._vm_step(vm, Step.RELEASE, self._release(vm)))
+            case Evacuate(vm, source, dest, _proof):
+                self._spawn(("vm", vm), self._vm_step(vm, Step.EVACUATE, self.driver.evacuate(vm, source, dest)))
+            case LiveMigrate(vm, source, dest):
+                self._spawn(("vm", vm), self._vm_step(vm, Step.MIGRATE, self.driver.live_migrate(vm, source, dest)))
+            case DisableHost(host, reason):
+                self._spawn(
+                    ("disable", host), self._host_op(host, HostOp.DISABLE, self.driver.disable_host(host, reason))
+                )
+            case MarkHostDown(host):
+                self._spawn(
+                    ("mark-down", host), self._host_op(host, HostOp.MARK_DOWN, self.driver.mark_host_down(host))
+                )
+
+    def _spawn(self, key: tuple[str, str], coro: Awaitable[None]) -> None:
+        old = self.inflight.get(key)
+        if old is not None and not old.done():
+            # The core never asks twice for a step in flight; if it does, the newest request wins.
+            log.warning("manager %s: %s %s still in flight; superseded", self.mgr.m.name, *key)
+            old.cancel()
+
+        async def run() -> None:
+            try:
+                await coro
+            finally:
+                if self.inflight.get(key) is task:
+                    del self.inflight[key]
+
+        task = asyncio.create_task(run(), name=f"{key[0]} {key[1]}")
+        self.inflight[key] = task
+
+    # -- action bodies: run the call, feed the result back ----------------------------------------
+
+    async def _prove(self, vm: str, host: str, methods: Sequence[ProofMethod]) -> None:
+        try:
+            proof = await self.fencer.prove(vm, host, methods, self.proof_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # any failure to prove is a refusal; the text is the evidence
+            self.inbox.put(ProofRefused(vm, host, _reason(e), bool(getattr(e, "retryable", True))))
+            return
+        self.inbox.put(ProofObtained(proof))
+
+    async def _release(self, vm: str) -> str:
+        await self.fencer.release(vm)
+        return ""
+
+    async def _vm_step(self, vm: str, step: Step, call: Awaitable[str]) -> None:
+        try:
+            where = await call
+        except asyncio.CancelledError:
+            raise
+        except DriverError as e:
+            self.inbox.put(StepFailed(vm, step, _reason(e), e.retryable))
+            return
+        except Exception as e:  # an unexpected driver bug must not kill the manager: retry it
+            log.exception("manager: %s of vm %s failed", step.value, vm)
+            self.inbox.put(StepFailed(vm, step, _reason(e), True))
+            return
+        self.inbox.put(StepDone(vm, step, running_on=where or None))
+
+    async def _host_op(self, host: str, op: HostOp, call: Awaitable[None]) -> None:
+        try:
+            await call
+            # Remember what vmha did to the host, for `vmha host enable` and the operator.
+            record = {"op": op.value, "t": time.time(), "manager": self.mgr.m.name}
+            await self._durable(
+                lambda: leader_txn(
+                    self.client, self.lead, [], [tx.Put(self.keys.disabled(host).encode(), encode_json(record))]
+                )
+            )
+        except asyncio.CancelledError:
+            raise
+        except (NotLeader, _TermOver):
+            return
+        except DriverError as e:
+            self.inbox.put(HostOpFailed(host, op, _reason(e), e.retryable))
+            return
+        except Exception as e:  # an unexpected driver bug must not kill the manager: retry it
+            log.exception("manager: %s of host %s failed", op.value, host)
+            self.inbox.put(HostOpFailed(host, op, _reason(e), True))
+            return
+        self.inbox.put(HostOpDone(host, op))
+
+
+def _entry(line: LogLine) -> tuple[str, str, str, str]:
+    return (line.level.value, line.actor, line.text, "log")
+
+
+def _reason(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+__all__ = [
+    "INVENTORY_INTERVAL",
+    "TEST_PARTS_ENV",
+    "Fencer",
+    "Manager",
+    "Parts",
+    "compute_driver",
+    "production_parts",
+]

@@ -1,0 +1,321 @@
+"""HealthMonitor: the manager's detection loop around the pure HealthCore.
+
+It lists, then watches (resuming from the last revision), the host registrations and the heartbeat
+keys, and turns them into core events:
+
+    hosts/<h> put        -> HostSeen(h, domain)        hosts/<h> delete -> HostGone(h)
+    hb/<h>/<p> put       -> Heartbeat(h, p, seq, t, mod_revision, lease)
+    hb/<h>/<p> delete    -> LeaseGone(h, p, revision)  (also: key absent from a listing)
+    own etcd probe       -> EtcdStatus(ok)             (only when it changes)
+    core.next_deadline() -> Tick()
+
+Each core output is handled at once: log lines go to the "vmha.health" logger, changes to every
+subscriber (the recovery part), and the hosts whose view changed are persisted in etcd by a
+separate writer task (health_store), so a slow etcd write never delays detection.
+
+The core's clock is monotonic, offset to unix time at start: immune to wall-clock steps, yet the
+persisted `since` times are comparable with other machines' clocks for `vmha status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from vmha.core.health import (
+    EtcdStatus,
+    FabricChange,
+    HealthChange,
+    HealthCore,
+    HealthEvent,
+    HealthOutput,
+    HealthTimings,
+    Heartbeat,
+    HostGone,
+    HostHealth,
+    HostSeen,
+    LeaseGone,
+    Tick,
+)
+from vmha.core.log import Level
+from vmha.core.planes import PLANES, Plane
+from vmha.etcd import health_store
+from vmha.etcd.client import BadValue, EtcdClient, EtcdError
+from vmha.etcd.keys import Keys
+from vmha.etcd.registry import parse_host
+from vmha.etcd.watch import Delete, Put, Snapshot, watch_prefix
+
+log = logging.getLogger("vmha.health")
+
+Change = HealthChange | FabricChange
+
+_LEVELS = {Level.INFO: logging.INFO, Level.WARN: logging.WARNING, Level.ERROR: logging.ERROR}
+
+
+def unix_monotonic() -> Callable[[], float]:
+    """A monotonic clock that reads as unix time (offset fixed when created)."""
+    offset = time.time() - time.monotonic()
+    return lambda: time.monotonic() + offset
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        client: EtcdClient,
+        keys: Keys,
+        timings: HealthTimings,
+        *,
+        name: str = "manager",
+        probe_interval: float = 0.5,
+        probe_timeout: float = 1.0,
+        batch_window: float = 0.05,
+        persist: bool = True,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.core = HealthCore(timings)
+        self.name = name
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.batch_window = batch_window
+        self._pending: list[HealthEvent] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self.persist = persist
+        self.clock = clock or unix_monotonic()
+        self.ready = asyncio.Event()  # set once hosts and heartbeats have been listed
+        self._subscribers: list[asyncio.Queue[Change]] = []
+        self._wake = asyncio.Event()  # the ticker recomputes its deadline
+        self._dirty = asyncio.Event()  # the writer has work
+        self._dirty_hosts: dict[str, HostHealth | None] = {}  # None: delete the record
+        self._dirty_fabric: list[FabricChange] = []
+        self._hosts_listed = asyncio.Event()
+        self._etcd_ok = True
+
+    # -- what the rest of the manager uses -------------------------------------------------------
+
+    def view(self) -> dict[str, HostHealth]:
+        return self.core.view()
+
+    def fabric_outages(self) -> list[FabricChange]:
+        return self.core.fabric_outages()
+
+    def subscribe(self) -> AsyncIterator[Change]:
+        """Every HealthChange and FabricChange from now on, in order (an unbounded queue: the
+        consumer never slows detection down)."""
+        queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._subscribers.append(queue)
+
+        async def changes() -> AsyncIterator[Change]:
+            try:
+                while True:
+                    yield await queue.get()
+            finally:
+                self._subscribers.remove(queue)
+
+        return changes()
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        tasks = [
+            asyncio.create_task(self._watch_hosts(), name="health: hosts"),
+            asyncio.create_task(self._watch_heartbeats(), name="health: heartbeats"),
+            asyncio.create_task(self._probe(), name="health: etcd probe"),
+            asyncio.create_task(self._tick(), name="health: ticker"),
+        ]
+        if self.persist:
+            tasks.append(asyncio.create_task(self._write(), name="health: writer"))
+        try:
+            # Any task ending is a bug: surface it instead of running half-blind.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
+            raise RuntimeError("a health monitor task ended")
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+    # -- feeding the core ------------------------------------------------------------------------
+
+    def step(self, event: HealthEvent) -> None:
+        """Feed one event now (heartbeats waiting in the batch go first, to keep the order)."""
+        self._flush()
+        # Anything but a Tick may bring a deadline closer (a lease gone, a new host, etcd back).
+        self._handle(self.core.step(event, self.clock()), wake=not isinstance(event, Tick))
+
+    def _heartbeat_event(self, hb: Heartbeat) -> None:
+        # Heartbeats arrive by thousands a second at scale; the core's time-driven checks cost
+        # O(hosts) per step, so heartbeats are applied in batches, at most batch_window late.
+        self._pending.append(hb)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(self.batch_window, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._pending:
+            events, self._pending = self._pending, []
+            # Heartbeats only move deadlines later, unless a plane changed state.
+            self._handle(self.core.step_many(events, self.clock()), wake=False)
+
+    def _handle(self, out: HealthOutput, wake: bool) -> None:
+        for line in out.log:
+            log.log(_LEVELS.get(line.level, logging.INFO), line.render())
+        for change in out.changes:
+            self._dirty_hosts[change.host] = change.health
+            self._publish(change)
+        for fabric in out.fabric:
+            self._dirty_fabric.append(fabric)
+            self._publish(fabric)
+        if out.changes or out.fabric:
+            self._dirty.set()
+        if wake or out.changes:
+            self._wake.set()
+
+    def _publish(self, change: Change) -> None:
+        for q in self._subscribers:
+            q.put_nowait(change)
+
+    def _set_etcd(self, ok: bool) -> None:
+        if ok != self._etcd_ok:
+            self._etcd_ok = ok
+            self.step(EtcdStatus(ok))
+
+    def _host_put(self, key: str, value: Any, kv: Any) -> None:
+        try:
+            rec = parse_host(self.keys, kv, value)
+        except BadValue as e:
+            log.warning("%s (skipped)", e)
+            return
+        self.step(HostSeen(rec.host, rec.domain))
+
+    def _host_delete(self, key: str) -> None:
+        host = key[len(self.keys.hosts_prefix) :]
+        if host in self.core.view():
+            self.step(HostGone(host))
+            self._dirty_hosts[host] = None
+            self._dirty.set()
+
+    async def _watch_hosts(self) -> None:
+        async for ev in watch_prefix(self.client, self.keys.hosts_prefix, on_error=self._watch_error):
+            match ev:
+                case Snapshot(items):
+                    listed = set()
+                    for kv, value in items:
+                        listed.add(kv.key)
+                        self._host_put(kv.key, value, kv)
+                    for host in sorted(self.core.view()):
+                        if self.keys.host(host) not in listed:
+                            self._host_delete(self.keys.host(host))
+                    self._hosts_listed.set()
+                case Put(key, value, kv):
+                    self._host_put(key, value, kv)
+                case Delete(key):
+                    self._host_delete(key)
+
+    def _heartbeat(self, key: str, value: Any, revision: int, lease: int) -> None:
+        parsed = self.keys.parse_heartbeat(key)
+        if parsed is None:
+            log.warning("etcd key %s: not a heartbeat key (skipped)", key)
+            return
+        host, plane = parsed
+        try:
+            if value["host"] != host or value["plane"] != plane.value:
+                raise ValueError(f"value names {value['host']}/{value['plane']}")
+            seq, sent = int(value["seq"]), float(value["t"])
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("etcd key %s: unreadable heartbeat %r (%s); skipped", key, value, e)
+            return
+        self._heartbeat_event(Heartbeat(host, plane, seq, sent, revision, lease))
+
+    async def _watch_heartbeats(self) -> None:
+        await self._hosts_listed.wait()
+        async for ev in watch_prefix(self.client, self.keys.heartbeat_prefix, on_error=self._watch_error):
+            match ev:
+                case Snapshot(items, revision):
+                    present: set[tuple[str, Plane]] = set()
+                    for kv, value in items:
+                        parsed = self.keys.parse_heartbeat(kv.key)
+                        if parsed is not None:
+                            present.add(parsed)
+                        self._heartbeat(kv.key, value, kv.mod_revision, kv.lease)
+                    # A registered host's missing key is a lease that expired while we were not looking.
+                    for host in sorted(self.core.view()):
+                        for plane in PLANES:
+                            if (host, plane) not in present:
+                                self.step(LeaseGone(host, plane, revision))
+                    self.ready.set()
+                case Put(key, value, kv):
+                    self._heartbeat(key, value, kv.mod_revision, kv.lease)
+                case Delete(key, kv):
+                    parsed = self.keys.parse_heartbeat(key)
+                    if parsed is not None:
+                        self.step(LeaseGone(parsed[0], parsed[1], kv.mod_revision))
+
+    def _watch_error(self, e: EtcdError) -> None:
+        self._set_etcd(False)
+
+    async def _probe(self) -> None:
+        """Our own reachability of etcd: while we cannot reach it, stale heartbeats mean nothing."""
+        while True:
+            try:
+                await self.client.revision(timeout=self.probe_timeout)
+            except EtcdError as e:
+                if self._etcd_ok:
+                    log.warning("etcd probe failed: %s", e)
+                self._set_etcd(False)
+            else:
+                self._set_etcd(True)
+            await asyncio.sleep(self.probe_interval)
+
+    async def _tick(self) -> None:
+        ticked: float | None = None
+        while True:
+            deadline = self.core.next_deadline()
+            delay = None if deadline is None else max(0.0, deadline - self.clock())
+            if delay is not None and deadline == ticked:
+                delay = max(delay, 0.05)  # a deadline a Tick did not clear: never spin on it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            if deadline is not None and self.clock() >= deadline:
+                self.step(Tick())
+                ticked = deadline
+
+    async def _write(self) -> None:
+        """Persist the changed hosts and fabric outages; latest view wins, retried until written."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            hosts, self._dirty_hosts = self._dirty_hosts, {}
+            fabric, self._dirty_fabric = self._dirty_fabric, []
+            now = self.clock()
+            try:
+                while fabric:
+                    await health_store.save_fabric(self.client, self.keys, fabric[0])
+                    del fabric[0]
+                for host in sorted(hosts):
+                    health = hosts[host]
+                    if health is None:
+                        await health_store.delete_host(self.client, self.keys, host)
+                    else:
+                        await health_store.save_host(self.client, self.keys, health, now, self.name)
+                    del hosts[host]
+            except EtcdError as e:
+                log.warning("could not persist the health view (%s); retrying", e)
+                # Put back what was not written, unless a newer view arrived meanwhile.
+                self._dirty_fabric[:0] = fabric
+                self._dirty_hosts = {**hosts, **self._dirty_hosts}
+                self._dirty.set()
+                await self.client.wait_backoff()
+
+
+__all__ = ["Change", "HealthMonitor", "unix_monotonic"]

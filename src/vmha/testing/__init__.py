@@ -1,0 +1,1 @@
+"""Helpers that start real components (etcd, ...) for tests, benchmarks and the lab."""

@@ -1,0 +1,172 @@
+"""EtcdProcess: a real etcd (/usr/bin/etcd) with its own data directory, started and stopped by PID.
+
+    with EtcdProcess() as e:                      # 127.0.0.1, free ports, temporary data dir
+        client = EtcdClient(e.client_urls)
+
+    EtcdProcess(data_dir, client_urls=["http://198.18.0.1:2379", "http://198.19.0.1:2379"],
+                peer_url="http://198.18.0.1:2380", netns="lab-ctl").start()
+
+Several client URLs make one member reachable through several planes (one address per plane).
+A cluster of several members: give each the same ``initial_cluster`` ("n1=peer1,n2=peer2,...").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+ETCD = "/usr/bin/etcd"
+ETCDCTL = "/usr/bin/etcdctl"
+
+
+class EtcdStartError(RuntimeError):
+    """etcd did not become healthy in time; the message carries the tail of its log."""
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port free on ``address`` now (the kernel picks it: bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class EtcdProcess:
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        client_urls: list[str] | None = None,
+        peer_url: str | None = None,
+        netns: str | None = None,
+        name: str = "etcd0",
+        initial_cluster: str | None = None,
+        ready_timeout: float = 20.0,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        # Without a data dir we own a temporary one and delete it on stop().
+        self._own_dir = data_dir is None
+        self.base = Path(tempfile.mkdtemp(prefix="vmha-etcd-")) if data_dir is None else Path(data_dir)
+        self.data_dir = self.base / "data" if self._own_dir else self.base
+        self.log_path = (self.base if self._own_dir else self.base.parent) / f"{name}.log"
+        self.client_urls = client_urls or [f"http://127.0.0.1:{free_port()}"]
+        self.peer_url = peer_url or f"http://127.0.0.1:{free_port()}"
+        self.netns = netns
+        self.name = name
+        self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
+        self.ready_timeout = ready_timeout
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def _prefix(self) -> list[str]:
+        # `ip netns exec` execs the command after setns: the PID we get is etcd's own.
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
+    def command(self) -> list[str]:
+        urls = ",".join(self.client_urls)
+        return [
+            *self._prefix(),
+            ETCD,
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", urls,
+            "--advertise-client-urls", urls,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster,
+            "--initial-cluster-state", "new",
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, wait: bool = True) -> EtcdProcess:
+        if self.proc is not None:
+            raise RuntimeError(f"etcd {self.name} already started (pid {self.proc.pid})")
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        """One `etcdctl endpoint health` on the first client URL (from inside the netns, if any)."""
+        cmd = [
+            *self._prefix(), ETCDCTL, f"--endpoints={self.client_urls[0]}",
+            f"--dial-timeout={timeout}s", f"--command-timeout={timeout}s", "endpoint", "health",
+        ]  # fmt: skip
+        try:
+            r = subprocess.run(
+                cmd, capture_output=True, timeout=timeout + 2, env={**os.environ, "ETCDCTL_API": "3"}
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return r.returncode == 0
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise EtcdStartError(
+                    f"etcd {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            if self.healthy():
+                return
+            time.sleep(0.1)
+        raise EtcdStartError(f"etcd {self.name} not healthy after {self.ready_timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to our etcd (SIGSTOP / SIGCONT freeze it, as a hung member would)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 5.0, remove_data: bool = True) -> None:
+        """SIGTERM our PID (SIGKILL after ``timeout``), then remove the data we own."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a stopped process would not handle SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        if remove_data:
+            shutil.rmtree(self.base if self._own_dir else self.data_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash): the data directory stays, start() again resumes from it."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+    def __enter__(self) -> EtcdProcess:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+__all__ = ["ETCD", "EtcdProcess", "EtcdStartError", "free_port"]

@@ -1,0 +1,55 @@
+"""What runs ON a simulated host in the lock tests: one process per call, talking to that host's
+sanlock daemon (the binding binds a process to one daemon, so each host's clients are processes of
+their own). Run as a script: `python hostside.py COMMAND JSON-ARGS`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from vmha.etcd.attest import serve_attestations
+from vmha.etcd.client import EtcdClient
+from vmha.etcd.keys import Keys
+from vmha.locks import Attestation, LockSpace, acquire_self, attest_exit, stop_lease_holders
+
+
+def space(a: dict[str, object]) -> LockSpace:
+    return LockSpace(Path(str(a["path"])), str(a["lockspace"]), int(str(a["io"])))
+
+
+def main() -> None:
+    cmd, a = sys.argv[1], json.loads(sys.argv[2])
+    if cmd == "join":
+        space(a).join(int(str(a["host_id"])), str(a["host"]), timeout=30)
+        print("joined", flush=True)
+    elif cmd == "hold":
+        # The VM process: takes its own lease, says so, then "runs" until killed.
+        if a.get("ignore_term"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        hold = acquire_self(space(a), str(a["vm"]))
+        print("held", flush=True)
+        signal.pause()
+        hold.release()
+    elif cmd == "isolate":
+        r = asyncio.run(stop_lease_holders(space(a), grace=float(str(a["grace"]))))
+        print(r.text(), flush=True)
+    elif cmd == "agent":
+        asyncio.run(agent(a))
+
+
+async def agent(a: dict[str, object]) -> None:
+    s = space(a)
+
+    async def check(vm: str) -> Attestation:
+        return await asyncio.to_thread(attest_exit, s, vm)
+
+    async with EtcdClient([str(a["etcd"])], timeout=1.0) as c:
+        print("serving", flush=True)
+        await serve_attestations(c, Keys(str(a["cluster"])), str(a["host"]), check, poll=0.2)
+
+
+if __name__ == "__main__":
+    main()

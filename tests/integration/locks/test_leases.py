@@ -1,0 +1,193 @@
+"""Leases and fence proofs between two real sanlock hosts (io_timeout 1).
+
+Every proof is checked against the holder: when prove() returns, the holder process must be gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from lockhelp import IO, LockCluster, alive, new_lockspace
+
+from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.lab.sanlockd import LabSanlock
+from vmha.locks import (
+    HostIdCollision,
+    IoTimeoutMismatch,
+    LeaseAreaError,
+    LeaseBusy,
+    LeaseMissing,
+    LockSpace,
+    ProofRefused,
+    acquire_self,
+)
+from vmha.locks.cli import locks
+
+pytestmark = pytest.mark.integration
+
+
+async def prove_watching(cluster: LockCluster, pid: int, methods: tuple[ProofMethod, ...], timeout: float,
+                         **kw: object) -> tuple[FenceProof, float]:
+    """Runs the proof while checking the holder every 20 ms; returns the proof and its duration.
+    Fails if the proof returned while the holder was alive."""
+    prover = cluster.prover(**kw)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    task = asyncio.create_task(prover.prove("vm1", cluster.a.name, methods, timeout))
+    while not task.done():
+        await asyncio.sleep(0.02)
+    proof = task.result()
+    assert not alive(pid), f"proof {proof.method} returned while holder {pid} is alive"
+    return proof, time.monotonic() - t0
+
+
+async def test_lease_held_on_a_cannot_be_taken_from_b(cluster: LockCluster) -> None:
+    holder = cluster.a.start("hold", "held", vm="vm1")
+    with pytest.raises(LeaseBusy, match=r"vm1.*held by another live host"):
+        acquire_self(cluster.space, "vm1")
+    with pytest.raises(ProofRefused, match="lease held by another host") as e:
+        await cluster.prover().prove("vm1", cluster.a.name, (ProofMethod.LEASE_TAKEN,), timeout=5)
+    assert "lease-taken" in e.value.attempts[0]
+    assert alive(holder.pid)
+    owners = cluster.space.owners("vm1")
+    assert [o.host_id for o in owners] == [1]
+
+
+async def test_request_force_kills_the_holder_and_takes_the_lease(cluster: LockCluster) -> None:
+    holder = cluster.a.start("hold", "held", vm="vm1")
+    proof, took = await prove_watching(
+        cluster, holder.pid, (ProofMethod.LEASE_TAKEN, ProofMethod.REQUEST_FORCE), timeout=30)
+    print(f"request-force proof in {took:.2f} s (io_timeout {IO})")
+    assert proof.method is ProofMethod.REQUEST_FORCE
+    assert holder.wait(timeout=5) == -9  # killed by A's sanlock, not by us
+    assert "host_id=2" in proof.details["owners_after"]
+    assert "lease-taken" in proof.details["failed_methods"]
+
+
+async def test_isolation_response_stops_holders_then_lease_is_free(cluster: LockCluster) -> None:
+    holder = cluster.a.start("hold", "held", vm="vm1", ignore_term=True)
+    out = cluster.a.run("isolate", grace=1.0)
+    assert f"killed=vm1:{holder.pid}" in out and "survivors=-" in out
+    proof, _ = await prove_watching(cluster, holder.pid, (ProofMethod.LEASE_TAKEN,), timeout=10)
+    assert proof.method is ProofMethod.LEASE_TAKEN
+
+
+async def test_released_lease_moves_to_the_manager_and_back(cluster: LockCluster) -> None:
+    holder = cluster.a.start("hold", "held", vm="vm1")
+    holder.terminate()
+    assert holder.wait(timeout=5) == -15
+    prover = cluster.prover()
+    proof = await prover.prove("vm1", cluster.a.name, (ProofMethod.LEASE_TAKEN,), timeout=10)
+    assert prover.held() == ["vm1"] and proof.method is ProofMethod.LEASE_TAKEN
+    # Held by the manager: a new VM process on host A is refused.
+    with pytest.raises(AssertionError, match="LeaseBusy: VM vm1"):
+        cluster.a.start("hold", "held", vm="vm1", timeout=10)
+    await prover.release("vm1")
+    again = cluster.a.start("hold", "held", vm="vm1")
+    assert alive(again.pid)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def test_missing_lease_area_is_named(manager_sanlock: LabSanlock, tmp_path: Path) -> None:
+    space = LockSpace(tmp_path / "not-mounted", "vt2x", IO)
+    with pytest.raises(LeaseAreaError, match=r"lease area .*not-mounted is missing.*vmha locks init"):
+        space.join(2, "vt2mgr")
+    (tmp_path / "not-mounted").mkdir()
+    with pytest.raises(LeaseAreaError, match=r"vt2x.ids is missing or unreadable"):
+        space.check()
+
+
+def test_lockspace_with_another_io_timeout_is_refused(manager_sanlock: LabSanlock, tmp_path: Path) -> None:
+    space = new_lockspace(tmp_path / "shared")
+    space.init()
+    other = LockSpace(space.path, space.name, io_timeout=2)
+    with pytest.raises(IoTimeoutMismatch, match=r"initialised with io_timeout 1, the config says 2"):
+        other.join(2, "vt2mgr")
+    with pytest.raises(IoTimeoutMismatch):
+        other.init()
+    assert space.local_state() == "absent"  # nothing was joined
+
+
+def test_protected_vm_without_lease_is_refused(manager_sanlock: LabSanlock, tmp_path: Path) -> None:
+    space = new_lockspace(tmp_path / "shared")
+    space.init()
+    with pytest.raises(LeaseMissing, match=r"VM vm9 is protected but has no usable lease .*vm9.lease"):
+        acquire_self(space, "vm9")
+    (space.path / "vm9.lease").write_bytes(b"\0" * 4096)  # a file that is not a lease
+    with pytest.raises(LeaseMissing, match="vm9"):
+        space.check_lease("vm9")
+
+
+async def test_protected_vm_without_lease_gets_no_proof(cluster: LockCluster) -> None:
+    with pytest.raises(ProofRefused, match="vm2 is protected but has no usable lease"):
+        await cluster.prover().prove("vm2", cluster.a.name, (ProofMethod.LEASE_TAKEN,), timeout=5)
+
+
+def test_host_id_collision_is_detected_in_seconds(cluster: LockCluster, tmp_path: Path) -> None:
+    # The manager's daemon already joined as host_id 2; a second lockspace view claiming host A's
+    # id 1 under another name must be refused before sanlock's own 69 s wait.
+    t0 = time.monotonic()
+    with pytest.raises(HostIdCollision, match=r"host_id 1 .* in use by live host 'vt2a', not 'vt2other'"):
+        cluster.space.check_host_id(1, "vt2other")
+    print(f"collision detected in {time.monotonic() - t0:.1f} s")
+
+
+class KillHostA:
+    """The lab's kind of power fence for this two-daemon setup: kill every process of host A (its
+    holders and its sanlock daemon) by pid and confirm they are gone."""
+
+    def __init__(self, cluster: LockCluster) -> None:
+        self.cluster = cluster
+
+    async def power_off(self, host: str, timeout: float) -> str:
+        pids = [p.pid for p in self.cluster.a.procs] + [self.cluster.a.daemon.pid]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for p in self.cluster.a.procs:
+            p.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while any(alive(p) for p in pids):
+            assert time.monotonic() < deadline, "host A's processes survived SIGKILL"
+            await asyncio.sleep(0.02)
+        return f"killed {pids}"
+
+
+async def test_power_fence_proof_resets_and_takes_the_lease(cluster: LockCluster) -> None:
+    holder = cluster.a.start("hold", "held", vm="vm1")
+    proof, took = await prove_watching(cluster, holder.pid, (ProofMethod.LEASE_TAKEN, ProofMethod.POWER),
+                                       timeout=30, power=KillHostA(cluster))
+    print(f"power proof in {took:.2f} s")
+    assert proof.method is ProofMethod.POWER
+    assert "lease reset (owners were host_id=1" in proof.details["trail"]
+
+
+def test_cli_init_and_status(manager_sanlock: LabSanlock, tmp_path: Path) -> None:
+    space = new_lockspace(tmp_path / "shared")
+    cfg = tmp_path / "vmha.toml"
+    cfg.write_text(
+        '[cluster]\nname = "vt2"\n'
+        + "".join(f'[planes.{p}]\nendpoints = ["http://198.18.1.1:2379"]\n' for p in ("management", "storage",
+                                                                                    "service"))
+        + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = {IO}\n'
+    )
+    r = CliRunner().invoke(locks, ["init", "--config", str(cfg), "--vm", "vm1", "--vm", "vm2"])
+    assert r.exit_code == 0, r.output
+    assert f"lockspace {space.name}" in r.output and "lease of VM vm2" in r.output
+    r = CliRunner().invoke(locks, ["status", "--config", str(cfg), "--json"])
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.output)
+    assert st["this_host"] == "absent" and st["hosts"] == []
+    assert st["leases"] == {"vm1": [], "vm2": []}
+    cfg.write_text(cfg.read_text().replace(f"io_timeout = {IO}", "io_timeout = 3"))
+    r = CliRunner().invoke(locks, ["status", "--config", str(cfg)])
+    assert r.exit_code == 1 and "initialised with io_timeout 1, the config says 3" in r.output

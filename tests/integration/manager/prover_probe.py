@@ -1,0 +1,33 @@
+"""Run by test_manager_prover.py in a subprocess bound to a test sanlock daemon (SANLOCK_RUN_DIR):
+the manager's production parts (lock host join, Prover) prove and release one VM's lease."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+from vmha import config
+from vmha.core.fencing import ProofMethod
+from vmha.etcd.client import EtcdClient
+from vmha.locks import LockSpace
+from vmha.manager.daemon import production_parts
+
+
+async def main(path: str) -> None:
+    cfg = config.load(path)
+    space = LockSpace.from_config(cfg.require_locks())
+    space.init()
+    space.create_lease("vm1")
+    async with EtcdClient(cfg.require_manager().endpoints) as client:
+        parts = await production_parts(cfg, client)
+        proof = await parts.fencer.prove("vm1", "h1", [ProofMethod.LEASE_TAKEN], 30.0)
+        print(json.dumps(proof.to_dict()), flush=True)
+        await parts.fencer.release("vm1")
+        assert parts.release_all is not None
+        await parts.release_all()
+
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+asyncio.run(main(sys.argv[1]))

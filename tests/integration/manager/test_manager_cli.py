@@ -1,0 +1,184 @@
+"""`vmha policy show`, `vmha recovery show`, `vmha events`, `vmha host enable` against a real etcd.
+
+`host enable` calls the compute driver: here the recording double (recording_parts.py, through the
+test-only VMHA_MANAGER_TEST_PARTS), since what is tested is the cleanliness check, not compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from vmha.cli import cli
+from vmha.core.health import HostHealth, PlaneStatus
+from vmha.core.planes import PLANES, Plane, PlaneState
+from vmha.etcd import health_store
+from vmha.etcd.client import EtcdClient
+from vmha.etcd.election import Election, Leadership
+from vmha.etcd.keys import Keys
+from vmha.etcd.records import EventLog, RecordStore
+from vmha.etcd.tasks import TaskStore
+from vmha.testing.etcd import EtcdProcess
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).parent
+KEYS = Keys("vt5")
+
+
+def _task(vm: str, state: str, source: str = "h1", recovery: int = 1) -> dict[str, object]:
+    return {
+        "vm": vm, "source": source, "kind": "evacuate", "recovery": recovery, "priority": 5, "row": "storage",
+        "action": "fence-evacuate", "failed": {"storage": 100.0}, "created": 100.0, "state": state,
+        "steps": [{"step": "prove", "started": 100.0, "finished": 101.5, "result": "ok", "detail": "host-dead"}],
+        "proof": {"vm": vm, "host": source, "method": "host-dead", "started": 100.0, "proved": 101.5,
+                  "details": {"host_states": "+0.0s dead"}},
+        "running_on": "h2" if state == "done" else None,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def cfg_path(etcd: EtcdProcess, tmp_path: Path) -> Path:
+    url = etcd.client_urls[0]
+    path = tmp_path / "vmha.toml"
+    path.write_text(
+        f"""
+[cluster]
+name = "vt5"
+[planes.management]
+endpoints = ["{url}"]
+[planes.storage]
+endpoints = ["{url}"]
+[planes.service]
+endpoints = ["{url}"]
+[manager]
+name = "mgr-cli"
+endpoints = ["{url}"]
+[policy]
+management = "alert"
+"""
+    )
+    return path
+
+
+@pytest.fixture
+async def leader(etcd: EtcdProcess) -> AsyncIterator[tuple[EtcdClient, Leadership]]:
+    client = EtcdClient(etcd.client_urls, timeout=2.0)
+    election = Election(client, KEYS.leader, "mgr-test", 2)
+    lead = await election.campaign()
+    try:
+        yield client, lead
+    finally:
+        await election.resign()
+        await client.close()
+
+
+async def vmha(*args: str) -> Result:
+    # The commands run their own event loop: run them in a thread, outside the test's loop.
+    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), catch_exceptions=False)
+
+
+async def test_policy_show(cfg_path: Path) -> None:
+    r = await vmha("policy", "show", "--config", str(cfg_path), "--json")
+    assert r.exit_code == 0, r.output
+    table = json.loads(r.output)
+    assert table["management"] == "alert"  # from the config
+    assert table["storage"] == "fence-evacuate"  # default
+    assert table["fabric"] == "alert"
+    r = await vmha("policy", "show", "--config", str(cfg_path))
+    assert "management+storage+service" in r.output and "live-migrate" in r.output
+
+
+async def test_recovery_show_and_events(cfg_path: Path, leader: tuple[EtcdClient, Leadership]) -> None:
+    client, lead = leader
+    await RecordStore(client, KEYS).put(lead, [("vm1", 1, _task("vm1", "done"))])
+    store = TaskStore(client, KEYS)
+    await store.write(lead, {"vm1": _task("vm1", "proving", recovery=2)})
+    events = EventLog(client, KEYS)
+    await events.start()
+    await events.append(lead, [("warn", "manager", "host 'h1': row storage -> fence-evacuate", "log")], 1.0)
+    await events.append(lead, [("err", "manager", "vm 'vm9' recovery FAILED", "alert")], 2.0)
+
+    r = await vmha("recovery", "show", "vm1", "--config", str(cfg_path), "--all")
+    assert r.exit_code == 0, r.output
+    assert "vm 'vm1' recovery 1: done" in r.output and "proof: host-dead" in r.output
+    assert "running on 'h2'" in r.output
+    assert "vm 'vm1' recovery 2: proving" in r.output and "(in progress)" in r.output
+    r = await vmha("recovery", "show", "vm1", "--config", str(cfg_path), "--json")
+    assert [t["recovery"] for t in json.loads(r.output)] == [2]  # only the newest by default
+
+    r = await vmha("recovery", "show", "vm-unknown", "--config", str(cfg_path))
+    assert r.exit_code == 1 and "no recovery recorded" in r.output
+
+    r = await vmha("events", "--config", str(cfg_path), "-n", "10")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 2 and "row storage -> fence-evacuate" in lines[0] and "ALERT vm 'vm9'" in lines[1]
+    r = await vmha("events", "--config", str(cfg_path), "-n", "1", "--json")
+    assert json.loads(r.output)["seq"] == 2
+
+
+async def _health(client: EtcdClient, host: str, down: Plane | None = None) -> None:
+    planes = {p: PlaneStatus(PlaneState.DOWN if p == down else PlaneState.UP, 1.0, "test") for p in PLANES}
+    await health_store.save_host(client, KEYS, HostHealth(host, "default", planes), 1.0, "test")
+
+
+@pytest.fixture
+def recording(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The recording driver double for the commands: HA VM vm7 on host h1."""
+    monkeypatch.setenv("VMHA_MANAGER_TEST_PARTS", "recording_parts:parts")
+    monkeypatch.setenv("VMHA_TEST_DIR", str(tmp_path))
+    monkeypatch.syspath_prepend(str(HERE))
+    sys.modules.pop("recording_parts", None)  # read VMHA_TEST_DIR afresh
+    (tmp_path / "state.json").write_text(json.dumps({"hosts": ["h1"], "placement": {"vm7": "h1"}, "restarts": {}}))
+    return tmp_path
+
+
+async def test_recovery_show_explains_why_not(
+    cfg_path: Path, leader: tuple[EtcdClient, Leadership], recording: Path
+) -> None:
+    client, _ = leader
+    await _health(client, "h1", down=Plane.MANAGEMENT)
+    r = await vmha("recovery", "show", "vm7", "--config", str(cfg_path))
+    assert r.exit_code == 1
+    assert "vm 'vm7' on host 'h1' (management down, storage up, service up): row management: alert" in r.output
+    assert "left running" in r.output
+    r = await vmha("recovery", "show", "vm-nowhere", "--config", str(cfg_path))
+    assert "the compute driver does not know this VM" in r.output
+
+
+async def test_host_enable_checks_the_host_is_clean(
+    cfg_path: Path, leader: tuple[EtcdClient, Leadership], recording: Path
+) -> None:
+    client, lead = leader
+    tmp_path = recording
+    await client.put_json(KEYS.disabled("h1"), {"op": "mark-down"})
+
+    r = await vmha("host", "enable", "h1", "--config", str(cfg_path))
+    assert r.exit_code != 0 and "not in the manager's health view" in r.output
+
+    await _health(client, "h1", down=Plane.STORAGE)
+    r = await vmha("host", "enable", "h1", "--config", str(cfg_path))
+    assert r.exit_code != 0 and "storage down" in r.output
+
+    await _health(client, "h1")
+    await TaskStore(client, KEYS).write(lead, {"vm1": _task("vm1", "evacuating")})
+    r = await vmha("host", "enable", "h1", "--config", str(cfg_path))
+    assert r.exit_code != 0 and "vm1 (evacuating)" in r.output
+    assert not (tmp_path / "calls.jsonl").exists(), "the driver was called although the host is not clean"
+
+    store = TaskStore(client, KEYS)
+    await store.load()
+    await store.write(lead, {"vm1": _task("vm1", "done")})
+    r = await vmha("host", "enable", "h1", "--config", str(cfg_path))
+    assert r.exit_code == 0, r.output
+    assert "host 'h1' enabled (manager leader: mgr-test)" in r.output
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert [(c["call"], c["host"]) for c in calls] == [("enable_host", "h1")]
+    assert await client.get(KEYS.disabled("h1")) is None

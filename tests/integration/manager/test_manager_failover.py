@@ -1,0 +1,244 @@
+"""Two real `vmha manager` processes on a real etcd; the leader is SIGKILLed mid-queue.
+
+Real: etcd, the managers (election, HealthMonitor, RecoveryCore, task store, records), the hosts'
+heartbeats (the agent's PlaneHeartbeat code, run in this process). Test doubles: the compute driver
+and the prover (recording_parts.py, loaded through the test-only VMHA_MANAGER_TEST_PARTS), since
+what is tested is the queue surviving its manager, not compute or fencing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmha.core.planes import PLANES
+from vmha.core.queue import Step, Task
+from vmha.etcd.client import EtcdClient
+from vmha.etcd.election import leader_name
+from vmha.etcd.heartbeat import PlaneHeartbeat
+from vmha.etcd.keys import Keys
+from vmha.etcd.records import EventLog, RecordStore
+from vmha.etcd.registry import register
+from vmha.etcd.tasks import TaskStore
+from vmha.testing.etcd import EtcdProcess
+from vmha.testing.proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).parent
+VMHA = Path(sys.executable).parent / "vmha"
+CLUSTER = "vt5"
+KEYS = Keys(CLUSTER)
+HOSTS = ["h1", "h2", "h3", "h4"]
+FAILED = "h1"
+VMS = [f"vm{i:02d}" for i in range(1, 13)]  # all on h1
+DELAY = 0.6  # each prove / evacuation takes this long: the queue runs for several seconds
+
+
+def write_config(path: Path, name: str, url: str) -> Path:
+    path.write_text(
+        f"""
+[cluster]
+name = "{CLUSTER}"
+[planes.management]
+endpoints = ["{url}"]
+[planes.storage]
+endpoints = ["{url}"]
+[planes.service]
+endpoints = ["{url}"]
+[manager]
+name = "{name}"
+endpoints = ["{url}"]
+election_ttl = 2
+max_parallel = 2
+max_per_host = 1
+# A dead host's three heartbeat leases expire up to ~1 s apart; acting at the first DOWN would act
+# on a partial row (e.g. service only: live-migrate). Hold the decision until the row settled.
+decide_after = 1.0
+"""
+    )
+    return path
+
+
+class ManagerProcess:
+    def __init__(self, name: str, cfg: Path, workdir: Path) -> None:
+        env = {
+            **os.environ,
+            "VMHA_MANAGER_TEST_PARTS": "recording_parts:parts",
+            "VMHA_TEST_DIR": str(workdir),
+            "VMHA_TEST_DELAY": str(DELAY),
+            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        }
+        self.name = name
+        self.log = workdir / f"{name}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [str(VMHA), "manager", "--config", str(cfg)], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def calls(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def wait_for(what: str, check: Any, timeout: float, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await check()
+        if result:
+            return result
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def heartbeats(url: str) -> AsyncIterator[dict[str, list[PlaneHeartbeat]]]:
+    beats = {h: [PlaneHeartbeat(KEYS, h, p, [url], ttl=2, interval=0.5) for p in PLANES] for h in HOSTS}
+    for hb in (b for bs in beats.values() for b in bs):
+        hb.start()
+    try:
+        yield beats
+    finally:
+        for hb in (b for bs in beats.values() for b in bs):
+            await hb.stop(revoke=True)
+            await hb.client.close()
+
+
+def _log_time(log: Path, text: str) -> float:
+    """Unix time of the first line of a manager log that contains `text` (logging's asctime)."""
+    for line in log.read_text().splitlines():
+        if text in line:
+            return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    raise AssertionError(f"{log.name}: no line with {text!r}")
+
+
+@pytest.mark.parametrize("fault", ["kill", "partition"])
+async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: str) -> None:
+    """kill: the leader is SIGKILLed. partition: the leader's path to etcd silently drops everything
+    (a TCP proxy in between, blackholed) while its process runs on: it must stop acting by itself."""
+    url = etcd.client_urls[0]
+    host, port = url.removeprefix("http://").split(":")
+    proxy = await TcpProxy.start(host, int(port))
+    (tmp_path / "state.json").write_text(
+        json.dumps(
+            {"hosts": HOSTS, "placement": dict.fromkeys(VMS, FAILED), "restarts": {}, "disabled": [], "down": []}
+        )
+    )
+    client = EtcdClient([url], timeout=2.0)
+    managers: list[ManagerProcess] = []
+    beats_gen = heartbeats(url)
+    try:
+        for h in HOSTS:
+            await register(client, KEYS, h, "default")
+        beats = await anext(beats_gen)
+        a_url = proxy.url if fault == "partition" else url
+        a = ManagerProcess("mgr-a", write_config(tmp_path / "a.toml", "mgr-a", a_url), tmp_path)
+        managers.append(a)
+
+        async def leader() -> str | None:
+            return leader_name(await client.get(KEYS.leader))
+
+        assert await wait_for("mgr-a to lead", lambda: _is(leader, "mgr-a"), 20)
+        b = ManagerProcess("mgr-b", write_config(tmp_path / "b.toml", "mgr-b", url), tmp_path)
+        managers.append(b)
+        await asyncio.sleep(3)  # b campaigns and stands by; a's monitor sees every host UP
+
+        # h1 crashes: its heartbeats stop, its leases expire.
+        for hb in beats[FAILED]:
+            await hb.stop(revoke=False)
+
+        async def evacuated_by_a() -> bool:
+            return sum(1 for c in calls(tmp_path) if c["call"] == "evacuate" and c["phase"] == "end") >= 3
+
+        await wait_for("a few evacuations by the leader", evacuated_by_a, 60)
+        faulted = time.monotonic()
+        if fault == "kill":
+            a.proc.kill()  # SIGKILL, by PID, mid-queue
+            a.proc.wait(5)
+            left_by_a: dict[str, Task] | None = {t.vm: t for t in await TaskStore(client, KEYS).load()}
+            assert len(left_by_a) == len(VMS), "every VM of the failed host had its task before the kill"
+        else:
+            await proxy.cut(blackhole=True)
+            left_by_a = None  # a may still be finishing a write: its last state is not known here
+
+        assert await wait_for("mgr-b to lead", lambda: _is(leader, "mgr-b"), 20)
+        print(f"\nleader {fault} -> standby elected: {time.monotonic() - faulted:.2f} s (election_ttl 2)")
+
+        async def all_done() -> bool:
+            tasks = await TaskStore(client, KEYS).load()
+            return len(tasks) == len(VMS) and all(t.state.value == "done" for t in tasks)
+
+        await wait_for("every task done", all_done, 90)
+        print(f"leader {fault} -> queue finished by the standby: {time.monotonic() - faulted:.2f} s")
+
+        # No task lost: every VM restarted exactly once, off the failed host; each has its evidence.
+        state = json.loads((tmp_path / "state.json").read_text())
+        assert state["restarts"] == dict.fromkeys(VMS, 1)
+        assert all(state["placement"][vm] != FAILED for vm in VMS)
+        records = RecordStore(client, KEYS)
+        for vm in VMS:
+            recs = await records.records(vm)
+            assert [(r.recovery, r.state.value) for r in recs] == [(1, "done")], vm
+            assert recs[0].proof is not None and recs[0].proof.host == FAILED
+
+        all_calls = calls(tmp_path)
+        b_calls = [c for c in all_calls if c["pid"] == b.proc.pid and c["phase"] == "start"]
+        assert b_calls, "the standby did part of the queue"
+        if left_by_a is not None:
+            # None run twice: no step the killed leader had recorded as done was run by the new leader.
+            for c in b_calls:
+                if "vm" in c:
+                    step = Step(c["call"])
+                    assert not left_by_a[c["vm"]].done(step), f"{c['vm']}: {step} repeated by the new leader"
+        else:
+            # The cut-off leader stopped acting before the standby was elected, and never acted again.
+            lost = _log_time(a.log, "leadership lost")
+            elected = _log_time(b.log, "elected leader")
+            print(f"cut-off leader stopped {elected - lost:.2f} s before the standby was elected")
+            assert lost < elected
+            assert all(c["t"] < lost for c in all_calls if c["pid"] == a.proc.pid and c["phase"] == "start")
+            assert a.proc.poll() is None, "the cut-off manager keeps running (as a candidate)"
+        resumed = sorted({c["vm"] for c in b_calls if "vm" in c})
+        print(f"VMs the standby worked on (in flight or not started at the {fault}): {resumed}")
+
+        # The decision stream shows both leaders' work.
+        shown, _ = await EventLog(client, KEYS).tail(1000)
+        assert any("loaded 12 task(s)" in e.text for e in shown)
+
+        # A clean stop resigns at once: the leader key goes with the revoked lease.
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(10) == 0
+        assert await client.get(KEYS.leader) is None
+    finally:
+        for m in managers:
+            m.stop()
+        await beats_gen.aclose()
+        await client.close()
+        await proxy.close()
+        for m in managers:
+            if m.proc.returncode not in (0, -signal.SIGKILL):
+                print(f"--- {m.name} (exit {m.proc.returncode}):\n{m.log.read_text()[-3000:]}")
+
+
+async def _is(get: Any, expected: str) -> bool:
+    return bool(await get() == expected)

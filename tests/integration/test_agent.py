@@ -1,0 +1,179 @@
+"""The agent as a real `vmha agent` process (and in-process for the isolation hook) on a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from vmha import config
+from vmha.agent.daemon import Agent
+from vmha.core.planes import PLANES, Plane
+from vmha.etcd.client import EtcdClient
+from vmha.etcd.keys import Keys
+from vmha.testing.etcd import EtcdProcess
+from vmha.testing.hosts import ProxiedHost, config_text
+
+pytestmark = pytest.mark.integration
+
+K = Keys("t")
+VMHA = str(Path(sys.executable).with_name("vmha"))
+
+
+async def until(pred: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
+    c = EtcdClient(etcd.client_urls)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def host(tmp_path: Path, etcd: EtcdProcess) -> AsyncIterator[ProxiedHost]:
+    h = await ProxiedHost.create(tmp_path, "t", "h1", "r1", etcd.client_urls[0])
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
+async def test_agent_registers_beats_reports_and_stops_cleanly(
+    host: ProxiedHost, client: EtcdClient
+) -> None:
+    proc = await host.start_agent()
+    seqs: dict[Plane, int] = {}
+
+    async def values() -> dict[Plane, int]:
+        out = {}
+        for p in PLANES:
+            got = await client.get_json(K.heartbeat("h1", p))
+            if got is not None:
+                out[p] = got[0]["seq"]
+        return out
+
+    deadline = time.monotonic() + 15
+    while len(seqs) < 3 and time.monotonic() < deadline:
+        seqs = await values()
+        await asyncio.sleep(0.1)
+    assert len(seqs) == 3, host.log()
+    await asyncio.sleep(1.2)
+    later = await values()
+    assert all(later[p] > seqs[p] for p in PLANES)  # the values keep changing
+    reg = await client.get_json(K.host("h1"))
+    assert reg is not None and reg[0]["domain"] == "r1"
+
+    await until(lambda: (s := host.status()) is not None and not s["unreachable"], what="status file")
+    out = subprocess.run(
+        [VMHA, "agent", "--config", str(host.config_path), "--status-file", str(host.status_path), "--status"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert '"unreachable": []' in out.stdout
+
+    assert await host.stop_agent() == 0
+    assert proc.returncode == 0
+    assert await values() == {}  # leases revoked: the keys went at once, not after the TTL
+    assert not host.status_path.exists()
+    assert await client.get(K.host("h1")) is not None  # membership outlives the agent
+
+
+async def test_agent_regrants_after_lease_loss(host: ProxiedHost, client: EtcdClient) -> None:
+    await host.start_agent()
+    key = K.heartbeat("h1", Plane.SERVICE)
+    first = None
+    deadline = time.monotonic() + 15
+    while first is None and time.monotonic() < deadline:
+        first = await client.get_json(key)
+        await asyncio.sleep(0.1)
+    assert first is not None, host.log()
+    old = first[1].lease
+    await client.revoke(old)  # etcd forgets the lease, as after a partition longer than the TTL
+    again = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        again = await client.get_json(key)
+        if again is not None and again[1].lease != old:
+            break
+        await asyncio.sleep(0.1)
+    assert again is not None and again[1].lease not in (0, old), host.log()
+    assert "granting a new one" in host.log()
+
+
+async def test_agent_status_shows_exactly_the_cut_plane(host: ProxiedHost) -> None:
+    await host.start_agent()
+    await until(lambda: (s := host.status()) is not None and not s["unreachable"], what="all reachable")
+    await host.cut(Plane.STORAGE, blackhole=True)
+    await until(lambda: (s := host.status()) is not None and s["unreachable"] == ["storage"], what="storage cut")
+    s = host.status()
+    assert s is not None and s["planes"]["storage"]["last_error"]
+    host.restore(Plane.STORAGE)
+    await until(lambda: (s := host.status()) is not None and not s["unreachable"], what="storage back")
+    out = subprocess.run(
+        [VMHA, "agent", "--config", str(host.config_path), "--status-file", str(host.status_path), "--status"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0
+
+
+async def test_isolation_hook_fires_once_when_management_and_service_are_lost(
+    host: ProxiedHost, tmp_path: Path
+) -> None:
+    # In-process: on_isolated is an injected callback (the lock layer's "stop local lease holders").
+    cfg = config.load(host.config_path)
+    cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"isolation_after": 1.0})})
+    calls: list[float] = []
+
+    async def on_isolated() -> None:
+        calls.append(time.monotonic())
+
+    agent = Agent(cfg, status_path=tmp_path / "iso.json", on_isolated=on_isolated)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await until(lambda: all(r.reachable for r in agent.reach().values()), what="all reachable")
+        await host.cut(Plane.MANAGEMENT)
+        await asyncio.sleep(1.5)
+        assert calls == []  # management alone is no isolation
+        await host.cut(Plane.SERVICE)
+        cut = time.monotonic()
+        await until(lambda: calls, what="isolation callback")
+        assert calls[0] - cut >= 1.0  # not before isolation_after
+        await asyncio.sleep(1.5)
+        assert len(calls) == 1  # once per isolation
+        assert agent.status()["isolated"] is True
+        host.restore(Plane.MANAGEMENT)
+        host.restore(Plane.SERVICE)
+        await until(lambda: not agent.isolation_fired, what="re-armed")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    eps = {p: ["http://127.0.0.1:1"] for p in PLANES}
+    bad.write_text(config_text("t", "h1", "r1", eps, {"lease_ttl": 2, "keepalive_interval": 1.5}))
+    out = subprocess.run([VMHA, "agent", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "timings" in out.stderr and "keepalive_interval" in out.stderr, out.stderr
+
+    eps[Plane.STORAGE] = ["198.18.0.1:2379"]
+    bad.write_text(config_text("t", "h1", "r1", eps))
+    out = subprocess.run([VMHA, "agent", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "planes.storage.endpoints" in out.stderr, out.stderr
+
+    bad.write_text(config_text("t", None, "r1", {p: ["http://127.0.0.1:1"] for p in PLANES}))
+    out = subprocess.run([VMHA, "agent", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "[host]" in out.stderr, out.stderr

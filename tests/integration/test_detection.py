@@ -1,0 +1,222 @@
+"""Manager-side detection end to end: real etcd, real `vmha agent` processes whose planes each go
+through a cuttable proxy, and the HealthMonitor. Cutting one plane of one host must show exactly
+that plane DOWN, and nothing else, then UP again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from vmha.config import Timings
+from vmha.core.health import FabricChange, HealthChange
+from vmha.core.planes import PLANES, Plane, PlaneState
+from vmha.etcd import health_store
+from vmha.etcd.client import EtcdClient
+from vmha.etcd.keys import Keys
+from vmha.manager.detection import Change, HealthMonitor
+from vmha.testing.etcd import EtcdProcess
+from vmha.testing.hosts import ProxiedHost
+
+pytestmark = pytest.mark.integration
+
+K = Keys("t")
+HOSTS = ("h1", "h2", "h3")
+UP, SUSPECT, DOWN, FABRIC = PlaneState.UP, PlaneState.SUSPECT, PlaneState.DOWN, PlaneState.FABRIC
+
+
+class Recorder:
+    """Runs a HealthMonitor and records every change it publishes."""
+
+    def __init__(self, monitor: HealthMonitor) -> None:
+        self.monitor = monitor
+        self.changes: list[Change] = []
+        self._sub = monitor.subscribe()
+        self._tasks = [asyncio.create_task(monitor.run()), asyncio.create_task(self._record())]
+
+    async def _record(self) -> None:
+        async for c in self._sub:
+            self.changes.append(c)
+
+    def plane_changes(self) -> list[tuple[str, str, str]]:
+        return [(c.host, c.plane.value, c.new.value) for c in self.changes if isinstance(c, HealthChange)]
+
+    def states(self) -> dict[tuple[str, Plane], PlaneState]:
+        return {(h, p): s.state for h, hh in self.monitor.view().items() for p, s in hh.planes.items()}
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+async def until(pred: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
+    c = EtcdClient(etcd.client_urls)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def hosts(tmp_path: Path, etcd: EtcdProcess) -> AsyncIterator[dict[str, ProxiedHost]]:
+    hs: dict[str, ProxiedHost] = {}
+    try:
+        for name in HOSTS:
+            hs[name] = await ProxiedHost.create(tmp_path, "t", name, "r1", etcd.client_urls[0])
+            await hs[name].start_agent()
+        yield hs
+    finally:
+        for h in hs.values():
+            await h.close()
+
+
+@pytest.fixture
+async def recorder(client: EtcdClient) -> AsyncIterator[Recorder]:
+    r = Recorder(HealthMonitor(client, K, Timings().health(), name="m1"))
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+def all_up(r: Recorder) -> bool:
+    s = r.states()
+    return len(s) == 3 * len(HOSTS) and all(v == UP for v in s.values())
+
+
+@pytest.mark.parametrize("blackhole", [False, True], ids=["reset", "blackhole"])
+async def test_one_plane_of_one_host_down_and_nothing_else(
+    hosts: dict[str, ProxiedHost], recorder: Recorder, client: EtcdClient, blackhole: bool
+) -> None:
+    await until(lambda: all_up(recorder), what="all planes UP")
+    await asyncio.sleep(1.0)  # steady state: no flapping while nothing is cut
+    assert all(new == "up" for _, _, new in recorder.plane_changes())
+    recorder.changes.clear()
+
+    cut = time.monotonic()
+    await hosts["h2"].cut(Plane.STORAGE, blackhole=blackhole)
+    await until(lambda: recorder.states()[("h2", Plane.STORAGE)] == DOWN, what="h2 storage DOWN")
+    detected = time.monotonic() - cut
+    await asyncio.sleep(1.5)  # let anything wrong show up
+    assert recorder.plane_changes() == [("h2", "storage", "suspect"), ("h2", "storage", "down")]
+    states = recorder.states()
+    assert {k for k, v in states.items() if v != UP} == {("h2", Plane.STORAGE)}
+    down = next(c for c in recorder.changes if isinstance(c, HealthChange) and c.new == DOWN)
+    assert down.health.failed() == frozenset({Plane.STORAGE})
+    assert "lease expired" in down.health.planes[Plane.STORAGE].evidence
+    logging.getLogger("test").info("cut -> DOWN in %.2fs", detected)
+
+    # The persisted view says the same (what `vmha status` and a new leader read).
+    view = await health_store.load(client, K)
+    for _ in range(40):
+        if view.hosts.get("h2") and view.hosts["h2"].health.planes[Plane.STORAGE].state == DOWN:
+            break
+        await asyncio.sleep(0.05)
+        view = await health_store.load(client, K)
+    assert view.hosts["h2"].health.failed() == frozenset({Plane.STORAGE})
+    assert all(not view.hosts[h].health.failed() for h in ("h1", "h3"))
+
+    recorder.changes.clear()
+    hosts["h2"].restore(Plane.STORAGE)
+    await until(lambda: recorder.states()[("h2", Plane.STORAGE)] == UP, what="h2 storage UP again")
+    assert recorder.plane_changes() == [("h2", "storage", "up")]
+    assert all_up(recorder)
+
+
+async def test_same_plane_cut_on_every_host_is_a_fabric_outage_not_down(
+    hosts: dict[str, ProxiedHost], recorder: Recorder
+) -> None:
+    await until(lambda: all_up(recorder), what="all planes UP")
+    recorder.changes.clear()
+    for h in hosts.values():
+        await h.cut(Plane.SERVICE)
+    await until(
+        lambda: all(recorder.states()[(h, Plane.SERVICE)] == FABRIC for h in HOSTS), what="service FABRIC"
+    )
+    await asyncio.sleep(1.5)
+    assert DOWN not in recorder.states().values()
+    fabric = [c for c in recorder.changes if isinstance(c, FabricChange)]
+    assert fabric and all(f.plane == Plane.SERVICE and f.active for f in fabric)
+    for h in hosts.values():
+        h.restore(Plane.SERVICE)
+    await until(lambda: all_up(recorder), what="all UP after the outage")
+    assert recorder.monitor.fabric_outages() == []
+
+
+async def test_broken_values_are_skipped_and_the_monitor_keeps_going(
+    hosts: dict[str, ProxiedHost], recorder: Recorder, client: EtcdClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    await until(lambda: all_up(recorder), what="all planes UP")
+    await client.put(K.heartbeat("h1", Plane.STORAGE) + "x", b"{}")  # not a heartbeat key
+    await client.put(K.heartbeat("ghost", Plane.STORAGE), b"\x00garbage")  # not JSON
+    await client.put_json(K.heartbeat("ghost", Plane.SERVICE), {"host": "other", "plane": "service"})
+    await client.put(K.host("junk"), b"[1,")
+    await asyncio.sleep(1.0)
+    assert all_up(recorder)  # ghost never appeared, nothing crashed, every real plane still UP
+    assert "ghost" not in recorder.monitor.view()
+    assert "junk" not in recorder.monitor.view()
+    text = caplog.text
+    assert K.heartbeat("ghost", Plane.STORAGE) in text and K.host("junk") in text
+    # And it still detects.
+    await hosts["h3"].cut(Plane.MANAGEMENT)
+    await until(lambda: recorder.states()[("h3", Plane.MANAGEMENT)] == DOWN, what="h3 management DOWN")
+
+
+async def test_a_monitor_started_later_sees_a_missing_heartbeat_as_down(
+    hosts: dict[str, ProxiedHost], client: EtcdClient
+) -> None:
+    first = Recorder(HealthMonitor(client, K, Timings().health(), name="m1"))
+    try:
+        await until(lambda: all_up(first), what="all planes UP")
+    finally:
+        await first.close()
+    await hosts["h1"].stop_agent()  # revokes its leases: its keys are gone while no monitor runs
+    second = Recorder(HealthMonitor(client, K, Timings().health(), name="m2"))
+    try:
+        await until(
+            lambda: all(second.states().get(("h1", p)) == DOWN for p in PLANES), what="h1 DOWN from the listing"
+        )
+        assert {k for k, v in second.states().items() if v != UP} == {("h1", p) for p in PLANES}
+    finally:
+        await second.close()
+
+
+async def test_status_command_prints_the_view(
+    hosts: dict[str, ProxiedHost], recorder: Recorder, etcd: EtcdProcess, client: EtcdClient
+) -> None:
+    await until(lambda: all_up(recorder), what="all planes UP")
+    await hosts["h1"].cut(Plane.SERVICE)
+    await until(lambda: recorder.states()[("h1", Plane.SERVICE)] == DOWN, what="h1 service DOWN")
+    vmha = str(Path(sys.executable).with_name("vmha"))
+    args = [vmha, "status", "--endpoints", etcd.client_urls[0], "--cluster", "t"]
+    data: dict[str, object] = {}
+    for _ in range(40):  # the writer task persists asynchronously
+        out = await asyncio.to_thread(subprocess.run, [*args, "--json"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        data = json.loads(out.stdout)
+        failed = {h["host"]: h["failed"] for h in data["hosts"]}  # type: ignore[attr-defined]
+        if failed.get("h1") == ["service"]:
+            break
+        await asyncio.sleep(0.1)
+    assert failed == {"h1": ["service"], "h2": [], "h3": []}
+    out = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "DOWN" in out.stdout and "h3" in out.stdout, out.stdout

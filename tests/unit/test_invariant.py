@@ -1,0 +1,225 @@
+"""Property tests: whatever the order of health changes, inventories, results (good, failed, stale,
+bogus), ticks and leader takeovers, the RecoveryCore never
+  - emits an Evacuate for a VM without a FenceProof delivered for that VM and its source host,
+  - has two restarts (release / evacuate / live-migrate) of one VM in flight,
+  - runs more than max_parallel restarts, or more than max_per_host towards one host,
+  - raises (a TransitionError or InvariantError would be a bug: any event order is legal input)."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.core.health import HostHealth, PlaneStatus
+from vmha.core.planes import PLANES, PlaneState
+from vmha.core.policy import DEFAULT_POLICY, PolicyTable
+from vmha.core.queue import RUNNING, Step, Task, TaskKind
+from vmha.core.recovery import (
+    DisableHost,
+    Evacuate,
+    HealthUpdate,
+    HostOp,
+    HostOpDone,
+    HostOpFailed,
+    Inventory,
+    LiveMigrate,
+    MarkHostDown,
+    PersistTask,
+    ProofObtained,
+    ProofRefused,
+    Prove,
+    RecoveryAction,
+    RecoveryCore,
+    RecoveryEvent,
+    RecoverySettings,
+    ReleaseProof,
+    StepDone,
+    StepFailed,
+    TasksLoaded,
+    Tick,
+)
+from vmha.drivers.base import HostInfo, VmInfo
+
+HOSTS = ("h1", "h2", "h3", "h4")
+VMS = tuple(VmInfo(f"vm{i}", HOSTS[i % 3], i != 5, priority=i % 3) for i in range(7))
+# Mostly UP: destinations must exist for restarts to happen at all.
+STATES = (*[PlaneState.UP] * 6, PlaneState.DOWN, PlaneState.DOWN, PlaneState.SUSPECT, PlaneState.FABRIC,
+          PlaneState.UNKNOWN)
+POLICY = PolicyTable.parse(DEFAULT_POLICY)
+
+
+class Harness:
+    def __init__(self, s: RecoverySettings) -> None:
+        self.settings = s
+        self.core = RecoveryCore(POLICY, s)
+        self.now = 0.0
+        self.store: dict[str, dict[str, object]] = {}
+        self.outstanding: list[RecoveryAction] = []
+        self.proofs: set[tuple[str, str]] = set()
+
+    def step(self, ev: RecoveryEvent) -> None:
+        if isinstance(ev, ProofObtained):
+            self.proofs.add((ev.proof.vm, ev.proof.host))
+        out = self.core.step(ev, self.now)
+        for a in out.actions:
+            if isinstance(a, PersistTask):
+                self.store[a.vm] = json.loads(json.dumps(a.data))
+            elif isinstance(a, Evacuate):
+                assert (a.vm, a.source) in self.proofs, f"evacuate {a.vm} from {a.source} without a proof"
+            if isinstance(a, Prove | ReleaseProof | Evacuate | LiveMigrate | MarkHostDown | DisableHost):
+                self.outstanding.append(a)
+        self.check()
+
+    def check(self) -> None:
+        restarts: dict[str, int] = {}
+        for a in self.outstanding:
+            if isinstance(a, ReleaseProof | Evacuate | LiveMigrate):
+                restarts[a.vm] = restarts.get(a.vm, 0) + 1
+        assert all(n == 1 for n in restarts.values()), restarts
+        running = [t for t in self.core.tasks() if t.state in RUNNING]
+        assert len(running) <= self.settings.max_parallel
+        assert self.core.queue.running() == len(running)
+        per: dict[str, int] = {}
+        for t in running:
+            assert t.dest is not None
+            per[t.dest] = per.get(t.dest, 0) + 1
+        assert all(n <= self.settings.max_per_host for n in per.values()), per
+        for t in self.core.tasks():
+            if t.kind == TaskKind.EVACUATE and t.done(Step.RELEASE):
+                assert t.proof is not None and (t.vm, t.source) in self.proofs
+
+    def answer(self, i: int, ok: bool, retryable: bool) -> RecoveryEvent:
+        a = self.outstanding.pop(i % len(self.outstanding))
+        match a:
+            case Prove(vm, host, methods):
+                if ok:
+                    return ProofObtained(FenceProof(vm, host, methods[-1], self.now - 1, self.now))
+                return ProofRefused(vm, host, "refused", retryable)
+            case ReleaseProof(vm, _, _):
+                return StepDone(vm, Step.RELEASE) if ok else StepFailed(vm, Step.RELEASE, "x", retryable)
+            case Evacuate(vm, _, dest, _):
+                return StepDone(vm, Step.EVACUATE, dest) if ok else StepFailed(vm, Step.EVACUATE, "x", retryable)
+            case LiveMigrate(vm, _, dest):
+                return StepDone(vm, Step.MIGRATE, dest) if ok else StepFailed(vm, Step.MIGRATE, "x", retryable)
+            case MarkHostDown(host):
+                return HostOpDone(host, HostOp.MARK_DOWN) if ok else HostOpFailed(
+                    host, HostOp.MARK_DOWN, "x", retryable)
+            case DisableHost(host, _):
+                return HostOpDone(host, HostOp.DISABLE) if ok else HostOpFailed(host, HostOp.DISABLE, "x")
+        raise AssertionError(a)
+
+    def failover(self) -> None:
+        """The leader dies: its pending results are lost; a new core loads the persisted tasks."""
+        self.outstanding = []
+        self.core = RecoveryCore(POLICY, self.settings)
+        self.step(TasksLoaded(tuple(Task.from_dict(d) for _, d in sorted(self.store.items()))))
+
+
+def health_event(host: str, states: list[PlaneState], t: float) -> HealthUpdate:
+    return HealthUpdate(HostHealth(host, "rack1", {p: PlaneStatus(s, t) for p, s in zip(PLANES, states, strict=True)}))
+
+
+settings_st = st.builds(
+    RecoverySettings,
+    max_parallel=st.integers(1, 3),
+    max_per_host=st.integers(1, 2),
+    retry_base=st.sampled_from([0.5, 2.0]),
+    retry_cap=st.sampled_from([1.0, 10.0]),
+    max_attempts=st.integers(1, 4),
+    decide_after=st.sampled_from([0.0, 0.0, 3.0]),
+    power_fence=st.booleans(),
+    host_capacity=st.sampled_from([0, 0, 4, 5]),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(s=settings_st, data=st.data())
+def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: st.DataObject) -> None:
+    h = Harness(s)
+    for host in HOSTS:
+        h.step(health_event(host, [PlaneState.UP] * 3, 0.0))
+    h.step(Inventory(tuple(HostInfo(x, True, True) for x in HOSTS), VMS))
+    for _ in range(data.draw(st.integers(5, 80), label="length")):
+        kind = data.draw(st.sampled_from(
+            ["health", "health", *["answer"] * 6, "tick", "bogus", "inventory", "failover"]), label="kind")
+        if kind == "health":
+            host = data.draw(st.sampled_from(HOSTS))
+            states = data.draw(st.lists(st.sampled_from(STATES), min_size=3, max_size=3))
+            h.step(health_event(host, states, h.now))
+        elif kind == "answer" and h.outstanding:
+            ok = data.draw(st.sampled_from([True, True, True, False]))
+            h.step(h.answer(data.draw(st.integers(0, 50)), ok, data.draw(st.booleans())))
+        elif kind == "tick":
+            h.now += data.draw(st.sampled_from([0.1, 1.0, 5.0, 30.0]))
+            h.step(Tick())
+        elif kind == "bogus":
+            vm = data.draw(st.sampled_from([v.name for v in VMS] + ["ghost"]))
+            host = data.draw(st.sampled_from(HOSTS))
+            step = data.draw(st.sampled_from(list(Step)))
+            ev = data.draw(st.sampled_from([
+                StepDone(vm, step, host),
+                StepFailed(vm, step, "late", True),
+                ProofRefused(vm, host, "late"),
+                ProofObtained(FenceProof(vm, host, ProofMethod.HOST_DEAD, h.now, h.now)),
+                HostOpDone(host, HostOp.MARK_DOWN),
+            ]))
+            h.step(ev)
+        elif kind == "inventory":
+            flags = data.draw(st.lists(st.booleans(), min_size=len(HOSTS), max_size=len(HOSTS)))
+            h.step(Inventory(tuple(HostInfo(x, f, True) for x, f in zip(HOSTS, flags, strict=True)), VMS))
+        elif kind == "failover":
+            h.failover()
+            h.step(Inventory(tuple(HostInfo(x, True, True) for x in HOSTS), VMS))
+
+
+# -- the whole pipeline: random faults in the simulator (agents, etcd leases, HealthCore, RecoveryCore,
+# a scripted sanlock / Nova world) never restart a VM whose old copy still runs --------------------
+
+SIM_HOSTS = {"h1": "rack1", "h2": "rack1", "h3": "rack1", "h4": "rack2", "h5": "rack2"}
+SIM_VMS = [VmInfo(f"vm{i}", f"h{i % 5 + 1}", i != 3, priority=i % 3) for i in range(8)]
+PLANE_WORDS = ("management", "storage", "service", "all")
+
+
+def sim_command(draw: st.DrawFn) -> tuple[str, ...]:
+    kind = draw(st.sampled_from(["cut", "cut", "restore", "restore", "power-off", "power-on", "fabric",
+                                 "etcd-leader-change", "manager-failover", "fail"]))
+    host = draw(st.sampled_from(sorted(SIM_HOSTS)))
+    if kind in ("cut", "restore"):
+        return (kind, host, draw(st.sampled_from(PLANE_WORDS)))
+    if kind in ("power-off", "power-on"):
+        return (kind, host)
+    if kind == "fabric":
+        plane = draw(st.sampled_from(PLANE_WORDS[:3]))
+        return ("fabric", plane, draw(st.sampled_from(["down", "up"])), *draw(st.sampled_from([(), ("rack2",)])))
+    if kind == "fail":
+        what = draw(st.sampled_from(["fail-evacuate", "fail-proof", "fail-migrate"]))
+        vm = draw(st.sampled_from([v.name for v in SIM_VMS]))
+        return (what, vm, str(draw(st.integers(1, 3))), *draw(st.sampled_from([(), ("fatal",)])))
+    return (kind,)
+
+
+@st.composite
+def cmdlists(draw: st.DrawFn) -> list[tuple[float, tuple[str, ...]]]:
+    n = draw(st.integers(1, 8))
+    times = sorted(draw(st.lists(st.integers(1, 100), min_size=n, max_size=n)))
+    return [(float(t), sim_command(draw)) for t in times]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(s=settings_st, commands=cmdlists())
+def test_random_faults_in_the_simulator_never_split_a_vm(
+    s: RecoverySettings, commands: list[tuple[float, tuple[str, ...]]]
+) -> None:
+    from vmha.core.health import HealthTimings
+    from vmha.sim.env import Sim, SimTimings
+    from vmha.sim.scenario import Command, Scenario
+
+    sim = Sim(SIM_HOSTS, SIM_VMS, POLICY, s, HealthTimings(), SimTimings(duration=180.0))
+    scenario = Scenario("random", sim, [Command(t, w, f"random:{i}") for i, (t, w) in enumerate(commands)], 180.0)
+    scenario.run()
+    assert sim.split_brain == 0, "\n".join(line.render() for line in sim.lines)
+    for vm in sim.vms.values():
+        assert len(vm.copies) <= 1, f"{vm.name} runs on {sorted(vm.copies)}"

@@ -1,0 +1,110 @@
+"""verify's interval logic on synthetic disk records: split-brain, seq order, downtime."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmha.lab.verify import DEFAULT_GAP, check_disk, downtime_between, hosts_between
+
+
+def lines(*writes: tuple[str, int, float]) -> list[str]:
+    return [json.dumps({"vm": "vm1", "host": h, "seq": s, "t": t}) for h, s, t in writes]
+
+
+def run(host: str, seq0: int, t0: float, n: int, step: float = 0.1) -> list[tuple[str, int, float]]:
+    return [(host, seq0 + i, round(t0 + i * step, 3)) for i in range(n)]
+
+
+def test_one_host_is_one_interval_without_downtime() -> None:
+    r = check_disk("vm1", lines(*run("h1", 1, 100.0, 50)))
+    assert not r.split_brain
+    assert r.downtime == 0
+    assert [(i.host, i.start, i.end, i.writes) for i in r.intervals] == [("h1", 100.0, 104.9, 50)]
+
+
+def test_evacuation_after_a_gap_is_downtime_not_split_brain() -> None:
+    r = check_disk("vm1", lines(*run("h1", 1, 100.0, 10), *run("h2", 11, 108.0, 10)))
+    assert not r.split_brain
+    assert [(g.from_host, g.to_host) for g in r.gaps] == [("h1", "h2")]
+    assert abs(r.downtime - (108.0 - 100.9)) < 1e-9
+    assert r.last_host == "h2"
+
+
+def test_live_migration_handover_is_neither() -> None:
+    # Source stops at 100.9, destination continues 0.15 s later: no gap above the threshold.
+    r = check_disk("vm1", lines(*run("h1", 1, 100.0, 10), *run("h2", 11, 101.05, 10)))
+    assert not r.split_brain
+    assert r.downtime == 0
+    assert hosts_between(r, 100.5, 101.5) == ["h1", "h2"]
+
+
+def test_two_hosts_writing_at_once_is_split_brain() -> None:
+    a = run("h1", 1, 100.0, 20)
+    b = run("h2", 100, 101.0, 20)
+    # Interleave in time order, as the appends would land in the file.
+    merged = sorted(a + b, key=lambda w: w[2])
+    r = check_disk("vm1", lines(*merged))
+    assert r.split_brain
+    assert [(o.hosts, o.start, o.end) for o in r.overlaps] == [(("h1", "h2"), 101.0, 101.9)]
+
+
+def test_overlap_found_when_a_long_interval_covers_a_later_short_one() -> None:
+    # h1 writes for 10 s; h2 writes once at 105 and h3 once at 108 (after h2's interval ended).
+    w = [*run("h1", 1, 100.0, 100), ("h2", 1000, 105.0), ("h3", 2000, 108.0)]
+    r = check_disk("vm1", lines(*sorted(w, key=lambda x: x[2])))
+    assert sorted(o.hosts for o in r.overlaps) == [("h1", "h2"), ("h1", "h3")]
+
+
+def test_seq_going_back_is_split_brain_even_on_one_host() -> None:
+    # Two copies on the same host, both continuing from seq 5.
+    r = check_disk("vm1", lines(("h1", 5, 1.0), ("h1", 6, 1.1), ("h1", 6, 1.15), ("h1", 7, 1.2)))
+    assert not r.overlaps
+    assert [(e.line, e.seq, e.previous_seq) for e in r.seq_errors] == [(3, 6, 6)]
+    assert r.split_brain
+
+
+def test_torn_and_foreign_lines_are_reported_and_skipped() -> None:
+    ls = [*lines(*run("h1", 1, 1.0, 3)), json.dumps({"vm": "vm9", "host": "h1", "seq": 4, "t": 1.3}), '{"vm": "v']
+    r = check_disk("vm1", ls)
+    assert r.writes == 3
+    assert r.bad_lines == (4, 5)
+    assert not r.split_brain
+
+
+def test_downtime_between_clips_gaps_to_the_window() -> None:
+    r = check_disk("vm1", lines(("h1", 1, 10.0), ("h2", 2, 20.0)))
+    assert r.gaps[0].to_dict()["seconds"] == 10.0
+    assert downtime_between(r, 0, 100) == 10.0
+    assert downtime_between(r, 15, 100) == 5.0
+    assert downtime_between(r, 21, 30) == 0.0
+
+
+def test_empty_disk() -> None:
+    r = check_disk("vm1", [])
+    assert (r.writes, r.split_brain, r.downtime, r.last_t) == (0, False, 0, None)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["h1", "h2", "h3"]), st.floats(0.15, 3.0)), min_size=1, max_size=40)
+)
+def test_sequential_copies_never_split_brain(copies: list[tuple[str, float]]) -> None:
+    """Copies that run one after another (each starts after the previous stopped, and runs at least
+    as long as the gap threshold, as any real copy does) are never flagged, whatever the hosts and
+    pauses; and downtime is exactly the sum of the pauses above the threshold."""
+    w: list[tuple[str, int, float]] = []
+    t, seq, expected = 0.0, 1, 0.0
+    for host, pause in copies:
+        if w:
+            t += pause
+            if pause > DEFAULT_GAP:
+                expected += pause
+        for i in range(6):
+            w.append((host, seq, round(t + i * 0.1, 6)))
+            seq += 1
+        t = w[-1][2]
+    r = check_disk("vm1", lines(*w))
+    assert not r.split_brain
+    assert abs(r.downtime - expected) < 1e-3

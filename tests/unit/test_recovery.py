@@ -1,0 +1,415 @@
+"""RecoveryCore driven event by event: every policy row, the proof-first order, cancellation,
+retries, limits, capacity, takeover. The scenario tests cover the same through the simulator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.core.health import HostHealth, PlaneStatus
+from vmha.core.planes import PLANES, PlaneState
+from vmha.core.policy import DEFAULT_POLICY, PolicyTable
+from vmha.core.queue import Step, Task, TaskState
+from vmha.core.recovery import (
+    Alert,
+    CancelProof,
+    DisableHost,
+    Evacuate,
+    HealthUpdate,
+    HostOp,
+    HostOpDone,
+    InvariantError,
+    Inventory,
+    LiveMigrate,
+    MarkHostDown,
+    PersistTask,
+    ProofObtained,
+    ProofRefused,
+    Prove,
+    RecordEvidence,
+    RecoveryAction,
+    RecoveryCore,
+    RecoveryOutput,
+    RecoverySettings,
+    ReleaseProof,
+    StepDone,
+    StepFailed,
+    TasksLoaded,
+    Tick,
+)
+from vmha.drivers.base import HostInfo, VmInfo
+
+UP, DOWN, SUSPECT, FABRIC, UNKNOWN = (PlaneState.UP, PlaneState.DOWN, PlaneState.SUSPECT,
+                                      PlaneState.FABRIC, PlaneState.UNKNOWN)
+
+
+def health(host: str, t: float = 0.0, **states: PlaneState) -> HostHealth:
+    return HostHealth(host, "rack1", {p: PlaneStatus(states.get(p.value, UP), t) for p in PLANES})
+
+
+def core(**settings: object) -> RecoveryCore:
+    c = RecoveryCore(PolicyTable.parse(DEFAULT_POLICY), RecoverySettings(**settings))  # type: ignore[arg-type]
+    for h in ("h1", "h2", "h3", "h4"):
+        c.step(HealthUpdate(health(h)), 0.0)
+    return c
+
+
+def inventory(vms: list[VmInfo], hosts: tuple[str, ...] = ("h1", "h2", "h3", "h4")) -> Inventory:
+    return Inventory(tuple(HostInfo(h, True, True) for h in hosts), tuple(vms))
+
+
+VMS = [VmInfo("vm1", "h2", True, 5), VmInfo("vm2", "h2", True, 1), VmInfo("vm3", "h3", True),
+       VmInfo("junk", "h2", False)]
+
+
+def of(out: RecoveryOutput, kind: type) -> list:  # type: ignore[type-arg]
+    return [a for a in out.actions if isinstance(a, kind)]
+
+
+def proof(vm: str, host: str = "h2", t: float = 15.0) -> ProofObtained:
+    return ProofObtained(FenceProof(vm, host, ProofMethod.REQUEST_FORCE, t - 2, t))
+
+
+def fail_h2(c: RecoveryCore, t: float = 10.0, **states: PlaneState) -> RecoveryOutput:
+    return c.step(HealthUpdate(health("h2", t, **(states or {"storage": DOWN}))), t)
+
+
+def proved_and_marked(c: RecoveryCore) -> RecoveryOutput:
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    c.step(proof("vm1"), 15.0)
+    c.step(proof("vm2"), 15.0)
+    return c.step(HostOpDone("h2", HostOp.MARK_DOWN), 15.5)
+
+
+# -- policy rows ------------------------------------------------------------------------------------
+
+
+def test_management_down_disables_the_host_and_touches_no_vm() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    out = fail_h2(c, management=DOWN)
+    assert of(out, DisableHost) == [DisableHost("h2", "row management: management down since 10.0")]
+    assert not of(out, Prove) and not of(out, LiveMigrate) and c.tasks() == []
+
+
+def test_service_down_live_migrates_ha_vms_without_any_proof() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    out = fail_h2(c, service=DOWN)
+    assert of(out, DisableHost)
+    assert [(m.vm, m.source) for m in of(out, LiveMigrate)] == [("vm1", "h2"), ("vm2", "h2")]
+    assert not of(out, Prove) and not of(out, Evacuate)
+    assert {m.dest for m in of(out, LiveMigrate)} <= {"h1", "h3", "h4"}
+    done = c.step(StepDone("vm1", Step.MIGRATE, "h1"), 13.0)
+    assert c.task("vm1").state == TaskState.DONE  # type: ignore[union-attr]
+    assert of(done, RecordEvidence)[0].data["running_on"] == "h1"
+
+
+@pytest.mark.parametrize(
+    ("states", "action", "methods"),
+    [
+        ({"storage": DOWN}, "fence-evacuate", ("lease-taken", "exit-attested", "host-dead")),
+        ({"management": DOWN, "service": DOWN}, "isolate-evacuate", ("lease-taken", "request-force", "host-dead")),
+        ({"management": DOWN, "storage": DOWN}, "fence-evacuate", ("lease-taken", "host-dead")),
+        ({"management": DOWN, "storage": DOWN, "service": DOWN}, "fence-evacuate", ("lease-taken", "host-dead")),
+    ],
+)
+def test_evacuating_rows_prove_first_with_the_methods_of_the_situation(
+    states: dict[str, PlaneState], action: str, methods: tuple[str, ...]
+) -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    out = fail_h2(c, **states)
+    proves = of(out, Prove)
+    assert [(p.vm, p.host) for p in proves] == [("vm1", "h2"), ("vm2", "h2")]  # never the non-HA one
+    assert all(tuple(m.value for m in p.methods) == methods for p in proves)
+    assert not of(out, Evacuate) and not of(out, MarkHostDown)
+    assert c.task("vm1").action == action  # type: ignore[union-attr]
+
+
+def test_power_fence_setting_adds_the_power_method() -> None:
+    c = core(power_fence=True)
+    c.step(inventory(VMS), 1.0)
+    out = fail_h2(c, management=DOWN, storage=DOWN, service=DOWN)
+    assert of(out, Prove)[0].methods == (ProofMethod.LEASE_TAKEN, ProofMethod.POWER, ProofMethod.HOST_DEAD)
+
+
+def test_fabric_row_alerts_only() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    out = fail_h2(c, management=FABRIC)
+    assert [type(a) for a in out.actions] == [Alert]
+    assert c.tasks() == []
+
+
+# -- the proof-first flow ---------------------------------------------------------------------------
+
+
+def test_full_evacuation_in_order_persist_before_each_step() -> None:
+    c = core()
+    out = proved_and_marked(c)
+    # Highest priority first; each step's PersistTask precedes the step's action.
+    kinds = [(type(a).__name__, getattr(a, "vm", None)) for a in out.actions]
+    assert kinds == [("PersistTask", "vm1"), ("PersistTask", "vm2"), ("PersistTask", "vm1"),
+                     ("ReleaseProof", "vm1"), ("PersistTask", "vm2"), ("ReleaseProof", "vm2")]
+    out = c.step(StepDone("vm1", Step.RELEASE), 15.6)
+    evac = of(out, Evacuate)
+    assert len(evac) == 1 and evac[0].proof.vm == "vm1" and evac[0].source == "h2"
+    assert isinstance(out.actions[0], PersistTask) and out.actions[0].data["state"] == "evacuating"
+    out = c.step(StepDone("vm1", Step.EVACUATE, evac[0].dest), 17.0)
+    t = c.task("vm1")
+    assert t is not None and t.state == TaskState.DONE and t.running_on == evac[0].dest
+    assert [r.step for r in t.steps] == [Step.PROVE, Step.MARK_DOWN, Step.RELEASE, Step.EVACUATE]
+    assert all(r.result == "ok" for r in t.steps)
+    assert of(out, RecordEvidence)[0].recovery == 1
+
+
+def test_mark_down_is_sent_once_per_host_after_the_first_proof() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    first = c.step(proof("vm1"), 15.0)
+    second = c.step(proof("vm2"), 15.1)
+    assert of(first, MarkHostDown) == [MarkHostDown("h2")] and of(second, MarkHostDown) == []
+    assert c.task("vm2").state == TaskState.MARKING_DOWN  # type: ignore[union-attr]
+
+
+def test_a_proof_for_another_host_is_refused() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    out = c.step(proof("vm1", host="h3"), 15.0)
+    assert "refused" in out.log[0].text and c.task("vm1").state == TaskState.PROVING  # type: ignore[union-attr]
+
+
+def test_evacuate_action_cannot_exist_without_a_matching_proof() -> None:
+    p = FenceProof("vm1", "h2", ProofMethod.HOST_DEAD, 1.0, 2.0)
+    Evacuate("vm1", "h2", "h3", p)
+    with pytest.raises(InvariantError, match="proof is for vm 'vm1' on 'h2'"):
+        Evacuate("vm2", "h2", "h3", p)
+    with pytest.raises(InvariantError):
+        Evacuate("vm1", "h4", "h3", p)
+    with pytest.raises(InvariantError, match="no fence proof"):
+        Evacuate("vm1", "h2", "h3", None)  # type: ignore[arg-type]
+
+
+# -- host back, cancel, late proof ------------------------------------------------------------------
+
+
+def test_host_back_before_the_proof_cancels_and_stops_the_proof() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    out = c.step(HealthUpdate(health("h2", 12.0)), 12.0)
+    assert of(out, CancelProof) == [CancelProof("vm1", "h2"), CancelProof("vm2", "h2")]
+    assert [line.text for line in out.log][-1].endswith(
+        "proving -> cancelled (cancelled: host back to row none before a proof)")
+    assert c.task("vm1").state == TaskState.CANCELLED  # type: ignore[union-attr]
+    assert len(of(out, RecordEvidence)) == 2
+
+
+def test_a_proof_after_the_cancel_continues_the_recovery() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    c.step(HealthUpdate(health("h2", 12.0)), 12.0)
+    out = c.step(proof("vm1"), 12.5)
+    assert of(out, MarkHostDown) and c.task("vm1").state == TaskState.MARKING_DOWN  # type: ignore[union-attr]
+    assert any("proof arrived after the cancel" in line.text for line in out.log)
+
+
+def test_host_back_after_the_proof_keeps_recovering() -> None:
+    c = core()
+    proved_and_marked(c)
+    out = c.step(HealthUpdate(health("h2", 16.0)), 16.0)
+    assert not of(out, CancelProof)
+    assert c.task("vm1").state == TaskState.RELEASING  # type: ignore[union-attr]
+
+
+def test_suspect_or_unknown_planes_decide_nothing() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    assert c.step(HealthUpdate(health("h2", 11.0, storage=SUSPECT)), 11.0).actions == []
+    fresh = core()
+    fresh.step(inventory(VMS), 1.0)
+    assert fresh.step(HealthUpdate(health("h2", 1.0, storage=DOWN, service=UNKNOWN)), 1.0).actions == []
+
+
+def test_a_fabric_verdict_cancels_unproved_tasks() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    out = c.step(HealthUpdate(health("h2", 11.0, storage=FABRIC)), 11.0)
+    assert len(of(out, CancelProof)) == 2 and of(out, Alert)
+
+
+# -- waiting is a state -----------------------------------------------------------------------------
+
+
+def test_decide_after_holds_the_decision_until_its_deadline() -> None:
+    c = core(decide_after=5.0)
+    c.step(inventory(VMS), 1.0)
+    out = fail_h2(c)
+    assert not of(out, Prove) and c.next_deadline() == 15.0
+    assert not of(c.step(Tick(), 14.9), Prove)
+    assert len(of(c.step(Tick(), 15.0), Prove)) == 2
+
+
+def test_decisions_wait_for_the_inventory() -> None:
+    c = core()
+    out = fail_h2(c)
+    assert not of(out, Prove) and "waiting for the inventory" in out.log[-1].text
+    assert len(of(c.step(inventory(VMS), 11.0), Prove)) == 2
+
+
+def test_retries_back_off_exponentially_then_fail_with_an_alert() -> None:
+    c = core(retry_base=2.0, retry_cap=5.0, max_attempts=4)
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    t, waits = 10.0, []
+    for _ in range(3):
+        c.step(ProofRefused("vm1", "h2", "lease held"), t)
+        deadline = c.next_deadline()
+        assert deadline is not None
+        waits.append(deadline - t)
+        assert not of(c.step(Tick(), deadline - 0.01), Prove)
+        out = c.step(Tick(), deadline)
+        assert [p.vm for p in of(out, Prove)] == ["vm1"]
+        t = deadline
+    assert waits == [2.0, 4.0, 5.0]
+    out = c.step(ProofRefused("vm1", "h2", "lease held"), t)
+    task = c.task("vm1")
+    assert task is not None and task.state == TaskState.FAILED and task.attempts == 4
+    alert = of(out, Alert)[0]
+    assert alert.vm == "vm1" and "FAILED" in alert.text and "lease held" in alert.text
+
+
+def test_not_retryable_failure_fails_at_once() -> None:
+    c = core()
+    proved_and_marked(c)
+    c.step(StepDone("vm1", Step.RELEASE), 16.0)
+    out = c.step(StepFailed("vm1", Step.EVACUATE, "flavor gone", retryable=False), 17.0)
+    assert c.task("vm1").state == TaskState.FAILED and of(out, Alert)  # type: ignore[union-attr]
+
+
+def test_a_stale_result_is_logged_and_ignored() -> None:
+    c = core()
+    proved_and_marked(c)
+    out = c.step(StepDone("vm1", Step.EVACUATE, "h3"), 16.0)
+    assert out.actions == [] and "ignored (releasing)" in out.log[0].text
+    out = c.step(StepDone("nobody", Step.RELEASE), 16.0)
+    assert "ignored (no task)" in out.log[0].text
+
+
+# -- limits and capacity ----------------------------------------------------------------------------
+
+
+def test_concurrency_limits_global_and_per_destination() -> None:
+    vms = [VmInfo(f"vm{i}", "h1", True, i) for i in range(6)]
+    c = core(max_parallel=3, max_per_host=1)
+    c.step(inventory(vms), 1.0)
+    c.step(HealthUpdate(health("h1", 10.0, storage=DOWN)), 10.0)
+    for i in range(6):
+        c.step(ProofObtained(FenceProof(f"vm{i}", "h1", ProofMethod.HOST_DEAD, 10.0, 11.0)), 11.0)
+    out = c.step(HostOpDone("h1", HostOp.MARK_DOWN), 12.0)
+    started = of(out, ReleaseProof)
+    assert [r.vm for r in started] == ["vm5", "vm4", "vm3"]  # by priority, 3 at a time
+    running = [t for t in c.tasks() if t.state == TaskState.RELEASING]
+    assert sorted(t.dest for t in running) == ["h2", "h3", "h4"]  # type: ignore[type-var]  # one each
+    c.step(StepDone("vm5", Step.RELEASE), 12.1)
+    out = c.step(StepDone("vm5", Step.EVACUATE, "h2"), 13.0)
+    assert [r.vm for r in of(out, ReleaseProof)] == ["vm2"]
+
+
+def test_capacity_shortfall_reports_the_lowest_priorities_and_places_the_rest() -> None:
+    vms = [VmInfo("a", "h1", True), VmInfo("b", "h3", True), VmInfo("c", "h4", True), VmInfo("d", "h4", True),
+           VmInfo("x1", "h2", True, 9), VmInfo("x2", "h2", True, 1), VmInfo("x3", "h2", True, 5)]
+    c = core(host_capacity=2)
+    c.step(inventory(vms), 1.0)
+    out = fail_h2(c)
+    warn = [line.text for line in out.log if "capacity shortfall" in line.text]
+    assert warn == ["capacity shortfall: 3 VM(s) to evacuate, room for 2 (3 host(s) x 2); "
+                    "cannot be placed: x2 (priority 1)"]
+    for vm in ("x1", "x2", "x3"):
+        c.step(proof(vm), 15.0)
+    c.step(HostOpDone("h2", HostOp.MARK_DOWN), 15.5)
+    states = {t.vm: t.state for t in c.tasks()}
+    assert states == {"x1": TaskState.RELEASING, "x3": TaskState.RELEASING, "x2": TaskState.UNPLACED}
+    # Room appears (a new host): the unplaced task goes back to the queue and starts.
+    out = c.step(inventory(vms, ("h1", "h2", "h3", "h4", "h5")), 20.0)
+    c.step(HealthUpdate(health("h5", 20.0)), 20.0)
+    assert c.task("x2").state == TaskState.RELEASING and c.task("x2").dest == "h5"  # type: ignore[union-attr]
+
+
+# -- takeover ---------------------------------------------------------------------------------------
+
+
+def persisted(out: RecoveryOutput, store: dict[str, dict[str, object]]) -> None:
+    for a in out.actions:
+        if isinstance(a, PersistTask):
+            store[a.vm] = json.loads(json.dumps(a.data))
+
+
+def test_new_leader_resumes_each_task_at_its_step_without_repeating_done_ones() -> None:
+    c = core()
+    store: dict[str, dict[str, object]] = {}
+    persisted(c.step(inventory(VMS), 1.0), store)
+    persisted(fail_h2(c), store)
+    persisted(c.step(proof("vm1"), 15.0), store)
+    persisted(c.step(HostOpDone("h2", HostOp.MARK_DOWN), 15.5), store)
+    persisted(c.step(StepDone("vm1", Step.RELEASE), 15.6), store)  # vm1 evacuating, vm2 proving
+    new = RecoveryCore(PolicyTable.parse(DEFAULT_POLICY), RecoverySettings())
+    out = new.step(TasksLoaded(tuple(Task.from_dict(d) for d in store.values())), 30.0)
+    actions: list[RecoveryAction] = out.actions
+    evac = [a for a in actions if isinstance(a, Evacuate)]
+    assert [(e.vm, e.proof.vm) for e in evac] == [("vm1", "vm1")]
+    assert [p.vm for p in of(out, Prove)] == ["vm2"]
+    assert not of(out, ReleaseProof) and not of(out, MarkHostDown)
+    # vm2's proof arrives: the host is known marked down from vm1's record, no second mark-down.
+    out = new.step(proof("vm2", t=31.0), 31.0)
+    assert not of(out, MarkHostDown) and new.task("vm2").state == TaskState.READY  # type: ignore[union-attr]
+
+
+def test_new_leader_does_not_recreate_finished_recoveries() -> None:
+    c = core()
+    store: dict[str, dict[str, object]] = {}
+    persisted(proved_and_marked(c), store)
+    persisted(c.step(StepDone("vm1", Step.RELEASE), 16.0), store)
+    persisted(c.step(StepDone("vm1", Step.EVACUATE, "h3"), 17.0), store)
+    new = RecoveryCore(PolicyTable.parse(DEFAULT_POLICY), RecoverySettings())
+    new.step(TasksLoaded(tuple(Task.from_dict(d) for d in store.values())), 30.0)
+    new.step(inventory(VMS), 30.0)  # a stale inventory still shows vm1 on h2
+    out = new.step(HealthUpdate(health("h2", 30.0, storage=DOWN)), 30.0)
+    assert [p.vm for p in of(out, Prove)] == []
+    assert new.task("vm1").recovery == 1  # type: ignore[union-attr]
+
+
+def test_from_health_keeps_each_hosts_last_view_of_one_instant() -> None:
+    from vmha.core.health import HealthChange, HealthOutput
+    from vmha.core.recovery import from_health
+
+    first = health("h2", 5.0, management=DOWN)
+    last = health("h2", 5.0, management=DOWN, storage=DOWN)
+    other = health("h3", 5.0, service=DOWN)
+    out = HealthOutput(changes=[
+        HealthChange("h2", PLANES[0], UP, DOWN, first),
+        HealthChange("h3", PLANES[2], UP, DOWN, other),
+        HealthChange("h2", PLANES[1], UP, DOWN, last),
+    ])
+    assert from_health(out) == [HealthUpdate(last), HealthUpdate(other)]
+
+
+def test_a_late_proof_of_a_cancelled_task_does_not_touch_the_next_task_of_the_vm() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)  # evacuate tasks proving
+    c.step(HealthUpdate(health("h2", 11.0, service=DOWN)), 11.0)  # row service: cancel, live-migrate
+    t = c.task("vm1")
+    assert t is not None and t.recovery == 2 and t.state == TaskState.MIGRATING
+    out = c.step(proof("vm1"), 12.0)
+    assert "not expected, ignored" in out.log[0].text and out.actions == []
+    assert c.task("vm1").state == TaskState.MIGRATING  # type: ignore[union-attr]
