@@ -244,3 +244,26 @@ def test_repeated_value_is_no_news() -> None:
     c.step(Heartbeat("h1", M, n, 1000.0, n, 7), 1.0)  # re-delivered after a watch resume
     c.step(Tick(), 1.3)
     assert c.state("h1", M) == PlaneState.SUSPECT
+
+
+def test_overlapping_domain_and_cluster_outages_do_not_flip() -> None:
+    hosts = {**{f"h{i}": "rack1" for i in (1, 2, 3)}, **{f"h{i}": "rack2" for i in (4, 5, 6)}}
+    c = healthy(hosts)
+    rack2 = {(h, V) for h in ("h4", "h5", "h6")}
+    c.run(0.5, 10.0, rack2, {k: 2.3 for k in rack2})
+    assert [(f.domain, f.active) for f in c.fabric] == [("rack2", True)]
+    # h1 loses service too: 4 of 6 hosts, the cluster rule holds while rack2 is out.
+    c.run(10.1, 20.0, rack2 | {("h1", V)}, {("h1", V): 12.3})
+    assert [(f.domain, f.active) for f in c.fabric] == [("rack2", True), (None, True)]
+    assert c.state("h1", V) == PlaneState.FABRIC
+    # rack2 comes back: both outages end once; h1, still lost, becomes DOWN after the window.
+    c.run(20.1, 30.0, {("h1", V)}, {})
+    assert sorted((f.domain or "", f.active) for f in c.fabric[2:]) == [("", False), ("rack2", False)]
+    assert c.state("h1", V) == PlaneState.DOWN
+
+
+def test_suspect_exactly_at_the_deadline() -> None:
+    c = healthy({"h1": "r1"})
+    c.beat("h1", M, 9.5)
+    c.step(Tick(), 10.7)  # 10.7 - 9.5 < 1.2 in floating point
+    assert c.state("h1", M) == PlaneState.SUSPECT

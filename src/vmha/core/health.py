@@ -354,7 +354,7 @@ class HealthCore:
         if self._etcd_ok:
             for host in sorted(self._hosts):
                 for plane, tr in self._hosts[host].planes.items():
-                    if tr.state == PlaneState.UP and tr.seen is not None and now - tr.seen >= self.t.suspect_after:
+                    if tr.state == PlaneState.UP and tr.seen is not None and now >= tr.seen + self.t.suspect_after:
                         tr.reason = f"no new heartbeat for {now - tr.seen:.1f}s"
                         self._leave_up(host, plane, tr, now, out)
         # 2. Fabric outages form before anybody is declared DOWN, and end when too few hosts remain.
@@ -407,7 +407,12 @@ class HealthCore:
                     for h in recent:
                         self._join_outage(key, h, self._hosts[h].planes[plane], now, out)
                     out.fabric.append(FabricChange(plane, domain, True, tuple(sorted(self._outages[key].hosts)), now))
-            elif not self._exceeds(len(outage.hosts), len(members)):
+            elif not self._exceeds(
+                # Count as the forming rule does: every FABRIC host of the scope, whichever outage it is
+                # in, or an outage overlapping another (domain and cluster) would end and form at once.
+                sum(1 for h in members if self._hosts[h].planes[plane].state == PlaneState.FABRIC),
+                len(members),
+            ):
                 del self._outages[key]
                 where = "cluster" if domain is None else f"domain {domain}"
                 left = sorted(outage.hosts)
