@@ -33,7 +33,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 want=$(printf '%s\n' "${pins[@]}" | sort)
 have=$("$venv/bin/python" -m pip freeze 2>/dev/null | grep -i -E '^(nova|openstack-placement|gunicorn|pymysql)==' \
-       | tr 'A-Z' 'a-z' | sed 's/^pymysql/pymysql/' | sort || true)
+       | tr 'A-Z' 'a-z' | sort || true)
 if [ "$(echo "$want" | tr 'A-Z' 'a-z')" != "$have" ]; then
   echo "setup-nova: installing ${pins[*]} into $venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true

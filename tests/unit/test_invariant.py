@@ -180,12 +180,13 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
 
 SIM_HOSTS = {"h1": "rack1", "h2": "rack1", "h3": "rack1", "h4": "rack2", "h5": "rack2"}
 SIM_VMS = [VmInfo(f"vm{i}", f"h{i % 5 + 1}", i != 3, priority=i % 3) for i in range(8)]
-PLANE_WORDS = ("management", "storage", "service", "all")
+PLANE_WORDS = ("management", "storage", "service", "all", "all")
 
 
 def sim_command(draw: st.DrawFn) -> tuple[str, ...]:
-    kind = draw(st.sampled_from(["cut", "cut", "restore", "restore", "power-off", "power-on", "fabric",
-                                 "etcd-leader-change", "manager-failover", "fail"]))
+    # Weighted towards faults that need a fence (a host cut off entirely, powered off).
+    kind = draw(st.sampled_from(["cut", "cut", "cut", "restore", "power-off", "power-off", "power-on",
+                                 "fabric", "etcd-leader-change", "manager-failover", "fail"]))
     host = draw(st.sampled_from(sorted(SIM_HOSTS)))
     if kind in ("cut", "restore"):
         return (kind, host, draw(st.sampled_from(PLANE_WORDS)))

@@ -7,7 +7,9 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmha.lab.verify import DEFAULT_GAP, check_disk, downtime_between, hosts_between
+from vmha.core.policy import DEFAULT_POLICY, PolicyTable
+from vmha.lab.report import check_episode, episodes
+from vmha.lab.verify import DEFAULT_GAP, DiskReport, check_disk, downtime_between, hosts_between
 
 
 def lines(*writes: tuple[str, int, float]) -> list[str]:
@@ -108,3 +110,52 @@ def test_sequential_copies_never_split_brain(copies: list[tuple[str, float]]) ->
     r = check_disk("vm1", lines(*w))
     assert not r.split_brain
     assert abs(r.downtime - expected) < 1e-3
+
+
+# --- fault episodes and their verdicts (vmha.lab.report, pure parts) ---------------------------------
+
+def fault(t: float, target: str, kind: str, action: str) -> dict[str, object]:
+    return {"t": t, "target": target, "kind": kind, "action": action}
+
+
+def test_episodes_group_planes_of_one_host_and_pair_repairs() -> None:
+    eps = episodes([
+        fault(10, "h1", "management", "down"), fault(10.5, "h1", "service", "down"),
+        fault(30, "h1", "management", "up"), fault(31, "h1", "service", "up"),
+        fault(40, "manager", "kill", "m1"),
+        fault(50, "h2", "power", "off"), fault(90, "h2", "power", "on"),
+        fault(100, "fabric", "service", "down"), fault(110, "fabric", "service", "up"),
+        fault(120, "h3", "storage", "down"),
+    ])
+    assert [(e.target, e.label(), e.start, e.end) for e in eps] == [
+        ("h1", "management+service", 10, 31),
+        ("h2", "power-off", 50, 90),
+        ("fabric", "fabric service", 100, 110),
+        ("h3", "storage", 120, None),
+    ]
+
+
+def _disk(*writes: tuple[str, int, float]) -> DiskReport:
+    return check_disk("vm1", lines(*writes))
+
+
+def test_episode_verdicts_follow_the_policy() -> None:
+    policy = PolicyTable.parse(DEFAULT_POLICY)
+    stays = {"vm1": _disk(*run("h1", 1, 0.0, 300))}  # h1 writes from 0 to 29.9 s without a pause
+    moved = {"vm1": _disk(*run("h1", 1, 0.0, 100), *run("h2", 101, 17.0, 100))}  # 7 s gap, then h2
+    evac = [{"vm": "vm1", "source": "h1", "created": 12.0, "action": "fence-evacuate", "kind": "evacuate",
+             "proof": {"method": "lease-taken"}, "state": "done", "running_on": "h2"}]
+    mgmt = episodes([fault(10, "h1", "management", "down"), fault(20, "h1", "management", "up")])[0]
+    storage = episodes([fault(10, "h1", "storage", "down"), fault(25, "h1", "storage", "up")])[0]
+
+    ok = check_episode(mgmt, policy, stays, {}, 30)
+    assert (ok["row"], ok["expected"], ok["ok"]) == ("management", "disable", True)
+    wrong = check_episode(mgmt, policy, moved, {}, 30)
+    assert not wrong["ok"] and any("moved" in p for p in wrong["problems"])
+
+    good = check_episode(storage, policy, moved, {"vm1": evac}, 30)
+    assert (good["expected"], good["moved"], good["ok"]) == ("fence-evacuate", {"vm1": "h2"}, True)
+    no_proof = check_episode(storage, policy, moved, {"vm1": [{**evac[0], "proof": None}]}, 30)
+    assert any("without a fence proof" in p for p in no_proof["problems"])
+    not_moved = check_episode(storage, policy, stays, {}, 30)
+    assert any("still on h1" in p for p in not_moved["problems"])

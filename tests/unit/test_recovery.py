@@ -413,3 +413,19 @@ def test_a_late_proof_of_a_cancelled_task_does_not_touch_the_next_task_of_the_vm
     out = c.step(proof("vm1"), 12.0)
     assert "not expected, ignored" in out.log[0].text and out.actions == []
     assert c.task("vm1").state == TaskState.MIGRATING  # type: ignore[union-attr]
+
+
+def test_a_host_on_its_way_back_does_not_act_on_passing_rows() -> None:
+    c = core(settle_after=5.0)
+    c.step(inventory(VMS), 1.0)
+    c.step(HealthUpdate(health("h2", 10.0, management=DOWN, service=DOWN)), 10.0)  # isolate-evacuate
+    c.step(proof("vm1", t=12.0), 12.0)  # vm1 proved, vm2 still proving
+    # management returns first: row service (live-migrate) is held, unproved vm2 is cancelled
+    out = c.step(HealthUpdate(health("h2", 14.0, service=DOWN)), 14.0)
+    assert not of(out, DisableHost) and not of(out, LiveMigrate)
+    assert of(out, CancelProof) == [CancelProof("vm2", "h2")]
+    assert "acting at 19.0 if it holds" in out.log[0].text and c.next_deadline() == 19.0
+    # service stays down: after the settle time the row is acted upon (vm2 gets a migrate task)
+    out = c.step(Tick(), 19.0)
+    assert of(out, DisableHost) and [m.vm for m in of(out, LiveMigrate)] == ["vm2"]
+    assert c.task("vm1").state == TaskState.MARKING_DOWN  # type: ignore[union-attr]

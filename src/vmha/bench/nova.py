@@ -30,6 +30,7 @@ import click
 import psutil
 
 from vmha.config import NovaConfig
+from vmha.drivers.base import DriverError
 from vmha.drivers.nova import NovaDriver, connect
 from vmha.lab.nova.rig import FLAVOR, IMAGE_ID, NovaRig
 
@@ -83,10 +84,20 @@ async def _round(
     done: dict[str, float] = {}
     took: list[float] = []
 
+    retries: list[str] = []
+
     async def one(vm: str) -> None:
         async with sem:
             t = time.monotonic()
-            await driver.evacuate(vm, host, None)
+            for attempt in range(1, 4):  # what the recovery queue does with a retryable failure
+                try:
+                    await driver.evacuate(vm, host, None)
+                    break
+                except DriverError as e:
+                    if not e.retryable or attempt == 3:
+                        raise
+                    retries.append(str(e))
+                    await asyncio.sleep(1.0)
             done[vm] = time.monotonic() - t0
             took.append(time.monotonic() - t)
 
@@ -97,7 +108,14 @@ async def _round(
     await driver.enable_host(host)
     for vm in ids:
         await asyncio.to_thread(conn.compute.delete_server, vm, force=True)
-    return {"host": host, "n": len(ha), "marks": marks, "active": sorted(done.values()), "took": took}
+    return {
+        "host": host,
+        "n": len(ha),
+        "marks": marks,
+        "active": sorted(done.values()),
+        "took": took,
+        "retries": retries,
+    }
 
 
 async def _run(vms: int, rounds: int, parallel: int, workdir: str | None) -> None:
@@ -115,8 +133,10 @@ async def _run(vms: int, rounds: int, parallel: int, workdir: str | None) -> Non
                 f"round {r + 1}: host {res['host']} killed; forced down +{m['forced_down']:.2f} s, "
                 f"disabled +{m['disabled']:.2f} s, {res['n']} HA servers listed +{m['listed']:.2f} s; "
                 f"ACTIVE elsewhere: first +{act[0]:.2f} s, median +{statistics.median(act):.2f} s, "
-                f"all +{act[-1]:.2f} s"
+                f"all +{act[-1]:.2f} s; retries {len(res['retries'])}"
             )
+            for e in res["retries"]:
+                print(f"  retried: {e}")
         alls = [res["active"][-1] for res in results]
         per_vm = [a for res in results for a in res["active"]]
         evac_each = statistics.median(t for res in results for t in res["took"])

@@ -28,7 +28,7 @@ from vmha.core.fencing import FenceProof, ProofMethod, proof_methods
 from vmha.core.health import FabricChange, HealthOutput, HostHealth
 from vmha.core.log import Level, LogLine
 from vmha.core.planes import PLANES, PlaneState
-from vmha.core.policy import Action, Decision, PolicyTable
+from vmha.core.policy import FABRIC_KEY, Action, Decision, PolicyTable
 from vmha.core.queue import (
     ACTOR,
     STEP_STATE,
@@ -54,6 +54,9 @@ class RecoverySettings:
     retry_cap: float = 60.0  # longest wait between retries
     max_attempts: int = 5  # failed attempts before a task is FAILED
     decide_after: float = 0.0  # hold a host's new policy row this long before acting on it
+    # A host getting better (fewer failed planes) passes through rows on its way back, one plane's
+    # heartbeat at a time: its new row is acted upon only if it lasts this long.
+    settle_after: float = 5.0
     power_fence: bool = False  # an out-of-band power fence exists for every host
     allow_exit_attested: bool = True  # VM disks bypass the page cache: exit attestation is a proof
     host_capacity: int = 0  # VMs per host (0: unlimited)
@@ -341,6 +344,7 @@ _EVACUATING_ACTIONS = frozenset({Action.ISOLATE_EVACUATE, Action.FENCE_EVACUATE}
 class _HostDecision:
     decision: Decision
     since: float  # when the row took effect
+    act_at: float  # when to act on it, if it still holds
     acted: bool = False
     waiting_inventory: bool = False
 
@@ -384,7 +388,7 @@ class RecoveryCore:
     def next_deadline(self) -> float | None:
         deadlines = [t.retry_at for t in self.queue.in_state(TaskState.RETRY_WAIT) if t.retry_at is not None]
         deadlines += [
-            d.since + self.settings.decide_after
+            d.act_at
             for d in self._decisions.values()
             if not d.acted and d.decision.action is not None
         ]
@@ -454,16 +458,17 @@ class RecoveryCore:
             else:
                 # A new row with the same action (storage -> management+storage) is the same episode.
                 same = cur is not None and cur.acted and cur.decision.action == decision.action
-                self._decisions[host] = cur = _HostDecision(decision, now, acted=same)
+                wait = self.settings.settle_after if _better(old, decision) else self.settings.decide_after
+                self._decisions[host] = cur = _HostDecision(decision, now, now + wait, acted=same)
                 if not same:
                     self._held.add(host)
-                hold = f", acting at {now + self.settings.decide_after:.1f}" if self.settings.decide_after else ""
+                hold = f", acting at {now + wait:.1f} if it holds" if wait and not same else ""
                 out.log.append(LogLine(
                     Level.WARN, now, ACTOR,
                     f"host '{host}': row {decision.key} -> {decision.action.value if decision.action else '-'}"
                     f" ({self._failed_text(hh)}{hold})"))
             self._withdraw(host, decision, now, out)
-        if cur is not None and not cur.acted and now >= cur.since + self.settings.decide_after:
+        if cur is not None and not cur.acted and now >= cur.act_at:
             self._act(host, cur, hh, now, out)
 
     @staticmethod
@@ -475,11 +480,14 @@ class RecoveryCore:
     def _withdraw(self, host: str, decision: Decision, now: float, out: RecoveryOutput) -> None:
         """The host's row changed: cancel the tasks the new row no longer calls for and that have
         not passed the point of no return (a proof: the old copy is gone, the restart must follow)."""
+        proved: list[str] = []
         for vm in sorted(self._by_source.get(host, ())):
             task = self.queue.active(vm)
             if task is None or task.source != host:
                 continue
             if task.kind == TaskKind.EVACUATE:
+                if decision.action not in _EVACUATING_ACTIONS and task.proof is not None:
+                    proved.append(vm)
                 if decision.action in _EVACUATING_ACTIONS or task.proof is not None:
                     continue
             elif decision.action == Action.LIVE_MIGRATE or task.state == TaskState.MIGRATING:
@@ -493,6 +501,9 @@ class RecoveryCore:
             task.reason = f"cancelled: {why}"
             self._move(task, TaskState.CANCELLED, now, f"cancelled: {why}", out)
             self._finish(task, out)
+        if proved:
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': row {decision.key or 'none'}, but "
+                                   f"{', '.join(proved)} already proved dead there: their recovery continues"))
 
     def _act(self, host: str, cur: _HostDecision, hh: HostHealth, now: float, out: RecoveryOutput) -> None:
         action = cur.decision.action
@@ -832,7 +843,7 @@ class RecoveryCore:
     def _timers(self, now: float, out: RecoveryOutput) -> None:
         for host in sorted(self._held):
             d = self._decisions.get(host)
-            if d is not None and not d.acted and now >= d.since + self.settings.decide_after:
+            if d is not None and not d.acted and now >= d.act_at:
                 self._reconcile(host, now, out)
             d = self._decisions.get(host)
             if d is None or d.acted:
@@ -964,6 +975,14 @@ class RecoveryCore:
     @staticmethod
     def _finish(task: Task, out: RecoveryOutput) -> None:
         out.actions.append(RecordEvidence(task.vm, task.recovery, task.to_dict()))
+
+
+def _better(old: Decision, new: Decision) -> bool:
+    """The host lost fewer planes than before (a strict subset): it is on its way back."""
+    if old.action is None or FABRIC_KEY in (old.key, new.key):
+        return False
+    before, after = set(old.key.split("+")), set(new.key.split("+"))
+    return after < before
 
 
 def from_health(out: HealthOutput) -> list[RecoveryEvent]:

@@ -28,7 +28,7 @@ from vmha.etcd.keys import Keys
 from vmha.lab.net import LabError, pid_alive
 from vmha.lab.procs import VmProcess, vm_processes
 from vmha.lab.state import DEFAULT_DIR, LabState
-from vmha.lab.vm import EXIT_LEASE_REFUSED
+from vmha.lab.vm import EXIT_LEASE_REFUSED, incoming_marker
 from vmha.lab.vms import start_copy, writing_on
 
 START_TIMEOUT = 30.0  # a copy takes its lease (sanlock acquire: ~1 s) and writes within this
@@ -142,6 +142,7 @@ class LabDriver:
         target = dest or await self._pick(state, exclude={source})
         started = time.time()
         proc = self._start(state, vm, target, incoming=MIGRATE_WAIT)
+        await self._wait_incoming(vm, target, proc)
         # Hand over: the source stops writing and releases; the destination then takes the lease.
         for p in copies:
             if p.host == source:
@@ -149,7 +150,17 @@ class LabDriver:
                     os.kill(p.pid, signal.SIGUSR1)
         await self._wait_writing(state, vm, target, started, proc, MIGRATE_WAIT + START_TIMEOUT)
         await self._place(vm, target)
+        await self._wait_gone(state, vm, source)
         return target
+
+    async def _wait_gone(self, state: LabState, vm: str, host: str) -> None:
+        """Until the VM's copy on `host` has exited (it stopped writing before it released the lease)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while any(p.host == host for p in self._copies(state, vm)):
+            if time.monotonic() > deadline:
+                raise DriverError(f"live migration of {vm}: the source copy on {host} has not exited after "
+                                  f"{START_TIMEOUT:.0f} s (it no longer holds the lease)")
+            await asyncio.sleep(0.05)
 
     # helpers ---------------------------------------------------------------------------------------
     def _copies(self, state: LabState, vm: str) -> list[VmProcess]:
@@ -178,6 +189,22 @@ class LabDriver:
             raise DriverError(f"start {vm} on {host}: {e}") from None
         self._children.append(proc)
         return proc
+
+    async def _wait_incoming(self, vm: str, host: str, proc: subprocess.Popen[bytes]) -> None:
+        """Until the destination copy is up and waiting for the lease (its marker, seen through its
+        own mount namespace), so the source stops only when the handover can follow at once."""
+        marker = Path(f"/proc/{proc.pid}/root") / incoming_marker(vm).relative_to("/")
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if marker.exists():
+                return
+            code = proc.poll()
+            if code is not None:
+                raise DriverError(f"live migration of {vm}: destination copy on {host} exited ({code}) before the "
+                                  "handover")
+            await asyncio.sleep(0.02)
+        proc.terminate()
+        raise DriverError(f"live migration of {vm}: destination copy on {host} not ready in {START_TIMEOUT:.0f} s")
 
     async def _start_and_wait(self, state: LabState, vm: str, host: str, incoming: float) -> None:
         started = time.time()

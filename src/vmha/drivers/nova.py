@@ -6,7 +6,12 @@ Nova's rules this driver is built around (all seen against a real Nova API):
 - from microversion 2.95 an evacuated server stays stopped at the destination: the connection is
   pinned to config.nova.microversion (2.94), and a server that still ends SHUTOFF is started;
 - un-forcing a repaired host is refused (400) until its nova-compute restarted and completed the
-  evacuations from it: enable_host surfaces that as a non-retryable DriverError with the reason.
+  evacuations from it: enable_host surfaces that as a non-retryable DriverError with the reason;
+- near the end of a successful evacuation the server shows for a moment no task, ACTIVE, on the
+  source host: success and failure are told apart by the migration record, not the server;
+- disabling a host whose dead compute Nova still believes up saves the disable, then waits for
+  an RPC answer up to rpc_response_timeout (60 s): the driver checks the saved state instead;
+  once forced down (or seen down) Nova answers at once.
 openstacksdk blocks, so every call runs in a thread (asyncio.to_thread) under a timeout.
 """
 
@@ -33,6 +38,9 @@ COMPUTE_BINARY = "nova-compute"
 _TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 # Nova answers these 400s when the source service is still up; the queue may retry once it is down.
 _SERVICE_IN_USE = ("still in use", "ComputeServiceInUse")
+_MIGRATION_TYPE = {"evacuation": "evacuation", "live migration": "live-migration"}
+_MIGRATION_FAILED = frozenset({"failed", "error", "cancelled"})
+_MIGRATION_ACTIVE = frozenset({"accepted", "pre-migrating", "running", "done"})
 # Task states of an evacuation (a rebuild on another host) that is under way.
 _REBUILDING = frozenset({"rebuilding", "rebuild_block_device_mapping", "rebuild_spawning"})
 
@@ -192,6 +200,19 @@ class NovaDriver:
             )
         return found[0]
 
+    async def _last_migration(self, vm: str, kind: str) -> Any:
+        def run() -> list[Any]:
+            return list(self.conn.compute.migrations(server_id=vm, migration_type=kind))
+
+        found = await self._call(f"list migrations of {vm}", run)
+        return max(found, key=lambda m: (m.created_at or "", str(m.id)), default=None)
+
+    async def _evacuation_in_flight(self, vm: str, source: str) -> bool:
+        """An evacuation from `source` not finished yet, though the server may show no task: in its
+        last moments ('done', host not yet switched), or between the API and the destination."""
+        m = await self._last_migration(vm, "evacuation")
+        return m is not None and m.source_compute == source and m.status in _MIGRATION_ACTIVE
+
     # --- host actions ----------------------------------------------------------------------------
 
     async def disable_host(self, host: str, reason: str) -> None:
@@ -246,8 +267,18 @@ class NovaDriver:
                         retryable=False,
                     ) from e
                 raise
+        svc = await self._service(host)
         await self._call(f"enable nova-compute on {host}", self.conn.compute.enable_service, svc)
-        log.info("nova: host=%s enabled (forced_down cleared)", host)
+        if svc.state != "up":
+            # Nova tells the compute over RPC only when it sees it up; otherwise the placement trait
+            # COMPUTE_STATUS_DISABLED stays until the compute's next periodic resource update.
+            log.warning(
+                "nova: host=%s enabled while Nova sees its compute down: no new VMs are scheduled to it "
+                "before the compute reports again (update_resources_interval)",
+                host,
+            )
+        else:
+            log.info("nova: host=%s enabled (forced_down cleared)", host)
 
     # --- VM actions ------------------------------------------------------------------------------
 
@@ -258,7 +289,9 @@ class NovaDriver:
             # Already done (a previous leader's attempt, or a retry after a lost answer).
             log.info("nova: vm=%s already on host=%s (not %s): evacuation done before", vm, server.compute_host, source)
             return str(server.compute_host)
-        if server.task_state in _REBUILDING:
+        if server.task_state in _REBUILDING or (
+            server.task_state is None and await self._evacuation_in_flight(vm, source)
+        ):
             # An evacuation already in flight (a retry after a timeout or a lost answer): wait for it.
             # If its destination died, the server stays 'rebuilding' until an operator resets it.
             log.info("nova: vm=%s evacuation already in progress (task_state=%s): waiting", vm, server.task_state)
@@ -301,9 +334,11 @@ class NovaDriver:
     async def _wait_moved(self, vm: str, source: str, timeout: float, what: str, *, start: bool) -> str:
         """Poll until the server runs on another host with no task; `start`: it must end ACTIVE.
 
-        Nova sets the task (rebuilding, migrating) before answering the request, so a server back
-        to no task on the source host means the operation failed.
+        The server alone cannot tell a failure: near the end of a successful evacuation Nova shows
+        it for a moment with no task, ACTIVE, still on the source host (seen against the real API).
+        So the server's latest migration record of this kind decides: failed/error means failed.
         """
+        kind = _MIGRATION_TYPE[what]
         deadline = time.monotonic() + timeout
         started = False
         while True:
@@ -319,12 +354,15 @@ class NovaDriver:
                     await self._call(f"start {vm}", self.conn.compute.start_server, vm)
                     started = True
                 elif status == "ERROR":
-                    raise DriverError(f"nova: vm={vm} {what} to {host} ended in ERROR: {_fault(s)}")
+                    raise DriverError(f"nova: vm={vm} {what} to {host} ended in ERROR {_fault(s)}".rstrip())
             elif task is None and host == source:
-                raise DriverError(
-                    f"nova: vm={vm} {what} from {source} failed: status={status} {_fault(s)}".rstrip(),
-                    retryable=True,
-                )
+                migration = await self._last_migration(vm, kind)
+                if status == "ERROR" or (migration is not None and migration.status in _MIGRATION_FAILED):
+                    state = "none" if migration is None else migration.status
+                    raise DriverError(
+                        f"nova: vm={vm} {what} from {source} failed: status={status} migration={state} "
+                        f"{_fault(s)}".rstrip()
+                    )
             if time.monotonic() >= deadline:
                 raise DriverError(
                     f"nova: vm={vm} {what} not finished after {timeout:.0f} s "

@@ -249,7 +249,18 @@ class EtcdClient:
         after the connection has been dropped (the next call reconnects, to the next endpoint)."""
         limit = self.timeout if timeout is None else timeout
         try:
-            result = await asyncio.wait_for(op(self.raw()), timeout=limit)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when the call
+            # ends as the caller is being cancelled, swallowing the cancellation (a loop that was
+            # cancelled then runs on forever; seen with the manager's keepalive).
+            async with asyncio.timeout(limit):
+                result = await op(self.raw())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is being cancelled
+            # Nobody cancelled this task: gRPC cancelled the call because another task's failure
+            # closed the shared channel (reset). That is a connectivity error, not a cancellation.
+            raise EtcdUnavailable(f"{self.name}: {self.endpoint}: call cut by a connection reset") from None
         except (*_UNAVAILABLE, aetcd.exceptions.ClientError) as e:
             raise await self.fail(e) from None
         self.succeeded()

@@ -60,13 +60,16 @@ class Leadership:
     def active(self) -> bool:
         return not self.lost.is_set()
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, *, resigned: bool = False) -> None:
         """Stop acting now (idempotent): the one place a leadership ends."""
         if not self.active:
             return
         self.reason = reason
         self.lost.set()
-        log.warning("manager %s: leadership lost: %s; stopping all actions", self.name, reason)
+        if resigned:
+            log.info("manager %s: resigned leadership (%s)", self.name, reason)
+        else:
+            log.warning("manager %s: leadership lost: %s; stopping all actions", self.name, reason)
         if self.on_lost is not None:
             self.on_lost(self)
 
@@ -238,7 +241,7 @@ class Election:
         while lead.active:
             now = time.monotonic()
             if now >= deadline:
-                lead.end(f"no keepalive answered for {self.ttl} s")
+                lead.end(f"no keepalive answered for {self.ttl - margin:g} s")
                 return
             sent = now
             try:
@@ -263,12 +266,12 @@ class Election:
         """Give up leadership (if held): stop the keepalive and revoke the lease (deletes the key)."""
         lead, self.leadership = self.leadership, None
         task, self._keepalive = self._keepalive, None
+        if lead is not None:
+            lead.end("stopping", resigned=True)  # first: the keepalive loop ends even if it misses the cancel
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=self.ttl)
         if lead is not None:
-            lead.end("resigned")
             await self._revoke_quietly(lead.lease)
 
 

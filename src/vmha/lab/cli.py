@@ -167,6 +167,7 @@ def kill(what: str, lab_dir: Path) -> None:
     except LabError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(rec))
+    click.echo("the standby takes over; `vmha lab up` (same sizes) starts the killed manager again", err=True)
 
 
 DEMO_FAULTS = ("management", "service", "storage", "isolation", "power-off", "fabric")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +14,8 @@ from vmha.core.planes import PLANES
 from vmha.etcd.keys import Keys
 from vmha.lab import controller, etcdq
 from vmha.lab.configs import controller_config
-from vmha.lab.hosts import boot_host, storage
-from vmha.lab.net import HOST_INDEX_BASE, LabError, LabNet, run
+from vmha.lab.hosts import boot_host, storage, vmha_command
+from vmha.lab.net import HOST_INDEX_BASE, LabError, LabNet, pid_alive, run
 from vmha.lab.procs import vm_processes
 from vmha.lab.state import CLUSTER, DISKS_DIR, LEASES_DIR, LabState, NodeState
 from vmha.lab.vms import start_copy, writing_on
@@ -83,23 +82,16 @@ def _host_order(name: str) -> int:
     return int(name[1:])
 
 
-# Run inside the controller (the lock manager writes leases through a local sanlock daemon).
-_INIT_LOCKS = (
-    "import sys; from vmha import config; from vmha.locks import LockSpace; "
-    "s = LockSpace.from_config(config.load(sys.argv[1]).require_locks()); s.init(); "
-    "[s.create_lease(vm) for vm in sys.argv[2:]]"
-)
-
-
 def _init_locks(state: LabState) -> None:
-    """Lockspace and one lease per VM, written with the lab's io_timeout, through manager m1's
-    sanlock daemon (the controller's processes reach no other). Existing ones are kept."""
+    """Lockspace and one lease per VM, written with the lab's io_timeout (`vmha locks init`, through
+    manager m1's sanlock daemon: the controller's processes reach no other). Existing ones are kept."""
     ctl = state.node("controller")
     (state.export / LEASES_DIR).mkdir(parents=True, exist_ok=True)
     (state.export / DISKS_DIR).mkdir(parents=True, exist_ok=True)
     cfg = controller_config(state)
+    vms = [a for vm in state.vms for a in ("--vm", vm)]
     run([*ctl.enter(), "env", f"SANLOCK_RUN_DIR={controller.sanlock_run_dir(state, controller.MANAGERS[0])}",
-         sys.executable, "-c", _INIT_LOCKS, str(cfg), *state.vms], timeout=120)
+         *vmha_command("locks", "init", "--config", str(cfg), *vms)], timeout=120)
 
 
 def _records(state: LabState) -> None:
@@ -204,16 +196,20 @@ def status(state: LabState) -> dict[str, Any]:
     hosts = []
     for name in sorted(state.hosts, key=_host_order):
         planes = view.get(name, {})
+        ns = state.hosts[name]
+        # Powered means its anchor (and so its namespaces' life) still runs, whoever turned it off.
+        powered = ns.power == "on" and ns.anchor > 0 and pid_alive(ns.anchor)
         hosts.append({"name": name, "planes": {p.value: planes.get(p.value, "unknown") for p in PLANES},
-                      "power": state.hosts[name].power})
+                      "power": "on" if powered else "off"})
     vms = []
     for vm in state.vms:
         on = by_vm.get(vm, [])
-        entry: dict[str, Any] = {"name": vm, "host": on[0] if len(on) == 1 else None,
-                                 "state": "running" if len(on) == 1 else ("stopped" if not on else "split")}
-        if len(on) > 1:
-            entry["hosts"] = on  # more than one copy runs: verify will say whether both wrote
-        vms.append(entry)
+        # More than one copy with its disk open: "split" (verify says whether both wrote).
+        vms.append({
+            "name": vm,
+            "host": on[0] if len(on) == 1 else None,
+            "state": "running" if len(on) == 1 else ("stopped" if not on else "split"),
+        })
     tasks_raw, _ = etcdq.get_json_prefix(state, KEYS.tasks_prefix)
     tasks = [{"vm": k[len(KEYS.tasks_prefix) :], **(v if isinstance(v, dict) else {"value": v})}
              for k, v in sorted(tasks_raw.items())]
@@ -245,7 +241,7 @@ def down(lab_dir: Path, prefix: str = "vl", echo: Echo = _quiet) -> list[str]:
     removed.extend(names)
     if state is not None:
         # The data (etcd, disks, leases) goes too: the next `lab up` starts clean.
-        for sub in ("etcd", "storage", "config", "state"):
+        for sub in ("etcd", "storage", "config", "state", "run"):
             shutil.rmtree(state.dir / sub, ignore_errors=True)
         for f in ("lab.json", "faults.jsonl"):
             with contextlib.suppress(FileNotFoundError):

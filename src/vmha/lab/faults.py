@@ -13,7 +13,6 @@ import signal
 import time
 
 from vmha.core.planes import Plane
-from vmha.lab import controller
 from vmha.lab.cluster import leader
 from vmha.lab.hosts import boot_host, power_off
 from vmha.lab.net import LabError, pid_alive
@@ -49,6 +48,7 @@ def fabric(state: LabState, plane: str, updown: str) -> dict[str, object]:
 
 
 def power(state: LabState, host: str, on: bool) -> dict[str, object]:
+    state.reload()  # a manager's power fence may have turned it off meanwhile
     if host not in state.hosts:
         raise LabError(f"no lab host {host!r}; hosts: {', '.join(sorted(state.hosts))}")
     t = time.time()
@@ -73,8 +73,3 @@ def kill_manager(state: LabState) -> dict[str, object]:
     t = time.time()
     os.kill(pid, signal.SIGKILL)
     return state.log_fault("manager", "kill", name, t)
-
-
-def restart_managers(state: LabState) -> None:
-    controller.start_managers(state)
-    state.save()

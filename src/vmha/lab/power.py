@@ -25,7 +25,10 @@ from vmha.locks.power import PowerFenceError
 def fence_host(lab_dir: Path, host: str, who: str) -> str:
     """Powers the host off and confirms it; returns the evidence text. Idempotent: an already-off
     host is confirmed again (its namespace must still hold no process)."""
-    state = LabState.load(lab_dir)
+    try:
+        state = LabState.load(lab_dir)
+    except LabError as e:
+        raise PowerFenceError(f"power fence {host}: {e}") from None
     if host not in state.hosts:
         raise PowerFenceError(f"power fence: no lab host {host!r}")
     t0 = time.time()

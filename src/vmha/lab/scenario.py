@@ -136,6 +136,7 @@ def run_fault(state: LabState, kind: str, host: str, echo: Echo) -> Timeline:
     """Injects one fault, waits for its outcome, repairs it and waits until the lab is healthy again."""
     if kind not in CLASSES:
         raise LabError(f"unknown fault class {kind!r}: {', '.join(CLASSES)}")
+    state.reload()
     before = running_on(state)
     vms = sorted(vm for vm, hs in before.items() if host in hs) if kind != "fabric" else sorted(before)
     t0 = time.time()
@@ -210,6 +211,10 @@ def _settle(state: LabState, tl: Timeline, host: str | None) -> None:
     since = time.time()
     enabled = host is None
     problems: list[str] = []
+    state.reload()
+    if host is not None and state.hosts[host].power == "off":
+        # The manager fenced it (power fence): the operator's repair includes powering it on.
+        faults.power(state, host, on=True)
     while time.monotonic() < deadline:
         if not enabled and all(v == "up" for v in health_view(state).get(str(host), {}).values()):
             enabled = enable_host(state, str(host))

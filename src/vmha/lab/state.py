@@ -113,6 +113,12 @@ class LabState:
             created=float(d["created"]),
         )
 
+    def reload(self) -> None:
+        """Re-reads lab.json in place: another process (a manager's power fence, another lab command)
+        may have changed it since this one loaded it; writing a stale copy back would undo that."""
+        fresh = LabState.load(self.dir)
+        self.hosts, self.controller, self.vms = fresh.hosts, fresh.controller, fresh.vms
+
     # fault log ----------------------------------------------------------------------------------
     def log_fault(self, target: str, kind: str, action: str, t: float | None = None) -> dict[str, Any]:
         """Appends one fault event; verify and the demo read them back."""

@@ -36,7 +36,13 @@ from vmha.locks.space import LeaseBusy, LockError, LockSpace
 
 INTERVAL = 0.1  # seconds between writes: verify's gap threshold (0.5 s) counts on it
 READ_TAIL = 4096  # bytes read from the disk's end to find the last record
+RUN_DIR = Path("/run/vmha")  # the host's tmpfs (its anchor's mount namespace)
 EXIT_LEASE_REFUSED = 3  # exit status when the lease cannot be taken (held elsewhere, no lockspace)
+
+
+def incoming_marker(vm: str) -> Path:
+    """Exists (in the host's /run/vmha) while an incoming copy waits for the VM's lease."""
+    return RUN_DIR / f"vm-{vm}.incoming"
 
 
 def last_record(disk: Path) -> dict[str, Any] | None:
@@ -82,16 +88,27 @@ class LabVm:
         print(f"vm {self.name} host {self.host}: {text}", file=sys.stderr, flush=True)
 
     def acquire(self, wait: float) -> None:
-        """Takes the lease; with wait > 0 keeps trying while another holder has it (incoming migration)."""
+        """Takes the lease; with wait > 0 keeps trying while another holder has it (incoming migration).
+
+        While it waits, the incoming marker exists: the migration tells the source to hand over only
+        then, so the pause is the lease handover alone, not this process's start-up.
+        """
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                self.hold = acquire_self(self.space, self.name)
-                return
-            except LeaseBusy:
-                if time.monotonic() >= deadline or self.stop.is_set():
-                    raise
-            self.stop.wait(0.05)
+        marker = incoming_marker(self.name)
+        if wait > 0:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(os.getpid()))
+        try:
+            while True:
+                try:
+                    self.hold = acquire_self(self.space, self.name)
+                    return
+                except LeaseBusy:
+                    if time.monotonic() >= deadline or self.stop.is_set():
+                        raise
+                self.stop.wait(0.02)
+        finally:
+            marker.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.hold is None:

@@ -14,7 +14,16 @@ Pieces (see each module):
 """
 
 from vmha.locks.isolation import Attestation, IsolationResult, attest_exit, stop_lease_holders
-from vmha.locks.lease import Holder, LeaseHold, acquire_for, acquire_self, inquire, register_self, release_for
+from vmha.locks.lease import (
+    Holder,
+    LeaseHold,
+    acquire_for,
+    acquire_self,
+    inquire,
+    prune_records,
+    register_self,
+    release_for,
+)
 from vmha.locks.power import FenceAgentPower, PowerFence, PowerFenceError, fence_agents
 from vmha.locks.prover import ProofRefused, Prover
 from vmha.locks.space import (
@@ -55,6 +64,7 @@ __all__ = [
     "attest_exit",
     "fence_agents",
     "inquire",
+    "prune_records",
     "register_self",
     "release_for",
     "stop_lease_holders",

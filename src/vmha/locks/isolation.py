@@ -4,8 +4,9 @@ Both run on the VM's host, in the agent. The attestation is what lets the manage
 before host_dead: it is true only when
 - every process recorded or seen holding the VM's lease is gone from the process table (exited,
   not merely signalled; a zombie counts as exited, its writes are complete), and
-- this host's lockspace has failed or been removed (the local daemon no longer renews it; sanlock
-  removes a failed lockspace only after all its holders have exited), or the daemon is gone.
+- the local sanlock daemon reports this host's lockspace gone (failed and removed: sanlock removes
+  a failed lockspace only after all its holders have exited, which also covers holders vmha did not
+  record, such as a QEMU whose lease libvirt took). A daemon that does not answer is no evidence.
 It is valid only where VM disks bypass the host page cache (QEMU cache=none, O_DIRECT): cached
 writes could reach storage after the process is gone. The manager enforces that (allow_exit_attested).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 
 from vmha.locks.lease import Holder, live_holders, recorded_holders
 from vmha.locks.space import LockSpace
+
+log = logging.getLogger("vmha.locks.isolation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +70,13 @@ async def stop_lease_holders(
     survivors = await _wait_gone(after_term, kill_timeout, poll)
     killed = [h for h in after_term if h not in survivors]
     terminated = [h for h in holders if h not in after_term]
-    return IsolationResult(tuple(terminated), tuple(killed), tuple(survivors))
+    result = IsolationResult(tuple(terminated), tuple(killed), tuple(survivors))
+    for h in holders:
+        how = "survived SIGKILL" if h in survivors else "SIGKILL" if h in killed else "SIGTERM"
+        (log.error if h in survivors else log.warning)(
+            "isolation: stopped lease holder vm=%s pid=%d lockspace=%s (%s)", h.vm, h.pid, space.name, how
+        )
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +90,9 @@ class Attestation:
 def attest_exit(space: LockSpace, vm: str) -> Attestation:
     """Whether this host can attest that the VM's lease holders are gone and its lockspace is lost."""
     state = space.local_state()
+    # The recorded holders only: while the daemon still has the lockspace the answer is "no" anyway,
+    # and once it has lost it the daemon no longer knows them (this is what the records are for).
     holders = {(h.vm, h.pid): h for h in recorded_holders(vm)}
-    if state not in ("absent", "no-daemon"):
-        # While the daemon still has the lockspace it also knows the holders: include them.
-        for h in live_holders(space):
-            if h.vm == vm:
-                holders.setdefault((h.vm, h.pid), h)
     alive = [h for h in holders.values() if h.alive()]
     evidence = {
         "lockspace": state,
@@ -94,7 +101,13 @@ def attest_exit(space: LockSpace, vm: str) -> Attestation:
     }
     if alive:
         return Attestation(vm, False, f"holders still alive: {' '.join(h.text() for h in alive)}", evidence)
-    if state not in ("absent", "no-daemon"):
-        return Attestation(vm, False, f"lockspace {space.name} is {state}: this host's sanlock still renews it",
-                           evidence)
+    if state == "no-daemon":
+        # A dead daemon says nothing about holders it never told us of (a QEMU whose lease libvirt
+        # took): only the daemon's own removal of the lockspace vouches for them.
+        return Attestation(vm, False, "the local sanlock daemon does not answer: holders unknown; "
+                           "wait for host_dead or a power fence", evidence)
+    if state != "absent":
+        return Attestation(
+            vm, False, f"lockspace {space.name} is {state}: this host's sanlock still renews it", evidence
+        )
     return Attestation(vm, True, "holders gone and lockspace lost", evidence)

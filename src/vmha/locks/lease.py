@@ -89,6 +89,14 @@ def recorded_holders(vm: str | None = None) -> list[Holder]:
     return out
 
 
+def prune_records() -> int:
+    """Removes the records of holders that have exited (the agent calls it at start); returns how many."""
+    gone = [h for h in recorded_holders() if not h.alive()]
+    for h in gone:
+        forget(h)
+    return len(gone)
+
+
 def _busy(space: LockSpace, vm: str, e: sanlock.SanlockException) -> LockError:
     if is_unavailable(e):
         return SanlockUnavailable(f"VM {vm}: local sanlock daemon does not answer ({why(e)}): the VM must not run")

@@ -27,6 +27,7 @@ import sanlock
 
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.etcd.attest import AttestResponse, AttestTimeout
+from vmha.etcd.client import EtcdError
 from vmha.locks.lease import LeaseHold
 from vmha.locks.power import PowerFence, PowerFenceError
 from vmha.locks.space import HostInfo, HostState, LeaseBusy, LockError, LockSpace, why
@@ -68,6 +69,11 @@ class _Trail:
         text = "not seen" if info is None else info.state.value
         if not self.states or not self.states[-1].endswith(f" {text}"):
             self.states.append(f"+{time.monotonic() - self.t0:.2f}s {text}")
+
+
+def _release_if_held(done: asyncio.Future[LeaseHold]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        done.result().release()
 
 
 def _owners_text(owners: Sequence[HostInfo]) -> str:
@@ -120,7 +126,11 @@ class Prover:
             owners = await asyncio.to_thread(self.space.owners, vm)
         except LockError as e:
             raise ProofRefused(vm, host, str(e)) from None
-        host_id = await self.host_id_of(host)
+        try:
+            host_id = await self.host_id_of(host)
+        except EtcdError as e:  # the methods that need no host_id can still prove
+            host_id = None
+            trail.add(f"host_id of {host} unknown: {e}")
         trail.add(f"owners {_owners_text(owners)}; {host} is host_id {host_id}")
         attempts: list[str] = []
         for i, method in enumerate(methods):
@@ -192,7 +202,13 @@ class Prover:
             owners = await asyncio.to_thread(self.space.owners, vm)
             if any(o.state in (HostState.FAIL, HostState.UNKNOWN) for o in owners):
                 return None
-            return await asyncio.to_thread(LeaseHold, self.space, vm)
+            taking = asyncio.ensure_future(asyncio.to_thread(LeaseHold, self.space, vm))
+            try:
+                return await asyncio.shield(taking)
+            except asyncio.CancelledError:
+                # The proof was cancelled while sanlock was granting the lease: do not keep it.
+                taking.add_done_callback(_release_if_held)
+                raise
         except LeaseBusy:
             return None
         except LockError as e:
@@ -206,15 +222,16 @@ class Prover:
         trail.add("lease acquired")
         return hold
 
-    async def _take_until(self, vm: str, end: float, trail: _Trail, what: str) -> LeaseHold:
+    async def _take_until(self, vm: str, end: float, trail: _Trail, why: str, fail: str) -> LeaseHold:
+        """Retries taking the lease until `end`: `why` says what made it free, `fail` what it means if not."""
         while True:
             hold = await self._take(vm)
             if hold is not None:
-                trail.add(f"lease acquired ({what})")
+                trail.add(f"lease acquired ({why})")
                 return hold
             if time.monotonic() >= end:
                 owners = await asyncio.to_thread(self.space.owners, vm)
-                raise _Failed(f"{what}: lease still held ({_owners_text(owners)})")
+                raise _Failed(f"{fail}: lease still held ({_owners_text(owners)})")
             await asyncio.sleep(self.poll)
 
     async def _request_force(self, vm: str, end: float, trail: _Trail) -> LeaseHold:
@@ -228,7 +245,8 @@ class Prover:
         except sanlock.SanlockException as e:
             raise _Failed(f"REQ_FORCE could not be written: {why(e)}") from None
         trail.add("REQ_FORCE written")
-        return await self._take_until(vm, end, trail, "owner did not release after REQ_FORCE (storage plane cut?)")
+        return await self._take_until(vm, end, trail, "owner released after REQ_FORCE",
+                                      "owner did not release after REQ_FORCE (storage plane cut?)")
 
     async def _wait_state(self, host_id: int, end: float, trail: _Trail, ok: Callable[[HostInfo | None], bool]) -> bool:
         while True:
@@ -243,7 +261,8 @@ class Prover:
     async def _host_dead(self, vm: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
         if not await self._wait_state(host_id, end, trail, lambda i: i is not None and i.state is HostState.DEAD):
             raise _Failed(f"host_id {host_id} not DEAD (states seen: {' '.join(trail.states)})")
-        return await self._take_until(vm, end, trail, f"host_id {host_id} DEAD")
+        return await self._take_until(vm, end, trail, f"host_id {host_id} DEAD",
+                                      f"host_id {host_id} DEAD but sanlock still refuses the lease")
 
     async def _reset_and_take(self, vm: str, host_id: int, trail: _Trail, why: str) -> LeaseHold:
         """After evidence that nothing on host_id can write: reset the lease if host_id owns it, take it."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import subprocess
@@ -40,6 +41,7 @@ import sanlock
 from vmha.config import LocksConfig
 
 NAME_MAX = 48  # sanlock's SANLK_NAME_LEN: lockspace, resource and host names
+log = logging.getLogger("vmha.locks")
 T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SECTOR = 512  # sanlock's default sector size, used for every lease vmha writes
@@ -189,18 +191,28 @@ class LockSpace:
 
     # --- initialisation (through the local daemon) ------------------------------------------------------
     def init(self, *, force: bool = False) -> None:
-        """Writes the lockspace file. An existing lockspace is kept unless it has another io_timeout,
-        which is an error unless `force` (only safe while no host has joined)."""
+        """Writes the lockspace file. An existing lockspace of this name is kept if its io_timeout is
+        the configured one, and is an error otherwise unless `force` (safe only while no host has
+        joined). A file that is no lockspace at all (an interrupted init) is written over."""
         self._require_dir()
         if self.ids_path.exists() and not force:
-            with contextlib.suppress(IoTimeoutMismatch):
-                self.check()
-                return
-            raise IoTimeoutMismatch(
-                f"{self.ids_path} exists with another io_timeout than {self.io_timeout}: set locks.io_timeout "
-                f"to {self.stored_io_timeout()}, or re-initialise with `vmha locks init --force` while every "
-                "host has left the lockspace"
-            )
+            try:
+                info = sanlock.read_lockspace(str(self.ids_path))
+            except sanlock.SanlockException:
+                info = None  # not a lockspace: nobody can have joined it
+            if info is not None:
+                if info.get("lockspace") != self.bname:
+                    raise LeaseAreaError(
+                        f"{self.ids_path} holds lockspace {info.get('lockspace')!r}, not {self.name!r}: check "
+                        "locks.lockspace, or remove the file if that lockspace is no longer used"
+                    )
+                if int(info["iotimeout"]) == self.io_timeout:
+                    return
+                raise IoTimeoutMismatch(
+                    f"{self.ids_path} was initialised with io_timeout {info['iotimeout']}, the config says "
+                    f"{self.io_timeout}: set locks.io_timeout = {info['iotimeout']}, or re-initialise with "
+                    "`vmha locks init --force` while every host has left the lockspace"
+                )
         with open(self.ids_path, "ab") as f:
             if f.tell() < AREA:
                 f.truncate(AREA)
@@ -338,6 +350,14 @@ class LockSpace:
         while time.monotonic() < deadline:
             state = self._call(lambda: sanlock.inq_lockspace(self.bname, host_id, str(self.ids_path)))
             if state:
+                log.info(
+                    "host %s: joined lockspace %s as host_id %d (io_timeout %d, %s)",
+                    host,
+                    self.name,
+                    host_id,
+                    self.io_timeout,
+                    self.ids_path,
+                )
                 return
             if state is False:  # the daemon gave up the join
                 raise LockError(f"host {host}: sanlock could not join lockspace {self.name} with host_id "
@@ -350,6 +370,7 @@ class LockSpace:
         still hold leases in it: release them first."""
         with contextlib.suppress(sanlock.SanlockException):  # already gone is fine
             sanlock.rem_lockspace(self.bname, host_id, str(self.ids_path))
+            log.info("left lockspace %s (host_id %d)", self.name, host_id)
 
     def joined(self, host_id: int) -> bool | None:
         """True when joined, None while joining/leaving, False when not."""

@@ -86,6 +86,7 @@ from vmha.manager.detection import HealthMonitor, unix_monotonic
 log = logging.getLogger("vmha.manager")
 
 INVENTORY_INTERVAL = 10.0  # seconds between inventory snapshots (plus one at each DOWN/FABRIC)
+STOP_TIMEOUT = 5.0  # a term's loops and actions get this long to stop once cancelled
 TEST_PARTS_ENV = "VMHA_MANAGER_TEST_PARTS"
 
 T = TypeVar("T")
@@ -234,8 +235,10 @@ class Inbox:
         """Every pending event; waits up to `timeout` for one (an empty list: timed out)."""
         if not self._items:
             self._ready.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
         items, self._items = self._items, []
         return items
 
@@ -330,28 +333,44 @@ class Term:
         self.inventory_now = asyncio.Event()
         self.pending_events: list[tuple[str, str, str, str]] = []  # health lines for the stream
         self.inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.over = False  # the term ended: nothing more is decided or started
         self.proof_timeout = proof_timeout(mgr.cfg)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Lead until the leadership ends (_TermOver, NotLeader), `stop` is set (_TermOver), or a
+        task write is refused (StaleTasks); anything else is a bug and ends the manager."""
         tasks = await self._durable(self.store.load)
         await self._durable(self.events.start)
         log.info("manager %s: leading; %d task(s) in etcd", self.mgr.m.name, len(tasks))
         self.inbox.put(TasksLoaded(tuple(tasks)))
+        loops = [
+            asyncio.create_task(self._until_lost(stop), name="lost"),
+            asyncio.create_task(self.monitor.run(), name="health monitor"),
+            asyncio.create_task(self._health_feed(), name="health feed"),
+            asyncio.create_task(self._inventory(), name="inventory"),
+            asyncio.create_task(self._decide(), name="decide"),
+        ]
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._until_lost(stop), name="lost")
-                tg.create_task(self.monitor.run(), name="health monitor")
-                tg.create_task(self._health_feed(), name="health feed")
-                tg.create_task(self._inventory(), name="inventory")
-                tg.create_task(self._decide(), name="decide")
-        except* StaleTasks as eg:
-            raise eg.exceptions[0] from None
-        except* NotLeader as eg:
-            raise eg.exceptions[0] from None
-        except* _TermOver:
-            raise _TermOver() from None
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                exc = None if t.cancelled() else t.exception()
+                if exc is not None:
+                    raise exc
+            raise _TermOver()
         finally:
+            # `over` first: a loop that misses its cancellation still starts nothing afterwards.
+            self.over = True
+            for t in loops:
+                t.cancel()
             await self._cancel_inflight()
+            _, stuck = await asyncio.wait(loops, timeout=STOP_TIMEOUT)
+            if stuck:
+                log.error(
+                    "manager %s: %s did not stop in %g s (abandoned; they start nothing more)",
+                    self.mgr.m.name,
+                    ", ".join(t.get_name() for t in stuck),
+                    STOP_TIMEOUT,
+                )
 
     async def _until_lost(self, stop: asyncio.Event) -> None:
         lost = asyncio.create_task(self.lead.lost.wait())
@@ -370,13 +389,20 @@ class Term:
             t.cancel()
         if tasks:
             log.warning("manager %s: %d action(s) in flight cancelled", self.mgr.m.name, len(tasks))
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            if stuck:
+                log.error(
+                    "manager %s: %d action(s) still finishing a call after %g s (abandoned)",
+                    self.mgr.m.name,
+                    len(stuck),
+                    STOP_TIMEOUT,
+                )
 
     async def _durable(self, op: Callable[[], Awaitable[T]]) -> T:
         """Retry an etcd operation while etcd is unreachable; the keepalive ends the leadership
         (and so the term) if that lasts past the TTL."""
         while True:
-            if not self.lead.active:
+            if not self.lead.active or self.over:
                 raise _TermOver()
             try:
                 return await op()
@@ -410,7 +436,7 @@ class Term:
                 self.inbox.put(FabricUpdate(change))
 
     async def _inventory(self) -> None:
-        while True:
+        while not self.over:
             try:
                 hosts = await self.driver.hosts()
                 vms = await self.driver.vms()
@@ -421,14 +447,15 @@ class Term:
             else:
                 self.inbox.put(Inventory(tuple(hosts), tuple(vms)))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.inventory_now.wait(), INVENTORY_INTERVAL)
+                async with asyncio.timeout(INVENTORY_INTERVAL):
+                    await self.inventory_now.wait()
             self.inventory_now.clear()
 
     # -- the decision loop ------------------------------------------------------------------------
 
     async def _decide(self) -> None:
         ticked: float | None = None
-        while True:
+        while not self.over:
             deadline = self.core.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self.clock())
             if timeout is not None and deadline == ticked:
@@ -467,6 +494,8 @@ class Term:
         if entries:
             await self._durable(lambda: self.events.append(self.lead, entries, time.time()))
         # 2. the actions, concurrently; each result comes back through the inbox
+        if self.over:
+            raise _TermOver()
         for a in out.actions:
             self._start(a)
 

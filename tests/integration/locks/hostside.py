@@ -36,6 +36,9 @@ def main() -> None:
     elif cmd == "isolate":
         r = asyncio.run(stop_lease_holders(space(a), grace=float(str(a["grace"]))))
         print(r.text(), flush=True)
+    elif cmd == "attest":
+        r = attest_exit(space(a), str(a["vm"]))
+        print(json.dumps({"ok": r.ok, "reason": r.reason, **r.evidence}), flush=True)
     elif cmd == "agent":
         asyncio.run(agent(a))
 

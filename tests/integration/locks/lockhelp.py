@@ -51,11 +51,16 @@ class SimHost:
         env["VMHA_RUN_DIR"] = str(self.vmha_run)
         return env
 
-    def start(self, cmd: str, ready: str, timeout: float = 30.0, **args: object) -> subprocess.Popen[str]:
-        """Starts hostside.py CMD on this host and waits for its `ready` line."""
+    def start(self, cmd: str, ready: str, timeout: float = 30.0, vmha_run: str | None = None,
+              **args: object) -> subprocess.Popen[str]:
+        """Starts hostside.py CMD on this host and waits for its `ready` line (vmha_run: another
+        directory for the holder records, which hides them from the host's agent)."""
+        env = self.env()
+        if vmha_run is not None:
+            env["VMHA_RUN_DIR"] = vmha_run
         p = subprocess.Popen(
             [*self.enter, sys.executable, str(HOSTSIDE), cmd, json.dumps({**self.space_args, **args})],
-            env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.procs.append(p)
         line = _readline(p, timeout)

@@ -10,6 +10,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +20,9 @@ from click.testing import CliRunner
 from lockhelp import IO, LockCluster, alive, new_lockspace
 
 from vmha.core.fencing import FenceProof, ProofMethod
-from vmha.lab.sanlockd import LabSanlock
+from vmha.etcd.client import EtcdClient
+from vmha.etcd.keys import Keys
+from vmha.lab.sanlockd import LabSanlock, stop_sanlock
 from vmha.locks import (
     HostIdCollision,
     IoTimeoutMismatch,
@@ -27,9 +31,14 @@ from vmha.locks import (
     LeaseMissing,
     LockSpace,
     ProofRefused,
+    acquire_for,
     acquire_self,
+    inquire,
+    membership,
+    release_for,
 )
 from vmha.locks.cli import locks
+from vmha.testing.etcd import EtcdProcess
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +73,7 @@ async def test_request_force_kills_the_holder_and_takes_the_lease(cluster: LockC
     holder = cluster.a.start("hold", "held", vm="vm1")
     proof, took = await prove_watching(
         cluster, holder.pid, (ProofMethod.LEASE_TAKEN, ProofMethod.REQUEST_FORCE), timeout=30)
-    print(f"request-force proof in {took:.2f} s (io_timeout {IO})")
+    print(f"request-force proof in {took:.2f} s (io_timeout {IO}): {proof.details['trail']}")
     assert proof.method is ProofMethod.REQUEST_FORCE
     assert holder.wait(timeout=5) == -9  # killed by A's sanlock, not by us
     assert "host_id=2" in proof.details["owners_after"]
@@ -191,3 +200,58 @@ def test_cli_init_and_status(manager_sanlock: LabSanlock, tmp_path: Path) -> Non
     cfg.write_text(cfg.read_text().replace(f"io_timeout = {IO}", "io_timeout = 3"))
     r = CliRunner().invoke(locks, ["status", "--config", str(cfg)])
     assert r.exit_code == 1 and "initialised with io_timeout 1, the config says 3" in r.output
+
+
+def test_acquire_on_behalf_of_a_registered_process(cluster: LockCluster) -> None:
+    # The child registers with the (manager host's) daemon and keeps the connection; the parent
+    # takes the lease for it, as a VM launcher does for the VM process.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import signal; from vmha.locks import register_self as r\n"
+         "fd = r(); print('registered', flush=True); signal.pause()"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "registered"
+        acquire_for(cluster.space, "vm1", child.pid)
+        assert inquire(cluster.space, child.pid) == ["vm1"]
+        assert [o.host_id for o in cluster.space.owners("vm1")] == [2]
+        release_for(cluster.space, "vm1", child.pid)
+        assert inquire(cluster.space, child.pid) == []
+        assert cluster.space.owners("vm1") == []
+        acquire_for(cluster.space, "vm1", child.pid)
+    finally:
+        child.kill()
+        child.wait(timeout=5)
+    # The holder died: sanlock released its lease, host A may take it.
+    holder = cluster.a.start("hold", "held", vm="vm1")
+    assert alive(holder.pid)
+
+
+async def test_agent_join_allocates_host_id_and_leaves(manager_sanlock: LabSanlock, tmp_path: Path,
+                                                       etcd: EtcdProcess) -> None:
+    space = new_lockspace(tmp_path / "shared")
+    space.init()
+    keys = Keys("vt2")
+    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+        await client.create(keys.host_id(1), {"host": "someone-else"})
+        host_id = await membership.join(space, client, keys, "vt2mgr", timeout=30)
+        try:
+            assert host_id == 2 and space.joined(2) and space.local_state() == "joined"
+            assert await membership.join(space, client, keys, "vt2mgr") == 2  # again: same id, no-op
+        finally:
+            await membership.leave(space, host_id)
+    assert space.local_state() == "absent"
+
+
+def test_exit_attestation_refuses_while_anything_may_write(cluster: LockCluster) -> None:
+    holder = cluster.a.start("hold", "held", vm="vm1")
+    r = json.loads(cluster.a.run("attest", vm="vm1"))
+    assert not r["ok"] and r["reason"] == f"holders still alive: pid={holder.pid}"
+    holder.kill()
+    holder.wait(timeout=5)
+    r = json.loads(cluster.a.run("attest", vm="vm1"))
+    assert not r["ok"] and "is joined: this host's sanlock still renews it" in r["reason"]
+    assert r["holders"] == f"pid={holder.pid}:gone"
+    stop_sanlock(cluster.a.daemon)  # a crashed daemon vouches for nothing
+    r = json.loads(cluster.a.run("attest", vm="vm1"))
+    assert not r["ok"] and r["lockspace"] == "no-daemon" and "holders unknown" in r["reason"]

@@ -1,7 +1,8 @@
 """The Nova rig for the nova driver's tests: one real Nova control plane per test session.
 
-Started once (about 40 s here) and stopped at the end of the session, also on failure. Without
-scripts/setup-nova.sh (no /opt/vmha-nova) the tests are skipped with that instruction.
+Started once (40 to 115 s here: the schema setup dominates and slows when the machine is busy)
+and stopped at the end of the session, also on failure. Without scripts/setup-nova.sh (no
+/opt/vmha-nova) the tests are skipped with that instruction.
 """
 
 from __future__ import annotations

@@ -132,6 +132,9 @@ def fault_cmp1(rig: NovaRig, admin: Any) -> Iterator[None]:
         admin.compute.update_service_forced_down(svc, forced=False)
         admin.compute.enable_service(svc)
     rig.wait_compute("cmp1", up=True, timeout=60)
+    # Re-enabled while Nova saw its compute down, cmp1 is offered to the scheduler again only after
+    # the compute's next resource update (the rig: every 10 s).
+    rig.wait_schedulable("cmp1", timeout=60)
 
 
 async def test_evacuation_after_fence(
@@ -300,7 +303,10 @@ async def test_an_api_that_does_not_answer_times_out() -> None:
         listener.listen(8)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/v2.1"
         conn = nova.connect(
-            auth_type="admin_token", auth={"endpoint": url, "token": "admin:admin"}, compute_endpoint_override=url
+            auth_type="admin_token",
+            auth={"endpoint": url, "token": "admin:admin"},
+            compute_endpoint_override=url,
+            api_timeout=1.0,  # so the abandoned worker thread ends soon after the test
         )
         driver = nova.NovaDriver(connection=conn, call_timeout=1.0)
         accepted: list[socket.socket] = []

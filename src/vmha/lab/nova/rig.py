@@ -212,6 +212,9 @@ compute_driver = vmha_lab.LabFakeDriver
 report_interval = {self.report_interval}
 service_down_time = {self.service_down_time}
 heal_instance_info_cache_interval = -1
+# A re-enabled host whose compute Nova saw down keeps its COMPUTE_STATUS_DISABLED trait (no
+# scheduling to it) until this periodic resource update: 60 s by default, 10 s in the rig.
+update_resources_interval = 10
 use_rootwrap_daemon = false
 debug = false
 [api]
@@ -552,6 +555,29 @@ connection = {self.db_url("placement")}
 
         procs = [self.computes[host]] if host in self.computes else []
         return _wait(f"evacuations from {host} completed", clean, timeout, procs)
+
+    def _placement(self, path: str) -> Any:
+        req = urllib.request.Request(
+            self.placement_url + path,
+            headers={"X-Auth-Token": ADMIN_TOKEN, "OpenStack-API-Version": "placement 1.6"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def schedulable(self, host: str) -> bool:
+        """Placement would offer `host` to the scheduler: its provider lacks COMPUTE_STATUS_DISABLED."""
+        try:
+            rps = self._placement(f"/resource_providers?name={host}")["resource_providers"]
+            if not rps:
+                return False
+            traits = self._placement(f"/resource_providers/{rps[0]['uuid']}/traits")["traits"]
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return "COMPUTE_STATUS_DISABLED" not in traits
+
+    def wait_schedulable(self, host: str, timeout: float) -> float:
+        procs = [self.computes[host]] if host in self.computes else []
+        return _wait(f"{host} schedulable", lambda: self.schedulable(host), timeout, procs, step=0.5)
 
     def _ensure_flavor(self) -> None:
         flavors = self.api("GET", "/flavors")["flavors"]
