@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vmha.core.health import HealthTimings
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyError, PolicyTable
+from vmha.core.recovery import RecoverySettings
 
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
@@ -102,10 +103,33 @@ class ManagerConfig(_Strict):
     retry_base: float = Field(2.0, gt=0)
     retry_cap: float = Field(60.0, gt=0)
     max_attempts: int = Field(5, ge=1)
-    decide_after: float = Field(0.0, ge=0, description="extra wait after DOWN before acting")
+    # A dead host's three leases expire up to ~1 s apart: acting at the first DOWN decides on a
+    # partial row (a live-migrate when only service had expired).
+    decide_after: float = Field(1.0, ge=0, description="hold a host's new policy row this long before acting")
+    settle_after: float = Field(
+        5.0, ge=0, description="a host getting better acts on its new row only if it lasts this long"
+    )
+    recheck_timeout: float = Field(
+        5.0, gt=0, description="host back before a proof: how long the lease-taken recheck may take"
+    )
     power_fence: bool = False  # an out-of-band power fence is configured for every host
     allow_exit_attested: bool = True  # VM disks bypass the host page cache (cache=none / O_DIRECT)
     host_capacity: int = Field(0, ge=0, description="VMs per host; 0: unlimited")
+
+    def recovery_settings(self) -> RecoverySettings:
+        return RecoverySettings(
+            max_parallel=self.max_parallel,
+            max_per_host=self.max_per_host,
+            retry_base=self.retry_base,
+            retry_cap=self.retry_cap,
+            max_attempts=self.max_attempts,
+            decide_after=self.decide_after,
+            settle_after=self.settle_after,
+            power_fence=self.power_fence,
+            allow_exit_attested=self.allow_exit_attested,
+            host_capacity=self.host_capacity,
+            recheck_timeout=self.recheck_timeout,
+        )
 
 
 class AgentConfig(_Strict):

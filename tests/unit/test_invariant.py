@@ -18,9 +18,11 @@ from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
 from vmha.core.queue import RUNNING, Step, Task, TaskKind
 from vmha.core.recovery import (
+    Attempt,
     DisableHost,
     Evacuate,
     HealthUpdate,
+    HostEnabled,
     HostOp,
     HostOpDone,
     HostOpFailed,
@@ -94,10 +96,10 @@ class Harness:
     def answer(self, i: int, ok: bool, retryable: bool) -> RecoveryEvent:
         a = self.outstanding.pop(i % len(self.outstanding))
         match a:
-            case Prove(vm, host, methods):
+            case Prove(vm, host, methods, attempt):
                 if ok:
-                    return ProofObtained(FenceProof(vm, host, methods[-1], self.now - 1, self.now))
-                return ProofRefused(vm, host, "refused", retryable)
+                    return ProofObtained(FenceProof(vm, host, methods[-1], self.now - 1, self.now), attempt)
+                return ProofRefused(vm, host, attempt, "refused", retryable)
             case ReleaseProof(vm, _, _):
                 return StepDone(vm, Step.RELEASE) if ok else StepFailed(vm, Step.RELEASE, "x", retryable)
             case Evacuate(vm, _, dest, _):
@@ -144,7 +146,8 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
     h.step(Inventory(tuple(HostInfo(x, True, True) for x in HOSTS), VMS))
     for _ in range(data.draw(st.integers(5, 80), label="length")):
         kind = data.draw(st.sampled_from(
-            ["health", "health", *["answer"] * 6, "tick", "bogus", "inventory", "failover"]), label="kind")
+            ["health", "health", *["answer"] * 6, "tick", "bogus", "inventory", "failover", "enable"]),
+            label="kind")
         if kind == "health":
             host = data.draw(st.sampled_from(HOSTS))
             states = data.draw(st.lists(st.sampled_from(STATES), min_size=3, max_size=3))
@@ -159,17 +162,21 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
             vm = data.draw(st.sampled_from([v.name for v in VMS] + ["ghost"]))
             host = data.draw(st.sampled_from(HOSTS))
             step = data.draw(st.sampled_from(list(Step)))
+            # Any attempt tag: the current one of the VM's task (a duplicate) or an older/unknown one.
+            attempt = Attempt(data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3)))
             ev = data.draw(st.sampled_from([
                 StepDone(vm, step, host),
                 StepFailed(vm, step, "late", True),
-                ProofRefused(vm, host, "late"),
-                ProofObtained(FenceProof(vm, host, ProofMethod.HOST_DEAD, h.now, h.now)),
+                ProofRefused(vm, host, attempt, "late"),
+                ProofObtained(FenceProof(vm, host, ProofMethod.HOST_DEAD, h.now, h.now), attempt),
                 HostOpDone(host, HostOp.MARK_DOWN),
             ]))
             h.step(ev)
         elif kind == "inventory":
             flags = data.draw(st.lists(st.booleans(), min_size=len(HOSTS), max_size=len(HOSTS)))
             h.step(Inventory(tuple(HostInfo(x, f, True) for x, f in zip(HOSTS, flags, strict=True)), VMS))
+        elif kind == "enable":
+            h.step(HostEnabled(data.draw(st.sampled_from(HOSTS))))
         elif kind == "failover":
             h.failover()
             h.step(Inventory(tuple(HostInfo(x, True, True) for x in HOSTS), VMS))
@@ -186,11 +193,11 @@ PLANE_WORDS = ("management", "storage", "service", "all", "all")
 def sim_command(draw: st.DrawFn) -> tuple[str, ...]:
     # Weighted towards faults that need a fence (a host cut off entirely, powered off).
     kind = draw(st.sampled_from(["cut", "cut", "cut", "restore", "power-off", "power-off", "power-on",
-                                 "fabric", "etcd-leader-change", "manager-failover", "fail"]))
+                                 "enable", "fabric", "etcd-leader-change", "manager-failover", "fail"]))
     host = draw(st.sampled_from(sorted(SIM_HOSTS)))
     if kind in ("cut", "restore"):
         return (kind, host, draw(st.sampled_from(PLANE_WORDS)))
-    if kind in ("power-off", "power-on"):
+    if kind in ("power-off", "power-on", "enable"):
         return (kind, host)
     if kind == "fabric":
         plane = draw(st.sampled_from(PLANE_WORDS[:3]))

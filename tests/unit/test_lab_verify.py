@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
 from vmha.lab.report import check_episode, episodes
-from vmha.lab.verify import DEFAULT_GAP, DiskReport, check_disk, downtime_between, hosts_between
+from vmha.lab.verify import (
+    DEFAULT_GAP,
+    DiskReport,
+    check_disk,
+    downtime_between,
+    downtime_starting,
+    hosts_between,
+)
 
 
 def lines(*writes: tuple[str, int, float]) -> list[str]:
@@ -82,6 +89,9 @@ def test_downtime_between_clips_gaps_to_the_window() -> None:
     assert downtime_between(r, 0, 100) == 10.0
     assert downtime_between(r, 15, 100) == 5.0
     assert downtime_between(r, 21, 30) == 0.0
+    # Attributed by where the gap begins: to a fault just before it, not to the one before that.
+    assert downtime_starting(r, 5, 9.6) == 0.0
+    assert downtime_starting(r, 9.9, 30) == 10.0
 
 
 def test_empty_disk() -> None:

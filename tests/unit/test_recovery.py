@@ -14,10 +14,12 @@ from vmha.core.policy import DEFAULT_POLICY, PolicyTable
 from vmha.core.queue import Step, Task, TaskState
 from vmha.core.recovery import (
     Alert,
+    Attempt,
     CancelProof,
     DisableHost,
     Evacuate,
     HealthUpdate,
+    HostEnabled,
     HostOp,
     HostOpDone,
     InvariantError,
@@ -50,6 +52,7 @@ def health(host: str, t: float = 0.0, **states: PlaneState) -> HostHealth:
 
 
 def core(**settings: object) -> RecoveryCore:
+    settings.setdefault("decide_after", 0.0)  # act at once unless a test is about holding
     c = RecoveryCore(PolicyTable.parse(DEFAULT_POLICY), RecoverySettings(**settings))  # type: ignore[arg-type]
     for h in ("h1", "h2", "h3", "h4"):
         c.step(HealthUpdate(health(h)), 0.0)
@@ -68,8 +71,18 @@ def of(out: RecoveryOutput, kind: type) -> list:  # type: ignore[type-arg]
     return [a for a in out.actions if isinstance(a, kind)]
 
 
-def proof(vm: str, host: str = "h2", t: float = 15.0) -> ProofObtained:
-    return ProofObtained(FenceProof(vm, host, ProofMethod.REQUEST_FORCE, t - 2, t))
+FIRST = Attempt(1, 1)  # the first proof attempt of a VM's first recovery
+
+
+def proof(vm: str, host: str = "h2", t: float = 15.0, attempt: Attempt = FIRST) -> ProofObtained:
+    return ProofObtained(FenceProof(vm, host, ProofMethod.REQUEST_FORCE, t - 2, t), attempt)
+
+
+def tag(c: RecoveryCore, vm: str) -> Attempt:
+    """The attempt tag of the VM's latest Prove."""
+    task = c.task(vm)
+    assert task is not None
+    return Attempt(task.recovery, task.attempts_of(Step.PROVE))
 
 
 def fail_h2(c: RecoveryCore, t: float = 10.0, **states: PlaneState) -> RecoveryOutput:
@@ -199,23 +212,66 @@ def test_evacuate_action_cannot_exist_without_a_matching_proof() -> None:
 # -- host back, cancel, late proof ------------------------------------------------------------------
 
 
-def test_host_back_before_the_proof_cancels_and_stops_the_proof() -> None:
-    c = core()
+def test_host_back_before_the_proof_rechecks_with_lease_taken_only() -> None:
+    c = core(recheck_timeout=4.0)
     c.step(inventory(VMS), 1.0)
     fail_h2(c)
     out = c.step(HealthUpdate(health("h2", 12.0)), 12.0)
-    assert of(out, CancelProof) == [CancelProof("vm1", "h2"), CancelProof("vm2", "h2")]
-    assert [line.text for line in out.log][-1].endswith(
-        "proving -> cancelled (cancelled: host back to row none before a proof)")
-    assert c.task("vm1").state == TaskState.CANCELLED  # type: ignore[union-attr]
-    assert len(of(out, RecordEvidence)) == 2
+    assert of(out, CancelProof) == [CancelProof("vm1", "h2", FIRST), CancelProof("vm2", "h2", FIRST)]
+    again = Attempt(1, 2)
+    assert of(out, Prove) == [Prove("vm1", "h2", (ProofMethod.LEASE_TAKEN,), again, 4.0),
+                              Prove("vm2", "h2", (ProofMethod.LEASE_TAKEN,), again, 4.0)]
+    assert c.task("vm1").state == TaskState.PROVING and c.task("vm1").recheck  # type: ignore[union-attr]
+    # the cancelled attempt's refusal is stale: it changes nothing
+    out = c.step(ProofRefused("vm1", "h2", FIRST, "cancelled: the host came back"), 12.0)
+    assert "attempt 1.1 ignored (stale: the latest is 1.2)" in out.log[0].text and out.actions == []
+    # the VM still holds its lease: cancelled, with the reason
+    out = c.step(ProofRefused("vm1", "h2", again, "lease held by h2"), 13.0)
+    task = c.task("vm1")
+    assert task is not None and task.state == TaskState.CANCELLED and "still holds its lease" in task.reason
+    assert "lease held by h2" in out.log[-1].text and len(of(out, RecordEvidence)) == 1
+    # sanlock killed vm2 meanwhile: the lease was free, the recovery continues (mark down, restart)
+    out = c.step(proof("vm2", t=13.0, attempt=again), 13.0)
+    assert of(out, MarkHostDown) == [MarkHostDown("h2")]
+    assert c.task("vm2").state == TaskState.MARKING_DOWN and not c.task("vm2").recheck  # type: ignore[union-attr]
+    assert any("the VM died there" in line.text for line in out.log)
+    c.step(HostOpDone("h2", HostOp.MARK_DOWN), 13.2)
+    c.step(StepDone("vm2", Step.RELEASE), 13.3)
+    assert c.task("vm2").state == TaskState.EVACUATING  # type: ignore[union-attr]
+
+
+def test_a_recheck_refused_while_the_host_failed_again_is_an_ordinary_refusal() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    c.step(HealthUpdate(health("h2", 12.0)), 12.0)
+    fail_h2(c, 13.0)  # down again: the recheck goes on, no second task
+    assert c.task("vm1").recheck and c.task("vm1").recovery == 1  # type: ignore[union-attr]
+    c.step(ProofRefused("vm1", "h2", Attempt(1, 2), "lease held"), 14.0)
+    task = c.task("vm1")
+    assert task is not None and task.state == TaskState.RETRY_WAIT and not task.recheck
+    out = c.step(Tick(), 16.0)
+    assert [p.methods for p in of(out, Prove)] == [(ProofMethod.LEASE_TAKEN, ProofMethod.EXIT_ATTESTED,
+                                                    ProofMethod.HOST_DEAD)]
+
+
+def test_a_recheck_survives_a_leader_change() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    store: dict[str, dict[str, object]] = {}
+    persisted(c.step(HealthUpdate(health("h2", 12.0)), 12.0), store)
+    new = core()
+    out = new.step(TasksLoaded(tuple(Task.from_dict(json.loads(json.dumps(d))) for d in store.values())), 20.0)
+    assert [(p.methods, p.attempt) for p in of(out, Prove)] == [((ProofMethod.LEASE_TAKEN,), Attempt(1, 3))] * 2
 
 
 def test_a_proof_after_the_cancel_continues_the_recovery() -> None:
     c = core()
     c.step(inventory(VMS), 1.0)
     fail_h2(c)
-    c.step(HealthUpdate(health("h2", 12.0)), 12.0)
+    c.step(HealthUpdate(health("h2", 12.0, management=DOWN)), 12.0)  # row management: cancelled
+    assert c.task("vm1").state == TaskState.CANCELLED  # type: ignore[union-attr]
     out = c.step(proof("vm1"), 12.5)
     assert of(out, MarkHostDown) and c.task("vm1").state == TaskState.MARKING_DOWN  # type: ignore[union-attr]
     assert any("proof arrived after the cancel" in line.text for line in out.log)
@@ -272,7 +328,7 @@ def test_retries_back_off_exponentially_then_fail_with_an_alert() -> None:
     fail_h2(c)
     t, waits = 10.0, []
     for _ in range(3):
-        c.step(ProofRefused("vm1", "h2", "lease held"), t)
+        c.step(ProofRefused("vm1", "h2", tag(c, "vm1"), "lease held"), t)
         deadline = c.next_deadline()
         assert deadline is not None
         waits.append(deadline - t)
@@ -281,7 +337,7 @@ def test_retries_back_off_exponentially_then_fail_with_an_alert() -> None:
         assert [p.vm for p in of(out, Prove)] == ["vm1"]
         t = deadline
     assert waits == [2.0, 4.0, 5.0]
-    out = c.step(ProofRefused("vm1", "h2", "lease held"), t)
+    out = c.step(ProofRefused("vm1", "h2", tag(c, "vm1"), "lease held"), t)
     task = c.task("vm1")
     assert task is not None and task.state == TaskState.FAILED and task.attempts == 4
     alert = of(out, Alert)[0]
@@ -314,7 +370,7 @@ def test_concurrency_limits_global_and_per_destination() -> None:
     c.step(inventory(vms), 1.0)
     c.step(HealthUpdate(health("h1", 10.0, storage=DOWN)), 10.0)
     for i in range(6):
-        c.step(ProofObtained(FenceProof(f"vm{i}", "h1", ProofMethod.HOST_DEAD, 10.0, 11.0)), 11.0)
+        c.step(ProofObtained(FenceProof(f"vm{i}", "h1", ProofMethod.HOST_DEAD, 10.0, 11.0), FIRST), 11.0)
     out = c.step(HostOpDone("h1", HostOp.MARK_DOWN), 12.0)
     started = of(out, ReleaseProof)
     assert [r.vm for r in started] == ["vm5", "vm4", "vm3"]  # by priority, 3 at a time
@@ -370,7 +426,7 @@ def test_new_leader_resumes_each_task_at_its_step_without_repeating_done_ones() 
     assert [p.vm for p in of(out, Prove)] == ["vm2"]
     assert not of(out, ReleaseProof) and not of(out, MarkHostDown)
     # vm2's proof arrives: the host is known marked down from vm1's record, no second mark-down.
-    out = new.step(proof("vm2", t=31.0), 31.0)
+    out = new.step(proof("vm2", t=31.0, attempt=Attempt(1, 2)), 31.0)  # the resumed attempt
     assert not of(out, MarkHostDown) and new.task("vm2").state == TaskState.READY  # type: ignore[union-attr]
 
 
@@ -411,7 +467,7 @@ def test_a_late_proof_of_a_cancelled_task_does_not_touch_the_next_task_of_the_vm
     t = c.task("vm1")
     assert t is not None and t.recovery == 2 and t.state == TaskState.MIGRATING
     out = c.step(proof("vm1"), 12.0)
-    assert "not expected, ignored" in out.log[0].text and out.actions == []
+    assert "attempt 1.1 ignored (stale: the latest is 2.0)" in out.log[0].text and out.actions == []
     assert c.task("vm1").state == TaskState.MIGRATING  # type: ignore[union-attr]
 
 
@@ -423,9 +479,31 @@ def test_a_host_on_its_way_back_does_not_act_on_passing_rows() -> None:
     # management returns first: row service (live-migrate) is held, unproved vm2 is cancelled
     out = c.step(HealthUpdate(health("h2", 14.0, service=DOWN)), 14.0)
     assert not of(out, DisableHost) and not of(out, LiveMigrate)
-    assert of(out, CancelProof) == [CancelProof("vm2", "h2")]
+    assert of(out, CancelProof) == [CancelProof("vm2", "h2", FIRST)]
     assert "acting at 19.0 if it holds" in out.log[0].text and c.next_deadline() == 19.0
     # service stays down: after the settle time the row is acted upon (vm2 gets a migrate task)
     out = c.step(Tick(), 19.0)
     assert of(out, DisableHost) and [m.vm for m in of(out, LiveMigrate)] == ["vm2"]
     assert c.task("vm1").state == TaskState.MARKING_DOWN  # type: ignore[union-attr]
+
+
+# -- a repaired host re-enabled by the operator -----------------------------------------------------
+
+
+def test_a_marked_down_host_takes_vms_again_only_once_enabled() -> None:
+    c = core()
+    proved_and_marked(c)  # h2 marked down, vm1 releasing towards a destination
+    c.step(HealthUpdate(health("h2", 20.0)), 20.0)  # repaired: every plane UP
+    assert "h2" not in c._eligible()
+    # the driver shows it enabled (the operator ran `vmha host enable h2`), the core still excludes it
+    c.step(inventory(VMS), 21.0)
+    assert "h2" not in c._eligible()
+    out = c.step(HostEnabled("h2"), 22.0)
+    assert out.log[-1].text == "host 'h2': enabled by the operator (was marked down by vmha)"
+    assert "h2" in c._eligible()
+    # the next failure of h2 marks it down again (without the enable: "host already marked down")
+    vms = [*VMS, VmInfo("vm5", "h2", True)]
+    c.step(inventory(vms), 23.0)
+    fail_h2(c, 30.0)
+    out = c.step(proof("vm5", t=31.0), 31.0)
+    assert of(out, MarkHostDown) == [MarkHostDown("h2")]

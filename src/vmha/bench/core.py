@@ -36,6 +36,7 @@ from vmha.core.recovery import (
     RecoverySettings,
     ReleaseProof,
     StepDone,
+    Tick,
 )
 from vmha.drivers.base import HostInfo, VmInfo
 
@@ -68,8 +69,8 @@ class _Clocked:
 
 def _answer(a: RecoveryAction, now: float) -> RecoveryEvent:
     match a:
-        case Prove(vm, host, methods):
-            return ProofObtained(FenceProof(vm, host, methods[-1], now - 1.0, now))
+        case Prove(vm, host, methods, attempt):
+            return ProofObtained(FenceProof(vm, host, methods[-1], now - 1.0, now), attempt)
         case MarkHostDown(host):
             return HostOpDone(host, HostOp.MARK_DOWN)
         case ReleaseProof(vm, _, _):
@@ -115,6 +116,9 @@ def core(hosts: int, vms_per_host: int, failures: int, fabric_share: float, max_
     failed = names[-failures:]
     for h in failed:
         c.step(HealthUpdate(_health(h, now, storage=PlaneState.DOWN)), now)
+    # The rows are held for decide_after (a dead host's leases expire apart): act when it is over.
+    now += c.core.settings.decide_after
+    c.step(Tick(), now)
     decision = c.spent
     tasks = len(c.core.tasks())
     decided = dict(c.counts)

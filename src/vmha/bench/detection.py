@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import random
+import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -216,7 +218,7 @@ def _proc_usage(pid: int) -> tuple[float, float]:
     return p.memory_info().rss, cpu.user + cpu.system
 
 
-async def _run(hosts: int, cuts: int, timings: Timings, settle: float, echo: Any) -> dict[str, Any]:
+async def _run(hosts: int, procs: int, cuts: int, timings: Timings, settle: float, echo: Any) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="vmha-bench-detection-"))
     etcd = EtcdProcess(
         work / "etcd",
@@ -224,7 +226,7 @@ async def _run(hosts: int, cuts: int, timings: Timings, settle: float, echo: Any
                     "--quota-backend-bytes", str(4 * 1024**3)],
     )  # fmt: skip
     etcd.start()
-    sim: Simulator | None = None
+    sims: list[Simulator] = []
     agent: asyncio.subprocess.Process | None = None
     client = EtcdClient(etcd.client_urls, timeout=2.0, name="bench/manager")
     monitor = HealthMonitor(client, Keys(CLUSTER), timings.health(), name="bench")
@@ -234,14 +236,20 @@ async def _run(hosts: int, cuts: int, timings: Timings, settle: float, echo: Any
     try:
         names = [f"sim{i:04d}" for i in range(hosts)]
         startup_timeout = 60 + hosts * 0.1
-        spec: dict[str, Any] = {"url": etcd.client_urls[0], "hosts": names, "domain": "d0",
-                "ttl": timings.lease_ttl, "interval": timings.keepalive_interval,
-                "startup_timeout": startup_timeout}  # fmt: skip
         t = time.monotonic()
-        sim = await Simulator.start(spec)
-        ready = await sim.read(timeout=startup_timeout + 60)
-        echo(f"{hosts} simulated hosts: {ready['beating']}/{ready['total']} planes (each its own lease and "
-             f"connection) beating after {time.monotonic() - t:.1f}s")  # fmt: skip
+        # Host i lives in simulator i % procs: one Python process uses one core at most.
+        for k in range(procs):
+            spec: dict[str, Any] = {"url": etcd.client_urls[0], "hosts": names[k::procs], "domain": "d0",
+                    "ttl": timings.lease_ttl, "interval": timings.keepalive_interval,
+                    "startup_timeout": startup_timeout}  # fmt: skip
+            sims.append(await Simulator.start(spec))
+        readies = [await sim.read(timeout=startup_timeout + 60) for sim in sims]
+        beating, planes = sum(r["beating"] for r in readies), sum(r["total"] for r in readies)
+        echo(f"{hosts} simulated hosts in {procs} process(es): {beating}/{planes} planes (each its own lease "
+             f"and connection) beating after {time.monotonic() - t:.1f}s")  # fmt: skip
+
+        def sim_of(host: str) -> Simulator:
+            return sims[names.index(host) % procs]
 
         # One real agent, for its footprint.
         cfg = work / "agent.toml"
@@ -268,18 +276,18 @@ async def _run(hosts: int, cuts: int, timings: Timings, settle: float, echo: Any
 
         # Steady state, for the CPU figures and for false verdicts with nothing cut.
         me = os.getpid()
-        s0 = await sim.ask("stats")
+        s0 = [await sim.ask("stats") for sim in sims]
         a0, m0, e0 = _proc_usage(agent.pid), _proc_usage(me), _proc_usage(etcd.pid or 0)
         t0 = time.monotonic()
         await asyncio.sleep(settle)
-        s1 = await sim.ask("stats")
+        s1 = [await sim.ask("stats") for sim in sims]
         a1, m1, e1 = _proc_usage(agent.pid), _proc_usage(me), _proc_usage(etcd.pid or 0)
         dt = time.monotonic() - t0
         result["steady"] = {
             "seconds": round(dt, 1),
-            "sim_rss_per_host_mb": s1["rss"] / hosts / 2**20,
-            "sim_cpu_per_host_pct": 100 * (s1["cpu"] - s0["cpu"]) / (s1["t"] - s0["t"]) / hosts,
-            "sim_cpu_total_pct": 100 * (s1["cpu"] - s0["cpu"]) / (s1["t"] - s0["t"]),
+            "sim_rss_per_host_mb": sum(x["rss"] for x in s1) / hosts / 2**20,
+            "sim_cpu_per_host_pct": 100 * sum(b["cpu"] - a["cpu"] for a, b in zip(s0, s1, strict=True)) / dt / hosts,
+            "sim_cpu_total_pct": 100 * sum(b["cpu"] - a["cpu"] for a, b in zip(s0, s1, strict=True)) / dt,
             "agent_rss_mb": a1[0] / 2**20,
             "agent_cpu_pct": 100 * (a1[1] - a0[1]) / dt,
             "monitor_cpu_pct": 100 * (m1[1] - m0[1]) / dt,
@@ -299,7 +307,7 @@ async def _run(hosts: int, cuts: int, timings: Timings, settle: float, echo: Any
             plane = PLANES[i % 3]
             watcher.cut.add((host, plane))
             try:
-                r = await sim.ask(f"cut {host} {plane.value}")
+                r = await sim_of(host).ask(f"cut {host} {plane.value}")
             except TimeoutError:
                 echo(f"the simulator did not answer within 30s (machine overloaded?): stopping after {i} cuts")
                 break
@@ -312,7 +320,7 @@ async def _run(hosts: int, cuts: int, timings: Timings, settle: float, echo: Any
                 latencies.append(down - r["t"])
                 echo(f"cut {i + 1}/{cuts}: {host} {plane.value}: DOWN after {down - r['t']:.2f}s")
             try:
-                r = await sim.ask(f"restore {host} {plane.value}")
+                r = await sim_of(host).ask(f"restore {host} {plane.value}")
             except TimeoutError:
                 echo(f"the simulator did not answer within 30s (machine overloaded?): stopping after {done} cuts")
                 break
@@ -346,18 +354,24 @@ async def _run(hosts: int, cuts: int, timings: Timings, settle: float, echo: Any
             except TimeoutError:
                 agent.kill()
                 await agent.wait()
-        if sim is not None:
+        for sim in sims:
             await sim.close()
         await client.close()
         etcd.stop()
-        with contextlib.suppress(OSError):
-            for f in sorted(work.rglob("*"), reverse=True):
-                f.rmdir() if f.is_dir() else f.unlink()
-            work.rmdir()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def _main(hosts: int, procs: int, cuts: int, timings: Timings, settle: float, echo: Any) -> dict[str, Any]:
+    # SIGTERM (e.g. from `timeout`) cancels the run like Ctrl-C, so its cleanup (etcd, simulators,
+    # the agent, the temporary directory) still happens.
+    task = asyncio.create_task(_run(hosts, procs, cuts, timings, settle, echo))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await task
 
 
 @click.command("detection")
 @click.option("--hosts", default=50, show_default=True, help="simulated hosts (3 planes each)")
+@click.option("--procs", type=int, default=None, help="simulator processes [default: one per 200 hosts]")
 @click.option("--cuts", default=20, show_default=True, help="plane cuts, one at a time")
 @click.option("--keepalive", type=float, default=None, help="keepalive interval (default: config default)")
 @click.option("--ttl", type=int, default=None, help="lease TTL, whole seconds (default: config default)")
@@ -366,7 +380,7 @@ async def _run(hosts: int, cuts: int, timings: Timings, settle: float, echo: Any
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON too")
 @click.option("-v", "--verbose", is_flag=True, help="show the monitor's operator log")
 def detection(
-    hosts: int, cuts: int, keepalive: float | None, ttl: int | None, suspect_after: float | None,
+    hosts: int, procs: int | None, cuts: int, keepalive: float | None, ttl: int | None, suspect_after: float | None,
     settle: float, as_json: bool, verbose: bool,
 ) -> None:  # fmt: skip
     """Cut one plane of one host at a time; print detection latency, false DOWNs, agent footprint."""
@@ -378,7 +392,10 @@ def detection(
         raise ConfigError(f"bench detection: bad timings: {e}") from None
     # The monitor's operator log (one line per change) would bury the figures: only with -v.
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(name)s %(message)s")
-    r = asyncio.run(_run(hosts, cuts, timings, settle, click.echo))
+    try:
+        r = asyncio.run(_main(hosts, procs or max(1, (hosts + 199) // 200), cuts, timings, settle, click.echo))
+    except asyncio.CancelledError:
+        raise click.ClickException("bench detection: terminated (everything it started was stopped)") from None
     s, c = r["steady"], r["cuts"]
     t = r["timings"]
     click.echo(

@@ -10,7 +10,8 @@ Flows (TaskKind):
   evacuate: queued -> proving -> marking-down -> ready -> releasing -> evacuating -> done
   migrate:  queued -> ready -> migrating -> done
   A failed step goes to retry-wait (exponential backoff) and back to the state of that step, or to
-  failed after max_attempts; unplaced waits for capacity; cancelled when the host came back first.
+  failed after max_attempts; unplaced waits for capacity. A host back before a proof is rechecked
+  (proving again, lease-taken only): cancelled if the VM still holds its lease there.
 
 Concurrency: a task holds a slot (global max_parallel, and max_per_host towards its destination)
 from releasing/migrating until it is done or fails that step; proving holds none, as it loads no
@@ -76,7 +77,8 @@ STEP_STATE: Mapping[Step, TaskState] = {
 _S = TaskState
 TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     _S.QUEUED: frozenset({_S.PROVING, _S.READY, _S.CANCELLED}),
-    _S.PROVING: frozenset({_S.MARKING_DOWN, _S.READY, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
+    # PROVING -> PROVING: the host came back, the proof in flight is replaced by a lease-taken recheck.
+    _S.PROVING: frozenset({_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
     _S.MARKING_DOWN: frozenset({_S.READY, _S.RETRY_WAIT, _S.FAILED}),
     # READY -> EVACUATING: a retried evacuation whose proof lease was already released.
     _S.READY: frozenset({_S.RELEASING, _S.EVACUATING, _S.MIGRATING, _S.UNPLACED, _S.CANCELLED}),
@@ -166,6 +168,13 @@ class Task:
     steps: list[StepRecord] = field(default_factory=list)
     reason: str = ""  # why it is FAILED / CANCELLED / UNPLACED, or the last error
     running_on: str | None = None  # where the VM runs once DONE
+    # The host came back before a proof: the task is proving with lease-taken only, to learn whether
+    # the VM died meanwhile (then its recovery continues) or still runs (then it is cancelled).
+    recheck: bool = False
+
+    def attempts_of(self, step: Step) -> int:
+        """How many times `step` was begun (the n of a proof attempt's tag)."""
+        return sum(1 for r in self.steps if r.step == step)
 
     def done(self, step: Step) -> bool:
         return any(r.step == step and r.result == "ok" for r in self.steps)
@@ -203,6 +212,7 @@ class Task:
             "steps": [r.to_dict() for r in self.steps],
             "reason": self.reason,
             "running_on": self.running_on,
+            "recheck": self.recheck,
         }
 
     @classmethod
@@ -238,6 +248,7 @@ class Task:
             steps=[StepRecord.from_dict(r) for r in steps],
             reason=str(d.get("reason", "")),
             running_on=None if d.get("running_on") is None else str(d["running_on"]),
+            recheck=d.get("recheck") is True,
         )
 
     def describe(self) -> str:

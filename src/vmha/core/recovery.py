@@ -53,13 +53,18 @@ class RecoverySettings:
     retry_base: float = 2.0  # first retry after this many seconds, doubling each time
     retry_cap: float = 60.0  # longest wait between retries
     max_attempts: int = 5  # failed attempts before a task is FAILED
-    decide_after: float = 0.0  # hold a host's new policy row this long before acting on it
+    # Hold a host's new policy row this long before acting on it: a dead host's three leases expire
+    # up to ~1 s apart, and acting on the first of them decides on a partial row.
+    decide_after: float = 1.0
     # A host getting better (fewer failed planes) passes through rows on its way back, one plane's
     # heartbeat at a time: its new row is acted upon only if it lasts this long.
     settle_after: float = 5.0
     power_fence: bool = False  # an out-of-band power fence exists for every host
     allow_exit_attested: bool = True  # VM disks bypass the page cache: exit attestation is a proof
     host_capacity: int = 0  # VMs per host (0: unlimited)
+    # A host back before its VMs were proved dead: one lease-taken attempt this long decides whether
+    # sanlock killed them meanwhile (recovery continues) or they still run (cancelled).
+    recheck_timeout: float = 5.0
 
     @property
     def limits(self) -> QueueLimits:
@@ -120,10 +125,24 @@ class Inventory:
 
 
 @dataclass(frozen=True, slots=True)
+class Attempt:
+    """Which proof attempt a Prove and its result belong to: the VM's recovery number and the count
+    of its prove steps so far (both persisted in the task, so they survive a leader change). A result
+    of an older attempt is stale: it is logged and ignored."""
+
+    recovery: int
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.recovery}.{self.n}"
+
+
+@dataclass(frozen=True, slots=True)
 class ProofObtained:
     """Result of Prove: the old copy of the VM can no longer write."""
 
     proof: FenceProof
+    attempt: Attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +151,7 @@ class ProofRefused:
 
     vm: str
     host: str
+    attempt: Attempt
     reason: str
     retryable: bool = True
 
@@ -139,7 +159,11 @@ class ProofRefused:
 @dataclass(frozen=True, slots=True)
 class StepDone:
     """Result of ReleaseProof (step release), Evacuate (evacuate) or LiveMigrate (migrate).
-    running_on: where the VM runs now (evacuate / migrate)."""
+    running_on: where the VM runs now (evacuate / migrate).
+
+    Unlike proofs, step results need no attempt tag: a step's own result is the only way out of its
+    state and nothing cancels a step in flight, so a VM never has two attempts of a step out at once
+    (a new leader's core gets no result of the old one's actions: they end with its term)."""
 
     vm: str
     step: Step
@@ -179,6 +203,14 @@ class HostOpFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class HostEnabled:
+    """The operator re-enabled the host (`vmha host enable`: keys.disabled(host) deleted): what this
+    manager did to it (disable, mark down) no longer keeps it out of the destinations."""
+
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
 class TasksLoaded:
     """This manager became leader: the tasks persisted under tasks/ (Task.from_dict of each)."""
 
@@ -200,6 +232,7 @@ RecoveryEvent = (
     | StepFailed
     | HostOpDone
     | HostOpFailed
+    | HostEnabled
     | TasksLoaded
     | Tick
 )
@@ -249,20 +282,24 @@ class DisableHost:
 
 @dataclass(frozen=True, slots=True)
 class Prove:
-    """Obtain a FenceProof for the VM's old copy on host, trying `methods` in order;
-    result: ProofObtained or ProofRefused."""
+    """Obtain a FenceProof for the VM's old copy on host, trying `methods` in order, within `timeout`
+    seconds (None: the runtime's default, long enough for host-dead); result: ProofObtained or
+    ProofRefused, tagged with `attempt`."""
 
     vm: str
     host: str
     methods: tuple[ProofMethod, ...]
+    attempt: Attempt
+    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class CancelProof:
-    """Stop a Prove in flight (the host came back). A proof that still arrives is fed back anyway."""
+    """Stop the Prove of `attempt` in flight. A result that still arrives is fed back anyway."""
 
     vm: str
     host: str
+    attempt: Attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,8 +406,9 @@ class RecoveryCore:
         # VMs recovered (done / failed) from a host while it stayed failed: no second task for them
         # until the host has been seen healthy again.
         self._settled: dict[str, set[str]] = {}
-        # vm -> recovery number of a task cancelled while its Prove was in flight
-        self._late_proof: dict[str, int] = {}
+        # vm -> the attempt of a Prove cancelled in flight (its task cancelled): a proof that still
+        # arrives for it continues the recovery
+        self._late_proof: dict[str, Attempt] = {}
         self._dests: list[str] | None = None  # eligible destinations, sorted (None: recompute)
         self._dest_set: set[str] = set()
         # (load, host) of eligible destinations, least loaded first. Every load change pushes a
@@ -409,10 +447,10 @@ class RecoveryCore:
                 self._fabric(change, now, out)
             case Inventory():
                 self._set_inventory(event, now, out)
-            case ProofObtained(proof):
-                self._proof_obtained(proof, now, out)
-            case ProofRefused(vm, host, reason, retryable):
-                self._proof_refused(vm, host, reason, retryable, now, out)
+            case ProofObtained(proof, attempt):
+                self._proof_obtained(proof, attempt, now, out)
+            case ProofRefused(vm, host, attempt, reason, retryable):
+                self._proof_refused(vm, host, attempt, reason, retryable, now, out)
             case StepDone():
                 self._step_done(event, now, out)
             case StepFailed(vm, step, reason, retryable):
@@ -423,6 +461,8 @@ class RecoveryCore:
                 self._host_op_done(host, op, now, out)
             case HostOpFailed(host, op, reason, retryable):
                 self._host_op_failed(host, op, reason, retryable, now, out)
+            case HostEnabled(host):
+                self._host_enabled(host, now, out)
             case TasksLoaded(tasks):
                 self._load(tasks, now, out)
             case Tick():
@@ -447,10 +487,8 @@ class RecoveryCore:
             if decision.action is None:
                 self._decisions.pop(host, None)
                 self._settled.pop(host, None)
-                # A next failure must disable and mark it down again; until the operator re-enables
-                # it (`vmha host enable`), the inventory keeps it out of the destinations.
-                self._disabled.discard(host)
-                self._marked_down.discard(host)
+                # What we did to the host (disable, mark down) holds until the operator re-enables
+                # it (`vmha host enable`, HostEnabled): until then it receives no VM.
                 self._dests = None
                 if old.action is not None:
                     out.log.append(LogLine(Level.INFO, now, ACTOR,
@@ -492,11 +530,18 @@ class RecoveryCore:
                     continue
             elif decision.action == Action.LIVE_MIGRATE or task.state == TaskState.MIGRATING:
                 continue
+            if task.kind == TaskKind.EVACUATE and decision.action is None:
+                # Back before a proof, but sanlock may have killed the VM meanwhile (a storage blip):
+                # the lease decides, not the host's return.
+                if not task.recheck:
+                    self._recheck(task, now, out)
+                continue
             why = f"host back to row {decision.key or 'none'} before a proof" if decision.action is None \
                 else f"row now {decision.key} ({decision.action.value if decision.action else '-'})"
             if task.state == TaskState.PROVING:
-                out.actions.append(CancelProof(vm, host))
-                self._late_proof[vm] = task.recovery
+                attempt = self._attempt(task)
+                out.actions.append(CancelProof(vm, host, attempt))
+                self._late_proof[vm] = attempt
                 task.finish(Step.PROVE, now, "cancelled")
             task.reason = f"cancelled: {why}"
             self._move(task, TaskState.CANCELLED, now, f"cancelled: {why}", out)
@@ -504,6 +549,29 @@ class RecoveryCore:
         if proved:
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': row {decision.key or 'none'}, but "
                                    f"{', '.join(proved)} already proved dead there: their recovery continues"))
+
+    def _recheck(self, task: Task, now: float, out: RecoveryOutput) -> None:
+        """The task's host is back before a proof: one short lease-taken attempt. Lease taken: the
+        VM is dead there and its recovery continues; refused (the holder runs): cancelled."""
+        if task.state == TaskState.PROVING:
+            out.actions.append(CancelProof(task.vm, task.source, self._attempt(task)))
+            task.finish(Step.PROVE, now, "superseded by the recheck")
+        elif task.state == TaskState.RETRY_WAIT:
+            task.retry_at, task.resume = None, None
+        task.recheck = True
+        self._prove(task, (ProofMethod.LEASE_TAKEN,), now, out,
+                    "host back before a proof: is the VM still running there?",
+                    timeout=self.settings.recheck_timeout)
+
+    def _host_enabled(self, host: str, now: float, out: RecoveryOutput) -> None:
+        undone = [what for what, flags in (("disabled", self._disabled), ("marked down", self._marked_down))
+                  if host in flags]
+        self._disabled.discard(host)
+        self._marked_down.discard(host)
+        self._dests = None
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': enabled by the operator"
+                               + (f" (was {' and '.join(undone)} by vmha)" if undone else "")))
+        self._unblock_unplaced(now, out)
 
     def _act(self, host: str, cur: _HostDecision, hh: HostHealth, now: float, out: RecoveryOutput) -> None:
         action = cur.decision.action
@@ -682,18 +750,35 @@ class RecoveryCore:
 
     # -- task steps -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _attempt(task: Task) -> Attempt:
+        """The tag of the task's latest proof attempt."""
+        return Attempt(task.recovery, task.attempts_of(Step.PROVE))
+
     def _prove(self, task: Task, methods: tuple[ProofMethod, ...], now: float, out: RecoveryOutput,
-               why: str) -> None:
+               why: str, timeout: float | None = None) -> None:
         task.begin(Step.PROVE, now)
         if task.proof_started is None:
             task.proof_started = now
+        attempt = self._attempt(task)
         self._move(task, TaskState.PROVING, now,
-                   f"{why}, methods {','.join(m.value for m in methods)}", out)
-        out.actions.append(Prove(task.vm, task.source, methods))
+                   f"{why}, methods {','.join(m.value for m in methods)}, attempt {attempt}", out)
+        out.actions.append(Prove(task.vm, task.source, methods, attempt, timeout))
 
-    def _proof_obtained(self, proof: FenceProof, now: float, out: RecoveryOutput) -> None:
+    def _stale_proof(self, vm: str, attempt: Attempt, what: str, now: float, out: RecoveryOutput) -> bool:
+        """A result of an older proof attempt than the VM's latest: logged, to be ignored."""
+        task = self.queue.get(vm)
+        if task is None or self._attempt(task) == attempt:
+            return False
+        out.log.append(LogLine(Level.WARN, now, ACTOR, f"vm '{vm}': {what} of proof attempt {attempt} ignored "
+                               f"(stale: the latest is {self._attempt(task)})"))
+        return True
+
+    def _proof_obtained(self, proof: FenceProof, attempt: Attempt, now: float, out: RecoveryOutput) -> None:
+        if self._stale_proof(proof.vm, attempt, f"proof {proof.method.value}", now, out):
+            return
         task = self.queue.get(proof.vm)
-        late = task is not None and self._late_proof.get(proof.vm) == task.recovery
+        late = task is not None and self._late_proof.get(proof.vm) == attempt
         if task is None or (task.state != TaskState.PROVING and not (late and task.state == TaskState.CANCELLED)):
             out.log.append(LogLine(Level.WARN, now, ACTOR,
                                    f"vm '{proof.vm}': proof {proof.method.value} not expected, ignored"))
@@ -706,6 +791,11 @@ class RecoveryCore:
         self._late_proof.pop(proof.vm, None)
         task.proof = proof
         task.finish(Step.PROVE, now, "ok", proof.method.value)
+        if task.recheck:
+            task.recheck = False
+            out.log.append(LogLine(Level.WARN, now, ACTOR,
+                                   f"vm '{task.vm}': its lease was free although host '{task.source}' is back: "
+                                   "the VM died there (sanlock), the recovery continues"))
         if late:
             task.reason = ""
             out.log.append(LogLine(Level.WARN, now, ACTOR,
@@ -713,14 +803,29 @@ class RecoveryCore:
                                    "the recovery continues"))
         self._mark_down(task, now, out, f"proof {proof.method.value} after {proof.proved - proof.started:.1f}s")
 
-    def _proof_refused(self, vm: str, host: str, reason: str, retryable: bool, now: float,
+    def _proof_refused(self, vm: str, host: str, attempt: Attempt, reason: str, retryable: bool, now: float,
                        out: RecoveryOutput) -> None:
-        if self._late_proof.pop(vm, None) is not None:
+        if self._stale_proof(vm, attempt, f"refusal ({reason})", now, out):
+            return
+        if self._late_proof.get(vm) == attempt:
+            del self._late_proof[vm]
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{vm}': cancelled proof ended ({reason})"))
             return
         task = self._expect(vm, Step.PROVE, now, out)
-        if task is not None:
-            self._fail_step(task, Step.PROVE, f"proof refused: {reason}", retryable, now, out)
+        if task is None:
+            return
+        cur = self._decisions.get(task.source)
+        if task.recheck and (cur is None or cur.decision.action not in _EVACUATING_ACTIONS):
+            # The VM still holds its lease on a host that is back: nothing to recover.
+            task.recheck = False
+            task.finish(Step.PROVE, now, f"refused: {reason}")
+            why = f"cancelled: host back and the VM still holds its lease ({reason})"
+            task.reason = why
+            self._move(task, TaskState.CANCELLED, now, why, out)
+            self._finish(task, out)
+            return
+        task.recheck = False  # failed again meanwhile: an ordinary proof, with every method, follows
+        self._fail_step(task, Step.PROVE, f"proof refused: {reason}", retryable, now, out)
 
     def _mark_down(self, task: Task, now: float, out: RecoveryOutput, why: str) -> None:
         host = task.source
@@ -929,9 +1034,13 @@ class RecoveryCore:
             case TaskState.PROVING:
                 task.finish(Step.PROVE, now, "interrupted by leader change")
                 task.begin(Step.PROVE, now)
-                methods = self._methods(task.source)
-                out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{task.vm}': {why}: prove again"))
-                out.actions.append(Prove(task.vm, task.source, methods))
+                methods, timeout = self._methods(task.source), None
+                if task.recheck:
+                    methods, timeout = (ProofMethod.LEASE_TAKEN,), self.settings.recheck_timeout
+                attempt = self._attempt(task)
+                out.log.append(LogLine(Level.INFO, now, ACTOR,
+                                       f"vm '{task.vm}': {why}: prove again, attempt {attempt}"))
+                out.actions.append(Prove(task.vm, task.source, methods, attempt, timeout))
             case TaskState.MARKING_DOWN:
                 if task.source in self._marked_down:
                     task.finish(Step.MARK_DOWN, now, "ok", "host already marked down")
@@ -996,9 +1105,9 @@ def from_health(out: HealthOutput) -> list[RecoveryEvent]:
 
 
 __all__ = [
-    "Alert", "CancelProof", "DisableHost", "Evacuate", "FabricUpdate", "HealthUpdate", "HostLike",
-    "HostOp", "HostOpDone", "HostOpFailed", "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown",
-    "PersistTask", "ProofObtained", "ProofRefused", "Prove", "RecordEvidence", "RecoveryAction",
-    "RecoveryCore", "RecoveryEvent", "RecoveryOutput", "RecoverySettings", "ReleaseProof", "StepDone",
-    "StepFailed", "Tick", "VmLike", "from_health",
+    "Alert", "Attempt", "CancelProof", "DisableHost", "Evacuate", "FabricUpdate", "HealthUpdate",
+    "HostEnabled", "HostLike", "HostOp", "HostOpDone", "HostOpFailed", "InvariantError", "Inventory",
+    "LiveMigrate", "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused", "Prove",
+    "RecordEvidence", "RecoveryAction", "RecoveryCore", "RecoveryEvent", "RecoveryOutput",
+    "RecoverySettings", "ReleaseProof", "StepDone", "StepFailed", "Tick", "VmLike", "from_health",
 ]

@@ -139,10 +139,13 @@ class LabDriver:
         if copies and all(p.host != source for p in copies):
             await self._place(vm, str(copies[0].host))
             return str(copies[0].host)
+        if not copies:
+            # Nothing to hand over: a VM that no longer runs needs a fence proof and an evacuation.
+            raise DriverError(f"live migration of {vm}: no running copy on {source} to hand over")
         target = dest or await self._pick(state, exclude={source})
         started = time.time()
         proc = self._start(state, vm, target, incoming=MIGRATE_WAIT)
-        await self._wait_incoming(vm, target, proc)
+        await self._wait_incoming(state, vm, target, proc, started)
         # Hand over: the source stops writing and releases; the destination then takes the lease.
         for p in copies:
             if p.host == source:
@@ -190,13 +193,15 @@ class LabDriver:
         self._children.append(proc)
         return proc
 
-    async def _wait_incoming(self, vm: str, host: str, proc: subprocess.Popen[bytes]) -> None:
+    async def _wait_incoming(self, state: LabState, vm: str, host: str, proc: subprocess.Popen[bytes],
+                             since: float) -> None:
         """Until the destination copy is up and waiting for the lease (its marker, seen through its
-        own mount namespace), so the source stops only when the handover can follow at once."""
+        own mount namespace), so the source stops only when the handover can follow at once. A free
+        lease (the source already gone) is taken at once: then the copy is writing already."""
         marker = Path(f"/proc/{proc.pid}/root") / incoming_marker(vm).relative_to("/")
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if marker.exists():
+            if marker.exists() or writing_on(state, vm, host, since):
                 return
             code = proc.poll()
             if code is not None:

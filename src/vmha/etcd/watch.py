@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -103,10 +104,11 @@ async def watch_prefix(
                 raise await client.fail(e) from None
             finally:
                 # A closed connection took its watches with it: only an open one has one to cancel.
+                # Bounded: aetcd queues the cancel request, and on a stuck stream that queue is full.
                 if conn.channel is not None:
                     try:
-                        await watch.cancel()
-                    except (aetcd.exceptions.ClientError, _rpc.RpcError) as e:
+                        await asyncio.wait_for(watch.cancel(), timeout=1.0)
+                    except (aetcd.exceptions.ClientError, _rpc.RpcError, TimeoutError) as e:
                         log.debug("cancelling the watch on %s: %r", prefix, e)
             # The stream ended without an error: the client was closed under us. Reconnect.
             raise EtcdUnavailable(f"{client.name}: watch stream on {prefix} closed")

@@ -60,7 +60,7 @@ def power_off(state: LabState, name: str) -> list[int]:
     ns = state.hosts.get(name)
     if ns is None:
         raise LabError(f"no lab host {name!r}")
-    killed = state.net().kill_node(state.node(name), grace=0.0)
+    killed = state.net().kill_node(state.node(name), grace=None)
     ns.anchor = 0
     ns.pids.clear()
     ns.power = "off"

@@ -69,14 +69,17 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def kill_pids(pids: Sequence[int], *, grace: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds for whatever still runs; waits until all are gone."""
+def kill_pids(pids: Sequence[int], *, grace: float | None = 3.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds for whatever still runs; waits until all are gone.
+    grace None: SIGKILL at once (a power loss: nobody gets to clean up)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if grace is None and sig == signal.SIGTERM:
+            continue
         live = [p for p in pids if pid_alive(p)]
         for p in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, sig)
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+        deadline = time.monotonic() + ((grace or 0.0) if sig == signal.SIGTERM else 5.0)
         while live and time.monotonic() < deadline:
             _reap(live)
             live = [p for p in live if pid_alive(p)]
@@ -258,8 +261,9 @@ class LabNet:
         return _admin_up(["ip", "-n", self.fabric, "-o", "link", "show", self.bridge(plane)])
 
     # teardown ----------------------------------------------------------------------------------
-    def kill_node(self, node: Node, *, grace: float = 0.0) -> list[int]:
-        """Kills every process in the node's netns (anchor included); returns their pids."""
+    def kill_node(self, node: Node, *, grace: float | None = None) -> list[int]:
+        """Kills every process in the node's netns (anchor included); returns their pids. grace None:
+        SIGKILL at once, as a power loss; otherwise SIGTERM first and SIGKILL after `grace` seconds."""
         killed: list[int] = []
         # Repeat: a process may fork while we kill (an agent starting a child, a shell).
         for _ in range(5):

@@ -24,7 +24,7 @@ from vmha.lab import etcdq
 from vmha.lab.cluster import KEYS
 from vmha.lab.configs import manager_config
 from vmha.lab.state import LabState
-from vmha.lab.verify import DEFAULT_GAP, DiskReport, check_disk, downtime_between, summary
+from vmha.lab.verify import DEFAULT_GAP, DiskReport, check_disk, downtime_starting, summary
 
 # After a repair, recoveries already under way may still finish: they belong to the episode.
 SETTLE = 60.0
@@ -121,7 +121,7 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
             if moved[vm] or any(r.get("kind") in ("evacuate", "migrate") for r in recs[vm]):
                 problems.append(f"{vm} moved ({before} -> {after}) or has a recovery, but the policy says "
                                 f"{expected.value if expected else 'nothing'}")
-            if downtime_between(disks[vm], ep.start, window_end) > 0:
+            if downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP) > 0:
                 problems.append(f"{vm}: downtime during a fault that must not touch it")
             continue
         if not moved[vm]:
@@ -129,7 +129,7 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
         if expected.value not in actions:
             problems.append(f"{vm}: no evidence record with action {expected.value} (saw {sorted(actions)})")
         if expected == Action.LIVE_MIGRATE:
-            if downtime_between(disks[vm], ep.start, window_end) > 0:
+            if downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP) > 0:
                 problems.append(f"{vm}: live migration with downtime (a restart?)")
         elif not any(r.get("proof") for r in recs[vm]):
             problems.append(f"{vm}: restarted without a fence proof in its evidence record")

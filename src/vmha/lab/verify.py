@@ -227,6 +227,12 @@ def downtime_between(report: DiskReport, start: float, end: float) -> float:
     return total
 
 
+def downtime_starting(report: DiskReport, start: float, end: float) -> float:
+    """Seconds of the gaps that begin inside [start, end]: the downtime a fault at `start` caused,
+    when the next fault comes at `end` (a gap it causes begins at most one write before it)."""
+    return sum(g.seconds for g in report.gaps if start <= g.start <= end)
+
+
 def hosts_between(report: DiskReport, start: float, end: float) -> list[str]:
     """Hosts that wrote at some instant of [start, end]."""
     return sorted({i.host for i in report.intervals if i.start <= end and i.end >= start})

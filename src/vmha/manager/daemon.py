@@ -7,6 +7,8 @@ Standby: campaign (etcd/election.py) and wait. Leader, for one "term" at a time:
   - run the HealthMonitor (manager/detection.py) and feed its HealthChange / FabricChange;
   - take an inventory snapshot from the compute driver at start, every INVENTORY_INTERVAL, and
     at once when a plane goes DOWN or FABRIC;
+  - watch keys.disabled_prefix: a deleted key is `vmha host enable HOST` (HostEnabled, and a fresh
+    inventory);
   - call core.step(event, now) for each event (and Tick at core.next_deadline()); the events that
     arrived together are stepped one after another, and their outputs applied together:
       1. log each line (logger "vmha.manager") and append it to the decision stream,
@@ -34,13 +36,13 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from aetcd import transactions as tx
 
-from vmha.config import Config, ConfigError, ManagerConfig
+from vmha.config import Config, ConfigError
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import FabricChange, HealthChange
 from vmha.core.log import Level, LogLine
@@ -48,11 +50,13 @@ from vmha.core.planes import PlaneState
 from vmha.core.queue import Step
 from vmha.core.recovery import (
     Alert,
+    Attempt,
     CancelProof,
     DisableHost,
     Evacuate,
     FabricUpdate,
     HealthUpdate,
+    HostEnabled,
     HostOp,
     HostOpDone,
     HostOpFailed,
@@ -68,7 +72,6 @@ from vmha.core.recovery import (
     RecoveryCore,
     RecoveryEvent,
     RecoveryOutput,
-    RecoverySettings,
     ReleaseProof,
     StepDone,
     StepFailed,
@@ -81,6 +84,7 @@ from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog, RecordStore
 from vmha.etcd.tasks import StaleTasks, TaskStore
+from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, unix_monotonic
 
 log = logging.getLogger("vmha.manager")
@@ -114,20 +118,6 @@ class Parts:
     # Release every proof lease held: when the leadership is lost (the next leader resumes from the
     # proofs persisted in the tasks, and the restarted VMs need their leases free) and at exit.
     release_all: Callable[[], Awaitable[None]] | None = None
-
-
-def recovery_settings(m: ManagerConfig) -> RecoverySettings:
-    return RecoverySettings(
-        max_parallel=m.max_parallel,
-        max_per_host=m.max_per_host,
-        retry_base=m.retry_base,
-        retry_cap=m.retry_cap,
-        max_attempts=m.max_attempts,
-        decide_after=m.decide_after,
-        power_fence=m.power_fence,
-        allow_exit_attested=m.allow_exit_attested,
-        host_capacity=m.host_capacity,
-    )
 
 
 def proof_timeout(cfg: Config) -> float:
@@ -323,7 +313,7 @@ class Term:
         self.client = mgr.client
         self.keys = mgr.keys
         self.clock = mgr.clock
-        self.core = RecoveryCore(mgr.cfg.policy_table, recovery_settings(mgr.m))
+        self.core = RecoveryCore(mgr.cfg.policy_table, mgr.m.recovery_settings())
         self.store = TaskStore(self.client, self.keys)
         self.records = RecordStore(self.client, self.keys)
         self.events = EventLog(self.client, self.keys)
@@ -348,6 +338,7 @@ class Term:
             asyncio.create_task(self.monitor.run(), name="health monitor"),
             asyncio.create_task(self._health_feed(), name="health feed"),
             asyncio.create_task(self._inventory(), name="inventory"),
+            asyncio.create_task(self._enabled_hosts(), name="enabled hosts"),
             asyncio.create_task(self._decide(), name="decide"),
         ]
         try:
@@ -435,6 +426,14 @@ class Term:
             elif isinstance(change, FabricChange):
                 self.inbox.put(FabricUpdate(change))
 
+    async def _enabled_hosts(self) -> None:
+        """Tell the core (HostEnabled) and take a fresh inventory, in which the driver shows the
+        host enabled again."""
+        async for hosts in enabled_hosts(self.client, self.keys):
+            for host in hosts:
+                self.inbox.put(HostEnabled(host))
+            self.inventory_now.set()
+
     async def _inventory(self) -> None:
         while not self.over:
             try:
@@ -506,15 +505,15 @@ class Term:
             case Alert(level, _host, _vm, text):
                 log.log(_LEVELS.get(level, logging.WARNING), "ALERT %s", text)
                 return
-            case CancelProof(vm, host):
+            case CancelProof(vm, host, attempt):
                 task = self.inflight.pop(("prove", vm), None)
                 if task is not None:
                     task.cancel()
                     # The core waits for the end of the cancelled proof: tell it.
-                    self.inbox.put(ProofRefused(vm, host, "cancelled: the host came back"))
+                    self.inbox.put(ProofRefused(vm, host, attempt, "cancelled: the host came back"))
                 return
-            case Prove(vm, host, methods):
-                self._spawn(("prove", vm), self._prove(vm, host, methods))
+            case Prove(vm, host, methods, attempt, timeout):
+                self._spawn(("prove", vm), self._prove(vm, host, methods, attempt, timeout or self.proof_timeout))
             case ReleaseProof(vm, _host, _proof):
                 self._spawn(("vm", vm), self._vm_step(vm, Step.RELEASE, self._release(vm)))
             case Evacuate(vm, source, dest, _proof):
@@ -549,15 +548,17 @@ class Term:
 
     # -- action bodies: run the call, feed the result back ----------------------------------------
 
-    async def _prove(self, vm: str, host: str, methods: Sequence[ProofMethod]) -> None:
+    async def _prove(
+        self, vm: str, host: str, methods: Sequence[ProofMethod], attempt: Attempt, timeout: float
+    ) -> None:
         try:
-            proof = await self.fencer.prove(vm, host, methods, self.proof_timeout)
+            proof = await self.fencer.prove(vm, host, methods, timeout)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # any failure to prove is a refusal; the text is the evidence
-            self.inbox.put(ProofRefused(vm, host, _reason(e), bool(getattr(e, "retryable", True))))
+            self.inbox.put(ProofRefused(vm, host, attempt, _reason(e), bool(getattr(e, "retryable", True))))
             return
-        self.inbox.put(ProofObtained(proof))
+        self.inbox.put(ProofObtained(proof, attempt))
 
     async def _release(self, vm: str) -> str:
         await self.fencer.release(vm)
@@ -601,6 +602,27 @@ class Term:
         self.inbox.put(HostOpDone(host, op))
 
 
+async def enabled_hosts(client: EtcdClient, keys: Keys) -> AsyncIterator[list[str]]:
+    """The hosts re-enabled by `vmha host enable HOST`, which deletes keys.disabled(HOST), as they
+    happen (a non-empty list at a time; sorted)."""
+    prefix = keys.disabled_prefix
+    known: set[str] = set()
+    async for item in watch_prefix(client, prefix):
+        enabled: list[str] = []
+        match item:
+            case Snapshot(items):
+                listed = {kv.key.removeprefix(prefix) for kv, _ in items}
+                # The first listing, or again after a compaction: keys gone meanwhile were deleted.
+                enabled, known = sorted(known - listed), listed
+            case Delete(key):
+                known.discard(key.removeprefix(prefix))
+                enabled = [key.removeprefix(prefix)]
+            case _:
+                known.add(item.key.removeprefix(prefix))
+        if enabled:
+            yield enabled
+
+
 def _entry(line: LogLine) -> tuple[str, str, str, str]:
     return (line.level.value, line.actor, line.text, "log")
 
@@ -616,5 +638,6 @@ __all__ = [
     "Manager",
     "Parts",
     "compute_driver",
+    "enabled_hosts",
     "production_parts",
 ]

@@ -146,9 +146,10 @@ class HealthMonitor:
                 self._flush_handle = None
             for t in tasks:
                 t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            # Bounded: a task stuck in a library's cleanup must not keep the manager from stopping.
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            for t in stuck:
+                log.warning("health monitor task %s did not stop within 5s", t.get_name())
 
     # -- feeding the core ------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from vmha.core.recovery import (
     CancelProof,
     DisableHost,
     Evacuate,
+    HostEnabled,
     HostOp,
     HostOpDone,
     HostOpFailed,
@@ -159,7 +160,7 @@ class Sim:
         self.records: dict[tuple[str, int], dict[str, object]] = {}
         self.fabric_cuts: set[tuple[Plane, str | None]] = set()
         self.failures: dict[tuple[str, str], list[bool]] = {}  # (kind, name) -> [retryable, ...]
-        self.cancelled: set[tuple[int, str]] = set()  # (epoch, vm) of cancelled proofs
+        self.cancelled: set[tuple[int, Prove]] = set()  # (epoch, Prove) of cancelled proofs
         self.etcd_down_until = 0.0
         self.epoch = 0
         self.split_brain = 0
@@ -170,6 +171,7 @@ class Sim:
         self._lease_ids = 0
         self._ticks: set[tuple[str, float]] = set()
         self._inventory_at: float | None = None
+        self._proving: set[tuple[int, Prove]] = set()  # proofs whose completion is scheduled
         self.health = HealthCore(timings)
         self.recovery = RecoveryCore(policy, settings)
         self._start()
@@ -391,6 +393,14 @@ class Sim:
         self._recover(TasksLoaded(tasks))
         self._recover(self._inventory())
 
+    def enable(self, host: str) -> None:
+        """`vmha host enable HOST`: the operator re-enables a repaired host (Nova: enable the
+        service, clear forced_down; the manager sees keys.disabled(HOST) deleted)."""
+        h = self.hosts[host]
+        h.disabled = h.forced_down = False
+        self._recover(HostEnabled(host))
+        self._inventory_soon()
+
     def fail_next(self, kind: str, name: str, count: int, retryable: bool = True) -> None:
         self.failures.setdefault((kind, name), []).extend([retryable] * count)
 
@@ -433,12 +443,13 @@ class Sim:
                 self.at(self.now + self.st.mark_down, _WORLD, lambda: self._mark_down(host, epoch))
             case Prove():
                 self._prove(action, epoch)
-            case CancelProof(vm, host):
-                self.cancelled.add((epoch, vm))
+            case CancelProof(vm, host, attempt):
+                self.cancelled |= {(e, p) for e, p in self._proving if e == epoch and p.vm == vm
+                                   and p.attempt == attempt}
                 self.at(
                     self.now,
                     _WORLD,
-                    lambda: self._deliver(ProofRefused(vm, host, "cancelled", retryable=False), epoch),
+                    lambda: self._deliver(ProofRefused(vm, host, attempt, "cancelled", retryable=False), epoch),
                 )
             case ReleaseProof(vm, _, _):
                 self.at(self.now + self.st.release, _WORLD, lambda: self._release(vm, epoch))
@@ -466,28 +477,32 @@ class Sim:
         vm, h = self.vms[p.vm], self.hosts[p.host]
         failure = self._scripted_failure("proof", p.vm)
         if failure is not None:
-            ev = ProofRefused(p.vm, p.host, "scripted refusal", failure)
+            ev = ProofRefused(p.vm, p.host, p.attempt, "scripted refusal", failure)
             self.at(self.now + self.st.refuse_after, _WORLD, lambda: self._deliver(ev, epoch))
             return
         for method in p.methods:
             when = self._proof_time(method, vm, h)
             if when is None:
                 continue
+            self._proving.add((epoch, p))
 
             def complete(method: ProofMethod = method) -> None:
-                if (epoch, p.vm) in self.cancelled:
-                    self.cancelled.discard((epoch, p.vm))
+                self._proving.discard((epoch, p))
+                if (epoch, p) in self.cancelled:
+                    self.cancelled.discard((epoch, p))
                     return
                 if not self._proof_holds(method, vm, h):
-                    self._deliver(ProofRefused(p.vm, p.host, f"{method.value} no longer holds", True), epoch)
+                    self._deliver(
+                        ProofRefused(p.vm, p.host, p.attempt, f"{method.value} no longer holds", True), epoch
+                    )
                     return
                 self._proof_effect(method, vm, h)
                 proof = FenceProof(p.vm, p.host, method, started, self.now, {"sim": "scripted"})
-                self._deliver(ProofObtained(proof), epoch)
+                self._deliver(ProofObtained(proof, p.attempt), epoch)
 
             self.at(when, _WORLD, complete)
             return
-        ev = ProofRefused(p.vm, p.host, "no method applies yet", True)
+        ev = ProofRefused(p.vm, p.host, p.attempt, "no method applies yet", True)
         self.at(self.now + self.st.refuse_after, _WORLD, lambda: self._deliver(ev, epoch))
 
     def _proof_time(self, method: ProofMethod, vm: SimVm, h: SimHost) -> float | None:
