@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -13,14 +14,23 @@ import click
 
 from vmha import config
 from vmha.agent.daemon import Agent, default_status_path
+from vmha.agent.locks import AgentLocks
 
 
-async def _serve(agent: Agent) -> None:
+async def _serve(agent: Agent, locks: AgentLocks | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await agent.run(stop)
+    side = asyncio.create_task(locks.run(), name="locks") if locks is not None else None
+    try:
+        await agent.run(stop)
+    finally:
+        if side is not None and locks is not None:
+            side.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await side
+            await locks.stop()
 
 
 @click.command("agent")
@@ -49,4 +59,6 @@ def agent(config_path: str, status_file: Path | None, show_status: bool, verbose
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    asyncio.run(_serve(Agent(cfg, status_path=path)))
+    locks = AgentLocks(cfg) if cfg.locks is not None else None
+    on_isolated = locks.on_isolated if locks is not None else None
+    asyncio.run(_serve(Agent(cfg, status_path=path, on_isolated=on_isolated), locks))
