@@ -108,7 +108,9 @@ async def watch_prefix(
                 if conn.channel is not None:
                     try:
                         await asyncio.wait_for(watch.cancel(), timeout=1.0)
-                    except (aetcd.exceptions.ClientError, _rpc.RpcError, TimeoutError) as e:
+                    # AttributeError: aetcd's cancel() races with a close() of the connection by
+                    # another task (its watcher is gone by then): nothing left to cancel.
+                    except (aetcd.exceptions.ClientError, _rpc.RpcError, TimeoutError, AttributeError) as e:
                         log.debug("cancelling the watch on %s: %r", prefix, e)
             # The stream ended without an error: the client was closed under us. Reconnect.
             raise EtcdUnavailable(f"{client.name}: watch stream on {prefix} closed")
@@ -119,6 +121,15 @@ async def watch_prefix(
             if on_error is not None:
                 on_error(e)
             log.info("watch on %s interrupted (%s); resuming from revision %s", prefix, e, next_rev)
+            await client.wait_backoff()
+        except Exception as e:
+            # A bug in aetcd/gRPC (seen under heavy load) must not end the watch, and with it the
+            # manager's sight: log it, start on a fresh connection, resume from the same revision.
+            log.exception("watch on %s failed unexpectedly; resuming from revision %s", prefix, next_rev)
+            err = EtcdUnavailable(f"{client.name}: watch on {prefix}: {e!r}")
+            if on_error is not None:
+                on_error(err)
+            await client.reset(str(err))
             await client.wait_backoff()
 
 

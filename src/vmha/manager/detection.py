@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from vmha.core.health import (
@@ -126,20 +126,26 @@ class HealthMonitor:
 
     async def run(self) -> None:
         """Run until cancelled."""
-        tasks = [
-            asyncio.create_task(self._watch_hosts(), name="health: hosts"),
-            asyncio.create_task(self._watch_heartbeats(), name="health: heartbeats"),
-            asyncio.create_task(self._probe(), name="health: etcd probe"),
-            asyncio.create_task(self._tick(), name="health: ticker"),
-        ]
+        loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+            "hosts": self._watch_hosts,
+            "heartbeats": self._watch_heartbeats,
+            "etcd probe": self._probe,
+            "ticker": self._tick,
+        }
         if self.persist:
-            tasks.append(asyncio.create_task(self._write(), name="health: writer"))
+            loops["writer"] = self._write
+        tasks = {asyncio.create_task(f(), name=f"health: {n}"): n for n, f in loops.items()}
         try:
-            # Any task ending is a bug: surface it instead of running half-blind.
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                t.result()
-            raise RuntimeError("a health monitor task ended")
+            while True:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    # These loops never end by themselves: one that did hit a bug (ours or a
+                    # library's). Say so loudly, and restart it rather than run half-blind.
+                    name = tasks.pop(t)
+                    exc = None if t.cancelled() else t.exception()
+                    log.error("health monitor loop %r ended (%r); restarting it in 1s", name, exc, exc_info=exc)
+                    await asyncio.sleep(1.0)
+                    tasks[asyncio.create_task(loops[name](), name=f"health: {name}")] = name
         finally:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
