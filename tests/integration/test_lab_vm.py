@@ -20,7 +20,7 @@ from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.lab import cluster, controller
 from vmha.lab.configs import agent_config
-from vmha.lab.hosts import boot_host
+from vmha.lab.hosts import boot_host, lockspace_joined
 from vmha.lab.net import run
 from vmha.lab.procs import vm_processes
 from vmha.lab.state import LEASES_DIR, LabState, NodeState
@@ -47,8 +47,8 @@ def wait(cond: object, timeout: float, what: str) -> None:
 
 @pytest.fixture
 def mini_lab(tmp_path: Path) -> Iterator[LabState]:
-    """Controller (storage, etcd, the managers' sanlock daemons) and two hosts with their daemons,
-    lockspace and vm1's lease initialised, both hosts joined. No managers, no agents' decisions."""
+    """Controller (storage, etcd, the managers' sanlock daemons) and two hosts with their daemons and
+    agents, lockspace and vm1's lease initialised, both hosts joined. No managers."""
     state = LabState(dir=tmp_path / "lab", prefix="vt4", io_timeout=1, created=time.time())
     state.hosts = {f"h{i}": NodeState(f"h{i}", 10 + i) for i in (1, 2)}
     state.vms = ["vm1"]
@@ -61,10 +61,11 @@ def mini_lab(tmp_path: Path) -> Iterator[LabState]:
         ctl = state.node("controller")
         run([*ctl.enter(), "env", f"SANLOCK_RUN_DIR={controller.sanlock_run_dir(state, 'm1')}",
              sys.executable, "-c", LOCKS + "s.init(); s.create_lease('vm1')"], timeout=60)
-        for i, name in enumerate(sorted(state.hosts), 1):
-            boot_host(state, state.hosts[name])
-            run([*state.node(name).enter(), sys.executable, "-c", LOCKS + f"s.join({i}, '{name}')"], timeout=60)
+        for name in sorted(state.hosts):
+            boot_host(state, state.hosts[name])  # its agent joins the lockspace (host_id from etcd)
         state.save()
+        for name in sorted(state.hosts):
+            wait(lambda n=name: lockspace_joined(state.node(n)), 60, f"{name} joining the lockspace")
         yield state
     finally:
         cluster.down(state.dir)
@@ -152,7 +153,7 @@ async def test_lab_driver_places_evacuates_and_migrates(mini_lab: LabState, etcd
 
         await driver.disable_host("h2", "test")
         with pytest.raises(DriverError, match="no enabled"):
-            await driver._pick(state, exclude={"h1"})
+            await driver.live_migrate("vm1", "h1", None)
         await driver.enable_host("h2")
         assert {h.name: (h.enabled, h.up) for h in await driver.hosts()} == {"h1": (True, True), "h2": (True, True)}
 

@@ -113,7 +113,7 @@ def test_sequential_copies_never_split_brain(copies: list[tuple[str, float]]) ->
             t += pause
             if pause > DEFAULT_GAP:
                 expected += pause
-        for i in range(6):
+        for i in range(11):
             w.append((host, seq, round(t + i * 0.1, 6)))
             seq += 1
         t = w[-1][2]

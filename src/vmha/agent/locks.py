@@ -27,6 +27,8 @@ from vmha.locks.membership import join, leave
 
 log = logging.getLogger("vmha.agent")
 
+REJOIN_CHECK = 2.0  # seconds between checks that the lockspace is still joined
+
 
 class AgentLocks:
     def __init__(self, cfg: Config) -> None:
@@ -47,28 +49,52 @@ class AgentLocks:
         )  # fmt: skip
 
     async def run(self) -> None:
-        """Join, then serve attestations until cancelled; reconnects with backoff."""
+        """Join, serve attestations, and rejoin when the lockspace is lost (a storage outage makes
+        sanlock drop it); runs until cancelled."""
         pruned = await asyncio.to_thread(prune_records)
         if pruned:
             log.info("host %s: forgot %d lease holder record(s) of exited processes", self.host, pruned)
         async with EtcdClient(self.cfg.planes.endpoints(Plane.MANAGEMENT), name=f"{self.host}/locks") as client:
-            while self.host_id is None:
-                try:
-                    self.host_id = await join(self.space, client, self.keys, self.host)
-                    log.info("host %s joined lockspace %s as host_id %d", self.host, self.space.name, self.host_id)
-                except (EtcdError, LockError) as e:
-                    log.error("host %s: cannot join lockspace %s: %s; retrying", self.host, self.space.name, e)
-                    await client.wait_backoff()
+            await self._join(client)
+            serving = asyncio.create_task(self._serve(client), name="attestations")
+            try:
+                while True:
+                    await asyncio.sleep(REJOIN_CHECK)
+                    assert self.host_id is not None
+                    try:
+                        joined = await asyncio.to_thread(self.space.joined, self.host_id)
+                    except LockError as e:
+                        log.warning("host %s: cannot ask sanlock about lockspace %s: %s", self.host, self.space.name, e)
+                        continue
+                    if joined is False:
+                        log.warning("host %s: lockspace %s lost (storage outage?): rejoining",
+                                    self.host, self.space.name)  # fmt: skip
+                        self.host_id = None
+                        await self._join(client)
+            finally:
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
 
-            async def check(vm: str) -> Attestation:
-                return await asyncio.to_thread(attest_exit, self.space, vm)
+    async def _join(self, client: EtcdClient) -> None:
+        while self.host_id is None:
+            try:
+                self.host_id = await join(self.space, client, self.keys, self.host)
+                log.info("host %s joined lockspace %s as host_id %d", self.host, self.space.name, self.host_id)
+            except (EtcdError, LockError) as e:
+                log.error("host %s: cannot join lockspace %s: %s; retrying", self.host, self.space.name, e)
+                await client.wait_backoff()
 
-            while True:
-                try:
-                    await serve_attestations(client, self.keys, self.host, check)
-                except EtcdError as e:
-                    log.warning("host %s: attestation watch broken (%s); resuming", self.host, e)
-                    await client.wait_backoff()
+    async def _serve(self, client: EtcdClient) -> None:
+        async def check(vm: str) -> Attestation:
+            return await asyncio.to_thread(attest_exit, self.space, vm)
+
+        while True:
+            try:
+                await serve_attestations(client, self.keys, self.host, check)
+            except EtcdError as e:
+                log.warning("host %s: attestation watch broken (%s); resuming", self.host, e)
+                await client.wait_backoff()
 
     async def stop(self) -> None:
         if self.host_id is None:

@@ -128,8 +128,10 @@ class LabDriver:
             # The caller holds a fence proof, yet the old copy still runs: never start a second one.
             raise DriverError(f"evacuate {vm}: a copy still runs on {source} (pids "
                               f"{[p.pid for p in copies if p.host == source]}); refusing", retryable=True)
-        target = dest or await self._pick(state, exclude={source})
-        await self._start_and_wait(state, vm, target, incoming=0.0)
+        errors: list[str] = []
+        target = await self._start_first(state, vm, await self._targets(state, dest, exclude={source}), errors)
+        if target is None:
+            raise DriverError(f"evacuate {vm}: no host could run it: {'; '.join(errors)}")
         await self._place(vm, target)
         return target
 
@@ -142,19 +144,48 @@ class LabDriver:
         if not copies:
             # Nothing to hand over: a VM that no longer runs needs a fence proof and an evacuation.
             raise DriverError(f"live migration of {vm}: no running copy on {source} to hand over")
-        target = dest or await self._pick(state, exclude={source})
-        started = time.time()
-        proc = self._start(state, vm, target, incoming=MIGRATE_WAIT)
-        await self._wait_incoming(state, vm, target, proc, started)
+        errors = []
+        for target in await self._targets(state, dest, exclude={source}):
+            started = time.time()
+            proc = self._start(state, vm, target, incoming=MIGRATE_WAIT)
+            try:
+                await self._wait_incoming(state, vm, target, proc, started)
+                break
+            except DriverError as e:
+                errors.append(str(e))
+        else:
+            raise DriverError(f"live migration of {vm}: no destination could take it: {'; '.join(errors)}")
         # Hand over: the source stops writing and releases; the destination then takes the lease.
         for p in copies:
             if p.host == source:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGUSR1)
-        await self._wait_writing(state, vm, target, started, proc, MIGRATE_WAIT + START_TIMEOUT)
+        try:
+            await self._wait_writing(state, vm, target, started, proc, MIGRATE_WAIT + START_TIMEOUT)
+        except DriverError as e:
+            # The source has stopped and released the lease but the destination copy died: the VM
+            # runs nowhere. Restarting it is safe (the lease is free and every copy takes it first).
+            await self._wait_gone(state, vm, source)
+            errors = [f"the handover failed ({e})"]
+            restarted = await self._start_first(state, vm, await self._targets(state, None, {source}), errors)
+            if restarted is None:
+                raise DriverError(f"{vm}: not running anywhere: {'; '.join(errors)}") from None
+            target = restarted
         await self._place(vm, target)
         await self._wait_gone(state, vm, source)
         return target
+
+    async def _start_first(self, state: LabState, vm: str, targets: list[str], errors: list[str]) -> str | None:
+        """Starts the VM on the first of `targets` where a copy comes up writing; None if none did
+        (the reasons are appended to `errors`)."""
+        for target in targets:
+            try:
+                await self._start_and_wait(state, vm, target, incoming=0.0)
+            except DriverError as e:
+                errors.append(str(e))
+                continue
+            return target
+        return None
 
     async def _wait_gone(self, state: LabState, vm: str, host: str) -> None:
         """Until the VM's copy on `host` has exited (it stopped writing before it released the lease)."""
@@ -174,16 +205,19 @@ class LabDriver:
         rec = (await self._json_prefix(self.keys.lab("vms", ""))).get(vm, {"vm": vm, "ha": True, "priority": 0})
         await self._put(self.keys.lab("vms", vm), {**rec, "host": host})
 
-    async def _pick(self, state: LabState, exclude: set[str]) -> str:
-        """The least-loaded enabled, powered host (ties: by name)."""
+    async def _targets(self, state: LabState, dest: str | None, exclude: set[str]) -> list[str]:
+        """[dest] when the caller chose one; else the enabled, powered hosts, least loaded first (ties:
+        by name): the next is tried when one cannot run the copy (e.g. its lockspace is lost)."""
+        if dest is not None:
+            return [dest]
         load: dict[str, int] = {}
         for p in vm_processes(state.prefix):
             if p.host is not None:
                 load[p.host] = load.get(p.host, 0) + 1
-        candidates = [h for h in await self.hosts() if h.enabled and h.up and h.name not in exclude]
+        candidates = [h.name for h in await self.hosts() if h.enabled and h.up and h.name not in exclude]
         if not candidates:
             raise DriverError("no enabled, powered lab host to run on")
-        return min(candidates, key=lambda h: (load.get(h.name, 0), h.name)).name
+        return sorted(candidates, key=lambda h: (load.get(h, 0), h))
 
     def _start(self, state: LabState, vm: str, host: str, incoming: float) -> subprocess.Popen[bytes]:
         try:

@@ -14,7 +14,7 @@ from vmha.core.planes import PLANES
 from vmha.etcd.keys import Keys
 from vmha.lab import controller, etcdq
 from vmha.lab.configs import controller_config
-from vmha.lab.hosts import boot_host, storage, vmha_command
+from vmha.lab.hosts import boot_host, lockspace_joined, storage, vmha_command
 from vmha.lab.net import HOST_INDEX_BASE, LabError, LabNet, pid_alive, run
 from vmha.lab.procs import vm_processes
 from vmha.lab.state import CLUSTER, DISKS_DIR, LEASES_DIR, LabState, NodeState
@@ -72,6 +72,7 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
     echo("managers: m1 (leader), m2 (standby)")
     controller.start_managers(state)
     state.save()
+    _wait_joined(state, echo)
     _start_vms(state, echo)
     _wait_healthy(state, echo)
     echo(f"lab up in {time.monotonic() - t0:.1f} s")
@@ -106,6 +107,20 @@ def _records(state: LabState) -> None:
         key = KEYS.lab("vms", vm)
         if key not in have:
             etcdq.put_json(state, key, {"vm": vm, "host": hosts[i % len(hosts)], "ha": True, "priority": 0})
+
+
+def _wait_joined(state: LabState, echo: Echo) -> None:
+    """Until every powered host's agent has joined the lockspace (VMs there cannot take leases before)."""
+    deadline = time.monotonic() + HEALTHY_TIMEOUT
+    waiting = [h for h in sorted(state.hosts, key=_host_order) if state.hosts[h].power == "on"]
+    while waiting and time.monotonic() < deadline:
+        waiting = [h for h in waiting if not lockspace_joined(state.node(h))]
+        if waiting:
+            time.sleep(0.5)
+    if waiting:
+        raise LabError(f"hosts {', '.join(waiting)}: the agent did not join the sanlock lockspace within "
+                       f"{HEALTHY_TIMEOUT:.0f} s (logs: {state.logs}/agent-HOST.log)")
+    echo("every host joined the lockspace")
 
 
 def _start_vms(state: LabState, echo: Echo) -> None:
@@ -148,6 +163,8 @@ def health_problems(state: LabState, since: float) -> list[str]:
         bad = [p.value for p in PLANES if planes.get(p.value) != "up"]
         if bad:
             out.append(f"{name}: {', '.join(bad)} not up in the manager's view")
+        elif not lockspace_joined(state.node(name)):
+            out.append(f"{name}: not joined to the sanlock lockspace (cannot take VM leases)")
     placed, _ = etcdq.get_json_prefix(state, KEYS.lab("vms", ""))
     for vm in state.vms:
         host = placed.get(KEYS.lab("vms", vm), {}).get("host")

@@ -12,7 +12,7 @@ import sys
 
 from vmha.core.planes import Plane
 from vmha.lab.configs import agent_config
-from vmha.lab.net import LabError, Node, pid_alive, spawn
+from vmha.lab.net import LabError, Node, pid_alive, run, spawn
 from vmha.lab.sanlockd import start_sanlock
 from vmha.lab.state import LabState, NodeState
 from vmha.lab.storage import SharedStorage
@@ -53,6 +53,15 @@ def boot_host(state: LabState, ns: NodeState) -> Node:
         ns.pids["agent"] = proc.pid
     ns.power = "on"
     return node
+
+
+def lockspace_joined(node: Node, lockspace: str = "vmha") -> bool:
+    """Whether the host's sanlock daemon has joined the lockspace (the agent joins it at start): only
+    then can a VM take its lease there. `sanlock client gets` lists "s NAME:ID:PATH:OFFSET", with a
+    trailing ADD or REM while joining or leaving."""
+    cp = run([*node.enter(), "sanlock", "client", "gets"], check=False, timeout=10)
+    return any(line.startswith(f"s {lockspace}:") and not line.rstrip().endswith(("ADD", "REM"))
+               for line in cp.stdout.splitlines())
 
 
 def power_off(state: LabState, name: str) -> list[int]:

@@ -18,7 +18,7 @@ NETNS_DIR = Path("/run/netns")
 class VmProcess:
     vm: str
     pid: int
-    host: str | None  # None: not inside any host namespace of this lab
+    host: str  # the lab host (netns <prefix>-<host>) it runs in
     active: bool  # has its disk open: it holds the lease (a starting or incoming copy does not yet)
 
 
@@ -74,7 +74,7 @@ def _disk_open(pid: int) -> bool:
 
 
 def vm_processes(prefix: str) -> list[VmProcess]:
-    """Every running vmha-vm process, with the lab host it runs on; sorted by VM then pid."""
+    """Every vmha-vm process running in one of this lab's host namespaces; sorted by VM then pid."""
     names = netns_names(prefix)
     out: list[VmProcess] = []
     for entry in os.listdir("/proc"):
@@ -90,5 +90,7 @@ def vm_processes(prefix: str) -> list[VmProcess]:
             ino = os.stat(f"/proc/{pid}/ns/net").st_ino
         except OSError:
             continue
-        out.append(VmProcess(argv[idx + 1], pid, names.get(ino), _disk_open(pid)))
+        if ino not in names:
+            continue  # another lab's VM (another prefix), or one started by hand outside any lab host
+        out.append(VmProcess(argv[idx + 1], pid, names[ino], _disk_open(pid)))
     return sorted(out, key=lambda p: (p.vm, p.pid))

@@ -40,6 +40,7 @@ CLASSES: dict[str, tuple[Plane, ...]] = {
 MOVES = {"service", "storage", "isolation", "power-off"}  # the classes whose VMs must end elsewhere
 OBSERVE = 10.0  # no-move classes: how long after detection nothing may move
 OUTCOME_TIMEOUT = 150.0  # longer than sanlock's host_dead at io_timeout 1 (~70 s) with margin
+SETTLE_TIMEOUT = 60.0  # repaired host back (boot, lockspace join ~3 s, enable) and every VM writing
 POLL = 0.25
 
 
@@ -207,7 +208,7 @@ def _watch(state: LabState, tl: Timeline, kind: str, host: str) -> None:
 
 def _settle(state: LabState, tl: Timeline, host: str | None) -> None:
     """After the repair: the host enabled again (vmha host enable) and the lab healthy."""
-    deadline = time.monotonic() + OUTCOME_TIMEOUT
+    deadline = time.monotonic() + SETTLE_TIMEOUT
     since = time.time()
     enabled = host is None
     problems: list[str] = []

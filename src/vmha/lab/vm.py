@@ -34,7 +34,7 @@ from vmha.config import ConfigError
 from vmha.locks.lease import LeaseHold, acquire_self
 from vmha.locks.space import LeaseBusy, LockError, LockSpace
 
-INTERVAL = 0.1  # seconds between writes: verify's gap threshold (0.5 s) counts on it
+INTERVAL = 0.1  # seconds between writes: verify's gap threshold (1 s) counts on it
 READ_TAIL = 4096  # bytes read from the disk's end to find the last record
 RUN_DIR = Path("/run/vmha")  # the host's tmpfs (its anchor's mount namespace)
 EXIT_LEASE_REFUSED = 3  # exit status when the lease cannot be taken (held elsewhere, no lockspace)
@@ -76,6 +76,7 @@ class LabVm:
         self.disk = disk
         self.space = space
         self.hold: LeaseHold | None = None
+        self.retrying = False
         self.interval = interval
         self.stop = threading.Event()
         self.reason = ""
@@ -103,9 +104,14 @@ class LabVm:
                 try:
                     self.hold = acquire_self(self.space, self.name)
                     return
-                except LeaseBusy:
+                except LockError as e:
+                    # Waiting for a handover, any refusal may be transient (sanlock answers EAGAIN
+                    # while the lease is being released): retry until the deadline.
                     if time.monotonic() >= deadline or self.stop.is_set():
                         raise
+                    if not isinstance(e, LeaseBusy) and not self.retrying:
+                        self.log(f"lease not taken yet ({e}); retrying")
+                        self.retrying = True
                 self.stop.wait(0.02)
         finally:
             marker.unlink(missing_ok=True)

@@ -194,13 +194,16 @@ class Prover:
             return await self._exit_attested(vm, host, host_id, end, trail)
         return await self._power(vm, host, host_id, end, trail)
 
-    async def _take(self, vm: str) -> LeaseHold | None:
+    async def _take(self, vm: str, *, dead_ok: bool = False) -> LeaseHold | None:
         """The lease, or None while another host may hold it. sanlock's acquire returns at once when
-        the owner is LIVE, but blocks until host_dead when the owner is FAIL (or not yet known):
-        never call it then, or a method would overrun its budget by a minute."""
+        the owner renews, but blocks until host_dead when it has stopped renewing, and this daemon's
+        view of the owner lags by up to 2 io (a host that just lost storage still shows LIVE): so
+        acquire only a lease nobody holds, or (dead_ok) one whose holders are all DEAD, or a method
+        would overrun its budget by a minute."""
         try:
             owners = await asyncio.to_thread(self.space.owners, vm)
-            if any(o.state in (HostState.FAIL, HostState.UNKNOWN) for o in owners):
+            holding = [o for o in owners if o.state is not HostState.FREE]
+            if holding and not (dead_ok and all(o.state is HostState.DEAD for o in holding)):
                 return None
             taking = asyncio.ensure_future(asyncio.to_thread(LeaseHold, self.space, vm))
             try:
@@ -222,10 +225,12 @@ class Prover:
         trail.add("lease acquired")
         return hold
 
-    async def _take_until(self, vm: str, end: float, trail: _Trail, why: str, fail: str) -> LeaseHold:
+    async def _take_until(
+        self, vm: str, end: float, trail: _Trail, why: str, fail: str, *, dead_ok: bool = False
+    ) -> LeaseHold:
         """Retries taking the lease until `end`: `why` says what made it free, `fail` what it means if not."""
         while True:
-            hold = await self._take(vm)
+            hold = await self._take(vm, dead_ok=dead_ok)
             if hold is not None:
                 trail.add(f"lease acquired ({why})")
                 return hold
@@ -262,7 +267,7 @@ class Prover:
         if not await self._wait_state(host_id, end, trail, lambda i: i is not None and i.state is HostState.DEAD):
             raise _Failed(f"host_id {host_id} not DEAD (states seen: {' '.join(trail.states)})")
         return await self._take_until(vm, end, trail, f"host_id {host_id} DEAD",
-                                      f"host_id {host_id} DEAD but sanlock still refuses the lease")
+                                      f"host_id {host_id} DEAD but sanlock still refuses the lease", dead_ok=True)
 
     async def _reset_and_take(self, vm: str, host_id: int, trail: _Trail, why: str) -> LeaseHold:
         """After evidence that nothing on host_id can write: reset the lease if host_id owns it, take it."""
