@@ -132,6 +132,11 @@ class Node:
 def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Starts a long-lived lab process in a session of its own (a Ctrl-C of the lab command does not
     reach it), output appended to `log`."""
+    if env is None:
+        # A host's processes use the sanlock daemon of the host's own mount namespace: never the one a
+        # caller points at (the managers run with SANLOCK_RUN_DIR set to their own daemon, and the lab
+        # driver inside them starts VMs on hosts).
+        env = {k: v for k, v in os.environ.items() if k != "SANLOCK_RUN_DIR"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         return subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
