@@ -6,13 +6,12 @@ SANLOCK_RUN_DIR (sockets under <lab dir>/run/<manager>) since they share the con
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from vmha.core.planes import PLANES, Plane
 from vmha.lab.configs import manager_config
 from vmha.lab.hosts import storage, vmha_command
-from vmha.lab.net import LabError, Node, pid_alive, spawn
+from vmha.lab.net import LabError, Node, host_env, pid_alive, spawn
 from vmha.lab.sanlockd import start_sanlock
 from vmha.lab.state import ETCD_PORT, LabState
 from vmha.testing.etcd import EtcdProcess, EtcdStartError
@@ -78,5 +77,4 @@ def start_managers(state: LabState) -> None:
 def manager_env(state: LabState, manager: str) -> dict[str, str]:
     """A manager's environment: its own sanlock daemon, and VMHA_LAB_DIR telling the lab driver and
     power fence where the lab is."""
-    return {**os.environ, "VMHA_LAB_DIR": str(state.dir),
-            "SANLOCK_RUN_DIR": str(sanlock_run_dir(state, manager))}
+    return host_env(VMHA_LAB_DIR=str(state.dir), SANLOCK_RUN_DIR=str(sanlock_run_dir(state, manager)))

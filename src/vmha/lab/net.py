@@ -43,10 +43,22 @@ def plane_address(plane: Plane, index: int) -> str:
     return f"198.18.{PLANE_OCTET[plane]}.{index}"
 
 
+# Variables that point a process at one sanlock daemon or one holder-record directory. A lab host's
+# processes use those of the host's own mount namespace, never the caller's (a manager, or a test
+# process that talks to a daemon of its own, runs with them set).
+_CALLER_ONLY = ("SANLOCK_RUN_DIR", "VMHA_RUN_DIR")
+
+
+def host_env(**extra: str) -> dict[str, str]:
+    """The environment for a lab process: the caller's, without _CALLER_ONLY, plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k not in _CALLER_ONLY}, **extra}
+
+
 def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Runs a short command, raising LabError with its stderr when it fails."""
     try:
-        cp = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+        cp = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False,
+                            env=host_env())  # fmt: skip
     except subprocess.TimeoutExpired:
         raise LabError(f"{' '.join(cmd)}: no answer within {timeout:.0f} s") from None
     if check and cp.returncode != 0:
@@ -132,15 +144,10 @@ class Node:
 def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Starts a long-lived lab process in a session of its own (a Ctrl-C of the lab command does not
     reach it), output appended to `log`."""
-    if env is None:
-        # A host's processes use the sanlock daemon of the host's own mount namespace: never the one a
-        # caller points at (the managers run with SANLOCK_RUN_DIR set to their own daemon, and the lab
-        # driver inside them starts VMs on hosts).
-        env = {k: v for k, v in os.environ.items() if k != "SANLOCK_RUN_DIR"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         return subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, env=env)
+                                start_new_session=True, env=host_env() if env is None else env)
 
 
 class LabNet:
