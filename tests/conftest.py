@@ -1,12 +1,13 @@
-"""Fixtures shared by every test folder: a real etcd per test."""
+"""Fixtures shared by every test folder: a real etcd per test, and a client of it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from vmha.etcd.client import EtcdClient
 from vmha.testing.etcd import EtcdProcess
 
 
@@ -19,3 +20,10 @@ def etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
+    c = EtcdClient(etcd.client_urls)
+    yield c
+    await c.close()

@@ -33,12 +33,6 @@ async def until(pred: Callable[[], object], timeout: float = 15.0, what: str = "
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
-    c = EtcdClient(etcd.client_urls)
-    yield c
-    await c.close()
-
 
 @pytest.fixture
 async def host(tmp_path: Path, etcd: EtcdProcess) -> AsyncIterator[ProxiedHost]:

@@ -68,12 +68,6 @@ async def until(pred: Callable[[], object], timeout: float = 20.0, what: str = "
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
-    c = EtcdClient(etcd.client_urls)
-    yield c
-    await c.close()
-
 
 @pytest.fixture
 async def hosts(tmp_path: Path, etcd: EtcdProcess) -> AsyncIterator[dict[str, ProxiedHost]]:

@@ -25,12 +25,6 @@ pytestmark = pytest.mark.integration
 K = Keys("t")
 
 
-@pytest.fixture
-async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
-    c = EtcdClient(etcd.client_urls, timeout=2.0)
-    yield c
-    await c.close()
-
 
 async def test_json_create_cas_and_delete(client: EtcdClient) -> None:
     assert await client.get_json("/x") is None

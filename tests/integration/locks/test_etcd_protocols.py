@@ -13,18 +13,11 @@ from vmha.etcd import hostids
 from vmha.etcd.attest import AttestTimeout, request_attestation, serve_attestations
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
-from vmha.testing.etcd import EtcdProcess
 
 pytestmark = pytest.mark.integration
 
 K = Keys("vt2")
 
-
-@pytest.fixture
-async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
-    c = EtcdClient(etcd.client_urls, timeout=2.0)
-    yield c
-    await c.close()
 
 
 async def test_host_ids_are_unique_and_stable(client: EtcdClient) -> None:
