@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from manager_config import config_text
 
 from vmha.cli import cli
 from vmha.core.health import HostHealth, PlaneStatus
@@ -48,21 +49,12 @@ def cfg_path(etcd: EtcdProcess, tmp_path: Path) -> Path:
     url = etcd.client_urls[0]
     path = tmp_path / "vmha.toml"
     path.write_text(
-        f"""
-[cluster]
-name = "vt5"
-[planes.management]
-endpoints = ["{url}"]
-[planes.storage]
-endpoints = ["{url}"]
-[planes.service]
-endpoints = ["{url}"]
-[manager]
+        config_text(url, f"""[manager]
 name = "mgr-cli"
 endpoints = ["{url}"]
 [policy]
 management = "alert"
-"""
+""")
     )
     return path
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from manager_config import config_text
 
 from vmha.core.planes import PLANES
 from vmha.core.queue import Step, Task
@@ -48,16 +49,7 @@ DELAY = 0.6  # each prove / evacuation takes this long: the queue runs for sever
 
 def write_config(path: Path, name: str, url: str) -> Path:
     path.write_text(
-        f"""
-[cluster]
-name = "{CLUSTER}"
-[planes.management]
-endpoints = ["{url}"]
-[planes.storage]
-endpoints = ["{url}"]
-[planes.service]
-endpoints = ["{url}"]
-[manager]
+        config_text(url, f"""[manager]
 name = "{name}"
 endpoints = ["{url}"]
 election_ttl = 2
@@ -66,7 +58,7 @@ max_per_host = 1
 # A dead host's three heartbeat leases expire up to ~1 s apart; acting at the first DOWN would act
 # on a partial row (e.g. service only: live-migrate). Hold the decision until the row settled.
 decide_after = 1.0
-"""
+""", cluster=CLUSTER)
     )
     return path
 

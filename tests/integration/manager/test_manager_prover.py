@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from manager_config import config_text
 
 from vmha.lab.sanlockd import start_sanlock, stop_sanlock
 from vmha.testing.etcd import EtcdProcess
@@ -21,16 +22,7 @@ def test_production_prover_joins_and_proves(etcd: EtcdProcess, tmp_path: Path) -
     (tmp_path / "shared").mkdir()
     cfg = tmp_path / "vmha.toml"
     cfg.write_text(
-        f"""
-[cluster]
-name = "vt5"
-[planes.management]
-endpoints = ["{url}"]
-[planes.storage]
-endpoints = ["{url}"]
-[planes.service]
-endpoints = ["{url}"]
-[locks]
+        config_text(url, f"""[locks]
 path = "{tmp_path / "shared"}"
 lockspace = "vt5"
 io_timeout = 1
@@ -38,7 +30,7 @@ io_timeout = 1
 name = "mgr-p"
 endpoints = ["{url}"]
 driver = "nova"
-"""
+""")
     )
     daemon = start_sanlock("vt5mgr", run_dir=tmp_path / "run", log_path=tmp_path / "sanlock.log")
     try:
