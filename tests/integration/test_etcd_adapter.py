@@ -17,7 +17,7 @@ from vmha.etcd.heartbeat import PlaneHeartbeat
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import list_hosts, register
 from vmha.etcd.watch import Delete, Put, Snapshot, WatchItem, watch_prefix
-from vmha.testing.etcd import EtcdProcess, free_port
+from vmha.testing.etcd import EtcdProcess, free_ports
 from vmha.testing.proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ async def test_lease_keeps_and_revoke_deletes(client: EtcdClient) -> None:
 
 
 async def test_unavailable_is_fast_and_the_next_endpoint_is_used(etcd: EtcdProcess) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
     c = EtcdClient([dead, etcd.client_urls[0]], timeout=2.0)
     try:
         t = time.monotonic()

@@ -2,7 +2,8 @@
 
 records/<vm>/<n>: the evidence record of recovery n of the VM (core/queue.py Task.to_dict(): failed
   planes and since when, the policy row and action, the proof, each step with timestamps and
-  result). Written by the leader when a recovery ends; `vmha recovery show VM` reads it.
+  result). Written by the leader when a recovery ends, in the same transaction as the task's final
+  state (TaskStore.write); `vmha recovery show VM` reads it.
 events/<seq>: one decision or alert per key, seq increasing across leaders. Bounded: each append
   deletes what falls beyond the newest `keep` events in the same transaction. `vmha events` lists
   and follows it.
@@ -29,7 +30,7 @@ from vmha.etcd.watch import Put, Snapshot, watch_prefix
 log = logging.getLogger("vmha.manager.records")
 
 KEEP_EVENTS = 5000
-_CHUNK = 100  # records or events per transaction (etcd allows 128 operations)
+_CHUNK = 100  # events per transaction (etcd allows 128 operations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +80,6 @@ class RecordStore:
     def __init__(self, client: EtcdClient, keys: Keys) -> None:
         self.client = client
         self.keys = keys
-
-    async def put(self, lead: Leadership, records: Sequence[tuple[str, int, Mapping[str, object]]]) -> None:
-        """Write (or rewrite: a cancelled recovery may continue when a late proof arrives) records,
-        given as (vm, recovery number, Task.to_dict())."""
-        for i in range(0, len(records), _CHUNK):
-            ops = [
-                tx.Put(self.keys.record(vm, n).encode(), encode_json(dict(data)))
-                for vm, n, data in records[i : i + _CHUNK]
-            ]
-            await leader_txn(self.client, lead, [], ops)
 
     async def records(self, vm: str) -> list[Task]:
         """The VM's recovery records, oldest first; unreadable ones are logged and skipped."""

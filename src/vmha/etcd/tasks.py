@@ -3,6 +3,7 @@
     store = TaskStore(client, keys)
     tasks = await store.load()                   # [Task], broken values logged and skipped
     await store.write(lead, {vm: task.to_dict()})  # CAS on each task + "still the leader"
+    await store.write(lead, {vm: d}, records=[(vm, n, d)])  # and its evidence record, atomically
 
 Every write is one transaction that compares, for each task written, the mod_revision this store
 last saw (0 for a task it believes absent) AND that the leader key still holds this manager's
@@ -12,13 +13,13 @@ write is refused. A refused write raises:
   - StaleTasks: a task changed under us (another writer, or a reload we missed); the daemon stops
     acting on its in-memory queue and reloads.
 etcd caps a transaction at 128 operations, so a large batch is written in chunks, each guarded the
-same way; the batch is not atomic as a whole, but every task's own transition is.
+same way; the batch is not atomic as a whole, but every task's own transition (with its record) is.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from aetcd import transactions as tx
 
@@ -29,8 +30,8 @@ from vmha.etcd.keys import Keys
 
 log = logging.getLogger("vmha.manager.tasks")
 
-# Tasks per transaction: etcd allows 128 compares (one is the leader's) and 128 operations.
-CHUNK = 100
+# Operations per transaction: etcd allows 128 compares (one is the leader's) and 128 operations.
+MAX_OPS = 100
 
 
 class StaleTasks(EtcdError):
@@ -73,22 +74,52 @@ class TaskStore:
         """The mod_revision the next write of this VM's task will compare with (0: absent)."""
         return self._revs.get(vm, 0)
 
-    async def write(self, lead: Leadership, tasks: Mapping[str, Mapping[str, object]]) -> None:
-        """Write these tasks (vm -> Task.to_dict()) with CAS, guarded by the leadership."""
+    async def write(
+        self,
+        lead: Leadership,
+        tasks: Mapping[str, Mapping[str, object]],
+        records: Sequence[tuple[str, int, Mapping[str, object]]] = (),
+    ) -> None:
+        """Write these tasks (vm -> Task.to_dict()) with CAS, guarded by the leadership, and the
+        evidence records (vm, recovery number, Task.to_dict()) in the same transaction as their VM's
+        task: a leader that dies mid-write cannot leave a finished task without its record."""
+        extra: dict[str, list[tx.Put]] = {}
+        for vm, n, data in records:
+            extra.setdefault(vm, []).append(tx.Put(self.keys.record(vm, n).encode(), encode_json(dict(data))))
         vms = sorted(tasks)
-        for i in range(0, len(vms), CHUNK):
-            chunk = vms[i : i + CHUNK]
-            keys = {vm: self.keys.task(vm).encode() for vm in chunk}
-            revision = await leader_txn(
-                self.client,
-                lead,
-                compare=[tx.Mod(keys[vm]) == self.revision(vm) for vm in chunk],
-                success=[tx.Put(keys[vm], encode_json(dict(tasks[vm]))) for vm in chunk],
-            )
-            if revision is None:
-                raise StaleTasks(await self._stale(chunk))
-            for vm in chunk:
-                self._revs[vm] = revision
+        # Records of a VM whose task is not written here go alone, without a compare.
+        groups = [(vm, extra.pop(vm, [])) for vm in vms] + [("", ops) for ops in extra.values()]
+        chunk: list[tuple[str, list[tx.Put]]] = []
+        size = 0
+        for group in groups:
+            ops = len(group[1]) + (1 if group[0] else 0)
+            if chunk and size + ops > MAX_OPS:
+                await self._write_chunk(lead, tasks, chunk)
+                chunk, size = [], 0
+            chunk.append(group)
+            size += ops
+        if chunk:
+            await self._write_chunk(lead, tasks, chunk)
+
+    async def _write_chunk(
+        self,
+        lead: Leadership,
+        tasks: Mapping[str, Mapping[str, object]],
+        chunk: list[tuple[str, list[tx.Put]]],
+    ) -> None:
+        written = [vm for vm, _ in chunk if vm]
+        keys = {vm: self.keys.task(vm).encode() for vm in written}
+        success = [tx.Put(keys[vm], encode_json(dict(tasks[vm]))) for vm in written]
+        revision = await leader_txn(
+            self.client,
+            lead,
+            compare=[tx.Mod(keys[vm]) == self.revision(vm) for vm in written],
+            success=success + [op for _, ops in chunk for op in ops],
+        )
+        if revision is None:
+            raise StaleTasks(await self._stale(written))
+        for vm in written:
+            self._revs[vm] = revision
 
     async def _stale(self, vms: list[str]) -> list[str]:
         """Which of these VMs' tasks differ from what we last saw (for the operator log)."""
@@ -97,4 +128,4 @@ class TaskStore:
         return [vm for vm in vms if now.get(vm, 0) != self.revision(vm)] or vms
 
 
-__all__ = ["CHUNK", "StaleTasks", "TaskStore"]
+__all__ = ["MAX_OPS", "StaleTasks", "TaskStore"]

@@ -12,8 +12,8 @@ Standby: campaign (etcd/election.py) and wait. Leader, for one "term" at a time:
   - call core.step(event, now) for each event (and Tick at core.next_deadline()); the events that
     arrived together are stepped one after another, and their outputs applied together:
       1. log each line (logger "vmha.manager") and append it to the decision stream,
-      2. persist the tasks it changed, with CAS guarded by the leadership, and write the evidence
-         records - BEFORE any other action of that output runs (persist, then act: a leader that
+      2. persist the tasks it changed, with CAS guarded by the leadership, and the evidence records
+         in the same transactions - BEFORE any other action of that output runs (persist, then act: a leader that
          dies in between leaves a task naming the step in flight, which the next one repeats),
       3. start the other actions concurrently (the core bounds how many), each feeding its result
          back as an event.
@@ -82,7 +82,7 @@ from vmha.drivers.base import ComputeDriver, DriverError
 from vmha.etcd.client import EtcdClient, EtcdUnavailable, encode_json
 from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
-from vmha.etcd.records import EventLog, RecordStore
+from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import StaleTasks, TaskStore
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, unix_monotonic
@@ -315,7 +315,6 @@ class Term:
         self.clock = mgr.clock
         self.core = RecoveryCore(mgr.cfg.policy_table, mgr.m.recovery_settings())
         self.store = TaskStore(self.client, self.keys)
-        self.records = RecordStore(self.client, self.keys)
         self.events = EventLog(self.client, self.keys)
         self.monitor = HealthMonitor(self.client, self.keys, mgr.cfg.timings.health(), name=mgr.m.name,
                                      clock=self.clock)  # fmt: skip
@@ -482,11 +481,9 @@ class Term:
                 persist[a.vm] = a.data  # the last state of a VM in this output includes the earlier ones
             elif isinstance(a, RecordEvidence):
                 records.append(a)
-        if persist:
-            await self._durable(lambda: self.store.write(self.lead, persist))
-        if records:
+        if persist or records:
             batch = [(r.vm, r.recovery, r.data) for r in records]
-            await self._durable(lambda: self.records.put(self.lead, batch))
+            await self._durable(lambda: self.store.write(self.lead, persist, batch))
         entries = self.pending_events + [_entry(line) for line in out.log]
         entries += [(a.level.value, "manager", a.text, "alert") for a in out.actions if isinstance(a, Alert)]
         self.pending_events = []

@@ -12,6 +12,7 @@ A cluster of several members: give each the same ``initial_cluster`` ("n1=peer1,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -30,12 +31,17 @@ class EtcdStartError(RuntimeError):
     """etcd did not become healthy in time; the message carries the tail of its log."""
 
 
-def free_port(address: str = "127.0.0.1") -> int:
-    """A TCP port free on ``address`` now (the kernel picks it: bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_ports(n: int, address: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports free on ``address`` now (the kernel picks them: bind to port 0).
+    All sockets stay open until every port is picked: closed one by one, the kernel may hand out the
+    same port twice (an etcd got one port for its client and its peer URL)."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((address, 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 class EtcdProcess:
@@ -55,8 +61,9 @@ class EtcdProcess:
         self.base = Path(tempfile.mkdtemp(prefix="vmha-etcd-")) if data_dir is None else Path(data_dir)
         self.data_dir = self.base / "data" if self._own_dir else self.base
         self.log_path = (self.base if self._own_dir else self.base.parent) / f"{name}.log"
-        self.client_urls = client_urls or [f"http://127.0.0.1:{free_port()}"]
-        self.peer_url = peer_url or f"http://127.0.0.1:{free_port()}"
+        client_port, peer_port = free_ports(2)
+        self.client_urls = client_urls or [f"http://127.0.0.1:{client_port}"]
+        self.peer_url = peer_url or f"http://127.0.0.1:{peer_port}"
         self.netns = netns
         self.name = name
         self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
@@ -169,4 +176,4 @@ class EtcdProcess:
         self.stop()
 
 
-__all__ = ["ETCD", "EtcdProcess", "EtcdStartError", "free_port"]
+__all__ = ["ETCD", "EtcdProcess", "EtcdStartError", "free_ports"]

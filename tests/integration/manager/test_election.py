@@ -156,14 +156,32 @@ async def test_task_store_cas(etcd: EtcdProcess) -> None:
         lead_b.end("test over")
 
 
+async def test_large_batch_with_records_crosses_transactions(etcd: EtcdProcess) -> None:
+    """150 finished tasks and their records need several transactions (etcd's 128-operation cap):
+    each lands whole, every task with its own record."""
+    async with clients(etcd, 1) as (a,):
+        lead = await Election(a, KEYS.leader, "mgr-a", TTL).campaign()
+        vms = [f"big{i:03d}" for i in range(150)]
+        done = {vm: _task(vm, "done") for vm in vms}
+        store = TaskStore(a, KEYS)
+        await store.write(lead, done, [(vm, 1, d) for vm, d in done.items()])
+        loaded = {t.vm: t.state.value for t in await TaskStore(a, KEYS).load()}
+        assert {vm: loaded.get(vm) for vm in vms} == dict.fromkeys(vms, "done")
+        records = RecordStore(a, KEYS)
+        for vm in (vms[0], vms[99], vms[149]):
+            assert [(t.recovery, t.state.value) for t in await records.records(vm)] == [(1, "done")]
+        lead.end("test over")
+
+
 async def test_records_and_events(etcd: EtcdProcess) -> None:
     async with clients(etcd, 2) as (a, b):
         ea = Election(a, KEYS.leader, "mgr-a", TTL)
         lead = await ea.campaign()
         records = RecordStore(a, KEYS)
-        await records.put(
-            lead, [("vm1", 1, _task("vm1", "done")), ("vm1", 2, _task("vm1", "failed") | {"recovery": 2})]
-        )
+        failed = _task("vm1", "failed") | {"recovery": 2}
+        store = TaskStore(a, KEYS)
+        await store.write(lead, {"vm1": failed}, [("vm1", 1, _task("vm1", "done")), ("vm1", 2, failed)])
+        assert (await store.load())[0].state.value == "failed"  # the task and its records, one transaction
         await a.put(KEYS.record("vm1", 3), b"garbage")
         assert [(t.recovery, t.state.value) for t in await records.records("vm1")] == [(1, "done"), (2, "failed")]
 

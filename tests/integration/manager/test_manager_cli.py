@@ -23,7 +23,7 @@ from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.election import Election, Leadership
 from vmha.etcd.keys import Keys
-from vmha.etcd.records import EventLog, RecordStore
+from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import TaskStore
 from vmha.testing.etcd import EtcdProcess
 
@@ -89,8 +89,8 @@ async def test_policy_show(cfg_path: Path) -> None:
 
 async def test_recovery_show_and_events(cfg_path: Path, leader: tuple[EtcdClient, Leadership]) -> None:
     client, lead = leader
-    await RecordStore(client, KEYS).put(lead, [("vm1", 1, _task("vm1", "done"))])
     store = TaskStore(client, KEYS)
+    await store.write(lead, {}, [("vm1", 1, _task("vm1", "done"))])
     await store.write(lead, {"vm1": _task("vm1", "proving", recovery=2)})
     events = EventLog(client, KEYS)
     await events.start()

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from vmha.testing.etcd import free_port
+from vmha.testing.etcd import free_ports
 
 VENV = Path(os.environ.get("VMHA_NOVA_VENV", "/opt/vmha-nova"))
 SRC = Path(__file__).resolve().parents[3]  # the directory holding the vmha package
@@ -149,7 +149,8 @@ class NovaRig:
         self.venv = venv
         self.report_interval = report_interval
         self.service_down_time = service_down_time
-        self.ports = {k: free_port() for k in ("db", "amqp", "epmd", "dist", "placement", "nova", "glance", "neutron")}
+        names = ("db", "amqp", "epmd", "dist", "placement", "nova", "glance", "neutron")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.procs: dict[str, _Proc] = {}
         self.computes: dict[str, _Proc] = {}
         self.timings: dict[str, float] = {}
