@@ -14,8 +14,10 @@ import pytest
 from vmha import config
 from vmha.agent.daemon import Agent
 from vmha.core.planes import PLANES, Plane
+from vmha.core.recovery import AgentStopped
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
+from vmha.manager.daemon import agent_marks
 from vmha.testing.etcd import EtcdProcess
 from vmha.testing.hosts import ProxiedHost, config_text
 
@@ -78,9 +80,33 @@ async def test_agent_registers_beats_reports_and_stops_cleanly(
 
     assert await host.stop_agent() == 0
     assert proc.returncode == 0
-    assert await values() == {}  # leases revoked: the keys went at once, not after the TTL
     assert not host.status_path.exists()
-    assert await client.get(K.host("h1")) is not None  # membership outlives the agent
+    reg = await client.get_json(K.host("h1"))  # membership outlives the agent, marked stopped
+    assert reg is not None and isinstance(reg[0]["agent_stopped"], float), reg
+    # Not revoked: the heartbeat keys stay until their leases run out (TTL 2 s).
+    assert len(await values()) == 3
+    deadline = time.monotonic() + 6
+    while await values() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await values() == {}
+
+
+async def test_agent_restart_clears_its_stop_mark(host: ProxiedHost, client: EtcdClient) -> None:
+    """The manager's view of the marks (daemon.agent_marks) over a real agent's stop and restart."""
+    await host.start_agent()
+    await until(lambda: (s := host.status()) is not None and not s["unreachable"], what="agent beating")
+    marks = agent_marks(client, K)
+    first = asyncio.create_task(anext(marks))
+    await asyncio.sleep(0.5)
+    assert not first.done()  # no host marked: the first listing yields nothing
+    assert await host.stop_agent() == 0
+    [stopped] = await asyncio.wait_for(first, 5)
+    assert stopped.host == "h1" and stopped.since is not None and abs(stopped.since - time.time()) < 5
+    await host.start_agent()
+    assert await asyncio.wait_for(anext(marks), 10) == [AgentStopped("h1", None)]
+    reg = await client.get_json(K.host("h1"))
+    assert reg is not None and reg[0]["agent_stopped"] is None and reg[0]["domain"] == "r1"
+    await marks.aclose()
 
 
 async def test_agent_regrants_after_lease_loss(host: ProxiedHost, client: EtcdClient) -> None:

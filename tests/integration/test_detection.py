@@ -183,7 +183,11 @@ async def test_a_monitor_started_later_sees_a_missing_heartbeat_as_down(
         await until(lambda: all_up(first), what="all planes UP")
     finally:
         await first.close()
-    await hosts["h1"].stop_agent()  # revokes its leases: its keys are gone while no monitor runs
+    await hosts["h1"].stop_agent()
+    # Its leases run out (a clean stop does not revoke them): the keys go while no monitor runs.
+    deadline = time.monotonic() + 10
+    while (await client.get_prefix(K.heartbeat_prefix + "h1/"))[0] and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
     second = Recorder(HealthMonitor(client, K, Timings().health(), name="m2"))
     try:
         await until(

@@ -18,6 +18,7 @@ from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
 from vmha.core.queue import RUNNING, Step, Task, TaskKind
 from vmha.core.recovery import (
+    AgentStopped,
     Attempt,
     DisableHost,
     Evacuate,
@@ -146,7 +147,7 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
     h.step(Inventory(tuple(HostInfo(x, True, True) for x in HOSTS), VMS))
     for _ in range(data.draw(st.integers(5, 80), label="length")):
         kind = data.draw(st.sampled_from(
-            ["health", "health", *["answer"] * 6, "tick", "bogus", "inventory", "failover", "enable"]),
+            ["health", "health", *["answer"] * 6, "tick", "bogus", "inventory", "failover", "enable", "agent"]),
             label="kind")
         if kind == "health":
             host = data.draw(st.sampled_from(HOSTS))
@@ -177,6 +178,8 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
             h.step(Inventory(tuple(HostInfo(x, f, True) for x, f in zip(HOSTS, flags, strict=True)), VMS))
         elif kind == "enable":
             h.step(HostEnabled(data.draw(st.sampled_from(HOSTS))))
+        elif kind == "agent":
+            h.step(AgentStopped(data.draw(st.sampled_from(HOSTS)), data.draw(st.sampled_from([None, h.now]))))
         elif kind == "failover":
             h.failover()
             h.step(Inventory(tuple(HostInfo(x, True, True) for x in HOSTS), VMS))
@@ -193,11 +196,12 @@ PLANE_WORDS = ("management", "storage", "service", "all", "all")
 def sim_command(draw: st.DrawFn) -> tuple[str, ...]:
     # Weighted towards faults that need a fence (a host cut off entirely, powered off).
     kind = draw(st.sampled_from(["cut", "cut", "cut", "restore", "power-off", "power-off", "power-on",
-                                 "enable", "fabric", "etcd-leader-change", "manager-failover", "fail"]))
+                                 "enable", "fabric", "etcd-leader-change", "manager-failover", "fail",
+                                 "agent-stop", "agent-start"]))
     host = draw(st.sampled_from(sorted(SIM_HOSTS)))
     if kind in ("cut", "restore"):
         return (kind, host, draw(st.sampled_from(PLANE_WORDS)))
-    if kind in ("power-off", "power-on", "enable"):
+    if kind in ("power-off", "power-on", "enable", "agent-stop", "agent-start"):
         return (kind, host)
     if kind == "fabric":
         plane = draw(st.sampled_from(PLANE_WORDS[:3]))

@@ -6,7 +6,11 @@
 - Keeps its own view of the planes it cannot reach and writes it, atomically, to a JSON status file.
 - Isolation hook: management and service both unreachable for agent.isolation_after seconds while
   storage is reachable -> ``await on_isolated()`` once; armed again when the condition clears.
-- stop(): cancels the heartbeats, revokes their leases (the manager sees the keys go at once).
+- A clean stop (SIGTERM) first marks the host record "agent stopped" (registry.AGENT_STOPPED), then
+  ends the heartbeats WITHOUT revoking their leases: the keys go when the TTL runs out, and the
+  manager, seeing the mark, only alerts (an agent restart or upgrade must never fence a healthy host;
+  a restart within the TTL is not even seen). The next run clears the mark once its heartbeats beat.
+  While the mark holds, the host is not protected: the manager recovers nothing from it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from vmha.core.planes import PLANES, Plane
 from vmha.etcd.client import EtcdClient, EtcdError
 from vmha.etcd.heartbeat import PlaneHeartbeat, PlaneReach
 from vmha.etcd.keys import Keys
-from vmha.etcd.registry import register
+from vmha.etcd.registry import AGENT_STOPPED, register
 
 log = logging.getLogger("vmha.agent")
 
 OnIsolated = Callable[[], Awaitable[None]]
+STOP_MARK_TIMEOUT = 1.0  # seconds the clean-stop mark may take; the heartbeats still run meanwhile
 
 
 def default_status_path(host: str) -> Path:
@@ -116,7 +121,32 @@ class Agent:
                     continue
                 self.registered = True
                 log.info("host %s registered (domain %s)", self.host, self.domain)
-                return
+                break
+            # Clear a stop mark once the heartbeats are back: cleared earlier, the manager would act on
+            # planes still DOWN from the stop. A plane that cannot beat delays it by one TTL at most.
+            deadline = self.clock() + self.cfg.timings.lease_ttl
+            while self.clock() < deadline and not all(hb.seq > 0 for hb in self.planes.values()):
+                await asyncio.sleep(0.05)
+            while True:
+                try:
+                    await register(c, self.keys, self.host, self.domain, **{AGENT_STOPPED: None})
+                    return
+                except EtcdError as e:
+                    log.warning("host %s: clearing the stop mark failed (%s); retrying", self.host, e)
+                    await c.wait_backoff()
+
+    async def _mark_stopped(self) -> None:
+        """Mark the host record before the heartbeats end (bounded: a stop must not hang)."""
+        endpoints = self.cfg.planes.endpoints(Plane.MANAGEMENT)
+        try:
+            async with EtcdClient(endpoints, timeout=STOP_MARK_TIMEOUT, name=f"{self.host}/stop") as c:
+                await register(c, self.keys, self.host, self.domain, **{AGENT_STOPPED: round(time.time(), 3)})
+        except EtcdError as e:
+            log.error("host %s: could not mark the clean stop (%s): the manager will see the expiring "
+                      "heartbeats as a host failure", self.host, e)  # fmt: skip
+            return
+        log.info("host %s: marked as stopped cleanly; heartbeats end, their leases expire in %ss",
+                 self.host, self.cfg.timings.lease_ttl)  # fmt: skip
 
     async def _watch_isolation(self) -> None:
         after = self.cfg.agent.isolation_after
@@ -148,7 +178,8 @@ class Agent:
             log.warning("host %s: cannot write status file %s: %s", self.host, self.status_path, e)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then revoke the leases and remove the status file."""
+        """Run until ``stop`` is set, then mark the clean stop, end the heartbeats (their leases run
+        out) and remove the status file."""
         log.info(
             "agent for host %s (domain %s, cluster %s) starting: %s",
             self.host, self.domain, self.cfg.cluster.name,
@@ -170,8 +201,9 @@ class Agent:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
-            # In parallel: a plane that cannot be reached must not delay revoking on the others.
-            await asyncio.gather(*(hb.stop(revoke=True) for hb in self.planes.values()))
+            if any(hb.seq > 0 for hb in self.planes.values()):
+                await self._mark_stopped()
+            await asyncio.gather(*(hb.stop(revoke=False) for hb in self.planes.values()))
             with contextlib.suppress(FileNotFoundError):
                 self.status_path.unlink()
             log.info("agent for host %s stopped", self.host)

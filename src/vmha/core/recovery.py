@@ -211,6 +211,16 @@ class HostEnabled:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentStopped:
+    """The host's agent was stopped cleanly at `since` (unix time; its host record says so), or runs
+    again (None). A planned stop or restart is not a failure: while the mark holds, lost planes only
+    alert (row 'agent-stopped'), and nothing is fenced or evacuated."""
+
+    host: str
+    since: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class TasksLoaded:
     """This manager became leader: the tasks persisted under tasks/ (Task.from_dict of each)."""
 
@@ -233,9 +243,13 @@ RecoveryEvent = (
     | HostOpDone
     | HostOpFailed
     | HostEnabled
+    | AgentStopped
     | TasksLoaded
     | Tick
 )
+
+# The row of a host whose agent was stopped cleanly: alert only, whatever its planes.
+AGENT_STOPPED_KEY = "agent-stopped"
 
 
 # -- actions out -----------------------------------------------------------------------------------
@@ -411,6 +425,7 @@ class RecoveryCore:
         self._late_proof: dict[str, Attempt] = {}
         self._dests: list[str] | None = None  # eligible destinations, sorted (None: recompute)
         self._dest_set: set[str] = set()
+        self._agent_stopped: dict[str, float] = {}  # host -> when its agent was stopped cleanly
         # (load, host) of eligible destinations, least loaded first. Every load change pushes a
         # fresh entry (_touch); entries whose load is no longer current are dropped when popped.
         self._dest_heap: list[tuple[int, str]] = []
@@ -463,6 +478,12 @@ class RecoveryCore:
                 self._host_op_failed(host, op, reason, retryable, now, out)
             case HostEnabled(host):
                 self._host_enabled(host, now, out)
+            case AgentStopped(host, since):
+                if since is None:
+                    self._agent_stopped.pop(host, None)
+                else:
+                    self._agent_stopped[host] = since
+                self._reconcile(host, now, out)
             case TasksLoaded(tasks):
                 self._load(tasks, now, out)
             case Tick():
@@ -479,6 +500,8 @@ class RecoveryCore:
                              for p in PLANES):
             return  # not everything known yet (e.g. just after a takeover): decide nothing
         decision = self.policy.decide(hh.states())
+        if host in self._agent_stopped and decision.action is not None:
+            decision = Decision(AGENT_STOPPED_KEY, Action.ALERT)
         if decision.action is None and any(hh.planes[p].state != PlaneState.UP for p in PLANES):
             return  # SUSPECT, nothing failed: not back yet, not failed yet (e.g. after a fabric outage)
         cur = self._decisions.get(host)
@@ -577,6 +600,12 @@ class RecoveryCore:
         action = cur.decision.action
         assert action is not None
         key = cur.decision.key
+        if key == AGENT_STOPPED_KEY:
+            cur.acted = True
+            out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': its agent was stopped cleanly at "
+                                     f"{self._agent_stopped.get(host, 0.0):.1f} ({self._failed_text(hh)}): its "
+                                     "VMs are not recovered until the agent runs again"))
+            return
         if action == Action.ALERT:
             cur.acted = True
             out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': row {key}: alert only "
@@ -1088,7 +1117,7 @@ class RecoveryCore:
 
 def _better(old: Decision, new: Decision) -> bool:
     """The host lost fewer planes than before (a strict subset): it is on its way back."""
-    if old.action is None or FABRIC_KEY in (old.key, new.key):
+    if old.action is None or {FABRIC_KEY, AGENT_STOPPED_KEY} & {old.key, new.key}:
         return False
     before, after = set(old.key.split("+")), set(new.key.split("+"))
     return after < before
@@ -1105,9 +1134,9 @@ def from_health(out: HealthOutput) -> list[RecoveryEvent]:
 
 
 __all__ = [
-    "Alert", "Attempt", "CancelProof", "DisableHost", "Evacuate", "FabricUpdate", "HealthUpdate",
-    "HostEnabled", "HostLike", "HostOp", "HostOpDone", "HostOpFailed", "InvariantError", "Inventory",
-    "LiveMigrate", "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused", "Prove",
-    "RecordEvidence", "RecoveryAction", "RecoveryCore", "RecoveryEvent", "RecoveryOutput",
+    "AGENT_STOPPED_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "DisableHost", "Evacuate",
+    "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike", "HostOp", "HostOpDone", "HostOpFailed",
+    "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused",
+    "Prove", "RecordEvidence", "RecoveryAction", "RecoveryCore", "RecoveryEvent", "RecoveryOutput",
     "RecoverySettings", "ReleaseProof", "StepDone", "StepFailed", "Tick", "VmLike", "from_health",
 ]

@@ -1,6 +1,8 @@
 """Host registration: keys.host(h) = {"host", "domain", ...}, written by the host's agent, no lease.
 
 The record outlives the agent (a host whose agent died is still a member whose planes are DOWN).
+A clean stop of the agent writes AGENT_STOPPED (the time) into it before the heartbeats end; the
+agent clears it once it beats again. The manager alerts, and recovers nothing, for a marked host.
 register() merges its fields into whatever is stored (compare-and-swap on mod_revision), so fields
 written by other parts of vmha, such as the sanlock host_id, survive an agent restart.
 """
@@ -16,12 +18,21 @@ from vmha.etcd.keys import Keys
 
 log = logging.getLogger("vmha.etcd.registry")
 
+# The agent's clean-stop mark in its host record: unix time of the stop, null (None) once it runs again.
+AGENT_STOPPED = "agent_stopped"
+
 
 @dataclass(frozen=True, slots=True)
 class HostRecord:
     host: str
     domain: str
     fields: dict[str, Any] = field(default_factory=dict)  # the whole stored value
+
+    @property
+    def agent_stopped(self) -> float | None:
+        """When the host's agent was stopped cleanly (unix time); None while it runs (or crashed)."""
+        t = self.fields.get(AGENT_STOPPED)
+        return float(t) if isinstance(t, int | float) and not isinstance(t, bool) else None
 
 
 def parse_host(keys: Keys, kv: KV, value: Any) -> HostRecord:

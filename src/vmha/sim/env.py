@@ -43,6 +43,7 @@ from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import PolicyTable
 from vmha.core.queue import Step, Task
 from vmha.core.recovery import (
+    AgentStopped,
     Alert,
     CancelProof,
     DisableHost,
@@ -115,6 +116,8 @@ class SimHost:
     cut: set[Plane] = field(default_factory=set)
     disabled: bool = False
     forced_down: bool = False
+    agent: bool = True  # the agent runs (heartbeats, attestations)
+    agent_stopped: float | None = None  # when the agent marked its host record (a clean stop)
     renew_lost_at: float | None = None  # sanlock renewals stopped (storage lost or power off)
     seq: dict[Plane, int] = field(default_factory=dict)
     sent: dict[Plane, float] = field(default_factory=dict)
@@ -247,12 +250,20 @@ class Sim:
             and (plane, h.domain) not in self.fabric_cuts
         )
 
+    def beats(self, h: SimHost, plane: Plane) -> bool:
+        """The host's agent runs and reaches etcd through the plane."""
+        return h.agent and self.reaches(h, plane)
+
     def _beat(self, k: int) -> None:
         if self.now >= self.etcd_down_until:
             for h in self.hosts.values():
                 for plane in PLANES:
-                    if self.reaches(h, plane):
+                    if self.beats(h, plane):
                         self._write_heartbeat(h, plane)
+                if h.agent_stopped is not None and h.agent:
+                    # The restarted agent clears its mark once it beats again.
+                    h.agent_stopped = None
+                    self._recover(AgentStopped(h.name, None))
         nxt = (k + 1) * self.timings.keepalive_interval
         if nxt <= self.st.duration:
             self.at(nxt, _BEAT, lambda: self._beat(k + 1))
@@ -275,7 +286,7 @@ class Sim:
         when = h.lease_deadline[plane] + self.st.lease_slack
 
         def expire() -> None:
-            if not h.key_present.get(plane, False) or self.reaches(h, plane):
+            if not h.key_present.get(plane, False) or self.beats(h, plane):
                 return
             if self.now + 1e-9 < h.lease_deadline[plane] + self.st.lease_slack:
                 return  # extended meanwhile (etcd leader change): a later check is scheduled
@@ -289,7 +300,7 @@ class Sim:
 
     def _planes_changed(self, h: SimHost) -> None:
         for plane in PLANES:
-            if not self.reaches(h, plane):
+            if not self.beats(h, plane):
                 self._watch_expiry(h, plane)
         storage_ok = self.reaches(h, Plane.STORAGE)
         if not storage_ok and h.renew_lost_at is None:
@@ -334,9 +345,23 @@ class Sim:
             self.log(Level.INFO, WORLD, f"host '{host}': powered off, {', '.join(gone)} gone")
         self._planes_changed(h)
 
+    def agent_stop(self, host: str) -> None:
+        """`systemctl stop vmha-agent`: the agent marks its host record, then its heartbeats end
+        (their leases expire after the TTL); the VMs run on."""
+        h = self.hosts[host]
+        h.agent, h.agent_stopped = False, self.now
+        self._recover(AgentStopped(host, self.now))
+        self._planes_changed(h)
+
+    def agent_start(self, host: str) -> None:
+        h = self.hosts[host]
+        h.agent = True
+        self._planes_changed(h)
+
     def power_on(self, host: str) -> None:
         h = self.hosts[host]
         h.powered = True
+        h.agent = True  # the boot starts it
         h.renew_lost_at = None
         for vm in self.vms.values():
             if vm.lease_holder == host and host not in vm.copies:
@@ -366,7 +391,7 @@ class Sim:
                         h.lease_deadline[plane] = max(
                             h.lease_deadline[plane], self.now + self.timings.lease_ttl + 1
                         )
-                        if not self.reaches(h, plane):
+                        if not self.beats(h, plane):
                             self._watch_expiry(h, plane)
 
         self.at(end, _WORLD, elected)
@@ -391,6 +416,9 @@ class Sim:
                 else:
                     self._health(LeaseGone(h.name, plane, self._revision))
         self._recover(TasksLoaded(tasks))
+        for h in self.hosts.values():
+            if h.agent_stopped is not None:
+                self._recover(AgentStopped(h.name, h.agent_stopped))
         self._recover(self._inventory())
 
     def enable(self, host: str) -> None:
@@ -514,7 +542,7 @@ class Sim:
             case ProofMethod.REQUEST_FORCE:
                 return d if h.powered and h.renew_lost_at is None else None
             case ProofMethod.EXIT_ATTESTED:
-                if not self.reaches(h, Plane.MANAGEMENT):
+                if not self.beats(h, Plane.MANAGEMENT):
                     return None
                 if h.name not in vm.copies:
                     return d
@@ -538,7 +566,7 @@ class Sim:
             case ProofMethod.REQUEST_FORCE:
                 return h.powered and h.renew_lost_at is None
             case ProofMethod.EXIT_ATTESTED:
-                return self.reaches(h, Plane.MANAGEMENT) and h.name not in vm.copies
+                return self.beats(h, Plane.MANAGEMENT) and h.name not in vm.copies
             case ProofMethod.HOST_DEAD:
                 return h.renew_lost_at is not None and self.now + 1e-9 >= h.renew_lost_at + self.st.host_dead
         return True  # POWER: the fence itself turns the host off

@@ -9,6 +9,7 @@ Commands:
   cut HOST PLANE|all             restore HOST PLANE|all
   power-off HOST                 power-on HOST
   enable HOST                    (`vmha host enable HOST`: the operator re-enables a repaired host)
+  agent-stop HOST                agent-start HOST   (a clean stop / start of the host's agent)
   fabric PLANE down|up [DOMAIN]  (a plane lost for every host, or the hosts of one domain)
   etcd-leader-change             (no writes for sim.election s, then leases extended TTL + 1 s)
   manager-failover               (the leading manager dies; a standby loads the persisted tasks)
@@ -98,6 +99,10 @@ def _apply(sim: Sim, cmd: Command) -> None:
             sim.power_on(host)
         case ("enable", host):
             sim.enable(host)
+        case ("agent-stop", host):
+            sim.agent_stop(host)
+        case ("agent-start", host):
+            sim.agent_start(host)
         case ("fabric", plane, state, *domain) if state in ("down", "up") and len(domain) <= 1:
             sim.fabric(_planes(plane, where)[0], state == "down", domain[0] if domain else None)
         case ("etcd-leader-change",):
@@ -118,8 +123,8 @@ def _apply(sim: Sim, cmd: Command) -> None:
 def _check_names(sim: Sim, cmd: Command) -> None:
     names = set(sim.hosts) | set(sim.vms)
     w = cmd.words
-    if w[0] in ("cut", "restore", "power-off", "power-on", "enable", "fail-evacuate", "fail-migrate", "fail-proof",
-                "fail-mark-down") and len(w) > 1 and w[1] not in names:
+    if w[0] in ("cut", "restore", "power-off", "power-on", "enable", "agent-stop", "agent-start", "fail-evacuate",
+                "fail-migrate", "fail-proof", "fail-mark-down") and len(w) > 1 and w[1] not in names:
         raise ScenarioError(f"{cmd.where}: unknown host or vm {w[1]!r}")
 
 
