@@ -18,7 +18,9 @@ class ProofMethod(StrEnum):
     LEASE_TAKEN = "lease-taken"  # we acquired the VM's lease: its holder released it or its host is DEAD
     REQUEST_FORCE = "request-force"  # sanlock REQ_FORCE over the storage plane killed the holder
     EXIT_ATTESTED = "exit-attested"  # owner's agent: holders gone, lockspace lost; lease reset and taken
-    POWER = "power"  # out-of-band fence confirmed the host off
+    # out-of-band fence confirmed the host off; refused while the host still renews its lockspace
+    # (alive on the shared storage: only its agent or its etcd paths failed)
+    POWER = "power"
     HOST_DEAD = "host-dead"  # sanlock reports the owner host DEAD; lease taken
 
 

@@ -10,8 +10,10 @@ sanlock grants it only when the holder released it (its process exited) or the h
 DEAD. Two methods first make the lease free by rewriting it (reset), and only after evidence that
 nothing on the old host can write: exit-attested (the host's agent saw every holder leave the process
 table and the host's lockspace fail, and this daemon no longer sees the host renew) and power (a
-fence agent confirmed the host off). So prove() never returns while the old copy can still write;
-when no method succeeds in time it raises ProofRefused with what each method saw.
+fence agent confirmed the host off; never used on a host that still renews its lockspace, which is
+alive on the shared storage: vSphere's datastore heartbeat, telling an isolated host from a dead one).
+So prove() never returns while the old copy can still write; when no method succeeds in time it
+raises ProofRefused with what each method saw.
 
 The manager's process must talk to a sanlock daemon joined to the lockspace (its own host_id).
 """
@@ -310,6 +312,15 @@ class Prover:
     async def _power(self, vm: str, host: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
         if self.power is None:
             raise _Failed("no power fence configured")
+        # A host that still renews its lockspace is alive on the shared storage, whatever etcd says
+        # (its agent died, or etcd is unreachable from it): never power it off. Its VMs hold their
+        # leases; they move only when released (isolation response) or through sanlock (REQ_FORCE).
+        # Seeing a dead host not renew costs one renewal period (2 io + 1 s) before the power-off.
+        moved = await asyncio.to_thread(self.space.renews, host_id)
+        if moved is not None:
+            raise _Failed(f"host_id {host_id} still renews its lockspace (alive on the shared storage): "
+                          "not powering it off")
+        trail.add(f"host_id {host_id} no longer renews its lockspace")
         try:
             evidence = await self.power.power_off(host, max(1.0, end - time.monotonic()))
         except PowerFenceError as e:

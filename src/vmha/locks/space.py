@@ -318,19 +318,33 @@ class LockSpace:
         A different name with a timestamp that does not move is an old owner (the id was reassigned):
         allowed; sanlock itself then waits until that owner is dead.
         """
-        def owner() -> DeltaLease | None:
-            return next((d for d in self.delta_leases() if d.host_id == host_id), None)
-
-        first = owner()
+        first = self._delta(host_id)
         if first is None or first.name == host or first.timestamp == 0:
             return
-        time.sleep(2 * self.io_timeout + 1)  # one renewal period and a margin
-        second = owner()
-        if second is not None and second.name == first.name and second.timestamp != first.timestamp:
+        second = self.renews(host_id, first)
+        if second is not None and second.name == first.name:
             raise HostIdCollision(
                 f"sanlock host_id {host_id} in {self.ids_path} is in use by live host {first.name!r}, not {host!r}: "
                 f"two hosts were given the same host_id; let etcd allocate it (hostid/ keys) or fix the pinned id"
             )
+
+    def _delta(self, host_id: int) -> DeltaLease | None:
+        return next((d for d in self.delta_leases() if d.host_id == host_id), None)
+
+    def renews(self, host_id: int, first: DeltaLease | None = None) -> DeltaLease | None:
+        """host_id's delta lease as soon as its stored timestamp moves (a live host renews it every
+        2 io), or None if it does not move within one renewal period and a margin (2 io + 1 s): read
+        from the shared storage itself, not from the local daemon's view, which lags."""
+        first = first or self._delta(host_id)
+        if first is None or first.timestamp == 0:
+            return None
+        deadline = time.monotonic() + 2 * self.io_timeout + 1
+        while time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            now = self._delta(host_id)
+            if now is not None and (now.timestamp, now.generation) != (first.timestamp, first.generation):
+                return now
+        return None
 
     def join(self, host_id: int, host: str, *, timeout: float | None = None) -> None:
         """Adds the lockspace to the local daemon with this host's host_id; blocks until joined.

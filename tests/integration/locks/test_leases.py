@@ -156,8 +156,10 @@ class KillHostA:
 
     def __init__(self, cluster: LockCluster) -> None:
         self.cluster = cluster
+        self.calls = 0
 
     async def power_off(self, host: str, timeout: float) -> str:
+        self.calls += 1
         pids = [p.pid for p in self.cluster.a.procs] + [self.cluster.a.daemon.pid]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -173,11 +175,27 @@ class KillHostA:
 
 async def test_power_fence_proof_resets_and_takes_the_lease(cluster: LockCluster) -> None:
     holder = cluster.a.start("hold", "held", vm="vm1")
+    # Host A's sanlock dies first (it lost its storage, or the host hangs): its lockspace is no longer
+    # renewed while the holder still runs. Only then may the power fence act.
+    os.kill(cluster.a.daemon.pid, signal.SIGKILL)
+    power = KillHostA(cluster)
     proof, took = await prove_watching(cluster, holder.pid, (ProofMethod.LEASE_TAKEN, ProofMethod.POWER),
-                                       timeout=30, power=KillHostA(cluster))
-    print(f"power proof in {took:.2f} s")
-    assert proof.method is ProofMethod.POWER
+                                       timeout=30, power=power)
+    print(f"power proof in {took:.2f} s (of which one renewal period to see host A not renew)")
+    assert proof.method is ProofMethod.POWER and power.calls == 1
+    assert "no longer renews its lockspace" in proof.details["trail"]
     assert "lease reset (owners were host_id=1" in proof.details["trail"]
+
+
+async def test_power_fence_spares_a_host_that_renews_its_lockspace(cluster: LockCluster) -> None:
+    """Host A is alive on the shared storage (only its agent or etcd paths failed): no power-off."""
+    holder = cluster.a.start("hold", "held", vm="vm1")
+    power = KillHostA(cluster)
+    with pytest.raises(ProofRefused, match="still renews its lockspace") as e:
+        await cluster.prover(power=power).prove(
+            "vm1", cluster.a.name, (ProofMethod.LEASE_TAKEN, ProofMethod.POWER), timeout=15)
+    assert power.calls == 0 and alive(holder.pid)
+    assert [a.split(":")[0] for a in e.value.attempts] == ["lease-taken", "power"]
 
 
 def test_cli_init_and_status(manager_sanlock: LabSanlock, tmp_path: Path) -> None:
