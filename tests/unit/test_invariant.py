@@ -197,11 +197,11 @@ def sim_command(draw: st.DrawFn) -> tuple[str, ...]:
     # Weighted towards faults that need a fence (a host cut off entirely, powered off).
     kind = draw(st.sampled_from(["cut", "cut", "cut", "restore", "power-off", "power-off", "power-on",
                                  "enable", "fabric", "etcd-leader-change", "manager-failover", "fail",
-                                 "agent-stop", "agent-start"]))
+                                 "agent-stop", "agent-kill", "agent-start"]))
     host = draw(st.sampled_from(sorted(SIM_HOSTS)))
     if kind in ("cut", "restore"):
         return (kind, host, draw(st.sampled_from(PLANE_WORDS)))
-    if kind in ("power-off", "power-on", "enable", "agent-stop", "agent-start"):
+    if kind in ("power-off", "power-on", "enable", "agent-stop", "agent-kill", "agent-start"):
         return (kind, host)
     if kind == "fabric":
         plane = draw(st.sampled_from(PLANE_WORDS[:3]))

@@ -353,6 +353,12 @@ class Sim:
         self._recover(AgentStopped(host, self.now))
         self._planes_changed(h)
 
+    def agent_kill(self, host: str) -> None:
+        """The agent crashes (no mark): its heartbeats end; the host and its VMs run on."""
+        h = self.hosts[host]
+        h.agent = False
+        self._planes_changed(h)
+
     def agent_start(self, host: str) -> None:
         h = self.hosts[host]
         h.agent = True
@@ -551,7 +557,8 @@ class Sim:
                     return max(d, h.renew_lost_at + self.st.storage_kill)
                 return None
             case ProofMethod.POWER:
-                return d
+                # Refused while the host renews its lockspace (alive on the shared storage).
+                return d if not h.powered or h.renew_lost_at is not None else None
             case ProofMethod.HOST_DEAD:
                 if h.renew_lost_at is None:
                     return None

@@ -9,7 +9,7 @@ Commands:
   cut HOST PLANE|all             restore HOST PLANE|all
   power-off HOST                 power-on HOST
   enable HOST                    (`vmha host enable HOST`: the operator re-enables a repaired host)
-  agent-stop HOST                agent-start HOST   (a clean stop / start of the host's agent)
+  agent-stop HOST    agent-kill HOST    agent-start HOST   (the host's agent: clean stop, crash, start)
   fabric PLANE down|up [DOMAIN]  (a plane lost for every host, or the hosts of one domain)
   etcd-leader-change             (no writes for sim.election s, then leases extended TTL + 1 s)
   manager-failover               (the leading manager dies; a standby loads the persisted tasks)
@@ -101,6 +101,8 @@ def _apply(sim: Sim, cmd: Command) -> None:
             sim.enable(host)
         case ("agent-stop", host):
             sim.agent_stop(host)
+        case ("agent-kill", host):
+            sim.agent_kill(host)
         case ("agent-start", host):
             sim.agent_start(host)
         case ("fabric", plane, state, *domain) if state in ("down", "up") and len(domain) <= 1:
@@ -123,8 +125,8 @@ def _apply(sim: Sim, cmd: Command) -> None:
 def _check_names(sim: Sim, cmd: Command) -> None:
     names = set(sim.hosts) | set(sim.vms)
     w = cmd.words
-    if w[0] in ("cut", "restore", "power-off", "power-on", "enable", "agent-stop", "agent-start", "fail-evacuate",
-                "fail-migrate", "fail-proof", "fail-mark-down") and len(w) > 1 and w[1] not in names:
+    if w[0] in ("cut", "restore", "power-off", "power-on", "enable", "agent-stop", "agent-kill", "agent-start",
+                "fail-evacuate", "fail-migrate", "fail-proof", "fail-mark-down") and len(w) > 1 and w[1] not in names:
         raise ScenarioError(f"{cmd.where}: unknown host or vm {w[1]!r}")
 
 
