@@ -335,6 +335,16 @@ class ReleaseProof:
 
 
 @dataclass(frozen=True, slots=True)
+class DropProof:
+    """Release the lease a proof holds for a recovery that FAILED: the old copy is proven dead, and
+    the operator must be able to start the VM by hand (its own lease acquisition would be refused
+    while the manager holds it). Fire and forget: no result event."""
+
+    vm: str
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
 class Evacuate:
     """driver.evacuate(vm, source, dest). Result: StepDone/StepFailed(step=evacuate).
 
@@ -375,6 +385,7 @@ RecoveryAction = (
     | CancelProof
     | MarkHostDown
     | ReleaseProof
+    | DropProof
     | Evacuate
     | LiveMigrate
 )
@@ -960,6 +971,10 @@ class RecoveryCore:
             self._move(task, TaskState.FAILED, now, why, out, Level.ERROR)
             out.actions.append(Alert(Level.ERROR, task.source, task.vm,
                                      f"vm '{task.vm}' recovery FAILED: {why}"))
+            if task.proof is not None and not task.done(Step.RELEASE):
+                out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{task.vm}': proof lease released: its old "
+                                       f"copy on '{task.source}' is proven dead, it may be started by hand"))
+                out.actions.append(DropProof(task.vm, task.source))
             self._settled.setdefault(task.source, set()).add(task.vm)
             self._finish(task, out)
             return
@@ -1134,8 +1149,8 @@ def from_health(out: HealthOutput) -> list[RecoveryEvent]:
 
 
 __all__ = [
-    "AGENT_STOPPED_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "DisableHost", "Evacuate",
-    "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike", "HostOp", "HostOpDone", "HostOpFailed",
+    "AGENT_STOPPED_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "DisableHost", "DropProof",
+    "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike", "HostOp", "HostOpDone", "HostOpFailed",
     "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused",
     "Prove", "RecordEvidence", "RecoveryAction", "RecoveryCore", "RecoveryEvent", "RecoveryOutput",
     "RecoverySettings", "ReleaseProof", "StepDone", "StepFailed", "Tick", "VmLike", "from_health",

@@ -54,6 +54,7 @@ from vmha.core.recovery import (
     Attempt,
     CancelProof,
     DisableHost,
+    DropProof,
     Evacuate,
     FabricUpdate,
     HealthUpdate,
@@ -527,6 +528,8 @@ class Term:
                 self._spawn(("prove", vm), self._prove(vm, host, methods, attempt, timeout or self.proof_timeout))
             case ReleaseProof(vm, _host, _proof):
                 self._spawn(("vm", vm), self._vm_step(vm, Step.RELEASE, self._release(vm)))
+            case DropProof(vm, _host):
+                self._spawn(("drop", vm), self._drop(vm))
             case Evacuate(vm, source, dest, _proof):
                 self._spawn(("vm", vm), self._vm_step(vm, Step.EVACUATE, self.driver.evacuate(vm, source, dest)))
             case LiveMigrate(vm, source, dest):
@@ -574,6 +577,14 @@ class Term:
     async def _release(self, vm: str) -> str:
         await self.fencer.release(vm)
         return ""
+
+    async def _drop(self, vm: str) -> None:
+        try:
+            await self.fencer.release(vm)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the term's end releases every proof lease again
+            log.exception("manager %s: releasing the proof lease of vm %s failed", self.mgr.m.name, vm)
 
     async def _vm_step(self, vm: str, step: Step, call: Awaitable[str]) -> None:
         try:

@@ -47,6 +47,7 @@ from vmha.core.recovery import (
     Alert,
     CancelProof,
     DisableHost,
+    DropProof,
     Evacuate,
     HostEnabled,
     HostOp,
@@ -487,6 +488,8 @@ class Sim:
                 )
             case ReleaseProof(vm, _, _):
                 self.at(self.now + self.st.release, _WORLD, lambda: self._release(vm, epoch))
+            case DropProof(vm, _):
+                self.at(self.now + self.st.release, _WORLD, lambda: self._drop(vm))
             case Evacuate():
                 self.at(self.now + self.st.evacuate, _WORLD, lambda: self._evacuate(action, epoch))
             case LiveMigrate():
@@ -587,10 +590,13 @@ class Sim:
         if vm.lease_holder in (h.name, None):
             vm.lease_holder = MANAGER_HOLDS
 
-    def _release(self, vm: str, epoch: int) -> None:
+    def _drop(self, vm: str) -> None:
         v = self.vms[vm]
         if v.lease_holder == MANAGER_HOLDS:
             v.lease_holder = None
+
+    def _release(self, vm: str, epoch: int) -> None:
+        self._drop(vm)
         self._deliver(StepDone(vm, Step.RELEASE), epoch)
 
     def _evacuate(self, e: Evacuate, epoch: int) -> None:
@@ -646,5 +652,7 @@ class Sim:
             t = "no task" if task is None else f"task {task.recovery} {task.state.value}"
             if task is not None and task.attempts:
                 t += f" after {task.attempts} failed attempt(s)"
+            if vm.lease_holder == MANAGER_HOLDS:
+                t += "; its lease held by the manager"
             lines.append(f"end: vm '{vm.name}' running on {where}; {t}")
         return lines
