@@ -91,6 +91,14 @@ class HostA:
             raise click.ClickException(f"host A could not take the lease of {vm}")
         return p
 
+    def kill_daemon(self) -> None:
+        """A's sanlock daemon dies: its lockspace is no longer renewed while its holders run on."""
+        assert self.daemon is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.daemon.pid, signal.SIGKILL)
+        stop_sanlock(self.daemon)  # reaps it
+        self.daemon = None
+
     def power_off(self) -> list[int]:
         """Kills every process of A (its holders and its daemon) by pid."""
         pids = [p.pid for p in self.procs if p.poll() is None]
@@ -230,6 +238,10 @@ def _proofs(base: Path, io: int, method: ProofMethod, repeat: int) -> None:
                 t0 = time.monotonic()
                 if method is ProofMethod.HOST_DEAD:
                     await asyncio.to_thread(a.power_off)
+                    t0 = time.monotonic()
+                elif method is ProofMethod.POWER:
+                    # Power is refused while A renews its lockspace: its storage (or A) failed first.
+                    await asyncio.to_thread(a.kill_daemon)
                     t0 = time.monotonic()
                 await prover.prove(vm, "vt2ba", (method,), timeout=space.host_dead + 60)
                 took = time.monotonic() - t0
