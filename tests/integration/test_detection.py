@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from vmha.config import Timings
-from vmha.core.health import FabricChange, HealthChange
+from vmha.core.health import FabricChange, HealthChange, HostHealth, PlaneStatus
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
-from vmha.manager.detection import Change, HealthMonitor
+from vmha.manager.detection import Change, HealthMonitor, unix_monotonic
 from vmha.testing.etcd import EtcdProcess
 from vmha.testing.hosts import ProxiedHost
 
@@ -218,3 +218,40 @@ async def test_status_command_prints_the_view(
     assert failed == {"h1": ["service"], "h2": [], "h3": []}
     out = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "DOWN" in out.stdout and "h3" in out.stdout, out.stdout
+
+
+async def test_a_stalled_manager_sees_no_fabric_outage(hosts: dict[str, ProxiedHost], client: EtcdClient) -> None:
+    # The manager's process stalls for 2 s (a long GC pause, a starved CPU): to its core, time jumps
+    # 2 s between two batches of heartbeats. Before the silence rule every plane went stale at once
+    # after such a gap: SUSPECT everywhere and a fabric outage of every plane, under which a real
+    # failure would have been FABRIC instead of DOWN.
+    offset = 0.0
+    unix = unix_monotonic()
+    r = Recorder(HealthMonitor(client, K, Timings().health(), name="m1", clock=lambda: unix() + offset))
+    try:
+        await until(lambda: all_up(r), what="all planes UP")
+        await asyncio.sleep(1.0)
+        r.changes.clear()
+        offset = 2.0
+        await asyncio.sleep(3.0)
+        assert r.plane_changes() == []
+        assert [c for c in r.changes if isinstance(c, FabricChange)] == []
+    finally:
+        await r.close()
+
+
+async def test_the_health_view_of_many_hosts_is_written_in_batches(client: EtcdClient) -> None:
+    # A storm of changes is persisted with one transaction per MAX_HOSTS_PER_WRITE hosts.
+    keys = Keys("batch")
+    views = [
+        HostHealth(f"h{i:03d}", "r1", {p: PlaneStatus(UP if i % 7 else DOWN, float(i), "e") for p in PLANES})
+        for i in range(health_store.MAX_HOSTS_PER_WRITE + 50)
+    ]
+    await health_store.save_hosts(client, keys, views[: health_store.MAX_HOSTS_PER_WRITE], 5.0, "m1")
+    await health_store.save_hosts(client, keys, views[health_store.MAX_HOSTS_PER_WRITE :], 6.0, "m1")
+    stored = (await health_store.load(client, keys)).hosts
+    assert sorted(stored) == [v.host for v in views]
+    assert stored["h042"].health == views[42]
+    assert (stored["h000"].updated, stored["h149"].updated, stored["h149"].manager) == (5.0, 6.0, "m1")
+    with pytest.raises(ValueError):
+        await health_store.save_hosts(client, keys, views, 7.0, "m1")

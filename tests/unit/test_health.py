@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from vmha.core.health import (
     EtcdStatus,
     FabricChange,
@@ -239,8 +241,12 @@ def test_next_deadline_tells_when_to_tick() -> None:
 
 
 def test_repeated_value_is_no_news() -> None:
-    c = healthy({"h1": "r1"})
+    # h2 keeps beating: with no heartbeat from anyone, staleness would be suspended (a stalled view).
+    c = healthy({"h1": "r1", "h2": "r1"})
     n = c.seq[("h1", M)]
+    for t in (0.5, 1.0):
+        for p in PLANES:
+            c.beat("h2", p, t)
     c.step(Heartbeat("h1", M, n, 1000.0, n, 7), 1.0)  # re-delivered after a watch resume
     c.step(Tick(), 1.3)
     assert c.state("h1", M) == PlaneState.SUSPECT
@@ -263,7 +269,110 @@ def test_overlapping_domain_and_cluster_outages_do_not_flip() -> None:
 
 
 def test_suspect_exactly_at_the_deadline() -> None:
-    c = healthy({"h1": "r1"})
+    c = healthy({"h1": "r1", "h2": "r1"})
+    c.run(0.5, 9.0, set(), {})
     c.beat("h1", M, 9.5)
+    for t in (9.5, 10.0, 10.5):  # heartbeats still flow: staleness counts
+        c.beat("h2", M, t)
     c.step(Tick(), 10.7)  # 10.7 - 9.5 < 1.2 in floating point
     assert c.state("h1", M) == PlaneState.SUSPECT
+
+
+def test_a_stalled_view_is_no_fabric_outage_and_a_real_loss_still_goes_down() -> None:
+    # The manager receives nothing for 3 s (its process or its watch stream stalled), then the
+    # backlog arrives in revision order: the others' heartbeats, then the deletion of h3's management
+    # key, whose lease expired meanwhile. Before, every plane went SUSPECT at once during the gap: a
+    # fabric outage of all three planes, under which h3's real loss was FABRIC instead of DOWN.
+    hosts = {f"h{i}": "r1" for i in range(1, 11)}
+    c = healthy(hosts)
+    c.run(0.5, 5.0, set(), {})
+    cut = {("h3", M)}
+    t = 5.1
+    while t < 8.0:  # the stall: nothing arrives, the ticker still runs
+        c.step(Tick(), t)
+        t = round(t + 0.1, 6)
+    c.beat_all(8.0, cut)
+    c.step(LeaseGone("h3", M, 99), 8.0)
+    c.run(8.1, 12.0, cut, {})
+    assert c.fabric == []
+    assert c.changes == [(8.0, "h3", "management", "suspect"), (8.5, "h3", "management", "down")]
+    assert any("no heartbeat from any host for 1.2s" in line for line in c.log)
+    assert any("heartbeats flow again after 3.0s" in line for line in c.log)
+
+
+def test_staleness_still_counts_while_other_hosts_beat() -> None:
+    # The silence rule needs silence from every host: one host's heartbeats stopping is staleness.
+    c = healthy({"h1": "r1", "h2": "r1", "h3": "r1"})
+    c.run(0.5, 3.0, {("h2", p) for p in PLANES}, {})
+    assert {c.state("h2", p) for p in PLANES} == {PlaneState.SUSPECT}
+    assert not any("no heartbeat from any host" in line for line in c.log)
+
+
+def test_the_deadline_index_matches_a_scan_of_every_plane() -> None:
+    # The core indexes deadlines (a heap) instead of scanning every plane on every step. Random
+    # traffic on 12 hosts in 3 domains: after every step, the next deadline is the one a full scan
+    # finds, and nothing due is left behind.
+    rng = random.Random(7)
+    hosts = {f"h{i:02d}": f"r{i % 3}" for i in range(12)}
+    c = healthy(hosts)
+    t = 0.0
+    for _ in range(3000):
+        t = round(t + rng.choice((0.05, 0.1, 0.3)), 6)
+        r = rng.random()
+        if r < 0.7:
+            h, p = rng.choice(sorted(hosts)), rng.choice(PLANES)
+            if rng.random() < 0.8:
+                c.beat(h, p, t)
+            else:
+                c.step(LeaseGone(h, p, 1), t)
+        elif r < 0.72:
+            c.step(EtcdStatus(rng.random() < 0.7), t)
+        else:
+            c.step(Tick(), t)
+        core = c.core
+        scan = [
+            d for h in core._hosts.values() for tr in h.planes.values() if (d := core._deadline(tr)) is not None
+        ]
+        assert core.next_deadline() == (min(scan) if scan else None)
+        assert core.next_deadline() is None or core.next_deadline() > t  # type: ignore[operator]
+
+
+def test_a_stall_ended_by_part_of_the_backlog_makes_nobody_suspect() -> None:
+    # The first thing the manager processes after a 2 s stall is a batch holding only half of the
+    # backlog (no Tick ran during the stall); the other half follows 0.3 s later. Counted from the
+    # first batch, the other half was "stale" and, with more than half of all hosts, a fabric outage.
+    hosts = {f"h{i:02d}": "r1" for i in range(10)}
+    c = healthy(hosts)
+    c.run(0.5, 5.0, set(), {})
+    n = 1000
+    for part, t in ((sorted(hosts)[:5], 7.0), (sorted(hosts)[5:], 7.3)):
+        batch = []
+        for h in part:
+            for p in PLANES:
+                n += 1
+                batch.append(Heartbeat(h, p, n, 1000.0 + t, n, 7))
+        out = c.core.step_many(batch, t)
+        c.changes += [(t, ch.host, ch.plane.value, ch.new.value) for ch in out.changes]
+        c.fabric += out.fabric
+        c.log += [line.render() for line in out.log]
+    c.run(7.5, 10.0, set(), {})
+    assert c.changes == []
+    assert c.fabric == []
+    assert any("heartbeats flow again after 2.0s without any" in line for line in c.log)
+
+
+def test_every_host_cut_off_is_a_fabric_outage_not_a_stall() -> None:
+    # Every plane of every host goes silent at 5.0 (the whole network is gone): the silence suspends
+    # staleness like a stall would, but the first lease expiry shows it is real; every plane is
+    # FABRIC at once and no lease-expired plane becomes DOWN.
+    hosts = {f"h{i:02d}": "r1" for i in range(10)}
+    c = healthy(hosts)
+    c.run(0.5, 5.0, set(), {})
+    everything = {(h, p) for h in hosts for p in PLANES}
+    # The leases expire over 1.5 s (their last keepalives were spread over an interval, and etcd checks
+    # for expired leases every 0.5 s): longer than down_grace.
+    c.run(5.1, 12.0, everything, {hp: 7.2 + 0.05 * i for i, hp in enumerate(sorted(everything))})
+    assert any("expired during the silence: it is real" in line for line in c.log)
+    assert sorted(f.plane.value for f in c.fabric if f.active) == ["management", "service", "storage"]
+    assert {c.state(h, p) for h, p in everything} == {PlaneState.FABRIC}
+    assert not [x for x in c.changes if x[3] == "down"]

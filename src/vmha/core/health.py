@@ -6,7 +6,11 @@ changes and log lines. The rules, per (host, plane):
 - A heartbeat whose value changed (new seq) means the agent reached etcd through that plane: UP.
 - The value unchanged for `suspect_after` seconds: SUSPECT. Staleness only counts while the manager
   itself reaches etcd (EtcdStatus ok): during an etcd election nobody's value changes and that says
-  nothing about the hosts.
+  nothing about the hosts. Nor through a gap of over `keepalive_interval` with no heartbeat at all,
+  from any host: then the manager's own view stalled (its process or its watch stream). Staleness is
+  suspended during such a gap and counts from the first heartbeat after it, since the backlog can take
+  a few batches to arrive. A lease expiry during the gap shows the silence is the hosts' own (every
+  host cut off): staleness then counts as it was, and the fabric guard sees every lost host at once.
 - The heartbeat key deleted (its lease expired): SUSPECT, then DOWN `down_grace` after the deletion
   unless a heartbeat returns. Only lease expiry, etcd's own verdict, makes a plane DOWN: a leader change
   extends every lease (TTL + 1 s) instead of expiring it, so it cannot cause a false DOWN.
@@ -20,6 +24,7 @@ changes and log lines. The rules, per (host, plane):
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +32,7 @@ from vmha.core.log import Level, LogLine, evidence
 from vmha.core.planes import PLANES, Plane, PlaneState
 
 ACTOR = "health"
+_PLANE_INDEX = {p: i for i, p in enumerate(PLANES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +196,7 @@ class _Track:
     hold_until: float = 0.0  # not DOWN before this (after a fabric outage ends)
     outage: tuple[Plane, str | None] | None = None
     reason: str = ""
+    deadline: float | None = None  # the next time a check is due (indexed in HealthCore._deadlines)
 
     def evidence(self) -> str:
         return evidence(
@@ -223,11 +230,33 @@ class HealthCore:
         self._hosts: dict[str, _Host] = {}
         self._outages: dict[tuple[Plane, str | None], _Outage] = {}
         self._etcd_ok = True
+        # Staleness also needs heartbeats to flow: when none at all has arrived from any host for
+        # longer than a keepalive interval, it is the manager's view that stalled (its process or its
+        # watch stream), not every host at once. Counting staleness through such a gap made every plane
+        # SUSPECT together: a false fabric outage, under which a real failure was FABRIC, not DOWN.
+        self._last_beat: float | None = None  # core time of the last heartbeat from any host
+        self._silent = False  # staleness suspended until heartbeats flow again
+        self._silence_real = False  # a lease expired during the silence: the hosts are silent, not our view
+        # Every track's next deadline, as (time, host, plane index), smallest first: a heartbeat costs
+        # O(log n), and a step only visits the tracks that are due. Entries are not removed when a
+        # deadline moves: an entry that no longer matches its track's `deadline` is skipped.
+        self._deadlines: list[tuple[float, str, int]] = []
+        # Planes whose fabric rule must be re-checked: the lost / FABRIC counts or the membership
+        # changed. Nothing else can form or end an outage (counts only shrink as time passes).
+        self._fabric_dirty: set[Plane] = set()
+        self._lost: dict[Plane, set[str]] = {p: set() for p in PLANES}  # hosts whose plane is lost()
+        self._domain_sizes: dict[str, int] = {}  # registered hosts per failure domain
 
     # -- queries ----------------------------------------------------------------------------------
 
     def view(self) -> dict[str, HostHealth]:
         return {h: self._snapshot(h) for h in sorted(self._hosts)}
+
+    def hosts(self) -> list[str]:
+        return sorted(self._hosts)
+
+    def has_host(self, host: str) -> bool:
+        return host in self._hosts
 
     def fabric_outages(self) -> list[FabricChange]:
         return [
@@ -236,14 +265,10 @@ class HealthCore:
         ]
 
     def next_deadline(self) -> float | None:
-        deadlines: list[float] = []
-        for host in self._hosts.values():
-            for tr in host.planes.values():
-                if tr.state == PlaneState.UP and tr.seen is not None and self._etcd_ok:
-                    deadlines.append(tr.seen + self.t.suspect_after)
-                elif tr.state == PlaneState.SUSPECT and tr.gone_at is not None:
-                    deadlines.append(max(tr.gone_at + self.t.down_grace, tr.hold_until))
-        return min(deadlines) if deadlines else None
+        heap = self._deadlines
+        while heap and not self._current(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -255,8 +280,7 @@ class HealthCore:
 
     def step_many(self, events: Sequence[HealthEvent], now: float) -> HealthOutput:
         """Several events of one instant: each applied as by step(), the time-driven checks run once
-        at the end. The adapter batches heartbeats with it: those checks cost O(hosts), too much to
-        run for each of thousands of heartbeats a second."""
+        at the end. The adapter batches heartbeats with it (thousands a second at scale)."""
         out = HealthOutput()
         for event in events:
             self._apply(event, now, out)
@@ -268,9 +292,12 @@ class HealthCore:
             case HostSeen(host, domain):
                 self._host_seen(host, domain, now, out)
             case HostGone(host):
-                if self._hosts.pop(host, None) is not None:
+                if (gone := self._hosts.pop(host, None)) is not None:
                     for o in self._outages.values():
                         o.hosts.discard(host)
+                    for lost in self._lost.values():
+                        lost.discard(host)
+                    self._count_domain(gone.domain, -1)
                     out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}' removed from the cluster"))
             case Heartbeat():
                 self._heartbeat(event, now, out)
@@ -282,15 +309,27 @@ class HealthCore:
                     tr.reason = "lease expired"
                     if tr.state in (PlaneState.UP, PlaneState.UNKNOWN):
                         self._leave_up(host, plane, tr, now, out)
+                    self._reindex(host, plane, tr)
+                    if self._silent:
+                        # A stalled view delivers no lease expiry: this silence is the hosts'. Their
+                        # staleness counts as it was, so a cluster-wide outage is FABRIC before any
+                        # lease-expired plane may become DOWN.
+                        self._silent, self._silence_real = False, True
+                        text = f"lease of host '{host}' plane {plane.value} expired during the silence: it is real"
+                        out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+                        self._reindex_all()
             case EtcdStatus(ok):
                 if ok != self._etcd_ok:
                     self._etcd_ok = ok
                     if ok:
                         # Staleness counts again from now: nobody could write while etcd was away.
-                        for h in self._hosts.values():
-                            for tr in h.planes.values():
-                                if tr.seen is not None:
-                                    tr.seen = max(tr.seen, now)
+                        # (That gap in the heartbeats is explained: it needs no silence rule.)
+                        self._silent = self._silence_real = False
+                        if self._last_beat is not None:
+                            self._last_beat = max(self._last_beat, now)
+                        self._restart_staleness(now)
+                    else:
+                        self._reindex_all()
                     text = "etcd reachable again" if ok else "etcd unreachable: plane verdicts frozen"
                     out.log.append(LogLine(Level.INFO if ok else Level.WARN, now, ACTOR, text))
             case Tick():
@@ -303,9 +342,20 @@ class HealthCore:
         if h is None:
             self._hosts[host] = _Host(domain, {p: _Track(since=now) for p in PLANES})
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}' registered (domain {domain})"))
+            self._count_domain(domain, +1)
         elif h.domain != domain:
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}' moved from domain {h.domain} to {domain}"))
+            self._count_domain(h.domain, -1)
             h.domain = domain
+            self._count_domain(domain, +1)
+
+    def _count_domain(self, domain: str, delta: int) -> None:
+        n = self._domain_sizes.get(domain, 0) + delta
+        if n:
+            self._domain_sizes[domain] = n
+        else:
+            del self._domain_sizes[domain]
+        self._fabric_dirty.update(PLANES)  # the scopes' sizes changed
 
     def _track(self, host: str, plane: Plane, now: float, out: HealthOutput) -> _Track:
         if host not in self._hosts:
@@ -317,6 +367,14 @@ class HealthCore:
         tr = self._track(hb.host, hb.plane, now, out)
         if tr.seq == hb.seq and tr.sent == hb.sent and tr.gone_at is None:
             return  # same value: no news (a re-delivered event)
+        if self._last_beat is not None and (self._silent or now - self._last_beat > self.t.keepalive_interval):
+            # The first heartbeat after a gap: the rest of the backlog may take a few batches to
+            # arrive, so everybody's staleness counts from now (or they would be SUSPECT meanwhile).
+            self._silent = self._silence_real = False
+            text = f"heartbeats flow again after {now - self._last_beat:.1f}s without any: staleness counts from now"
+            out.log.append(LogLine(Level.INFO, now, ACTOR, text))
+            self._restart_staleness(now)
+        self._last_beat = now
         tr.seq, tr.sent, tr.seen, tr.lease, tr.revision = hb.seq, hb.sent, now, hb.lease, hb.revision
         tr.gone_at = None
         tr.reason = "heartbeat"
@@ -328,6 +386,7 @@ class HealthCore:
             self._set(hb.host, hb.plane, tr, PlaneState.UP, now, out)
             if outage is not None and outage in self._outages:
                 self._outages[outage].hosts.discard(hb.host)
+        self._reindex(hb.host, hb.plane, tr)
 
     def _leave_up(self, host: str, plane: Plane, tr: _Track, now: float, out: HealthOutput) -> None:
         tr.lost_at = now
@@ -349,49 +408,117 @@ class HealthCore:
         tr.reason = "fabric outage" + ("" if key[1] is None else f" in domain {key[1]}")
         self._set(host, key[0], tr, PlaneState.FABRIC, now, out)
 
+    def _deadline(self, tr: _Track) -> float | None:
+        if tr.state == PlaneState.UP and tr.seen is not None and self._etcd_ok and not self._silent:
+            return tr.seen + self.t.suspect_after
+        if tr.state == PlaneState.SUSPECT and tr.gone_at is not None and tr.lost_at is not None:
+            return max(tr.gone_at + self.t.down_grace, tr.hold_until)
+        return None
+
+    def _reindex(self, host: str, plane: Plane, tr: _Track) -> None:
+        """Call after any change to a track: index its new deadline."""
+        deadline = self._deadline(tr)
+        if deadline != tr.deadline:
+            tr.deadline = deadline
+            if deadline is not None:
+                heapq.heappush(self._deadlines, (deadline, host, _PLANE_INDEX[plane]))
+
+    def _reindex_all(self) -> None:
+        for host, h in self._hosts.items():
+            for plane, tr in h.planes.items():
+                self._reindex(host, plane, tr)
+
+    def _restart_staleness(self, now: float) -> None:
+        for h in self._hosts.values():
+            for tr in h.planes.values():
+                if tr.seen is not None:
+                    tr.seen = max(tr.seen, now)
+        self._reindex_all()
+
+    def _current(self, entry: tuple[float, str, int]) -> bool:
+        h = self._hosts.get(entry[1])
+        return h is not None and h.planes[PLANES[entry[2]]].deadline == entry[0]
+
+    def _pop_due(self, now: float) -> list[tuple[str, Plane]]:
+        """The tracks whose deadline has come, in (host, plane) order; their entries are consumed."""
+        heap = self._deadlines
+        due: list[tuple[str, Plane]] = []
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if self._current(entry):
+                plane = PLANES[entry[2]]
+                self._hosts[entry[1]].planes[plane].deadline = None
+                due.append((entry[1], plane))
+        return sorted(due, key=lambda hp: (hp[0], _PLANE_INDEX[hp[1]]))
+
     def _advance(self, now: float, out: HealthOutput) -> None:
         # 1. Staleness: UP planes whose value stopped changing become SUSPECT.
-        if self._etcd_ok:
-            for host in sorted(self._hosts):
-                for plane, tr in self._hosts[host].planes.items():
-                    if tr.state == PlaneState.UP and tr.seen is not None and now >= tr.seen + self.t.suspect_after:
-                        tr.reason = f"no new heartbeat for {now - tr.seen:.1f}s"
-                        self._leave_up(host, plane, tr, now, out)
+        due = self._pop_due(now)
+        stale = [(h, p) for h, p in due if self._hosts[h].planes[p].state == PlaneState.UP]
+        if (
+            stale
+            and not self._silence_real
+            and self._last_beat is not None
+            and now - self._last_beat > self.t.keepalive_interval
+        ):
+            self._silent = True
+            text = (
+                f"no heartbeat from any host for {now - self._last_beat:.1f}s: the manager's view stalled; "
+                "staleness suspended until heartbeats flow again"
+            )
+            out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+            self._reindex_all()
+        for host, plane in due:
+            tr = self._hosts[host].planes[plane]
+            if tr.state == PlaneState.UP and tr.seen is not None and self._etcd_ok and not self._silent:
+                tr.reason = f"no new heartbeat for {now - tr.seen:.1f}s"
+                self._leave_up(host, plane, tr, now, out)
         # 2. Fabric outages form before anybody is declared DOWN, and end when too few hosts remain.
         for plane in PLANES:
-            self._check_fabric(plane, now, out)
+            if plane in self._fabric_dirty:
+                self._fabric_dirty.discard(plane)
+                self._check_fabric(plane, now, out)
         # 3. SUSPECT planes whose lease is gone become DOWN after the grace.
-        for host in sorted(self._hosts):
-            for plane, tr in self._hosts[host].planes.items():
-                if (
-                    tr.state == PlaneState.SUSPECT
-                    and tr.gone_at is not None
-                    and tr.lost_at is not None
-                    and now >= max(tr.gone_at + self.t.down_grace, tr.hold_until)
-                ):
-                    tr.reason = f"lease expired, lost for {now - tr.lost_at:.1f}s"
-                    self._set(host, plane, tr, PlaneState.DOWN, now, out)
+        due = sorted({*due, *self._pop_due(now)}, key=lambda hp: (hp[0], _PLANE_INDEX[hp[1]]))
+        for host, plane in due:
+            h = self._hosts.get(host)
+            if h is None:
+                continue
+            tr = h.planes[plane]
+            if (
+                tr.state == PlaneState.SUSPECT
+                and tr.gone_at is not None
+                and tr.lost_at is not None
+                and now >= max(tr.gone_at + self.t.down_grace, tr.hold_until)
+            ):
+                tr.reason = f"lease expired, lost for {now - tr.lost_at:.1f}s"
+                self._set(host, plane, tr, PlaneState.DOWN, now, out)
+            # A consumed entry whose track is still due later (or again) goes back in the index.
+            self._reindex(host, plane, tr)
 
     def _exceeds(self, lost: int, total: int) -> bool:
         return lost >= self.t.fabric_min_hosts and lost > self.t.fabric_fraction * total
 
     def _check_fabric(self, plane: Plane, now: float, out: HealthOutput) -> None:
-        scopes: list[str | None] = [None, *sorted({h.domain for h in self._hosts.values()})]
-        for domain in scopes:
-            members = sorted(h for h, v in self._hosts.items() if domain is None or v.domain == domain)
+        # Only the hosts that lost the plane are visited: O(lost + domains), not O(hosts).
+        lost_in: dict[str | None, list[str]] = {None: sorted(self._lost[plane])}
+        for h in lost_in[None]:
+            lost_in.setdefault(self._hosts[h].domain, []).append(h)
+        for domain in [None, *sorted(self._domain_sizes)]:
+            lost = lost_in.get(domain, [])  # the scope's hosts that lost the plane
+            size = len(self._hosts) if domain is None else self._domain_sizes[domain]
             key = (plane, domain)
             outage = self._outages.get(key)
             if outage is None:
                 recent = [
                     h
-                    for h in members
-                    if (tr := self._hosts[h].planes[plane]).lost()
-                    and tr.state != PlaneState.FABRIC
+                    for h in lost
+                    if (tr := self._hosts[h].planes[plane]).state != PlaneState.FABRIC
                     and tr.lost_at is not None
                     and now - tr.lost_at <= self.t.fabric_window
                 ]
-                already = [h for h in members if self._hosts[h].planes[plane].state == PlaneState.FABRIC]
-                if self._exceeds(len(recent) + len(already), len(members)) and recent:
+                already = [h for h in lost if self._hosts[h].planes[plane].state == PlaneState.FABRIC]
+                if self._exceeds(len(recent) + len(already), size) and recent:
                     self._outages[key] = _Outage(now, set())
                     where = "cluster" if domain is None else f"domain {domain}"
                     out.log.append(
@@ -400,7 +527,7 @@ class HealthCore:
                             now,
                             ACTOR,
                             f"fabric outage: plane {plane.value} lost by {len(recent) + len(already)} of "
-                            f"{len(members)} hosts in {where} within {self.t.fabric_window:g}s: "
+                            f"{size} hosts in {where} within {self.t.fabric_window:g}s: "
                             f"hosts {', '.join(recent)} are FABRIC, not DOWN",
                         )
                     )
@@ -410,8 +537,8 @@ class HealthCore:
             elif not self._exceeds(
                 # Count as the forming rule does: every FABRIC host of the scope, whichever outage it is
                 # in, or an outage overlapping another (domain and cluster) would end and form at once.
-                sum(1 for h in members if self._hosts[h].planes[plane].state == PlaneState.FABRIC),
-                len(members),
+                sum(1 for h in lost if self._hosts[h].planes[plane].state == PlaneState.FABRIC),
+                size,
             ):
                 del self._outages[key]
                 where = "cluster" if domain is None else f"domain {domain}"
@@ -432,6 +559,7 @@ class HealthCore:
                     tr.hold_until = now + self.t.fabric_window
                     tr.reason = "still lost after the fabric outage"
                     self._set(h, plane, tr, PlaneState.SUSPECT, now, out)
+                    self._reindex(h, plane, tr)
                 out.fabric.append(FabricChange(plane, domain, False, tuple(left), outage.since))
 
     def _set(self, host: str, plane: Plane, tr: _Track, new: PlaneState, now: float, out: HealthOutput) -> None:
@@ -439,6 +567,12 @@ class HealthCore:
         if old == new:
             return
         tr.state, tr.since = new, now
+        self._reindex(host, plane, tr)
+        self._fabric_dirty.add(plane)
+        if tr.lost():
+            self._lost[plane].add(host)
+        else:
+            self._lost[plane].discard(host)
         level = Level.INFO if new == PlaneState.UP else Level.WARN
         out.log.append(
             LogLine(
