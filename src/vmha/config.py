@@ -143,6 +143,9 @@ class NovaConfig(_Strict):
     ha_metadata_key: str = "HA_Enabled"
     ha_tag: str = "vmha"
     microversion: str = "2.94"  # 2.95+ leaves evacuated servers stopped
+    # What vmha calls a VM (its sanlock lease name): the server id, or its name where the cloud keeps
+    # server names unique (the lab with Nova: the server name is the lab VM's name).
+    vm_names: Literal["id", "name"] = "id"
 
 
 class Config(_Strict):

@@ -9,15 +9,13 @@ Each fault's timeline is printed (run with -s to see it).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from labcheck import assert_nothing_left, echo
 
 from vmha.lab import cluster, scenario
-from vmha.lab.procs import vm_processes
 from vmha.lab.report import verify_lab
 from vmha.lab.state import LabState
 
@@ -26,40 +24,18 @@ pytestmark = pytest.mark.e2e
 PREFIX = "vt4"
 
 
-def _echo(text: str) -> None:
-    print(f"  {text}", flush=True)
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
     lab_dir = tmp_path_factory.mktemp("lab")
     try:
-        yield cluster.up(lab_dir, hosts=4, vms=8, io_timeout=1, prefix=PREFIX, echo=_echo)
+        yield cluster.up(lab_dir, hosts=4, vms=8, io_timeout=1, prefix=PREFIX, echo=echo)
     finally:
         cluster.down(lab_dir)
-        _assert_nothing_left(lab_dir)
-
-
-def _assert_nothing_left(lab_dir: Path) -> None:
-    netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
-    assert not [n for n in netns if n.startswith(f"{PREFIX}-")]
-    assert not vm_processes(PREFIX)
-    leftovers = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(lab_dir).encode() in cmd:
-                leftovers.append((pid, cmd[:120]))
-    assert not leftovers, f"processes of the lab left running: {leftovers}"
-    mounts = Path("/proc/self/mounts").read_text()
-    assert str(lab_dir) not in mounts
+        assert_nothing_left(lab_dir, PREFIX)
 
 
 def _run(lab: LabState, kind: str) -> scenario.Timeline:
-    tl = scenario.run_fault(lab, kind, scenario.busiest_host(lab), _echo)
+    tl = scenario.run_fault(lab, kind, scenario.busiest_host(lab), echo)
     print(tl.line(), flush=True)
     return tl
 

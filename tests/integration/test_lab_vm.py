@@ -22,11 +22,11 @@ from vmha.lab import cluster, controller
 from vmha.lab.configs import agent_config
 from vmha.lab.hosts import boot_host, lockspace_joined
 from vmha.lab.net import run
-from vmha.lab.procs import vm_processes
+from vmha.lab.procs import EXIT_LEASE_REFUSED, vm_processes
 from vmha.lab.state import LEASES_DIR, LabState, NodeState
 from vmha.lab.storage import MOUNT_POINT
 from vmha.lab.verify import check_disk, downtime_between
-from vmha.lab.vm import EXIT_LEASE_REFUSED, incoming_marker
+from vmha.lab.vm import incoming_marker
 from vmha.lab.vms import start_copy, writing_on
 from vmha.testing.etcd import EtcdProcess
 

@@ -81,7 +81,8 @@ class AgentLocks:
             try:
                 self.host_id = await join(self.space, client, self.keys, self.host)
                 log.info("host %s joined lockspace %s as host_id %d", self.host, self.space.name, self.host_id)
-            except (EtcdError, LockError) as e:
+            # OSError: the lease area on a storage mount still reconnecting (ENOTCONN, EIO) after an outage.
+            except (EtcdError, LockError, OSError) as e:
                 log.error("host %s: cannot join lockspace %s: %s; retrying", self.host, self.space.name, e)
                 await client.wait_backoff()
 

@@ -26,9 +26,9 @@ from vmha.drivers.base import DriverError, HostInfo, VmInfo
 from vmha.etcd.client import EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
 from vmha.lab.net import LabError, pid_alive
-from vmha.lab.procs import VmProcess, vm_processes
+from vmha.lab.procs import EXIT_LEASE_REFUSED, VmProcess, vm_processes
 from vmha.lab.state import DEFAULT_DIR, LabState
-from vmha.lab.vm import EXIT_LEASE_REFUSED, incoming_marker
+from vmha.lab.vm import incoming_marker
 from vmha.lab.vms import start_copy, writing_on
 
 START_TIMEOUT = 30.0  # a copy takes its lease (sanlock acquire: ~1 s) and writes within this

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -95,7 +96,8 @@ def _error(what: str, e: BaseException) -> DriverError:
 
 
 class NovaDriver:
-    """ComputeDriver for OpenStack Nova. VM names are server ids; HA servers carry the metadata
+    """ComputeDriver for OpenStack Nova. VM names are server ids (config.vm_names "id") or server names
+    ("name": names must be unique, as in the lab); HA servers carry the metadata
     `config.ha_metadata_key`=True (as Masakari users set it) or the tag `config.ha_tag`."""
 
     name = "nova"
@@ -118,6 +120,7 @@ class NovaDriver:
         self.migrate_timeout = migrate_timeout
         self.poll_interval = poll_interval
         self._conn = connection
+        self._ids: dict[str, str] = {}  # VM name -> server id (config.vm_names "name")
 
     @property
     def conn(self) -> Any:
@@ -182,10 +185,33 @@ class NovaDriver:
                     self.priority_key,
                     raw,
                 )
-        return VmInfo(name=server.id, host=server.compute_host, ha=ha, priority=priority, state=server.status)
+        if self.config.vm_names == "name":
+            self._ids[server.name] = server.id
+        name = server.name if self.config.vm_names == "name" else server.id
+        return VmInfo(name=name, host=server.compute_host, ha=ha, priority=priority, state=server.status)
+
+    async def _sid(self, vm: str) -> str:
+        """The server id of VM `vm` (itself, unless VMs are named by server name)."""
+        if self.config.vm_names == "id":
+            return vm
+        if vm in self._ids:
+            return self._ids[vm]
+
+        def run() -> list[Any]:
+            # Nova filters names by regular expression: anchor it, then keep exact matches only.
+            return [s for s in self.conn.compute.servers(all_projects=True, name=f"^{re.escape(vm)}$") if s.name == vm]
+
+        found = await self._call(f"find server named {vm}", run)
+        if len(found) != 1:
+            raise DriverError(
+                f"nova: vm={vm}: {len(found)} servers of that name ([nova] vm_names = \"name\" needs exactly one)",
+                retryable=False,
+            )
+        self._ids[vm] = str(found[0].id)
+        return self._ids[vm]
 
     async def _server(self, vm: str) -> Any:
-        return await self._call(f"get server {vm}", self.conn.compute.get_server, vm)
+        return await self._call(f"get server {vm}", self.conn.compute.get_server, await self._sid(vm))
 
     async def _service(self, host: str) -> Any:
         def run() -> list[Any]:
@@ -201,8 +227,10 @@ class NovaDriver:
         return found[0]
 
     async def _last_migration(self, vm: str, kind: str) -> Any:
+        sid = await self._sid(vm)
+
         def run() -> list[Any]:
-            return list(self.conn.compute.migrations(server_id=vm, migration_type=kind))
+            return list(self.conn.compute.migrations(server_id=sid, migration_type=kind))
 
         found = await self._call(f"list migrations of {vm}", run)
         return max(found, key=lambda m: (m.created_at or "", str(m.id)), default=None)
@@ -302,11 +330,11 @@ class NovaDriver:
             log.info(
                 "nova: vm=%s task_state=%s on fenced host=%s: reset state to active", vm, server.task_state, source
             )
-            await self._call(f"reset state of {vm}", self.conn.compute.reset_server_state, vm, "active")
+            await self._call(f"reset state of {vm}", self.conn.compute.reset_server_state, server.id, "active")
         await self._call(
             f"evacuate {vm} from {source} to {dest or 'scheduler choice'}",
             self.conn.compute.evacuate_server,
-            vm,
+            server.id,
             host=dest,
         )
         log.info("nova: vm=%s evacuate requested from host=%s to %s", vm, source, dest or "scheduler choice")
@@ -324,7 +352,7 @@ class NovaDriver:
             await self._call(
                 f"live-migrate {vm} from {source} to {dest or 'scheduler choice'}",
                 self.conn.compute.live_migrate_server,
-                vm,
+                server.id,
                 host=dest,
                 block_migration="auto",
             )
@@ -351,7 +379,7 @@ class NovaDriver:
                 if status == "SHUTOFF" and not started:
                     # Evacuated at microversion >= 2.95 (connection not pinned): start it.
                     log.info("nova: vm=%s evacuated but SHUTOFF on host=%s: starting it", vm, host)
-                    await self._call(f"start {vm}", self.conn.compute.start_server, vm)
+                    await self._call(f"start {vm}", self.conn.compute.start_server, s.id)
                     started = True
                 elif status == "ERROR":
                     raise DriverError(f"nova: vm={vm} {what} to {host} ended in ERROR {_fault(s)}".rstrip())

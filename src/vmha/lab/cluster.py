@@ -12,7 +12,7 @@ from typing import Any
 
 from vmha.core.planes import PLANES
 from vmha.etcd.keys import Keys
-from vmha.lab import controller, etcdq
+from vmha.lab import controller, etcdq, novalab
 from vmha.lab.configs import controller_config
 from vmha.lab.hosts import boot_host, lockspace_joined, storage, vmha_command
 from vmha.lab.net import HOST_INDEX_BASE, LabError, LabNet, pid_alive, run
@@ -30,9 +30,10 @@ def _quiet(_: str) -> None:
 
 
 def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "vl",
-       echo: Echo = _quiet) -> LabState:
+       echo: Echo = _quiet, nova: bool = False) -> LabState:
     """Builds (or completes) the lab and returns once every host is UP on every plane in the
-    manager's view and every VM writes. Running it on a healthy lab changes nothing."""
+    manager's view and every VM writes. Running it on a healthy lab changes nothing.
+    nova: a real Nova runs the VMs (vmha.lab.novalab) and the managers use the nova driver."""
     if not 1 <= hosts <= 50:
         raise LabError(f"--hosts {hosts}: 1 to 50")
     if not 0 <= vms <= 200:
@@ -41,14 +42,15 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
     try:
         state = LabState.load(lab_dir)
     except LabError:
-        state = LabState(dir=lab_dir, prefix=prefix, io_timeout=io_timeout, created=time.time())
+        state = LabState(dir=lab_dir, prefix=prefix, io_timeout=io_timeout, created=time.time(), nova=nova)
     else:
-        asked = (hosts, len(state.vms), io_timeout, prefix)
-        have = (len(state.hosts), len(state.vms), state.io_timeout, state.prefix)
+        asked = (hosts, len(state.vms), io_timeout, prefix, nova)
+        have = (len(state.hosts), len(state.vms), state.io_timeout, state.prefix, state.nova)
         if asked != have:
             raise LabError(
-                f"a lab with {have[0]} hosts, {have[1]} VMs, io_timeout {have[2]} (prefix {have[3]}) "
-                f"is recorded in {lab_dir}: `vmha lab down` first to build another one"
+                f"a lab with {have[0]} hosts, {have[1]} VMs, io_timeout {have[2]} (prefix {have[3]}"
+                f"{', with Nova' if have[4] else ''}) is recorded in {lab_dir}: `vmha lab down` first to build "
+                "another one"
             )
     for i in range(1, hosts + 1):
         state.hosts.setdefault(f"h{i}", NodeState(f"h{i}", HOST_INDEX_BASE + i))
@@ -61,19 +63,26 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
     controller.start_services(state)
     state.save()
     _init_locks(state)
+    if state.nova:
+        novalab.start_control(state, echo)
     for name in sorted(state.hosts, key=_host_order):
         ns = state.hosts[name]
         if ns.power == "off":
             continue  # powered off by a fault: `vmha lab fault HOST power-on` boots it
-        echo(f"{name}: network, storage mount, sanlock, agent")
+        echo(f"{name}: network, storage mount, sanlock, agent{', nova-compute' if state.nova else ''}")
         boot_host(state, ns)
         state.save()
+    if state.nova:
+        novalab.wait_ready(state, echo)
     _records(state)
     echo("managers: m1 (leader), m2 (standby)")
     controller.start_managers(state)
     state.save()
     _wait_joined(state, echo)
-    _start_vms(state, echo)
+    if state.nova:
+        novalab.boot_servers(state, echo)
+    else:
+        _start_vms(state, echo)
     _wait_healthy(state, echo)
     echo(f"lab up in {time.monotonic() - t0:.1f} s")
     return state
@@ -102,6 +111,8 @@ def _records(state: LabState) -> None:
         key = KEYS.lab("hosts", name)
         if key not in have:
             etcdq.put_json(state, key, {"enabled": True, "forced_down": False, "reason": ""})
+    if state.nova:
+        return  # Nova keeps where its servers are
     hosts = sorted(state.hosts, key=_host_order)
     for i, vm in enumerate(state.vms):
         key = KEYS.lab("vms", vm)
@@ -165,9 +176,14 @@ def health_problems(state: LabState, since: float) -> list[str]:
             out.append(f"{name}: {', '.join(bad)} not up in the manager's view")
         elif not lockspace_joined(state.node(name)):
             out.append(f"{name}: not joined to the sanlock lockspace (cannot take VM leases)")
-    placed, _ = etcdq.get_json_prefix(state, KEYS.lab("vms", ""))
+    if state.nova:
+        out += novalab.problems(state)
+        placed = novalab.placed(state)
+    else:
+        records, _ = etcdq.get_json_prefix(state, KEYS.lab("vms", ""))
+        placed = {vm: records.get(KEYS.lab("vms", vm), {}).get("host") for vm in state.vms}
     for vm in state.vms:
-        host = placed.get(KEYS.lab("vms", vm), {}).get("host")
+        host = placed.get(vm)
         if isinstance(host, str) and state.hosts.get(host, NodeState("", 0)).power == "on" and not writing_on(
             state, vm, host, since
         ):
@@ -258,7 +274,7 @@ def down(lab_dir: Path, prefix: str = "vl", echo: Echo = _quiet) -> list[str]:
     removed.extend(names)
     if state is not None:
         # The data (etcd, disks, leases) goes too: the next `lab up` starts clean.
-        for sub in ("etcd", "storage", "config", "state", "run"):
+        for sub in ("etcd", "storage", "config", "state", "run", novalab.NOVA_DIR):
             shutil.rmtree(state.dir / sub, ignore_errors=True)
         for f in ("lab.json", "faults.jsonl"):
             with contextlib.suppress(FileNotFoundError):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vmha import config
 from vmha.core.planes import PLANES
+from vmha.lab.nova.rig import CLOUD
 from vmha.lab.state import CLUSTER, LEASES_DIR, LabState
 from vmha.lab.storage import MOUNT_POINT
 
@@ -53,10 +54,15 @@ def manager_config(state: LabState, name: str) -> Path:
     sections["manager"] = {
         "name": name,
         "endpoints": [state.etcd_url(PLANES[0])],
-        "driver": "lab",
-        # The lab's power fence (vmha.lab.power) kills every process of a host's namespace.
+        "driver": "nova" if state.nova else "lab",
+        # The lab's power fence (vmha.lab.power) kills every process of a host's namespace; the
+        # managers find the lab through VMHA_LAB_DIR (vmha.manager.daemon), with either driver.
         "power_fence": True,
     }
+    if state.nova:
+        # clouds.yaml comes through OS_CLIENT_CONFIG_FILE (vmha.lab.controller.manager_env); the
+        # servers are named after the lab VMs, whose leases carry those names.
+        sections["nova"] = {"cloud": CLOUD, "vm_names": "name"}
     return _write(state.configs / f"manager-{name}.toml", sections)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmha.core.planes import PLANES, Plane
+from vmha.lab import novalab
 from vmha.lab.configs import manager_config
 from vmha.lab.hosts import storage, vmha_command
 from vmha.lab.net import LabError, Node, host_env, pid_alive, spawn
@@ -77,4 +78,5 @@ def start_managers(state: LabState) -> None:
 def manager_env(state: LabState, manager: str) -> dict[str, str]:
     """A manager's environment: its own sanlock daemon, and VMHA_LAB_DIR telling the lab driver and
     power fence where the lab is."""
-    return host_env(VMHA_LAB_DIR=str(state.dir), SANLOCK_RUN_DIR=str(sanlock_run_dir(state, manager)))
+    nova = novalab.manager_env(state) if state.nova else {}
+    return host_env(VMHA_LAB_DIR=str(state.dir), SANLOCK_RUN_DIR=str(sanlock_run_dir(state, manager)), **nova)

@@ -1,4 +1,5 @@
-"""Lab hosts: boot (anchor, sshfs, sanlock daemon, agent) and power off (kill the whole namespace).
+"""Lab hosts: boot (anchor, sshfs, sanlock daemon, agent; nova-compute in a lab with Nova) and power
+off (kill the whole namespace).
 
 A host's processes all sit in its netns and its anchor's mount namespace, so `ip netns pids` lists
 every one of them, VMs included: power-off kills that list until it is empty (a real power loss:
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from vmha.core.planes import Plane
+from vmha.lab import novalab
 from vmha.lab.configs import agent_config
 from vmha.lab.net import LabError, Node, pid_alive, run, spawn
 from vmha.lab.sanlockd import start_sanlock
@@ -51,6 +53,8 @@ def boot_host(state: LabState, ns: NodeState) -> Node:
         proc = spawn([*node.enter(), *vmha_command("agent", "--config", str(cfg))],
                      state.logs / f"agent-{ns.name}.log")
         ns.pids["agent"] = proc.pid
+    if state.nova and not pid_alive(ns.pids.get(novalab.COMPUTE, 0)):
+        ns.pids[novalab.COMPUTE] = novalab.start_compute(state, node)
     ns.power = "on"
     return node
 

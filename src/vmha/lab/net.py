@@ -17,12 +17,13 @@ one machine and all die with the node's processes (a power-off).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,33 @@ def plane_address(plane: Plane, index: int) -> str:
 _CALLER_ONLY = ("SANLOCK_RUN_DIR", "VMHA_RUN_DIR")
 
 
-def host_env(**extra: str) -> dict[str, str]:
-    """The environment for a lab process: the caller's, without _CALLER_ONLY, plus `extra`."""
-    return {**{k: v for k, v in os.environ.items() if k not in _CALLER_ONLY}, **extra}
+def host_env(base: Mapping[str, str] | None = None, /, **extra: str) -> dict[str, str]:
+    """The environment for a lab process: `base` (default: the caller's), without _CALLER_ONLY, plus `extra`."""
+    env = os.environ if base is None else base
+    return {**{k: v for k, v in env.items() if k not in _CALLER_ONLY}, **extra}
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(netns: str | None) -> Iterator[None]:
+    """Sockets opened in the block belong to network namespace `netns` (None: no change). A lab
+    command runs in the root namespace; the lab's services listen only on lab addresses, reachable
+    from the controller's namespace. setns(2) on a network namespace moves the calling thread only:
+    other threads are not affected, and the thread is moved back at the end."""
+    if netns is None:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{netns}", "rb") as there:
+        if libc.setns(there.fileno(), _CLONE_NEWNET) != 0:
+            raise LabError(f"setns into {netns}: {os.strerror(ctypes.get_errno())}")
+        try:
+            yield
+        finally:
+            if libc.setns(home.fileno(), _CLONE_NEWNET) != 0:
+                raise LabError(f"setns back from {netns}: {os.strerror(ctypes.get_errno())}")
 
 
 def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

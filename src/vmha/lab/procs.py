@@ -1,6 +1,7 @@
 """Finding the lab VMs' processes: where each VM really runs is where its `vmha-vm` process is.
 
 The host of a process is the netns it sits in (<prefix>-<host>), not what its arguments claim.
+Standard library only: the lab's Nova virt driver (vmha.lab.nova.virt) uses it inside nova-compute.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
+EXIT_LEASE_REFUSED = 3  # vmha-vm's exit status when the lease cannot be taken (held elsewhere, no lockspace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,21 @@ def _disk_open(pid: int) -> bool:
 
 def vm_processes(prefix: str) -> list[VmProcess]:
     """Every vmha-vm process running in one of this lab's host namespaces; sorted by VM then pid."""
-    names = netns_names(prefix)
+    return _scan(netns_names(prefix))
+
+
+def copies_here(vm: str, host: str) -> list[VmProcess]:
+    """The VM's vmha-vm processes in the caller's own network namespace (for a host's nova-compute:
+    the copies on its host), reported as running on `host`."""
+    try:
+        ino = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return []
+    return [p for p in _scan({ino: host}) if p.vm == vm]
+
+
+def _scan(names: dict[int, str]) -> list[VmProcess]:
+    """vmha-vm processes whose netns inode is one of `names` (inode -> host name)."""
     out: list[VmProcess] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

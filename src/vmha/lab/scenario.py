@@ -6,6 +6,7 @@ Timeline of a fault (seconds after the fault was injected):
   decided    the manager acted on it: a recovery task created, or the host disabled (management)
   proved     the last fence proof of the host's VMs was obtained (evacuations only)
   recovered  every VM of the host writes again elsewhere (evacuations, migrations)
+  active     (lab with Nova) every server of the host's VMs is ACTIVE on another host in Nova's view
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmha.core.planes import PLANES, Plane
-from vmha.lab import etcdq, faults
+from vmha.lab import etcdq, faults, novalab
 from vmha.lab.cluster import KEYS, health_problems, health_view
 from vmha.lab.configs import manager_config
 from vmha.lab.controller import sanlock_run_dir
@@ -41,6 +42,7 @@ MOVES = {"service", "storage", "isolation", "power-off"}  # the classes whose VM
 OBSERVE = 10.0  # no-move classes: how long after detection nothing may move
 OUTCOME_TIMEOUT = 150.0  # longer than sanlock's host_dead at io_timeout 1 (~70 s) with margin
 SETTLE_TIMEOUT = 60.0  # repaired host back (boot, lockspace join ~3 s, enable) and every VM writing
+NOVA_SETTLE_TIMEOUT = 150.0  # with Nova also: its compute restarted and up (~30 s), evacuations completed
 POLL = 0.25
 
 
@@ -54,6 +56,7 @@ class Timeline:
     decided: float | None = None
     proved: float | None = None
     recovered: float | None = None
+    active: float | None = None
     moved: dict[str, str | None] = field(default_factory=dict)  # vm -> host it runs on after
     downtime: dict[str, float] = field(default_factory=dict)
     proofs: dict[str, str] = field(default_factory=dict)  # vm -> proof method
@@ -70,7 +73,7 @@ class Timeline:
         return {
             "fault": self.fault, "host": self.host, "t0": self.t0, "vms": self.vms,
             "detected": self.rel(self.detected), "decided": self.rel(self.decided),
-            "proved": self.rel(self.proved), "recovered": self.rel(self.recovered),
+            "proved": self.rel(self.proved), "recovered": self.rel(self.recovered), "active": self.rel(self.active),
             "moved": self.moved, "downtime": self.downtime, "proofs": self.proofs,
             "ok": self.ok, "problems": self.problems,
         }  # fmt: skip
@@ -84,7 +87,8 @@ class Timeline:
         down = max(self.downtime.values(), default=0.0)
         verdict = "ok" if self.ok else "WRONG: " + "; ".join(self.problems)
         return (f"{self.fault:<10} {self.host:<6} detected {s(self.detected):>8}  decided {s(self.decided):>8}  "
-                f"proved {s(self.proved):>8}  recovered {s(self.recovered):>8}  max VM downtime "
+                f"proved {s(self.proved):>8}  recovered {s(self.recovered):>8}  "
+                f"{'' if self.active is None else f'nova ACTIVE {s(self.active):>8}  '}max VM downtime "
                 f"{down:.1f}s  [{where}]  {verdict}")
 
 
@@ -128,6 +132,9 @@ def _detected(state: LabState, kind: str, host: str) -> bool:
 
 
 def _disabled(state: LabState, host: str) -> bool:
+    if state.nova:
+        svc = novalab.services(state).get(host, {})
+        return svc.get("status") == "disabled" or bool(svc.get("forced_down"))
     rec, _ = etcdq.get_json_prefix(state, KEYS.lab("hosts", host))
     value = rec.get(KEYS.lab("hosts", host))
     return isinstance(value, dict) and value.get("enabled") is False
@@ -194,9 +201,14 @@ def _watch(state: LabState, tl: Timeline, kind: str, host: str) -> None:
                 tl.proofs[str(r["vm"])] = str(proof.get("method"))
                 tl.proved = max(tl.proved or 0.0, float(proof.get("proved") or 0.0))
         if kind in MOVES:
+            if state.nova and tl.active is None and tl.vms and _active_elsewhere(state, tl.vms, host):
+                tl.active = now
             where = running_on(state)
-            if tl.vms and all(len(where.get(vm, [])) == 1 and where[vm][0] != host for vm in tl.vms):
+            if tl.recovered is None and tl.vms and all(
+                len(where.get(vm, [])) == 1 and where[vm][0] != host for vm in tl.vms
+            ):
                 tl.recovered = now
+            if tl.recovered is not None and (tl.active is not None or not state.nova):
                 return
             if not tl.vms and tl.detected is not None:
                 return
@@ -206,9 +218,18 @@ def _watch(state: LabState, tl: Timeline, kind: str, host: str) -> None:
     tl.problems.append(f"no outcome within {OUTCOME_TIMEOUT:.0f} s (detected: {tl.detected is not None})")
 
 
+def _active_elsewhere(state: LabState, vms: list[str], host: str) -> bool:
+    """Nova's view: every server of `vms` ACTIVE, with no task, on another host than `host`."""
+    servers = novalab.servers(state)
+    return all(
+        (s := servers.get(vm)) is not None and s["status"] == "ACTIVE" and s["task"] is None and s["host"] != host
+        for vm in vms
+    )
+
+
 def _settle(state: LabState, tl: Timeline, host: str | None) -> None:
     """After the repair: the host enabled again (vmha host enable) and the lab healthy."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
+    deadline = time.monotonic() + (NOVA_SETTLE_TIMEOUT if state.nova else SETTLE_TIMEOUT)
     since = time.time()
     enabled = host is None
     problems: list[str] = []
@@ -216,6 +237,10 @@ def _settle(state: LabState, tl: Timeline, host: str | None) -> None:
     if host is not None and state.hosts[host].power == "off":
         # The manager fenced it (power fence): the operator's repair includes powering it on.
         faults.power(state, host, on=True)
+    elif host is not None and state.nova and novalab.services(state).get(host, {}).get("forced_down"):
+        # Nova un-forces the host only once its compute restarted and destroyed the evacuated
+        # servers' copies (a powered-on host's compute is new already).
+        novalab.restart_compute(state, host)
     while time.monotonic() < deadline:
         if not enabled and all(v == "up" for v in health_view(state).get(str(host), {}).values()):
             enabled = enable_host(state, str(host))
@@ -232,7 +257,8 @@ def enable_host(state: LabState, host: str) -> bool:
         return True
     ctl = state.node("controller")
     cfg = manager_config(state, "m1")
-    cp = run([*ctl.enter(), "env", f"SANLOCK_RUN_DIR={sanlock_run_dir(state, 'm1')}",
+    nova = [f"{k}={v}" for k, v in novalab.manager_env(state).items()] if state.nova else []
+    cp = run([*ctl.enter(), "env", f"SANLOCK_RUN_DIR={sanlock_run_dir(state, 'm1')}", *nova,
               *vmha_command("host", "enable", "--config", str(cfg), host)], check=False, timeout=30)
     return cp.returncode == 0
 

@@ -42,6 +42,7 @@ class LabState:
     controller: NodeState = field(default_factory=lambda: NodeState("controller", 1))
     vms: list[str] = field(default_factory=list)
     created: float = 0.0
+    nova: bool = False  # `lab up --nova`: a real Nova control plane, VMs are its servers (vmha.lab.novalab)
 
     # paths --------------------------------------------------------------------------------------
     @property
@@ -111,6 +112,7 @@ class LabState:
             controller=NodeState(**d["controller"]),
             vms=list(d["vms"]),
             created=float(d["created"]),
+            nova=bool(d.get("nova", False)),
         )
 
     def reload(self) -> None:

@@ -31,13 +31,13 @@ import click
 
 from vmha import config
 from vmha.config import ConfigError
+from vmha.lab.procs import EXIT_LEASE_REFUSED
 from vmha.locks.lease import LeaseHold, acquire_self
 from vmha.locks.space import LeaseBusy, LockError, LockSpace
 
 INTERVAL = 0.1  # seconds between writes: verify's gap threshold (1 s) counts on it
 READ_TAIL = 4096  # bytes read from the disk's end to find the last record
 RUN_DIR = Path("/run/vmha")  # the host's tmpfs (its anchor's mount namespace)
-EXIT_LEASE_REFUSED = 3  # exit status when the lease cannot be taken (held elsewhere, no lockspace)
 
 
 def incoming_marker(vm: str) -> Path:

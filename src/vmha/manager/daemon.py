@@ -174,17 +174,26 @@ async def _fencer(cfg: Config, client: EtcdClient) -> tuple[Fencer, Callable[[],
     """
     from vmha.etcd import hostids
     from vmha.etcd.attest import AttestResponse, request_attestation
-    from vmha.locks import LockError, LockSpace, PowerFence, Prover
+    from vmha.locks import FenceAgentPower, LockError, LockSpace, PowerFence, PowerFenceError, Prover, fence_agents
 
     locks, m = cfg.require_locks(), cfg.require_manager()
     keys = Keys(cfg.cluster.name)
     power: PowerFence | None = None
     if m.power_fence:
-        if m.driver != "lab":
-            raise ConfigError("manager.power_fence = true: only the lab provides a power fence so far; set it to false")
-        from vmha.lab.power import LabPowerFence
+        if cfg.power:
+            try:
+                power = FenceAgentPower(fence_agents(cfg.power))
+            except PowerFenceError as e:
+                raise ConfigError(str(e)) from None
+        elif m.driver == "lab" or "VMHA_LAB_DIR" in os.environ:
+            # LAB ONLY: the lab's fence kills every process of a host's namespace. `vmha lab up` sets
+            # VMHA_LAB_DIR for its managers, whichever compute driver they use (lab or nova).
+            from vmha.lab.power import LabPowerFence
 
-        power = LabPowerFence(who=m.name)
+            power = LabPowerFence(who=m.name)
+        else:
+            raise ConfigError("manager.power_fence = true needs a [power] table: a fence agent per host "
+                              '([power.HOST] agent = "fence_ipmilan" or "fence_redfish", and its options)')
     space = LockSpace.from_config(locks)
     while True:
         try:

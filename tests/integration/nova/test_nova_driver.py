@@ -120,6 +120,28 @@ async def test_live_migration(driver: nova.NovaDriver, admin: Any, boot: Boot) -
     assert not err.value.retryable and "HTTP 409" in str(err.value)
 
 
+async def test_vms_named_by_server_name(rig: NovaRig, admin: Any, boot: Boot, project_conn: ProjectConn,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """[nova] vm_names = "name" (the lab with Nova: a server's name is its lease's name): VMs are listed
+    and moved by name; a name that is not unique is refused, never guessed."""
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(rig.clouds_yaml))
+    by_name = nova.NovaDriver(NovaConfig(cloud=rig.cloud, vm_names="name"), poll_interval=0.3, migrate_timeout=90)
+    vm = boot(project_conn("carol", "proj-c"), "cmp2", "named-vm", metadata={"HA_Enabled": "True"})
+
+    listed = {v.name: v for v in await by_name.vms("cmp2")}
+    assert listed["named-vm"].ha and listed["named-vm"].host == "cmp2"
+    assert vm.id not in listed
+    assert await nova.NovaDriver(NovaConfig(cloud=rig.cloud, vm_names="name"), poll_interval=0.3,
+                                 migrate_timeout=90).live_migrate("named-vm", "cmp2", "cmp3") == "cmp3"
+    assert server(admin, vm.id).compute_host == "cmp3"
+
+    boot(admin, "cmp1", "twice")
+    boot(admin, "cmp1", "twice")
+    with pytest.raises(DriverError) as err:
+        await by_name.live_migrate("twice", "cmp1", None)
+    assert not err.value.retryable and "2 servers of that name" in str(err.value)
+
+
 @pytest.fixture
 def fault_cmp1(rig: NovaRig, admin: Any) -> Iterator[None]:
     """cmp1's nova-compute killed for the test; afterwards running, un-forced and enabled again."""

@@ -17,6 +17,12 @@ Standard library only: this module runs in vmha's venv.
 
 `python -m vmha.lab.nova.rig [--hosts cmp1,cmp2,cmp3] [--dir DIR]` starts a rig, prints how to
 reach it and runs until interrupted, then stops everything.
+
+In the lab (`vmha lab up --nova`, vmha.lab.novalab) the same rig runs inside the controller's
+namespaces: `bind` is the controller's management address, `enter` the command prefix that enters
+its namespaces, `netns` the namespace the rig's own probes connect from, and computes=False: the lab
+starts one nova-compute per host inside the host's namespaces (compute_command, compute_env). The
+rig's ports and address are kept in rig.json so later lab commands reach it again (NovaRig.attach).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from vmha.lab.net import in_netns
 from vmha.testing.etcd import free_ports
 
 VENV = Path(os.environ.get("VMHA_NOVA_VENV", "/opt/vmha-nova"))
@@ -46,6 +53,7 @@ SRC = Path(__file__).resolve().parents[3]  # the directory holding the vmha pack
 IMAGE_ID = "6f7b9c1e-2d3a-4b5c-8d9e-0a1b2c3d4e5f"
 FLAVOR = "rig.small"
 ADMIN_TOKEN = "admin:admin"
+CLOUD = "vmha-rig"  # the rig's entry in its clouds.yaml
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 EPMD = "/usr/bin/epmd"
 
@@ -142,8 +150,16 @@ class NovaRig:
         venv: Path = VENV,
         report_interval: int = 5,
         service_down_time: int = 30,
+        bind: str = "127.0.0.1",
+        enter: Sequence[str] = (),
+        netns: str | None = None,
+        computes: bool = True,
     ) -> None:
         self.hosts = tuple(hosts)
+        self.bind = bind
+        self.enter = list(enter)
+        self.netns = netns
+        self.own_computes = computes
         self._own_dir = workdir is None
         self.dir = Path(tempfile.mkdtemp(prefix="vmha-nova-")) if workdir is None else Path(workdir)
         self.venv = venv
@@ -154,25 +170,25 @@ class NovaRig:
         self.procs: dict[str, _Proc] = {}
         self.computes: dict[str, _Proc] = {}
         self.timings: dict[str, float] = {}
-        self.cloud = "vmha-rig"
+        self.cloud = CLOUD
         self._lock = threading.Lock()
 
     # --- addresses -------------------------------------------------------------------------------
 
     @property
     def nova_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['nova']}/v2.1"
+        return f"http://{self.bind}:{self.ports['nova']}/v2.1"
 
     @property
     def placement_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['placement']}"
+        return f"http://{self.bind}:{self.ports['placement']}"
 
     @property
     def clouds_yaml(self) -> Path:
         return self.dir / "clouds.yaml"
 
     def db_url(self, name: str) -> str:
-        return f"mysql+pymysql://root@127.0.0.1:{self.ports['db']}/{name}?charset=utf8"
+        return f"mysql+pymysql://root@{self.bind}:{self.ports['db']}/{name}?charset=utf8"
 
     def connect_options(self, token: str = ADMIN_TOKEN) -> dict[str, Any]:
         """openstack.connect() arguments for `token` ("user:project[:roles]") on this rig."""
@@ -205,9 +221,9 @@ class NovaRig:
         admin_auth = f"auth_type = admin_token\ntoken = {ADMIN_TOKEN}\nregion_name = RegionOne\n"
         (etc / "nova" / "nova.conf").write_text(
             f"""[DEFAULT]
-transport_url = rabbit://guest:guest@127.0.0.1:{p["amqp"]}/
+transport_url = rabbit://guest:guest@{self.bind}:{p["amqp"]}/
 state_path = {self.dir}/state
-my_ip = 127.0.0.1
+my_ip = {self.bind}
 host = controller
 compute_driver = vmha_lab.LabFakeDriver
 report_interval = {self.report_interval}
@@ -245,10 +261,10 @@ enabled = false
 {admin_auth}endpoint = {self.placement_url}
 endpoint_override = {self.placement_url}
 [neutron]
-{admin_auth}endpoint = http://127.0.0.1:{p["neutron"]}
-endpoint_override = http://127.0.0.1:{p["neutron"]}
+{admin_auth}endpoint = http://{self.bind}:{p["neutron"]}
+endpoint_override = http://{self.bind}:{p["neutron"]}
 [glance]
-endpoint_override = http://127.0.0.1:{p["glance"]}
+endpoint_override = http://{self.bind}:{p["glance"]}
 [cinder]
 os_region_name = RegionOne
 [service_user]
@@ -296,11 +312,26 @@ connection = {self.db_url("placement")}
                 f"[oslo_concurrency]\nlock_path = {d}/state/locks\n"
             )
         (self.dir / "state" / "locks").mkdir(parents=True, exist_ok=True)
+        (self.dir / "rig.json").write_text(
+            json.dumps({"ports": self.ports, "bind": self.bind, "hosts": list(self.hosts), "venv": str(self.venv)})
+        )
+
+    @classmethod
+    def attach(cls, workdir: Path, enter: Sequence[str] = (), netns: str | None = None) -> NovaRig:
+        """The rig started earlier in `workdir` (by another process), for its API and computes."""
+        try:
+            d = json.loads((Path(workdir) / "rig.json").read_text())
+        except (OSError, ValueError) as e:
+            raise RigError(f"rig: no rig recorded in {workdir}: {e}") from None
+        rig = cls(hosts=d["hosts"], workdir=workdir, venv=Path(d["venv"]), bind=d["bind"], enter=enter,
+                  netns=netns, computes=False)
+        rig.ports = {k: int(v) for k, v in d["ports"].items()}
+        return rig
 
     # --- processes -------------------------------------------------------------------------------
 
     def _spawn(self, name: str, cmd: Sequence[str], **env: str) -> _Proc:
-        proc = _Proc(name, cmd, self.dir / "logs" / f"{name}.log", self._env(**env), self.dir)
+        proc = _Proc(name, [*self.enter, *cmd], self.dir / "logs" / f"{name}.log", self._env(**env), self.dir)
         with self._lock:
             self.procs[name] = proc
         return proc
@@ -308,7 +339,7 @@ connection = {self.db_url("placement")}
     def _run(self, what: str, cmd: Sequence[str], timeout: float = 120.0) -> str:
         try:
             r = subprocess.run(
-                list(cmd), capture_output=True, text=True, timeout=timeout, env=self._env(), cwd=self.dir
+                [*self.enter, *cmd], capture_output=True, text=True, timeout=timeout, env=self._env(), cwd=self.dir
             )
         except subprocess.TimeoutExpired:
             raise RigError(f"rig: {what} did not finish in {timeout:.0f} s") from None
@@ -324,16 +355,21 @@ connection = {self.db_url("placement")}
     def _sql(self, sql: str) -> None:
         self._run(
             "mariadb client",
-            ["mariadb", "-h", "127.0.0.1", "-P", str(self.ports["db"]), "-u", "root", "-e", sql],
+            # Through the socket: root may log in over TCP only once granted below.
+            ["mariadb", f"--socket={self.dir}/mysql.sock", "-u", "root", "-e", sql],
             timeout=30,
         )
 
-    def _port_open(self, port: int) -> bool:
+    def _port_open(self, port: int, address: str | None = None) -> bool:
         import socket
 
-        with socket.socket() as s:
+        with self._net(), socket.socket() as s:
             s.settimeout(0.5)
-            return s.connect_ex(("127.0.0.1", port)) == 0
+            return s.connect_ex((address or self.bind, port)) == 0
+
+    def _net(self) -> contextlib.AbstractContextManager[None]:
+        """The rig's own connections (probes, API calls) from its network namespace."""
+        return in_netns(self.netns)
 
     def _start_mariadb(self) -> None:
         data = self.dir / "mysql"
@@ -346,7 +382,7 @@ connection = {self.db_url("placement")}
         proc = self._spawn(
             "mariadb",
             ["mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={self.dir}/mysql.sock",
-             f"--port={self.ports['db']}", "--bind-address=127.0.0.1", "--skip-name-resolve", "--user=root",
+             f"--port={self.ports['db']}", f"--bind-address={self.bind}", "--skip-name-resolve", "--user=root",
              f"--pid-file={self.dir}/mysql.pid", "--skip-log-bin", "--max-connections=1000",
              # a throwaway test database: durability is not worth the schema setup time
              "--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0", "--sync-binlog=0",
@@ -354,7 +390,9 @@ connection = {self.db_url("placement")}
         )  # fmt: skip
         _wait("mariadb", lambda: self._port_open(self.ports["db"]), 60, [proc])
         self._sql(
-            "CREATE DATABASE nova_api; CREATE DATABASE nova; CREATE DATABASE nova_cell0; CREATE DATABASE placement;"
+            "CREATE DATABASE nova_api; CREATE DATABASE nova; CREATE DATABASE nova_cell0; CREATE DATABASE placement; "
+            # The services connect over TCP to the bind address (the lab's management address).
+            "CREATE USER IF NOT EXISTS 'root'@'%'; GRANT ALL PRIVILEGES ON *.* TO 'root'@'%';"
         )
 
     def _start_rabbit(self) -> None:
@@ -363,12 +401,14 @@ connection = {self.db_url("placement")}
             (base / sub).mkdir(parents=True, exist_ok=True)
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.ports['amqp']}\nloopback_users.guest = true\n"
+            # The lab's computes connect over the management plane: guest may log in from anywhere.
+            f"listeners.tcp.default = {self.bind}:{self.ports['amqp']}\nloopback_users = none\n"
         )
         epmd_env = {"ERL_EPMD_PORT": str(self.ports["epmd"]), "ERL_EPMD_ADDRESS": "127.0.0.1"}
         # Our own epmd, in the foreground: the one Erlang would start daemonises and outlives us.
+        # Erlang talks to it on loopback (the lab controller's own), whatever the AMQP address.
         epmd = self._spawn("epmd", [EPMD, "-port", str(self.ports["epmd"]), "-address", "127.0.0.1"], **epmd_env)
-        _wait("epmd", lambda: self._port_open(self.ports["epmd"]), 10, [epmd])
+        _wait("epmd", lambda: self._port_open(self.ports["epmd"], "127.0.0.1"), 10, [epmd])
         name = f"vmha{self.ports['amqp']}@localhost"
         proc = self._spawn(
             "rabbitmq",
@@ -376,7 +416,7 @@ connection = {self.db_url("placement")}
             **epmd_env,
             HOME=str(base / "home"),
             RABBITMQ_NODENAME=name,
-            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_IP_ADDRESS=self.bind,
             RABBITMQ_NODE_PORT=str(self.ports["amqp"]),
             RABBITMQ_DIST_PORT=str(self.ports["dist"]),
             RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
@@ -409,7 +449,7 @@ connection = {self.db_url("placement")}
 
     def _http_ok(self, url: str) -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with self._net(), urllib.request.urlopen(url, timeout=2) as r:
                 return int(r.status) < 400
         except (urllib.error.URLError, OSError):
             return False
@@ -420,21 +460,25 @@ connection = {self.db_url("placement")}
     def _gunicorn(self, name: str, port: int, app: str) -> _Proc:
         return self._spawn(
             name,
-            ["gunicorn", "-b", f"127.0.0.1:{port}", "-w", "1", "--threads", "4", "--timeout", "120",
+            ["gunicorn", "-b", f"{self.bind}:{port}", "-w", "1", "--threads", "4", "--timeout", "120",
              "--graceful-timeout", "3", app],
         )  # fmt: skip
+
+    def compute_command(self, host: str) -> list[str]:
+        """nova-compute for `host` with the rig's virt driver (the rig's configs must be written)."""
+        return [f"{self.venv}/bin/python", "-m", "vmha.lab.nova.compute",
+                "--config-file", str(self.dir / "etc" / "nova" / "nova.conf"),
+                "--config-file", str(self.dir / "compute" / host / "compute.conf")]  # fmt: skip
+
+    def compute_env(self, **extra: str) -> dict[str, str]:
+        return self._env(**extra)
 
     def start_compute(self, host: str) -> _Proc:
         """Start (or restart) nova-compute for `host`; does not wait for it to report up."""
         old = self.computes.get(host)
         if old is not None and old.alive():
             raise RigError(f"rig: nova-compute {host} is already running (pid {old.pid})")
-        proc = self._spawn(
-            f"compute-{host}",
-            [f"{self.venv}/bin/python", "-m", "vmha.lab.nova.compute",
-             "--config-file", str(self.dir / "etc" / "nova" / "nova.conf"),
-             "--config-file", str(self.dir / "compute" / host / "compute.conf")],
-        )  # fmt: skip
+        proc = self._spawn(f"compute-{host}", self.compute_command(host))
         self.computes[host] = proc
         return proc
 
@@ -445,47 +489,56 @@ connection = {self.db_url("placement")}
         proc.popen.wait(10)
 
     def start(self, timeout: float = 300.0) -> NovaRig:
-        if not (self.venv / "bin" / "nova-manage").exists():
-            raise RigError(f"rig: {self.venv} has no Nova: run scripts/setup-nova.sh first")
+        """The whole rig, computes included (computes=True), up and ready; stops what started on failure."""
         t_start = time.monotonic()
         try:
-            self._write_configs()
-            with ThreadPoolExecutor(3) as ex:
-                futs = [
-                    ex.submit(self._timed, "mariadb", self._start_mariadb),
-                    ex.submit(self._timed, "rabbitmq", self._start_rabbit),
-                ]
-                for f in futs:
-                    f.result()
-            self._timed("schema", self._schema)
-            self._spawn(
-                "stubs",
-                [f"{self.venv}/bin/python", "-m", "vmha.lab.nova.stubs",
-                 str(self.ports["glance"]), str(self.ports["neutron"]), IMAGE_ID],
-            )  # fmt: skip
-            placement = self._gunicorn("placement", self.ports["placement"], "vmha.lab.nova.wsgi:placement_api()")
-            api = self._gunicorn("nova-api", self.ports["nova"], "vmha.lab.nova.wsgi:nova_api()")
-            conductor = self._spawn(
-                "conductor", ["nova-conductor", "--config-file", str(self.dir / "etc/nova/nova.conf")]
-            )
-            scheduler = self._spawn(
-                "scheduler", ["nova-scheduler", "--config-file", str(self.dir / "etc/nova/nova.conf")]
-            )
-            for h in self.hosts:
-                self.start_compute(h)
-            core = [placement, api, conductor, scheduler, *self.computes.values()]
-            self.timings["apis"] = round(_wait("placement and nova-api", self._apis_ok, timeout, core), 1)
-            self.timings["services_up"] = round(
-                _wait("every nova service up", self._all_services_up, timeout, core, step=1.0), 1
-            )
-            self._timed("discover_hosts", self.discover_hosts)
-            self.timings["hypervisors"] = round(_wait("hypervisors", self._all_hypervisors, timeout, core, step=1.0), 1)
-            self._ensure_flavor()
+            self.start_control()
+            self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         self.timings["total"] = round(time.monotonic() - t_start, 1)
         return self
+
+    def start_control(self) -> None:
+        """Database, broker, schema, stand-ins, APIs, conductor, scheduler (and the computes when the
+        rig owns them), without waiting for the services to report up. Stops nothing on failure."""
+        if not (self.venv / "bin" / "nova-manage").exists():
+            raise RigError(f"rig: {self.venv} has no Nova: run scripts/setup-nova.sh first")
+        self._write_configs()
+        with ThreadPoolExecutor(3) as ex:
+            futs = [
+                ex.submit(self._timed, "mariadb", self._start_mariadb),
+                ex.submit(self._timed, "rabbitmq", self._start_rabbit),
+            ]
+            for f in futs:
+                f.result()
+        self._timed("schema", self._schema)
+        self._spawn(
+            "stubs",
+            [f"{self.venv}/bin/python", "-m", "vmha.lab.nova.stubs",
+             str(self.ports["glance"]), str(self.ports["neutron"]), IMAGE_ID, self.bind],
+        )  # fmt: skip
+        self._gunicorn("placement", self.ports["placement"], "vmha.lab.nova.wsgi:placement_api()")
+        self._gunicorn("nova-api", self.ports["nova"], "vmha.lab.nova.wsgi:nova_api()")
+        self._spawn("conductor", ["nova-conductor", "--config-file", str(self.dir / "etc/nova/nova.conf")])
+        self._spawn("scheduler", ["nova-scheduler", "--config-file", str(self.dir / "etc/nova/nova.conf")])
+        if self.own_computes:
+            for h in self.hosts:
+                self.start_compute(h)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Until the APIs answer, every service (a compute per host) is up, the hosts are discovered
+        and the rig's flavor exists. Fails early when a process the rig started exits."""
+        core = [self.procs[n] for n in ("placement", "nova-api", "conductor", "scheduler") if n in self.procs]
+        core += self.computes.values()
+        self.timings["apis"] = round(_wait("placement and nova-api", self._apis_ok, timeout, core), 1)
+        self.timings["services_up"] = round(
+            _wait("every nova service up", self._all_services_up, timeout, core, step=1.0), 1
+        )
+        self._timed("discover_hosts", self.discover_hosts)
+        self.timings["hypervisors"] = round(_wait("hypervisors", self._all_hypervisors, timeout, core, step=1.0), 1)
+        self._ensure_flavor()
 
     def discover_hosts(self) -> None:
         self._run(
@@ -506,7 +559,7 @@ connection = {self.db_url("placement")}
                 "OpenStack-API-Version": "compute 2.94",
             },
         )
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with self._net(), urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
         return json.loads(raw) if raw else None
 
@@ -562,7 +615,7 @@ connection = {self.db_url("placement")}
             self.placement_url + path,
             headers={"X-Auth-Token": ADMIN_TOKEN, "OpenStack-API-Version": "placement 1.6"},
         )
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with self._net(), urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 
     def schedulable(self, host: str) -> bool:

@@ -4,7 +4,7 @@ Nova asks Glance for the image of a server at boot and rebuild (evacuation is a 
 Neutron for ports and extensions; servers in the rig boot with networks='none'. Glance serves a
 version document, the image schema (standard properties, extra ones allowed) and one image;
 Neutron answers every collection with an empty list. Standard library only.
-`python -m vmha.lab.nova.stubs GLANCE_PORT NEUTRON_PORT IMAGE_ID`, on 127.0.0.1.
+`python -m vmha.lab.nova.stubs GLANCE_PORT NEUTRON_PORT IMAGE_ID [ADDRESS]`, on ADDRESS (default 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-
-HOST = "127.0.0.1"
 
 _SCHEMA_PROPS: dict[str, dict[str, Any]] = {
     name: {"type": ["null", "string"]}
@@ -97,20 +95,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"rig stand-in: no {path}"})
 
 
-def _versions(port: int, vid: str, path: str) -> dict[str, Any]:
-    href = f"http://{HOST}:{port}/{path}/"
+def _versions(host: str, port: int, vid: str, path: str) -> dict[str, Any]:
+    href = f"http://{host}:{port}/{path}/"
     return {"versions": [{"id": vid, "status": "CURRENT", "links": [{"rel": "self", "href": href}]}]}
 
 
-def serve(glance_port: int, neutron_port: int, image_id: str) -> list[ThreadingHTTPServer]:
+def serve(glance_port: int, neutron_port: int, image_id: str, host: str = "127.0.0.1") -> list[ThreadingHTTPServer]:
     img = image(image_id)
     glance = type(
         "Glance",
         (_Handler,),
         {
             "routes": {
-                "/": _versions(glance_port, "v2.16", "v2"),
-                "/versions": _versions(glance_port, "v2.16", "v2"),
+                "/": _versions(host, glance_port, "v2.16", "v2"),
+                "/versions": _versions(host, glance_port, "v2.16", "v2"),
                 "/v2/schemas/image": IMAGE_SCHEMA,
                 "/v2/images": {"images": [img]},
                 f"/v2/images/{image_id}": img,
@@ -120,9 +118,9 @@ def serve(glance_port: int, neutron_port: int, image_id: str) -> list[ThreadingH
     neutron = type(
         "Neutron",
         (_Handler,),
-        {"routes": {"/": _versions(neutron_port, "v2.0", "v2.0")}, "prefix_empty": "/v2.0/"},
+        {"routes": {"/": _versions(host, neutron_port, "v2.0", "v2.0")}, "prefix_empty": "/v2.0/"},
     )
-    servers = [ThreadingHTTPServer((HOST, glance_port), glance), ThreadingHTTPServer((HOST, neutron_port), neutron)]
+    servers = [ThreadingHTTPServer((host, glance_port), glance), ThreadingHTTPServer((host, neutron_port), neutron)]
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     return servers
@@ -130,7 +128,7 @@ def serve(glance_port: int, neutron_port: int, image_id: str) -> list[ThreadingH
 
 def main() -> None:
     glance_port, neutron_port, image_id = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    serve(glance_port, neutron_port, image_id)
+    serve(glance_port, neutron_port, image_id, *sys.argv[4:5])
     threading.Event().wait()
 
 

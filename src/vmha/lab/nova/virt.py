@@ -1,16 +1,272 @@
-"""LAB / TEST ONLY: the rig's virt driver, a Nova FakeDriver that keeps its node identity.
+"""LAB / TEST ONLY: the rig's virt driver, a Nova FakeDriver that keeps its node identity and, in the
+lab, runs the lab VMs.
 
 Nova's stock FakeDriver invents a new node UUID in every process, so a restarted fake compute
 refuses to start (its compute node record no longer matches). FakeDriverWithoutFakeNodes reads and
-writes the UUID in `state_path/compute_id`, as real drivers do; this subclass is where the lab
-will hook VM processes in later (issue 6 item 3). Nova loads drivers only from the nova.virt
-package: vmha.lab.nova.compute registers this module as nova.virt.vmha_lab before starting.
+writes the UUID in `state_path/compute_id`, as real drivers do. Nova loads drivers only from the
+nova.virt package: vmha.lab.nova.compute registers this module as nova.virt.vmha_lab before starting.
+
+In the lab (`vmha lab up --nova`) each host's nova-compute runs inside the host's namespaces with
+VMHA_LAB_VIRT naming a JSON file ({"host", "vm_binary", "disks", "config", "logs"}); then a server
+is a lab VM process, `vmha-vm <server name> --host H --disk ... --config ...` (the same arguments as
+the plain lab, so disks, leases and verify are the same):
+- spawn (boot, and an evacuation's rebuild on the destination) starts it and returns once it holds
+  the VM's sanlock lease (its disk open); a copy that cannot take the lease (held elsewhere, or the
+  host not in the lockspace) exits, and spawn fails: the instance goes to ERROR, never two writers;
+- destroy stops the host's copy (SIGTERM, wait until gone: the lease is released); nothing to stop
+  is fine (a restarted compute destroys the copies evacuated while it was off);
+- live migration is the lab's handover: the destination copy starts with --incoming and waits for
+  the lease, the source copy is told (SIGUSR1) to stop writing and release, the destination takes
+  the lease and continues the disk.
+Like a hypervisor's defined domains, the instances a compute knows survive its restart (a file in
+state_path), so Nova can destroy evacuated ones when the host comes back. Without VMHA_LAB_VIRT
+(the rig of the driver tests) it is the plain fake driver.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nova import exception  # type: ignore[import-not-found, unused-ignore]
+from nova.compute import power_state  # type: ignore[import-not-found, unused-ignore]
+from nova.conf import CONF  # type: ignore[import-not-found, unused-ignore]
 from nova.virt import fake  # type: ignore[import-not-found, unused-ignore]
+from oslo_log import log as logging  # type: ignore[import-not-found, unused-ignore]
+
+from vmha.lab.procs import EXIT_LEASE_REFUSED, VmProcess, copies_here
+
+LOG = logging.getLogger(__name__)
+
+CONFIG_ENV = "VMHA_LAB_VIRT"
+START_TIMEOUT = 30.0  # a copy takes its lease (sanlock acquire: about 1 s at io_timeout 1) within this
+STOP_TIMEOUT = 20.0  # a copy told to stop releases its lease and exits within this (then SIGKILL)
+HANDOVER_TIMEOUT = 30.0  # live migration: the destination copy waits this long for the lease
+INCOMING_DIR = Path("/run/vmha")  # the host's tmpfs, where an incoming copy marks that it waits
 
 
 class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unused-ignore]
-    """One node per nova-compute, named after its host, with a UUID that survives restarts."""
+    """One node per nova-compute, named after its host, with a UUID that survives restarts; in the
+    lab, every instance is a running `vmha-vm` process on the host."""
+
+    def __init__(self, virtapi: Any, read_only: bool = False) -> None:
+        super().__init__(virtapi, read_only)
+        path = os.environ.get(CONFIG_ENV)
+        self.lab: dict[str, Any] | None = json.loads(Path(path).read_text()) if path else None
+        self._children: dict[str, subprocess.Popen[bytes]] = {}  # vm -> the copy this process started
+
+    # --- the instances this "hypervisor" knows, across restarts ------------------------------------
+
+    @property
+    def _known_file(self) -> Path:
+        return Path(CONF.state_path) / "lab-instances.json"
+
+    def _track(self, instance: Any) -> None:
+        """Remembers (in state_path) the instances this host has, with their lab VM names."""
+        if self.lab is None:
+            return
+        known = self._known()
+        if instance.uuid in self.instances:
+            known[instance.uuid] = {"name": instance.name, "vm": instance.display_name}
+        else:
+            known.pop(instance.uuid, None)
+        tmp = self._known_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, self._known_file)
+
+    def _known(self) -> dict[str, dict[str, str]]:
+        try:
+            known: dict[str, dict[str, str]] = json.loads(self._known_file.read_text())
+        except FileNotFoundError:
+            return {}
+        return known
+
+    def init_host(self, host: str) -> None:
+        super().init_host(host)
+        if self.lab is None:
+            return
+        for uuid, rec in self._known().items():
+            running = any(p.active for p in copies_here(rec["vm"], self.lab["host"]))
+            state = power_state.RUNNING if running else power_state.SHUTDOWN
+            self.instances[uuid] = fake.FakeInstance(rec["name"], state, uuid)
+
+    # --- the lab VM processes --------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        for vm, proc in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[vm]
+
+    def _copies(self, vm: str) -> list[VmProcess]:
+        assert self.lab is not None
+        self._reap()
+        return copies_here(vm, self.lab["host"])
+
+    def _start(self, vm: str, incoming: float) -> subprocess.Popen[bytes]:
+        assert self.lab is not None
+        lab = self.lab
+        cmd = [lab["vm_binary"], vm, "--host", lab["host"], "--disk", f"{lab['disks']}/{vm}.disk",
+               "--config", lab["config"]]  # fmt: skip
+        if incoming:
+            cmd += ["--incoming", str(incoming)]
+        LOG.info("lab: vm=%s host=%s starting %s", vm, lab["host"], "incoming copy" if incoming else "copy")
+        with open(Path(lab["logs"]) / f"vm-{vm}.log", "ab") as out:
+            # A session of its own: the copy outlives a restart of this nova-compute, as a guest does.
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        self._children[vm] = proc
+        return proc
+
+    def _wait(self, vm: str, proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float,
+              what: str) -> None:
+        """Until `ready()`; fails (stopping the copy) when the copy exits or the time is up."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            code = proc.poll()
+            if code is not None:
+                why = (
+                    "its sanlock lease cannot be taken here (held elsewhere, or this host is not in the lockspace)"
+                    if code == EXIT_LEASE_REFUSED
+                    else f"exit status {code}"
+                )
+                raise exception.NovaException(f"lab VM {vm} on {self._host}: {what} failed: {why}")
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise exception.NovaException(f"lab VM {vm} on {self._host}: {what}: not done in {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _holds_lease(self, vm: str, pid: int) -> bool:
+        # vmha-vm opens its disk only once it holds the lease.
+        return any(p.pid == pid and p.active for p in self._copies(vm))
+
+    def _run_copy(self, instance: Any) -> None:
+        vm = instance.display_name
+        running = [p for p in self._copies(vm) if p.active]
+        if running:
+            LOG.info("lab: vm=%s already runs on host=%s (pid %s)", vm, self._host, running[0].pid)
+            return
+        proc = self._start(vm, incoming=0.0)
+        try:
+            self._wait(vm, proc, lambda: self._holds_lease(vm, proc.pid), START_TIMEOUT, "start")
+        except exception.NovaException as e:
+            raise exception.BuildAbortException(instance_uuid=instance.uuid, reason=str(e)) from None
+        LOG.info("lab: vm=%s host=%s running (pid %s, lease held)", vm, self._host, proc.pid)
+
+    def _stop_copies(self, vm: str, sig: signal.Signals, why: str) -> None:
+        """Signals the host's copies of `vm`, waits until they are gone (SIGKILL after STOP_TIMEOUT)."""
+        copies = self._copies(vm)
+        if not copies:
+            LOG.info("lab: vm=%s host=%s %s: no copy runs here (nothing to stop)", vm, self._host, why)
+            return
+        for p in copies:
+            self._signal(p.pid, sig)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self._copies(vm):
+            if time.monotonic() > deadline:
+                LOG.warning("lab: vm=%s host=%s %s: copy did not exit in %.0f s: SIGKILL", vm, self._host, why,
+                            STOP_TIMEOUT)
+                for p in self._copies(vm):
+                    self._signal(p.pid, signal.SIGKILL)
+                deadline = time.monotonic() + STOP_TIMEOUT
+            time.sleep(0.05)
+        LOG.info("lab: vm=%s host=%s %s: copy pids %s gone (lease released)", vm, self._host, why,
+                 [p.pid for p in copies])
+
+    @staticmethod
+    def _signal(pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    # --- the virt driver interface -----------------------------------------------------------------
+
+    def spawn(self, context: Any, instance: Any, image_meta: Any, injected_files: Any, admin_password: Any,
+              allocations: Any, network_info: Any = None, block_device_info: Any = None, power_on: bool = True,
+              accel_info: Any = None) -> None:
+        if self.lab is None:
+            super().spawn(context, instance, image_meta, injected_files, admin_password, allocations,
+                          network_info, block_device_info, power_on, accel_info)
+            return
+        if power_on:
+            self._run_copy(instance)
+        super().spawn(context, instance, image_meta, injected_files, admin_password, allocations,
+                      network_info, block_device_info, power_on, accel_info)
+        self._track(instance)
+
+    def destroy(self, context: Any, instance: Any, network_info: Any, block_device_info: Any = None,
+                destroy_disks: bool = True, destroy_secrets: bool = True) -> None:
+        if self.lab is not None:
+            self._stop_copies(instance.display_name, signal.SIGTERM, "destroy")
+        super().destroy(context, instance, network_info, block_device_info, destroy_disks, destroy_secrets)
+        self._track(instance)
+
+    def power_off(self, instance: Any, timeout: int = 0, retry_interval: int = 0) -> None:
+        if self.lab is not None:
+            self._stop_copies(instance.display_name, signal.SIGTERM, "power off")
+        super().power_off(instance, timeout, retry_interval)
+
+    def power_on(self, context: Any, instance: Any, network_info: Any, block_device_info: Any = None,
+                 accel_info: Any = None, share_info: Any = None) -> None:
+        if self.lab is not None:
+            self._run_copy(instance)
+        super().power_on(context, instance, network_info, block_device_info, accel_info, share_info)
+
+    def pre_live_migration(self, context: Any, instance: Any, block_device_info: Any, network_info: Any,
+                           disk_info: Any, migrate_data: Any) -> Any:
+        """Destination: a copy waiting for the lease, ready before the source is told to hand over."""
+        if self.lab is not None:
+            vm = instance.display_name
+            proc = self._start(vm, incoming=HANDOVER_TIMEOUT)
+            # This process runs in the host's mount namespace: the host's /run/vmha is ours too.
+            marker = INCOMING_DIR / f"vm-{vm}.incoming"
+            self._wait(vm, proc, lambda: marker.exists() or self._holds_lease(vm, proc.pid), START_TIMEOUT,
+                       "incoming copy")
+            LOG.info("lab: vm=%s host=%s incoming copy waits for the lease (pid %s)", vm, self._host, proc.pid)
+        return migrate_data
+
+    def live_migration(self, context: Any, instance: Any, dest: str, post_method: Any, recover_method: Any,
+                       block_migration: bool = False, migrate_data: Any = None) -> None:
+        """Source: the copy stops writing and releases its lease (SIGUSR1); the destination takes it."""
+        if self.lab is not None:
+            self._stop_copies(instance.display_name, signal.SIGUSR1, f"handover to {dest}")
+            # The guest has left this host, as a migrated libvirt domain does: an evacuation back here
+            # later must not find it ("already exists").
+            fake.FakeDriver.destroy(self, context, instance, None)
+            self._track(instance)
+        super().live_migration(context, instance, dest, post_method, recover_method, block_migration, migrate_data)
+
+    def post_live_migration_at_destination(self, context: Any, instance: Any, network_info: Any,
+                                           block_migration: bool = False, block_device_info: Any = None) -> None:
+        if self.lab is not None:
+            vm = instance.display_name
+            proc = self._children.get(vm)
+            if proc is None:
+                # This compute restarted since pre_live_migration: take any copy that holds the lease.
+                if not any(p.active for p in self._copies(vm)):
+                    raise exception.NovaException(f"lab VM {vm} on {self._host}: no incoming copy after the handover")
+            else:
+                self._wait(vm, proc, lambda: self._holds_lease(vm, proc.pid), HANDOVER_TIMEOUT, "handover")
+            LOG.info("lab: vm=%s host=%s took the lease: migration done", vm, self._host)
+            super().spawn(context, instance, None, None, None, None)
+            self._track(instance)
+            return
+        super().post_live_migration_at_destination(context, instance, network_info, block_migration,
+                                                   block_device_info)
+
+    def rollback_live_migration_at_destination(self, context: Any, instance: Any, network_info: Any,
+                                               block_device_info: Any, destroy_disks: bool = True,
+                                               migrate_data: Any = None) -> None:
+        if self.lab is not None:
+            vm = instance.display_name
+            waiting = [p for p in self._copies(vm) if not p.active]
+            for p in waiting:
+                # Only a copy still waiting: one that took the lease is the VM now, stopping it would
+                # leave the VM running nowhere.
+                self._signal(p.pid, signal.SIGTERM)
+        super().rollback_live_migration_at_destination(context, instance, network_info, block_device_info,
+                                                       destroy_disks, migrate_data)
