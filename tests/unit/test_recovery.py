@@ -507,3 +507,20 @@ def test_a_marked_down_host_takes_vms_again_only_once_enabled() -> None:
     fail_h2(c, 30.0)
     out = c.step(proof("vm5", t=31.0), 31.0)
     assert of(out, MarkHostDown) == [MarkHostDown("h2")]
+
+
+def test_a_vm_arriving_on_a_host_that_failed_meanwhile_is_moved_on() -> None:
+    """vm1 is evacuated to a host that loses its service network while vm1 travels: that host's live
+    migration ran before vm1 arrived, so on arrival the manager acts on the host again, for vm1."""
+    c = core()
+    out = proved_and_marked(c)
+    [rel] = [a for a in of(out, ReleaseProof) if a.vm == "vm1"]
+    out = c.step(StepDone("vm1", Step.RELEASE), 16.0)
+    [ev] = [a for a in of(out, Evacuate) if a.vm == "vm1"]
+    dest = ev.dest
+    assert dest is not None and rel.vm == "vm1"
+    out = c.step(HealthUpdate(health(dest, 16.5, service=DOWN)), 16.5)
+    assert [a.vm for a in of(out, LiveMigrate)] == []  # vm1 is still on its way: not on dest yet
+    out = c.step(StepDone("vm1", Step.EVACUATE, running_on=dest), 17.0)
+    assert [(a.vm, a.source) for a in of(out, LiveMigrate)] == [("vm1", dest)]
+    assert any("failed meanwhile" in line.text for line in out.log)

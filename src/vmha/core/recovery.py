@@ -400,6 +400,7 @@ class RecoveryOutput:
 # -- the core --------------------------------------------------------------------------------------
 
 _EVACUATING_ACTIONS = frozenset({Action.ISOLATE_EVACUATE, Action.FENCE_EVACUATE})
+_MOVING_ACTIONS = _EVACUATING_ACTIONS | {Action.LIVE_MIGRATE}
 
 
 @dataclass(slots=True)
@@ -936,6 +937,13 @@ class RecoveryCore:
             self._place(task.vm, task.running_on)
             self._settled.setdefault(task.source, set()).add(task.vm)
             self._finish(task, out)
+            dest = self._decisions.get(task.running_on or "")
+            if dest is not None and dest.acted and dest.decision.action in _MOVING_ACTIONS:
+                # It arrived on a host that failed while it travelled: act on that host again, for it.
+                out.log.append(LogLine(Level.WARN, now, ACTOR, f"vm '{task.vm}': arrived on '{task.running_on}', "
+                                       f"which failed meanwhile (row {dest.decision.key}): acting on it again"))
+                dest.acted, dest.act_at = False, now
+                self._held.add(task.running_on or "")
             return
         out.log.append(LogLine(Level.WARN, now, ACTOR, f"vm '{ev.vm}': unexpected result of {ev.step.value}"))
 
