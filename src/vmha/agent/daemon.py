@@ -112,28 +112,25 @@ class Agent:
     async def _register(self) -> None:
         # Through the management plane, on a connection of its own (the heartbeat's stays dedicated).
         async with EtcdClient(self.cfg.planes.endpoints(Plane.MANAGEMENT), name=f"{self.host}/register") as c:
-            while True:
-                try:
-                    await register(c, self.keys, self.host, self.domain)
-                except EtcdError as e:
-                    log.warning("host %s: registration failed (%s); retrying", self.host, e)
-                    await c.wait_backoff()
-                    continue
-                self.registered = True
-                log.info("host %s registered (domain %s)", self.host, self.domain)
-                break
+            await self._write_record(c, "registration")
+            self.registered = True
+            log.info("host %s registered (domain %s)", self.host, self.domain)
             # Clear a stop mark once the heartbeats are back: cleared earlier, the manager would act on
             # planes still DOWN from the stop. A plane that cannot beat delays it by one TTL at most.
             deadline = self.clock() + self.cfg.timings.lease_ttl
             while self.clock() < deadline and not all(hb.seq > 0 for hb in self.planes.values()):
                 await asyncio.sleep(0.05)
-            while True:
-                try:
-                    await register(c, self.keys, self.host, self.domain, **{AGENT_STOPPED: None})
-                    return
-                except EtcdError as e:
-                    log.warning("host %s: clearing the stop mark failed (%s); retrying", self.host, e)
-                    await c.wait_backoff()
+            await self._write_record(c, "clearing the stop mark", **{AGENT_STOPPED: None})
+
+    async def _write_record(self, c: EtcdClient, what: str, **fields: Any) -> None:
+        """Merge `fields` into the host record, retrying until etcd takes it."""
+        while True:
+            try:
+                await register(c, self.keys, self.host, self.domain, **fields)
+                return
+            except EtcdError as e:
+                log.warning("host %s: %s failed (%s); retrying", self.host, what, e)
+                await c.wait_backoff()
 
     async def _mark_stopped(self) -> None:
         """Mark the host record before the heartbeats end (bounded: a stop must not hang)."""
