@@ -3,9 +3,8 @@
 Set-up (all real, on this machine):
 - a real etcd (temporary data dir, 127.0.0.1);
 - the load generator: N simulated hosts in child processes (HeartbeatLoad, one process per 250
-  hosts, at nice 10): per (host, plane) its own lease and key, one keepalive and one heartbeat put per
-  keepalive interval, the etcd traffic of N agents; multiplexed over a few connections per process
-  rather than one connection per plane (see vmha.etcd.heartbeat_load for why);
+  hosts, at nice 10): per (host, plane) its own connection, lease and key, one keepalive and one
+  heartbeat put per keepalive interval, the etcd traffic of N agents (see vmha.etcd.heartbeat_load);
 - the HealthMonitor in this process (separate from the generator, as the manager would be);
 - one real `vmha agent` process (its planes pointed at the same etcd), measured for RSS and CPU.
 
@@ -72,7 +71,7 @@ async def _simulate(spec: dict[str, Any]) -> None:
         for i in range(0, len(hosts), 50):
             await asyncio.gather(*(register(reg, keys, h, spec["domain"]) for h in hosts[i : i + 50]))
     load = HeartbeatLoad(url, keys, [(h, p) for h in hosts for p in PLANES], ttl=int(spec["ttl"]),
-                         interval=float(spec["interval"]), channels=int(spec["channels"]))  # fmt: skip
+                         interval=float(spec["interval"]))  # fmt: skip
     await load.start()
     # Ready when every plane has beaten once, or after startup_timeout (an overloaded machine may
     # never get there: the parent reports how many made it rather than waiting forever).
@@ -313,9 +312,7 @@ class Sampler:
         }
 
 
-async def _run(
-    hosts: int, procs: int, channels: int, cuts: int, timings: Timings, settle: float, echo: Any
-) -> dict[str, Any]:
+async def _run(hosts: int, procs: int, cuts: int, timings: Timings, settle: float, echo: Any) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="vmha-bench-detection-"))
     etcd = EtcdProcess(
         work / "etcd",
@@ -332,7 +329,7 @@ async def _run(
     monitor = HealthMonitor(client, Keys(CLUSTER), timings.health(), name="bench")
     mon_task = asyncio.create_task(monitor.run())
     watcher = Watcher(monitor)
-    result: dict[str, Any] = {"hosts": hosts, "procs": procs, "channels": channels, "timings": timings.model_dump()}
+    result: dict[str, Any] = {"hosts": hosts, "procs": procs, "timings": timings.model_dump()}
     try:
         names = [f"sim{i:04d}" for i in range(hosts)]
         startup_timeout = 60 + hosts * 0.1
@@ -340,13 +337,13 @@ async def _run(
         # Host i lives in generator i % procs: one Python process uses one core at most.
         for k in range(procs):
             spec: dict[str, Any] = {"url": etcd.client_urls[0], "hosts": names[k::procs], "domain": "d0",
-                    "ttl": timings.lease_ttl, "interval": timings.keepalive_interval, "channels": channels,
+                    "ttl": timings.lease_ttl, "interval": timings.keepalive_interval,
                     "startup_timeout": startup_timeout}  # fmt: skip
             sims.append(await Simulator.start(spec))
         readies = [await sim.read(timeout=startup_timeout + 60) for sim in sims]
         beating, planes = sum(r["beating"] for r in readies), sum(r["total"] for r in readies)
-        echo(f"{hosts} simulated hosts in {procs} load generator process(es) (nice {NICE}), {channels} connections "
-             f"each: {beating}/{planes} planes (each its own lease and key) beating after "
+        echo(f"{hosts} simulated hosts in {procs} load generator process(es) (nice {NICE}): "
+             f"{beating}/{planes} planes (each its own connection, lease and key) beating after "
              f"{time.monotonic() - t:.1f}s")  # fmt: skip
 
         def sim_of(host: str) -> Simulator:
@@ -470,12 +467,10 @@ async def _run(
         shutil.rmtree(work, ignore_errors=True)
 
 
-async def _main(
-    hosts: int, procs: int, channels: int, cuts: int, timings: Timings, settle: float, echo: Any
-) -> dict[str, Any]:
+async def _main(hosts: int, procs: int, cuts: int, timings: Timings, settle: float, echo: Any) -> dict[str, Any]:
     # SIGTERM (e.g. from `timeout`) cancels the run like Ctrl-C, so its cleanup (etcd, simulators,
     # the agent, the temporary directory) still happens.
-    task = asyncio.create_task(_run(hosts, procs, channels, cuts, timings, settle, echo))
+    task = asyncio.create_task(_run(hosts, procs, cuts, timings, settle, echo))
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     return await task
 
@@ -502,7 +497,6 @@ def _print_phase(name: str, p: dict[str, Any], hosts: int, timings: dict[str, An
 @click.command("detection")
 @click.option("--hosts", default=50, show_default=True, help="simulated hosts (3 planes each)")
 @click.option("--procs", type=int, default=None, help="load generator processes [default: one per 250 hosts]")
-@click.option("--channels", default=4, show_default=True, help="etcd connections per load generator process")
 @click.option("--cuts", default=20, show_default=True, help="plane cuts, one at a time")
 @click.option("--keepalive", type=float, default=None, help="keepalive interval (default: config default)")
 @click.option("--ttl", type=int, default=None, help="lease TTL, whole seconds (default: config default)")
@@ -512,7 +506,7 @@ def _print_phase(name: str, p: dict[str, Any], hosts: int, timings: dict[str, An
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON too")
 @click.option("-v", "--verbose", is_flag=True, help="show the monitor's operator log")
 def detection(
-    hosts: int, procs: int | None, channels: int, cuts: int, keepalive: float | None, ttl: int | None,
+    hosts: int, procs: int | None, cuts: int, keepalive: float | None, ttl: int | None,
     suspect_after: float | None, settle: float, profile: str | None, as_json: bool, verbose: bool,
 ) -> None:  # fmt: skip
     """Cut one plane of one host at a time; print detection latency, false DOWNs, where the CPU goes."""
@@ -529,7 +523,7 @@ def detection(
     try:
         if prof is not None:
             prof.enable()
-        r = asyncio.run(_main(hosts, procs or max(1, (hosts + 249) // 250), channels, cuts, timings, settle,
+        r = asyncio.run(_main(hosts, procs or max(1, (hosts + 249) // 250), cuts, timings, settle,
                               click.echo))  # fmt: skip
     except asyncio.CancelledError:
         raise click.ClickException("bench detection: terminated (everything it started was stopped)") from None

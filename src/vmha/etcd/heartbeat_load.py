@@ -1,13 +1,13 @@
 """HeartbeatLoad: the etcd traffic of many agents' per-plane heartbeats, from one process, cheaply.
 
 For benchmarks (`vmha bench detection`). Per (host, plane) it keeps what a real agent keeps: its
-own lease of ``ttl`` seconds, refreshed every ``interval`` by one LeaseKeepAlive message, and its
-own heartbeat key rewritten with a new {"host","plane","seq","t"} on that lease right after each
-keepalive: etcd sees one keepalive and one Put per (host, plane) per interval, exactly the agents'
-traffic. What it does not reproduce is one TCP connection per plane: the messages are multiplexed
-over ``channels`` gRPC connections (one LeaseKeepAlive stream each), because a Python asyncio
-client per plane costs this machine about 0.2 % CPU per host, which on 2 cores starves the measured
-system (etcd and the manager). A real deployment pays that on each host, not on the manager's.
+own TCP connection to etcd, its own lease of ``ttl`` seconds refreshed every ``interval`` by one
+message on its LeaseKeepAlive stream, and its own heartbeat key rewritten with a new
+{"host","plane","seq","t"} on that lease right after each keepalive: etcd sees one connection, one
+keepalive and one Put per (host, plane) per interval, exactly the agents' traffic. The calls go
+through RawGrpcConnection (gRPC over a hand-written minimal HTTP/2), because grpcio costs about ten
+times as much CPU per call, which on 2 cores starves the measured system (etcd and the manager). A
+real deployment pays its agent's cost on each host, not on the manager's.
 
 Beats are spread evenly over the interval (a fixed phase per plane) and sent on a fixed cadence;
 ``lag`` records how late the scheduler fired them, so an overloaded generator shows in its stats
@@ -15,30 +15,32 @@ rather than as false verdicts blamed on the monitor.
 
 A cut stops one (host, plane)'s keepalives and writes without revoking its lease: etcd must find
 out by lease expiry, as when the host's path on that plane fails. A restore grants a new lease and
-beats at once, as an agent whose path came back does.
+beats at once, as an agent whose path came back does. A connection that breaks is reopened (and a
+new lease granted) before the plane's next beat, as an agent reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aetcd import rpc
-from aetcd.rpc import rpc_pb2_grpc
-
 from vmha.core.planes import Plane
 from vmha.etcd.client import encode_json, parse_endpoint
+from vmha.etcd.grpc_raw import CallFailed, RawGrpcConnection, pb_bytes, pb_fields, pb_int, pb_int_field
 from vmha.etcd.keys import Keys
 
 log = logging.getLogger("vmha.etcd.heartbeat_load")
 
-# One connection per channel object (by default gRPC shares one between channels to one target).
-_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+_GRANT = "/etcdserverpb.Lease/LeaseGrant"
+_REVOKE = "/etcdserverpb.Lease/LeaseRevoke"
+_KEEPALIVE = "/etcdserverpb.Lease/LeaseKeepAlive"
+_PUT = "/etcdserverpb.KV/Put"
 
 
 @dataclass(slots=True)
@@ -46,13 +48,15 @@ class _Slot:
     host: str
     plane: Plane
     key: bytes
-    channel: int
     phase: float  # offset in the interval
+    conn: RawGrpcConnection | None = None
+    stream: int = 0  # its LeaseKeepAlive stream on conn
     lease: int = 0
     seq: int = 0
     last_keepalive: float = 0.0  # monotonic time the last keepalive was sent
     active: bool = True  # False while cut
-    regrant: bool = False  # etcd said the lease is gone: grant a new one before the next beat
+    ready: bool = False  # connected, lease granted, stream open
+    busy: bool = False  # (re)connecting or granting now: skip its beats meanwhile
 
 
 @dataclass(slots=True)
@@ -60,8 +64,9 @@ class LoadStats:
     keepalives: int = 0  # keepalive messages sent
     acks: int = 0  # keepalive replies received
     puts: int = 0  # heartbeat writes acknowledged
-    errors: int = 0  # failed writes, keepalive replies with TTL <= 0, failed grants
+    errors: int = 0  # failed writes, keepalive replies with TTL <= 0, failed grants, lost connections
     grants: int = 0
+    connects: int = 0
     beats_late: int = 0  # beats fired more than 100 ms after their due time
     lag_max: float = 0.0  # worst scheduling delay of a beat (s)
     lag: list[float] = field(default_factory=list)  # per scheduler round, how late it ran (s)
@@ -70,134 +75,110 @@ class LoadStats:
         lags = sorted(self.lag)
         p99 = lags[min(len(lags) - 1, int(0.99 * len(lags)))] if lags else 0.0
         return {"keepalives": self.keepalives, "acks": self.acks, "puts": self.puts, "errors": self.errors,
-                "grants": self.grants, "beats_late": self.beats_late, "lag_max": round(self.lag_max, 3),
-                "lag_p99": round(p99, 3)}  # fmt: skip
+                "grants": self.grants, "connects": self.connects, "beats_late": self.beats_late,
+                "lag_max": round(self.lag_max, 3), "lag_p99": round(p99, 3)}  # fmt: skip
 
 
 class HeartbeatLoad:
-    def __init__(
-        self,
-        url: str,
-        keys: Keys,
-        planes: list[tuple[str, Plane]],
-        *,
-        ttl: int,
-        interval: float,
-        channels: int = 4,
-    ) -> None:
-        host, port = parse_endpoint(url)
-        self.target = f"{host}:{port}"
+    def __init__(self, url: str, keys: Keys, planes: list[tuple[str, Plane]], *, ttl: int, interval: float) -> None:
+        self.host, self.port = parse_endpoint(url)
         self.ttl = ttl
         self.interval = interval
         self.stats = LoadStats()
-        self._n = max(1, min(channels, len(planes)))
         step = interval / max(1, len(planes))
         order = list(planes)
         random.shuffle(order)  # hosts do not beat in lockstep, nor in name order
-        self._slots = {
-            (h, p): _Slot(h, p, keys.heartbeat(h, p).encode(), i % self._n, i * step) for i, (h, p) in enumerate(order)
-        }
+        self._slots = {(h, p): _Slot(h, p, keys.heartbeat(h, p).encode(), i * step) for i, (h, p) in enumerate(order)}
         self._by_phase = sorted(self._slots.values(), key=lambda s: s.phase)
-        self._by_lease: dict[int, _Slot] = {}
-        self._channels: list[Any] = []
-        self._kv: list[Any] = []
-        self._lease: list[Any] = []
-        self._streams: list[Any] = []  # per channel: its LeaseKeepAlive stream
-        self._readers: list[asyncio.Task[None] | None] = []  # per channel: the task reading its replies
-        self._broken: set[int] = set()  # channels whose stream ended: reopened in the next round
         self._scheduler: asyncio.Task[None] | None = None
         self._urgent: list[_Slot] = []  # restored planes: beat in the scheduler's next round
-        self._pending: set[asyncio.Task[None]] = set()  # rounds of Puts in flight (referenced until done)
+        self._setup: set[asyncio.Task[None]] = set()  # reconnects and grants in flight
+        self._sem = asyncio.Semaphore(64)  # connection setups at once (a reconnect storm stays bounded)
 
-    async def start(self, grant_concurrency: int = 64) -> None:
-        for _ in range(self._n):
-            ch = rpc.insecure_channel(self.target, options=_OPTIONS)
-            self._channels.append(ch)
-            self._kv.append(rpc_pb2_grpc.KVStub(ch))
-            self._lease.append(rpc_pb2_grpc.LeaseStub(ch))
-        sem = asyncio.Semaphore(grant_concurrency)
-
-        async def grant(slot: _Slot) -> None:
-            async with sem:
-                await self._grant(slot)
-
-        await asyncio.gather(*(grant(s) for s in self._slots.values()))
-        for i in range(self._n):
-            self._streams.append(None)
-            self._readers.append(None)
-            self._open_stream(i)
+    async def start(self) -> None:
+        results = await asyncio.gather(*(self._prepare(s) for s in self._slots.values()), return_exceptions=True)
+        if failed := [r for r in results if isinstance(r, BaseException)]:
+            raise RuntimeError(f"{len(failed)} of {len(results)} planes could not connect: {failed[0]!r}")
         self._scheduler = asyncio.create_task(self._schedule(), name="load scheduler")
 
-    def _open_stream(self, i: int) -> None:
-        """(Re)open channel i's keepalive stream and its reader, as an agent reconnects."""
-        if (reader := self._readers[i]) is not None:
-            reader.cancel()
-        self._streams[i] = self._lease[i].LeaseKeepAlive()
-        self._readers[i] = asyncio.create_task(self._read_acks(i), name=f"load acks {i}")
-        self._broken.discard(i)
-
-    async def _grant(self, slot: _Slot) -> None:
-        r = await self._lease[slot.channel].LeaseGrant(rpc.LeaseGrantRequest(TTL=self.ttl), timeout=10)
-        self._by_lease.pop(slot.lease, None)
-        slot.lease, slot.regrant = int(r.ID), False
-        self._by_lease[slot.lease] = slot
-        self.stats.grants += 1
-
-    async def _read_acks(self, i: int) -> None:
+    async def _prepare(self, slot: _Slot) -> None:
+        """Connect (if needed), grant a new lease, open the keepalive stream: what an agent does when
+        it starts, reconnects, or finds its lease gone."""
+        slot.ready, slot.busy = False, True
         try:
-            async for reply in self._streams[i]:
-                self.stats.acks += 1
-                if reply.TTL <= 0 and (slot := self._by_lease.get(int(reply.ID))) is not None:
-                    self.stats.errors += 1
-                    slot.regrant = True
-        except rpc.AioRpcError as e:
-            # etcd ended the stream (seen: "request timed out, waiting for the applied index took too
-            # long" when the machine was overloaded). The next round reopens it, as an agent would.
-            log.warning("keepalive stream %d ended: %s: %s", i, e.code(), e.details())
-        self.stats.errors += 1
-        self._broken.add(i)
+            async with self._sem:
+                if slot.conn is None or slot.conn.closed:
+                    slot.conn = await RawGrpcConnection.open(self.host, self.port)
+                    slot.stream = 0
+                    self.stats.connects += 1
+                conn = slot.conn
+                slot.lease = pb_int_field(pb_fields(await conn.unary(_GRANT, pb_int(1, self.ttl))), 2)
+                self.stats.grants += 1
+                if slot.stream == 0:
+                    slot.stream = conn.open_stream(
+                        _KEEPALIVE,
+                        functools.partial(self._ack, slot),
+                        functools.partial(self._stream_ended, slot, conn),
+                    )
+            slot.ready = True
+        finally:
+            slot.busy = False
 
-    async def _collect(self, calls: list[Any], slots: list[_Slot]) -> None:
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for r, slot in zip(results, slots, strict=True):
-            if not isinstance(r, BaseException):
-                self.stats.puts += 1
-                continue
+    def _ack(self, slot: _Slot, msg: bytes) -> None:
+        self.stats.acks += 1
+        reply = pb_fields(msg)
+        if pb_int_field(reply, 3) <= 0 and pb_int_field(reply, 2) == slot.lease:
+            self.stats.errors += 1  # etcd says the lease is gone: an agent grants a new one
+            slot.ready = False
+
+    def _stream_ended(self, slot: _Slot, conn: RawGrpcConnection, _replied: bool) -> None:
+        # etcd ended the keepalive stream, or the connection broke: reopen before the next beat.
+        if slot.conn is conn:
             self.stats.errors += 1
-            if isinstance(r, rpc.AioRpcError) and r.code() == rpc.StatusCode.NOT_FOUND:
-                slot.regrant = True  # "requested lease not found": it expired; an agent grants a new one
+            slot.ready, slot.stream = False, 0
+            if conn.closed:
+                slot.conn = None
 
-    async def _beat(self, due: list[_Slot]) -> None:
-        """One round: a keepalive, then a new value on the lease, per due (host, plane)."""
-        regrants = [s for s in due if s.regrant]
-        if regrants:
-            results = await asyncio.gather(*(self._grant(s) for s in regrants), return_exceptions=True)
-            self.stats.errors += sum(isinstance(r, BaseException) for r in results)
-        for i in sorted(self._broken):
-            self._open_stream(i)
-        sent: list[_Slot] = []  # an agent whose keepalive failed writes nothing until the next one
-        for s in due:
-            if s.channel in self._broken:
-                continue  # this round's keepalive is lost, like a failed request; the next goes out
+    def _put_done(self, slot: _Slot, reply: bytes | None) -> None:
+        if reply is not None:
+            self.stats.puts += 1
+        else:
+            self.stats.errors += 1
+            slot.ready = False  # mostly "requested lease not found": grant a new one
+
+    def _repair(self, slot: _Slot) -> None:
+        async def run() -> None:
             try:
-                await self._streams[s.channel].write(rpc.LeaseKeepAliveRequest(ID=s.lease))
-            except Exception as e:  # the stream ended under the write (AioRpcError, InvalidStateError)
-                log.warning("keepalive stream %d: write failed: %r", s.channel, e)
+                await self._prepare(slot)
+            except (OSError, CallFailed, TimeoutError) as e:
                 self.stats.errors += 1
-                self._broken.add(s.channel)
-                continue
-            s.last_keepalive = time.monotonic()
-            sent.append(s)
-        self.stats.keepalives += len(sent)
+                log.warning("%s/%s: reconnect or grant failed: %r", slot.host, slot.plane.value, e)
+
+        task = asyncio.create_task(run())
+        self._setup.add(task)
+        task.add_done_callback(self._setup.discard)
+
+    def _beat(self, due: list[_Slot]) -> None:
+        """One round: a keepalive, then a new value on the lease, per due (host, plane)."""
         now = round(time.time(), 3)
-        calls = []
-        for s in sent:
-            s.seq += 1
-            value = encode_json({"host": s.host, "plane": s.plane.value, "seq": s.seq, "t": now})
-            calls.append(self._kv[s.channel].Put(rpc.PutRequest(key=s.key, value=value, lease=s.lease), timeout=5))
-        task = asyncio.create_task(self._collect(calls, sent))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        for s in due:
+            if s.busy:
+                continue  # this beat is lost, as an agent's while it reconnects
+            if not s.ready or s.conn is None:
+                self._repair(s)
+                continue
+            try:
+                s.conn.send(s.stream, pb_int(1, s.lease))
+                s.last_keepalive = time.monotonic()
+                self.stats.keepalives += 1
+                s.seq += 1
+                value = encode_json({"host": s.host, "plane": s.plane.value, "seq": s.seq, "t": now})
+                msg = pb_bytes(1, s.key) + pb_bytes(2, value) + pb_int(3, s.lease)
+                s.conn.call(_PUT, msg, functools.partial(self._put_done, s))
+            except CallFailed as e:
+                log.warning("%s/%s: %s", s.host, s.plane.value, e)
+                self.stats.errors += 1
+                s.ready = False
 
     async def _schedule(self, tick: float = 0.01) -> None:
         start = time.monotonic()
@@ -224,7 +205,7 @@ class HeartbeatLoad:
                 self.stats.lag.append(worst)
                 self.stats.lag_max = max(self.stats.lag_max, worst)
                 try:
-                    await self._beat(due)
+                    self._beat(due)
                 except Exception:
                     # Never let one bad round end every host's heartbeat (that would be a mass outage).
                     log.exception("load generator: a round of beats failed")
@@ -239,16 +220,15 @@ class HeartbeatLoad:
         return time.monotonic(), slot.last_keepalive
 
     async def restore(self, host: str, plane: Plane) -> float:
-        """A new lease, a beat in the next round (the scheduler alone writes to the keepalive streams,
-        which take one write at a time), then the normal cadence; the monotonic time."""
+        """A new lease, a beat in the scheduler's next round, then the normal cadence; the monotonic
+        time of the restore."""
         slot = self._slots[(host, plane)]
         t = time.monotonic()
         try:
-            await self._grant(slot)
-        except rpc.AioRpcError as e:
-            log.warning("restore %s/%s: grant failed (%s); the next round grants", host, plane.value, e.code())
+            await self._prepare(slot)
+        except (OSError, CallFailed, TimeoutError) as e:
+            log.warning("restore %s/%s: %r; the next beat tries again", host, plane.value, e)
             self.stats.errors += 1
-            slot.regrant = True
         slot.seq = 0
         slot.active = True
         self._urgent.append(slot)
@@ -258,24 +238,23 @@ class HeartbeatLoad:
         return sum(s.seq >= 1 for s in self._slots.values())
 
     async def close(self, revoke: bool = True) -> None:
-        tasks = [t for t in (self._scheduler, *self._readers) if t is not None]
+        tasks = [t for t in (self._scheduler, *self._setup) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, rpc.AioRpcError):
+            with contextlib.suppress(asyncio.CancelledError):
                 await t
         if revoke:
             # The keys go at once, rather than by TTL after the run.
-            sem = asyncio.Semaphore(64)
+            async def revoke_one(slot: _Slot) -> None:
+                if slot.conn is not None and slot.lease:
+                    with contextlib.suppress(CallFailed, TimeoutError):
+                        await slot.conn.unary(_REVOKE, pb_int(1, slot.lease), timeout=5)
 
-            async def revoke_one(lease: int) -> None:
-                async with sem:
-                    with contextlib.suppress(rpc.AioRpcError, TimeoutError):
-                        await self._lease[0].LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease), timeout=5)
-
-            await asyncio.gather(*(revoke_one(s.lease) for s in self._slots.values() if s.lease))
-        for ch in self._channels:
-            await ch.close()
+            await asyncio.gather(*(revoke_one(s) for s in self._slots.values()))
+        for s in self._slots.values():
+            if s.conn is not None:
+                s.conn.close()
 
 
 __all__ = ["HeartbeatLoad", "LoadStats"]
