@@ -1,6 +1,7 @@
 """Property tests: whatever the order of health changes, inventories, results (good, failed, stale,
 bogus), ticks and leader takeovers, the RecoveryCore never
   - emits an Evacuate for a VM without a FenceProof delivered for that VM and its source host,
+  - marks a host down (Nova force_down) before a FenceProof was delivered for one of its VMs,
   - has two restarts (release / evacuate / live-migrate) of one VM in flight,
   - runs more than max_parallel restarts, or more than max_per_host towards one host,
   - raises (a TransitionError or InvariantError would be a bug: any event order is legal input)."""
@@ -16,7 +17,7 @@ from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import HostHealth, PlaneStatus
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
-from vmha.core.queue import RUNNING, Step, Task, TaskKind
+from vmha.core.queue import RUNNING, STEP_STATE, Step, Task, TaskKind
 from vmha.core.recovery import (
     AgentStopped,
     Attempt,
@@ -54,6 +55,9 @@ STATES = (*[PlaneState.UP] * 6, PlaneState.DOWN, PlaneState.DOWN, PlaneState.SUS
 POLICY = PolicyTable.parse(DEFAULT_POLICY)
 
 
+_STEP: dict[type, Step] = {ReleaseProof: Step.RELEASE, Evacuate: Step.EVACUATE, LiveMigrate: Step.MIGRATE}
+
+
 class Harness:
     def __init__(self, s: RecoverySettings) -> None:
         self.settings = s
@@ -72,6 +76,9 @@ class Harness:
                 self.store[a.vm] = json.loads(json.dumps(a.data))
             elif isinstance(a, Evacuate):
                 assert (a.vm, a.source) in self.proofs, f"evacuate {a.vm} from {a.source} without a proof"
+            elif isinstance(a, MarkHostDown):
+                # Nova's force_down (and disable) lets evacuations in: only once a VM there is proved dead.
+                assert any(h == a.host for _, h in self.proofs), f"mark down {a.host} without a proof"
             if isinstance(a, Prove | ReleaseProof | Evacuate | LiveMigrate | MarkHostDown | DisableHost):
                 self.outstanding.append(a)
         self.check()
@@ -113,6 +120,16 @@ class Harness:
             case DisableHost(host, _):
                 return HostOpDone(host, HostOp.DISABLE) if ok else HostOpFailed(host, HostOp.DISABLE, "x")
         raise AssertionError(a)
+
+    def delivered(self, ev: RecoveryEvent) -> None:
+        """A step result for a VM whose step is in flight is that step's one result (the core cannot
+        tell it apart, nor does it need to: each action has exactly one): it is no longer outstanding."""
+        task = self.core.task(ev.vm) if isinstance(ev, StepDone | StepFailed) else None
+        if task is not None and task.state == STEP_STATE[ev.step]:
+            for i, a in enumerate(self.outstanding):
+                if isinstance(a, ReleaseProof | Evacuate | LiveMigrate) and a.vm == ev.vm and _STEP[type(a)] == ev.step:
+                    del self.outstanding[i]
+                    return
 
     def failover(self) -> None:
         """The leader dies: its pending results are lost; a new core loads the persisted tasks."""
@@ -172,6 +189,7 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
                 ProofObtained(FenceProof(vm, host, ProofMethod.HOST_DEAD, h.now, h.now), attempt),
                 HostOpDone(host, HostOp.MARK_DOWN),
             ]))
+            h.delivered(ev)
             h.step(ev)
         elif kind == "inventory":
             flags = data.draw(st.lists(st.booleans(), min_size=len(HOSTS), max_size=len(HOSTS)))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from vmha.core.fencing import ProofMethod, proof_methods
 from vmha.core.planes import Plane, PlaneState
-from vmha.core.policy import COMBINATIONS, DEFAULT_POLICY, Action, PolicyTable
+from vmha.core.policy import COMBINATIONS, DEFAULT_POLICY, Action, PolicyError, PolicyTable
 
 M, S, V = Plane.MANAGEMENT, Plane.STORAGE, Plane.SERVICE
 UP, DOWN, FABRIC, SUSPECT = PlaneState.UP, PlaneState.DOWN, PlaneState.FABRIC, PlaneState.SUSPECT
@@ -35,3 +37,11 @@ def test_proof_methods_follow_reachable_planes() -> None:
     assert dead == (ProofMethod.LEASE_TAKEN, ProofMethod.POWER, ProofMethod.HOST_DEAD)
     cached = proof_methods({M: UP, S: DOWN, V: UP}, power_fence=False, allow_exit_attested=False)
     assert ProofMethod.EXIT_ATTESTED not in cached
+
+
+def test_parse_refuses_a_table_that_leaves_a_combination_uncovered_or_lets_a_fabric_evacuate() -> None:
+    partial = {k: v for k, v in DEFAULT_POLICY.items() if k != "storage+service"}
+    with pytest.raises(PolicyError, match=r"no action for combination\(s\) storage\+service"):
+        PolicyTable.parse(partial)
+    with pytest.raises(PolicyError, match=r"policy\.fabric: alert or disable only"):
+        PolicyTable.parse({**DEFAULT_POLICY, "fabric": "fence-evacuate"})

@@ -401,6 +401,27 @@ def test_capacity_shortfall_reports_the_lowest_priorities_and_places_the_rest() 
     assert c.task("x2").state == TaskState.RELEASING and c.task("x2").dest == "h5"  # type: ignore[union-attr]
 
 
+def test_under_a_shortfall_the_highest_priorities_are_placed_whatever_order_the_proofs_come_in() -> None:
+    vms = [VmInfo("a", "h1", True), VmInfo("b", "h3", True), VmInfo("c", "h4", True), VmInfo("d", "h4", True),
+           VmInfo("x1", "h2", True, 9), VmInfo("x2", "h2", True, 1), VmInfo("x3", "h2", True, 5)]
+    c = core(host_capacity=2)
+    c.step(inventory(vms), 1.0)
+    fail_h2(c)
+    # The lowest priority is proved first and the host marked down: it would take a place at once.
+    c.step(proof("x2"), 12.0)
+    out = c.step(HostOpDone("h2", HostOp.MARK_DOWN), 12.5)
+    assert c.task("x2").state == TaskState.UNPLACED  # type: ignore[union-attr]
+    assert [a.text for a in of(out, Alert)] == [
+        "vm 'x2' cannot be placed: the room left (2) is kept for 2 VM(s) of higher priority"]
+    c.step(proof("x3"), 13.0)
+    assert c.task("x3").state == TaskState.RELEASING  # type: ignore[union-attr]
+    # The highest priority fails for good: the place kept for it goes to the next one waiting.
+    out = c.step(ProofRefused("x1", "h2", FIRST, "no method worked", retryable=False), 14.0)
+    assert c.task("x1").state == TaskState.FAILED  # type: ignore[union-attr]
+    assert c.task("x2").state == TaskState.RELEASING  # type: ignore[union-attr]
+    assert "vm 'x2' on host 'h2': unplaced -> ready (room on a host again)" in [line.text for line in out.log]
+
+
 # -- takeover ---------------------------------------------------------------------------------------
 
 
@@ -524,3 +545,19 @@ def test_a_vm_arriving_on_a_host_that_failed_meanwhile_is_moved_on() -> None:
     out = c.step(StepDone("vm1", Step.EVACUATE, running_on=dest), 17.0)
     assert [(a.vm, a.source) for a in of(out, LiveMigrate)] == [("vm1", dest)]
     assert any("failed meanwhile" in line.text for line in out.log)
+
+
+def test_a_move_ending_after_its_host_is_healthy_again_does_not_block_its_next_failure() -> None:
+    """Seen in the lab bench: h2's service came back while its VMs were still migrating away; the
+    VMs later came back to h2, and when h2 failed again one of them was skipped as 'already handled'
+    (and stayed stopped). A recovery ending after its host was healthy again settles nothing."""
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c, service=DOWN)
+    c.step(HealthUpdate(health("h2", 12.0)), 12.0)  # healthy again while the migrations run
+    c.step(StepDone("vm1", Step.MIGRATE, "h1"), 12.5)
+    c.step(StepDone("vm2", Step.MIGRATE, "h3"), 12.5)
+    c.step(inventory(VMS), 20.0)  # both back on h2 since (evacuated there from a later failure)
+    out = c.step(HealthUpdate(health("h2", 30.0, management=DOWN, service=DOWN)), 30.0)
+    assert sorted(p.vm for p in of(out, Prove)) == ["vm1", "vm2"]
+    assert not any("already handled" in line.text for line in out.log)

@@ -31,6 +31,7 @@ from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import FABRIC_KEY, Action, Decision, PolicyTable
 from vmha.core.queue import (
     ACTOR,
+    RUNNING,
     STEP_STATE,
     TERMINAL,
     QueueLimits,
@@ -469,7 +470,6 @@ class RecoveryCore:
                 if self._dests is not None and self._is_eligible(health.host) != (health.host in self._dest_set):
                     self._dests = None
                 self._reconcile(health.host, now, out)
-                self._unblock_unplaced(now, out)
             case FabricUpdate(change):
                 self._fabric(change, now, out)
             case Inventory():
@@ -501,6 +501,10 @@ class RecoveryCore:
             case Tick():
                 pass
         self._timers(now, out)
+        if self.queue.count(TaskState.UNPLACED):
+            # Room may have come (a host healthy or enabled, a VM gone) or been freed for them (a
+            # higher-priority evacuation ended without a place).
+            self._unblock_unplaced(now, out)
         self._dispatch(now, out)
         return out
 
@@ -606,7 +610,6 @@ class RecoveryCore:
         self._dests = None
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': enabled by the operator"
                                + (f" (was {' and '.join(undone)} by vmha)" if undone else "")))
-        self._unblock_unplaced(now, out)
 
     def _act(self, host: str, cur: _HostDecision, hh: HostHealth, now: float, out: RecoveryOutput) -> None:
         action = cur.decision.action
@@ -705,7 +708,6 @@ class RecoveryCore:
         self._dests = None
         for host in sorted(self._decisions):
             self._reconcile(host, now, out)
-        self._unblock_unplaced(now, out)
 
     def _load_of(self, host: str) -> int:
         return len(self._vms_on.get(host, ())) + self.queue.running_to(host)
@@ -783,10 +785,33 @@ class RecoveryCore:
         out.log.append(LogLine(Level.WARN, now, ACTOR, text))
         out.actions.append(Alert(Level.WARN, None, None, text))
 
+    def _room_left(self) -> int:
+        """Free places on the eligible hosts (host_capacity set)."""
+        cap = self.settings.host_capacity
+        return sum(max(0, cap - self._load_of(h)) for h in self._eligible())
+
+    def _ahead(self, task: Task) -> int:
+        """Evacuations still waiting for a place that go before `task`: higher priority, then name."""
+        key = (-task.priority, task.vm)
+        return sum(1 for t in self.queue.values()
+                   if t.kind == TaskKind.EVACUATE and t.state not in TERMINAL and t.state not in RUNNING
+                   and (-t.priority, t.vm) < key)
+
+    def _kept_for_others(self, task: Task) -> str:
+        """Why an evacuation must not take a place now: the room left is kept for the higher-priority
+        evacuations still waiting (proving, marking down, retrying), so that under a capacity shortfall
+        the VMs restarted are the highest priorities, whatever order their proofs arrive in ('' if it
+        may go)."""
+        if task.kind != TaskKind.EVACUATE or not self.settings.host_capacity:
+            return ""
+        ahead, free = self._ahead(task), self._room_left()
+        return "" if ahead < free else f"the room left ({free}) is kept for {ahead} VM(s) of higher priority"
+
     def _unblock_unplaced(self, now: float, out: RecoveryOutput) -> None:
-        unplaced = self.queue.in_state(TaskState.UNPLACED)
-        if unplaced and any(self._room(h) for h in self._eligible()):
-            for t in unplaced:
+        if not any(self._room(h) for h in self._eligible()):
+            return
+        for t in self.queue.in_state(TaskState.UNPLACED):
+            if not self._kept_for_others(t):
                 self._move(t, TaskState.READY, now, "room on a host again", out)
 
     # -- task steps -------------------------------------------------------------------------------
@@ -935,7 +960,7 @@ class RecoveryCore:
             task.reason = ""
             self._move(task, TaskState.DONE, now, f"running on '{task.running_on}'", out)
             self._place(task.vm, task.running_on)
-            self._settled.setdefault(task.source, set()).add(task.vm)
+            self._settle(task)
             self._finish(task, out)
             dest = self._decisions.get(task.running_on or "")
             if dest is not None and dest.acted and dest.decision.action in _MOVING_ACTIONS:
@@ -946,6 +971,12 @@ class RecoveryCore:
                 self._held.add(task.running_on or "")
             return
         out.log.append(LogLine(Level.WARN, now, ACTOR, f"vm '{ev.vm}': unexpected result of {ev.step.value}"))
+
+    def _settle(self, task: Task) -> None:
+        """No second task for the VM while its source stays failed. A source already seen healthy again
+        (a move can end after that) settles nothing: its next failure must cover the VM."""
+        if task.source in self._decisions:
+            self._settled.setdefault(task.source, set()).add(task.vm)
 
     def _place(self, vm: str, host: str | None) -> None:
         """The VM moved (our own evacuation/migration), before the next inventory says so."""
@@ -983,7 +1014,7 @@ class RecoveryCore:
                 out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{task.vm}': proof lease released: its old "
                                        f"copy on '{task.source}' is proven dead, it may be started by hand"))
                 out.actions.append(DropProof(task.vm, task.source))
-            self._settled.setdefault(task.source, set()).add(task.vm)
+            self._settle(task)
             self._finish(task, out)
             return
         wait = limits.backoff(task.attempts)
@@ -1033,8 +1064,9 @@ class RecoveryCore:
             if task is None:
                 return
             dest, room = self._pick_dest(task.source)
-            if not room:
-                task.reason = "no surviving host has room" if self._eligible() else "no healthy host"
+            kept = self._kept_for_others(task) if room else ""
+            if not room or kept:
+                task.reason = kept or ("no surviving host has room" if self._eligible() else "no healthy host")
                 self._move(task, TaskState.UNPLACED, now, task.reason, out, Level.WARN)
                 out.actions.append(Alert(Level.WARN, task.source, task.vm,
                                          f"vm '{task.vm}' cannot be placed: {task.reason}"))

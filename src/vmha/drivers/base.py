@@ -50,7 +50,8 @@ class ComputeDriver(Protocol):
         ...
 
     async def mark_host_down(self, host: str) -> None:
-        """Tell the cloud the host is down (Nova: force_down). Only after a fence proof."""
+        """Tell the cloud the host is down and take it out of scheduling (Nova: force_down, then
+        disable; lab: the same flags). Only after a fence proof."""
         ...
 
     async def evacuate(self, vm: str, source: str, dest: str | None) -> str:

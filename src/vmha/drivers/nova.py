@@ -98,7 +98,8 @@ def _error(what: str, e: BaseException) -> DriverError:
 class NovaDriver:
     """ComputeDriver for OpenStack Nova. VM names are server ids (config.vm_names "id") or server names
     ("name": names must be unique, as in the lab); HA servers carry the metadata
-    `config.ha_metadata_key`=True (as Masakari users set it) or the tag `config.ha_tag`."""
+    `config.ha_metadata_key`=True (as Masakari users set it) or the tag `config.ha_tag`; their recovery
+    priority (higher first, default 0) is the metadata HA_Priority=N or the tag "HA_Priority=N"."""
 
     name = "nova"
 
@@ -172,14 +173,17 @@ class NovaDriver:
 
     def _vm_info(self, server: Any) -> VmInfo:
         ha = _is_ha(server, self.config.ha_metadata_key, self.config.ha_tag)
-        raw = (server.metadata or {}).get(self.priority_key)
+        # The metadata HA_Priority=N, else a tag "HA_Priority=N" (for users who may tag their servers
+        # but not set metadata); the metadata wins when both are set.
+        tagged = [t.partition("=")[2] for t in server.tags or [] if t.startswith(f"{self.priority_key}=")]
+        raw = (server.metadata or {}).get(self.priority_key, tagged[0] if tagged else None)
         priority = 0
         if raw is not None:
             try:
                 priority = int(raw)
             except ValueError:
                 log.warning(
-                    "nova: vm=%s metadata %s=%r is not an integer: priority 0 used "
+                    "nova: vm=%s %s=%r is not an integer: priority 0 used "
                     "(set it to a whole number, higher recovers first)",
                     server.id,
                     self.priority_key,
@@ -269,11 +273,16 @@ class NovaDriver:
         log.info("nova: host=%s disabled (reason: %s)", host, reason)
 
     async def mark_host_down(self, host: str) -> None:
+        """Force the service down, then disable it: after a fence proof the host takes no new VMs until
+        `vmha host enable`, as Masakari leaves a failed host. Forced down first: Nova then answers the
+        disable at once instead of waiting for the dead compute's RPC answer."""
         svc = await self._service(host)
-        await self._call(
-            f"force down nova-compute on {host}", self.conn.compute.update_service_forced_down, svc, forced=True
-        )
-        log.info("nova: host=%s forced down (fence proof held by the caller)", host)
+        if not svc.is_forced_down:
+            await self._call(
+                f"force down nova-compute on {host}", self.conn.compute.update_service_forced_down, svc, forced=True
+            )
+        await self.disable_host(host, "fenced (fence proof held by vmha)")
+        log.info("nova: host=%s forced down and disabled (fence proof held by the caller)", host)
 
     async def enable_host(self, host: str) -> None:
         svc = await self._service(host)

@@ -16,9 +16,11 @@ from typing import TypeVar
 import click
 
 from vmha import config
+from vmha.core.fencing import proof_methods
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import Action
 from vmha.core.queue import TERMINAL, Task
+from vmha.core.recovery import AGENT_STOPPED_KEY, RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient, EtcdError
@@ -127,10 +129,20 @@ _ROW_MEANS = {
     None: "no plane of the host has failed: nothing to recover",
     Action.ALERT: "alert only: its VMs are left running",
     Action.DISABLE: "the host is disabled for new VMs; its VMs keep running and are never restarted for this row",
-    Action.LIVE_MIGRATE: "its HA VMs are live-migrated away, without a restart",
+    Action.LIVE_MIGRATE: "the host is disabled for new VMs and its HA VMs are live-migrated away, without a "
+    "restart (no fence proof needed)",
     Action.ISOLATE_EVACUATE: "its HA VMs are fenced through the storage plane, then restarted elsewhere",
     Action.FENCE_EVACUATE: "its HA VMs are restarted elsewhere once a fence proof exists",
 }
+
+
+def _proof_text(key: str, settings: RecoverySettings) -> str:
+    """The fence proof methods the manager tries, in order, for a host in this row (its planes DOWN,
+    the others UP): what 'fence' means for the row."""
+    lost = set(key.split("+"))
+    states = {p: PlaneState.DOWN if p.value in lost else PlaneState.UP for p in PLANES}
+    methods = proof_methods(states, power_fence=settings.power_fence, allow_exit_attested=settings.allow_exit_attested)
+    return ", then ".join(m.value for m in methods)
 
 
 async def _why_not(cfg: config.Config, client: EtcdClient, keys: Keys, vm: str) -> str:
@@ -247,11 +259,16 @@ def policy_show(config_path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(dict(rows), indent=2))
         return
+    settings = cfg.manager.recovery_settings() if cfg.manager is not None else RecoverySettings()
     table = Table(title=f"vmha policy ({cfg.cluster.name})")
-    table.add_column("failed planes")
-    table.add_column("action")
+    for column in ("failed planes", "action", "what happens", "fence proof, methods in order"):
+        table.add_column(column)
     for key, action in rows:
-        table.add_row(key, action)
+        evacuates = Action(action) in (Action.ISOLATE_EVACUATE, Action.FENCE_EVACUATE)
+        table.add_row(key, action, _ROW_MEANS[Action(action)], _proof_text(key, settings) if evacuates else "-")
+    # Built in, not configurable: a planned agent stop or restart is no failure.
+    table.add_row(AGENT_STOPPED_KEY, Action.ALERT.value, "the host's agent was stopped cleanly: alert only, "
+                  "nothing is fenced or evacuated until it runs again (any planes)", "-")
     Console().print(table)
 
 

@@ -76,15 +76,30 @@ async def vmha(*args: str) -> Result:
     return await asyncio.to_thread(CliRunner().invoke, cli, list(args), catch_exceptions=False)
 
 
-async def test_policy_show(cfg_path: Path) -> None:
+async def test_policy_show(cfg_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     r = await vmha("policy", "show", "--config", str(cfg_path), "--json")
     assert r.exit_code == 0, r.output
     table = json.loads(r.output)
     assert table["management"] == "alert"  # from the config
     assert table["storage"] == "fence-evacuate"  # default
     assert table["fabric"] == "alert"
+    monkeypatch.setenv("COLUMNS", "250")  # one table row per line
     r = await vmha("policy", "show", "--config", str(cfg_path))
-    assert "management+storage+service" in r.output and "live-migrate" in r.output
+    rows = {cells[0]: cells[1:] for line in r.output.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 4}
+    # Each row as the issue words it: what is done, and which fence proof the evacuating rows wait for.
+    assert rows["management"] == ["alert", "alert only: its VMs are left running", "-"]
+    assert rows["service"][0] == "live-migrate" and "without a restart (no fence proof needed)" in rows["service"][1]
+    assert rows["storage"][2] == "lease-taken, then exit-attested, then host-dead"
+    assert rows["management+service"][:1] + rows["management+service"][2:] == [
+        "isolate-evacuate", "lease-taken, then request-force, then host-dead"]
+    assert rows["management+storage+service"][2] == "lease-taken, then host-dead"  # no power fence configured
+    assert rows["fabric"] == ["alert", "alert only: its VMs are left running", "-"]
+    assert rows["agent-stopped"][0] == "alert"
+    powered = cfg_path.with_name("powered.toml")
+    powered.write_text(cfg_path.read_text().replace('name = "mgr-cli"', 'name = "mgr-cli"\npower_fence = true'))
+    r = await vmha("policy", "show", "--config", str(powered))
+    assert "│ lease-taken, then power, then host-dead" in r.output  # all down: power fence if configured
 
 
 async def test_recovery_show_and_events(cfg_path: Path, leader: tuple[EtcdClient, Leadership]) -> None:

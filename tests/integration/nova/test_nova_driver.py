@@ -48,22 +48,27 @@ async def test_ha_servers_on_a_host_across_projects(
     tagged = boot(bob, "cmp2", "tagged", tags=["vmha"])
     plain = boot(alice, "cmp2", "plain")
     prio = boot(bob, "cmp2", "prio", metadata={"HA_Enabled": "true", "HA_Priority": "7"})
+    tagprio = boot(alice, "cmp2", "tagprio", tags=["vmha", "HA_Priority=3"])
+    both = boot(bob, "cmp2", "both", metadata={"HA_Enabled": "True", "HA_Priority": "2"}, tags=["HA_Priority=9"])
     badprio = boot(alice, "cmp2", "badprio", metadata={"HA_Enabled": "True", "HA_Priority": "high"})
     elsewhere = boot(bob, "cmp3", "elsewhere", metadata={"HA_Enabled": "True"})
 
     with caplog.at_level(logging.WARNING, logger="vmha.drivers.nova"):
         on_cmp2 = {v.name: v for v in await driver.vms("cmp2")}
-    assert set(on_cmp2) == {meta.id, tagged.id, plain.id, prio.id, badprio.id}
-    assert {n for n, v in on_cmp2.items() if v.ha} == {meta.id, tagged.id, prio.id, badprio.id}
+    assert set(on_cmp2) == {meta.id, tagged.id, plain.id, prio.id, badprio.id, tagprio.id, both.id}
+    assert {n for n, v in on_cmp2.items() if v.ha} == {meta.id, tagged.id, prio.id, badprio.id, tagprio.id, both.id}
     assert on_cmp2[prio.id].priority == 7
+    assert on_cmp2[tagprio.id].priority == 3  # priority by tag
+    assert on_cmp2[both.id].priority == 2  # the metadata wins over the tag
+    assert on_cmp2[tagged.id].priority == 0
     assert on_cmp2[badprio.id].priority == 0
-    assert f"vm={badprio.id} metadata HA_Priority='high' is not an integer" in caplog.text
+    assert f"vm={badprio.id} HA_Priority='high' is not an integer" in caplog.text
     assert all(v.host == "cmp2" and v.state == "ACTIVE" for v in on_cmp2.values())
 
     everywhere = {v.name: v for v in await driver.vms()}
     assert everywhere[elsewhere.id].host == "cmp3" and everywhere[elsewhere.id].ha
     # A project's own view shows only its servers: the driver's list really is across projects.
-    assert {s.id for s in alice.compute.servers()} == {meta.id, plain.id, badprio.id}
+    assert {s.id for s in alice.compute.servers()} == {meta.id, plain.id, badprio.id, tagprio.id}
 
 
 async def test_disable_force_down_and_enable_a_running_host(driver: nova.NovaDriver, admin: Any) -> None:
@@ -79,6 +84,17 @@ async def test_disable_force_down_and_enable_a_running_host(driver: nova.NovaDri
     await driver.enable_host("cmp3")
     (cmp3,) = [h for h in await driver.hosts() if h.name == "cmp3"]
     assert (cmp3.enabled, cmp3.up, cmp3.forced_down) == (True, True, False)
+
+    # Marked down without a disable before (a fence-evacuate row): forced down AND disabled, so the
+    # host takes no new VMs until `vmha host enable`, whatever Nova thinks of its service meanwhile.
+    await driver.mark_host_down("cmp3")
+    svc = service(admin, "cmp3")
+    assert (svc.status, svc.disabled_reason, svc.is_forced_down) == (
+        "disabled", "vmha: fenced (fence proof held by vmha)", True)
+    await driver.mark_host_down("cmp3")  # a new leader repeating the step
+    await driver.enable_host("cmp3")
+    svc = service(admin, "cmp3")
+    assert (svc.status, svc.is_forced_down) == ("enabled", False)
 
 
 async def test_live_migration(driver: nova.NovaDriver, admin: Any, boot: Boot) -> None:
