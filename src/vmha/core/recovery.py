@@ -623,8 +623,13 @@ class RecoveryCore:
             return
         if action == Action.ALERT:
             cur.acted = True
-            out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': row {key}: alert only "
-                                     f"({self._failed_text(hh)})"))
+            text = f"host '{host}': row {key}: alert only ({self._failed_text(hh)})"
+            if key == FABRIC_KEY:
+                # The outage itself was alerted once, naming its hosts: one alert per host on top of
+                # it would flood the operator (600 in a 600-host outage). The log keeps each host.
+                out.log.append(LogLine(Level.INFO, now, ACTOR, text))
+            else:
+                out.actions.append(Alert(Level.WARN, host, None, text))
             return
         if action in (Action.DISABLE, Action.LIVE_MIGRATE):
             self._disable(host, f"row {key}: {self._failed_text(hh)}", now, out)
