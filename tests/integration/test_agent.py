@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -13,11 +14,12 @@ import pytest
 
 from vmha import config
 from vmha.agent.daemon import Agent
+from vmha.core.health import HealthTimings
 from vmha.core.planes import PLANES, Plane
 from vmha.core.recovery import AgentStopped
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
-from vmha.manager.daemon import agent_marks
+from vmha.manager.detection import HealthMonitor
 from vmha.testing.etcd import EtcdProcess
 from vmha.testing.hosts import ProxiedHost, config_text
 
@@ -92,21 +94,38 @@ async def test_agent_registers_beats_reports_and_stops_cleanly(
 
 
 async def test_agent_restart_clears_its_stop_mark(host: ProxiedHost, client: EtcdClient) -> None:
-    """The manager's view of the marks (daemon.agent_marks) over a real agent's stop and restart."""
+    """The manager's view of the marks (its HealthMonitor) over a real agent's stop and restart."""
     await host.start_agent()
     await until(lambda: (s := host.status()) is not None and not s["unreachable"], what="agent beating")
-    marks = agent_marks(client, K)
-    first = asyncio.create_task(anext(marks))
-    await asyncio.sleep(0.5)
-    assert not first.done()  # no host marked: the first listing yields nothing
-    assert await host.stop_agent() == 0
-    [stopped] = await asyncio.wait_for(first, 5)
-    assert stopped.host == "h1" and stopped.since is not None and abs(stopped.since - time.time()) < 5
-    await host.start_agent()
-    assert await asyncio.wait_for(anext(marks), 10) == [AgentStopped("h1", None)]
-    reg = await client.get_json(K.host("h1"))
-    assert reg is not None and reg[0]["agent_stopped"] is None and reg[0]["domain"] == "r1"
-    await marks.aclose()
+    monitor = HealthMonitor(client, K, HealthTimings(), persist=False)
+    changes = monitor.subscribe()
+    run = asyncio.create_task(monitor.run())
+    try:
+
+        async def next_mark() -> AgentStopped:
+            async for c in changes:
+                if isinstance(c, AgentStopped):
+                    return c
+            raise AssertionError("the monitor's changes ended")
+
+        await asyncio.wait_for(monitor.ready.wait(), 10)
+        assert monitor.agent_marks() == {}
+        first = asyncio.create_task(next_mark())
+        await asyncio.sleep(0.5)
+        assert not first.done()  # no host marked: nothing published
+        assert await host.stop_agent() == 0
+        stopped = await asyncio.wait_for(first, 5)
+        assert stopped.host == "h1" and stopped.since is not None and abs(stopped.since - time.time()) < 5
+        assert monitor.agent_marks() == {"h1": stopped.since}
+        await host.start_agent()
+        assert await asyncio.wait_for(next_mark(), 10) == AgentStopped("h1", None)
+        assert monitor.agent_marks() == {}
+        reg = await client.get_json(K.host("h1"))
+        assert reg is not None and reg[0]["agent_stopped"] is None and reg[0]["domain"] == "r1"
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
 
 
 async def test_agent_regrants_after_lease_loss(host: ProxiedHost, client: EtcdClient) -> None:

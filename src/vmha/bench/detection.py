@@ -45,7 +45,7 @@ import click
 import psutil
 
 from vmha.config import ConfigError, Timings
-from vmha.core.health import HealthChange
+from vmha.core.health import FabricChange, HealthChange
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.etcd.client import EtcdClient, EtcdError
 from vmha.etcd.heartbeat_load import HeartbeatLoad
@@ -205,8 +205,9 @@ class Watcher:
 
     async def _run(self) -> None:
         async for c in self.monitor.subscribe():
-            if not isinstance(c, HealthChange):
+            if isinstance(c, FabricChange):
                 self.fabric += c.active
+            if not isinstance(c, HealthChange):
                 continue
             self.events.setdefault((c.host, c.plane), []).append((time.monotonic(), c.new))
             if (c.host, c.plane) not in self.cut:

@@ -81,13 +81,12 @@ from vmha.core.recovery import (
     Tick,
 )
 from vmha.drivers.base import ComputeDriver, DriverError
-from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdUnavailable, encode_json
+from vmha.etcd.client import EtcdClient, EtcdUnavailable, encode_json
 from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
-from vmha.etcd.registry import HostRecord, parse_host
 from vmha.etcd.tasks import StaleTasks, TaskStore
-from vmha.etcd.watch import Delete, Put, Snapshot, watch_prefix
+from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, unix_monotonic
 
 log = logging.getLogger("vmha.manager")
@@ -350,7 +349,6 @@ class Term:
             asyncio.create_task(self._health_feed(), name="health feed"),
             asyncio.create_task(self._inventory(), name="inventory"),
             asyncio.create_task(self._enabled_hosts(), name="enabled hosts"),
-            asyncio.create_task(self._agent_marks(), name="agent marks"),
             asyncio.create_task(self._decide(), name="decide"),
         ]
         try:
@@ -420,8 +418,12 @@ class Term:
         await self.monitor.ready.wait()
         for health in self.monitor.view().values():
             self.inbox.put(HealthUpdate(health))
+        for host, since in sorted(self.monitor.agent_marks().items()):
+            self._agent_mark(AgentStopped(host, since))
         async for change in changes:
-            if isinstance(change, HealthChange):
+            if isinstance(change, AgentStopped):
+                self._agent_mark(change)
+            elif isinstance(change, HealthChange):
                 status = change.health.planes[change.plane]
                 self.pending_events.append(
                     (
@@ -438,6 +440,14 @@ class Term:
             elif isinstance(change, FabricChange):
                 self.inbox.put(FabricUpdate(change))
 
+    def _agent_mark(self, change: AgentStopped) -> None:
+        if change.since is None:
+            log.info("manager %s: host %s: the agent runs again (stop mark cleared)", self.mgr.m.name, change.host)
+        else:
+            log.warning("manager %s: host %s: agent stopped cleanly at %.1f: alert only, no recovery from it "
+                        "until it runs again", self.mgr.m.name, change.host, change.since)  # fmt: skip
+        self.inbox.put(change)
+
     async def _enabled_hosts(self) -> None:
         """Tell the core (HostEnabled) and take a fresh inventory, in which the driver shows the
         host enabled again."""
@@ -445,17 +455,6 @@ class Term:
             for host in hosts:
                 self.inbox.put(HostEnabled(host))
             self.inventory_now.set()
-
-    async def _agent_marks(self) -> None:
-        async for changes in agent_marks(self.client, self.keys):
-            for change in changes:
-                if change.since is None:
-                    log.info("manager %s: host %s: the agent runs again (stop mark cleared)", self.mgr.m.name,
-                             change.host)  # fmt: skip
-                else:
-                    log.warning("manager %s: host %s: agent stopped cleanly at %.1f: alert only, no recovery "
-                                "from it until it runs again", self.mgr.m.name, change.host, change.since)  # fmt: skip
-                self.inbox.put(change)
 
     async def _inventory(self) -> None:
         while not self.over:
@@ -631,42 +630,6 @@ class Term:
             self.inbox.put(HostOpFailed(host, op, _reason(e), True))
             return
         self.inbox.put(HostOpDone(host, op))
-
-
-async def agent_marks(client: EtcdClient, keys: Keys) -> AsyncIterator[list[AgentStopped]]:
-    """Changes of the hosts' clean-stop marks (registry.AGENT_STOPPED) as they happen: first every
-    marked host, then each host whose mark appeared, changed or went (since None)."""
-    marks: dict[str, float] = {}
-    async for item in watch_prefix(client, keys.hosts_prefix):
-        match item:
-            case Snapshot(items):
-                # The first listing, or again after a compaction: compare it all.
-                now = {}
-                for kv, value in items:
-                    r = _host(keys, kv, value)
-                    if r is not None and r.agent_stopped is not None:
-                        now[r.host] = r.agent_stopped
-            case Put(_, value, kv):
-                r = _host(keys, kv, value)
-                if r is None:
-                    continue
-                now = dict(marks)
-                now.pop(r.host, None)
-                if r.agent_stopped is not None:
-                    now[r.host] = r.agent_stopped
-            case Delete(key):
-                now = {h: t for h, t in marks.items() if h != key.removeprefix(keys.hosts_prefix)}
-        changed = [AgentStopped(h, now.get(h)) for h in sorted(set(marks) | set(now)) if marks.get(h) != now.get(h)]
-        marks = now
-        if changed:
-            yield changed
-
-
-def _host(keys: Keys, kv: KV, value: object) -> HostRecord | None:
-    try:
-        return parse_host(keys, kv, value)
-    except BadValue:
-        return None  # the health monitor logs broken host records
 
 
 async def enabled_hosts(client: EtcdClient, keys: Keys) -> AsyncIterator[list[str]]:

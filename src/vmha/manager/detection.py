@@ -4,6 +4,7 @@ It lists, then watches (resuming from the last revision), the host registrations
 keys, and turns them into core events:
 
     hosts/<h> put        -> HostSeen(h, domain)        hosts/<h> delete -> HostGone(h)
+                            (and the agent's clean-stop mark, published as AgentStopped)
     hb/<h>/<p> put       -> Heartbeat(h, p, seq, t, mod_revision, lease)
     hb/<h>/<p> delete    -> LeaseGone(h, p, revision)  (also: key absent from a listing)
     own etcd probe       -> EtcdStatus(ok)             (only when it changes)
@@ -49,6 +50,7 @@ from vmha.core.health import (
 )
 from vmha.core.log import Level
 from vmha.core.planes import PLANES, Plane
+from vmha.core.recovery import AgentStopped
 from vmha.etcd import health_store
 from vmha.etcd.client import BadValue, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
@@ -57,7 +59,10 @@ from vmha.etcd.watch import Delete, Put, Snapshot, watch_prefix
 
 log = logging.getLogger("vmha.health")
 
-Change = HealthChange | FabricChange
+# AgentStopped is the recovery core's event: the mark is not health (the planes go DOWN as the
+# leases run out), it tells recovery why. It travels here because it lives in the host records
+# this monitor watches anyway.
+Change = HealthChange | FabricChange | AgentStopped
 
 _LEVELS = {Level.INFO: logging.INFO, Level.WARN: logging.WARNING, Level.ERROR: logging.ERROR}
 
@@ -100,6 +105,7 @@ class HealthMonitor:
         self._dirty_hosts: dict[str, HostHealth | None] = {}  # None: delete the record
         self._dirty_fabric: list[FabricChange] = []
         self._hosts_listed = asyncio.Event()
+        self._agent_stopped: dict[str, float] = {}  # host -> when its agent stopped cleanly
         self._etcd_ok = True
         # Running totals for benchmarks and operators: heartbeat events received, core steps taken
         # (single events and heartbeat batches), writes of the health view to etcd and host records in them.
@@ -114,9 +120,13 @@ class HealthMonitor:
     def fabric_outages(self) -> list[FabricChange]:
         return self.core.fabric_outages()
 
+    def agent_marks(self) -> dict[str, float]:
+        """Hosts whose agent stopped cleanly (registry.AGENT_STOPPED), and since when."""
+        return dict(self._agent_stopped)
+
     def subscribe(self) -> AsyncIterator[Change]:
-        """Every HealthChange and FabricChange from now on, in order (an unbounded queue: the
-        consumer never slows detection down)."""
+        """Every HealthChange, FabricChange and AgentStopped from now on, in order (an unbounded
+        queue: the consumer never slows detection down)."""
         queue: asyncio.Queue[Change] = asyncio.Queue()
         self._subscribers.append(queue)
 
@@ -222,9 +232,21 @@ class HealthMonitor:
             log.warning("%s (skipped)", e)
             return
         self.step(HostSeen(rec.host, rec.domain))
+        self._set_mark(rec.host, rec.agent_stopped)
+
+    def _set_mark(self, host: str, since: float | None) -> None:
+        if self._agent_stopped.get(host) == since:
+            return
+        if since is None:
+            del self._agent_stopped[host]
+        else:
+            self._agent_stopped[host] = since
+        self._publish(AgentStopped(host, since))
 
     def _host_delete(self, key: str) -> None:
         host = key[len(self.keys.hosts_prefix) :]
+        if host in self._agent_stopped:
+            self._set_mark(host, None)
         if self.core.has_host(host):
             self.step(HostGone(host))
             self._dirty_hosts[host] = None
