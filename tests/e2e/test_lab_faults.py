@@ -1,27 +1,39 @@
 """The fault matrix on the full lab (4 hosts, 8 VMs, io_timeout 1; real etcd, sanlock, agents,
 managers, network namespaces with the vt4 prefix):
+- the published command line: `lab up` twice changes nothing, `lab status --json` and
+  `lab verify --json` keep their shapes, `ps` finds each VM as `vmha-vm <vm-name>`, the disks hold
+  {"vm", "host", "seq", "t"} records, `lab kill manager` hands over to the standby;
 - management only and fabric outage: no evacuation, no VM downtime;
 - service only: live migration, no restart;
 - storage, isolation, power-off: every HA VM of the host ends running exactly once elsewhere;
-- verify finds no split-brain; nothing is left behind afterwards.
+- verify finds no split-brain, and exits 1 once a disk shows one; nothing is left behind afterwards.
 Each fault's timeline is printed (run with -s to see it).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from labcheck import assert_nothing_left, echo
 
+from vmha.core.planes import PLANES, Plane
 from vmha.lab import cluster, scenario
+from vmha.lab.net import pid_alive
+from vmha.lab.procs import vm_processes
 from vmha.lab.report import verify_lab
 from vmha.lab.state import LabState
+from vmha.lab.vm import last_record
 
 pytestmark = pytest.mark.e2e
 
 PREFIX = "vt4"
+UP_ARGS = ("--hosts", "4", "--vms", "8", "--prefix", PREFIX)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +44,116 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
     finally:
         cluster.down(lab_dir)
         assert_nothing_left(lab_dir, PREFIX)
+
+
+def vmha(lab: LabState, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `vmha` command line, as a user runs it, on this module's lab."""
+    return subprocess.run([sys.executable, "-m", "vmha.cli", *args, "--dir", str(lab.dir)],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _pids(lab: LabState) -> dict[str, Any]:
+    lab.reload()
+    return {"controller": (lab.controller.anchor, dict(lab.controller.pids)),
+            **{h: (ns.anchor, dict(ns.pids)) for h, ns in lab.hosts.items()},
+            "vms": sorted((p.vm, p.pid) for p in vm_processes(PREFIX))}
+
+
+def test_lab_up_twice_changes_nothing(lab: LabState) -> None:
+    before = _pids(lab)
+    t = time.monotonic()
+    cp = vmha(lab, "lab", "up", *UP_ARGS)
+    print(f"second `lab up`: {time.monotonic() - t:.1f} s", flush=True)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.splitlines()[0].split() == ["host", "power", "management", "storage", "service", "VMs"]
+    assert _pids(lab) == before
+
+
+def test_status_json_shape(lab: LabState) -> None:
+    cp = vmha(lab, "lab", "status", "--json")
+    assert cp.returncode == 0, cp.stderr
+    st = json.loads(cp.stdout)
+    assert set(st) == {"hosts", "vms", "tasks"}
+    assert [h["name"] for h in st["hosts"]] == ["h1", "h2", "h3", "h4"]
+    for h in st["hosts"]:
+        assert set(h) == {"name", "planes", "power"}
+        assert h["planes"] == {p.value: "up" for p in PLANES}
+        assert h["power"] == "on"
+    running = scenario.running_on(lab)
+    assert [v["name"] for v in st["vms"]] == lab.vms
+    for v in st["vms"]:
+        assert set(v) == {"name", "host", "state"}
+        assert v["state"] == "running"
+        assert [v["host"]] == running[v["name"]]  # where its process runs
+    # Placed round-robin: vm1 on h1, vm2 on h2, ... vm5 on h1 again.
+    assert [v["host"] for v in st["vms"]] == [f"h{i % 4 + 1}" for i in range(8)]
+    assert isinstance(st["tasks"], list)
+
+
+def test_ps_finds_each_vm_by_name_on_its_host(lab: LabState) -> None:
+    """`vmha-vm <vm-name> ...` in the process list, inside the host's network namespace."""
+    found: dict[str, list[str]] = {}
+    for host, ns in sorted(lab.hosts.items()):
+        for vm in lab.vms:
+            cp = subprocess.run(["pgrep", "-f", "--ns", str(ns.anchor), "--nslist", "net", f"vmha-vm {vm} "],
+                                capture_output=True, text=True, check=False)
+            if cp.stdout.split():
+                found.setdefault(vm, []).extend([host] * len(cp.stdout.split()))
+    assert found == scenario.running_on(lab)
+    assert sorted(found) == sorted(lab.vms)
+
+
+def test_disk_records_are_vm_host_seq_t(lab: LabState) -> None:
+    for vm, hosts in scenario.running_on(lab).items():
+        lines = lab.disk_on_controller(vm).read_text().splitlines()
+        recs = [json.loads(line) for line in lines[-20:-1]]  # the last line may be half written
+        for rec in recs:
+            assert set(rec) == {"vm", "host", "seq", "t"}
+            assert (rec["vm"], rec["host"]) == (vm, hosts[0])
+            assert isinstance(rec["seq"], int) and isinstance(rec["t"], float)
+        assert [r["seq"] for r in recs] == list(range(recs[0]["seq"], recs[0]["seq"] + len(recs)))
+        assert abs(recs[-1]["t"] - time.time()) < 5
+
+
+def test_kill_manager_hands_over_to_the_standby(lab: LabState) -> None:
+    first = cluster.leader(lab)
+    assert first is not None
+    cp = vmha(lab, "lab", "kill", "manager")
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout.splitlines()[0])["action"] == first
+    t = time.monotonic()
+    while time.monotonic() - t < 60 and cluster.leader(lab) in (None, first):
+        time.sleep(0.25)
+    new = cluster.leader(lab)
+    print(f"standby {new} leads {time.monotonic() - t:.1f} s after {first} was killed", flush=True)
+    assert new not in (None, first)
+    cp = vmha(lab, "lab", "up", *UP_ARGS)  # starts the killed manager again, as a standby
+    assert cp.returncode == 0, cp.stderr
+    lab.reload()
+    assert pid_alive(lab.controller.pids[f"manager-{first}"])
+    assert cluster.leader(lab) == new
+
+
+def test_fault_commands_cut_and_restore(lab: LabState) -> None:
+    """`vmha lab fault` as published, each fault repaired at once (too short for any health change:
+    verify holds these episodes to their policy too, which is to move nothing)."""
+    net, h4 = lab.net(), lab.node("h4")
+    logged = len(lab.faults())
+    cp = vmha(lab, "lab", "fault", "h4", "management", "down")
+    assert cp.returncode == 0, cp.stderr
+    assert {k: v for k, v in json.loads(cp.stdout).items() if k != "t"} == {
+        "target": "h4", "kind": "management", "action": "down"}
+    assert not net.link_up(h4, Plane.MANAGEMENT) and net.link_up(h4, Plane.SERVICE)
+    assert vmha(lab, "lab", "fault", "h4", "management", "up").returncode == 0
+    assert net.link_up(h4, Plane.MANAGEMENT)
+    assert vmha(lab, "lab", "fault", "fabric", "service", "down").returncode == 0
+    assert not net.bridge_up(Plane.SERVICE) and net.bridge_up(Plane.STORAGE)
+    assert vmha(lab, "lab", "fault", "fabric", "service", "up").returncode == 0
+    assert net.bridge_up(Plane.SERVICE)
+    for bad in (("h4", "power-off", "now"), ("fabric", "power-off"), ("h4", "disk", "down"), ("h9", "service", "up")):
+        cp = vmha(lab, "lab", "fault", *bad)
+        assert cp.returncode != 0 and cp.stderr, bad
+    assert len(lab.faults()) == logged + 4  # the refused ones are not logged
 
 
 def _run(lab: LabState, kind: str) -> scenario.Timeline:
@@ -75,6 +197,26 @@ def test_fabric_outage_moves_nothing(lab: LabState) -> None:
 
 def test_verify_finds_no_split_brain(lab: LabState) -> None:
     time.sleep(1)
-    report = verify_lab(lab)
+    cp = vmha(lab, "lab", "verify", "--json")
+    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr
+    report = json.loads(cp.stdout)
     assert report["split_brain"] == []
+    assert set(report["downtime"]) == set(lab.vms)
+    assert [f["fault"] for f in report["faults"]] == [
+        "management", "fabric service",  # test_fault_commands_cut_and_restore
+        "management", "service", "storage", "management+service", "power-off", "fabric service"]
     assert report["ok"], [f for f in report["faults"] if not f["ok"]]
+
+
+def test_verify_exits_1_on_a_split_brain(lab: LabState) -> None:
+    """Last: a second writer's record (another host, a seq already written) makes the disk split."""
+    disk = lab.disk_on_controller("vm1")
+    rec = last_record(disk)
+    assert rec is not None
+    other = next(h for h in sorted(lab.hosts) if h != rec["host"])
+    with disk.open("a") as f:
+        f.write(json.dumps({"vm": "vm1", "host": other, "seq": rec["seq"], "t": time.time()}) + "\n")
+    cp = vmha(lab, "lab", "verify", "--json")
+    assert cp.returncode == 1, cp.stderr
+    assert json.loads(cp.stdout)["split_brain"] == ["vm1"]
+    assert verify_lab(lab)["split_brain"] == ["vm1"]

@@ -5,6 +5,12 @@ Targets at io_timeout 1 (issue 5): isolation <= 10 s to every HA VM running else
 <= host-dead + 5 s, <= 18 s with exit attestation; power-off with the lab's power fence <= 10 s;
 service: live migration, no restart; management and fabric: nothing moves. Prints numbers only.
 
+--no-power-fence builds the lab without the managers' power fence: a power-off is then proven by
+sanlock's host_dead (target: host-dead + 5 s, about 75 s at io_timeout 1).
+
+The bench builds its own lab (prefix vb, directory BENCH_DIR) and removes it afterwards: it never
+touches the lab of `vmha lab up` or `vmha demo` (prefix vl, the default lab directory).
+
 --nova runs the lab with a real Nova (vmha.lab.novalab) and adds the phase "active": every server of
 the host ACTIVE on another host in Nova's view, next to Masakari's defaults (it waits 180 s after
 disabling the compute service, then evacuates with 3 threads, waiting up to 90 s per server).
@@ -21,8 +27,9 @@ import click
 from vmha.lab import cluster, scenario
 from vmha.lab.net import LabError
 from vmha.lab.scenario import Timeline
-from vmha.lab.state import DEFAULT_DIR
 
+BENCH_DIR = Path("/var/tmp/vmha-lab/bench")
+BENCH_PREFIX = "vb"
 PHASES = ("detected", "decided", "proved", "recovered", "active")
 MASAKARI_WAIT = 180  # s: Masakari's wait after disabling the service, before evacuating
 MASAKARI_PER_VM = 90  # s: the most Masakari waits for one evacuated server
@@ -64,11 +71,14 @@ def _cell(v: object) -> str:
 @click.option("--hosts", default=4, show_default=True, type=int)
 @click.option("--vms", default=8, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="the table as JSON (and every timeline)")
-@click.option("--dir", "lab_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DIR)
-@click.option("--prefix", default="vl", show_default=True, help="the lab's network namespace prefix")
+@click.option("--dir", "lab_dir", type=click.Path(file_okay=False, path_type=Path), default=BENCH_DIR,
+              show_default=True, help="the bench lab's directory (removed with the lab afterwards)")
+@click.option("--prefix", default=BENCH_PREFIX, show_default=True, help="the bench lab's network namespace prefix")
 @click.option("--nova", is_flag=True, help="the lab with a real Nova (needs scripts/setup-nova.sh)")
+@click.option("--no-power-fence", "no_power_fence", is_flag=True,
+              help="the managers without the lab's power fence: power-off proven by sanlock's host_dead")
 def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir: Path, prefix: str,
-        nova: bool) -> None:
+        nova: bool, no_power_fence: bool) -> None:
     """Fault to recovery, per phase and fault class, on a fresh lab (io_timeout 1)."""
     kinds = [k.strip() for k in classes.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in scenario.CLASSES]
@@ -80,7 +90,8 @@ def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir:
         click.echo(f"  {text}", err=True)
 
     try:
-        state = cluster.up(lab_dir, hosts, vms, 1, prefix=prefix, echo=echo, nova=nova)
+        state = cluster.up(lab_dir, hosts, vms, 1, prefix=prefix, echo=echo, nova=nova,
+                           power_fence=not no_power_fence)
         for n in range(trials):
             for kind in kinds:
                 tl = scenario.run_fault(state, kind, scenario.busiest_host(state), echo)
@@ -89,14 +100,15 @@ def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir:
     except LabError as e:
         click.echo(f"bench stopped: {e}", err=True)
     finally:
-        cluster.down(lab_dir)
+        cluster.down(lab_dir, prefix=prefix)  # the prefix: also when up failed before recording the lab
     rows = table({k: v for k, v in results.items() if v})
     if as_json:
         click.echo(json.dumps({"rows": rows, "timelines": {k: [tl.to_dict() for tl in v] for k, v in results.items()}},
                               indent=2))
         return
     click.echo(f"RTO per fault class, seconds after the fault, p50 / p95 ({trials} trials, io_timeout 1, "
-               f"{hosts} hosts, {vms} VMs{', through Nova' if nova else ''})")
+               f"{hosts} hosts, {vms} VMs{', through Nova' if nova else ''}"
+               f"{', without power fence' if no_power_fence else ''})")
     nova_col = f" {'nova ACTIVE':>13}" if nova else ""
     click.echo(f"{'class':<11} {'ok':>5} {'detect':>13} {'decide':>13} {'prove':>13} {'recover':>13}{nova_col} "
                f"{'VM downtime':>13}  proofs")

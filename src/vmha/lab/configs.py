@@ -57,7 +57,7 @@ def manager_config(state: LabState, name: str) -> Path:
         "driver": "nova" if state.nova else "lab",
         # The lab's power fence (vmha.lab.power) kills every process of a host's namespace; the
         # managers find the lab through VMHA_LAB_DIR (vmha.manager.daemon), with either driver.
-        "power_fence": True,
+        "power_fence": state.power_fence,
     }
     if state.nova:
         # clouds.yaml comes through OS_CLIENT_CONFIG_FILE (vmha.lab.controller.manager_env); the

@@ -5,8 +5,8 @@ with SIGKILL, repeats until the list is empty, and only then reports the host of
 power-off, as an IPMI/Redfish fence agent's "status: off" would be. Killing sanlock alone would not
 do: without a watchdog its lease holders would keep running and writing.
 
-Used by `vmha lab fault HOST power-off` and, through LabPowerFence, by the managers (lab driver
-configs set manager.power_fence = true).
+Used by `vmha lab fault HOST power-off` and, through LabPowerFence, by the managers (the lab's
+manager configs set manager.power_fence = true unless the lab was built with power_fence=False).
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ class LabState:
     vms: list[str] = field(default_factory=list)
     created: float = 0.0
     nova: bool = False  # `lab up --nova`: a real Nova control plane, VMs are its servers (vmha.lab.novalab)
+    # The managers' lab power fence (vmha.lab.power). Off only through the Python API (the bench's
+    # --no-power-fence): power-off is then proven by sanlock's host_dead alone.
+    power_fence: bool = True
 
     # paths --------------------------------------------------------------------------------------
     @property
@@ -113,6 +116,7 @@ class LabState:
             vms=list(d["vms"]),
             created=float(d["created"]),
             nova=bool(d.get("nova", False)),
+            power_fence=bool(d.get("power_fence", True)),
         )
 
     def reload(self) -> None:
