@@ -17,7 +17,7 @@ log = logging.getLogger("vmha.etcd.hostids")
 
 
 class HostIdError(Exception):
-    """No host_id could be allocated, or a host_id is recorded for another host."""
+    """No host_id could be allocated."""
 
 
 def _parse(keys: Keys, kv: KV) -> tuple[int, str] | None:
@@ -73,13 +73,3 @@ async def allocate(client: EtcdClient, keys: Keys, host: str, max_hosts: int = 2
         log.info("host %s: allocated sanlock host_id %d", host, free)
         return free
 
-
-async def verify(client: EtcdClient, keys: Keys, host: str, host_id: int) -> None:
-    """HostIdError unless `host_id` is recorded for `host` (a pinned or cached id that collides)."""
-    owner = (await host_ids(client, keys)).get(host_id)
-    if owner != host:
-        raise HostIdError(
-            f"host {host}: sanlock host_id {host_id} is recorded in etcd for "
-            f"{repr(owner) if owner else 'no host'}: two hosts must never share an id; let vmha allocate it "
-            f"(remove the pinned id) or free {keys.host_id(host_id)} if that host left for good"
-        )

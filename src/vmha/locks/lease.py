@@ -110,6 +110,13 @@ def _busy(space: LockSpace, vm: str, e: sanlock.SanlockException) -> LockError:
     return LockError(f"VM {vm}: acquiring {space.lease_path(vm)} failed: {why(e)} ({e.errno})")
 
 
+def _unrecorded(vm: str, e: OSError) -> LockError:
+    # An unrecorded holder would escape the exit attestation once sanlock forgets it: the caller
+    # gives the lease back and refuses, rather than run unseen.
+    return LockError(f"VM {vm}: cannot record its lease holder in {holders_dir()} ({e}): lease released; "
+                     "make that directory writable (VMHA_RUN_DIR, default /run/vmha)")
+
+
 class LeaseHold:
     """A VM's lease held by this process through its own sanlock registration.
 
@@ -131,7 +138,11 @@ class LeaseHold:
             os.close(self.fd)
             self.fd = None
             raise _busy(space, vm, e) from None
-        record(self.holder)
+        try:
+            record(self.holder)
+        except OSError as e:
+            self.release()
+            raise _unrecorded(vm, e) from None
 
     @property
     def held(self) -> bool:
@@ -174,7 +185,11 @@ def acquire_for(space: LockSpace, vm: str, pid: int) -> Holder:
         sanlock.acquire(space.bname, vm.encode(), space.disks(vm), pid=pid)
     except sanlock.SanlockException as e:
         raise _busy(space, vm, e) from None
-    record(h)
+    try:
+        record(h)
+    except OSError as e:
+        release_for(space, vm, pid)
+        raise _unrecorded(vm, e) from None
     return h
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -73,9 +75,49 @@ class _Trail:
             self.states.append(f"+{time.monotonic() - self.t0:.2f}s {text}")
 
 
-def _release_if_held(done: asyncio.Future[LeaseHold]) -> None:
-    if not done.cancelled() and done.exception() is None:
-        done.result().release()
+class _Grant:
+    """Hands a lease sanlock grants in a worker thread over to the proof that asked for it.
+
+    A proof can be cancelled while sanlock is granting (the manager's term ended, the step was
+    superseded, the process is stopping): this manager must then not keep a lease nobody knows of,
+    since the VM could start nowhere. Whichever side comes second gives the lease back: the thread,
+    when the grant arrives after the cancellation; or the cancelled proof, when the grant had arrived
+    but the proof had not resumed to take it. The thread decides alone in the first case, so the
+    lease is released even when the event loop is gone by then.
+    """
+
+    def __init__(self, space: LockSpace, vm: str) -> None:
+        self.space = space
+        self.vm = vm
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.granted: LeaseHold | None = None
+
+    def take(self) -> LeaseHold | None:
+        """Runs in a worker thread: the lease, or None if the proof was cancelled meanwhile."""
+        hold = LeaseHold(self.space, self.vm)
+        with self.lock:
+            if not self.abandoned:
+                self.granted = hold
+                return hold
+        _give_back(hold, "granted after its proof was cancelled")
+        return None
+
+    def abandon(self) -> LeaseHold | None:
+        """The proof is cancelled: the lease it must give back, if the grant came first."""
+        with self.lock:
+            self.abandoned = True
+            hold, self.granted = self.granted, None
+        return hold
+
+
+def _give_back(hold: LeaseHold, why: str) -> None:
+    try:
+        hold.release()
+    except LockError as e:  # the registration is closed all the same: the daemon drops the lease
+        log.error("vm=%s: releasing the lease %s failed: %s", hold.vm, why, e)
+        return
+    log.warning("vm=%s: lease released: %s", hold.vm, why)
 
 
 def _owners_text(owners: Sequence[HostInfo]) -> str:
@@ -98,6 +140,7 @@ class Prover:
         self.power = power
         self.poll = poll
         self._held: dict[str, LeaseHold] = {}
+        self._giving_back: set[asyncio.Future[None]] = set()  # releases of leases of cancelled proofs
 
     def held(self) -> list[str]:
         """VMs whose lease this prover holds (proved, not yet released)."""
@@ -108,8 +151,11 @@ class Prover:
         io = self.space.io_timeout
         return {
             ProofMethod.LEASE_TAKEN: 2.0,
-            # The owner sees the request at its next renewal (every 2 io), kills and releases.
-            ProofMethod.REQUEST_FORCE: 4.0 * io + 5.0,
+            # The owner sees the request at its next renewal (every 2 io), kills and releases. But it
+            # takes no new request from the same host within 6 io of the last one (sanlock's
+            # request_finish_seconds), noticed at a renewal after that: the VMs of one host proved
+            # one after the other need up to 8 io.
+            ProofMethod.REQUEST_FORCE: 8.0 * io + 5.0,
             # The owner's lockspace fails 8 io after its last renewal; its agent then attests.
             ProofMethod.EXIT_ATTESTED: self.space.renewal_fail + 4.0 * io + 10.0,
             ProofMethod.POWER: 60.0,
@@ -176,8 +222,11 @@ class Prover:
             await asyncio.to_thread(hold.release)
 
     async def release_all(self) -> None:
+        """Releases every lease this prover holds, and waits for those of cancelled proofs."""
         for vm in self.held():
             await self.release(vm)
+        if self._giving_back:
+            await asyncio.gather(*self._giving_back)
 
     # --- methods ------------------------------------------------------------------------------------
     async def _method(
@@ -207,12 +256,16 @@ class Prover:
             holding = [o for o in owners if o.state is not HostState.FREE]
             if holding and not (dead_ok and all(o.state is HostState.DEAD for o in holding)):
                 return None
-            taking = asyncio.ensure_future(asyncio.to_thread(LeaseHold, self.space, vm))
+            grant = _Grant(self.space, vm)
             try:
-                return await asyncio.shield(taking)
+                return await asyncio.to_thread(grant.take)
             except asyncio.CancelledError:
-                # The proof was cancelled while sanlock was granting the lease: do not keep it.
-                taking.add_done_callback(_release_if_held)
+                stray = grant.abandon()
+                if stray is not None:  # the release writes to storage: in a thread, not in the loop
+                    done = asyncio.get_running_loop().run_in_executor(
+                        None, _give_back, stray, "granted, but its proof was cancelled before taking it")
+                    self._giving_back.add(done)
+                    done.add_done_callback(self._giving_back.discard)
                 raise
         except LeaseBusy:
             return None
@@ -246,14 +299,35 @@ class Prover:
         if hold is not None:
             trail.add("lease was free")
             return hold
-        try:
-            await asyncio.to_thread(sanlock.request, self.space.bname, vm.encode(), self.space.disks(vm),
-                                    action=sanlock.REQ_FORCE)
-        except sanlock.SanlockException as e:
-            raise _Failed(f"REQ_FORCE could not be written: {why(e)}") from None
-        trail.add("REQ_FORCE written")
-        return await self._take_until(vm, end, trail, "owner released after REQ_FORCE",
-                                      "owner did not release after REQ_FORCE (storage plane cut?)")
+        # This daemon flags a request to the owner for only 6 io after the last request() call, and
+        # the owner takes no new request from this host within 6 io of the previous one: a request
+        # made just after the owner handled another (the next VM of the same host) would be lost.
+        # Repeating it every renewal period keeps it flagged until the owner takes it.
+        requests = 0
+        requested = -math.inf
+        while True:
+            if time.monotonic() - requested >= 2 * self.space.io_timeout:
+                try:
+                    await asyncio.to_thread(sanlock.request, self.space.bname, vm.encode(), self.space.disks(vm),
+                                            action=sanlock.REQ_FORCE)
+                except sanlock.SanlockException as e:
+                    if not requests:
+                        raise _Failed(f"REQ_FORCE could not be written: {why(e)}") from None
+                    trail.add(f"REQ_FORCE not repeated: {why(e)}")
+                else:
+                    if not requests:
+                        trail.add("REQ_FORCE written")
+                    requests += 1
+                requested = time.monotonic()
+            hold = await self._take(vm)
+            if hold is not None:
+                trail.add(f"lease acquired (owner released after REQ_FORCE, written {requests} time(s))")
+                return hold
+            if time.monotonic() >= end:
+                owners = await asyncio.to_thread(self.space.owners, vm)
+                raise _Failed(f"owner did not release after REQ_FORCE (storage plane cut?): lease still held "
+                              f"({_owners_text(owners)})")
+            await asyncio.sleep(self.poll)
 
     async def _wait_state(self, host_id: int, end: float, trail: _Trail, ok: Callable[[HostInfo | None], bool]) -> bool:
         while True:

@@ -34,8 +34,8 @@ def main() -> None:
         signal.pause()
         hold.release()
     elif cmd == "isolate":
-        r = asyncio.run(stop_lease_holders(space(a), grace=float(str(a["grace"]))))
-        print(r.text(), flush=True)
+        stopped = asyncio.run(stop_lease_holders(space(a), grace=float(str(a["grace"]))))
+        print(stopped.text(), flush=True)
     elif cmd == "attest":
         r = attest_exit(space(a), str(a["vm"]))
         print(json.dumps({"ok": r.ok, "reason": r.reason, **r.evidence}), flush=True)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from click.testing import CliRunner
@@ -80,6 +81,25 @@ async def test_request_force_kills_the_holder_and_takes_the_lease(cluster: LockC
     assert "lease-taken" in proof.details["failed_methods"]
 
 
+async def test_request_force_proves_two_vms_of_one_host_one_after_the_other(cluster: LockCluster) -> None:
+    """A's sanlock takes no new request from the manager's host within 6 io of the last one, and the
+    manager's daemon flags a request for only 6 io: a second request right after the first is lost
+    unless the prover repeats it. Both proofs must come."""
+    cluster.space.create_lease("vm2")
+    holders = {vm: cluster.a.start("hold", "held", vm=vm) for vm in ("vm1", "vm2")}
+    prover = cluster.prover()
+    for vm, holder in holders.items():
+        t0 = time.monotonic()
+        task = asyncio.create_task(prover.prove(vm, cluster.a.name, (ProofMethod.REQUEST_FORCE,), timeout=30))
+        while not task.done():
+            await asyncio.sleep(0.02)
+        proof = task.result()
+        assert not alive(holder.pid), f"proof of {vm} returned while holder {holder.pid} is alive"
+        print(f"{vm}: request-force proof in {time.monotonic() - t0:.2f} s: {proof.details['trail']}")
+        assert proof.method is ProofMethod.REQUEST_FORCE and holder.wait(timeout=5) == -9
+    assert prover.held() == ["vm1", "vm2"]
+
+
 async def test_isolation_response_stops_holders_then_lease_is_free(cluster: LockCluster) -> None:
     holder = cluster.a.start("hold", "held", vm="vm1", ignore_term=True)
     out = cluster.a.run("isolate", grace=1.0)
@@ -111,15 +131,25 @@ def test_missing_lease_area_is_named(manager_sanlock: LabSanlock, tmp_path: Path
     with pytest.raises(LeaseAreaError, match=r"lease area .*not-mounted is missing.*vmha locks init"):
         space.join(2, "vt2mgr")
     (tmp_path / "not-mounted").mkdir()
-    with pytest.raises(LeaseAreaError, match=r"vt2x.ids is missing or unreadable"):
-        space.check()
+    with pytest.raises(LeaseAreaError, match=r"not-mounted/vt2x.ids is missing or unreadable .*vmha locks init"):
+        space.join(2, "vt2mgr")
+    space.ids_path.write_bytes(b"\xff" * 4096)  # a torn or foreign file: unreadable as a lockspace
+    with pytest.raises(LeaseAreaError, match=r"vt2x.ids is missing or unreadable .*fix the mount of locks.path"):
+        space.join(2, "vt2mgr")
+    other = new_lockspace(tmp_path / "other")
+    other.init()
+    os.replace(other.ids_path, space.ids_path)  # a lockspace of another name under ours
+    with pytest.raises(LeaseAreaError, match=rf"vt2x.ids holds lockspace b'{other.name}', not 'vt2x'.*locks.lockspace"):
+        space.join(2, "vt2mgr")
+    assert space.local_state() == "absent"  # never joined without protection
 
 
 def test_lockspace_with_another_io_timeout_is_refused(manager_sanlock: LabSanlock, tmp_path: Path) -> None:
     space = new_lockspace(tmp_path / "shared")
     space.init()
     other = LockSpace(space.path, space.name, io_timeout=2)
-    with pytest.raises(IoTimeoutMismatch, match=r"initialised with io_timeout 1, the config says 2"):
+    with pytest.raises(IoTimeoutMismatch, match=rf"{space.ids_path} was initialised with io_timeout 1, the config "
+                       r"says 2: every host .*set locks.io_timeout = 1, or re-initialise"):
         other.join(2, "vt2mgr")
     with pytest.raises(IoTimeoutMismatch):
         other.init()
@@ -129,11 +159,17 @@ def test_lockspace_with_another_io_timeout_is_refused(manager_sanlock: LabSanloc
 def test_protected_vm_without_lease_is_refused(manager_sanlock: LabSanlock, tmp_path: Path) -> None:
     space = new_lockspace(tmp_path / "shared")
     space.init()
-    with pytest.raises(LeaseMissing, match=r"VM vm9 is protected but has no usable lease .*vm9.lease"):
+    fix = "create it with `vmha locks init --vm vm9`; the VM must not start without it"
+    with pytest.raises(LeaseMissing, match=rf"VM vm9 is protected but has no usable lease .*vm9.lease .*{fix}"):
         acquire_self(space, "vm9")
     (space.path / "vm9.lease").write_bytes(b"\0" * 4096)  # a file that is not a lease
-    with pytest.raises(LeaseMissing, match="vm9"):
-        space.check_lease("vm9")
+    with pytest.raises(LeaseMissing, match=rf"VM vm9 .*vm9.lease .*{fix}"):
+        acquire_self(space, "vm9")
+    space.create_lease("vm8")
+    os.replace(space.lease_path("vm8"), space.lease_path("vm9"))  # another VM's lease under vm9's name
+    with pytest.raises(LeaseMissing, match=rf"vm9.lease is a lease of b'{space.name}'/b'vm8', not "
+                       rf"{space.name}/vm9: remove it and run `vmha locks init --vm vm9`"):
+        acquire_self(space, "vm9")
 
 
 async def test_protected_vm_without_lease_gets_no_proof(cluster: LockCluster) -> None:
@@ -145,9 +181,14 @@ def test_host_id_collision_is_detected_in_seconds(cluster: LockCluster, tmp_path
     # The manager's daemon already joined as host_id 2; a second lockspace view claiming host A's
     # id 1 under another name must be refused before sanlock's own 69 s wait.
     t0 = time.monotonic()
-    with pytest.raises(HostIdCollision, match=r"host_id 1 .* in use by live host 'vt2a', not 'vt2other'"):
+    with pytest.raises(HostIdCollision, match=rf"host_id 1 in {cluster.space.ids_path} is in use by live host "
+                       r"'vt2a', not 'vt2other'.*let etcd allocate it"):
         cluster.space.check_host_id(1, "vt2other")
     print(f"collision detected in {time.monotonic() - t0:.1f} s")
+    # The same through join(), as an agent given a colliding id would call it.
+    with pytest.raises(HostIdCollision, match="in use by live host 'vt2a'"):
+        cluster.space.join(1, "vt2other")
+    assert cluster.space.local_state() == "joined" and cluster.space.joined(2)  # host_id 2 untouched
 
 
 class KillHostA:
@@ -198,15 +239,19 @@ async def test_power_fence_spares_a_host_that_renews_its_lockspace(cluster: Lock
     assert [a.split(":")[0] for a in e.value.attempts] == ["lease-taken", "power"]
 
 
-def test_cli_init_and_status(manager_sanlock: LabSanlock, tmp_path: Path) -> None:
-    space = new_lockspace(tmp_path / "shared")
-    cfg = tmp_path / "vmha.toml"
-    cfg.write_text(
+def locks_config(space: LockSpace, path: Path) -> Path:
+    path.write_text(
         '[cluster]\nname = "vt2"\n'
         + "".join(f'[planes.{p}]\nendpoints = ["http://198.18.1.1:2379"]\n' for p in ("management", "storage",
                                                                                     "service"))
         + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = {IO}\n'
     )
+    return path
+
+
+def test_cli_init_and_status(manager_sanlock: LabSanlock, tmp_path: Path) -> None:
+    space = new_lockspace(tmp_path / "shared")
+    cfg = locks_config(space, tmp_path / "vmha.toml")
     r = CliRunner().invoke(locks, ["init", "--config", str(cfg), "--vm", "vm1", "--vm", "vm2"])
     assert r.exit_code == 0, r.output
     assert f"lockspace {space.name}" in r.output and "lease of VM vm2" in r.output
@@ -218,6 +263,29 @@ def test_cli_init_and_status(manager_sanlock: LabSanlock, tmp_path: Path) -> Non
     cfg.write_text(cfg.read_text().replace(f"io_timeout = {IO}", "io_timeout = 3"))
     r = CliRunner().invoke(locks, ["status", "--config", str(cfg)])
     assert r.exit_code == 1 and "initialised with io_timeout 1, the config says 3" in r.output
+
+
+def test_cli_status_shows_hosts_and_lease_owners(cluster: LockCluster, tmp_path: Path) -> None:
+    cluster.space.create_lease("vm2")
+    cluster.a.start("hold", "held", vm="vm1")
+    cfg = locks_config(cluster.space, tmp_path / "vmha.toml")
+
+    def status() -> dict[str, Any]:
+        r = CliRunner().invoke(locks, ["status", "--config", str(cfg), "--json"])
+        assert r.exit_code == 0, r.output
+        return cast(dict[str, Any], json.loads(r.output))
+
+    # Right after joining, this daemon reports A "unknown" until it has watched A renew (every 2 io).
+    deadline = time.monotonic() + 4 * IO + 5
+    while (st := status())["hosts"][0]["state"] == "unknown" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert st["this_host"] == "joined"
+    assert {h["host_id"]: (h["name"], h["state"]) for h in st["hosts"]} == {1: ("vt2a", "live"),
+                                                                          2: ("vt2mgr", "live")}
+    assert [(o["host_id"], o["name"], o["state"]) for o in st["leases"]["vm1"]] == [(1, "vt2a", "live")]
+    assert st["leases"]["vm2"] == []
+    r = CliRunner().invoke(locks, ["status", "--config", str(cfg)])
+    assert r.exit_code == 0 and "vt2a(id 1)" in r.output, r.output
 
 
 def test_acquire_on_behalf_of_a_registered_process(cluster: LockCluster) -> None:
