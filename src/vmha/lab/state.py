@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,7 +95,8 @@ class LabState:
         self.dir.mkdir(parents=True, exist_ok=True)
         d = asdict(self)
         d["dir"] = str(self.dir)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        # Per process and thread: a manager's power fence saves from worker threads, maybe at once.
+        tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(d, indent=1, sort_keys=True))
         os.replace(tmp, self.path)  # readers (driver, power fence) never see half a file
 

@@ -141,6 +141,7 @@ class Prover:
         self.poll = poll
         self._held: dict[str, LeaseHold] = {}
         self._giving_back: set[asyncio.Future[None]] = set()  # releases of leases of cancelled proofs
+        self._powering: dict[str, asyncio.Future[str]] = {}  # host -> its power-off in flight
 
     def held(self) -> list[str]:
         """VMs whose lease this prover holds (proved, not yet released)."""
@@ -383,6 +384,26 @@ class Prover:
                           f"(states seen: {' '.join(trail.states)})")
         return await self._reset_and_take(vm, host_id, trail, "exit attested")
 
+    async def _power_off(self, host: str, timeout: float) -> str:
+        """One power-off per host at a time, its evidence shared: the VMs of a host are proved
+        together, a BMC takes few sessions at once, and one host is switched off once, not once per
+        VM (the lab's fence, run three times at once, broke its own state file)."""
+        assert self.power is not None
+        running = self._powering.get(host)
+        if running is None:
+            running = self._powering[host] = asyncio.ensure_future(self.power.power_off(host, timeout))
+
+            def done(f: asyncio.Future[str]) -> None:
+                if self._powering.get(host) is f:
+                    del self._powering[host]
+
+            running.add_done_callback(done)
+        try:
+            # Shielded: a caller cancelled (its proof no longer wanted) does not abort the others'.
+            return await asyncio.wait_for(asyncio.shield(running), timeout)
+        except TimeoutError:
+            raise PowerFenceError(f"power fence {host}: not confirmed off within {timeout:.0f} s") from None
+
     async def _power(self, vm: str, host: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
         if self.power is None:
             raise _Failed("no power fence configured")
@@ -396,7 +417,7 @@ class Prover:
                           "not powering it off")
         trail.add(f"host_id {host_id} no longer renews its lockspace")
         try:
-            evidence = await self.power.power_off(host, max(1.0, end - time.monotonic()))
+            evidence = await self._power_off(host, max(1.0, end - time.monotonic()))
         except PowerFenceError as e:
             raise _Failed(str(e)) from None
         trail.add(f"power off confirmed: {evidence}")
