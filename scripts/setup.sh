@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything vmha, its lab and its tests need on Debian 12, as root:
 # Debian packages (etcd, sanlock and its Python binding, sshfs/sshd for the lab's shared storage,
-# gcc for the lab's setrlimit shim) and a virtualenv in .venv with vmha installed in it.
+# gcc for the lab's setrlimit shim, fence-agents + ipmitool for the power fence and openipmi's ipmi_sim
+# as the BMC its tests fence) and a virtualenv in .venv with vmha installed in it.
 # Idempotent: a second run only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 apt_pkgs=(etcd-server etcd-client sanlock python3-sanlock sshfs fuse3 openssh-server openssh-client
-          iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev)
+          iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev fence-agents ipmitool openipmi)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

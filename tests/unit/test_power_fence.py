@@ -14,7 +14,7 @@ STUB = """#!/bin/sh
 cat >> "{log}"
 echo --- >> "{log}"
 case "$(tail -n 2 "{log}" | head -n 1)" in
-  action=status) echo "Status: {status}" ;;
+  action=status) echo "Status: {status}"; exit {status_rc} ;;
   action=off) echo "Success: Powered OFF" ;;
 esac
 exit {rc}
@@ -25,7 +25,8 @@ def stub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: str = "OFF", r
     log = tmp_path / "calls"
     agent = tmp_path / "bin" / "fence_vt2stub"
     agent.parent.mkdir()
-    agent.write_text(STUB.format(log=log, status=status, rc=rc))
+    # Like fence-agents: status exits 2 for OFF, 0 for ON.
+    agent.write_text(STUB.format(log=log, status=status, rc=rc, status_rc=2 if status == "OFF" else 0))
     agent.chmod(0o755)
     monkeypatch.setenv("PATH", f"{agent.parent}:/usr/bin:/bin")
     return log

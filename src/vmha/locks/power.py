@@ -8,7 +8,10 @@ fence-agents (fence_ipmilan, fence_redfish, ...) per host. The lab supplies its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,7 +67,8 @@ class FenceAgentPower:
     def __init__(self, agents: Mapping[str, FenceAgent]) -> None:
         self.agents = dict(agents)
 
-    async def _run(self, host: str, action: str, timeout: float) -> str:
+    async def _run(self, host: str, action: str, timeout: float, ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
+        """The agent's exit code (one of ``ok``, else PowerFenceError) and its output."""
         spec = self.agents.get(host)
         if spec is None:
             raise PowerFenceError(f"host {host}: no fence agent configured ([power.{host}] in the config)")
@@ -73,20 +77,29 @@ class FenceAgentPower:
             proc = await asyncio.create_subprocess_exec(
                 spec.agent, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
+                # A process group of its own, killed whole on timeout: fence_ipmilan runs ipmitool,
+                # which would otherwise live on and still act on the BMC after vmha gave up.
+                start_new_session=True,
+                # Debian 12's fence-agents print Python deprecation warnings on stderr; they are not
+                # the agent's answer and would end up in the proof's evidence and in error messages.
+                env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"},
             )
         except FileNotFoundError:
             raise PowerFenceError(f"host {host}: {spec.agent} not found: install Debian's fence-agents") from None
         try:
             out, _ = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise PowerFenceError(
                 f"host {host}: {spec.agent} action={action} gave no answer in {timeout:.0f} s") from None
-        text = out.decode(errors="replace").strip()
-        if proc.returncode != 0:
-            raise PowerFenceError(f"host {host}: {spec.agent} action={action} failed ({proc.returncode}): {text}")
-        return text
+        finally:
+            if proc.returncode is None:  # timed out or cancelled
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        rc, text = await proc.wait(), out.decode(errors="replace").strip()
+        if rc not in ok:
+            raise PowerFenceError(f"host {host}: {spec.agent} action={action} failed ({rc}): {text}")
+        return rc, text
 
     async def power_off(self, host: str, timeout: float) -> str:
         loop = asyncio.get_running_loop()
@@ -94,7 +107,8 @@ class FenceAgentPower:
         await self._run(host, "off", timeout)
         # "off" returning 0 already means the agent saw the host off; the status read is the
         # independent confirmation recorded in the proof.
-        status = await self._run(host, "status", max(1.0, deadline - loop.time()))
-        if "status: off" not in status.lower():
+        # fence-agents' status exits 0 for ON, 2 for OFF, 1 on failure (fencing.py, fence_action).
+        rc, status = await self._run(host, "status", max(1.0, deadline - loop.time()), ok=(0, 2))
+        if rc != 2 or "status: off" not in status.lower():
             raise PowerFenceError(f"host {host}: after action=off the fence agent reports {status!r}, not OFF")
         return f"{self.agents[host].agent}: off confirmed ({status})"
