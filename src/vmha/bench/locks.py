@@ -33,10 +33,14 @@ from vmha.lab.net import LabNet, Node, kill_pids
 from vmha.lab.sanlockd import LabSanlock, start_sanlock, stop_sanlock
 from vmha.lab.storage import MOUNT_POINT, SharedStorage
 from vmha.locks import LeaseHold, LockSpace, Prover
+from vmha.locks.power import FenceAgentPower, fence_agents
 from vmha.testing.etcd import EtcdProcess
+from vmha.testing.ipmi import IpmiSim
 
 A_ID, MGR_ID = 1, 2
-METHODS = ("request-force", "power", "exit-attested", "host-dead")
+# fence-agent: the production power fence alone (FenceAgentPower through fence_ipmilan and ipmitool)
+# against OpenIPMI's ipmi_sim, a fresh simulated BMC per run; no proof around it.
+METHODS = ("request-force", "power", "exit-attested", "host-dead", "fence-agent")
 
 # What runs on host A, as `python -c` programs (each host's clients are processes of their own).
 _JOIN = "from vmha.locks import LockSpace as S; S({path!r}, {ls!r}, {io}).join(1, 'vt2ba', timeout=60)"
@@ -160,6 +164,22 @@ def locks(leases: int, io: int, methods: tuple[str, ...], repeat: int, parallel:
                 _proofs(base, io, ProofMethod(m), 1 if m == "host-dead" else repeat)
         if "exit-attested" in chosen:
             _exit_attested(base, io, repeat)
+    if "fence-agent" in chosen:
+        _fence_agent(max(repeat, 5))
+
+
+def _fence_agent(repeat: int) -> None:
+    times = []
+    for _ in range(repeat):
+        with IpmiSim() as bmc:
+            power = FenceAgentPower(fence_agents({"h1": bmc.power_options()}))
+            t0 = time.monotonic()
+            evidence = asyncio.run(power.power_off("h1", 30))
+            times.append(time.monotonic() - t0)
+            if bmc.host_alive():
+                raise click.ClickException(f"the simulated host still runs after {evidence!r}")
+    text = " ".join(f"{t:.2f}" for t in times)
+    click.echo(f"power_off via fence_ipmilan + ipmi_sim: median {statistics.median(times):.2f} s (runs: {text})")
 
 
 @contextlib.contextmanager
