@@ -43,6 +43,9 @@ def start_services(state: LabState) -> None:
             peer_url=f"http://{node.address(Plane.MANAGEMENT)}:2380",
             netns=node.netns,
             name="etcd-lab",
+            # As in production (README): the agents' heartbeats write a revision per plane every
+            # keepalive, and a lab left up for days would otherwise grow its store without bound.
+            extra_args=["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m"],
         )
         try:
             etcd.start()
