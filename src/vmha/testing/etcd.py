@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from vmha.testing.process import stop_process
+
 ETCD = "/usr/bin/etcd"
 ETCDCTL = "/usr/bin/etcdctl"
 
@@ -149,14 +151,8 @@ class EtcdProcess:
     def stop(self, timeout: float = 5.0, remove_data: bool = True) -> None:
         """SIGTERM our PID (SIGKILL after ``timeout``), then remove the data we own."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)  # a stopped process would not handle SIGTERM
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        if proc is not None:
+            stop_process(proc, timeout)
         if remove_data:
             shutil.rmtree(self.base if self._own_dir else self.data_dir, ignore_errors=True)
 

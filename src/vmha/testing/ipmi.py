@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vmha.testing.etcd import free_ports
+from vmha.testing.process import stop_process
 
 IPMI_SIM = "/usr/bin/ipmi_sim"
 KILL_WAIT = 2  # s between the BMC's SIGTERM and SIGKILL to the host process
@@ -149,13 +150,7 @@ set_working_mc 0x20
         (ipmi_sim leaves its startcmd running when it exits), then remove the directory."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout)
+            stop_process(proc, timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(self.base, ignore_errors=True)
