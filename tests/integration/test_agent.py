@@ -19,6 +19,7 @@ from vmha.core.planes import PLANES, Plane
 from vmha.core.recovery import AgentStopped
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
+from vmha.etcd.registry import register
 from vmha.manager.detection import HealthMonitor
 from vmha.testing.etcd import EtcdProcess
 from vmha.testing.hosts import ProxiedHost, config_text
@@ -195,6 +196,49 @@ async def test_isolation_hook_fires_once_when_management_and_service_are_lost(
         host.restore(Plane.MANAGEMENT)
         host.restore(Plane.SERVICE)
         await until(lambda: not agent.isolation_fired, what="re-armed")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_isolation_response_withheld_when_the_other_hosts_lost_the_same_planes(
+    host: ProxiedHost, client: EtcdClient, tmp_path: Path
+) -> None:
+    """Three other hosts of the cluster (registered here, their management and service heartbeats on
+    a lease this test holds). Only h1 cut: its isolation. All of them cut: a fabric outage, which the
+    agent reads over storage; its VMs are left running."""
+    cfg = config.load(host.config_path)
+    cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"isolation_after": 1.0})})
+    lease = await client.grant(60)
+    for h in ("h2", "h3", "h4"):
+        await register(client, K, h, "r1")
+        for p in (Plane.MANAGEMENT, Plane.SERVICE):
+            await client.put_json(K.heartbeat(h, p), {"host": h, "plane": p.value, "seq": 1, "t": 0}, lease=lease)
+    calls: list[float] = []
+
+    async def on_isolated() -> None:
+        calls.append(time.monotonic())
+
+    agent = Agent(cfg, status_path=tmp_path / "iso.json", on_isolated=on_isolated)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await until(lambda: all(r.reachable for r in agent.reach().values()), what="all reachable")
+        await host.cut(Plane.MANAGEMENT)
+        await host.cut(Plane.SERVICE)
+        await until(lambda: calls, what="isolation callback")  # the others beat: h1 is isolated
+        assert agent.isolation_withheld == ""
+        host.restore(Plane.MANAGEMENT)
+        host.restore(Plane.SERVICE)
+        await until(lambda: not agent.isolation_fired, what="re-armed")
+
+        await client.revoke(lease)  # the others' management and service heartbeats are gone too
+        await host.cut(Plane.MANAGEMENT)
+        await host.cut(Plane.SERVICE)
+        await until(lambda: agent.isolation_withheld, what="isolation response withheld")
+        assert agent.isolation_withheld == "4 of the 4 hosts of the cluster lost them too"
+        await asyncio.sleep(2.0)
+        assert len(calls) == 1 and not agent.isolation_fired  # the VMs were left running
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

@@ -15,6 +15,7 @@ from vmha.core.health import (
     HostSeen,
     LeaseGone,
     Tick,
+    fabric_not_isolation,
 )
 from vmha.core.planes import PLANES, Plane, PlaneState
 
@@ -376,3 +377,21 @@ def test_every_host_cut_off_is_a_fabric_outage_not_a_stall() -> None:
     assert sorted(f.plane.value for f in c.fabric if f.active) == ["management", "service", "storage"]
     assert {c.state(h, p) for h, p in everything} == {PlaneState.FABRIC}
     assert not [x for x in c.changes if x[3] == "down"]
+
+
+# -- the agent's isolation check: its own isolation, or a fabric outage? ----------------------------
+
+
+def test_fabric_not_isolation_over_the_cluster_and_the_domain() -> None:
+    t = HealthTimings()  # fabric_fraction 0.5, fabric_min_hosts 3
+    domains = {f"h{i}": ("r1" if i <= 4 else "r2") for i in range(1, 9)}
+    # Alone (or with one other host): this host's isolation.
+    assert fabric_not_isolation("h1", domains, {"h1"}, t) == ""
+    assert fabric_not_isolation("h1", domains, {"h1", "h5"}, t) == ""
+    # Three of the four hosts of its rack: a fabric outage in the domain, not in the cluster.
+    assert fabric_not_isolation("h1", domains, {"h1", "h2", "h3"}, t) == "3 of the 4 hosts of domain r1 lost them too"
+    # Five of eight: the cluster's fabric.
+    assert fabric_not_isolation("h5", domains, {"h1", "h2", "h5", "h6", "h7"}, t) == (
+        "5 of the 8 hosts of the cluster lost them too")
+    # A small cluster stays sane: two hosts of two are below fabric_min_hosts.
+    assert fabric_not_isolation("h1", {"h1": "r1", "h2": "r1"}, {"h1", "h2"}, t) == ""

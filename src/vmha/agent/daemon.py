@@ -6,6 +6,9 @@
 - Keeps its own view of the planes it cannot reach and writes it, atomically, to a JSON status file.
 - Isolation hook: management and service both unreachable for agent.isolation_after seconds while
   storage is reachable -> ``await on_isolated()`` once; armed again when the condition clears.
+  Unless it is a fabric outage: read over the storage plane, the other hosts' management and service
+  heartbeats are gone too (the fabric guard's rule). Then the VMs are left running, as the manager,
+  seeing FABRIC, recovers nothing: stopped, they would stay stopped after the fabric came back.
 - A clean stop (SIGTERM) first marks the host record "agent stopped" (registry.AGENT_STOPPED), then
   ends the heartbeats WITHOUT revoking their leases: the keys go when the TTL runs out, and the
   manager, seeing the mark, only alerts (an agent restart or upgrade must never fence a healthy host;
@@ -26,16 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from vmha.config import Config
+from vmha.core.health import fabric_not_isolation
 from vmha.core.planes import PLANES, Plane
 from vmha.etcd.client import EtcdClient, EtcdError
 from vmha.etcd.heartbeat import PlaneHeartbeat, PlaneReach
 from vmha.etcd.keys import Keys
-from vmha.etcd.registry import AGENT_STOPPED, register
+from vmha.etcd.registry import AGENT_STOPPED, list_hosts, register
 
 log = logging.getLogger("vmha.agent")
 
 OnIsolated = Callable[[], Awaitable[None]]
 STOP_MARK_TIMEOUT = 1.0  # seconds the clean-stop mark may take; the heartbeats still run meanwhile
+PEER_READ_TIMEOUT = 2.0  # seconds the isolation check may take to read the other hosts over storage
 
 
 def default_status_path(host: str) -> Path:
@@ -88,6 +93,8 @@ class Agent:
         }
         self.registered = False
         self.isolation_fired = False
+        self.isolation_withheld = ""  # the fabric evidence while the isolation response is withheld
+        self._recheck_at = 0.0  # when to read the other hosts again while withheld
         self.started = clock()
 
     def reach(self) -> dict[Plane, PlaneReach]:
@@ -106,6 +113,7 @@ class Agent:
             "registered": self.registered,
             "unreachable": [p.value for p in PLANES if not reach[p].reachable],
             "isolated": self.isolation_fired,
+            "isolation_withheld": self.isolation_withheld or None,  # why, in a fabric outage
             "planes": {p.value: reach[p].to_dict(now) for p in PLANES},
         }
 
@@ -152,8 +160,20 @@ class Agent:
             now = self.clock()
             reach = self.reach()
             if isolated(reach, now, after):
-                if not self.isolation_fired:
+                if self.isolation_withheld and now < self._recheck_at:
+                    pass  # a fabric outage: looked again every fabric_window, not every keepalive
+                elif not self.isolation_fired and (fabric := await self._others_lost_them_too(reach)):
+                    self._recheck_at = self.clock() + self.cfg.timings.fabric_window
+                    if fabric != self.isolation_withheld:
+                        log.warning(
+                            "host %s: management and service unreachable, storage reachable, but %s (read "
+                            "over storage): a fabric outage, not this host's isolation; isolation response "
+                            "withheld, VMs left running", self.host, fabric,
+                        )  # fmt: skip
+                    self.isolation_withheld = fabric
+                elif not self.isolation_fired:
                     self.isolation_fired = True
+                    self.isolation_withheld = ""
                     log.error(
                         "host %s isolated: management and service unreachable for %.1fs, storage "
                         "reachable (management: %s; service: %s); isolation response",
@@ -165,8 +185,35 @@ class Agent:
             elif self.isolation_fired and (reach[Plane.MANAGEMENT].reachable or reach[Plane.SERVICE].reachable):
                 self.isolation_fired = False
                 log.info("host %s no longer isolated: isolation response armed again", self.host)
+            else:
+                self.isolation_withheld = ""
             self.write_status()
             await asyncio.sleep(interval)
+
+    async def _others_lost_them_too(self, reach: dict[Plane, PlaneReach]) -> str:
+        """Read over the storage plane, the one this host still reaches: have so many other hosts lost
+        management and service as well (no heartbeat key left on either) that the fabric guard's rule
+        holds? Its evidence, or '' (also when etcd cannot be read: then this host counts as isolated)."""
+        # Another host's keys go when its leases expire, up to a TTL (+ etcd's 0.5 s expiry check)
+        # after the loss: read no earlier than that.
+        lost = max(reach[Plane.MANAGEMENT].since, reach[Plane.SERVICE].since)
+        await asyncio.sleep(max(0.0, lost + self.cfg.timings.lease_ttl + 1.0 - self.clock()))
+        try:
+            async with EtcdClient(self.cfg.planes.endpoints(Plane.STORAGE), timeout=PEER_READ_TIMEOUT,
+                                  name=f"{self.host}/isolation-check") as c:  # fmt: skip
+                hosts = await list_hosts(c, self.keys)
+                kvs, _ = await c.get_prefix(self.keys.heartbeat_prefix)
+        except EtcdError as e:
+            log.warning("host %s: cannot read the other hosts' heartbeats over storage (%s): taken as this "
+                        "host's isolation", self.host, e)  # fmt: skip
+            return ""
+        beating = {hp for kv in kvs if (hp := self.keys.parse_heartbeat(kv.key)) is not None}
+        # An agent stopped cleanly beats on no plane: it says nothing about the fabric.
+        domains = {h: r.domain for h, r in hosts.items() if r.fields.get(AGENT_STOPPED) is None}
+        domains[self.host] = self.domain
+        cut = {h for h in domains if h == self.host
+               or not any((h, p) in beating for p in (Plane.MANAGEMENT, Plane.SERVICE))}  # fmt: skip
+        return fabric_not_isolation(self.host, domains, cut, self.cfg.timings.health())
 
     def write_status(self) -> None:
         try:

@@ -25,7 +25,7 @@ changes and log lines. The rules, per (host, plane):
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vmha.core.log import Level, LogLine, evidence
@@ -222,6 +222,26 @@ class _Host:
 class _Outage:
     since: float
     hosts: set[str]
+
+
+def fabric_rule(lost: int, total: int, t: HealthTimings) -> bool:
+    """The fabric guard's rule: at least ``fabric_min_hosts`` hosts, and more than ``fabric_fraction``
+    of the ``total`` (all hosts, or those of one failure domain), lost the same plane."""
+    return lost >= t.fabric_min_hosts and lost > t.fabric_fraction * total
+
+
+def fabric_not_isolation(host: str, domains: Mapping[str, str], cut: Collection[str], t: HealthTimings) -> str:
+    """For an agent that lost some planes: did so many other hosts lose them too that it is a fabric
+    outage rather than this host's isolation? ``domains``: every host of the cluster (agents stopped
+    cleanly left out) -> its failure domain; ``cut``: those that lost the planes, this one included.
+    The fabric guard's rule, over the cluster and over this host's domain; the evidence, or ''."""
+    domain = domains.get(host)
+    members = [h for h, d in domains.items() if d == domain]
+    for group, where in ((list(domains), "the cluster"), (members, f"domain {domain}")):
+        lost = sum(h in cut for h in group)
+        if fabric_rule(lost, len(group), t):
+            return f"{lost} of the {len(group)} hosts of {where} lost them too"
+    return ""
 
 
 class HealthCore:
@@ -497,7 +517,7 @@ class HealthCore:
             self._reindex(host, plane, tr)
 
     def _exceeds(self, lost: int, total: int) -> bool:
-        return lost >= self.t.fabric_min_hosts and lost > self.t.fabric_fraction * total
+        return fabric_rule(lost, total, self.t)
 
     def _check_fabric(self, plane: Plane, now: float, out: HealthOutput) -> None:
         # Only the hosts that lost the plane are visited: O(lost + domains), not O(hosts).
