@@ -188,8 +188,11 @@ def test_host_failures_restart_every_vm_once_elsewhere(lab: LabState, kind: str)
     assert set(tl.proofs) == set(tl.vms), f"restarts without a recorded fence proof: {tl.proofs}"
 
 
-def test_fabric_outage_moves_nothing(lab: LabState) -> None:
-    tl = _run(lab, "fabric")
+@pytest.mark.parametrize("kind", ["fabric", "fabric-isolation"])
+def test_fabric_outage_moves_nothing(lab: LabState, kind: str) -> None:
+    """fabric-isolation: every host loses management and service at once; no agent may take it for its
+    own isolation and stop its VMs (the manager, seeing FABRIC, would restart none)."""
+    tl = _run(lab, kind)
     assert tl.detected is not None
     assert tl.ok, tl.problems
     assert all(d == 0 for d in tl.downtime.values())
@@ -204,7 +207,8 @@ def test_verify_finds_no_split_brain(lab: LabState) -> None:
     assert set(report["downtime"]) == set(lab.vms)
     assert [f["fault"] for f in report["faults"]] == [
         "management", "fabric service",  # test_fault_commands_cut_and_restore
-        "management", "service", "storage", "management+service", "power-off", "fabric service"]
+        "management", "service", "storage", "management+service", "power-off", "fabric service",
+        "fabric management+service"]
     assert report["ok"], [f for f in report["faults"] if not f["ok"]]
 
 

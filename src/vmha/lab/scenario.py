@@ -29,7 +29,8 @@ from vmha.lab.verify import check_disk, downtime_between
 
 Echo = Callable[[str], None]
 
-# Fault classes: the planes each cuts on the host ("fabric" cuts one plane's bridge instead).
+# Fault classes: the planes each cuts on the host (the fabric classes cut the planes' bridges instead:
+# every host at once).
 CLASSES: dict[str, tuple[Plane, ...]] = {
     "management": (Plane.MANAGEMENT,),
     "service": (Plane.SERVICE,),
@@ -37,7 +38,10 @@ CLASSES: dict[str, tuple[Plane, ...]] = {
     "isolation": (Plane.MANAGEMENT, Plane.SERVICE),
     "power-off": (),
     "fabric": (Plane.SERVICE,),
+    # Every host "isolated" at once: a fabric outage, so no agent may stop its VMs (isolation response).
+    "fabric-isolation": (Plane.MANAGEMENT, Plane.SERVICE),
 }
+FABRIC = {"fabric", "fabric-isolation"}
 MOVES = {"service", "storage", "isolation", "power-off"}  # the classes whose VMs must end elsewhere
 OBSERVE = 10.0  # no-move classes: how long after detection nothing may move
 OUTCOME_TIMEOUT = 150.0  # longer than sanlock's host_dead at io_timeout 1 (~70 s) with margin
@@ -113,7 +117,7 @@ def _records_since(state: LabState, vms: list[str], t0: float) -> list[dict[str,
 def inject(state: LabState, kind: str, host: str, up: bool) -> None:
     if kind == "power-off":
         faults.power(state, host, on=up)
-    elif kind == "fabric":
+    elif kind in FABRIC:
         for p in CLASSES[kind]:
             faults.fabric(state, p.value, "up" if up else "down")
     else:
@@ -123,9 +127,8 @@ def inject(state: LabState, kind: str, host: str, up: bool) -> None:
 
 def _detected(state: LabState, kind: str, host: str) -> bool:
     view = health_view(state)
-    if kind == "fabric":
-        lost = CLASSES[kind][0].value
-        return any(v.get(lost) == "fabric" for v in view.values())
+    if kind in FABRIC:
+        return all(any(v.get(p.value) == "fabric" for v in view.values()) for p in CLASSES[kind])
     planes = PLANES if kind == "power-off" else CLASSES[kind]
     mine = view.get(host, {})
     return all(mine.get(p.value) == "down" for p in planes)
@@ -146,9 +149,9 @@ def run_fault(state: LabState, kind: str, host: str, echo: Echo) -> Timeline:
         raise LabError(f"unknown fault class {kind!r}: {', '.join(CLASSES)}")
     state.reload()
     before = running_on(state)
-    vms = sorted(vm for vm, hs in before.items() if host in hs) if kind != "fabric" else sorted(before)
+    vms = sorted(vm for vm, hs in before.items() if host in hs) if kind not in FABRIC else sorted(before)
     t0 = time.time()
-    tl = Timeline(kind, host if kind != "fabric" else "all", t0, vms)
+    tl = Timeline(kind, host if kind not in FABRIC else "all", t0, vms)
     echo(f"fault {kind} on {tl.host} (VMs there: {', '.join(vms) or 'none'})")
     inject(state, kind, host, up=False)
     try:
@@ -156,7 +159,7 @@ def run_fault(state: LabState, kind: str, host: str, echo: Echo) -> Timeline:
     finally:
         echo(f"repair {kind} on {tl.host}")
         inject(state, kind, host, up=True)
-    _settle(state, tl, host if kind != "fabric" else None)
+    _settle(state, tl, host if kind not in FABRIC else None)
     after = running_on(state)
     for vm in vms:
         hs = after.get(vm, [])
@@ -173,7 +176,7 @@ def run_fault(state: LabState, kind: str, host: str, echo: Echo) -> Timeline:
         tl.downtime[vm] = round(downtime_between(report, t0, now), 2)
         if report.split_brain:
             tl.problems.append(f"{vm}: SPLIT-BRAIN {[o.to_dict() for o in report.overlaps]}")
-        if kind in ("management", "fabric", "service") and tl.downtime[vm] > 0:
+        if kind in ("management", "service", *FABRIC) and tl.downtime[vm] > 0:
             tl.problems.append(f"{vm}: {tl.downtime[vm]} s downtime where none is allowed")
     return tl
 
