@@ -167,10 +167,10 @@ async def test_agent_status_shows_exactly_the_cut_plane(host: ProxiedHost) -> No
     assert out.returncode == 0
 
 
-async def test_isolation_hook_fires_once_when_management_and_service_are_lost(
-    host: ProxiedHost, tmp_path: Path
-) -> None:
-    # In-process: on_isolated is an injected callback (the lock layer's "stop local lease holders").
+@contextlib.asynccontextmanager
+async def isolation_agent(host: ProxiedHost, tmp_path: Path) -> AsyncIterator[tuple[Agent, list[float]]]:
+    """An in-process agent (isolation_after 1 s) whose on_isolated, the lock layer's "stop local lease
+    holders", records when it was called; running, every plane reachable."""
     cfg = config.load(host.config_path)
     cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"isolation_after": 1.0})})
     calls: list[float] = []
@@ -183,6 +183,16 @@ async def test_isolation_hook_fires_once_when_management_and_service_are_lost(
     task = asyncio.create_task(agent.run(stop))
     try:
         await until(lambda: all(r.reachable for r in agent.reach().values()), what="all reachable")
+        yield agent, calls
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_isolation_hook_fires_once_when_management_and_service_are_lost(
+    host: ProxiedHost, tmp_path: Path
+) -> None:
+    async with isolation_agent(host, tmp_path) as (agent, calls):
         await host.cut(Plane.MANAGEMENT)
         await asyncio.sleep(1.5)
         assert calls == []  # management alone is no isolation
@@ -196,9 +206,6 @@ async def test_isolation_hook_fires_once_when_management_and_service_are_lost(
         host.restore(Plane.MANAGEMENT)
         host.restore(Plane.SERVICE)
         await until(lambda: not agent.isolation_fired, what="re-armed")
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 async def test_isolation_response_withheld_when_the_other_hosts_lost_the_same_planes(
@@ -207,23 +214,12 @@ async def test_isolation_response_withheld_when_the_other_hosts_lost_the_same_pl
     """Three other hosts of the cluster (registered here, their management and service heartbeats on
     a lease this test holds). Only h1 cut: its isolation. All of them cut: a fabric outage, which the
     agent reads over storage; its VMs are left running."""
-    cfg = config.load(host.config_path)
-    cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"isolation_after": 1.0})})
     lease = await client.grant(60)
     for h in ("h2", "h3", "h4"):
         await register(client, K, h, "r1")
         for p in (Plane.MANAGEMENT, Plane.SERVICE):
             await client.put_json(K.heartbeat(h, p), {"host": h, "plane": p.value, "seq": 1, "t": 0}, lease=lease)
-    calls: list[float] = []
-
-    async def on_isolated() -> None:
-        calls.append(time.monotonic())
-
-    agent = Agent(cfg, status_path=tmp_path / "iso.json", on_isolated=on_isolated)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    try:
-        await until(lambda: all(r.reachable for r in agent.reach().values()), what="all reachable")
+    async with isolation_agent(host, tmp_path) as (agent, calls):
         await host.cut(Plane.MANAGEMENT)
         await host.cut(Plane.SERVICE)
         await until(lambda: calls, what="isolation callback")  # the others beat: h1 is isolated
@@ -239,9 +235,6 @@ async def test_isolation_response_withheld_when_the_other_hosts_lost_the_same_pl
         assert agent.isolation_withheld == "4 of the 4 hosts of the cluster lost them too"
         await asyncio.sleep(2.0)
         assert len(calls) == 1 and not agent.isolation_fired  # the VMs were left running
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
