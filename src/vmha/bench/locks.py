@@ -29,7 +29,7 @@ from vmha.core.planes import Plane
 from vmha.etcd.attest import AttestResponse, request_attestation
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
-from vmha.lab.net import LabNet, Node, kill_pids
+from vmha.lab.net import LabNet, Node, kill_pids, pid_alive
 from vmha.lab.sanlockd import LabSanlock, start_sanlock, stop_sanlock
 from vmha.lab.storage import MOUNT_POINT, SharedStorage
 from vmha.locks import LeaseHold, LockSpace, Prover
@@ -136,14 +136,6 @@ class KillPower:
 
     async def power_off(self, host: str, timeout: float) -> str:
         return f"killed {await asyncio.to_thread(self.a.power_off)}"
-
-
-def _dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 @click.command(name="locks")
@@ -266,7 +258,7 @@ def _proofs(base: Path, io: int, method: ProofMethod, repeat: int) -> None:
                 try:
                     await prover.prove(vm, "vt2ba", (method,), timeout=space.host_dead + 60)
                     took = time.monotonic() - t0
-                    assert _dead(holder.pid), "proof returned while the holder is alive"
+                    assert not pid_alive(holder.pid), "proof returned while the holder is alive"
                 finally:  # leaving the lockspace with a lease held would make sanlock kill this process
                     await prover.release_all()
                 return took
@@ -307,7 +299,7 @@ def _request_force_pair(space: LockSpace, a: HostA) -> tuple[float, float]:
                 t0 = time.monotonic()
                 await prover.prove(vm, "vt2ba", (ProofMethod.REQUEST_FORCE,), timeout=space.host_dead)
                 took.append(time.monotonic() - t0)
-                assert _dead(holder.pid), "proof returned while the holder is alive"
+                assert not pid_alive(holder.pid), "proof returned while the holder is alive"
         finally:
             await prover.release_all()
         return took[0], took[1]
@@ -368,7 +360,7 @@ def _exit_attested(base: Path, io: int, repeat: int) -> None:
                     try:
                         await prover.prove(vm, "vt2ba", (ProofMethod.EXIT_ATTESTED,), timeout=sp.renewal_fail + 30)
                         took = time.monotonic() - t0
-                        assert _dead(holder.pid), "proof returned while the holder is alive"
+                        assert not pid_alive(holder.pid), "proof returned while the holder is alive"
                     finally:
                         await prover.release_all()
                     return took

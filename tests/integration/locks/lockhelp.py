@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from vmha.etcd.attest import AttestResponse
 from vmha.lab.sanlockd import LabSanlock
 from vmha.locks import LockSpace, Prover
@@ -25,14 +23,6 @@ IO = 1  # io_timeout of every test lockspace: renewal failure after 8 s, host_de
 HOSTSIDE = Path(__file__).with_name("hostside.py")
 MGR_HOST_ID = 2
 A_HOST_ID = 1
-
-
-def alive(pid: int) -> bool:
-    """In the process table and not a zombie (our Popen children linger as zombies until reaped)."""
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
 
 
 @dataclass

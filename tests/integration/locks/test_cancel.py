@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 import sanlock
-from lockhelp import LockCluster, alive
+from lockhelp import LockCluster
 
 from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.lab.net import pid_alive as alive
 from vmha.locks import prover as prover_mod
 from vmha.locks.lease import recorded_holders
 

@@ -10,9 +10,10 @@ import signal
 import time
 
 import pytest
-from lockhelp import LockCluster, alive
+from lockhelp import LockCluster
 
 from vmha.core.fencing import ProofMethod
+from vmha.lab.net import pid_alive as alive
 from vmha.locks import HostState
 
 pytestmark = pytest.mark.integration

@@ -18,11 +18,12 @@ from typing import Any, cast
 
 import pytest
 from click.testing import CliRunner
-from lockhelp import IO, LockCluster, alive, new_lockspace
+from lockhelp import IO, LockCluster, new_lockspace
 
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
+from vmha.lab.net import pid_alive as alive
 from vmha.lab.sanlockd import LabSanlock, stop_sanlock
 from vmha.locks import (
     HostIdCollision,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from lockhelp import IO, LockCluster, SimHost, alive, join_both, leave_manager, new_lockspace
+from lockhelp import IO, LockCluster, SimHost, join_both, leave_manager, new_lockspace
 
 from vmha.core.fencing import ProofMethod
 from vmha.core.planes import Plane
@@ -24,6 +24,7 @@ from vmha.etcd.attest import AttestResponse, request_attestation
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.lab.net import LabNet, Node, kill_pids
+from vmha.lab.net import pid_alive as alive
 from vmha.lab.sanlockd import LabSanlock, start_sanlock, stop_sanlock
 from vmha.lab.storage import MOUNT_POINT, SharedStorage
 from vmha.locks import LockSpace
