@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from vmha.core.planes import Plane
-from vmha.lab import novalab
+from vmha.lab import libvirtd, novalab
 from vmha.lab.configs import agent_config
 from vmha.lab.net import LabError, Node, pid_alive, run, spawn
 from vmha.lab.sanlockd import start_sanlock
@@ -53,6 +53,8 @@ def boot_host(state: LabState, ns: NodeState) -> Node:
         proc = spawn([*node.enter(), *vmha_command("agent", "--config", str(cfg))],
                      state.logs / f"agent-{ns.name}.log")
         ns.pids["agent"] = proc.pid
+    if state.guests == "qemu":
+        ns.pids.update(libvirtd.start(state, node))
     if state.nova and not pid_alive(ns.pids.get(novalab.COMPUTE, 0)):
         ns.pids[novalab.COMPUTE] = novalab.start_compute(state, node)
     ns.power = "on"
