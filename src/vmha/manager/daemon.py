@@ -105,7 +105,8 @@ class Fencer(Protocol):
 
     async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
         """A proof that the VM's copy on `host` can no longer write; raises if none was obtained
-        (the exception's text is the reason; a `retryable` attribute False gives up at once)."""
+        (the exception's text is the reason; a `retryable` attribute False gives up at once; an `alert`
+        attribute names a cause the operator must fix, alerted once per proof)."""
         ...
 
     async def release(self, vm: str) -> None:
@@ -578,7 +579,8 @@ class Term:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # any failure to prove is a refusal; the text is the evidence
-            self.inbox.put(ProofRefused(vm, host, attempt, _reason(e), bool(getattr(e, "retryable", True))))
+            self.inbox.put(ProofRefused(vm, host, attempt, _reason(e), bool(getattr(e, "retryable", True)),
+                                        str(getattr(e, "alert", ""))))
             return
         self.inbox.put(ProofObtained(proof, attempt))
 
