@@ -87,7 +87,7 @@ from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import StaleTasks, TaskStore
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
-from vmha.manager.detection import HealthMonitor, unix_monotonic
+from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
 
 log = logging.getLogger("vmha.manager")
 
@@ -421,9 +421,13 @@ class Term:
             self.inbox.put(HealthUpdate(health))
         for host, since in sorted(self.monitor.agent_marks().items()):
             self._agent_mark(AgentStopped(host, since))
+        for host, why in sorted(self.monitor.locks_refused().items()):
+            await self._locks_refused(LocksRefused(host, why))
         async for change in changes:
             if isinstance(change, AgentStopped):
                 self._agent_mark(change)
+            elif isinstance(change, LocksRefused):
+                await self._locks_refused(change)
             elif isinstance(change, HealthChange):
                 status = change.health.planes[change.plane]
                 self.pending_events.append(
@@ -448,6 +452,16 @@ class Term:
             log.warning("manager %s: host %s: agent stopped cleanly at %.1f: alert only, no recovery from it "
                         "until it runs again", self.mgr.m.name, change.host, change.since)  # fmt: skip
         self.inbox.put(change)
+
+    async def _locks_refused(self, change: LocksRefused) -> None:
+        if change.why is None:
+            text, kind = f"host '{change.host}': its agent protects it again (lock settings right)", "log"
+            log.info("manager %s: %s", self.mgr.m.name, text)
+        else:
+            text, kind = f"host '{change.host}' is NOT protected: its agent refuses: {change.why}", "alert"
+            log.error("manager %s: ALERT %s", self.mgr.m.name, text)
+        level = Level.ERROR if change.why else Level.INFO
+        await self._durable(lambda: self.events.append(self.lead, [(level.value, "manager", text, kind)], time.time()))
 
     async def _enabled_hosts(self) -> None:
         """Tell the core (HostEnabled) and take a fresh inventory, in which the driver shows the

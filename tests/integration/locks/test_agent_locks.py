@@ -9,18 +9,21 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import sanlock
 from lockhelp import new_lockspace
 
 from vmha import config
-from vmha.agent.locks import AgentLocks
+from vmha.agent.locks import REJOIN_CHECK, AgentLocks
 from vmha.etcd import hostids
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.lab.sanlockd import LabSanlock
 from vmha.locks import acquire_for
+from vmha.locks.lease import recorded_holders
 from vmha.testing.etcd import EtcdProcess
 
 pytestmark = pytest.mark.integration
@@ -80,3 +83,57 @@ async def test_agent_joins_with_an_etcd_host_id_and_leaves_only_without_holders(
                 child.kill()
                 child.wait(timeout=5)
             space.leave(2)
+
+
+async def test_agent_records_holders_it_only_sees_through_sanlock(
+    manager_sanlock: LabSanlock, etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    """A lease acquired for a process by someone else (libvirt for QEMU) has no vmha record: the
+    running agent records it within a REJOIN_CHECK, and forgets the record once the process is gone."""
+    space = new_lockspace(tmp_path / "shared")
+    space.init()
+    space.create_lease("vm1")
+    url = etcd.client_urls[0]
+    cfg_path = tmp_path / "agent.toml"
+    cfg_path.write_text(
+        '[cluster]\nname = "vt2r"\n[host]\nname = "vt2mgr"\n'
+        + "".join(f'[planes.{p}]\nendpoints = ["{url}"]\n' for p in ("management", "storage", "service"))
+        + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = 1\n'
+    )
+    agent = AgentLocks(config.load(str(cfg_path)))
+    run = asyncio.create_task(agent.run())
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import signal; from vmha.locks import register_self as r\n"
+         "fd = r(); print('registered', flush=True); signal.pause()"],
+        stdout=subprocess.PIPE, text=True,
+    )
+
+    async def until(check: Callable[[], bool], what: str) -> None:
+        for _ in range(int((REJOIN_CHECK + 30) / 0.1)):
+            if check() or run.done():
+                break
+            await asyncio.sleep(0.1)
+        assert check(), f"{what}: {run.exception() if run.done() else 'not in time'}"
+
+    try:
+        await until(lambda: agent.host_id is not None, "agent joined")
+        assert child.stdout is not None and child.stdout.readline().strip() == "registered"
+        sanlock.acquire(space.bname, b"vm1", space.disks("vm1"), pid=child.pid)  # as libvirt does
+
+        def records() -> list[int]:  # other tests of this session leave records of their own vm1 holders
+            return [h.pid for h in recorded_holders("vm1") if h.pid == child.pid]
+
+        assert records() == []
+        await until(lambda: records() == [child.pid], "holder recorded")
+        child.kill()
+        child.wait(timeout=5)
+        await until(lambda: records() == [], "record of the exited holder pruned")
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=5)
+        await agent.stop()
+        space.leave(agent.host_id or 0)
