@@ -43,7 +43,7 @@ from vmha.etcd.attest import AttestResponse, AttestTimeout
 from vmha.etcd.client import EtcdError
 from vmha.locks.lease import LeaseHold
 from vmha.locks.power import PowerFence, PowerFenceError
-from vmha.locks.space import HostInfo, HostState, LeaseBusy, LockError, LockSpace, PaxosLeader, why
+from vmha.locks.space import HostInfo, HostState, LeaseBusy, LockError, LockSpace, why
 
 log = logging.getLogger("vmha.locks.prover")
 
@@ -266,13 +266,13 @@ class Prover:
             return await self._exit_attested(vm, host, host_id, end, trail)
         return await self._power(vm, host, host_id, end, trail)
 
-    async def _held_there(self, vm: str, host: str, host_id: int, trail: _Trail) -> PaxosLeader:
-        """The lease's leader record, if its last owner is host_id; _NeverHeld otherwise. Read before
+    async def _held_there(self, vm: str, host: str, host_id: int, trail: _Trail) -> None:
+        """_NeverHeld unless the lease's leader record names host_id as its last owner. Read before
         the lease is taken (the manager's acquire makes itself the owner) or reset (which zeroes it)."""
         leader = await asyncio.to_thread(self.space.leader, vm)
         trail.add(f"leader record {leader.text()}")
         if leader.lver > 0 and leader.owner_id == host_id:
-            return leader
+            return
         if leader.lver == 0:
             seen = "was never acquired since it was initialised or reset (lver 0)"
         else:
