@@ -139,6 +139,13 @@ class AgentConfig(_Strict):
     isolation_after: float = Field(3.0, ge=0)
 
 
+class LibvirtConfig(_Strict):
+    # The agent checks its host's libvirt lock settings at start (vmha.agent.libvirt_locks): QEMU must
+    # hold its VM lease through libvirt's sanlock lock manager, or no proof is evidence.
+    config_dir: Path = Path("/etc/libvirt")  # holds qemu.conf and qemu-sanlock.conf
+    required: bool = True  # false: a host without qemu.conf (no libvirt) is protected all the same
+
+
 class NovaConfig(_Strict):
     cloud: str = "envvars"  # clouds.yaml entry
     ha_metadata_key: str = "HA_Enabled"
@@ -171,6 +178,7 @@ class Config(_Strict):
     locks: LocksConfig | None = None
     manager: ManagerConfig | None = None
     agent: AgentConfig = AgentConfig()
+    libvirt: LibvirtConfig | None = None  # absent: libvirt's lock settings are not checked
     nova: NovaConfig = NovaConfig()
     libvirt: LibvirtConfig = LibvirtConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))

@@ -9,6 +9,7 @@ import pytest
 
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import HostHealth, PlaneStatus
+from vmha.core.log import Level
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
 from vmha.core.queue import Step, Task, TaskState
@@ -563,3 +564,22 @@ def test_a_move_ending_after_its_host_is_healthy_again_does_not_block_its_next_f
     out = c.step(HealthUpdate(health("h2", 30.0, management=DOWN, service=DOWN)), 30.0)
     assert sorted(p.vm for p in of(out, Prove)) == ["vm1", "vm2"]
     assert not any("already handled" in line.text for line in out.log)
+
+
+def test_a_lease_never_held_on_the_host_is_alerted_once_per_proof() -> None:
+    """The prover refuses a never-held lease and names the cause: the operator gets it as an alert of
+    its own (not only as the generic refusal, alerted after the last retry), once per proof attempt,
+    also when another method (power, host-dead) then proved."""
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    cause = "VM vm1: its lease was never acquired: is libvirt's lock_manager = \"sanlock\" configured on h2?"
+    out = c.step(ProofRefused("vm1", "h2", FIRST, "every method failed", True, cause), 12.0)
+    assert of(out, Alert) == [Alert(Level.ERROR, "h2", "vm1", cause)]
+    assert c.task("vm1").state == TaskState.RETRY_WAIT  # type: ignore[union-attr]
+    out = c.step(ProofRefused("vm1", "h2", FIRST, "every method failed"), 12.5)  # no cause: no alert
+    assert of(out, Alert) == []
+    proved = FenceProof("vm2", "h2", ProofMethod.HOST_DEAD, 10.0, 15.0, {"alert": cause})
+    out = c.step(ProofObtained(proved, FIRST), 15.0)
+    assert of(out, Alert) == [Alert(Level.ERROR, "h2", "vm2", cause)]
+    assert c.task("vm2").state == TaskState.MARKING_DOWN  # type: ignore[union-attr]

@@ -148,13 +148,15 @@ class ProofObtained:
 
 @dataclass(frozen=True, slots=True)
 class ProofRefused:
-    """Result of Prove: no method succeeded (yet). retryable=False gives up at once."""
+    """Result of Prove: no method succeeded (yet). retryable=False gives up at once. alert: a cause the
+    operator must fix, beyond "no proof yet" (a lease never held on the VM's host), alerted once."""
 
     vm: str
     host: str
     attempt: Attempt
     reason: str
     retryable: bool = True
+    alert: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,8 +478,8 @@ class RecoveryCore:
                 self._set_inventory(event, now, out)
             case ProofObtained(proof, attempt):
                 self._proof_obtained(proof, attempt, now, out)
-            case ProofRefused(vm, host, attempt, reason, retryable):
-                self._proof_refused(vm, host, attempt, reason, retryable, now, out)
+            case ProofRefused(vm, host, attempt, reason, retryable, alert):
+                self._proof_refused(vm, host, attempt, reason, retryable, now, out, alert)
             case StepDone():
                 self._step_done(event, now, out)
             case StepFailed(vm, step, reason, retryable):
@@ -845,7 +847,15 @@ class RecoveryCore:
                                f"(stale: the latest is {self._attempt(task)})"))
         return True
 
+    @staticmethod
+    def _proof_alert(vm: str, host: str, text: str, now: float, out: RecoveryOutput) -> None:
+        """What a proof attempt saw that the operator must fix (once per attempt, whatever its result)."""
+        if text:
+            out.log.append(LogLine(Level.ERROR, now, ACTOR, f"vm '{vm}': proof on '{host}': {text}"))
+            out.actions.append(Alert(Level.ERROR, host, vm, text))
+
     def _proof_obtained(self, proof: FenceProof, attempt: Attempt, now: float, out: RecoveryOutput) -> None:
+        self._proof_alert(proof.vm, proof.host, proof.details.get("alert", ""), now, out)
         if self._stale_proof(proof.vm, attempt, f"proof {proof.method.value}", now, out):
             return
         task = self.queue.get(proof.vm)
@@ -875,7 +885,8 @@ class RecoveryCore:
         self._mark_down(task, now, out, f"proof {proof.method.value} after {proof.proved - proof.started:.1f}s")
 
     def _proof_refused(self, vm: str, host: str, attempt: Attempt, reason: str, retryable: bool, now: float,
-                       out: RecoveryOutput) -> None:
+                       out: RecoveryOutput, alert: str = "") -> None:
+        self._proof_alert(vm, host, alert, now, out)
         if self._stale_proof(vm, attempt, f"refusal ({reason})", now, out):
             return
         if self._late_proof.get(vm) == attempt:

@@ -3,6 +3,8 @@
 The record outlives the agent (a host whose agent died is still a member whose planes are DOWN).
 A clean stop of the agent writes AGENT_STOPPED (the time) into it before the heartbeats end; the
 agent clears it once it beats again. The manager alerts, and recovers nothing, for a marked host.
+An agent that refuses to protect its host (libvirt's lock settings are wrong) writes LOCKS_REFUSED
+(why), and clears it once it joins the lockspace; the manager alerts it.
 register() merges its fields into whatever is stored (compare-and-swap on mod_revision), so fields
 written by other parts of vmha, such as the sanlock host_id, survive an agent restart.
 """
@@ -20,6 +22,8 @@ log = logging.getLogger("vmha.etcd.registry")
 
 # The agent's clean-stop mark in its host record: unix time of the stop, null (None) once it runs again.
 AGENT_STOPPED = "agent_stopped"
+# The agent's refusal to protect its host: the reason (text), null (None) once it protects it.
+LOCKS_REFUSED = "locks_refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +37,12 @@ class HostRecord:
         """When the host's agent was stopped cleanly (unix time); None while it runs (or crashed)."""
         t = self.fields.get(AGENT_STOPPED)
         return float(t) if isinstance(t, int | float) and not isinstance(t, bool) else None
+
+    @property
+    def locks_refused(self) -> str | None:
+        """Why the host's agent refuses to protect it (a non-string value is shown as stored); None if not."""
+        why = self.fields.get(LOCKS_REFUSED)
+        return None if why is None else str(why)
 
 
 def parse_host(keys: Keys, kv: KV, value: Any) -> HostRecord:

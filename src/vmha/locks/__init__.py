@@ -36,6 +36,7 @@ from vmha.locks.space import (
     LeaseMissing,
     LockError,
     LockSpace,
+    PaxosLeader,
     SanlockUnavailable,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "LeaseMissing",
     "LockError",
     "LockSpace",
+    "PaxosLeader",
     "PowerFence",
     "PowerFenceError",
     "ProofRefused",

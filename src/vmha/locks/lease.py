@@ -2,10 +2,12 @@
 inquire, and the host-local record of who holds what.
 
 Every holder is also recorded in holders_dir() (/run/vmha/lease-holders, a tmpfs: a reboot clears it
-with the processes). The record outlives the sanlock daemon's knowledge: once a lockspace has failed
-or the daemon has died, sanlock can no longer say which processes held the VM's lease, and the exit
-attestation must still check that each of them has left the process table. The record names the pid
-and its start time, so a reused pid is not mistaken for the holder.
+with the processes): by vmha when it acquires, and by the agent for holders it only sees through
+sanlock (record_seen_holders: a QEMU whose lease libvirt's lock manager acquired). The record
+outlives the sanlock daemon's knowledge: once a lockspace has failed or the daemon has died,
+sanlock can no longer say which processes held the VM's lease, and the exit attestation must still
+check that each of them has left the process table. The record names the pid and its start time,
+so a reused pid is not mistaken for the holder.
 
 sanlock keeps at most 8 leases per registered client; every LeaseHold registers its own client, so
 one process (the manager) can hold any number of leases, bounded by its file descriptors.
@@ -241,3 +243,15 @@ def live_holders(space: LockSpace) -> list[Holder]:
         if (h.vm, h.pid) not in found and h.alive():
             found[(h.vm, h.pid)] = h
     return sorted(found.values(), key=lambda h: (h.vm, h.pid))
+
+
+def record_seen_holders(space: LockSpace) -> list[Holder]:
+    """Records every lease holder the local daemon reports that has no record yet, and returns them:
+    a QEMU whose lease libvirt acquired for it is known only to sanlock, which forgets it when the
+    lockspace fails, and the exit attestation and the isolation response must still find it then.
+    The agent calls it periodically; a record stays until its process is gone (prune_records)."""
+    known = {(h.vm, h.pid) for h in recorded_holders()}
+    new = [h for h in live_holders(space) if (h.vm, h.pid) not in known]
+    for h in new:
+        record(h)
+    return new

@@ -15,6 +15,15 @@ alive on the shared storage: vSphere's datastore heartbeat, telling an isolated 
 So prove() never returns while the old copy can still write; when no method succeeds in time it
 raises ProofRefused with what each method saw.
 
+A free lease is evidence only of what held it. The methods that prove by a lease being (or becoming)
+free, lease-taken, request-force and exit-attested, prove only when the lease's leader record names
+the VM's host as its last owner (lver > 0, owner_id = its host_id): a process there held the lease and
+released it (exited, was stopped). A lease nobody ever acquired (a VM started without the lock
+manager, e.g. libvirt without lock_manager = "sanlock"), or one last held on another host, says
+nothing about the copy on this host: those methods refuse it, and the proof carries an alert naming
+the likely cause (ProofRefused.alert, or the proof's details["alert"] when power or host-dead, which
+are evidence about the host itself, proved anyway).
+
 The manager's process must talk to a sanlock daemon joined to the lockspace (its own host_id).
 """
 
@@ -45,17 +54,22 @@ Attest = Callable[[str, str, float], Awaitable[AttestResponse]]  # (host, vm, ti
 class ProofRefused(LockError):
     """No proof: the old copy may still be able to write. `attempts` says what each method saw."""
 
-    def __init__(self, vm: str, host: str, reason: str, attempts: Sequence[str] = ()) -> None:
+    def __init__(self, vm: str, host: str, reason: str, attempts: Sequence[str] = (), alert: str = "") -> None:
         super().__init__(f"no fence proof for VM {vm} on host {host}: {reason}"
                          + (f" [{'; '.join(attempts)}]" if attempts else ""))
         self.vm = vm
         self.host = host
         self.reason = reason
         self.attempts = list(attempts)
+        self.alert = alert  # a cause the operator must fix, beyond "no proof yet" ('' if none)
 
 
 class _Failed(Exception):
     """One method did not give a proof (the next one is tried)."""
+
+
+class _NeverHeld(_Failed):
+    """The lease was never held on the VM's host: no evidence about its copy there (alert-worthy)."""
 
 
 class _Trail:
@@ -65,6 +79,7 @@ class _Trail:
         self.t0 = time.monotonic()
         self.lines: list[str] = []
         self.states: list[str] = []
+        self.alert = ""  # the first never-held refusal of this proof: one alert per proof, not per method
 
     def add(self, text: str) -> None:
         self.lines.append(f"+{time.monotonic() - self.t0:.2f}s {text}")
@@ -194,6 +209,9 @@ class Prover:
             except (_Failed, LockError) as e:  # LockError: storage or the local daemon failed meanwhile
                 attempts.append(f"{method.value}: {e}")
                 trail.add(f"{method.value}: failed: {e}")
+                if isinstance(e, _NeverHeld) and not trail.alert:
+                    trail.alert = str(e)
+                    log.error("proof vm=%s host=%s method=%s refused: %s", vm, host, method.value, e)
                 continue
             self._held[vm] = hold
             try:
@@ -207,12 +225,13 @@ class Prover:
                 "host_states": " ".join(trail.states) or "not checked",
                 "failed_methods": "; ".join(attempts) or "none",
                 "trail": " | ".join(trail.lines),
-            })
+            } | ({"alert": trail.alert} if trail.alert else {}))
             log.info("proof vm=%s host=%s method=%s in %.1fs owners_before=[%s] states=[%s]", vm, host,
                      method.value, proof.proved - started, proof.details["owners_before"],
                      proof.details["host_states"])
             return proof
-        refused = ProofRefused(vm, host, "every method failed" if methods else "no method allowed", attempts)
+        refused = ProofRefused(vm, host, "every method failed" if methods else "no method allowed", attempts,
+                               trail.alert)
         log.warning("proof vm=%s host=%s refused: %s", vm, host, refused)
         raise refused
 
@@ -234,17 +253,36 @@ class Prover:
         self, method: ProofMethod, vm: str, host: str, host_id: int | None, budget: float, trail: _Trail
     ) -> LeaseHold:
         end = time.monotonic() + budget
-        if method is ProofMethod.LEASE_TAKEN:
-            return await self._take_or_fail(vm, trail)
-        if method is ProofMethod.REQUEST_FORCE:
-            return await self._request_force(vm, end, trail)
         if host_id is None:
             raise _Failed(f"host {host} has no sanlock host_id in etcd: cannot check its lease state")
+        if method is ProofMethod.LEASE_TAKEN:
+            await self._held_there(vm, host, host_id, trail)
+            return await self._take_or_fail(vm, trail)
+        if method is ProofMethod.REQUEST_FORCE:
+            return await self._request_force(vm, host, host_id, end, trail)
         if method is ProofMethod.HOST_DEAD:
             return await self._host_dead(vm, host_id, end, trail)
         if method is ProofMethod.EXIT_ATTESTED:
             return await self._exit_attested(vm, host, host_id, end, trail)
         return await self._power(vm, host, host_id, end, trail)
+
+    async def _held_there(self, vm: str, host: str, host_id: int, trail: _Trail) -> None:
+        """_NeverHeld unless the lease's leader record names host_id as its last owner. Read before
+        the lease is taken (the manager's acquire makes itself the owner) or reset (which zeroes it)."""
+        leader = await asyncio.to_thread(self.space.leader, vm)
+        trail.add(f"leader record {leader.text()}")
+        if leader.lver > 0 and leader.owner_id == host_id:
+            return
+        if leader.lver == 0:
+            seen = "was never acquired since it was initialised or reset (lver 0)"
+        else:
+            seen = (f"was last held by host_id {leader.owner_id} (gen {leader.owner_generation}, lver "
+                    f"{leader.lver}), not by {host}'s host_id {host_id}")
+        raise _NeverHeld(
+            f"VM {vm}: its lease {self.space.lease_path(vm)} {seen}: no process on host {host} holds or "
+            f"released it, so a free lease is no evidence that the VM stopped there. Is libvirt's "
+            f'lock_manager = "sanlock" configured on {host} (or does the VM run without its lease)?'
+        )
 
     async def _take(self, vm: str, *, dead_ok: bool = False) -> LeaseHold | None:
         """The lease, or None while another host may hold it. sanlock's acquire returns at once when
@@ -295,7 +333,10 @@ class Prover:
                 raise _Failed(f"{fail}: lease still held ({_owners_text(owners)})")
             await asyncio.sleep(self.poll)
 
-    async def _request_force(self, vm: str, end: float, trail: _Trail) -> LeaseHold:
+    async def _request_force(self, vm: str, host: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
+        # Held or released, the lease must be host_id's: REQ_FORCE against another host's holder, or
+        # a free lease nobody on the VM's host held, proves nothing about the copy there.
+        await self._held_there(vm, host, host_id, trail)
         hold = await self._take(vm)
         if hold is not None:
             trail.add("lease was free")
@@ -364,6 +405,9 @@ class Prover:
     async def _exit_attested(self, vm: str, host: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
         if self.attest is None:
             raise _Failed("no attestation channel configured")
+        # Free or held, the lease must be host_id's: attested "no holders left" on a host where no
+        # process ever held it (a VM run without its lease) is no evidence, nor is a reset of it.
+        await self._held_there(vm, host, host_id, trail)
         hold = await self._take(vm)
         if hold is not None:
             trail.add("lease was free")

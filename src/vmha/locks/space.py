@@ -109,6 +109,22 @@ class HostInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PaxosLeader:
+    """A VM lease's leader record as stored (sanlock's struct leader_record). A release zeroes only
+    the timestamp: owner_id, owner_generation and lver keep naming the last holder's host. An init or
+    a reset writes all of them 0. lver counts the acquisitions since then."""
+
+    owner_id: int
+    owner_generation: int
+    lver: int
+    timestamp: int  # 0: free
+
+    def text(self) -> str:
+        held = "free" if self.timestamp == 0 else f"held, timestamp {self.timestamp}"
+        return f"owner_id={self.owner_id} gen={self.owner_generation} lver={self.lver} {held}"
+
+
+@dataclass(frozen=True, slots=True)
 class DeltaLease:
     """One host_id's sector of the lockspace as stored: the daemon name (-e) and its last renewal."""
 
@@ -290,26 +306,39 @@ class LockSpace:
                 f"remove it and run `vmha locks init --vm {vm}`"
             )
 
-    def delta_leases(self) -> list[DeltaLease]:
-        """Every used host_id sector of the lockspace as stored (names need `sanlock direct dump`:
-        the binding cannot read a delta lease's owner name)."""
-        self._require_dir()
+    def _dump(self, path: Path, size: int) -> list[list[str]]:
+        """The records of `sanlock direct dump PATH:0:SIZE` as fields, read from storage itself
+        (direct I/O, no daemon): offset lockspace resource timestamp own gen [lver]. The binding
+        reads neither a delta lease's owner name nor a released lease's last owner."""
         try:
             cp = subprocess.run(
-                ["sanlock", "direct", "dump", f"{self.ids_path}:0:{self.max_hosts * SECTOR}"],
+                ["sanlock", "direct", "dump", f"{path}:0:{size}"],
                 capture_output=True, text=True, timeout=10 + 2 * self.io_timeout, check=False,
             )
         except subprocess.TimeoutExpired:
-            raise LeaseAreaError(f"reading {self.ids_path} timed out: is the shared storage reachable?") from None
+            raise LeaseAreaError(f"reading {path} timed out: is the shared storage reachable?") from None
         if cp.returncode != 0:
-            raise LeaseAreaError(f"reading {self.ids_path} failed: {cp.stderr.strip() or cp.stdout.strip()}")
-        out: list[DeltaLease] = []
-        for line in cp.stdout.splitlines()[1:]:
-            f = line.split()
-            # offset lockspace resource(host name) timestamp own gen
-            if len(f) >= 6 and f[0].isdigit() and f[4].isdigit():
-                out.append(DeltaLease(host_id=int(f[4]), name=f[2], timestamp=int(f[3]), generation=int(f[5])))
-        return out
+            raise LeaseAreaError(f"reading {path} failed: {cp.stderr.strip() or cp.stdout.strip()}")
+        rows = [line.split() for line in cp.stdout.splitlines()[1:]]
+        return [f for f in rows if len(f) >= 6 and f[0].isdigit() and f[3].isdigit() and f[4].isdigit()
+                and f[5].isdigit()]
+
+    def delta_leases(self) -> list[DeltaLease]:
+        """Every used host_id sector of the lockspace as stored (with each daemon's name, -e)."""
+        self._require_dir()
+        return [DeltaLease(host_id=int(f[4]), name=f[2], timestamp=int(f[3]), generation=int(f[5]))
+                for f in self._dump(self.ids_path, self.max_hosts * SECTOR)]
+
+    def leader(self, vm: str) -> PaxosLeader:
+        """The VM lease's leader record as stored: who held it last, even after a release."""
+        p = self.lease_path(vm)
+        rows = [f for f in self._dump(p, SECTOR) if len(f) >= 7 and f[6].isdigit()]
+        if not rows or rows[0][1] != self.name or rows[0][2] != vm:
+            got = f"{rows[0][1]}/{rows[0][2]}" if rows else "no leader record"
+            raise LeaseMissing(f"{p} is not a lease of {self.name}/{vm} ({got}): remove it and run "
+                               f"`vmha locks init --vm {vm}`")
+        f = rows[0]
+        return PaxosLeader(owner_id=int(f[4]), owner_generation=int(f[5]), lver=int(f[6]), timestamp=int(f[3]))
 
     # --- membership (local daemon) --------------------------------------------------------------------
     def check_host_id(self, host_id: int, host: str) -> None:

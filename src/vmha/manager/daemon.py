@@ -87,7 +87,7 @@ from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import StaleTasks, TaskStore
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
-from vmha.manager.detection import HealthMonitor, unix_monotonic
+from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
 
 log = logging.getLogger("vmha.manager")
 
@@ -105,7 +105,8 @@ class Fencer(Protocol):
 
     async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
         """A proof that the VM's copy on `host` can no longer write; raises if none was obtained
-        (the exception's text is the reason; a `retryable` attribute False gives up at once)."""
+        (the exception's text is the reason; a `retryable` attribute False gives up at once; an `alert`
+        attribute names a cause the operator must fix, alerted once per proof)."""
         ...
 
     async def release(self, vm: str) -> None:
@@ -424,9 +425,13 @@ class Term:
             self.inbox.put(HealthUpdate(health))
         for host, since in sorted(self.monitor.agent_marks().items()):
             self._agent_mark(AgentStopped(host, since))
+        for host, why in sorted(self.monitor.locks_refused().items()):
+            await self._locks_refused(LocksRefused(host, why))
         async for change in changes:
             if isinstance(change, AgentStopped):
                 self._agent_mark(change)
+            elif isinstance(change, LocksRefused):
+                await self._locks_refused(change)
             elif isinstance(change, HealthChange):
                 status = change.health.planes[change.plane]
                 self.pending_events.append(
@@ -451,6 +456,16 @@ class Term:
             log.warning("manager %s: host %s: agent stopped cleanly at %.1f: alert only, no recovery from it "
                         "until it runs again", self.mgr.m.name, change.host, change.since)  # fmt: skip
         self.inbox.put(change)
+
+    async def _locks_refused(self, change: LocksRefused) -> None:
+        if change.why is None:
+            text, kind = f"host '{change.host}': its agent protects it again (lock settings right)", "log"
+            log.info("manager %s: %s", self.mgr.m.name, text)
+        else:
+            text, kind = f"host '{change.host}' is NOT protected: its agent refuses: {change.why}", "alert"
+            log.error("manager %s: ALERT %s", self.mgr.m.name, text)
+        level = Level.ERROR if change.why else Level.INFO
+        await self._durable(lambda: self.events.append(self.lead, [(level.value, "manager", text, kind)], time.time()))
 
     async def _enabled_hosts(self) -> None:
         """Tell the core (HostEnabled) and take a fresh inventory, in which the driver shows the
@@ -582,7 +597,8 @@ class Term:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # any failure to prove is a refusal; the text is the evidence
-            self.inbox.put(ProofRefused(vm, host, attempt, _reason(e), bool(getattr(e, "retryable", True))))
+            self.inbox.put(ProofRefused(vm, host, attempt, _reason(e), bool(getattr(e, "retryable", True)),
+                                        str(getattr(e, "alert", ""))))
             return
         self.inbox.put(ProofObtained(proof, attempt))
 

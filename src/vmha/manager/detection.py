@@ -31,6 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from vmha.core.health import (
@@ -62,7 +63,19 @@ log = logging.getLogger("vmha.health")
 # AgentStopped is the recovery core's event: the mark is not health (the planes go DOWN as the
 # leases run out), it tells recovery why. It travels here because it lives in the host records
 # this monitor watches anyway.
-Change = HealthChange | FabricChange | AgentStopped
+
+
+@dataclass(frozen=True, slots=True)
+class LocksRefused:
+    """A host's agent refuses to protect it (registry.LOCKS_REFUSED: libvirt's lock settings are
+    wrong): why, or None once it protects the host. The manager alerts it; recovery is unchanged (a VM
+    of that host holds no lease, so its proofs are refused as never held)."""
+
+    host: str
+    why: str | None
+
+
+Change = HealthChange | FabricChange | AgentStopped | LocksRefused
 
 _LEVELS = {Level.INFO: logging.INFO, Level.WARN: logging.WARNING, Level.ERROR: logging.ERROR}
 
@@ -106,6 +119,7 @@ class HealthMonitor:
         self._dirty_fabric: list[FabricChange] = []
         self._hosts_listed = asyncio.Event()
         self._agent_stopped: dict[str, float] = {}  # host -> when its agent stopped cleanly
+        self._locks_refused: dict[str, str] = {}  # host -> why its agent refuses to protect it
         self._etcd_ok = True
         # Running totals for benchmarks and operators: heartbeat events received, core steps taken
         # (single events and heartbeat batches), writes of the health view to etcd and host records in them.
@@ -123,6 +137,10 @@ class HealthMonitor:
     def agent_marks(self) -> dict[str, float]:
         """Hosts whose agent stopped cleanly (registry.AGENT_STOPPED), and since when."""
         return dict(self._agent_stopped)
+
+    def locks_refused(self) -> dict[str, str]:
+        """Hosts whose agent refuses to protect them (registry.LOCKS_REFUSED), and why."""
+        return dict(self._locks_refused)
 
     def subscribe(self) -> AsyncIterator[Change]:
         """Every HealthChange, FabricChange and AgentStopped from now on, in order (an unbounded
@@ -233,6 +251,16 @@ class HealthMonitor:
             return
         self.step(HostSeen(rec.host, rec.domain))
         self._set_mark(rec.host, rec.agent_stopped)
+        self._set_refused(rec.host, rec.locks_refused)
+
+    def _set_refused(self, host: str, why: str | None) -> None:
+        if self._locks_refused.get(host) == why:
+            return
+        if why is None:
+            del self._locks_refused[host]
+        else:
+            self._locks_refused[host] = why
+        self._publish(LocksRefused(host, why))
 
     def _set_mark(self, host: str, since: float | None) -> None:
         if self._agent_stopped.get(host) == since:
@@ -247,6 +275,8 @@ class HealthMonitor:
         host = key[len(self.keys.hosts_prefix) :]
         if host in self._agent_stopped:
             self._set_mark(host, None)
+        if host in self._locks_refused:
+            self._set_refused(host, None)
         if self.core.has_host(host):
             self.step(HostGone(host))
             self._dirty_hosts[host] = None

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
+import sanlock
+
 from vmha.etcd.attest import serve_attestations
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
-from vmha.locks import Attestation, LockSpace, acquire_self, attest_exit, stop_lease_holders
+from vmha.locks import Attestation, LockSpace, acquire_self, attest_exit, register_self, stop_lease_holders
+from vmha.locks.lease import record_seen_holders
 
 
 def space(a: dict[str, object]) -> LockSpace:
@@ -33,6 +37,21 @@ def main() -> None:
         print("held", flush=True)
         signal.pause()
         hold.release()
+    elif cmd == "register":
+        # A QEMU under libvirt: registered with the host's sanlock, its lease acquired for it by another
+        # process (libvirtd's sanlock plugin), which writes no vmha holder record.
+        if a.get("ignore_term"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        fd = register_self()
+        print("registered", flush=True)
+        signal.pause()
+        os.close(fd)
+    elif cmd == "acquire-for":  # what libvirt's lock manager does for the QEMU pid: no record
+        s = space(a)
+        sanlock.acquire(s.bname, str(a["vm"]).encode(), s.disks(str(a["vm"])), pid=int(str(a["pid"])))
+        print("acquired", flush=True)
+    elif cmd == "sweep":  # the agent's periodic recording
+        print(" ".join(f"{h.vm}:{h.pid}" for h in record_seen_holders(space(a))) or "-", flush=True)
     elif cmd == "isolate":
         stopped = asyncio.run(stop_lease_holders(space(a), grace=float(str(a["grace"]))))
         print(stopped.text(), flush=True)

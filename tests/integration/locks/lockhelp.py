@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -13,9 +14,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
+from vmha.core.fencing import ProofMethod
 from vmha.etcd.attest import AttestResponse
 from vmha.lab.sanlockd import LabSanlock
-from vmha.locks import LockSpace, Prover
+from vmha.locks import LockSpace, ProofRefused, Prover
 from vmha.locks.power import PowerFence
 
 Attest = Callable[[str, str, float], Awaitable[AttestResponse]]
@@ -106,6 +110,35 @@ class LockCluster:
     def release_all(self) -> None:
         for p in self.provers:
             asyncio.run(p.release_all())
+
+
+def held_then_released(a: SimHost, vm: str) -> None:
+    """A process on host A holds the VM's lease and exits (SIGTERM): the lease is free and its leader
+    record names A as its last owner, as after a VM stopped by the isolation response."""
+    holder = a.start("hold", "held", vm=vm)
+    holder.terminate()
+    assert holder.wait(timeout=5) == -15
+
+
+# The proof methods that prove by a free (or freed) lease: refused on a lease never held on the host.
+FREE_LEASE_METHODS = (ProofMethod.LEASE_TAKEN, ProofMethod.REQUEST_FORCE, ProofMethod.EXIT_ATTESTED)
+
+
+async def assert_never_held_refused(prover: Prover, vm: str, host: str, seen: str,
+                                    methods: tuple[ProofMethod, ...] = FREE_LEASE_METHODS) -> ProofRefused:
+    """prove() refuses every method, each naming the VM, the host and what the leader record shows
+    (`seen`, a regex), and the refusal carries one alert with the likely cause. Also for a real QEMU
+    guest started without libvirt's sanlock lock manager (the prover never looks at who runs the VM)."""
+    with pytest.raises(ProofRefused) as e:
+        await prover.prove(vm, host, methods, timeout=20)
+    assert [a.split(":")[0] for a in e.value.attempts] == [m.value for m in methods]
+    for attempt in e.value.attempts:
+        assert re.search(rf"VM {vm}: its lease \S+ {seen}: no process on host {host} holds or released it",
+                         attempt), attempt
+    assert re.search(rf"^VM {vm}: its lease \S+ {seen}: .*Is libvirt's lock_manager = \"sanlock\" configured "
+                     rf"on {host}", e.value.alert), e.value.alert
+    assert prover.held() == []
+    return e.value
 
 
 def new_lockspace(path: Path) -> LockSpace:

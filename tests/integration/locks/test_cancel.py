@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import sanlock
-from lockhelp import LockCluster
+from lockhelp import LockCluster, held_then_released
 
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.lab.net import pid_alive as alive
@@ -61,6 +61,7 @@ def gate_acquire(monkeypatch: pytest.MonkeyPatch) -> Gate:
 
 
 def start_proof(cluster: LockCluster, p: prover_mod.Prover) -> asyncio.Task[FenceProof]:
+    held_then_released(cluster.a, "vm1")  # a free lease proves only once held on the VM's host
     return asyncio.create_task(p.prove("vm1", cluster.a.name, (ProofMethod.LEASE_TAKEN,), timeout=20))
 
 

@@ -45,6 +45,7 @@ driver = "nova"
     finally:
         stop_sanlock(daemon)
     assert r.returncode == 0, r.stderr[-3000:]
-    proof = json.loads(r.stdout.splitlines()[-1])
-    assert (proof["vm"], proof["host"], proof["method"]) == ("vm1", "h1", "lease-taken")
+    refused, proof = (json.loads(line) for line in r.stdout.splitlines()[-2:])
+    assert "VM vm2: its lease" in refused["refused"] and "was never acquired" in refused["alert"]
+    assert (proof["vm"], proof["host"], proof["method"]) == ("vm1", "mgr-p", "lease-taken")
     assert "joined lockspace vt5 as host_id 1" in r.stderr
