@@ -160,6 +160,10 @@ class LibvirtConfig(_Strict):
     # host -> its libvirtd's URI over the management plane (qemu+tls://... or qemu+ssh://...): the
     # libvirt driver (vmha.drivers.libvirt) starts, destroys and live-migrates domains through them.
     hosts: dict[Name, str] = Field(default_factory=dict)
+    # libvirt calls a live migration unsafe unless it knows the disks' filesystem as shared (NFS,
+    # GFS2, OCFS2, CephFS, GlusterFS...; libvirt 9). Set true only where the storage is shared and
+    # the disks use cache="none" (the lab's sshfs storage, which libvirt does not recognise).
+    migrate_unsafe: bool = False
 
     @field_validator("hosts")
     @classmethod

@@ -67,12 +67,14 @@ def protection(xml: str) -> int | None:
 class LibvirtDriver:
     name = "libvirt"
 
-    def __init__(self, client: EtcdClient, keys: Keys, uris: Mapping[str, str]) -> None:
+    def __init__(self, client: EtcdClient, keys: Keys, uris: Mapping[str, str], *,
+                 migrate_unsafe: bool = False) -> None:
         if not uris:
             raise DriverError("libvirt driver: no hosts configured ([libvirt.hosts])", retryable=False)
         self.client = client
         self.keys = keys
         self.uris = dict(uris)
+        self.migrate_unsafe = migrate_unsafe
         self._conns: dict[str, Any] = {}
         self._unreachable: dict[str, float] = {}  # host -> monotonic time until which it is not asked
         # Threads stuck on an unreachable host's TCP connection must not block the others' calls.
@@ -288,6 +290,8 @@ class LibvirtDriver:
         errors = []
         for target in await self._targets(dest, exclude={source}):
             flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+            if self.migrate_unsafe:
+                flags |= libvirt.VIR_MIGRATE_UNSAFE
             try:
                 dom = await self._call(lambda: conn.lookupByName(vm))
                 if await self._call(dom.isPersistent):

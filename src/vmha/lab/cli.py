@@ -182,13 +182,15 @@ DEMO_FAULTS = ("management", "service", "storage", "isolation", "power-off", "fa
 
 @click.command("demo")
 @click.option("--keep", is_flag=True, help="leave the lab up afterwards (`vmha lab down` removes it)")
+@click.option("--guests", type=click.Choice(["process", "qemu"]), default="process", show_default=True,
+              help="qemu: real QEMU guests under libvirt (slower to boot); process: the vmha-vm stand-ins")
 @_dir_option
-def demo(keep: bool, lab_dir: Path) -> None:
+def demo(keep: bool, guests: str, lab_dir: Path) -> None:
     """Lab up (4 hosts, 8 VMs), one fault of each class with its timeline, verify, lab down."""
     t0 = time.monotonic()
     ok = False
     try:
-        state = cluster.up(lab_dir, 4, 8, 1, echo=_echo)
+        state = cluster.up(lab_dir, 4, 8, 1, echo=_echo, guests=guests)
         _print_status(cluster.status(state))
         timelines = []
         for kind in DEMO_FAULTS:

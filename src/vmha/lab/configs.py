@@ -71,6 +71,8 @@ def manager_config(state: LabState, name: str) -> Path:
         sections["nova"] = {"cloud": CLOUD, "vm_names": "name"}
     if state.guests == "qemu":
         # Each host's libvirtd over the management plane (vmha.lab.libvirtd: lab-only TCP transport).
+        # The lab's sshfs storage is shared (disks with cache="none"), but libvirt 9 does not know it.
+        sections["libvirt"] = {"migrate_unsafe": True}
         sections["libvirt.hosts"] = {h: libvirt_uri(state.node(h)) for h in sorted(state.hosts)}
     return _write(state.configs / f"manager-{name}.toml", sections)
 

@@ -48,6 +48,8 @@ def boot_host(state: LabState, ns: NodeState) -> Node:
         d = start_sanlock(ns.name, enter=node.enter(), kill_grace=KILL_GRACE,
                           log_path=state.logs / f"sanlock-{ns.name}.log")
         ns.pids["sanlock"] = d.pid
+    if state.guests == "qemu" and not pid_alive(ns.pids.get("agent", 0)):
+        libvirtd.prepare(state, node)  # the agent checks libvirt's lock settings at start
     if not pid_alive(ns.pids.get("agent", 0)):
         cfg = agent_config(state, ns.name)
         proc = spawn([*node.enter(), *vmha_command("agent", "--config", str(cfg))],

@@ -73,6 +73,17 @@ def _write_configs(state: LabState, node: Node) -> None:
         "auto_disk_leases = 0\nrequire_lease_for_disks = 0\n")
 
 
+def prepare(state: LabState, node: Node) -> None:
+    """The host's libvirt configuration, mounted where libvirtd and the agent (which checks the lock
+    settings at start) read it: before either starts."""
+    _write_configs(state, node)
+    base = root(state, node.name)
+    mounts = [f"mkdir -p {d} /run/libvirt && (mountpoint -q {d} || mount --bind {shlex.quote(str(base / s))} {d})"
+              for d, s in BIND_DIRS.items()]
+    mounts.append("(mountpoint -q /run/libvirt || mount -t tmpfs -o mode=0755 vmha-lab /run/libvirt)")
+    run([*node.enter(), "sh", "-c", " && ".join(mounts)])
+
+
 def start(state: LabState, node: Node) -> dict[str, int]:
     """Starts the host's guest clock service and libvirtd (each unless running); returns their pids."""
     ns = state.hosts[node.name]
@@ -82,13 +93,9 @@ def start(state: LabState, node: Node) -> dict[str, int]:
                       node.name, str(CLOCK_SOCKET)], state.logs / f"guestclock-{node.name}.log")
         pids["guestclock"] = proc.pid
     if not pid_alive(ns.pids.get("libvirtd", 0)):
-        _write_configs(state, node)
-        base = root(state, node.name)
-        mounts = [f"mkdir -p {d} /run/libvirt && (mountpoint -q {d} || mount --bind {shlex.quote(str(base / s))} {d})"
-                  for d, s in BIND_DIRS.items()]
-        mounts.append("(mountpoint -q /run/libvirt || mount -t tmpfs -o mode=0755 vmha-lab /run/libvirt)")
-        script = " && ".join([*mounts, "exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid"])
-        proc = spawn([*node.enter(), "sh", "-c", script], state.logs / f"libvirtd-{node.name}.log")
+        prepare(state, node)
+        proc = spawn([*node.enter(), "libvirtd", "--listen", "--pid-file", "/run/libvirt/libvirtd.pid"],
+                     state.logs / f"libvirtd-{node.name}.log")
         pids["libvirtd"] = proc.pid
         _wait_ready(state, node, proc.pid)
     return pids

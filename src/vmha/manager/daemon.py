@@ -159,7 +159,8 @@ def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
     if cfg.require_manager().driver == "libvirt":
         from vmha.drivers.libvirt import LibvirtDriver
 
-        return LibvirtDriver(client, Keys(cfg.cluster.name), cfg.libvirt.hosts)
+        return LibvirtDriver(client, Keys(cfg.cluster.name), cfg.libvirt.hosts,
+                             migrate_unsafe=cfg.libvirt.migrate_unsafe)
     if cfg.require_manager().driver == "nova":
         from vmha.drivers.nova import NovaDriver
 
