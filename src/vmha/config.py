@@ -139,13 +139,6 @@ class AgentConfig(_Strict):
     isolation_after: float = Field(3.0, ge=0)
 
 
-class LibvirtConfig(_Strict):
-    # The agent checks its host's libvirt lock settings at start (vmha.agent.libvirt_locks): QEMU must
-    # hold its VM lease through libvirt's sanlock lock manager, or no proof is evidence.
-    config_dir: Path = Path("/etc/libvirt")  # holds qemu.conf and qemu-sanlock.conf
-    required: bool = True  # false: a host without qemu.conf (no libvirt) is protected all the same
-
-
 class NovaConfig(_Strict):
     cloud: str = "envvars"  # clouds.yaml entry
     ha_metadata_key: str = "HA_Enabled"
@@ -157,8 +150,12 @@ class NovaConfig(_Strict):
 
 
 class LibvirtConfig(_Strict):
-    # host -> its libvirtd's URI over the management plane (qemu+tls://... or qemu+ssh://...): the
-    # libvirt driver (vmha.drivers.libvirt) starts, destroys and live-migrates domains through them.
+    # Agent: it checks its host's libvirt lock settings at start (vmha.agent.libvirt_locks): QEMU must
+    # hold its VM lease through libvirt's sanlock lock manager, or no proof is evidence.
+    config_dir: Path = Path("/etc/libvirt")  # holds qemu.conf and qemu-sanlock.conf
+    required: bool = True  # false: a host without qemu.conf (no libvirt) is protected all the same
+    # Manager (driver = "libvirt"): host -> its libvirtd's URI over the management plane (qemu+tls://
+    # or qemu+ssh://): the libvirt driver starts, destroys and live-migrates domains through them.
     hosts: dict[Name, str] = Field(default_factory=dict)
     # libvirt calls a live migration unsafe unless it knows the disks' filesystem as shared (NFS,
     # GFS2, OCFS2, CephFS, GlusterFS...; libvirt 9). Set true only where the storage is shared and
@@ -184,7 +181,6 @@ class Config(_Strict):
     agent: AgentConfig = AgentConfig()
     libvirt: LibvirtConfig | None = None  # absent: libvirt's lock settings are not checked
     nova: NovaConfig = NovaConfig()
-    libvirt: LibvirtConfig = LibvirtConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[str, dict[str, str | int | bool]] = Field(default_factory=dict)

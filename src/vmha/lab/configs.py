@@ -52,6 +52,8 @@ def agent_config(state: LabState, host: str) -> Path:
     sections = _common(state)
     sections["host"] = {"name": host, "domain": "default"}
     sections["agent"] = {"isolation_response": "stop"}
+    if state.guests == "qemu":  # the agent checks the host's libvirt lock settings (vmha.lab.libvirtd)
+        sections["libvirt"] = {"config_dir": "/etc/libvirt"}
     return _write(state.configs / f"agent-{host}.toml", sections)
 
 

@@ -159,6 +159,8 @@ def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
     if cfg.require_manager().driver == "libvirt":
         from vmha.drivers.libvirt import LibvirtDriver
 
+        if cfg.libvirt is None or not cfg.libvirt.hosts:
+            raise ConfigError('manager.driver = "libvirt" needs [libvirt.hosts]: each host\'s libvirtd URI')
         return LibvirtDriver(client, Keys(cfg.cluster.name), cfg.libvirt.hosts,
                              migrate_unsafe=cfg.libvirt.migrate_unsafe)
     if cfg.require_manager().driver == "nova":
