@@ -223,16 +223,16 @@ def test_verify_finds_no_split_brain(lab: LabState) -> None:
 
 def test_verify_exits_1_on_a_split_brain(lab: LabState) -> None:
     """Last: a second writer's record amid the running copy's makes the disk split. It is forged in
-    place, a few records back (a guest writes at an offset of its own: an appended line would be
-    overwritten), with another host's name of the same length."""
+    place, 200 records back (a guest writes at an offset of its own and rewrites the page it appends
+    to: a line there would be overwritten), with another host's name of the same length."""
     disk = lab.disk_on_controller("vm1")
     data = disk.read_bytes()[: 1 << 26]
     lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
-    offset = sum(len(line) for line in lines[:-6])
-    rec = json.loads(lines[-6])
+    offset = sum(len(line) for line in lines[:-200])
+    rec = json.loads(lines[-200])
     other = next(h for h in sorted(lab.hosts) if h != rec["host"] and len(h) == len(rec["host"]))
-    forged = lines[-6].replace(f'"host": "{rec["host"]}"'.encode(), f'"host": "{other}"'.encode())
-    assert forged != lines[-6]
+    forged = lines[-200].replace(f'"host": "{rec["host"]}"'.encode(), f'"host": "{other}"'.encode())
+    assert forged != lines[-200]
     with disk.open("r+b") as f:
         f.seek(offset)
         f.write(forged)
