@@ -16,8 +16,10 @@ from collections.abc import Iterator
 import pytest
 from labcheck import assert_nothing_left, echo
 
-from vmha.lab import cluster, faults, libvirtd, scenario
+from vmha.lab import cluster, etcdq, faults, libvirtd, scenario
 from vmha.lab.state import LabState
+from vmha.lab.vms import writing_on
+from vmha.testing.wait import until_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -53,11 +55,11 @@ def test_guest_without_its_lease_gets_no_proof_and_no_second_copy(lab: LabState)
     path = lab.dir / "libvirt" / "vmx.xml"
     path.write_text(no_lease)
     libvirtd.virsh(lab.node("h1"), "create", str(path), timeout=60)
-    deadline = time.monotonic() + 60
-    while not scenario.writes_elsewhere(lab, "vmx", "none", time.time() - 5):
-        assert time.monotonic() < deadline, "vmx never wrote its disk"
-        time.sleep(0.5)
-    time.sleep(12)  # the manager's inventory (every 10 s) records vmx as protected, on h1
+    started = time.time()
+    until_sync(lambda: writing_on(lab, "vmx", "h1", started), "vmx writing on h1", timeout=60)
+    key = cluster.KEYS.driver("libvirt", "domains", "vmx")
+    until_sync(lambda: etcdq.get_json_prefix(lab, key)[0].get(key, {}).get("host") == "h1",
+               "the manager's inventory recording vmx as protected, on h1", timeout=30)
 
     t0 = time.time()
     echo("isolating h1: management and service down")

@@ -35,6 +35,7 @@ from vmha.lab.net import LabError, pid_alive, run
 from vmha.lab.state import CLUSTER, LabState
 from vmha.lab.vm import disk_lines
 from vmha.lab.vms import writing_on
+from vmha.testing.wait import until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +51,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
         for role, pid in sorted(state.controller.pids.items()):
             if role.startswith("manager-"):  # this test alone drives the guests
                 os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 30
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
+                until_sync(lambda p=pid: not pid_alive(p), f"{role} stopped", timeout=30)
         yield state
     finally:
         cluster.down(lab_dir)
@@ -94,14 +93,6 @@ def _copies(lab: LabState, vm: str) -> list[str | None]:
     return scenario.running_on(lab).get(vm, [])
 
 
-def _wait_writes(lab: LabState, vm: str, host: str, since: float, timeout: float = 60) -> float:
-    deadline = time.monotonic() + timeout
-    while not writing_on(lab, vm, host, since):
-        assert time.monotonic() < deadline, f"{vm} does not write on {host}"
-        time.sleep(0.1)
-    return time.time()
-
-
 def test_discovery_reads_protection_from_metadata(lab: LabState) -> None:
     plain = re.sub(r"\s*<metadata>.*?</metadata>", "", libvirtd.domain_xml(lab, "plain"), flags=re.S)
     plain = re.sub(r"\s*<lease>.*?</lease>", "", plain, flags=re.S)
@@ -122,7 +113,7 @@ def test_live_migration_moves_the_running_guest(lab: LabState) -> None:
     dest = in_controller(lab, lambda d: d.live_migrate("vm1", "h1", None))
     assert dest == "h2"
     assert _copies(lab, "vm1") == ["h2"]
-    _wait_writes(lab, "vm1", "h2", t0)
+    until_sync(lambda: writing_on(lab, "vm1", "h2", t0), "vm1 writing on h2", timeout=60)
     recs = [json.loads(line) for line in disk_lines(lab.disk_on_controller("vm1")) if line.strip()]
     seqs = [r["seq"] for r in recs]
     assert seqs == list(range(1, len(seqs) + 1)), "seq must go on across the migration"
@@ -152,7 +143,7 @@ def test_evacuation_starts_the_recorded_definition_elsewhere(lab: LabState) -> N
     libvirtd.virsh(lab.node("h2"), "destroy", "vm1")  # the guest is gone; its lease released by QEMU's exit
     t0 = time.time()
     assert in_controller(lab, lambda d: d.evacuate("vm1", "h2", "h1")) == "h1"
-    _wait_writes(lab, "vm1", "h1", t0)
+    until_sync(lambda: writing_on(lab, "vm1", "h1", t0), "vm1 writing on h1", timeout=60)
     held = libvirtd.virsh(lab.node("h1"), "list", "--name").stdout.split()
     assert held == ["vm1"]
     status = run([*lab.node("h1").enter(), "sanlock", "client", "status"]).stdout
