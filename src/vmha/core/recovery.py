@@ -66,6 +66,14 @@ class RecoverySettings:
     # A host back before its VMs were proved dead: one lease-taken attempt this long decides whether
     # sanlock killed them meanwhile (recovery continues) or they still run (cancelled).
     recheck_timeout: float = 5.0
+    # A host vmha took out (disabled, or fenced and marked down) rejoins once healthy this long: every
+    # plane UP and, if it was fenced, the rejoin check passed (CheckRejoin). 0: never, the operator
+    # runs `vmha host enable`.
+    rejoin_after: float = 60.0
+    # A host that failed this many times within quarantine_window seconds stays out until the
+    # operator enables it (0: no quarantine). Hyper-V's rule: 3 failures in an hour.
+    quarantine_after: int = 3
+    quarantine_window: float = 3600.0
 
     @property
     def limits(self) -> QueueLimits:
@@ -185,11 +193,12 @@ class StepFailed:
 class HostOp(StrEnum):
     DISABLE = "disable"
     MARK_DOWN = "mark-down"
+    ENABLE = "enable"
 
 
 @dataclass(frozen=True, slots=True)
 class HostOpDone:
-    """Result of DisableHost (op disable) or MarkHostDown (op mark-down)."""
+    """Result of DisableHost (op disable), MarkHostDown (op mark-down) or EnableHost (op enable)."""
 
     host: str
     op: HostOp
@@ -209,6 +218,17 @@ class HostEnabled:
     manager did to it (disable, mark down) no longer keeps it out of the destinations."""
 
     host: str
+
+
+@dataclass(frozen=True, slots=True)
+class RejoinChecked:
+    """Result of CheckRejoin: what the core cannot see itself, checked by the runtime on the shared
+    storage. ok: the host renews its sanlock lockspace and holds the lease of none of `vms` (no copy of
+    a VM that runs elsewhere); evidence: what was seen (or why not ok)."""
+
+    host: str
+    ok: bool
+    evidence: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +264,7 @@ RecoveryEvent = (
     | HostOpDone
     | HostOpFailed
     | HostEnabled
+    | RejoinChecked
     | AgentStopped
     | TasksLoaded
     | Tick
@@ -290,6 +311,24 @@ class Alert:
 @dataclass(frozen=True, slots=True)
 class DisableHost:
     """driver.disable_host(host, reason); result: HostOpDone/HostOpFailed(op=disable)."""
+
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRejoin:
+    """A fenced host is back and healthy: check on the shared storage that it renews its lockspace and
+    holds the lease of none of `vms` (recovered from it, now placed elsewhere). Result: RejoinChecked."""
+
+    host: str
+    vms: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EnableHost:
+    """driver.enable_host(host) and keys.disabled(host) deleted: the host rejoins (a decision of the
+    core, `reason` its evidence). Result: HostOpDone/HostOpFailed(op=enable)."""
 
     host: str
     reason: str
@@ -382,6 +421,8 @@ RecoveryAction = (
     | RecordEvidence
     | Alert
     | DisableHost
+    | CheckRejoin
+    | EnableHost
     | Prove
     | CancelProof
     | MarkHostDown
@@ -442,6 +483,20 @@ class RecoveryCore:
         # (load, host) of eligible destinations, least loaded first. Every load change pushes a
         # fresh entry (_touch); entries whose load is no longer current are dropped when popped.
         self._dest_heap: list[tuple[int, str]] = []
+        # Rejoin: hosts taken out by us (disabled / marked down) and healthy since (every plane UP);
+        # the row that took each out; those waiting for unproved recoveries from them; those whose
+        # CheckRejoin or EnableHost is in flight; those enabled by a rejoin (their keys.disabled
+        # deletion comes back as HostEnabled: not the operator's).
+        self._healthy_since: dict[str, float] = {}
+        self._out_row: dict[str, str] = {}
+        self._rejoin_wait: set[str] = set()
+        self._rejoining: set[str] = set()
+        self._rejoined: set[str] = set()
+        # Quarantine: per host, its failures (when, row) within quarantine_window; the hosts whose
+        # current failure episode is counted; the hosts kept out until the operator enables them.
+        self._failures: dict[str, list[tuple[float, str]]] = {}
+        self._episode: set[str] = set()
+        self._quarantined: set[str] = set()
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -458,7 +513,12 @@ class RecoveryCore:
             for d in self._decisions.values()
             if not d.acted and d.decision.action is not None
         ]
+        deadlines += [t + self.settings.rejoin_after for h, t in self._healthy_since.items()
+                      if h not in self._rejoin_wait and h not in self._rejoining]
         return min(deadlines) if deadlines else None
+
+    def quarantined(self) -> list[str]:
+        return sorted(self._quarantined)
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -490,6 +550,8 @@ class RecoveryCore:
                 self._host_op_failed(host, op, reason, retryable, now, out)
             case HostEnabled(host):
                 self._host_enabled(host, now, out)
+            case RejoinChecked(host, ok, evidence):
+                self._rejoin_checked(host, ok, evidence, now, out)
             case AgentStopped(host, since):
                 if since is None:
                     self._agent_stopped.pop(host, None)
@@ -519,20 +581,28 @@ class RecoveryCore:
         if host in self._agent_stopped and decision.action is not None:
             decision = Decision(AGENT_STOPPED_KEY, Action.ALERT)
         if decision.action is None and any(hh.planes[p].state != PlaneState.UP for p in PLANES):
-            return  # SUSPECT, nothing failed: not back yet, not failed yet (e.g. after a fabric outage)
+            # SUSPECT, nothing failed: not back yet, not failed yet (e.g. after a fabric outage); a
+            # host on its way back must be UP for rejoin_after in one stretch
+            self._not_healthy(host)
+            return
         cur = self._decisions.get(host)
         if cur is None or cur.decision != decision:
             old = cur.decision if cur is not None else Decision("", None)
             if decision.action is None:
                 self._decisions.pop(host, None)
                 self._settled.pop(host, None)
-                # What we did to the host (disable, mark down) holds until the operator re-enables
-                # it (`vmha host enable`, HostEnabled): until then it receives no VM.
+                self._episode.discard(host)
+                # What we did to the host (disable, mark down) holds until it rejoins (rejoin_after)
+                # or the operator re-enables it (`vmha host enable`, HostEnabled): until then it
+                # receives no VM.
                 self._dests = None
                 if old.action is not None:
                     out.log.append(LogLine(Level.INFO, now, ACTOR,
                                            f"host '{host}': healthy again (was row {old.key})"))
+                    self._out_row.setdefault(host, old.key)
+                self._healthy(host, now, out)
             else:
+                self._not_healthy(host)
                 # A new row with the same action (storage -> management+storage) is the same episode.
                 same = cur is not None and cur.acted and cur.decision.action == decision.action
                 wait = self.settings.settle_after if _better(old, decision) else self.settings.decide_after
@@ -603,13 +673,115 @@ class RecoveryCore:
                     timeout=self.settings.recheck_timeout)
 
     def _host_enabled(self, host: str, now: float, out: RecoveryOutput) -> None:
-        undone = [what for what, flags in (("disabled", self._disabled), ("marked down", self._marked_down))
-                  if host in flags]
+        undone = [what for what, flags in (("disabled", self._disabled), ("marked down", self._marked_down),
+                                           ("quarantined", self._quarantined)) if host in flags]
+        if not undone and host in self._rejoined:
+            self._rejoined.discard(host)  # our own rejoin's keys.disabled deletion, seen by the watch
+            return
+        self._rejoined.discard(host)
         self._disabled.discard(host)
         self._marked_down.discard(host)
+        self._quarantined.discard(host)
+        self._failures.pop(host, None)
+        self._not_healthy(host)
+        self._out_row.pop(host, None)
         self._dests = None
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': enabled by the operator"
                                + (f" (was {' and '.join(undone)} by vmha)" if undone else "")))
+
+    # -- rejoin and quarantine --------------------------------------------------------------------
+
+    def _healthy(self, host: str, now: float, out: RecoveryOutput) -> None:
+        """Every plane of the host is UP: if we took it out, its rejoin clock starts."""
+        if not self.settings.rejoin_after or host in self._healthy_since:
+            return
+        if host not in self._disabled and host not in self._marked_down:
+            return
+        if host in self._quarantined:
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': healthy, but quarantined: it "
+                                   f"stays out until `vmha host enable {host}`"))
+            return
+        self._healthy_since[host] = now
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoins at "
+                               f"{now + self.settings.rejoin_after:.1f} if it stays healthy"))
+
+    def _not_healthy(self, host: str) -> None:
+        self._healthy_since.pop(host, None)
+        self._rejoin_wait.discard(host)
+
+    def _try_rejoin(self, host: str, now: float, out: RecoveryOutput) -> None:
+        since = self._healthy_since[host]
+        unproved = sorted(vm for vm in self._by_source.get(host, ())
+                          if (t := self.queue.active(vm)) is not None and t.source == host and t.proof is None)
+        if unproved:
+            # A recovery from the host not proved yet: its VM's fate is open (the recheck decides).
+            if host not in self._rejoin_wait:
+                self._rejoin_wait.add(host)
+                out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoin waits for the "
+                                       f"recovery of {', '.join(unproved)} (not proved yet)"))
+            return
+        self._rejoin_wait.discard(host)
+        self._rejoining.add(host)
+        row = self._out_row.get(host, "?")
+        healthy = f"every plane up since {since:.1f}"
+        if host in self._marked_down:
+            vms = tuple(sorted(self._by_source.get(host, ())))
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': fenced for row {row}, {healthy}, "
+                                   "its agent beating again: checking its lockspace and leases"
+                                   + (f" ({', '.join(vms)} recovered from it)" if vms else "")))
+            out.actions.append(CheckRejoin(host, vms))
+            return
+        self._enable(host, f"nothing was fenced there (disabled for row {row}), {healthy}", now, out)
+
+    def _enable(self, host: str, evidence: str, now: float, out: RecoveryOutput) -> None:
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoins ({evidence})"))
+        out.actions.append(EnableHost(host, evidence))
+
+    def _rejoin_checked(self, host: str, ok: bool, evidence: str, now: float, out: RecoveryOutput) -> None:
+        if host not in self._rejoining or host not in self._healthy_since:
+            self._rejoining.discard(host)
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoin check ignored "
+                                   f"(no longer waiting to rejoin): {evidence}"))
+            return
+        if ok:
+            since = self._healthy_since[host]
+            self._enable(host, f"fenced for row {self._out_row.get(host, '?')}, every plane up since "
+                               f"{since:.1f}, agent beating again, {evidence}", now, out)
+            return
+        self._rejoining.discard(host)
+        self._healthy_since[host] = now
+        text = (f"host '{host}': rejoin check failed ({evidence}): it stays out, checked again at "
+                f"{now + self.settings.rejoin_after:.1f}")
+        out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+        out.actions.append(Alert(Level.WARN, host, None, text))
+
+    def _rejoin_done(self, host: str, now: float, out: RecoveryOutput) -> None:
+        self._rejoining.discard(host)
+        self._disabled.discard(host)
+        self._marked_down.discard(host)
+        self._not_healthy(host)
+        self._out_row.pop(host, None)
+        self._rejoined.add(host)
+        self._dests = None
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoined, a destination again"))
+
+    def _count_failure(self, host: str, row: str, now: float, out: RecoveryOutput) -> None:
+        """One failure per episode (from healthy to healthy again), for quarantine."""
+        if not self.settings.quarantine_after or host in self._episode:
+            return
+        self._episode.add(host)
+        window = self.settings.quarantine_window
+        seen = [(t, r) for t, r in self._failures.get(host, []) if now - t <= window] + [(now, row)]
+        self._failures[host] = seen
+        if len(seen) < self.settings.quarantine_after or host in self._quarantined:
+            return
+        self._quarantined.add(host)
+        self._not_healthy(host)
+        text = (f"host '{host}': quarantined after {len(seen)} failures within {window:g}s ("
+                + ", ".join(f"row {r} at {t:.1f}" for t, r in seen)
+                + f"): it stays out until `vmha host enable {host}`")
+        out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+        out.actions.append(Alert(Level.WARN, host, None, text))
 
     def _act(self, host: str, cur: _HostDecision, hh: HostHealth, now: float, out: RecoveryOutput) -> None:
         action = cur.decision.action
@@ -621,6 +793,8 @@ class RecoveryCore:
                                      f"{self._agent_stopped.get(host, 0.0):.1f} ({self._failed_text(hh)}): its "
                                      "VMs are not recovered until the agent runs again"))
             return
+        if action != Action.ALERT:
+            self._count_failure(host, key, now, out)
         if action == Action.ALERT:
             cur.acted = True
             text = f"host '{host}': row {key}: alert only ({self._failed_text(hh)})"
@@ -742,7 +916,7 @@ class RecoveryCore:
         if host is not None and self._dests is not None and host in self._dest_set:
             heapq.heappush(self._dest_heap, (self._load_of(host), host))
 
-    def _pick_dest(self, source: str) -> tuple[str | None, bool]:
+    def _pick_dest(self, source: str | None) -> tuple[str | None, bool]:
         """(the least loaded eligible host with room and a free slot, ties by name; whether any host
         has room). (None, True): every host with room is busy; (None, False): no host has room."""
         self._eligible()
@@ -912,6 +1086,9 @@ class RecoveryCore:
             out.actions.append(MarkHostDown(host))
 
     def _host_op_done(self, host: str, op: HostOp, now: float, out: RecoveryOutput) -> None:
+        if op == HostOp.ENABLE:
+            self._rejoin_done(host, now, out)
+            return
         if op == HostOp.DISABLE:
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': disabled"))
             return
@@ -927,6 +1104,15 @@ class RecoveryCore:
 
     def _host_op_failed(self, host: str, op: HostOp, reason: str, retryable: bool, now: float,
                         out: RecoveryOutput) -> None:
+        if op == HostOp.ENABLE:
+            self._rejoining.discard(host)
+            if host in self._healthy_since:
+                self._healthy_since[host] = now
+            text = (f"host '{host}': enable failed ({reason}): it stays out, tried again in "
+                    f"{self.settings.rejoin_after:g}s")
+            out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+            out.actions.append(Alert(Level.WARN, host, None, text))
+            return
         if op == HostOp.DISABLE:
             self._disabled.discard(host)
             self._dests = None
@@ -1041,6 +1227,10 @@ class RecoveryCore:
             d = self._decisions.get(host)
             if d is None or d.acted:
                 self._held.discard(host)
+        for host in sorted(self._healthy_since):
+            if host not in self._rejoining and (
+                    host in self._rejoin_wait or now >= self._healthy_since[host] + self.settings.rejoin_after):
+                self._try_rejoin(host, now, out)
         for task in self.queue.in_state(TaskState.RETRY_WAIT):
             if task.retry_at is None or now < task.retry_at:
                 continue
@@ -1068,7 +1258,9 @@ class RecoveryCore:
             task = self.queue.pop_ready()
             if task is None:
                 return
-            dest, room = self._pick_dest(task.source)
+            # An evacuation may restart the VM on its own source once that rejoined (the proof holds);
+            # a live migration moves it away from there.
+            dest, room = self._pick_dest(task.source if task.kind == TaskKind.MIGRATE else None)
             kept = self._kept_for_others(task) if room else ""
             if not room or kept:
                 task.reason = kept or ("no surviving host has room" if self._eligible() else "no healthy host")
@@ -1194,9 +1386,10 @@ def from_health(out: HealthOutput) -> list[RecoveryEvent]:
 
 
 __all__ = [
-    "AGENT_STOPPED_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "DisableHost", "DropProof",
-    "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike", "HostOp", "HostOpDone", "HostOpFailed",
-    "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused",
-    "Prove", "RecordEvidence", "RecoveryAction", "RecoveryCore", "RecoveryEvent", "RecoveryOutput",
-    "RecoverySettings", "ReleaseProof", "StepDone", "StepFailed", "Tick", "VmLike", "from_health",
+    "AGENT_STOPPED_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "CheckRejoin", "DisableHost",
+    "DropProof", "EnableHost", "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike", "HostOp",
+    "HostOpDone", "HostOpFailed", "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown", "PersistTask",
+    "ProofObtained", "ProofRefused", "Prove", "RecordEvidence", "RecoveryAction", "RecoveryCore", "RecoveryEvent",
+    "RecoveryOutput", "RecoverySettings", "RejoinChecked", "ReleaseProof", "StepDone", "StepFailed", "Tick",
+    "VmLike", "from_health",
 ]

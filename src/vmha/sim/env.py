@@ -46,8 +46,10 @@ from vmha.core.recovery import (
     AgentStopped,
     Alert,
     CancelProof,
+    CheckRejoin,
     DisableHost,
     DropProof,
+    EnableHost,
     Evacuate,
     HostEnabled,
     HostOp,
@@ -65,6 +67,7 @@ from vmha.core.recovery import (
     RecoveryCore,
     RecoveryEvent,
     RecoverySettings,
+    RejoinChecked,
     ReleaseProof,
     StepDone,
     StepFailed,
@@ -107,6 +110,7 @@ class SimTimings:
     mark_down: float = 0.2
     disable: float = 0.2
     release: float = 0.1
+    rejoin_check: float = 2.0  # a lockspace renewal seen on the shared storage, the leases' owners read
 
 
 @dataclass(slots=True)
@@ -474,6 +478,10 @@ class Sim:
                 self.log(level, "alert", text)
             case DisableHost(host, _):
                 self.at(self.now + self.st.disable, _WORLD, lambda: self._disable(host, epoch))
+            case EnableHost(host, _):
+                self.at(self.now + self.st.disable, _WORLD, lambda: self._enable_done(host, epoch))
+            case CheckRejoin(host, vms):
+                self.at(self.now + self.st.rejoin_check, _WORLD, lambda: self._check_rejoin(host, vms, epoch))
             case MarkHostDown(host):
                 self.at(self.now + self.st.mark_down, _WORLD, lambda: self._mark_down(host, epoch))
             case Prove():
@@ -499,6 +507,25 @@ class Sim:
         self.hosts[host].disabled = True
         self._deliver(HostOpDone(host, HostOp.DISABLE), epoch)
         self._inventory_soon()
+
+    def _enable_done(self, host: str, epoch: int) -> None:
+        h = self.hosts[host]
+        h.disabled = h.forced_down = False
+        self._deliver(HostOpDone(host, HostOp.ENABLE), epoch)
+        self._inventory_soon()
+
+    def _check_rejoin(self, host: str, vms: tuple[str, ...], epoch: int) -> None:
+        """The runtime's rejoin check: the host renews its lockspace and holds no lease of a VM that
+        runs elsewhere (a stray copy)."""
+        h = self.hosts[host]
+        stray = [v for v in vms if self.vms[v].lease_holder == host and self.vms[v].host != host]
+        if not h.powered or h.renew_lost_at is not None:
+            ev = RejoinChecked(host, False, "its lockspace is not renewed")
+        elif stray:
+            ev = RejoinChecked(host, False, f"it holds the lease of {', '.join(stray)}, which run elsewhere")
+        else:
+            ev = RejoinChecked(host, True, "lockspace renewed, holds none of the leases of " + (", ".join(vms) or "-"))
+        self._deliver(ev, epoch)
 
     def _mark_down(self, host: str, epoch: int) -> None:
         failure = self._scripted_failure("mark-down", host)
