@@ -883,6 +883,9 @@ class RecoveryCore:
         for v in inv.vms:
             if v.host is not None:
                 self._vms_on.setdefault(v.host, set()).add(v.name)
+        for t in self.queue:
+            if t.state not in TERMINAL and t.proof is not None and self._placed.get(t.vm) == t.source:
+                self._place(t.vm, None)  # proved dead there: it takes no room on its source
         self._inventory = True
         self._dests = None
         for host in sorted(self._decisions):
@@ -1035,6 +1038,8 @@ class RecoveryCore:
             return
         self._late_proof.pop(proof.vm, None)
         task.proof = proof
+        if self._placed.get(task.vm) == task.source:
+            self._place(task.vm, None)  # proved dead there: it takes no room on its source
         task.finish(Step.PROVE, now, "ok", proof.method.value)
         if task.recheck:
             task.recheck = False

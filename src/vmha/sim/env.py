@@ -13,9 +13,10 @@ Model, in the sim's seconds:
 - Proof methods, tried in the order given: lease-taken (no copy runs and the host released the
   lease), request-force (host renews over storage), exit-attested (host's management plane up;
   waits for sanlock's kill if storage is lost), power (if configured), host-dead.
-- Nova: evacuation needs the source marked down, the VM lease free (released by the manager) and
-  no copy running elsewhere (then it reports where it runs: idempotent); a copy still running on
-  the source at restart is logged as SPLIT BRAIN, the error every scenario checks for.
+- Nova: evacuation needs the source marked down (unless it restarts the VM on its rejoined source),
+  the VM lease free (released by the manager) and no copy running elsewhere (then it reports where
+  it runs: idempotent); a copy still running on the source at restart is logged as SPLIT BRAIN, the
+  error every scenario checks for.
 - A manager failover drops the old manager's pending results (their effects on the world still
   happen) and starts new cores that load the persisted tasks.
 """
@@ -635,7 +636,9 @@ class Sim:
         elif elsewhere:
             self.log(Level.INFO, WORLD, f"evacuate vm '{e.vm}': already running on '{elsewhere[0]}'")
             self._deliver(StepDone(e.vm, Step.EVACUATE, elsewhere[0], "already there"), epoch)
-        elif not src.forced_down:
+        elif not src.forced_down and e.dest != e.source:
+            # A restart on the rejoined source itself needs no evacuation from a downed host (the lab
+            # driver starts a copy there; it refuses while a copy still runs).
             self._deliver(StepFailed(e.vm, Step.EVACUATE, "source compute service in use", True), epoch)
         elif vm.lease_holder is not None:
             self._deliver(StepFailed(e.vm, Step.EVACUATE, f"lease held by {vm.lease_holder}", True), epoch)
