@@ -576,6 +576,7 @@ class RecoveryCore:
         hh = self._health.get(host)
         if hh is None or any(hh.planes.get(p) is None or hh.planes[p].state == PlaneState.UNKNOWN
                              for p in PLANES):
+            self._not_healthy(host)
             return  # not everything known yet (e.g. just after a takeover): decide nothing
         decision = self.policy.decide(hh.states())
         if host in self._agent_stopped and decision.action is not None:

@@ -53,8 +53,10 @@ from vmha.core.recovery import (
     Alert,
     Attempt,
     CancelProof,
+    CheckRejoin,
     DisableHost,
     DropProof,
+    EnableHost,
     Evacuate,
     FabricUpdate,
     HealthUpdate,
@@ -74,6 +76,7 @@ from vmha.core.recovery import (
     RecoveryCore,
     RecoveryEvent,
     RecoveryOutput,
+    RejoinChecked,
     ReleaseProof,
     StepDone,
     StepFailed,
@@ -120,6 +123,9 @@ class Parts:
     # Release every proof lease held: when the leadership is lost (the next leader resumes from the
     # proofs persisted in the tasks, and the restarted VMs need their leases free) and at exit.
     release_all: Callable[[], Awaitable[None]] | None = None
+    # The rejoin check of a fenced host (vmha.manager.rejoin.check_rejoin): its evidence, or an
+    # exception saying why not. None: fenced hosts never rejoin by themselves (`vmha host enable`).
+    rejoin_check: Callable[[str, Sequence[str]], Awaitable[str]] | None = None
 
 
 def proof_timeout(cfg: Config) -> float:
@@ -146,8 +152,8 @@ async def production_parts(cfg: Config, client: EtcdClient) -> Parts:
     parts = _test_parts(cfg, client)
     if parts is not None:
         return parts
-    fencer, release_all = await _fencer(cfg, client)
-    return Parts(compute_driver(cfg, client), fencer, release_all)
+    fencer, release_all, rejoin_check = await _fencer(cfg, client)
+    return Parts(compute_driver(cfg, client), fencer, release_all, rejoin_check)
 
 
 def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
@@ -164,8 +170,10 @@ def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
     return LabDriver(client, Keys(cfg.cluster.name))
 
 
-async def _fencer(cfg: Config, client: EtcdClient) -> tuple[Fencer, Callable[[], Awaitable[None]]]:
-    """The lock manager's Prover on this manager's own lock host, and its clean-up.
+async def _fencer(cfg: Config, client: EtcdClient) -> tuple[
+        Fencer, Callable[[], Awaitable[None]], Callable[[str, Sequence[str]], Awaitable[str]]]:
+    """The lock manager's Prover on this manager's own lock host, its clean-up, and the rejoin check
+    on the same lockspace.
 
     The manager joins the lockspace at start, before campaigning, so a standby that takes over can
     prove at once (joining takes 3 to 21 s depending on io_timeout). Its sanlock host name is the
@@ -215,10 +223,15 @@ async def _fencer(cfg: Config, client: EtcdClient) -> tuple[Fencer, Callable[[],
     async def attest(host: str, vm: str, timeout: float) -> AttestResponse:
         return await request_attestation(client, keys, host, vm, timeout)
 
+    async def rejoin_check(host: str, vms: Sequence[str]) -> str:
+        from vmha.manager.rejoin import check_rejoin
+
+        return await check_rejoin(space, host_id_of, host, vms)
+
     prover = Prover(space, host_id_of=host_id_of, attest=attest, power=power)
     # The lockspace is left joined at exit: it belongs to this machine's lock host, and a restarted
     # manager would otherwise wait for the join again.
-    return prover, prover.release_all
+    return prover, prover.release_all, rejoin_check
 
 
 class Inbox:
@@ -321,6 +334,7 @@ class Term:
         self.lead = lead
         self.driver = parts.driver
         self.fencer = parts.fencer
+        self.rejoin_check = parts.rejoin_check
         self.client = mgr.client
         self.keys = mgr.keys
         self.clock = mgr.clock
@@ -550,6 +564,10 @@ class Term:
                 self._spawn(
                     ("mark-down", host), self._host_op(host, HostOp.MARK_DOWN, self.driver.mark_host_down(host))
                 )
+            case EnableHost(host, _reason):
+                self._spawn(("enable", host), self._host_op(host, HostOp.ENABLE, self.driver.enable_host(host)))
+            case CheckRejoin(host, vms):
+                self._spawn(("rejoin", host), self._check_rejoin(host, vms))
 
     def _spawn(self, key: tuple[str, str], coro: Awaitable[None]) -> None:
         old = self.inflight.get(key)
@@ -608,16 +626,28 @@ class Term:
             return
         self.inbox.put(StepDone(vm, step, running_on=where or None))
 
+    async def _check_rejoin(self, host: str, vms: Sequence[str]) -> None:
+        if self.rejoin_check is None:
+            self.inbox.put(RejoinChecked(host, False, "no rejoin check available: `vmha host enable` it"))
+            return
+        try:
+            evidence = await self.rejoin_check(host, vms)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a failed or refused check keeps the host out; the core retries later
+            self.inbox.put(RejoinChecked(host, False, _reason(e)))
+            return
+        self.inbox.put(RejoinChecked(host, True, evidence))
+
     async def _host_op(self, host: str, op: HostOp, call: Awaitable[None]) -> None:
         try:
             await call
-            # Remember what vmha did to the host, for `vmha host enable` and the operator.
+            # Remember what vmha did to the host, for `vmha host enable` and the operator; a rejoin
+            # undoes it as the operator's enable does (the watch reports it back as HostEnabled).
+            key = self.keys.disabled(host).encode()
             record = {"op": op.value, "t": time.time(), "manager": self.mgr.m.name}
-            await self._durable(
-                lambda: leader_txn(
-                    self.client, self.lead, [], [tx.Put(self.keys.disabled(host).encode(), encode_json(record))]
-                )
-            )
+            write = tx.Delete(key) if op == HostOp.ENABLE else tx.Put(key, encode_json(record))
+            await self._durable(lambda: leader_txn(self.client, self.lead, [], [write]))
         except asyncio.CancelledError:
             raise
         except (NotLeader, _TermOver):
