@@ -221,6 +221,16 @@ class HostEnabled:
 
 
 @dataclass(frozen=True, slots=True)
+class HostOut:
+    """At takeover: an earlier leader disabled (op disable) or marked down (op mark-down) this host,
+    and no one enabled it since (keys.disabled(host) holds the record): it rejoins as if this leader
+    had taken it out."""
+
+    host: str
+    op: HostOp
+
+
+@dataclass(frozen=True, slots=True)
 class RejoinChecked:
     """Result of CheckRejoin: what the core cannot see itself, checked by the runtime on the shared
     storage. ok: the host renews its sanlock lockspace and holds the lease of none of `vms` (no copy of
@@ -264,6 +274,7 @@ RecoveryEvent = (
     | HostOpDone
     | HostOpFailed
     | HostEnabled
+    | HostOut
     | RejoinChecked
     | AgentStopped
     | TasksLoaded
@@ -550,6 +561,8 @@ class RecoveryCore:
                 self._host_op_failed(host, op, reason, retryable, now, out)
             case HostEnabled(host):
                 self._host_enabled(host, now, out)
+            case HostOut(host, op):
+                self._host_out(host, op, now, out)
             case RejoinChecked(host, ok, evidence):
                 self._rejoin_checked(host, ok, evidence, now, out)
             case AgentStopped(host, since):
@@ -723,16 +736,33 @@ class RecoveryCore:
             return
         self._rejoin_wait.discard(host)
         self._rejoining.add(host)
-        row = self._out_row.get(host, "?")
         healthy = f"every plane up since {since:.1f}"
         if host in self._marked_down:
             vms = tuple(sorted(self._by_source.get(host, ())))
-            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': fenced for row {row}, {healthy}, "
-                                   "its agent beating again: checking its lockspace and leases"
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': {self._why_out(host, 'fenced')}, "
+                                   f"{healthy}, its agent beating again: checking its lockspace and leases"
                                    + (f" ({', '.join(vms)} recovered from it)" if vms else "")))
             out.actions.append(CheckRejoin(host, vms))
             return
-        self._enable(host, f"nothing was fenced there (disabled for row {row}), {healthy}", now, out)
+        self._enable(host, f"nothing was fenced there ({self._why_out(host, 'disabled')}), {healthy}", now, out)
+
+    def _why_out(self, host: str, what: str) -> str:
+        row = self._out_row.get(host)
+        return f"{what} for row {row}" if row else f"{what} by an earlier leader"
+
+    def _host_out(self, host: str, op: HostOp, now: float, out: RecoveryOutput) -> None:
+        flags = self._marked_down if op == HostOp.MARK_DOWN else self._disabled
+        if op == HostOp.ENABLE or host in flags:
+            return
+        flags.add(host)
+        self._dests = None
+        what = "marked down" if op == HostOp.MARK_DOWN else "disabled"
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': {what} by an earlier leader, "
+                               "not enabled since"))
+        hh = self._health.get(host)
+        if host not in self._decisions and hh is not None and all(
+                (st := hh.planes.get(p)) is not None and st.state == PlaneState.UP for p in PLANES):
+            self._healthy(host, now, out)
 
     def _enable(self, host: str, evidence: str, now: float, out: RecoveryOutput) -> None:
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoins ({evidence})"))
@@ -746,7 +776,7 @@ class RecoveryCore:
             return
         if ok:
             since = self._healthy_since[host]
-            self._enable(host, f"fenced for row {self._out_row.get(host, '?')}, every plane up since "
+            self._enable(host, f"{self._why_out(host, 'fenced')}, every plane up since "
                                f"{since:.1f}, agent beating again, {evidence}", now, out)
             return
         self._rejoining.discard(host)
@@ -1394,8 +1424,8 @@ def from_health(out: HealthOutput) -> list[RecoveryEvent]:
 __all__ = [
     "AGENT_STOPPED_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "CheckRejoin", "DisableHost",
     "DropProof", "EnableHost", "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike", "HostOp",
-    "HostOpDone", "HostOpFailed", "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown", "PersistTask",
-    "ProofObtained", "ProofRefused", "Prove", "RecordEvidence", "RecoveryAction", "RecoveryCore", "RecoveryEvent",
-    "RecoveryOutput", "RecoverySettings", "RejoinChecked", "ReleaseProof", "StepDone", "StepFailed", "Tick",
-    "VmLike", "from_health",
+    "HostOpDone", "HostOpFailed", "HostOut", "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown",
+    "PersistTask", "ProofObtained", "ProofRefused", "Prove", "RecordEvidence", "RecoveryAction", "RecoveryCore",
+    "RecoveryEvent", "RecoveryOutput", "RecoverySettings", "RejoinChecked", "ReleaseProof", "StepDone",
+    "StepFailed", "Tick", "VmLike", "from_health",
 ]

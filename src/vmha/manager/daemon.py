@@ -64,6 +64,7 @@ from vmha.core.recovery import (
     HostOp,
     HostOpDone,
     HostOpFailed,
+    HostOut,
     Inventory,
     LiveMigrate,
     MarkHostDown,
@@ -84,7 +85,7 @@ from vmha.core.recovery import (
     Tick,
 )
 from vmha.drivers.base import ComputeDriver, DriverError
-from vmha.etcd.client import EtcdClient, EtcdUnavailable, encode_json
+from vmha.etcd.client import BadValue, EtcdClient, EtcdUnavailable, encode_json
 from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
@@ -357,6 +358,8 @@ class Term:
         await self._durable(self.events.start)
         log.info("manager %s: leading; %d task(s) in etcd", self.mgr.m.name, len(tasks))
         self.inbox.put(TasksLoaded(tuple(tasks)))
+        for host, op in await self._durable(lambda: hosts_out(self.client, self.keys)):
+            self.inbox.put(HostOut(host, op))
         loops = [
             asyncio.create_task(self._until_lost(stop), name="lost"),
             asyncio.create_task(self.monitor.run(), name="health monitor"),
@@ -683,6 +686,27 @@ async def enabled_hosts(client: EtcdClient, keys: Keys) -> AsyncIterator[list[st
             yield enabled
 
 
+async def hosts_out(client: EtcdClient, keys: Keys) -> list[tuple[str, HostOp]]:
+    """The hosts an earlier leader disabled or marked down and no one enabled since (keys.disabled
+    records, sorted); an unreadable record is logged and left out (that host waits for the operator)."""
+    kvs, _ = await client.get_prefix(keys.disabled_prefix)
+    out: list[tuple[str, HostOp]] = []
+    for kv in kvs:
+        host = kv.key.removeprefix(keys.disabled_prefix)
+        try:
+            value = kv.json()
+        except BadValue as e:
+            log.warning("%s: host %s left to the operator", e, host)
+            continue
+        op = value.get("op") if isinstance(value, dict) else None
+        if op not in (HostOp.DISABLE.value, HostOp.MARK_DOWN.value):
+            log.warning("etcd key %s: op %r is neither disable nor mark-down: host %s left to the operator",
+                        kv.key, op, host)
+            continue
+        out.append((host, HostOp(op)))
+    return out
+
+
 def _entry(line: LogLine) -> tuple[str, str, str, str]:
     return (line.level.value, line.actor, line.text, "log")
 
@@ -699,5 +723,6 @@ __all__ = [
     "Parts",
     "compute_driver",
     "enabled_hosts",
+    "hosts_out",
     "production_parts",
 ]

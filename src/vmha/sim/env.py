@@ -56,6 +56,7 @@ from vmha.core.recovery import (
     HostOp,
     HostOpDone,
     HostOpFailed,
+    HostOut,
     Inventory,
     LiveMigrate,
     MarkHostDown,
@@ -428,6 +429,12 @@ class Sim:
                 else:
                     self._health(LeaseGone(h.name, plane, self._revision))
         self._recover(TasksLoaded(tasks))
+        for h in self.hosts.values():
+            # What the old leader did to a host and no one undid (the keys.disabled records).
+            if h.forced_down:
+                self._recover(HostOut(h.name, HostOp.MARK_DOWN))
+            elif h.disabled:
+                self._recover(HostOut(h.name, HostOp.DISABLE))
         for h in self.hosts.values():
             if h.agent_stopped is not None:
                 self._recover(AgentStopped(h.name, h.agent_stopped))
