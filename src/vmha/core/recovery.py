@@ -501,6 +501,7 @@ class RecoveryCore:
         self._healthy_since: dict[str, float] = {}
         self._out_row: dict[str, str] = {}
         self._rejoin_wait: set[str] = set()
+        self._rejoin_retry: dict[str, float] = {}  # host -> not before (its last check or enable failed)
         self._rejoining: set[str] = set()
         self._rejoined: set[str] = set()
         # Quarantine: per host, its failures (when, row) within quarantine_window; the hosts whose
@@ -524,7 +525,7 @@ class RecoveryCore:
             for d in self._decisions.values()
             if not d.acted and d.decision.action is not None
         ]
-        deadlines += [t + self.settings.rejoin_after for h, t in self._healthy_since.items()
+        deadlines += [self._rejoin_at(h) for h in self._healthy_since
                       if h not in self._rejoin_wait and h not in self._rejoining]
         return min(deadlines) if deadlines else None
 
@@ -716,12 +717,17 @@ class RecoveryCore:
                                    f"stays out until `vmha host enable {host}`"))
             return
         self._healthy_since[host] = now
+        self._rejoin_retry.pop(host, None)
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoins at "
                                f"{now + self.settings.rejoin_after:.1f} if it stays healthy"))
 
     def _not_healthy(self, host: str) -> None:
         self._healthy_since.pop(host, None)
+        self._rejoin_retry.pop(host, None)
         self._rejoin_wait.discard(host)
+
+    def _rejoin_at(self, host: str) -> float:
+        return max(self._healthy_since[host] + self.settings.rejoin_after, self._rejoin_retry.get(host, 0.0))
 
     def _try_rejoin(self, host: str, now: float, out: RecoveryOutput) -> None:
         since = self._healthy_since[host]
@@ -780,7 +786,7 @@ class RecoveryCore:
                                f"{since:.1f}, agent beating again, {evidence}", now, out)
             return
         self._rejoining.discard(host)
-        self._healthy_since[host] = now
+        self._rejoin_retry[host] = now + self.settings.rejoin_after
         text = (f"host '{host}': rejoin check failed ({evidence}): it stays out, checked again at "
                 f"{now + self.settings.rejoin_after:.1f}")
         out.log.append(LogLine(Level.WARN, now, ACTOR, text))
@@ -1143,7 +1149,7 @@ class RecoveryCore:
         if op == HostOp.ENABLE:
             self._rejoining.discard(host)
             if host in self._healthy_since:
-                self._healthy_since[host] = now
+                self._rejoin_retry[host] = now + self.settings.rejoin_after
             text = (f"host '{host}': enable failed ({reason}): it stays out, tried again in "
                     f"{self.settings.rejoin_after:g}s")
             out.log.append(LogLine(Level.WARN, now, ACTOR, text))
@@ -1265,7 +1271,7 @@ class RecoveryCore:
                 self._held.discard(host)
         for host in sorted(self._healthy_since):
             if host not in self._rejoining and (
-                    host in self._rejoin_wait or now >= self._healthy_since[host] + self.settings.rejoin_after):
+                    host in self._rejoin_wait or now >= self._rejoin_at(host)):
                 self._try_rejoin(host, now, out)
         for task in self.queue.in_state(TaskState.RETRY_WAIT):
             if task.retry_at is None or now < task.retry_at:
