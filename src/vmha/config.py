@@ -122,6 +122,7 @@ class ManagerConfig(_Strict):
         3, ge=0, le=100, description="failures within quarantine_window that keep a host out; 0: never"
     )
     quarantine_window: float = Field(3600.0, gt=0, le=7 * 86400, description="seconds")
+    on_agent_stop: Literal["drain", "alert"] = "alert"  # a clean agent stop: live-migrate its HA VMs first?
 
     def recovery_settings(self) -> RecoverySettings:
         return RecoverySettings(
@@ -139,6 +140,7 @@ class ManagerConfig(_Strict):
             rejoin_after=self.rejoin_after,
             quarantine_after=self.quarantine_after,
             quarantine_window=self.quarantine_window,
+            on_agent_stop=self.on_agent_stop,
         )
 
 

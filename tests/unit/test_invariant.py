@@ -31,8 +31,10 @@ from vmha.core.recovery import (
     HostOp,
     HostOpDone,
     HostOpFailed,
+    HostOut,
     Inventory,
     LiveMigrate,
+    Maintenance,
     MarkHostDown,
     PersistTask,
     ProofObtained,
@@ -72,7 +74,9 @@ class Harness:
         self.proofs: set[tuple[str, str]] = set()
         self.up: dict[str, bool] = {}  # host -> every plane UP in its last health event
         self.fenced: set[str] = set()  # marked down (a delivered mark-down result)
+        self.disabled: set[str] = set()  # disabled (a delivered disable result)
         self.checked: set[str] = set()  # a passed rejoin check delivered since
+        self.maintenance: set[str] = set()
 
     def step(self, ev: RecoveryEvent) -> None:
         if isinstance(ev, ProofObtained):
@@ -84,11 +88,22 @@ class Harness:
         elif isinstance(ev, HostOpDone) and ev.op == HostOp.MARK_DOWN:
             self.fenced.add(ev.host)
             self.checked.discard(ev.host)
+        elif isinstance(ev, HostOpDone) and ev.op == HostOp.DISABLE:
+            self.disabled.add(ev.host)
+        elif isinstance(ev, Maintenance):
+            (self.maintenance.add if ev.on else self.maintenance.discard)(ev.host)
         elif isinstance(ev, RejoinChecked) and ev.ok:
             self.checked.add(ev.host)
         elif isinstance(ev, HostEnabled) or (isinstance(ev, HostOpDone) and ev.op == HostOp.ENABLE):
             self.fenced.discard(ev.host)
+            self.disabled.discard(ev.host)
+        moving = {t.vm for t in self.core.tasks() if t.state in RUNNING}
         out = self.core.step(ev, self.now)
+        for t in self.core.tasks():
+            # A move that starts (not one a new leader repeats, nor the restart after its release)
+            # never goes to a host in maintenance.
+            if t.state in RUNNING and t.vm not in moving and not isinstance(ev, TasksLoaded):
+                assert t.dest not in self.maintenance, f"{t.vm} sent to {t.dest}, which is in maintenance"
         for a in out.actions:
             if isinstance(a, PersistTask):
                 self.store[a.vm] = json.loads(json.dumps(a.data))
@@ -97,7 +112,7 @@ class Harness:
             elif isinstance(a, MarkHostDown):
                 # Nova's force_down (and disable) lets evacuations in: only once a VM there is proved dead.
                 assert any(h == a.host for _, h in self.proofs), f"mark down {a.host} without a proof"
-            elif isinstance(a, EnableHost):
+            if isinstance(a, EnableHost):
                 assert self.up.get(a.host), f"rejoin of {a.host}, which is not UP on every plane"
                 assert a.host not in self.fenced or a.host in self.checked, f"rejoin of fenced {a.host} unchecked"
             if isinstance(a, Prove | ReleaseProof | Evacuate | LiveMigrate | MarkHostDown | DisableHost
@@ -162,6 +177,12 @@ class Harness:
         self.outstanding = []
         self.core = RecoveryCore(POLICY, self.settings)
         self.step(TasksLoaded(tuple(Task.from_dict(d) for _, d in sorted(self.store.items()))))
+        # The daemon reads what earlier leaders did to the hosts (keys.disabled) and the maintenance
+        # marks (keys.maintenance) at takeover.
+        for host in sorted(self.fenced | self.disabled):
+            self.step(HostOut(host, HostOp.MARK_DOWN if host in self.fenced else HostOp.DISABLE))
+        for host in sorted(self.maintenance):
+            self.step(Maintenance(host, True))
 
 
 def health_event(host: str, states: list[PlaneState], t: float) -> HealthUpdate:
@@ -181,6 +202,7 @@ settings_st = st.builds(
     rejoin_after=st.sampled_from([0.0, 5.0, 20.0]),
     quarantine_after=st.sampled_from([0, 2, 3]),
     quarantine_window=st.sampled_from([60.0, 3600.0]),
+    on_agent_stop=st.sampled_from(["alert", "drain"]),
 )
 
 
@@ -194,7 +216,7 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
     for _ in range(data.draw(st.integers(5, 80), label="length")):
         kind = data.draw(st.sampled_from(
             ["health", "health", "repair", "repair", *["answer"] * 6, "tick", "tick", "bogus", "inventory",
-             "failover", "enable", "agent"]),
+             "failover", "enable", "agent", "maintenance"]),
             label="kind")
         if kind == "repair":
             h.step(health_event(data.draw(st.sampled_from(HOSTS)), [PlaneState.UP] * 3, h.now))
@@ -226,6 +248,8 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
         elif kind == "inventory":
             flags = data.draw(st.lists(st.booleans(), min_size=len(HOSTS), max_size=len(HOSTS)))
             h.step(Inventory(tuple(HostInfo(x, f, True) for x, f in zip(HOSTS, flags, strict=True)), VMS))
+        elif kind == "maintenance":
+            h.step(Maintenance(data.draw(st.sampled_from(HOSTS)), data.draw(st.booleans())))
         elif kind == "enable":
             h.step(HostEnabled(data.draw(st.sampled_from(HOSTS))))
         elif kind == "agent":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Literal, Protocol
 
 from vmha.core.fencing import FenceProof, ProofMethod, proof_methods
 from vmha.core.health import FabricChange, HealthOutput, HostHealth
@@ -74,6 +74,9 @@ class RecoverySettings:
     # operator enables it (0: no quarantine). Hyper-V's rule: 3 failures in an hour.
     quarantine_after: int = 3
     quarantine_window: float = 3600.0
+    # A clean agent stop: "alert" (its VMs run on, unprotected) or "drain" (maintenance on: its HA
+    # VMs are live-migrated away first; off again once the agent runs again).
+    on_agent_stop: Literal["drain", "alert"] = "alert"
 
     @property
     def limits(self) -> QueueLimits:
@@ -221,6 +224,16 @@ class HostEnabled:
 
 
 @dataclass(frozen=True, slots=True)
+class Maintenance:
+    """`vmha host maintenance HOST on|off` (keys.maintenance(host) written / deleted). On: the host's
+    HA VMs are live-migrated away (priority order, within the concurrency limits), it receives no VM,
+    and its faults only alert. Off: it returns to placement (at once if healthy, else once it is)."""
+
+    host: str
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
 class HostOut:
     """At takeover: an earlier leader disabled (op disable) or marked down (op mark-down) this host,
     and no one enabled it since (keys.disabled(host) holds the record): it rejoins as if this leader
@@ -275,6 +288,7 @@ RecoveryEvent = (
     | HostOpFailed
     | HostEnabled
     | HostOut
+    | Maintenance
     | RejoinChecked
     | AgentStopped
     | TasksLoaded
@@ -283,6 +297,8 @@ RecoveryEvent = (
 
 # The row of a host whose agent was stopped cleanly: alert only, whatever its planes.
 AGENT_STOPPED_KEY = "agent-stopped"
+# The row of a host in maintenance: alert only, whatever its planes; also the row of its drain tasks.
+MAINTENANCE_KEY = "maintenance"
 
 
 # -- actions out -----------------------------------------------------------------------------------
@@ -509,6 +525,8 @@ class RecoveryCore:
         self._failures: dict[str, list[tuple[float, str]]] = {}
         self._episode: set[str] = set()
         self._quarantined: set[str] = set()
+        self._maintenance: set[str] = set()
+        self._drain_stop: set[str] = set()  # in maintenance because their agent was stopped (drain)
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -571,7 +589,14 @@ class RecoveryCore:
                     self._agent_stopped.pop(host, None)
                 else:
                     self._agent_stopped[host] = since
+                if self.settings.on_agent_stop == "drain" and (since is None) == (host in self._drain_stop):
+                    # A clean stop drains the host first; the agent running again ends that drain.
+                    self._drain_stop.symmetric_difference_update({host})
+                    self._maintenance_set(host, since is not None, "its agent was stopped cleanly"
+                                          if since is not None else "its agent runs again", now, out)
                 self._reconcile(host, now, out)
+            case Maintenance(host, on):
+                self._maintenance_set(host, on, "by the operator", now, out)
             case TasksLoaded(tasks):
                 self._load(tasks, now, out)
             case Tick():
@@ -593,7 +618,9 @@ class RecoveryCore:
             self._not_healthy(host)
             return  # not everything known yet (e.g. just after a takeover): decide nothing
         decision = self.policy.decide(hh.states())
-        if host in self._agent_stopped and decision.action is not None:
+        if host in self._maintenance and decision.action is not None:
+            decision = Decision(MAINTENANCE_KEY, Action.ALERT)
+        elif host in self._agent_stopped and decision.action is not None:
             decision = Decision(AGENT_STOPPED_KEY, Action.ALERT)
         if decision.action is None and any(hh.planes[p].state != PlaneState.UP for p in PLANES):
             # SUSPECT, nothing failed: not back yet, not failed yet (e.g. after a fabric outage); a
@@ -645,8 +672,8 @@ class RecoveryCore:
         proved: list[str] = []
         for vm in sorted(self._by_source.get(host, ())):
             task = self.queue.active(vm)
-            if task is None or task.source != host:
-                continue
+            if task is None or task.source != host or task.row == MAINTENANCE_KEY:
+                continue  # a drain is the operator's, not the health row's: maintenance off ends it
             if task.kind == TaskKind.EVACUATE:
                 if decision.action not in _EVACUATING_ACTIONS and task.proof is not None:
                     proved.append(vm)
@@ -708,7 +735,8 @@ class RecoveryCore:
 
     def _healthy(self, host: str, now: float, out: RecoveryOutput) -> None:
         """Every plane of the host is UP: if we took it out, its rejoin clock starts."""
-        if not self.settings.rejoin_after or host in self._healthy_since:
+        if (not self.settings.rejoin_after or host in self._healthy_since or host in self._maintenance
+                or host in self._rejoining):
             return
         if host not in self._disabled and host not in self._marked_down:
             return
@@ -752,6 +780,65 @@ class RecoveryCore:
             return
         self._enable(host, f"nothing was fenced there ({self._why_out(host, 'disabled')}), {healthy}", now, out)
 
+    def _maintenance_set(self, host: str, on: bool, why: str, now: float, out: RecoveryOutput) -> None:
+        if on == (host in self._maintenance):
+            return
+        if not on:
+            self._maintenance.discard(host)
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': maintenance off ({why})"))
+            self._cancel_drain(host, now, out)
+            cur = self._decisions.get(host)
+            if cur is not None and cur.decision.key == MAINTENANCE_KEY:
+                del self._decisions[host]  # its real row, if any, is decided afresh
+            if (host not in self._decisions and self._all_up(host) and host in self._disabled
+                    and host not in self._marked_down):
+                self._rejoining.add(host)  # nothing was fenced: back to placement at once
+                self._enable(host, f"maintenance over ({why}), every plane up", now, out)
+            else:
+                self._reconcile(host, now, out)  # a fault meanwhile is acted upon; else it rejoins
+                if host not in self._decisions and self._all_up(host):
+                    self._healthy(host, now, out)
+            return
+        self._maintenance.add(host)
+        self._not_healthy(host)
+        self._disable(host, f"maintenance ({why})", now, out)
+        self._drain(host, sorted(self._vms_on.get(host, ())), f"maintenance on ({why})", now, out)
+
+    def _drain(self, host: str, vms: list[str], why: str, now: float, out: RecoveryOutput) -> None:
+        """Live-migrate the HA VMs among `vms` away from `host` (no task for those that have one)."""
+        new: list[Task] = []
+        for vm in vms:
+            info = self._vms.get(vm)
+            if info is None or not info.ha or self.queue.active(vm) is not None:
+                continue
+            task = Task(vm=vm, source=host, kind=TaskKind.MIGRATE, recovery=self.queue.next_recovery(vm),
+                        priority=info.priority, row=MAINTENANCE_KEY, action=Action.LIVE_MIGRATE.value,
+                        failed={}, created=now)
+            self.queue.add(task, now)
+            self._by_source.setdefault(host, set()).add(vm)
+            new.append(task)
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': {why}: draining {len(new)} HA VM(s), "
+                               "its faults alert only"))
+        for task in new:
+            self._move(task, TaskState.READY, now, f"drain, priority {task.priority}", out)
+
+    def _cancel_drain(self, host: str, now: float, out: RecoveryOutput) -> None:
+        """Maintenance off: drain tasks not moving yet are cancelled (a migration in flight ends)."""
+        for vm in sorted(self._by_source.get(host, ())):
+            task = self.queue.active(vm)
+            if task is None or task.source != host or task.row != MAINTENANCE_KEY or task.state in RUNNING:
+                continue
+            if task.state == TaskState.RETRY_WAIT:
+                task.retry_at, task.resume = None, None
+            task.reason = "cancelled: maintenance off"
+            self._move(task, TaskState.CANCELLED, now, task.reason, out)
+            self._finish(task, out)
+
+    def _all_up(self, host: str) -> bool:
+        hh = self._health.get(host)
+        return hh is not None and all(
+            (st := hh.planes.get(p)) is not None and st.state == PlaneState.UP for p in PLANES)
+
     def _why_out(self, host: str, what: str) -> str:
         row = self._out_row.get(host)
         return f"{what} for row {row}" if row else f"{what} by an earlier leader"
@@ -765,9 +852,7 @@ class RecoveryCore:
         what = "marked down" if op == HostOp.MARK_DOWN else "disabled"
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': {what} by an earlier leader, "
                                "not enabled since"))
-        hh = self._health.get(host)
-        if host not in self._decisions and hh is not None and all(
-                (st := hh.planes.get(p)) is not None and st.state == PlaneState.UP for p in PLANES):
+        if host not in self._decisions and self._all_up(host):
             self._healthy(host, now, out)
 
     def _enable(self, host: str, evidence: str, now: float, out: RecoveryOutput) -> None:
@@ -824,6 +909,11 @@ class RecoveryCore:
         action = cur.decision.action
         assert action is not None
         key = cur.decision.key
+        if key == MAINTENANCE_KEY:
+            cur.acted = True
+            out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': in maintenance, alert only "
+                                     f"({self._failed_text(hh)})"))
+            return
         if key == AGENT_STOPPED_KEY:
             cur.acted = True
             out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': its agent was stopped cleanly at "
@@ -932,12 +1022,13 @@ class RecoveryCore:
         return len(self._vms_on.get(host, ())) + self.queue.running_to(host)
 
     def _is_eligible(self, h: str) -> bool:
-        """May receive VMs: every plane UP, enabled and up in the cloud, not disabled by us."""
+        """May receive VMs: every plane UP, enabled and up in the cloud, not disabled by us, not in
+        maintenance."""
         info = self._hosts.get(h)
         hh = self._health.get(h)
         return (
             info is not None and info.enabled and info.up and not info.forced_down
-            and h not in self._disabled and h not in self._marked_down
+            and h not in self._disabled and h not in self._marked_down and h not in self._maintenance
             and hh is not None and all(
                 (s := hh.planes.get(p)) is not None and s.state == PlaneState.UP for p in PLANES)
         )
@@ -1148,6 +1239,8 @@ class RecoveryCore:
                         out: RecoveryOutput) -> None:
         if op == HostOp.ENABLE:
             self._rejoining.discard(host)
+            if host not in self._decisions and self._all_up(host):
+                self._healthy(host, now, out)  # an enable at maintenance off has no clock running yet
             if host in self._healthy_since:
                 self._rejoin_retry[host] = now + self.settings.rejoin_after
             text = (f"host '{host}': enable failed ({reason}): it stays out, tried again in "
@@ -1195,6 +1288,10 @@ class RecoveryCore:
             self._place(task.vm, task.running_on)
             self._settle(task)
             self._finish(task, out)
+            if task.running_on in self._maintenance:
+                # It arrived on a host that entered maintenance while it travelled: drain it too.
+                self._drain(task.running_on, [task.vm], f"vm '{task.vm}' arrived in maintenance", now, out)
+                return
             dest = self._decisions.get(task.running_on or "")
             if dest is not None and dest.acted and dest.decision.action in _MOVING_ACTIONS:
                 # It arrived on a host that failed while it travelled: act on that host again, for it.
@@ -1411,7 +1508,7 @@ class RecoveryCore:
 
 def _better(old: Decision, new: Decision) -> bool:
     """The host lost fewer planes than before (a strict subset): it is on its way back."""
-    if old.action is None or {FABRIC_KEY, AGENT_STOPPED_KEY} & {old.key, new.key}:
+    if old.action is None or {FABRIC_KEY, AGENT_STOPPED_KEY, MAINTENANCE_KEY} & {old.key, new.key}:
         return False
     before, after = set(old.key.split("+")), set(new.key.split("+"))
     return after < before
@@ -1428,10 +1525,10 @@ def from_health(out: HealthOutput) -> list[RecoveryEvent]:
 
 
 __all__ = [
-    "AGENT_STOPPED_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "CheckRejoin", "DisableHost",
-    "DropProof", "EnableHost", "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike", "HostOp",
-    "HostOpDone", "HostOpFailed", "HostOut", "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown",
-    "PersistTask", "ProofObtained", "ProofRefused", "Prove", "RecordEvidence", "RecoveryAction", "RecoveryCore",
-    "RecoveryEvent", "RecoveryOutput", "RecoverySettings", "RejoinChecked", "ReleaseProof", "StepDone",
-    "StepFailed", "Tick", "VmLike", "from_health",
+    "AGENT_STOPPED_KEY", "MAINTENANCE_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "CheckRejoin",
+    "DisableHost", "DropProof", "EnableHost", "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike",
+    "HostOp", "HostOpDone", "HostOpFailed", "HostOut", "InvariantError", "Inventory", "LiveMigrate", "Maintenance",
+    "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused", "Prove", "RecordEvidence", "RecoveryAction",
+    "RecoveryCore", "RecoveryEvent", "RecoveryOutput", "RecoverySettings", "RejoinChecked", "ReleaseProof",
+    "StepDone", "StepFailed", "Tick", "VmLike", "from_health",
 ]

@@ -59,6 +59,7 @@ from vmha.core.recovery import (
     HostOut,
     Inventory,
     LiveMigrate,
+    Maintenance,
     MarkHostDown,
     PersistTask,
     ProofObtained,
@@ -125,6 +126,7 @@ class SimHost:
     forced_down: bool = False
     agent: bool = True  # the agent runs (heartbeats, attestations)
     agent_stopped: float | None = None  # when the agent marked its host record (a clean stop)
+    maintenance: bool = False  # keys.maintenance(host) present
     renew_lost_at: float | None = None  # sanlock renewals stopped (storage lost or power off)
     seq: dict[Plane, int] = field(default_factory=dict)
     sent: dict[Plane, float] = field(default_factory=dict)
@@ -436,6 +438,8 @@ class Sim:
             elif h.disabled:
                 self._recover(HostOut(h.name, HostOp.DISABLE))
         for h in self.hosts.values():
+            if h.maintenance:
+                self._recover(Maintenance(h.name, True))
             if h.agent_stopped is not None:
                 self._recover(AgentStopped(h.name, h.agent_stopped))
         self._recover(self._inventory())
@@ -447,6 +451,11 @@ class Sim:
         h.disabled = h.forced_down = False
         self._recover(HostEnabled(host))
         self._inventory_soon()
+
+    def maintenance(self, host: str, on: bool) -> None:
+        """`vmha host maintenance HOST on|off` (keys.maintenance(HOST) written / deleted)."""
+        self.hosts[host].maintenance = on
+        self._recover(Maintenance(host, on))
 
     def fail_next(self, kind: str, name: str, count: int, retryable: bool = True) -> None:
         self.failures.setdefault((kind, name), []).extend([retryable] * count)
