@@ -112,5 +112,13 @@ class Keys:
     def disabled_prefix(self) -> str:
         return f"{self.root}disabled/"
 
+    def maintenance(self, host: str) -> str:
+        """Present while the operator keeps the host in maintenance (`vmha host maintenance`)."""
+        return f"{self.root}maintenance/{host}"
+
+    @property
+    def maintenance_prefix(self) -> str:
+        return f"{self.root}maintenance/"
+
     def lab(self, *parts: str) -> str:
         return f"{self.root}lab/" + "/".join(parts)

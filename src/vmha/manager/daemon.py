@@ -8,7 +8,8 @@ Standby: campaign (etcd/election.py) and wait. Leader, for one "term" at a time:
   - take an inventory snapshot from the compute driver at start, every INVENTORY_INTERVAL, and
     at once when a plane goes DOWN or FABRIC;
   - watch keys.disabled_prefix: a deleted key is `vmha host enable HOST` (HostEnabled, and a fresh
-    inventory);
+    inventory); read it at start: what earlier leaders did to the hosts (HostOut), for their rejoin;
+  - watch keys.maintenance_prefix: `vmha host maintenance HOST on|off` (Maintenance);
   - call core.step(event, now) for each event (and Tick at core.next_deadline()); the events that
     arrived together are stepped one after another, and their outputs applied together:
       1. log each line (logger "vmha.manager") and append it to the decision stream,
@@ -67,6 +68,7 @@ from vmha.core.recovery import (
     HostOut,
     Inventory,
     LiveMigrate,
+    Maintenance,
     MarkHostDown,
     PersistTask,
     ProofObtained,
@@ -366,6 +368,7 @@ class Term:
             asyncio.create_task(self._health_feed(), name="health feed"),
             asyncio.create_task(self._inventory(), name="inventory"),
             asyncio.create_task(self._enabled_hosts(), name="enabled hosts"),
+            asyncio.create_task(self._maintenance(), name="maintenance"),
             asyncio.create_task(self._decide(), name="decide"),
         ]
         try:
@@ -472,6 +475,12 @@ class Term:
             for host in hosts:
                 self.inbox.put(HostEnabled(host))
             self.inventory_now.set()
+
+    async def _maintenance(self) -> None:
+        """`vmha host maintenance HOST on|off` as it happens; the first listing tells a new leader
+        which hosts are in maintenance."""
+        async for host, on in maintenance_marks(self.client, self.keys):
+            self.inbox.put(Maintenance(host, on))
 
     async def _inventory(self) -> None:
         while not self.over:
@@ -686,6 +695,28 @@ async def enabled_hosts(client: EtcdClient, keys: Keys) -> AsyncIterator[list[st
             yield enabled
 
 
+async def maintenance_marks(client: EtcdClient, keys: Keys) -> AsyncIterator[tuple[str, bool]]:
+    """(host, in maintenance) for every keys.maintenance(HOST) written or deleted, as it happens; the
+    hosts of the first listing (and of a listing after a compaction) first."""
+    prefix = keys.maintenance_prefix
+    known: set[str] = set()
+    async for item in watch_prefix(client, prefix):
+        match item:
+            case Snapshot(items):
+                listed = {kv.key.removeprefix(prefix) for kv, _ in items}
+                for host in sorted(known - listed):
+                    yield host, False
+                for host in sorted(listed - known):
+                    yield host, True
+                known = listed
+            case Delete(key):
+                known.discard(key.removeprefix(prefix))
+                yield key.removeprefix(prefix), False
+            case _:
+                known.add(item.key.removeprefix(prefix))
+                yield item.key.removeprefix(prefix), True
+
+
 async def hosts_out(client: EtcdClient, keys: Keys) -> list[tuple[str, HostOp]]:
     """The hosts an earlier leader disabled or marked down and no one enabled since (keys.disabled
     records, sorted); an unreadable record is logged and left out (that host waits for the operator)."""
@@ -724,5 +755,6 @@ __all__ = [
     "compute_driver",
     "enabled_hosts",
     "hosts_out",
+    "maintenance_marks",
     "production_parts",
 ]
