@@ -29,6 +29,7 @@ from vmha.core.recovery import (
     InvariantError,
     Inventory,
     LiveMigrate,
+    Maintenance,
     MarkHostDown,
     PersistTask,
     ProofObtained,
@@ -721,3 +722,46 @@ def test_a_new_leader_lets_hosts_the_old_one_took_out_rejoin() -> None:
     out = c.step(HostOpFailed("h2", HostOp.ENABLE, "nova: 503"), 22.0)
     assert [a.text for a in of(out, Alert)] == [
         "host 'h2': enable failed (nova: 503): it stays out, tried again in 20s"]
+
+
+# -- maintenance and drain ---------------------------------------------------------------------------
+
+
+def test_maintenance_drains_by_priority_and_alerts_only_on_faults() -> None:
+    c = core(max_parallel=1)
+    c.step(inventory(VMS), 1.0)
+    out = c.step(Maintenance("h2", True), 5.0)
+    assert of(out, DisableHost) == [DisableHost("h2", "maintenance (by the operator)")]
+    assert [(a.vm, a.source) for a in of(out, LiveMigrate)] == [("vm1", "h2")]  # priority 5 first, 1 slot
+    out = fail_h2(c, 10.0)  # storage lost while in maintenance: no fence, no evacuation
+    assert not of(out, Prove) and not of(out, MarkHostDown)
+    assert [a.text for a in of(out, Alert)] == ["host 'h2': in maintenance, alert only (storage down since 10.0)"]
+    out = c.step(StepDone("vm1", Step.MIGRATE, "h1"), 12.0)
+    assert [(a.vm, a.dest) for a in of(out, LiveMigrate)] == [("vm2", "h4")]  # the least loaded
+
+
+def test_maintenance_off_with_a_fault_meanwhile_acts_on_the_real_row() -> None:
+    c = core(rejoin_after=20.0)
+    c.step(inventory(VMS), 1.0)
+    c.step(Maintenance("h2", True), 5.0)
+    c.step(HostOpDone("h2", HostOp.DISABLE), 5.2)
+    fail_h2(c, 10.0, management=DOWN)
+    out = c.step(Maintenance("h2", False), 20.0)
+    assert "host 'h2': row management -> disable (management down since 10.0)" in texts(out)
+    assert not of(out, EnableHost)
+    # Repaired: it rejoins by the rejoin rules, nothing having been fenced.
+    c.step(HealthUpdate(health("h2", 30.0)), 30.0)
+    assert [a.reason for a in of(c.step(Tick(), 50.0), EnableHost)] == [
+        "nothing was fenced there (disabled for row management), every plane up since 30.0"]
+
+
+def test_maintenance_off_enables_at_once_and_retries_a_failed_enable() -> None:
+    c = core(rejoin_after=20.0, max_parallel=1)
+    c.step(inventory(VMS), 1.0)
+    c.step(Maintenance("h2", True), 5.0)
+    out = c.step(Maintenance("h2", False), 6.0)
+    assert [a.reason for a in of(out, EnableHost)] == ["maintenance over (by the operator), every plane up"]
+    assert {t.vm: t.state for t in c.tasks()}["vm2"] == TaskState.CANCELLED  # its drain had not begun
+    c.step(HostOpFailed("h2", HostOp.ENABLE, "nova: 503"), 7.0)
+    assert c.next_deadline() == 27.0
+    assert of(c.step(Tick(), 27.0), EnableHost)

@@ -760,7 +760,8 @@ class RecoveryCore:
     def _try_rejoin(self, host: str, now: float, out: RecoveryOutput) -> None:
         since = self._healthy_since[host]
         unproved = sorted(vm for vm in self._by_source.get(host, ())
-                          if (t := self.queue.active(vm)) is not None and t.source == host and t.proof is None)
+                          if (t := self.queue.active(vm)) is not None and t.source == host
+                          and t.kind == TaskKind.EVACUATE and t.proof is None)
         if unproved:
             # A recovery from the host not proved yet: its VM's fate is open (the recheck decides).
             if host not in self._rejoin_wait:
