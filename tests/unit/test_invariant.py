@@ -40,6 +40,7 @@ from vmha.core.recovery import (
     ProofObtained,
     ProofRefused,
     Prove,
+    QuarantineHost,
     RecoveryAction,
     RecoveryCore,
     RecoveryEvent,
@@ -77,6 +78,7 @@ class Harness:
         self.disabled: set[str] = set()  # disabled (a delivered disable result)
         self.checked: set[str] = set()  # a passed rejoin check delivered since
         self.maintenance: set[str] = set()
+        self.quarantined: set[str] = set()  # QuarantineHost emitted (keys.quarantined written)
 
     def step(self, ev: RecoveryEvent) -> None:
         if isinstance(ev, ProofObtained):
@@ -97,6 +99,8 @@ class Harness:
         elif isinstance(ev, HostEnabled) or (isinstance(ev, HostOpDone) and ev.op == HostOp.ENABLE):
             self.fenced.discard(ev.host)
             self.disabled.discard(ev.host)
+            if isinstance(ev, HostEnabled):
+                self.quarantined.discard(ev.host)
         moving = {t.vm for t in self.core.tasks() if t.state in RUNNING}
         out = self.core.step(ev, self.now)
         for t in self.core.tasks():
@@ -112,7 +116,10 @@ class Harness:
             elif isinstance(a, MarkHostDown):
                 # Nova's force_down (and disable) lets evacuations in: only once a VM there is proved dead.
                 assert any(h == a.host for _, h in self.proofs), f"mark down {a.host} without a proof"
+            if isinstance(a, QuarantineHost):
+                self.quarantined.add(a.host)
             if isinstance(a, EnableHost):
+                assert a.host not in self.quarantined, f"rejoin of quarantined {a.host}"
                 assert self.up.get(a.host), f"rejoin of {a.host}, which is not UP on every plane"
                 assert a.host not in self.fenced or a.host in self.checked, f"rejoin of fenced {a.host} unchecked"
             if isinstance(a, Prove | ReleaseProof | Evacuate | LiveMigrate | MarkHostDown | DisableHost
@@ -180,7 +187,8 @@ class Harness:
         # The daemon reads what earlier leaders did to the hosts (keys.disabled) and the maintenance
         # marks (keys.maintenance) at takeover.
         for host in sorted(self.fenced | self.disabled):
-            self.step(HostOut(host, HostOp.MARK_DOWN if host in self.fenced else HostOp.DISABLE))
+            self.step(HostOut(host, HostOp.MARK_DOWN if host in self.fenced else HostOp.DISABLE,
+                              "quarantined" if host in self.quarantined else ""))
         for host in sorted(self.maintenance):
             self.step(Maintenance(host, True))
 

@@ -35,6 +35,7 @@ from vmha.core.recovery import (
     ProofObtained,
     ProofRefused,
     Prove,
+    QuarantineHost,
     RecordEvidence,
     RecoveryAction,
     RecoveryCore,
@@ -765,3 +766,18 @@ def test_maintenance_off_enables_at_once_and_retries_a_failed_enable() -> None:
     c.step(HostOpFailed("h2", HostOp.ENABLE, "nova: 503"), 7.0)
     assert c.next_deadline() == 27.0
     assert of(c.step(Tick(), 27.0), EnableHost)
+
+
+def test_maintenance_off_does_not_end_a_quarantine_and_a_new_leader_keeps_it() -> None:
+    c = core(rejoin_after=5.0, quarantine_after=1)
+    c.step(inventory(VMS), 1.0)
+    out = fail_h2(c, 10.0, management=DOWN)
+    assert [a.host for a in of(out, QuarantineHost)] == ["h2"]
+    c.step(HealthUpdate(health("h2", 11.0)), 11.0)
+    c.step(Maintenance("h2", True), 12.0)
+    assert not of(c.step(Maintenance("h2", False), 13.0), EnableHost)
+    assert not of(c.step(Tick(), 100.0), EnableHost)
+    new = core(rejoin_after=5.0, quarantine_after=1)
+    new.step(TasksLoaded(()), 0.5)
+    new.step(HostOut("h2", HostOp.DISABLE, "3 failures"), 1.0)
+    assert new.quarantined() == ["h2"] and not of(new.step(Tick(), 100.0), EnableHost)

@@ -237,10 +237,11 @@ class Maintenance:
 class HostOut:
     """At takeover: an earlier leader disabled (op disable) or marked down (op mark-down) this host,
     and no one enabled it since (keys.disabled(host) holds the record): it rejoins as if this leader
-    had taken it out."""
+    had taken it out, unless that leader quarantined it (`quarantine`: why; keys.quarantined(host))."""
 
     host: str
     op: HostOp
+    quarantine: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +363,15 @@ class EnableHost:
 
 
 @dataclass(frozen=True, slots=True)
+class QuarantineHost:
+    """Record keys.quarantined(host) = reason, so that a new leader keeps the host out too (`vmha host
+    enable` deletes it). Fire and forget: the alert already told the operator."""
+
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Prove:
     """Obtain a FenceProof for the VM's old copy on host, trying `methods` in order, within `timeout`
     seconds (None: the runtime's default, long enough for host-dead); result: ProofObtained or
@@ -450,6 +460,7 @@ RecoveryAction = (
     | DisableHost
     | CheckRejoin
     | EnableHost
+    | QuarantineHost
     | Prove
     | CancelProof
     | MarkHostDown
@@ -580,8 +591,8 @@ class RecoveryCore:
                 self._host_op_failed(host, op, reason, retryable, now, out)
             case HostEnabled(host):
                 self._host_enabled(host, now, out)
-            case HostOut(host, op):
-                self._host_out(host, op, now, out)
+            case HostOut(host, op, quarantine):
+                self._host_out(host, op, quarantine, now, out)
             case RejoinChecked(host, ok, evidence):
                 self._rejoin_checked(host, ok, evidence, now, out)
             case AgentStopped(host, since):
@@ -781,6 +792,8 @@ class RecoveryCore:
             return
         self._enable(host, f"nothing was fenced there ({self._why_out(host, 'disabled')}), {healthy}", now, out)
 
+    # -- maintenance ------------------------------------------------------------------------------
+
     def _maintenance_set(self, host: str, on: bool, why: str, now: float, out: RecoveryOutput) -> None:
         if on == (host in self._maintenance):
             return
@@ -792,7 +805,7 @@ class RecoveryCore:
             if cur is not None and cur.decision.key == MAINTENANCE_KEY:
                 del self._decisions[host]  # its real row, if any, is decided afresh
             if (host not in self._decisions and self._all_up(host) and host in self._disabled
-                    and host not in self._marked_down):
+                    and host not in self._marked_down and host not in self._quarantined):
                 self._rejoining.add(host)  # nothing was fenced: back to placement at once
                 self._enable(host, f"maintenance over ({why}), every plane up", now, out)
             else:
@@ -844,15 +857,18 @@ class RecoveryCore:
         row = self._out_row.get(host)
         return f"{what} for row {row}" if row else f"{what} by an earlier leader"
 
-    def _host_out(self, host: str, op: HostOp, now: float, out: RecoveryOutput) -> None:
+    def _host_out(self, host: str, op: HostOp, quarantine: str, now: float, out: RecoveryOutput) -> None:
         flags = self._marked_down if op == HostOp.MARK_DOWN else self._disabled
         if op == HostOp.ENABLE or host in flags:
             return
         flags.add(host)
         self._dests = None
+        if quarantine:
+            self._quarantined.add(host)
+            self._not_healthy(host)
         what = "marked down" if op == HostOp.MARK_DOWN else "disabled"
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': {what} by an earlier leader, "
-                               "not enabled since"))
+                               "not enabled since" + (f", quarantined ({quarantine})" if quarantine else "")))
         if host not in self._decisions and self._all_up(host):
             self._healthy(host, now, out)
 
@@ -905,6 +921,7 @@ class RecoveryCore:
                 + f"): it stays out until `vmha host enable {host}`")
         out.log.append(LogLine(Level.WARN, now, ACTOR, text))
         out.actions.append(Alert(Level.WARN, host, None, text))
+        out.actions.append(QuarantineHost(host, text))
 
     def _act(self, host: str, cur: _HostDecision, hh: HostHealth, now: float, out: RecoveryOutput) -> None:
         action = cur.decision.action
@@ -1026,12 +1043,10 @@ class RecoveryCore:
         """May receive VMs: every plane UP, enabled and up in the cloud, not disabled by us, not in
         maintenance."""
         info = self._hosts.get(h)
-        hh = self._health.get(h)
         return (
             info is not None and info.enabled and info.up and not info.forced_down
             and h not in self._disabled and h not in self._marked_down and h not in self._maintenance
-            and hh is not None and all(
-                (s := hh.planes.get(p)) is not None and s.state == PlaneState.UP for p in PLANES)
+            and self._all_up(h)
         )
 
     def _eligible(self) -> list[str]:
@@ -1529,7 +1544,8 @@ __all__ = [
     "AGENT_STOPPED_KEY", "MAINTENANCE_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "CheckRejoin",
     "DisableHost", "DropProof", "EnableHost", "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike",
     "HostOp", "HostOpDone", "HostOpFailed", "HostOut", "InvariantError", "Inventory", "LiveMigrate", "Maintenance",
-    "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused", "Prove", "RecordEvidence", "RecoveryAction",
+    "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused", "Prove", "QuarantineHost", "RecordEvidence",
+    "RecoveryAction",
     "RecoveryCore", "RecoveryEvent", "RecoveryOutput", "RecoverySettings", "RejoinChecked", "ReleaseProof",
     "StepDone", "StepFailed", "Tick", "VmLike", "from_health",
 ]

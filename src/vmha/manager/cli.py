@@ -231,6 +231,7 @@ def host_enable(config_path: str, name: str) -> None:
             vms = ", ".join(f"{t.vm} ({t.state.value})" for t in running)
             raise click.ClickException(f"host '{name}' still has recoveries running: {vms}; wait for them")
         await compute_driver(cfg, client).enable_host(name)
+        await client.delete(keys.quarantined(name))
         await client.delete(keys.disabled(name))
         leader = leader_name(await client.get(keys.leader))
         return leader or "none"

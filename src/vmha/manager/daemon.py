@@ -74,6 +74,7 @@ from vmha.core.recovery import (
     ProofObtained,
     ProofRefused,
     Prove,
+    QuarantineHost,
     RecordEvidence,
     RecoveryAction,
     RecoveryCore,
@@ -87,7 +88,7 @@ from vmha.core.recovery import (
     Tick,
 )
 from vmha.drivers.base import ComputeDriver, DriverError
-from vmha.etcd.client import BadValue, EtcdClient, EtcdUnavailable, encode_json
+from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdUnavailable, encode_json
 from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
@@ -360,8 +361,8 @@ class Term:
         await self._durable(self.events.start)
         log.info("manager %s: leading; %d task(s) in etcd", self.mgr.m.name, len(tasks))
         self.inbox.put(TasksLoaded(tuple(tasks)))
-        for host, op in await self._durable(lambda: hosts_out(self.client, self.keys)):
-            self.inbox.put(HostOut(host, op))
+        for out in await self._durable(lambda: hosts_out(self.client, self.keys)):
+            self.inbox.put(out)
         loops = [
             asyncio.create_task(self._until_lost(stop), name="lost"),
             asyncio.create_task(self.monitor.run(), name="health monitor"),
@@ -580,6 +581,11 @@ class Term:
                 self._spawn(("enable", host), self._host_op(host, HostOp.ENABLE, self.driver.enable_host(host)))
             case CheckRejoin(host, vms):
                 self._spawn(("rejoin", host), self._check_rejoin(host, vms))
+            case QuarantineHost(host, reason):
+                record = {"reason": reason, "t": time.time(), "manager": self.mgr.m.name}
+                put = tx.Put(self.keys.quarantined(host).encode(), encode_json(record))
+                self._spawn(("quarantine", host), self._durable_quiet(
+                    lambda: leader_txn(self.client, self.lead, [], [put])))
 
     def _spawn(self, key: tuple[str, str], coro: Awaitable[None]) -> None:
         old = self.inflight.get(key)
@@ -637,6 +643,11 @@ class Term:
             self.inbox.put(StepFailed(vm, step, _reason(e), True))
             return
         self.inbox.put(StepDone(vm, step, running_on=where or None))
+
+    async def _durable_quiet(self, op: Callable[[], Awaitable[object]]) -> None:
+        """A write no result depends on; a term that ends first leaves it to the next leader."""
+        with contextlib.suppress(NotLeader, _TermOver):
+            await self._durable(op)
 
     async def _check_rejoin(self, host: str, vms: Sequence[str]) -> None:
         if self.rejoin_check is None:
@@ -717,11 +728,14 @@ async def maintenance_marks(client: EtcdClient, keys: Keys) -> AsyncIterator[tup
                 yield item.key.removeprefix(prefix), True
 
 
-async def hosts_out(client: EtcdClient, keys: Keys) -> list[tuple[str, HostOp]]:
+async def hosts_out(client: EtcdClient, keys: Keys) -> list[HostOut]:
     """The hosts an earlier leader disabled or marked down and no one enabled since (keys.disabled
-    records, sorted); an unreadable record is logged and left out (that host waits for the operator)."""
+    records, sorted), and whether it quarantined them (keys.quarantined); an unreadable record is
+    logged and left out (that host waits for the operator)."""
     kvs, _ = await client.get_prefix(keys.disabled_prefix)
-    out: list[tuple[str, HostOp]] = []
+    quarantined, _ = await client.get_prefix(keys.quarantined_prefix)
+    why = {kv.key.removeprefix(keys.quarantined_prefix): _quarantine_reason(kv) for kv in quarantined}
+    out: list[HostOut] = []
     for kv in kvs:
         host = kv.key.removeprefix(keys.disabled_prefix)
         try:
@@ -734,8 +748,18 @@ async def hosts_out(client: EtcdClient, keys: Keys) -> list[tuple[str, HostOp]]:
             log.warning("etcd key %s: op %r is neither disable nor mark-down: host %s left to the operator",
                         kv.key, op, host)
             continue
-        out.append((host, HostOp(op)))
+        out.append(HostOut(host, HostOp(op), why.get(host, "")))
     return out
+
+
+def _quarantine_reason(kv: KV) -> str:
+    """The reason a quarantine record gives; an unreadable one still quarantines (in doubt, out)."""
+    try:
+        value = kv.json()
+    except BadValue:
+        return "unreadable quarantine record"
+    reason = value.get("reason") if isinstance(value, dict) else None
+    return reason[:500] if isinstance(reason, str) and reason else "quarantine record without a reason"
 
 
 def _entry(line: LogLine) -> tuple[str, str, str, str]:

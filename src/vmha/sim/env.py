@@ -65,6 +65,7 @@ from vmha.core.recovery import (
     ProofObtained,
     ProofRefused,
     Prove,
+    QuarantineHost,
     RecordEvidence,
     RecoveryAction,
     RecoveryCore,
@@ -127,6 +128,7 @@ class SimHost:
     agent: bool = True  # the agent runs (heartbeats, attestations)
     agent_stopped: float | None = None  # when the agent marked its host record (a clean stop)
     maintenance: bool = False  # keys.maintenance(host) present
+    quarantined: str = ""  # keys.quarantined(host): why
     renew_lost_at: float | None = None  # sanlock renewals stopped (storage lost or power off)
     seq: dict[Plane, int] = field(default_factory=dict)
     sent: dict[Plane, float] = field(default_factory=dict)
@@ -434,9 +436,9 @@ class Sim:
         for h in self.hosts.values():
             # What the old leader did to a host and no one undid (the keys.disabled records).
             if h.forced_down:
-                self._recover(HostOut(h.name, HostOp.MARK_DOWN))
+                self._recover(HostOut(h.name, HostOp.MARK_DOWN, h.quarantined))
             elif h.disabled:
-                self._recover(HostOut(h.name, HostOp.DISABLE))
+                self._recover(HostOut(h.name, HostOp.DISABLE, h.quarantined))
         for h in self.hosts.values():
             if h.maintenance:
                 self._recover(Maintenance(h.name, True))
@@ -449,6 +451,7 @@ class Sim:
         service, clear forced_down; the manager sees keys.disabled(HOST) deleted)."""
         h = self.hosts[host]
         h.disabled = h.forced_down = False
+        h.quarantined = ""
         self._recover(HostEnabled(host))
         self._inventory_soon()
 
@@ -497,6 +500,8 @@ class Sim:
                 self.at(self.now + self.st.disable, _WORLD, lambda: self._disable(host, epoch))
             case EnableHost(host, _):
                 self.at(self.now + self.st.disable, _WORLD, lambda: self._enable_done(host, epoch))
+            case QuarantineHost(host, reason):
+                self.hosts[host].quarantined = reason
             case CheckRejoin(host, vms):
                 self.at(self.now + self.st.rejoin_check, _WORLD, lambda: self._check_rejoin(host, vms, epoch))
             case MarkHostDown(host):
