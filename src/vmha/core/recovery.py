@@ -536,8 +536,9 @@ class RecoveryCore:
         self._failures: dict[str, list[tuple[float, str]]] = {}
         self._episode: set[str] = set()
         self._quarantined: set[str] = set()
-        self._maintenance: set[str] = set()
-        self._drain_stop: set[str] = set()  # in maintenance because their agent was stopped (drain)
+        # Hosts in maintenance, and why: "operator" (`vmha host maintenance`), "agent" (a clean agent
+        # stop with on_agent_stop = drain). Either keeps it; each ends only its own.
+        self._maintenance: dict[str, set[str]] = {}
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -600,14 +601,13 @@ class RecoveryCore:
                     self._agent_stopped.pop(host, None)
                 else:
                     self._agent_stopped[host] = since
-                if self.settings.on_agent_stop == "drain" and (since is None) == (host in self._drain_stop):
+                if self.settings.on_agent_stop == "drain":
                     # A clean stop drains the host first; the agent running again ends that drain.
-                    self._drain_stop.symmetric_difference_update({host})
-                    self._maintenance_set(host, since is not None, "its agent was stopped cleanly"
+                    self._maintenance_set(host, "agent", since is not None, "its agent was stopped cleanly"
                                           if since is not None else "its agent runs again", now, out)
                 self._reconcile(host, now, out)
             case Maintenance(host, on):
-                self._maintenance_set(host, on, "by the operator", now, out)
+                self._maintenance_set(host, "operator", on, "by the operator", now, out)
             case TasksLoaded(tasks):
                 self._load(tasks, now, out)
             case Tick():
@@ -794,11 +794,17 @@ class RecoveryCore:
 
     # -- maintenance ------------------------------------------------------------------------------
 
-    def _maintenance_set(self, host: str, on: bool, why: str, now: float, out: RecoveryOutput) -> None:
-        if on == (host in self._maintenance):
-            return
+    def _maintenance_set(self, host: str, who: str, on: bool, why: str, now: float, out: RecoveryOutput) -> None:
+        reasons = self._maintenance.get(host, set())
+        was = bool(reasons)
+        reasons = reasons | {who} if on else reasons - {who}
+        if reasons:
+            self._maintenance[host] = reasons
+        else:
+            self._maintenance.pop(host, None)
+        if was == bool(reasons):
+            return  # still (or still not) in maintenance, for another reason
         if not on:
-            self._maintenance.discard(host)
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': maintenance off ({why})"))
             self._cancel_drain(host, now, out)
             cur = self._decisions.get(host)
@@ -813,7 +819,6 @@ class RecoveryCore:
                 if host not in self._decisions and self._all_up(host):
                     self._healthy(host, now, out)
             return
-        self._maintenance.add(host)
         self._not_healthy(host)
         self._disable(host, f"maintenance ({why})", now, out)
         self._drain(host, sorted(self._vms_on.get(host, ())), f"maintenance on ({why})", now, out)
