@@ -2,14 +2,17 @@
 # Installs everything vmha, its lab and its tests need on Debian 12, as root:
 # Debian packages (etcd, sanlock and its Python binding, sshfs/sshd for the lab's shared storage,
 # gcc for the lab's setrlimit shim, fence-agents + ipmitool for the power fence and openipmi's ipmi_sim
-# as the BMC its tests fence) and a virtualenv in .venv with vmha installed in it.
+# as the BMC its tests fence; libvirt with its sanlock lock manager, QEMU, and the kernel and busybox the
+# lab's guest is built from) and a virtualenv in .venv with vmha installed in it.
 # Idempotent: a second run only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 apt_pkgs=(etcd-server etcd-client sanlock python3-sanlock sshfs fuse3 openssh-server openssh-client
-          iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev fence-agents ipmitool openipmi)
+          iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev fence-agents ipmitool openipmi
+          libvirt-daemon libvirt-daemon-driver-qemu libvirt-sanlock libvirt-clients python3-libvirt
+          qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,14 +32,22 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e ".[test]"
 
-# The sanlock binding is one compiled module in Debian's dist-packages; it imports into any
-# CPython 3.11. Link that file alone into the venv instead of exposing all of dist-packages.
-so=$(ls /usr/lib/python3/dist-packages/sanlock.cpython-311-*.so 2>/dev/null | head -1)
+# The sanlock and libvirt bindings are compiled modules in Debian's dist-packages; they import into
+# any CPython 3.11. Link those files alone into the venv instead of exposing all of dist-packages.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-if [ -z "$so" ]; then
-  echo "setup: python3-sanlock is installed but its module for CPython 3.11 is missing" >&2
-  exit 1
-fi
-ln -sf "$so" "$site/$(basename "$so")"
-.venv/bin/python -c 'import sanlock, aetcd, vmha' || { echo "setup: import check failed" >&2; exit 1; }
+for want in sanlock.cpython-311-*.so libvirtmod.cpython-311-*.so libvirt.py; do
+  f=$(ls /usr/lib/python3/dist-packages/$want 2>/dev/null | head -1)
+  if [ -z "$f" ]; then
+    echo "setup: /usr/lib/python3/dist-packages/$want is missing (python3-sanlock, python3-libvirt)" >&2
+    exit 1
+  fi
+  ln -sf "$f" "$site/$(basename "$f")"
+done
+.venv/bin/python -c 'import sanlock, libvirt, aetcd, vmha' || { echo "setup: import check failed" >&2; exit 1; }
+# libvirtd needs its QEMU user to exist (the Debian package that creates it needs systemd).
+getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+getent passwd libvirt-qemu >/dev/null || useradd --system --gid libvirt-qemu --no-create-home \
+  --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
+# The lab's QEMU guest (vmha lab up --guests qemu): kernel + busybox + vmha's disk writer.
+bash scripts/build-guest.sh
 echo "setup: ready (.venv/bin/vmha)"

@@ -7,6 +7,7 @@ be left out (an agent needs [host], a manager needs [manager]).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -96,7 +97,7 @@ class LocksConfig(_Strict):
 class ManagerConfig(_Strict):
     name: Name
     endpoints: list[str] = Field(min_length=1)  # etcd, through the management plane
-    driver: Literal["lab", "nova"] = "lab"
+    driver: Literal["lab", "nova", "libvirt"] = "lab"
     election_ttl: int = Field(2, ge=2, le=60)
     max_parallel: int = Field(8, ge=1)
     max_per_host: int = Field(4, ge=1, description="recoveries running towards one destination host")
@@ -160,6 +161,24 @@ class NovaConfig(_Strict):
     vm_names: Literal["id", "name"] = "id"
 
 
+class LibvirtConfig(_Strict):
+    # host -> its libvirtd's URI over the management plane (qemu+tls://... or qemu+ssh://...): the
+    # libvirt driver (vmha.drivers.libvirt) starts, destroys and live-migrates domains through them.
+    hosts: dict[Name, str] = Field(default_factory=dict)
+    # libvirt calls a live migration unsafe unless it knows the disks' filesystem as shared (NFS,
+    # GFS2, OCFS2, CephFS, GlusterFS...; libvirt 9). Set true only where the storage is shared and
+    # the disks use cache="none" (the lab's sshfs storage, which libvirt does not recognise).
+    migrate_unsafe: bool = False
+
+    @field_validator("hosts")
+    @classmethod
+    def _uris(cls, v: dict[str, str]) -> dict[str, str]:
+        for host, uri in v.items():
+            if not re.fullmatch(r"[a-z][a-z0-9+]*://[^\s]*/system", uri):
+                raise ValueError(f"{host}: {uri!r} is not a libvirt system URI (e.g. qemu+tls://HOST/system)")
+        return v
+
+
 class Config(_Strict):
     cluster: ClusterConfig
     planes: PlanesConfig
@@ -169,6 +188,7 @@ class Config(_Strict):
     manager: ManagerConfig | None = None
     agent: AgentConfig = AgentConfig()
     nova: NovaConfig = NovaConfig()
+    libvirt: LibvirtConfig = LibvirtConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[str, dict[str, str | int | bool]] = Field(default_factory=dict)

@@ -1,7 +1,10 @@
 """The fault matrix on the full lab (4 hosts, 8 VMs, io_timeout 1; real etcd, sanlock, agents,
-managers, network namespaces with the vt4 prefix):
+managers, network namespaces), once with the stand-in VMs (`--guests process`, prefix vt4) and once
+with real QEMU guests under a libvirtd per host, holding their leases through libvirt's sanlock lock
+manager, moved by the managers' libvirt driver (`--guests qemu`, prefix vq4):
 - the published command line: `lab up` twice changes nothing, `lab status --json` and
-  `lab verify --json` keep their shapes, `ps` finds each VM as `vmha-vm <vm-name>`, the disks hold
+  `lab verify --json` keep their shapes, `ps` finds each VM as `vmha-vm <vm-name>` (a guest: QEMU with
+  `-name guest=<vm-name>`), the disks hold
   {"vm", "host", "seq", "t"} records, `lab kill manager` hands over to the standby;
 - management only and fabric outage: no evacuation, no VM downtime;
 - service only: live migration, no restart;
@@ -28,22 +31,26 @@ from vmha.lab.net import pid_alive
 from vmha.lab.procs import vm_processes
 from vmha.lab.report import verify_lab
 from vmha.lab.state import LabState
-from vmha.lab.vm import last_record
+from vmha.lab.vm import disk_lines
 
 pytestmark = pytest.mark.e2e
 
-PREFIX = "vt4"
-UP_ARGS = ("--hosts", "4", "--vms", "8", "--prefix", PREFIX)
+PREFIXES = {"process": "vt4", "qemu": "vq4"}
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
-    lab_dir = tmp_path_factory.mktemp("lab")
+def up_args(lab: LabState) -> tuple[str, ...]:
+    return ("--hosts", "4", "--vms", "8", "--prefix", lab.prefix, "--guests", lab.guests)
+
+
+@pytest.fixture(scope="module", params=["process", "qemu"])
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
+    guests, prefix = request.param, PREFIXES[request.param]
+    lab_dir = tmp_path_factory.mktemp(f"lab-{guests}")
     try:
-        yield cluster.up(lab_dir, hosts=4, vms=8, io_timeout=1, prefix=PREFIX, echo=echo)
+        yield cluster.up(lab_dir, hosts=4, vms=8, io_timeout=1, prefix=prefix, echo=echo, guests=guests)
     finally:
         cluster.down(lab_dir)
-        assert_nothing_left(lab_dir, PREFIX)
+        assert_nothing_left(lab_dir, prefix)
 
 
 def vmha(lab: LabState, *args: str) -> subprocess.CompletedProcess[str]:
@@ -56,13 +63,13 @@ def _pids(lab: LabState) -> dict[str, Any]:
     lab.reload()
     return {"controller": (lab.controller.anchor, dict(lab.controller.pids)),
             **{h: (ns.anchor, dict(ns.pids)) for h, ns in lab.hosts.items()},
-            "vms": sorted((p.vm, p.pid) for p in vm_processes(PREFIX))}
+            "vms": sorted((p.vm, p.pid) for p in vm_processes(lab.prefix))}
 
 
 def test_lab_up_twice_changes_nothing(lab: LabState) -> None:
     before = _pids(lab)
     t = time.monotonic()
-    cp = vmha(lab, "lab", "up", *UP_ARGS)
+    cp = vmha(lab, "lab", "up", *up_args(lab))
     print(f"second `lab up`: {time.monotonic() - t:.1f} s", flush=True)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.splitlines()[0].split() == ["host", "power", "management", "storage", "service", "VMs"]
@@ -91,11 +98,13 @@ def test_status_json_shape(lab: LabState) -> None:
 
 
 def test_ps_finds_each_vm_by_name_on_its_host(lab: LabState) -> None:
-    """`vmha-vm <vm-name> ...` in the process list, inside the host's network namespace."""
+    """`vmha-vm <vm-name> ...` (a guest: `qemu-system-x86_64 -name guest=<vm-name>,...`) in the process
+    list, inside the host's network namespace."""
     found: dict[str, list[str]] = {}
     for host, ns in sorted(lab.hosts.items()):
         for vm in lab.vms:
-            cp = subprocess.run(["pgrep", "-f", "--ns", str(ns.anchor), "--nslist", "net", f"vmha-vm {vm} "],
+            pattern = f"vmha-vm {vm} " if lab.guests == "process" else f"qemu-system-x86_64 -name guest={vm},"
+            cp = subprocess.run(["pgrep", "-f", "--ns", str(ns.anchor), "--nslist", "net", pattern],
                                 capture_output=True, text=True, check=False)
             if cp.stdout.split():
                 found.setdefault(vm, []).extend([host] * len(cp.stdout.split()))
@@ -105,7 +114,7 @@ def test_ps_finds_each_vm_by_name_on_its_host(lab: LabState) -> None:
 
 def test_disk_records_are_vm_host_seq_t(lab: LabState) -> None:
     for vm, hosts in scenario.running_on(lab).items():
-        lines = lab.disk_on_controller(vm).read_text().splitlines()
+        lines = disk_lines(lab.disk_on_controller(vm))
         recs = [json.loads(line) for line in lines[-20:-1]]  # the last line may be half written
         for rec in recs:
             assert set(rec) == {"vm", "host", "seq", "t"}
@@ -127,7 +136,7 @@ def test_kill_manager_hands_over_to_the_standby(lab: LabState) -> None:
     new = cluster.leader(lab)
     print(f"standby {new} leads {time.monotonic() - t:.1f} s after {first} was killed", flush=True)
     assert new not in (None, first)
-    cp = vmha(lab, "lab", "up", *UP_ARGS)  # starts the killed manager again, as a standby
+    cp = vmha(lab, "lab", "up", *up_args(lab))  # starts the killed manager again, as a standby
     assert cp.returncode == 0, cp.stderr
     lab.reload()
     assert pid_alive(lab.controller.pids[f"manager-{first}"])
@@ -167,7 +176,7 @@ def test_management_only_moves_nothing(lab: LabState) -> None:
     assert tl.detected is not None
     assert tl.ok, tl.problems
     assert all(h == tl.host for h in tl.moved.values())
-    assert all(d == 0 for d in tl.downtime.values())
+    assert all(d == 0 for d in tl.stopped.values()), tl.stopped
 
 
 def test_service_only_live_migrates(lab: LabState) -> None:
@@ -175,7 +184,7 @@ def test_service_only_live_migrates(lab: LabState) -> None:
     assert tl.vms, "the busiest host ran no VM"
     assert tl.ok, tl.problems
     assert all(h not in (None, tl.host) for h in tl.moved.values())
-    assert all(d == 0 for d in tl.downtime.values()), tl.downtime
+    assert all(d == 0 for d in tl.stopped.values()), tl.stopped
     assert not tl.proofs  # a live migration needs no fence proof
 
 
@@ -195,7 +204,7 @@ def test_fabric_outage_moves_nothing(lab: LabState, kind: str) -> None:
     tl = _run(lab, kind)
     assert tl.detected is not None
     assert tl.ok, tl.problems
-    assert all(d == 0 for d in tl.downtime.values())
+    assert all(d == 0 for d in tl.stopped.values()), tl.stopped
 
 
 def test_verify_finds_no_split_brain(lab: LabState) -> None:
@@ -213,13 +222,20 @@ def test_verify_finds_no_split_brain(lab: LabState) -> None:
 
 
 def test_verify_exits_1_on_a_split_brain(lab: LabState) -> None:
-    """Last: a second writer's record (another host, a seq already written) makes the disk split."""
+    """Last: a second writer's record amid the running copy's makes the disk split. It is forged in
+    place, a few records back (a guest writes at an offset of its own: an appended line would be
+    overwritten), with another host's name of the same length."""
     disk = lab.disk_on_controller("vm1")
-    rec = last_record(disk)
-    assert rec is not None
-    other = next(h for h in sorted(lab.hosts) if h != rec["host"])
-    with disk.open("a") as f:
-        f.write(json.dumps({"vm": "vm1", "host": other, "seq": rec["seq"], "t": time.time()}) + "\n")
+    data = disk.read_bytes()[: 1 << 26]
+    lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
+    offset = sum(len(line) for line in lines[:-6])
+    rec = json.loads(lines[-6])
+    other = next(h for h in sorted(lab.hosts) if h != rec["host"] and len(h) == len(rec["host"]))
+    forged = lines[-6].replace(f'"host": "{rec["host"]}"'.encode(), f'"host": "{other}"'.encode())
+    assert forged != lines[-6]
+    with disk.open("r+b") as f:
+        f.seek(offset)
+        f.write(forged)
     cp = vmha(lab, "lab", "verify", "--json")
     assert cp.returncode == 1, cp.stderr
     assert json.loads(cp.stdout)["split_brain"] == ["vm1"]

@@ -11,6 +11,13 @@ sanlock's host_dead (target: host-dead + 5 s, about 75 s at io_timeout 1).
 The bench builds its own lab (prefix vb, directory BENCH_DIR) and removes it afterwards: it never
 touches the lab of `vmha lab up` or `vmha demo` (prefix vl, the default lab directory).
 
+--guests qemu runs the classes on real QEMU guests (libvirt driver; targets of issue 10, io_timeout 1:
+isolation <= 12 s and power-off with the lab's power fence <= 12 s to the guest writing again
+elsewhere, storage <= 20 s, service: live migration with at most 1 s without writes, management and
+fabric: nothing moves), and reports each guest's boot (QEMU's start to its first disk record) and
+QEMU's RSS. `--guests qemu,process` runs both, one lab after the other, and prints the ratio of their
+recovery times. Downtime counts every gap longer than two write intervals (0.2 s).
+
 --nova runs the lab with a real Nova (vmha.lab.novalab) and adds the phase "active": every server of
 the host ACTIVE on another host in Nova's view, next to Masakari's defaults (it waits 180 s after
 disabling the compute service, then evacuates with 3 threads, waiting up to 90 s per server).
@@ -20,13 +27,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import click
 
 from vmha.lab import cluster, scenario
 from vmha.lab.net import LabError
+from vmha.lab.procs import vm_processes
 from vmha.lab.scenario import Timeline
+from vmha.lab.state import LabState
+from vmha.lab.vm import disk_lines
 
 BENCH_DIR = Path("/var/tmp/vmha-lab/bench")
 BENCH_PREFIX = "vb"
@@ -58,10 +70,10 @@ def table(results: dict[str, list[Timeline]]) -> list[dict[str, object]]:
     return rows
 
 
-def _cell(v: object) -> str:
+def _cell(v: object, digits: int = 1) -> str:
     if not isinstance(v, dict):
         return "-"
-    return f"{v['p50']:.1f} / {v['p95']:.1f}"
+    return f"{v['p50']:.{digits}f} / {v['p95']:.{digits}f}"
 
 
 @click.command("rto")
@@ -75,23 +87,56 @@ def _cell(v: object) -> str:
               show_default=True, help="the bench lab's directory (removed with the lab afterwards)")
 @click.option("--prefix", default=BENCH_PREFIX, show_default=True, help="the bench lab's network namespace prefix")
 @click.option("--nova", is_flag=True, help="the lab with a real Nova (needs scripts/setup-nova.sh)")
+@click.option("--guests", default="process", show_default=True,
+              help="process, qemu, or both (qemu,process: one lab each, and their ratio)")
 @click.option("--no-power-fence", "no_power_fence", is_flag=True,
               help="the managers without the lab's power fence: power-off proven by sanlock's host_dead")
 def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir: Path, prefix: str,
-        nova: bool, no_power_fence: bool) -> None:
+        nova: bool, no_power_fence: bool, guests: str) -> None:
     """Fault to recovery, per phase and fault class, on a fresh lab (io_timeout 1)."""
     kinds = [k.strip() for k in classes.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in scenario.CLASSES]
     if unknown:
         raise click.BadParameter(f"unknown class(es) {unknown}; known: {', '.join(scenario.CLASSES)}")
+    kinds_of_guests = [g.strip() for g in guests.split(",") if g.strip()]
+    if not kinds_of_guests or any(g not in ("process", "qemu") for g in kinds_of_guests):
+        raise click.BadParameter(f"--guests {guests}: process, qemu, or both comma-separated")
+    out: dict[str, object] = {}
+    recovered: dict[str, dict[str, float]] = {}
+    for g in kinds_of_guests:
+        results, guest_stats = _run(trials, kinds, hosts, vms, lab_dir, prefix, nova, no_power_fence, g)
+        rows = table({k: v for k, v in results.items() if v})
+        recovered[g] = {str(r["class"]): float(r["recovered"]["p50"])
+                        for r in rows if isinstance(r["recovered"], dict)}
+        if as_json:
+            out[g] = {"rows": rows, "guests": guest_stats,
+                      "timelines": {k: [tl.to_dict() for tl in v] for k, v in results.items()}}
+            continue
+        _print(rows, results, trials, hosts, vms, nova, no_power_fence, g, guest_stats)
+    if as_json:
+        click.echo(json.dumps(out if len(out) > 1 else next(iter(out.values())), indent=2))
+    elif {"qemu", "process"} <= set(recovered):
+        click.echo("recovered p50, qemu / process:")
+        for kind, q in recovered["qemu"].items():
+            p = recovered["process"].get(kind)
+            if p:
+                click.echo(f"  {kind:<11} {q:.1f} / {p:.1f} s = {q / p:.2f}x")
+
+
+def _run(trials: int, kinds: list[str], hosts: int, vms: int, lab_dir: Path, prefix: str, nova: bool,
+         no_power_fence: bool, guests: str) -> tuple[dict[str, list[Timeline]], dict[str, object]]:
     results: dict[str, list[Timeline]] = {k: [] for k in kinds}
+    guest_stats: dict[str, object] = {}
 
     def echo(text: str) -> None:
         click.echo(f"  {text}", err=True)
 
     try:
         state = cluster.up(lab_dir, hosts, vms, 1, prefix=prefix, echo=echo, nova=nova,
-                           power_fence=not no_power_fence)
+                           power_fence=not no_power_fence, guests=guests)
+        if guests == "qemu":
+            guest_stats = guest_boot_and_rss(state)
+            click.echo(f"guests: {guest_stats}", err=True)
         for n in range(trials):
             for kind in kinds:
                 tl = scenario.run_fault(state, kind, scenario.busiest_host(state), echo)
@@ -101,14 +146,41 @@ def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir:
         click.echo(f"bench stopped: {e}", err=True)
     finally:
         cluster.down(lab_dir, prefix=prefix)  # the prefix: also when up failed before recording the lab
-    rows = table({k: v for k, v in results.items() if v})
-    if as_json:
-        click.echo(json.dumps({"rows": rows, "timelines": {k: [tl.to_dict() for tl in v] for k, v in results.items()}},
-                              indent=2))
-        return
+    return results, guest_stats
+
+
+def guest_boot_and_rss(state: LabState) -> dict[str, object]:
+    """Each running guest's boot (its QEMU process's start to the first record on its fresh disk) and
+    QEMU's resident memory, p50 and max."""
+    boots, rss = [], []
+    tick = os.sysconf("SC_CLK_TCK")
+    booted = time.time() - float(Path("/proc/uptime").read_text().split()[0])
+    for p in vm_processes(state.prefix):
+        try:
+            stat = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{p.pid}/status").read_text()
+        except OSError:
+            continue
+        started = booted + int(stat[19]) / tick
+        first = disk_lines(state.disk_on_controller(p.vm))[:1]
+        if first:
+            boots.append(float(json.loads(first[0])["t"]) - started)
+        rss += [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")]
+    return {
+        "boot_s": None if not boots else {"p50": round(percentile(boots, 50), 2), "max": round(max(boots), 2),
+                                          "n": len(boots)},
+        "qemu_rss_mb": None if not rss else {"p50": round(percentile(rss, 50)), "max": round(max(rss))},
+    }
+
+
+def _print(rows: list[dict[str, object]], results: dict[str, list[Timeline]], trials: int, hosts: int, vms: int,
+           nova: bool, no_power_fence: bool, guests: str, guest_stats: dict[str, object]) -> None:
     click.echo(f"RTO per fault class, seconds after the fault, p50 / p95 ({trials} trials, io_timeout 1, "
-               f"{hosts} hosts, {vms} VMs{', through Nova' if nova else ''}"
+               f"{hosts} hosts, {vms} VMs, {guests} guests{', through Nova' if nova else ''}"
                f"{', without power fence' if no_power_fence else ''})")
+    if guest_stats:
+        click.echo(f"guest boot (QEMU start to first disk record) {guest_stats['boot_s']}; QEMU RSS MB "
+                   f"{guest_stats['qemu_rss_mb']}")
     nova_col = f" {'nova ACTIVE':>13}" if nova else ""
     click.echo(f"{'class':<11} {'ok':>5} {'detect':>13} {'decide':>13} {'prove':>13} {'recover':>13}{nova_col} "
                f"{'VM downtime':>13}  proofs")
@@ -116,7 +188,7 @@ def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir:
         active = f" {_cell(r['active']):>13}" if nova else ""
         click.echo(f"{r['class']!s:<11} {r['ok']!s:>2}/{r['trials']!s:<2} {_cell(r['detected']):>13} "
                    f"{_cell(r['decided']):>13} {_cell(r['proved']):>13} {_cell(r['recovered']):>13}{active} "
-                   f"{_cell(r['downtime']):>13}  {','.join(r['proofs']) if isinstance(r['proofs'], list) else ''}")
+                   f"{_cell(r['downtime'], 2):>13}  {','.join(r['proofs']) if isinstance(r['proofs'], list) else ''}")
     if nova:
         per_host = max((len(tl.vms) for tls in results.values() for tl in tls), default=0)
         click.echo(f"Masakari defaults for comparison: {MASAKARI_WAIT} s wait after disabling the service, then up "

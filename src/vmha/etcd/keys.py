@@ -128,5 +128,9 @@ class Keys:
     def maintenance_prefix(self) -> str:
         return f"{self.root}maintenance/"
 
+    def driver(self, driver: str, *parts: str) -> str:
+        """A compute driver's own records (the libvirt driver's inventory and host flags)."""
+        return f"{self.root}driver/{driver}/" + "/".join(parts)
+
     def lab(self, *parts: str) -> str:
         return f"{self.root}lab/" + "/".join(parts)

@@ -43,13 +43,16 @@ def lab_group() -> None:
               help="sanlock io_timeout (host_dead = 8 x io + 60 s)")
 @click.option("--nova", is_flag=True,
               help="a real Nova runs the VMs (needs scripts/setup-nova.sh); the managers use the nova driver")
+@click.option("--guests", type=click.Choice(["process", "qemu"]), default="process", show_default=True,
+              help="qemu: real QEMU guests under a libvirtd per host (scripts/build-guest.sh); the managers "
+                   "use the libvirt driver. process: the quick vmha-vm stand-ins")
 @click.option("--prefix", default="vl", show_default=True,
               help="network namespace prefix (another prefix: a second lab next to this one)")
 @_dir_option
-def up(hosts: int, vms: int, io_timeout: int, nova: bool, prefix: str, lab_dir: Path) -> None:
+def up(hosts: int, vms: int, io_timeout: int, nova: bool, guests: str, prefix: str, lab_dir: Path) -> None:
     """Build the lab (or complete it) and return when every host is up and every VM writes."""
     try:
-        state = cluster.up(lab_dir, hosts, vms, io_timeout, prefix=prefix, echo=_echo, nova=nova)
+        state = cluster.up(lab_dir, hosts, vms, io_timeout, prefix=prefix, echo=_echo, nova=nova, guests=guests)
     except LabError as e:
         raise click.ClickException(f"{e}\n(`vmha lab down` removes what was built)") from None
     _print_status(cluster.status(state))
@@ -179,13 +182,15 @@ DEMO_FAULTS = ("management", "service", "storage", "isolation", "power-off", "fa
 
 @click.command("demo")
 @click.option("--keep", is_flag=True, help="leave the lab up afterwards (`vmha lab down` removes it)")
+@click.option("--guests", type=click.Choice(["process", "qemu"]), default="process", show_default=True,
+              help="qemu: real QEMU guests under libvirt (slower to boot); process: the vmha-vm stand-ins")
 @_dir_option
-def demo(keep: bool, lab_dir: Path) -> None:
+def demo(keep: bool, guests: str, lab_dir: Path) -> None:
     """Lab up (4 hosts, 8 VMs), one fault of each class with its timeline, verify, lab down."""
     t0 = time.monotonic()
     ok = False
     try:
-        state = cluster.up(lab_dir, 4, 8, 1, echo=_echo)
+        state = cluster.up(lab_dir, 4, 8, 1, echo=_echo, guests=guests)
         _print_status(cluster.status(state))
         timelines = []
         for kind in DEMO_FAULTS:

@@ -12,7 +12,7 @@ from typing import Any
 
 from vmha.core.planes import PLANES
 from vmha.etcd.keys import Keys
-from vmha.lab import controller, etcdq, novalab
+from vmha.lab import controller, etcdq, libvirtd, novalab
 from vmha.lab.configs import controller_config
 from vmha.lab.hosts import boot_host, lockspace_joined, storage, vmha_command
 from vmha.lab.net import HOST_INDEX_BASE, LabError, LabNet, pid_alive, run
@@ -30,11 +30,17 @@ def _quiet(_: str) -> None:
 
 
 def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "vl",
-       echo: Echo = _quiet, nova: bool = False, power_fence: bool = True) -> LabState:
+       echo: Echo = _quiet, nova: bool = False, power_fence: bool = True, guests: str = "process") -> LabState:
     """Builds (or completes) the lab and returns once every host is UP on every plane in the
     manager's view and every VM writes. Running it on a healthy lab changes nothing.
     nova: a real Nova runs the VMs (vmha.lab.novalab) and the managers use the nova driver.
-    power_fence False: the managers have no power fence (a power-off is proven by host_dead)."""
+    power_fence False: the managers have no power fence (a power-off is proven by host_dead).
+    guests "qemu": each VM is a QEMU guest under its host's libvirtd (vmha.lab.libvirtd), holding its
+    lease through libvirt's sanlock lock manager; the managers use the libvirt driver."""
+    if guests not in ("process", "qemu"):
+        raise LabError(f"--guests {guests}: process or qemu")
+    if guests == "qemu" and nova:
+        raise LabError("--guests qemu with --nova: not yet (the Nova lab runs the stand-in VMs)")
     if not 1 <= hosts <= 50:
         raise LabError(f"--hosts {hosts}: 1 to 50")
     if not 0 <= vms <= 200:
@@ -44,15 +50,16 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
         state = LabState.load(lab_dir)
     except LabError:
         state = LabState(dir=lab_dir, prefix=prefix, io_timeout=io_timeout, created=time.time(), nova=nova,
-                         power_fence=power_fence)
+                         power_fence=power_fence, guests=guests)
     else:
-        asked = (hosts, len(state.vms), io_timeout, prefix, nova, power_fence)
-        have = (len(state.hosts), len(state.vms), state.io_timeout, state.prefix, state.nova, state.power_fence)
+        asked = (hosts, len(state.vms), io_timeout, prefix, nova, power_fence, guests)
+        have = (len(state.hosts), len(state.vms), state.io_timeout, state.prefix, state.nova, state.power_fence,
+                state.guests)
         if asked != have:
             raise LabError(
                 f"a lab with {have[0]} hosts, {have[1]} VMs, io_timeout {have[2]} (prefix {have[3]}"
-                f"{', with Nova' if have[4] else ''}{'' if have[5] else ', without power fence'}) is recorded in "
-                f"{lab_dir}: `vmha lab down` first to build another one"
+                f"{', with Nova' if have[4] else ''}{'' if have[5] else ', without power fence'}, "
+                f"{have[6]} guests) is recorded in {lab_dir}: `vmha lab down` first to build another one"
             )
     for i in range(1, hosts + 1):
         state.hosts.setdefault(f"h{i}", NodeState(f"h{i}", HOST_INDEX_BASE + i))
@@ -64,7 +71,7 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
     state.save()
     controller.start_services(state)
     state.save()
-    _init_locks(state)
+    init_leases(state, state.vms)
     if state.nova:
         novalab.start_control(state, echo)
     for name in sorted(state.hosts, key=_host_order):
@@ -94,16 +101,16 @@ def _host_order(name: str) -> int:
     return int(name[1:])
 
 
-def _init_locks(state: LabState) -> None:
+def init_leases(state: LabState, vms: list[str]) -> None:
     """Lockspace and one lease per VM, written with the lab's io_timeout (`vmha locks init`, through
     manager m1's sanlock daemon: the controller's processes reach no other). Existing ones are kept."""
     ctl = state.node("controller")
     (state.export / LEASES_DIR).mkdir(parents=True, exist_ok=True)
     (state.export / DISKS_DIR).mkdir(parents=True, exist_ok=True)
     cfg = controller_config(state)
-    vms = [a for vm in state.vms for a in ("--vm", vm)]
+    args = [a for vm in vms for a in ("--vm", vm)]
     run([*ctl.enter(), "env", f"SANLOCK_RUN_DIR={controller.sanlock_run_dir(state, controller.MANAGERS[0])}",
-         *vmha_command("locks", "init", "--config", str(cfg), *vms)], timeout=120)
+         *vmha_command("locks", "init", "--config", str(cfg), *args)], timeout=120)
 
 
 def _records(state: LabState) -> None:
@@ -120,6 +127,11 @@ def _records(state: LabState) -> None:
         key = KEYS.lab("vms", vm)
         if key not in have:
             etcdq.put_json(state, key, {"vm": vm, "host": hosts[i % len(hosts)], "ha": True, "priority": 0})
+
+
+def host_flags_key(state: LabState, host: str) -> str:
+    """Where the managers' compute driver keeps a host's enabled / forced_down flags."""
+    return KEYS.driver("libvirt", "hosts", host) if state.guests == "qemu" else KEYS.lab("hosts", host)
 
 
 def _wait_joined(state: LabState, echo: Echo) -> None:
@@ -145,7 +157,10 @@ def _start_vms(state: LabState, echo: Echo) -> None:
         host = rec.get("host")
         if vm in running or not isinstance(host, str) or state.hosts.get(host, NodeState("", 0)).power != "on":
             continue
-        start_copy(state, vm, host)
+        if state.guests == "qemu":
+            libvirtd.start_guest(state, vm, host, priority=int(rec.get("priority", 0)))
+        else:
+            start_copy(state, vm, host)
         started += 1
     if started:
         echo(f"VMs: started {started} of {len(state.vms)}")
@@ -184,6 +199,8 @@ def health_problems(state: LabState, since: float) -> list[str]:
     else:
         records, _ = etcdq.get_json_prefix(state, KEYS.lab("vms", ""))
         placed = {vm: records.get(KEYS.lab("vms", vm), {}).get("host") for vm in state.vms}
+        if state.guests == "qemu":  # the libvirt driver moves guests without the lab's placement records
+            placed.update({p.vm: p.host for p in vm_processes(state.prefix) if p.active})
     for vm in state.vms:
         host = placed.get(vm)
         if isinstance(host, str) and state.hosts.get(host, NodeState("", 0)).power == "on" and not writing_on(
@@ -276,7 +293,7 @@ def down(lab_dir: Path, prefix: str = "vl", echo: Echo = _quiet) -> list[str]:
     removed.extend(names)
     if state is not None:
         # The data (etcd, disks, leases) goes too: the next `lab up` starts clean.
-        for sub in ("etcd", "storage", "config", "state", "run", novalab.NOVA_DIR):
+        for sub in ("etcd", "storage", "config", "state", "run", "libvirt", novalab.NOVA_DIR):
             shutil.rmtree(state.dir / sub, ignore_errors=True)
         for f in ("lab.json", "faults.jsonl"):
             with contextlib.suppress(FileNotFoundError):

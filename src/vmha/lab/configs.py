@@ -7,10 +7,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vmha import config
-from vmha.core.planes import PLANES
+from vmha.core.planes import PLANES, Plane
+from vmha.lab.net import Node
 from vmha.lab.nova.rig import CLOUD
 from vmha.lab.state import CLUSTER, LEASES_DIR, LabState
 from vmha.lab.storage import MOUNT_POINT
+
+
+def libvirt_uri(node: Node) -> str:
+    """A host's libvirtd over the management plane (the lab's libvirtd listens on TCP there)."""
+    return f"qemu+tcp://{node.address(Plane.MANAGEMENT)}/system"
 
 Value = str | int | float | bool | list[str]
 
@@ -54,7 +60,7 @@ def manager_config(state: LabState, name: str) -> Path:
     sections["manager"] = {
         "name": name,
         "endpoints": [state.etcd_url(PLANES[0])],
-        "driver": "nova" if state.nova else "lab",
+        "driver": "nova" if state.nova else ("libvirt" if state.guests == "qemu" else "lab"),
         # The lab's power fence (vmha.lab.power) kills every process of a host's namespace; the
         # managers find the lab through VMHA_LAB_DIR (vmha.manager.daemon), with either driver.
         "power_fence": state.power_fence,
@@ -63,6 +69,11 @@ def manager_config(state: LabState, name: str) -> Path:
         # clouds.yaml comes through OS_CLIENT_CONFIG_FILE (vmha.lab.controller.manager_env); the
         # servers are named after the lab VMs, whose leases carry those names.
         sections["nova"] = {"cloud": CLOUD, "vm_names": "name"}
+    if state.guests == "qemu":
+        # Each host's libvirtd over the management plane (vmha.lab.libvirtd: lab-only TCP transport).
+        # The lab's sshfs storage is shared (disks with cache="none"), but libvirt 9 does not know it.
+        sections["libvirt"] = {"migrate_unsafe": True}
+        sections["libvirt.hosts"] = {h: libvirt_uri(state.node(h)) for h in sorted(state.hosts)}
     return _write(state.configs / f"manager-{name}.toml", sections)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from vmha.core.planes import Plane
-from vmha.lab import novalab
+from vmha.lab import libvirtd, novalab
 from vmha.lab.configs import agent_config
 from vmha.lab.net import LabError, Node, pid_alive, run, spawn
 from vmha.lab.sanlockd import start_sanlock
@@ -48,11 +48,15 @@ def boot_host(state: LabState, ns: NodeState) -> Node:
         d = start_sanlock(ns.name, enter=node.enter(), kill_grace=KILL_GRACE,
                           log_path=state.logs / f"sanlock-{ns.name}.log")
         ns.pids["sanlock"] = d.pid
+    if state.guests == "qemu" and not pid_alive(ns.pids.get("agent", 0)):
+        libvirtd.prepare(state, node)  # the agent checks libvirt's lock settings at start
     if not pid_alive(ns.pids.get("agent", 0)):
         cfg = agent_config(state, ns.name)
         proc = spawn([*node.enter(), *vmha_command("agent", "--config", str(cfg))],
                      state.logs / f"agent-{ns.name}.log")
         ns.pids["agent"] = proc.pid
+    if state.guests == "qemu":
+        ns.pids.update(libvirtd.start(state, node))
     if state.nova and not pid_alive(ns.pids.get(novalab.COMPUTE, 0)):
         ns.pids[novalab.COMPUTE] = novalab.start_compute(state, node)
     ns.power = "on"

@@ -90,9 +90,32 @@ def copies_here(vm: str, host: str) -> list[VmProcess]:
     return [p for p in _scan({ino: host}) if p.vm == vm]
 
 
+def qemu_guest(argv: list[str]) -> str | None:
+    """The VM name of a QEMU process (`-name guest=NAME,...`, libvirt's default), else None."""
+    if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+        return None
+    for i, a in enumerate(argv[:-1]):
+        if a == "-name":
+            for part in argv[i + 1].split(","):
+                if part.startswith("guest="):
+                    return part[len("guest="):]
+    return None
+
+
+def _started(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _scan(names: dict[int, str]) -> list[VmProcess]:
-    """vmha-vm processes whose netns inode is one of `names` (inode -> host name)."""
+    """VM processes (vmha-vm, or QEMU guests) whose netns inode is one of `names` (inode -> host name).
+
+    A QEMU copy is active (holds the lease, runs the guest) unless it is a live migration's destination
+    (`-incoming`) while an older copy of the VM still runs: libvirt hands the lease over at the end."""
     out: list[VmProcess] = []
+    incoming: list[tuple[str, int, str]] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -100,7 +123,8 @@ def _scan(names: dict[int, str]) -> list[VmProcess]:
         argv = _cmdline(pid)
         # python .../vmha-vm NAME ...: the script path is argv[1] (argv[0] when exec'd directly).
         idx = next((i for i, a in enumerate(argv[:2]) if os.path.basename(a) == "vmha-vm"), None)
-        if idx is None or len(argv) <= idx + 1:
+        guest = qemu_guest(argv)
+        if (idx is None or len(argv) <= idx + 1) and guest is None:
             continue
         try:
             ino = os.stat(f"/proc/{pid}/ns/net").st_ino
@@ -108,5 +132,14 @@ def _scan(names: dict[int, str]) -> list[VmProcess]:
             continue
         if ino not in names:
             continue  # another lab's VM (another prefix), or one started by hand outside any lab host
-        out.append(VmProcess(argv[idx + 1], pid, names[ino], _disk_open(pid)))
+        if guest is None:
+            out.append(VmProcess(argv[idx + 1], pid, names[ino], _disk_open(pid)))  # type: ignore[operator]
+        elif "-incoming" in argv:
+            incoming.append((guest, pid, names[ino]))
+        else:
+            out.append(VmProcess(guest, pid, names[ino], True))
+    for guest, pid, host in incoming:
+        older = any(p.vm == guest and _started(p.pid) <= _started(pid) for p in out) or any(
+            g == guest and _started(q) < _started(pid) for g, q, _ in incoming)
+        out.append(VmProcess(guest, pid, host, not older))
     return sorted(out, key=lambda p: (p.vm, p.pid))

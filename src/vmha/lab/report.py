@@ -25,6 +25,7 @@ from vmha.lab.cluster import KEYS
 from vmha.lab.configs import manager_config
 from vmha.lab.state import LabState
 from vmha.lab.verify import DEFAULT_GAP, DiskReport, check_disk, downtime_starting, summary
+from vmha.lab.vm import disk_lines
 
 # After a repair, recoveries already under way may still finish: they belong to the episode.
 SETTLE = 60.0
@@ -168,7 +169,7 @@ def verify_lab(state: LabState, gap: float = DEFAULT_GAP) -> dict[str, Any]:
     disks: dict[str, DiskReport] = {}
     for vm in state.vms:
         try:
-            lines = state.disk_on_controller(vm).read_text(errors="replace").splitlines()
+            lines = disk_lines(state.disk_on_controller(vm))
         except FileNotFoundError:
             lines = []
         disks[vm] = check_disk(vm, lines, gap)

@@ -5,7 +5,8 @@ Timeline of a fault (seconds after the fault was injected):
   detected   the manager's health view shows the fault (plane DOWN, or FABRIC)
   decided    the manager acted on it: a recovery task created, or the host disabled (management)
   proved     the last fence proof of the host's VMs was obtained (evacuations only)
-  recovered  every VM of the host writes again elsewhere (evacuations, migrations)
+  recovered  every VM of the host writes again elsewhere (evacuations, migrations): its disk's last
+             record comes from another host (a QEMU guest: after its boot, not at its process's start)
   active     (lab with Nova) every server of the host's VMs is ACTIVE on another host in Nova's view
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from vmha.core.planes import PLANES, Plane
 from vmha.lab import etcdq, faults, novalab
-from vmha.lab.cluster import KEYS, health_problems, health_view
+from vmha.lab.cluster import KEYS, health_problems, health_view, host_flags_key
 from vmha.lab.configs import manager_config
 from vmha.lab.controller import sanlock_run_dir
 from vmha.lab.hosts import vmha_command
@@ -26,6 +27,7 @@ from vmha.lab.net import LabError, run
 from vmha.lab.procs import vm_processes
 from vmha.lab.state import LabState
 from vmha.lab.verify import check_disk, downtime_between
+from vmha.lab.vm import INTERVAL, disk_lines, last_record
 
 Echo = Callable[[str], None]
 
@@ -62,7 +64,9 @@ class Timeline:
     recovered: float | None = None
     active: float | None = None
     moved: dict[str, str | None] = field(default_factory=dict)  # vm -> host it runs on after
+    # vm -> seconds without writes: every gap longer than two write intervals (STOP_GAP) counts
     downtime: dict[str, float] = field(default_factory=dict)
+    stopped: dict[str, float] = field(default_factory=dict)  # vm -> seconds in gaps over 1 s: the VM stopped
     proofs: dict[str, str] = field(default_factory=dict)  # vm -> proof method
     problems: list[str] = field(default_factory=list)
 
@@ -78,7 +82,7 @@ class Timeline:
             "fault": self.fault, "host": self.host, "t0": self.t0, "vms": self.vms,
             "detected": self.rel(self.detected), "decided": self.rel(self.decided),
             "proved": self.rel(self.proved), "recovered": self.rel(self.recovered), "active": self.rel(self.active),
-            "moved": self.moved, "downtime": self.downtime, "proofs": self.proofs,
+            "moved": self.moved, "downtime": self.downtime, "stopped": self.stopped, "proofs": self.proofs,
             "ok": self.ok, "problems": self.problems,
         }  # fmt: skip
 
@@ -89,11 +93,12 @@ class Timeline:
 
         where = ", ".join(f"{vm}->{h or 'nowhere'}" for vm, h in sorted(self.moved.items())) or "nothing moved"
         down = max(self.downtime.values(), default=0.0)
+        # Two decimals: a live migration's pause of 0.3 s must not read as no downtime at all.
         verdict = "ok" if self.ok else "WRONG: " + "; ".join(self.problems)
         return (f"{self.fault:<10} {self.host:<6} detected {s(self.detected):>8}  decided {s(self.decided):>8}  "
                 f"proved {s(self.proved):>8}  recovered {s(self.recovered):>8}  "
                 f"{'' if self.active is None else f'nova ACTIVE {s(self.active):>8}  '}max VM downtime "
-                f"{down:.1f}s  [{where}]  {verdict}")
+                f"{down:.2f}s  [{where}]  {verdict}")
 
 
 def running_on(state: LabState) -> dict[str, list[str | None]]:
@@ -138,8 +143,9 @@ def _disabled(state: LabState, host: str) -> bool:
     if state.nova:
         svc = novalab.services(state).get(host, {})
         return svc.get("status") == "disabled" or bool(svc.get("forced_down"))
-    rec, _ = etcdq.get_json_prefix(state, KEYS.lab("hosts", host))
-    value = rec.get(KEYS.lab("hosts", host))
+    key = host_flags_key(state, host)
+    rec, _ = etcdq.get_json_prefix(state, key)
+    value = rec.get(key)
     return isinstance(value, dict) and value.get("enabled") is False
 
 
@@ -172,12 +178,16 @@ def run_fault(state: LabState, kind: str, host: str, echo: Echo) -> Timeline:
             tl.problems.append(f"{vm} moved ({before.get(vm)} -> {hs}) though the policy keeps it")
     now = time.time()
     for vm in vms:
-        report = check_disk(vm, state.disk_on_controller(vm).read_text(errors="replace").splitlines())
-        tl.downtime[vm] = round(downtime_between(report, t0, now), 2)
+        lines = disk_lines(state.disk_on_controller(vm))
+        report = check_disk(vm, lines)
+        tl.stopped[vm] = round(downtime_between(report, t0, now), 2)
+        tl.downtime[vm] = round(downtime_between(check_disk(vm, lines, gap=2 * INTERVAL), t0, now), 2)
         if report.split_brain:
             tl.problems.append(f"{vm}: SPLIT-BRAIN {[o.to_dict() for o in report.overlaps]}")
-        if kind in ("management", "service", *FABRIC) and tl.downtime[vm] > 0:
-            tl.problems.append(f"{vm}: {tl.downtime[vm]} s downtime where none is allowed")
+        # No stop where the policy keeps VMs running (a restart takes seconds); a live migration's
+        # pause, and a busy machine's late write, stay under the 1 s gap.
+        if kind in ("management", "service", *FABRIC) and tl.stopped[vm] > 0:
+            tl.problems.append(f"{vm}: stopped for {tl.stopped[vm]} s where the policy keeps it running")
     return tl
 
 
@@ -208,7 +218,8 @@ def _watch(state: LabState, tl: Timeline, kind: str, host: str) -> None:
                 tl.active = now
             where = running_on(state)
             if tl.recovered is None and tl.vms and all(
-                len(where.get(vm, [])) == 1 and where[vm][0] != host for vm in tl.vms
+                len(where.get(vm, [])) == 1 and where[vm][0] != host and writes_elsewhere(state, vm, host, tl.t0)
+                for vm in tl.vms
             ):
                 tl.recovered = now
             if tl.recovered is not None and (tl.active is not None or not state.nova):
@@ -219,6 +230,11 @@ def _watch(state: LabState, tl: Timeline, kind: str, host: str) -> None:
             return
         time.sleep(POLL)
     tl.problems.append(f"no outcome within {OUTCOME_TIMEOUT:.0f} s (detected: {tl.detected is not None})")
+
+
+def writes_elsewhere(state: LabState, vm: str, host: str, since: float) -> bool:
+    rec = last_record(state.disk_on_controller(vm))
+    return rec is not None and rec.get("host") != host and float(str(rec.get("t", 0))) > since
 
 
 def _active_elsewhere(state: LabState, vms: list[str], host: str) -> bool:

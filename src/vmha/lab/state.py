@@ -47,6 +47,7 @@ class LabState:
     # The managers' lab power fence (vmha.lab.power). Off only through the Python API (the bench's
     # --no-power-fence): power-off is then proven by sanlock's host_dead alone.
     power_fence: bool = True
+    guests: str = "process"  # "process": vmha-vm stand-ins; "qemu": QEMU guests under a libvirtd per host
 
     # paths --------------------------------------------------------------------------------------
     @property
@@ -119,6 +120,7 @@ class LabState:
             created=float(d["created"]),
             nova=bool(d.get("nova", False)),
             power_fence=bool(d.get("power_fence", True)),
+            guests=str(d.get("guests", "process")),
         )
 
     def reload(self) -> None:

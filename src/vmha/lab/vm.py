@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 
@@ -37,6 +37,7 @@ from vmha.locks.space import LeaseBusy, LockError, LockSpace
 
 INTERVAL = 0.1  # seconds between writes: verify's gap threshold (1 s) counts on it
 READ_TAIL = 4096  # bytes read from the disk's end to find the last record
+SECTOR = 512
 RUN_DIR = Path("/run/vmha")  # the host's tmpfs (its anchor's mount namespace)
 
 
@@ -45,13 +46,44 @@ def incoming_marker(vm: str) -> Path:
     return RUN_DIR / f"vm-{vm}.incoming"
 
 
+def data_end(f: BinaryIO) -> int:
+    """Offset just past the last record. The stand-in's disk is a file that ends there; a QEMU guest's
+    is a raw disk of fixed size, records from byte 0 and zeros after them (found by bisection)."""
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+        return 0
+    f.seek(size - 1)
+    if f.read(1) != b"\0":
+        return size
+    lo, hi = 0, size // SECTOR  # the first all-zero sector is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        f.seek(mid * SECTOR)
+        if f.read(SECTOR).strip(b"\0"):
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo == 0:
+        return 0
+    f.seek((lo - 1) * SECTOR)
+    return (lo - 1) * SECTOR + len(f.read(SECTOR).rstrip(b"\0"))
+
+
+def disk_lines(disk: Path) -> list[str]:
+    """Every line on the disk, torn ones included (verify judges them)."""
+    with disk.open("rb") as f:
+        end = data_end(f)
+        f.seek(0)
+        return f.read(end).decode(errors="replace").splitlines()
+
+
 def last_record(disk: Path) -> dict[str, Any] | None:
     """The last complete record on the disk (None for an empty or new disk)."""
     try:
         with disk.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - READ_TAIL))
-            tail = f.read()
+            end = data_end(f)
+            f.seek(max(0, end - READ_TAIL))
+            tail = f.read(end - max(0, end - READ_TAIL))
     except FileNotFoundError:
         return None
     for line in reversed(tail.splitlines()):

@@ -165,6 +165,11 @@ def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
     parts = _test_parts(cfg, client)
     if parts is not None:
         return parts.driver
+    if cfg.require_manager().driver == "libvirt":
+        from vmha.drivers.libvirt import LibvirtDriver
+
+        return LibvirtDriver(client, Keys(cfg.cluster.name), cfg.libvirt.hosts,
+                             migrate_unsafe=cfg.libvirt.migrate_unsafe)
     if cfg.require_manager().driver == "nova":
         from vmha.drivers.nova import NovaDriver
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds the lab's guest (`vmha lab up --guests qemu`) from Debian packages: the cloud kernel
+# (linux-image-cloud-amd64), busybox-static, and vmha's disk writer (src/vmha/lab/guest/writer.c,
+# linked static). Output: $VMHA_GUEST_DIR (default /var/lib/vmha/lab-guest)/{vmlinuz,initrd.img}.
+# Idempotent: rebuilds only when an input is newer than the image.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${VMHA_GUEST_DIR:-/var/lib/vmha/lab-guest}
+src=$here/src/vmha/lab/guest
+kver=$(ls /lib/modules | grep -- '-cloud-amd64$' | sort -V | tail -1)
+[ -n "$kver" ] || { echo "build-guest: linux-image-cloud-amd64 is not installed" >&2; exit 1; }
+kernel=/boot/vmlinuz-$kver
+if [ -s "$out/initrd.img" ] && [ "$out/initrd.img" -nt "$src/writer.c" ] && [ "$out/initrd.img" -nt "$src/init" ] \
+   && [ "$out/initrd.img" -nt "$kernel" ] && [ "$out/initrd.img" -nt "$0" ]; then
+  exit 0
+fi
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+root=$work/root
+mkdir -p "$root"/{bin,dev,proc,sys,lib/modules}
+cp /bin/busybox "$root/bin/busybox"
+gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/vmha-guest" "$src/writer.c"
+install -m 0755 "$src/init" "$root/init"
+# The virtio drivers this kernel builds as modules, in load order (modules.dep lists dependencies first).
+mods=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console)
+: > "$root/modules.order"
+for m in "${mods[@]}"; do
+  f=$(find "/lib/modules/$kver/kernel" -name "$m.ko*" | head -1)
+  [ -n "$f" ] || { echo "build-guest: module $m not found for $kver" >&2; exit 1; }
+  case "$f" in
+    *.xz) xz -dc "$f" > "$root/lib/modules/$m.ko" ;;
+    *.zst) zstd -qdc "$f" > "$root/lib/modules/$m.ko" ;;
+    *) cp "$f" "$root/lib/modules/$m.ko" ;;
+  esac
+  echo "$m.ko" >> "$root/modules.order"
+done
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$work/initrd.img"
+cp "$kernel" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+mv "$work/initrd.img" "$out/initrd.img"
+echo "build-guest: $out/vmlinuz ($kver) and $out/initrd.img ($(du -k "$out/initrd.img" | cut -f1) KiB)"
