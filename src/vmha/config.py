@@ -116,6 +116,14 @@ class ManagerConfig(_Strict):
     power_fence: bool = False  # an out-of-band power fence is configured for every host
     allow_exit_attested: bool = True  # VM disks bypass the host page cache (cache=none / O_DIRECT)
     host_capacity: int = Field(0, ge=0, description="VMs per host; 0: unlimited")
+    rejoin_after: float = Field(
+        60.0, ge=0, le=86400, description="a host vmha took out rejoins once healthy this long; 0: never"
+    )
+    quarantine_after: int = Field(
+        3, ge=0, le=100, description="failures within quarantine_window that keep a host out; 0: never"
+    )
+    quarantine_window: float = Field(3600.0, gt=0, le=7 * 86400, description="seconds")
+    on_agent_stop: Literal["drain", "alert"] = "alert"  # a clean agent stop: live-migrate its HA VMs first?
 
     def recovery_settings(self) -> RecoverySettings:
         return RecoverySettings(
@@ -130,6 +138,10 @@ class ManagerConfig(_Strict):
             allow_exit_attested=self.allow_exit_attested,
             host_capacity=self.host_capacity,
             recheck_timeout=self.recheck_timeout,
+            rejoin_after=self.rejoin_after,
+            quarantine_after=self.quarantine_after,
+            quarantine_window=self.quarantine_window,
+            on_agent_stop=self.on_agent_stop,
         )
 
 

@@ -4,6 +4,7 @@ bogus), ticks and leader takeovers, the RecoveryCore never
   - marks a host down (Nova force_down) before a FenceProof was delivered for one of its VMs,
   - has two restarts (release / evacuate / live-migrate) of one VM in flight,
   - runs more than max_parallel restarts, or more than max_per_host towards one host,
+  - enables a host (rejoin) that is not UP on every plane, or a fenced one without a passed rejoin check,
   - raises (a TransitionError or InvariantError would be a bug: any event order is legal input)."""
 
 from __future__ import annotations
@@ -21,24 +22,30 @@ from vmha.core.queue import RUNNING, STEP_STATE, Step, Task, TaskKind
 from vmha.core.recovery import (
     AgentStopped,
     Attempt,
+    CheckRejoin,
     DisableHost,
+    EnableHost,
     Evacuate,
     HealthUpdate,
     HostEnabled,
     HostOp,
     HostOpDone,
     HostOpFailed,
+    HostOut,
     Inventory,
     LiveMigrate,
+    Maintenance,
     MarkHostDown,
     PersistTask,
     ProofObtained,
     ProofRefused,
     Prove,
+    QuarantineHost,
     RecoveryAction,
     RecoveryCore,
     RecoveryEvent,
     RecoverySettings,
+    RejoinChecked,
     ReleaseProof,
     StepDone,
     StepFailed,
@@ -66,11 +73,41 @@ class Harness:
         self.store: dict[str, dict[str, object]] = {}
         self.outstanding: list[RecoveryAction] = []
         self.proofs: set[tuple[str, str]] = set()
+        self.up: dict[str, bool] = {}  # host -> every plane UP in its last health event
+        self.fenced: set[str] = set()  # marked down (a delivered mark-down result)
+        self.disabled: set[str] = set()  # disabled (a delivered disable result)
+        self.checked: set[str] = set()  # a passed rejoin check delivered since
+        self.maintenance: set[str] = set()
+        self.quarantined: set[str] = set()  # QuarantineHost emitted (keys.quarantined written)
 
     def step(self, ev: RecoveryEvent) -> None:
         if isinstance(ev, ProofObtained):
             self.proofs.add((ev.proof.vm, ev.proof.host))
+        elif isinstance(ev, HealthUpdate):
+            self.up[ev.health.host] = all(s.state == PlaneState.UP for s in ev.health.planes.values())
+            if not self.up[ev.health.host]:
+                self.checked.discard(ev.health.host)
+        elif isinstance(ev, HostOpDone) and ev.op == HostOp.MARK_DOWN:
+            self.fenced.add(ev.host)
+            self.checked.discard(ev.host)
+        elif isinstance(ev, HostOpDone) and ev.op == HostOp.DISABLE:
+            self.disabled.add(ev.host)
+        elif isinstance(ev, Maintenance):
+            (self.maintenance.add if ev.on else self.maintenance.discard)(ev.host)
+        elif isinstance(ev, RejoinChecked) and ev.ok:
+            self.checked.add(ev.host)
+        elif isinstance(ev, HostEnabled) or (isinstance(ev, HostOpDone) and ev.op == HostOp.ENABLE):
+            self.fenced.discard(ev.host)
+            self.disabled.discard(ev.host)
+            if isinstance(ev, HostEnabled):
+                self.quarantined.discard(ev.host)
+        moving = {t.vm for t in self.core.tasks() if t.state in RUNNING}
         out = self.core.step(ev, self.now)
+        for t in self.core.tasks():
+            # A move that starts (not one a new leader repeats, nor the restart after its release)
+            # never goes to a host in maintenance.
+            if t.state in RUNNING and t.vm not in moving and not isinstance(ev, TasksLoaded):
+                assert t.dest not in self.maintenance, f"{t.vm} sent to {t.dest}, which is in maintenance"
         for a in out.actions:
             if isinstance(a, PersistTask):
                 self.store[a.vm] = json.loads(json.dumps(a.data))
@@ -79,7 +116,14 @@ class Harness:
             elif isinstance(a, MarkHostDown):
                 # Nova's force_down (and disable) lets evacuations in: only once a VM there is proved dead.
                 assert any(h == a.host for _, h in self.proofs), f"mark down {a.host} without a proof"
-            if isinstance(a, Prove | ReleaseProof | Evacuate | LiveMigrate | MarkHostDown | DisableHost):
+            if isinstance(a, QuarantineHost):
+                self.quarantined.add(a.host)
+            if isinstance(a, EnableHost):
+                assert a.host not in self.quarantined, f"rejoin of quarantined {a.host}"
+                assert self.up.get(a.host), f"rejoin of {a.host}, which is not UP on every plane"
+                assert a.host not in self.fenced or a.host in self.checked, f"rejoin of fenced {a.host} unchecked"
+            if isinstance(a, Prove | ReleaseProof | Evacuate | LiveMigrate | MarkHostDown | DisableHost
+                          | CheckRejoin | EnableHost):
                 self.outstanding.append(a)
         self.check()
 
@@ -119,6 +163,10 @@ class Harness:
                     host, HostOp.MARK_DOWN, "x", retryable)
             case DisableHost(host, _):
                 return HostOpDone(host, HostOp.DISABLE) if ok else HostOpFailed(host, HostOp.DISABLE, "x")
+            case EnableHost(host, _):
+                return HostOpDone(host, HostOp.ENABLE) if ok else HostOpFailed(host, HostOp.ENABLE, "x")
+            case CheckRejoin(host, _):
+                return RejoinChecked(host, ok, "x")
         raise AssertionError(a)
 
     def delivered(self, ev: RecoveryEvent) -> None:
@@ -136,6 +184,13 @@ class Harness:
         self.outstanding = []
         self.core = RecoveryCore(POLICY, self.settings)
         self.step(TasksLoaded(tuple(Task.from_dict(d) for _, d in sorted(self.store.items()))))
+        # The daemon reads what earlier leaders did to the hosts (keys.disabled) and the maintenance
+        # marks (keys.maintenance) at takeover.
+        for host in sorted(self.fenced | self.disabled):
+            self.step(HostOut(host, HostOp.MARK_DOWN if host in self.fenced else HostOp.DISABLE,
+                              "quarantined" if host in self.quarantined else ""))
+        for host in sorted(self.maintenance):
+            self.step(Maintenance(host, True))
 
 
 def health_event(host: str, states: list[PlaneState], t: float) -> HealthUpdate:
@@ -152,6 +207,10 @@ settings_st = st.builds(
     decide_after=st.sampled_from([0.0, 0.0, 3.0]),
     power_fence=st.booleans(),
     host_capacity=st.sampled_from([0, 0, 4, 5]),
+    rejoin_after=st.sampled_from([0.0, 5.0, 20.0]),
+    quarantine_after=st.sampled_from([0, 2, 3]),
+    quarantine_window=st.sampled_from([60.0, 3600.0]),
+    on_agent_stop=st.sampled_from(["alert", "drain"]),
 )
 
 
@@ -164,9 +223,12 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
     h.step(Inventory(tuple(HostInfo(x, True, True) for x in HOSTS), VMS))
     for _ in range(data.draw(st.integers(5, 80), label="length")):
         kind = data.draw(st.sampled_from(
-            ["health", "health", *["answer"] * 6, "tick", "bogus", "inventory", "failover", "enable", "agent"]),
+            ["health", "health", "repair", "repair", *["answer"] * 6, "tick", "tick", "bogus", "inventory",
+             "failover", "enable", "agent", "maintenance"]),
             label="kind")
-        if kind == "health":
+        if kind == "repair":
+            h.step(health_event(data.draw(st.sampled_from(HOSTS)), [PlaneState.UP] * 3, h.now))
+        elif kind == "health":
             host = data.draw(st.sampled_from(HOSTS))
             states = data.draw(st.lists(st.sampled_from(STATES), min_size=3, max_size=3))
             h.step(health_event(host, states, h.now))
@@ -194,6 +256,8 @@ def test_random_event_sequences_keep_the_invariants(s: RecoverySettings, data: s
         elif kind == "inventory":
             flags = data.draw(st.lists(st.booleans(), min_size=len(HOSTS), max_size=len(HOSTS)))
             h.step(Inventory(tuple(HostInfo(x, f, True) for x, f in zip(HOSTS, flags, strict=True)), VMS))
+        elif kind == "maintenance":
+            h.step(Maintenance(data.draw(st.sampled_from(HOSTS)), data.draw(st.booleans())))
         elif kind == "enable":
             h.step(HostEnabled(data.draw(st.sampled_from(HOSTS))))
         elif kind == "agent":
@@ -233,9 +297,18 @@ def sim_command(draw: st.DrawFn) -> tuple[str, ...]:
 
 @st.composite
 def cmdlists(draw: st.DrawFn) -> list[tuple[float, tuple[str, ...]]]:
+    """Faults at random times, most of them repaired some seconds later (so hosts rejoin, and fail
+    again, and are quarantined)."""
     n = draw(st.integers(1, 8))
     times = sorted(draw(st.lists(st.integers(1, 100), min_size=n, max_size=n)))
-    return [(float(t), sim_command(draw)) for t in times]
+    out: list[tuple[float, tuple[str, ...]]] = []
+    for t in times:
+        cmd = sim_command(draw)
+        out.append((float(t), cmd))
+        repair = {"cut": ("restore", *cmd[1:]), "power-off": ("power-on", *cmd[1:2])}.get(cmd[0])
+        if repair is not None and draw(st.booleans()):
+            out.append((float(t + draw(st.integers(3, 40))), repair))
+    return sorted(out, key=lambda c: c[0])
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
-from vmha.lab.report import check_episode, episodes
+from vmha.lab.report import SETTLE, Episode, check_episode, episodes, window_end
 from vmha.lab.verify import (
     DEFAULT_GAP,
     DiskReport,
@@ -177,3 +177,56 @@ def test_episode_verdicts_follow_the_policy() -> None:
     assert any("without a fence proof" in p for p in no_proof["problems"])
     not_moved = check_episode(storage, policy, stays, {}, 30)
     assert any("still on h1" in p for p in not_moved["problems"])
+
+
+def _two_power_offs() -> tuple[list[Episode], dict[str, DiskReport]]:
+    """h1 powered off at 10.0 and h2 at 10.6, both powered on at 40: vm1 ran on h1 and restarted on
+    h3 at 17 s, vm2 ran on h2 and restarted on h4 at 17.5 s."""
+    eps = episodes([fault(10.0, "h1", "power", "off"), fault(10.6, "h2", "power", "off"),
+                    fault(40.0, "h1", "power", "on"), fault(40.0, "h2", "power", "on")])
+    disks = {"vm1": check_disk("vm1", lines(*run("h1", 1, 0.0, 100), *run("h3", 101, 17.0, 100))),
+             "vm2": check_disk("vm2", [json.dumps({"vm": "vm2", "host": h, "seq": s, "t": t})
+                                       for h, s, t in (*run("h2", 1, 0.6, 100), *run("h4", 101, 17.5, 100))])}
+    return eps, disks
+
+
+def _record(vm: str, source: str, created: float, dest: str, proof: str | None) -> dict[str, object]:
+    return {"vm": vm, "source": source, "created": created, "action": "fence-evacuate", "kind": "evacuate",
+            "proof": {"method": proof} if proof else None, "state": "done", "running_on": dest}
+
+
+def test_overlapping_power_offs_are_judged_on_their_own_records() -> None:
+    """Two hosts powered off 0.6 s apart: each episode's recoveries are decided seconds after both
+    began; the first episode's window must not end where the second begins (it did: 'restarted
+    without a fence proof', 'saw []' although etcd held the record)."""
+    policy = PolicyTable.parse(DEFAULT_POLICY)
+    eps, disks = _two_power_offs()
+    records = {"vm1": [_record("vm1", "h1", 12.5, "h3", "power")],
+               "vm2": [_record("vm2", "h2", 13.1, "h4", "power")]}
+    verdicts = [check_episode(ep, policy, disks, records, window_end(eps, i, 100.0)) for i, ep in enumerate(eps)]
+    assert [(v["target"], v["vms"], v["moved"], v["problems"]) for v in verdicts] == [
+        ("h1", ["vm1"], {"vm1": "h3"}, []),
+        ("h2", ["vm2"], {"vm2": "h4"}, []),
+    ]
+
+
+def test_overlapping_power_offs_still_catch_a_restart_without_proof() -> None:
+    policy = PolicyTable.parse(DEFAULT_POLICY)
+    eps, disks = _two_power_offs()
+    records = {"vm1": [_record("vm1", "h1", 12.5, "h3", None)],
+               "vm2": [_record("vm2", "h2", 13.1, "h4", "power")]}
+    first, second = (check_episode(ep, policy, disks, records, window_end(eps, i, 100.0))
+                     for i, ep in enumerate(eps))
+    assert first["problems"] == ["vm1: restarted without a fence proof in its evidence record"]
+    assert second["ok"]
+    # No record at all for vm1 (or only one of another host's recovery): caught too.
+    missing = check_episode(eps[0], policy, disks, {"vm2": records["vm2"]}, window_end(eps, 0, 100.0))
+    assert "vm1: no evidence record with action fence-evacuate (saw [])" in missing["problems"]
+
+
+def test_a_later_round_still_ends_the_window() -> None:
+    """Back-to-back rounds (the demo): a fault that began after the repair ends the window."""
+    eps = episodes([fault(10, "h1", "storage", "down"), fault(30, "h1", "storage", "up"),
+                    fault(50, "h2", "power", "off"), fault(200, "h2", "power", "on")])
+    assert window_end(eps, 0, 500.0) == 50
+    assert window_end(eps, 1, 500.0) == 200 + SETTLE

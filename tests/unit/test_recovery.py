@@ -17,25 +17,32 @@ from vmha.core.recovery import (
     Alert,
     Attempt,
     CancelProof,
+    CheckRejoin,
     DisableHost,
+    EnableHost,
     Evacuate,
     HealthUpdate,
     HostEnabled,
     HostOp,
     HostOpDone,
+    HostOpFailed,
+    HostOut,
     InvariantError,
     Inventory,
     LiveMigrate,
+    Maintenance,
     MarkHostDown,
     PersistTask,
     ProofObtained,
     ProofRefused,
     Prove,
+    QuarantineHost,
     RecordEvidence,
     RecoveryAction,
     RecoveryCore,
     RecoveryOutput,
     RecoverySettings,
+    RejoinChecked,
     ReleaseProof,
     StepDone,
     StepFailed,
@@ -583,3 +590,214 @@ def test_a_lease_never_held_on_the_host_is_alerted_once_per_proof() -> None:
     out = c.step(ProofObtained(proved, FIRST), 15.0)
     assert of(out, Alert) == [Alert(Level.ERROR, "h2", "vm2", cause)]
     assert c.task("vm2").state == TaskState.MARKING_DOWN  # type: ignore[union-attr]
+
+
+# -- rejoin and quarantine ---------------------------------------------------------------------------
+
+
+def texts(out: RecoveryOutput) -> list[str]:
+    return [line.text for line in out.log]
+
+
+def test_a_disabled_host_rejoins_once_healthy_for_rejoin_after() -> None:
+    c = core(rejoin_after=20.0)
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c, management=DOWN)
+    c.step(HostOpDone("h2", HostOp.DISABLE), 10.2)
+    out = c.step(HealthUpdate(health("h2", 30.0)), 30.0)
+    assert "host 'h2': rejoins at 50.0 if it stays healthy" in texts(out)
+    assert c.next_deadline() == 50.0
+    assert not of(c.step(Tick(), 49.9), EnableHost)
+    out = c.step(Tick(), 50.0)
+    assert of(out, EnableHost) == [EnableHost("h2", "nothing was fenced there (disabled for row management), "
+                                                    "every plane up since 30.0")]
+    assert "host 'h2': rejoined, a destination again" in texts(c.step(HostOpDone("h2", HostOp.ENABLE), 50.2))
+    # The watch reports our own keys.disabled deletion: not the operator's enable.
+    assert texts(c.step(HostEnabled("h2"), 50.3)) == []
+    # A destination again: h3's VM goes to h2, the least loaded host.
+    c.step(HealthUpdate(health("h3", 60.0, storage=DOWN)), 60.0)
+    c.step(proof("vm3", "h3", 62.0), 62.0)
+    out = c.step(HostOpDone("h3", HostOp.MARK_DOWN), 62.5)
+    assert [a.host for a in of(out, ReleaseProof)] == ["h3"] and c.task("vm3").dest in ("h1", "h2", "h4")
+
+
+def test_a_blink_restarts_the_rejoin_clock_and_zero_means_never() -> None:
+    c = core(rejoin_after=20.0)
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c, management=DOWN)
+    c.step(HealthUpdate(health("h2", 30.0)), 30.0)
+    c.step(HealthUpdate(health("h2", 40.0, service=SUSPECT)), 40.0)
+    assert c.next_deadline() is None
+    c.step(HealthUpdate(health("h2", 41.0)), 41.0)
+    assert not of(c.step(Tick(), 55.0), EnableHost)
+    assert of(c.step(Tick(), 61.0), EnableHost)
+
+    never = core(rejoin_after=0.0)
+    never.step(inventory(VMS), 1.0)
+    fail_h2(never, management=DOWN)
+    never.step(HealthUpdate(health("h2", 30.0)), 30.0)
+    assert never.next_deadline() is None and not of(never.step(Tick(), 1000.0), EnableHost)
+
+
+def test_a_fenced_host_rejoins_only_after_its_rejoin_check() -> None:
+    c = core(rejoin_after=20.0)
+    proved_and_marked(c)
+    c.step(HealthUpdate(health("h2", 30.0)), 30.0)
+    out = c.step(Tick(), 50.0)
+    assert of(out, CheckRejoin) == [CheckRejoin("h2", ("vm1", "vm2"))] and not of(out, EnableHost)
+    assert c.next_deadline() is None  # no second check while one runs
+    out = c.step(RejoinChecked("h2", False, "its lockspace delta lease (host_id 2) is not renewed"), 52.0)
+    assert not of(out, EnableHost)
+    assert [a.text for a in of(out, Alert)] == [
+        "host 'h2': rejoin check failed (its lockspace delta lease (host_id 2) is not renewed): it stays out, "
+        "checked again at 72.0"]
+    assert of(c.step(Tick(), 72.0), CheckRejoin)
+    out = c.step(RejoinChecked("h2", True, "lockspace renewed (host_id 2 gen 3)"), 74.0)
+    assert [a.reason for a in of(out, EnableHost)] == [
+        "fenced for row storage, every plane up since 30.0, agent beating again, lockspace renewed (host_id 2 gen 3)"]
+
+
+def test_a_check_result_after_the_host_failed_again_is_ignored() -> None:
+    c = core(rejoin_after=20.0)
+    proved_and_marked(c)
+    c.step(HealthUpdate(health("h2", 30.0)), 30.0)
+    c.step(Tick(), 50.0)
+    c.step(HealthUpdate(health("h2", 51.0, storage=DOWN)), 51.0)
+    out = c.step(RejoinChecked("h2", True, "ok"), 52.0)
+    assert not of(out, EnableHost) and "no longer waiting to rejoin" in texts(out)[0]
+
+
+def test_rejoin_waits_for_recoveries_from_the_host_not_proved_yet() -> None:
+    c = core(rejoin_after=20.0, recheck_timeout=5.0)
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c)
+    c.step(proof("vm1"), 15.0)  # vm2 not proved yet
+    c.step(HostOpDone("h2", HostOp.MARK_DOWN), 15.5)
+    c.step(HealthUpdate(health("h2", 30.0)), 30.0)  # vm2: a lease-taken recheck
+    out = c.step(Tick(), 50.0)
+    assert not of(out, CheckRejoin) and "host 'h2': rejoin waits for the recovery of vm2 (not proved yet)" in texts(out)
+    out = c.step(ProofRefused("vm2", "h2", tag(c, "vm2"), "lease held by h2"), 51.0)
+    assert c.task("vm2").state == TaskState.CANCELLED and of(out, CheckRejoin)
+
+
+def test_an_unplaced_vm_restarts_on_its_rejoined_source() -> None:
+    c = core(rejoin_after=20.0)
+    c.step(Inventory((HostInfo("h2", True, True),), tuple(VMS)), 1.0)  # h2 is the only host
+    fail_h2(c)
+    c.step(proof("vm1"), 15.0)
+    c.step(proof("vm2"), 15.0)
+    c.step(HostOpDone("h2", HostOp.MARK_DOWN), 15.5)
+    assert c.task("vm1").state == TaskState.UNPLACED
+    c.step(HealthUpdate(health("h2", 30.0)), 30.0)
+    c.step(Tick(), 50.0)
+    c.step(RejoinChecked("h2", True, "ok"), 52.0)
+    out = c.step(HostOpDone("h2", HostOp.ENABLE), 52.2)
+    assert [a.vm for a in of(out, ReleaseProof)] == ["vm1", "vm2"]
+    assert {(t.vm, t.state, t.dest) for t in c.tasks()} == {
+        ("vm1", TaskState.RELEASING, "h2"), ("vm2", TaskState.RELEASING, "h2")}
+
+
+def test_a_host_failing_three_times_in_the_window_is_quarantined_until_enabled() -> None:
+    c = core(rejoin_after=5.0, quarantine_after=3, quarantine_window=100.0)
+    c.step(inventory(VMS), 1.0)
+    for t in (10.0, 30.0):
+        fail_h2(c, t, management=DOWN)
+        c.step(HealthUpdate(health("h2", t + 1)), t + 1)
+        assert of(c.step(Tick(), t + 6), EnableHost)
+        c.step(HostOpDone("h2", HostOp.ENABLE), t + 6.1)
+    out = fail_h2(c, 50.0, management=DOWN)
+    assert next(a.text for a in of(out, Alert)) == (
+        "host 'h2': quarantined after 3 failures within 100s (row management at 10.0, row management at 30.0, "
+        "row management at 50.0): it stays out until `vmha host enable h2`")
+    assert c.quarantined() == ["h2"]
+    out = c.step(HealthUpdate(health("h2", 51.0)), 51.0)
+    assert "host 'h2': healthy, but quarantined: it stays out until `vmha host enable h2`" in texts(out)
+    assert not of(c.step(Tick(), 500.0), EnableHost)
+    assert texts(c.step(HostEnabled("h2"), 501.0)) == [
+        "host 'h2': enabled by the operator (was disabled and quarantined by vmha)"]
+    assert c.quarantined() == []
+
+
+def test_failures_outside_the_window_do_not_count() -> None:
+    c = core(rejoin_after=5.0, quarantine_after=2, quarantine_window=30.0)
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c, 10.0, management=DOWN)
+    c.step(HealthUpdate(health("h2", 11.0)), 11.0)
+    fail_h2(c, 50.0, management=DOWN)
+    assert c.quarantined() == []
+    # The planes of one episode changing rows (management, then management+service) count once.
+    c.step(HealthUpdate(health("h2", 52.0, management=DOWN, service=DOWN)), 52.0)
+    assert c.quarantined() == []
+
+
+def test_a_new_leader_lets_hosts_the_old_one_took_out_rejoin() -> None:
+    c = core(rejoin_after=20.0)
+    c.step(TasksLoaded(()), 0.5)
+    c.step(inventory(VMS), 1.0)
+    out = c.step(HostOut("h2", HostOp.MARK_DOWN), 1.0)
+    assert texts(out) == ["host 'h2': marked down by an earlier leader, not enabled since",
+                          "host 'h2': rejoins at 21.0 if it stays healthy"]
+    out = c.step(Tick(), 21.0)
+    assert of(out, CheckRejoin) == [CheckRejoin("h2", ())]
+    assert "host 'h2': fenced by an earlier leader, every plane up since 1.0" in texts(out)[0]
+    out = c.step(HostOpFailed("h2", HostOp.ENABLE, "nova: 503"), 22.0)
+    assert [a.text for a in of(out, Alert)] == [
+        "host 'h2': enable failed (nova: 503): it stays out, tried again in 20s"]
+
+
+# -- maintenance and drain ---------------------------------------------------------------------------
+
+
+def test_maintenance_drains_by_priority_and_alerts_only_on_faults() -> None:
+    c = core(max_parallel=1)
+    c.step(inventory(VMS), 1.0)
+    out = c.step(Maintenance("h2", True), 5.0)
+    assert of(out, DisableHost) == [DisableHost("h2", "maintenance (by the operator)")]
+    assert [(a.vm, a.source) for a in of(out, LiveMigrate)] == [("vm1", "h2")]  # priority 5 first, 1 slot
+    out = fail_h2(c, 10.0)  # storage lost while in maintenance: no fence, no evacuation
+    assert not of(out, Prove) and not of(out, MarkHostDown)
+    assert [a.text for a in of(out, Alert)] == ["host 'h2': in maintenance, alert only (storage down since 10.0)"]
+    out = c.step(StepDone("vm1", Step.MIGRATE, "h1"), 12.0)
+    assert [(a.vm, a.dest) for a in of(out, LiveMigrate)] == [("vm2", "h4")]  # the least loaded
+
+
+def test_maintenance_off_with_a_fault_meanwhile_acts_on_the_real_row() -> None:
+    c = core(rejoin_after=20.0)
+    c.step(inventory(VMS), 1.0)
+    c.step(Maintenance("h2", True), 5.0)
+    c.step(HostOpDone("h2", HostOp.DISABLE), 5.2)
+    fail_h2(c, 10.0, management=DOWN)
+    out = c.step(Maintenance("h2", False), 20.0)
+    assert "host 'h2': row management -> disable (management down since 10.0)" in texts(out)
+    assert not of(out, EnableHost)
+    # Repaired: it rejoins by the rejoin rules, nothing having been fenced.
+    c.step(HealthUpdate(health("h2", 30.0)), 30.0)
+    assert [a.reason for a in of(c.step(Tick(), 50.0), EnableHost)] == [
+        "nothing was fenced there (disabled for row management), every plane up since 30.0"]
+
+
+def test_maintenance_off_enables_at_once_and_retries_a_failed_enable() -> None:
+    c = core(rejoin_after=20.0, max_parallel=1)
+    c.step(inventory(VMS), 1.0)
+    c.step(Maintenance("h2", True), 5.0)
+    out = c.step(Maintenance("h2", False), 6.0)
+    assert [a.reason for a in of(out, EnableHost)] == ["maintenance over (by the operator), every plane up"]
+    assert {t.vm: t.state for t in c.tasks()}["vm2"] == TaskState.CANCELLED  # its drain had not begun
+    c.step(HostOpFailed("h2", HostOp.ENABLE, "nova: 503"), 7.0)
+    assert c.next_deadline() == 27.0
+    assert of(c.step(Tick(), 27.0), EnableHost)
+
+
+def test_maintenance_off_does_not_end_a_quarantine_and_a_new_leader_keeps_it() -> None:
+    c = core(rejoin_after=5.0, quarantine_after=1)
+    c.step(inventory(VMS), 1.0)
+    out = fail_h2(c, 10.0, management=DOWN)
+    assert [a.host for a in of(out, QuarantineHost)] == ["h2"]
+    c.step(HealthUpdate(health("h2", 11.0)), 11.0)
+    c.step(Maintenance("h2", True), 12.0)
+    assert not of(c.step(Maintenance("h2", False), 13.0), EnableHost)
+    assert not of(c.step(Tick(), 100.0), EnableHost)
+    new = core(rejoin_after=5.0, quarantine_after=1)
+    new.step(TasksLoaded(()), 0.5)
+    new.step(HostOut("h2", HostOp.DISABLE, "3 failures"), 1.0)
+    assert new.quarantined() == ["h2"] and not of(new.step(Tick(), 100.0), EnableHost)

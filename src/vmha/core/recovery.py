@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Literal, Protocol
 
 from vmha.core.fencing import FenceProof, ProofMethod, proof_methods
 from vmha.core.health import FabricChange, HealthOutput, HostHealth
@@ -66,6 +66,17 @@ class RecoverySettings:
     # A host back before its VMs were proved dead: one lease-taken attempt this long decides whether
     # sanlock killed them meanwhile (recovery continues) or they still run (cancelled).
     recheck_timeout: float = 5.0
+    # A host vmha took out (disabled, or fenced and marked down) rejoins once healthy this long: every
+    # plane UP and, if it was fenced, the rejoin check passed (CheckRejoin). 0: never, the operator
+    # runs `vmha host enable`.
+    rejoin_after: float = 60.0
+    # A host that failed this many times within quarantine_window seconds stays out until the
+    # operator enables it (0: no quarantine). Hyper-V's rule: 3 failures in an hour.
+    quarantine_after: int = 3
+    quarantine_window: float = 3600.0
+    # A clean agent stop: "alert" (its VMs run on, unprotected) or "drain" (maintenance on: its HA
+    # VMs are live-migrated away first; off again once the agent runs again).
+    on_agent_stop: Literal["drain", "alert"] = "alert"
 
     @property
     def limits(self) -> QueueLimits:
@@ -187,11 +198,12 @@ class StepFailed:
 class HostOp(StrEnum):
     DISABLE = "disable"
     MARK_DOWN = "mark-down"
+    ENABLE = "enable"
 
 
 @dataclass(frozen=True, slots=True)
 class HostOpDone:
-    """Result of DisableHost (op disable) or MarkHostDown (op mark-down)."""
+    """Result of DisableHost (op disable), MarkHostDown (op mark-down) or EnableHost (op enable)."""
 
     host: str
     op: HostOp
@@ -211,6 +223,38 @@ class HostEnabled:
     manager did to it (disable, mark down) no longer keeps it out of the destinations."""
 
     host: str
+
+
+@dataclass(frozen=True, slots=True)
+class Maintenance:
+    """`vmha host maintenance HOST on|off` (keys.maintenance(host) written / deleted). On: the host's
+    HA VMs are live-migrated away (priority order, within the concurrency limits), it receives no VM,
+    and its faults only alert. Off: it returns to placement (at once if healthy, else once it is)."""
+
+    host: str
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HostOut:
+    """At takeover: an earlier leader disabled (op disable) or marked down (op mark-down) this host,
+    and no one enabled it since (keys.disabled(host) holds the record): it rejoins as if this leader
+    had taken it out, unless that leader quarantined it (`quarantine`: why; keys.quarantined(host))."""
+
+    host: str
+    op: HostOp
+    quarantine: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RejoinChecked:
+    """Result of CheckRejoin: what the core cannot see itself, checked by the runtime on the shared
+    storage. ok: the host renews its sanlock lockspace and holds the lease of none of `vms` (no copy of
+    a VM that runs elsewhere); evidence: what was seen (or why not ok)."""
+
+    host: str
+    ok: bool
+    evidence: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +290,9 @@ RecoveryEvent = (
     | HostOpDone
     | HostOpFailed
     | HostEnabled
+    | HostOut
+    | Maintenance
+    | RejoinChecked
     | AgentStopped
     | TasksLoaded
     | Tick
@@ -253,6 +300,8 @@ RecoveryEvent = (
 
 # The row of a host whose agent was stopped cleanly: alert only, whatever its planes.
 AGENT_STOPPED_KEY = "agent-stopped"
+# The row of a host in maintenance: alert only, whatever its planes; also the row of its drain tasks.
+MAINTENANCE_KEY = "maintenance"
 
 
 # -- actions out -----------------------------------------------------------------------------------
@@ -292,6 +341,33 @@ class Alert:
 @dataclass(frozen=True, slots=True)
 class DisableHost:
     """driver.disable_host(host, reason); result: HostOpDone/HostOpFailed(op=disable)."""
+
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRejoin:
+    """A fenced host is back and healthy: check on the shared storage that it renews its lockspace and
+    holds the lease of none of `vms` (recovered from it, now placed elsewhere). Result: RejoinChecked."""
+
+    host: str
+    vms: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EnableHost:
+    """driver.enable_host(host) and keys.disabled(host) deleted: the host rejoins (a decision of the
+    core, `reason` its evidence). Result: HostOpDone/HostOpFailed(op=enable)."""
+
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineHost:
+    """Record keys.quarantined(host) = reason, so that a new leader keeps the host out too (`vmha host
+    enable` deletes it). Fire and forget: the alert already told the operator."""
 
     host: str
     reason: str
@@ -384,6 +460,9 @@ RecoveryAction = (
     | RecordEvidence
     | Alert
     | DisableHost
+    | CheckRejoin
+    | EnableHost
+    | QuarantineHost
     | Prove
     | CancelProof
     | MarkHostDown
@@ -444,6 +523,24 @@ class RecoveryCore:
         # (load, host) of eligible destinations, least loaded first. Every load change pushes a
         # fresh entry (_touch); entries whose load is no longer current are dropped when popped.
         self._dest_heap: list[tuple[int, str]] = []
+        # Rejoin: hosts taken out by us (disabled / marked down) and healthy since (every plane UP);
+        # the row that took each out; those waiting for unproved recoveries from them; those whose
+        # CheckRejoin or EnableHost is in flight; those enabled by a rejoin (their keys.disabled
+        # deletion comes back as HostEnabled: not the operator's).
+        self._healthy_since: dict[str, float] = {}
+        self._out_row: dict[str, str] = {}
+        self._rejoin_wait: set[str] = set()
+        self._rejoin_retry: dict[str, float] = {}  # host -> not before (its last check or enable failed)
+        self._rejoining: set[str] = set()
+        self._rejoined: set[str] = set()
+        # Quarantine: per host, its failures (when, row) within quarantine_window; the hosts whose
+        # current failure episode is counted; the hosts kept out until the operator enables them.
+        self._failures: dict[str, list[tuple[float, str]]] = {}
+        self._episode: set[str] = set()
+        self._quarantined: set[str] = set()
+        # Hosts in maintenance, and why: "operator" (`vmha host maintenance`), "agent" (a clean agent
+        # stop with on_agent_stop = drain). Either keeps it; each ends only its own.
+        self._maintenance: dict[str, set[str]] = {}
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -460,7 +557,12 @@ class RecoveryCore:
             for d in self._decisions.values()
             if not d.acted and d.decision.action is not None
         ]
+        deadlines += [self._rejoin_at(h) for h in self._healthy_since
+                      if h not in self._rejoin_wait and h not in self._rejoining]
         return min(deadlines) if deadlines else None
+
+    def quarantined(self) -> list[str]:
+        return sorted(self._quarantined)
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -492,12 +594,22 @@ class RecoveryCore:
                 self._host_op_failed(host, op, reason, retryable, now, out)
             case HostEnabled(host):
                 self._host_enabled(host, now, out)
+            case HostOut(host, op, quarantine):
+                self._host_out(host, op, quarantine, now, out)
+            case RejoinChecked(host, ok, evidence):
+                self._rejoin_checked(host, ok, evidence, now, out)
             case AgentStopped(host, since):
                 if since is None:
                     self._agent_stopped.pop(host, None)
                 else:
                     self._agent_stopped[host] = since
+                if self.settings.on_agent_stop == "drain":
+                    # A clean stop drains the host first; the agent running again ends that drain.
+                    self._maintenance_set(host, "agent", since is not None, "its agent was stopped cleanly"
+                                          if since is not None else "its agent runs again", now, out)
                 self._reconcile(host, now, out)
+            case Maintenance(host, on):
+                self._maintenance_set(host, "operator", on, "by the operator", now, out)
             case TasksLoaded(tasks):
                 self._load(tasks, now, out)
             case Tick():
@@ -516,25 +628,36 @@ class RecoveryCore:
         hh = self._health.get(host)
         if hh is None or any(hh.planes.get(p) is None or hh.planes[p].state == PlaneState.UNKNOWN
                              for p in PLANES):
+            self._not_healthy(host)
             return  # not everything known yet (e.g. just after a takeover): decide nothing
         decision = self.policy.decide(hh.states())
-        if host in self._agent_stopped and decision.action is not None:
+        if host in self._maintenance and decision.action is not None:
+            decision = Decision(MAINTENANCE_KEY, Action.ALERT)
+        elif host in self._agent_stopped and decision.action is not None:
             decision = Decision(AGENT_STOPPED_KEY, Action.ALERT)
         if decision.action is None and any(hh.planes[p].state != PlaneState.UP for p in PLANES):
-            return  # SUSPECT, nothing failed: not back yet, not failed yet (e.g. after a fabric outage)
+            # SUSPECT, nothing failed: not back yet, not failed yet (e.g. after a fabric outage); a
+            # host on its way back must be UP for rejoin_after in one stretch
+            self._not_healthy(host)
+            return
         cur = self._decisions.get(host)
         if cur is None or cur.decision != decision:
             old = cur.decision if cur is not None else Decision("", None)
             if decision.action is None:
                 self._decisions.pop(host, None)
                 self._settled.pop(host, None)
-                # What we did to the host (disable, mark down) holds until the operator re-enables
-                # it (`vmha host enable`, HostEnabled): until then it receives no VM.
+                self._episode.discard(host)
+                # What we did to the host (disable, mark down) holds until it rejoins (rejoin_after)
+                # or the operator re-enables it (`vmha host enable`, HostEnabled): until then it
+                # receives no VM.
                 self._dests = None
                 if old.action is not None:
                     out.log.append(LogLine(Level.INFO, now, ACTOR,
                                            f"host '{host}': healthy again (was row {old.key})"))
+                    self._out_row.setdefault(host, old.key)
+                self._healthy(host, now, out)
             else:
+                self._not_healthy(host)
                 # A new row with the same action (storage -> management+storage) is the same episode.
                 same = cur is not None and cur.acted and cur.decision.action == decision.action
                 wait = self.settings.settle_after if _better(old, decision) else self.settings.decide_after
@@ -562,8 +685,8 @@ class RecoveryCore:
         proved: list[str] = []
         for vm in sorted(self._by_source.get(host, ())):
             task = self.queue.active(vm)
-            if task is None or task.source != host:
-                continue
+            if task is None or task.source != host or task.row == MAINTENANCE_KEY:
+                continue  # a drain is the operator's, not the health row's: maintenance off ends it
             if task.kind == TaskKind.EVACUATE:
                 if decision.action not in _EVACUATING_ACTIONS and task.proof is not None:
                     proved.append(vm)
@@ -605,24 +728,225 @@ class RecoveryCore:
                     timeout=self.settings.recheck_timeout)
 
     def _host_enabled(self, host: str, now: float, out: RecoveryOutput) -> None:
-        undone = [what for what, flags in (("disabled", self._disabled), ("marked down", self._marked_down))
-                  if host in flags]
+        undone = [what for what, flags in (("disabled", self._disabled), ("marked down", self._marked_down),
+                                           ("quarantined", self._quarantined)) if host in flags]
+        if not undone and host in self._rejoined:
+            self._rejoined.discard(host)  # our own rejoin's keys.disabled deletion, seen by the watch
+            return
+        self._rejoined.discard(host)
         self._disabled.discard(host)
         self._marked_down.discard(host)
+        self._quarantined.discard(host)
+        self._failures.pop(host, None)
+        self._not_healthy(host)
+        self._out_row.pop(host, None)
         self._dests = None
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': enabled by the operator"
                                + (f" (was {' and '.join(undone)} by vmha)" if undone else "")))
+
+    # -- rejoin and quarantine --------------------------------------------------------------------
+
+    def _healthy(self, host: str, now: float, out: RecoveryOutput) -> None:
+        """Every plane of the host is UP: if we took it out, its rejoin clock starts."""
+        if (not self.settings.rejoin_after or host in self._healthy_since or host in self._maintenance
+                or host in self._rejoining):
+            return
+        if host not in self._disabled and host not in self._marked_down:
+            return
+        if host in self._quarantined:
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': healthy, but quarantined: it "
+                                   f"stays out until `vmha host enable {host}`"))
+            return
+        self._healthy_since[host] = now
+        self._rejoin_retry.pop(host, None)
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoins at "
+                               f"{now + self.settings.rejoin_after:.1f} if it stays healthy"))
+
+    def _not_healthy(self, host: str) -> None:
+        self._healthy_since.pop(host, None)
+        self._rejoin_retry.pop(host, None)
+        self._rejoin_wait.discard(host)
+
+    def _rejoin_at(self, host: str) -> float:
+        return max(self._healthy_since[host] + self.settings.rejoin_after, self._rejoin_retry.get(host, 0.0))
+
+    def _try_rejoin(self, host: str, now: float, out: RecoveryOutput) -> None:
+        since = self._healthy_since[host]
+        unproved = sorted(vm for vm in self._by_source.get(host, ())
+                          if (t := self.queue.active(vm)) is not None and t.source == host
+                          and t.kind == TaskKind.EVACUATE and t.proof is None)
+        if unproved:
+            # A recovery from the host not proved yet: its VM's fate is open (the recheck decides).
+            if host not in self._rejoin_wait:
+                self._rejoin_wait.add(host)
+                out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoin waits for the "
+                                       f"recovery of {', '.join(unproved)} (not proved yet)"))
+            return
+        self._rejoin_wait.discard(host)
+        self._rejoining.add(host)
+        healthy = f"every plane up since {since:.1f}"
+        if host in self._marked_down:
+            vms = tuple(sorted(self._by_source.get(host, ())))
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': {self._why_out(host, 'fenced')}, "
+                                   f"{healthy}, its agent beating again: checking its lockspace and leases"
+                                   + (f" ({', '.join(vms)} recovered from it)" if vms else "")))
+            out.actions.append(CheckRejoin(host, vms))
+            return
+        self._enable(host, f"nothing was fenced there ({self._why_out(host, 'disabled')}), {healthy}", now, out)
+
+    # -- maintenance ------------------------------------------------------------------------------
+
+    def _maintenance_set(self, host: str, who: str, on: bool, why: str, now: float, out: RecoveryOutput) -> None:
+        reasons = self._maintenance.get(host, set())
+        was = bool(reasons)
+        reasons = reasons | {who} if on else reasons - {who}
+        if reasons:
+            self._maintenance[host] = reasons
+        else:
+            self._maintenance.pop(host, None)
+        if was == bool(reasons):
+            return  # still (or still not) in maintenance, for another reason
+        if not on:
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': maintenance off ({why})"))
+            self._cancel_drain(host, now, out)
+            cur = self._decisions.get(host)
+            if cur is not None and cur.decision.key == MAINTENANCE_KEY:
+                del self._decisions[host]  # its real row, if any, is decided afresh
+            if (host not in self._decisions and self._all_up(host) and host in self._disabled
+                    and host not in self._marked_down and host not in self._quarantined):
+                self._rejoining.add(host)  # nothing was fenced: back to placement at once
+                self._enable(host, f"maintenance over ({why}), every plane up", now, out)
+            else:
+                self._reconcile(host, now, out)  # a fault meanwhile is acted upon; else it rejoins
+                if host not in self._decisions and self._all_up(host):
+                    self._healthy(host, now, out)
+            return
+        self._not_healthy(host)
+        self._disable(host, f"maintenance ({why})", now, out)
+        self._drain(host, sorted(self._vms_on.get(host, ())), f"maintenance on ({why})", now, out)
+
+    def _drain(self, host: str, vms: list[str], why: str, now: float, out: RecoveryOutput) -> None:
+        """Live-migrate the HA VMs among `vms` away from `host` (no task for those that have one)."""
+        new: list[Task] = []
+        for vm in vms:
+            info = self._vms.get(vm)
+            if info is None or not info.ha or self.queue.active(vm) is not None:
+                continue
+            task = Task(vm=vm, source=host, kind=TaskKind.MIGRATE, recovery=self.queue.next_recovery(vm),
+                        priority=info.priority, row=MAINTENANCE_KEY, action=Action.LIVE_MIGRATE.value,
+                        failed={}, created=now)
+            self.queue.add(task, now)
+            self._by_source.setdefault(host, set()).add(vm)
+            new.append(task)
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': {why}: draining {len(new)} HA VM(s), "
+                               "its faults alert only"))
+        for task in new:
+            self._move(task, TaskState.READY, now, f"drain, priority {task.priority}", out)
+
+    def _cancel_drain(self, host: str, now: float, out: RecoveryOutput) -> None:
+        """Maintenance off: drain tasks not moving yet are cancelled (a migration in flight ends)."""
+        for vm in sorted(self._by_source.get(host, ())):
+            task = self.queue.active(vm)
+            if task is None or task.source != host or task.row != MAINTENANCE_KEY or task.state in RUNNING:
+                continue
+            if task.state == TaskState.RETRY_WAIT:
+                task.retry_at, task.resume = None, None
+            task.reason = "cancelled: maintenance off"
+            self._move(task, TaskState.CANCELLED, now, task.reason, out)
+            self._finish(task, out)
+
+    def _all_up(self, host: str) -> bool:
+        hh = self._health.get(host)
+        return hh is not None and all(
+            (st := hh.planes.get(p)) is not None and st.state == PlaneState.UP for p in PLANES)
+
+    def _why_out(self, host: str, what: str) -> str:
+        row = self._out_row.get(host)
+        return f"{what} for row {row}" if row else f"{what} by an earlier leader"
+
+    def _host_out(self, host: str, op: HostOp, quarantine: str, now: float, out: RecoveryOutput) -> None:
+        flags = self._marked_down if op == HostOp.MARK_DOWN else self._disabled
+        if op == HostOp.ENABLE or host in flags:
+            return
+        flags.add(host)
+        self._dests = None
+        if quarantine:
+            self._quarantined.add(host)
+            self._not_healthy(host)
+        what = "marked down" if op == HostOp.MARK_DOWN else "disabled"
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': {what} by an earlier leader, "
+                               "not enabled since" + (f", quarantined ({quarantine})" if quarantine else "")))
+        if host not in self._decisions and self._all_up(host):
+            self._healthy(host, now, out)
+
+    def _enable(self, host: str, evidence: str, now: float, out: RecoveryOutput) -> None:
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoins ({evidence})"))
+        out.actions.append(EnableHost(host, evidence))
+
+    def _rejoin_checked(self, host: str, ok: bool, evidence: str, now: float, out: RecoveryOutput) -> None:
+        if host not in self._rejoining or host not in self._healthy_since:
+            self._rejoining.discard(host)
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoin check ignored "
+                                   f"(no longer waiting to rejoin): {evidence}"))
+            return
+        if ok:
+            since = self._healthy_since[host]
+            self._enable(host, f"{self._why_out(host, 'fenced')}, every plane up since "
+                               f"{since:.1f}, agent beating again, {evidence}", now, out)
+            return
+        self._rejoining.discard(host)
+        self._rejoin_retry[host] = now + self.settings.rejoin_after
+        text = (f"host '{host}': rejoin check failed ({evidence}): it stays out, checked again at "
+                f"{now + self.settings.rejoin_after:.1f}")
+        out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+        out.actions.append(Alert(Level.WARN, host, None, text))
+
+    def _rejoin_done(self, host: str, now: float, out: RecoveryOutput) -> None:
+        self._rejoining.discard(host)
+        self._disabled.discard(host)
+        self._marked_down.discard(host)
+        self._not_healthy(host)
+        self._out_row.pop(host, None)
+        self._rejoined.add(host)
+        self._dests = None
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoined, a destination again"))
+
+    def _count_failure(self, host: str, row: str, now: float, out: RecoveryOutput) -> None:
+        """One failure per episode (from healthy to healthy again), for quarantine."""
+        if not self.settings.quarantine_after or host in self._episode:
+            return
+        self._episode.add(host)
+        window = self.settings.quarantine_window
+        seen = [(t, r) for t, r in self._failures.get(host, []) if now - t <= window] + [(now, row)]
+        self._failures[host] = seen
+        if len(seen) < self.settings.quarantine_after or host in self._quarantined:
+            return
+        self._quarantined.add(host)
+        self._not_healthy(host)
+        text = (f"host '{host}': quarantined after {len(seen)} failures within {window:g}s ("
+                + ", ".join(f"row {r} at {t:.1f}" for t, r in seen)
+                + f"): it stays out until `vmha host enable {host}`")
+        out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+        out.actions.append(Alert(Level.WARN, host, None, text))
+        out.actions.append(QuarantineHost(host, text))
 
     def _act(self, host: str, cur: _HostDecision, hh: HostHealth, now: float, out: RecoveryOutput) -> None:
         action = cur.decision.action
         assert action is not None
         key = cur.decision.key
+        if key == MAINTENANCE_KEY:
+            cur.acted = True
+            out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': in maintenance, alert only "
+                                     f"({self._failed_text(hh)})"))
+            return
         if key == AGENT_STOPPED_KEY:
             cur.acted = True
             out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': its agent was stopped cleanly at "
                                      f"{self._agent_stopped.get(host, 0.0):.1f} ({self._failed_text(hh)}): its "
                                      "VMs are not recovered until the agent runs again"))
             return
+        if action != Action.ALERT:
+            self._count_failure(host, key, now, out)
         if action == Action.ALERT:
             cur.acted = True
             text = f"host '{host}': row {key}: alert only ({self._failed_text(hh)})"
@@ -711,6 +1035,9 @@ class RecoveryCore:
         for v in inv.vms:
             if v.host is not None:
                 self._vms_on.setdefault(v.host, set()).add(v.name)
+        for t in self.queue:
+            if t.state not in TERMINAL and t.proof is not None and self._placed.get(t.vm) == t.source:
+                self._place(t.vm, None)  # proved dead there: it takes no room on its source
         self._inventory = True
         self._dests = None
         for host in sorted(self._decisions):
@@ -720,14 +1047,13 @@ class RecoveryCore:
         return len(self._vms_on.get(host, ())) + self.queue.running_to(host)
 
     def _is_eligible(self, h: str) -> bool:
-        """May receive VMs: every plane UP, enabled and up in the cloud, not disabled by us."""
+        """May receive VMs: every plane UP, enabled and up in the cloud, not disabled by us, not in
+        maintenance."""
         info = self._hosts.get(h)
-        hh = self._health.get(h)
         return (
             info is not None and info.enabled and info.up and not info.forced_down
-            and h not in self._disabled and h not in self._marked_down
-            and hh is not None and all(
-                (s := hh.planes.get(p)) is not None and s.state == PlaneState.UP for p in PLANES)
+            and h not in self._disabled and h not in self._marked_down and h not in self._maintenance
+            and self._all_up(h)
         )
 
     def _eligible(self) -> list[str]:
@@ -744,7 +1070,7 @@ class RecoveryCore:
         if host is not None and self._dests is not None and host in self._dest_set:
             heapq.heappush(self._dest_heap, (self._load_of(host), host))
 
-    def _pick_dest(self, source: str) -> tuple[str | None, bool]:
+    def _pick_dest(self, source: str | None) -> tuple[str | None, bool]:
         """(the least loaded eligible host with room and a free slot, ties by name; whether any host
         has room). (None, True): every host with room is busy; (None, False): no host has room."""
         self._eligible()
@@ -871,6 +1197,8 @@ class RecoveryCore:
             return
         self._late_proof.pop(proof.vm, None)
         task.proof = proof
+        if self._placed.get(task.vm) == task.source:
+            self._place(task.vm, None)  # proved dead there: it takes no room on its source
         task.finish(Step.PROVE, now, "ok", proof.method.value)
         if task.recheck:
             task.recheck = False
@@ -923,6 +1251,9 @@ class RecoveryCore:
             out.actions.append(MarkHostDown(host))
 
     def _host_op_done(self, host: str, op: HostOp, now: float, out: RecoveryOutput) -> None:
+        if op == HostOp.ENABLE:
+            self._rejoin_done(host, now, out)
+            return
         if op == HostOp.DISABLE:
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': disabled"))
             return
@@ -938,6 +1269,17 @@ class RecoveryCore:
 
     def _host_op_failed(self, host: str, op: HostOp, reason: str, retryable: bool, now: float,
                         out: RecoveryOutput) -> None:
+        if op == HostOp.ENABLE:
+            self._rejoining.discard(host)
+            if host not in self._decisions and self._all_up(host):
+                self._healthy(host, now, out)  # an enable at maintenance off has no clock running yet
+            if host in self._healthy_since:
+                self._rejoin_retry[host] = now + self.settings.rejoin_after
+            text = (f"host '{host}': enable failed ({reason}): it stays out, tried again in "
+                    f"{self.settings.rejoin_after:g}s")
+            out.log.append(LogLine(Level.WARN, now, ACTOR, text))
+            out.actions.append(Alert(Level.WARN, host, None, text))
+            return
         if op == HostOp.DISABLE:
             self._disabled.discard(host)
             self._dests = None
@@ -978,6 +1320,10 @@ class RecoveryCore:
             self._place(task.vm, task.running_on)
             self._settle(task)
             self._finish(task, out)
+            if task.running_on in self._maintenance:
+                # It arrived on a host that entered maintenance while it travelled: drain it too.
+                self._drain(task.running_on, [task.vm], f"vm '{task.vm}' arrived in maintenance", now, out)
+                return
             dest = self._decisions.get(task.running_on or "")
             if dest is not None and dest.acted and dest.decision.action in _MOVING_ACTIONS:
                 # It arrived on a host that failed while it travelled: act on that host again, for it.
@@ -1052,6 +1398,10 @@ class RecoveryCore:
             d = self._decisions.get(host)
             if d is None or d.acted:
                 self._held.discard(host)
+        for host in sorted(self._healthy_since):
+            if host not in self._rejoining and (
+                    host in self._rejoin_wait or now >= self._rejoin_at(host)):
+                self._try_rejoin(host, now, out)
         for task in self.queue.in_state(TaskState.RETRY_WAIT):
             if task.retry_at is None or now < task.retry_at:
                 continue
@@ -1079,7 +1429,9 @@ class RecoveryCore:
             task = self.queue.pop_ready()
             if task is None:
                 return
-            dest, room = self._pick_dest(task.source)
+            # An evacuation may restart the VM on its own source once that rejoined (the proof holds);
+            # a live migration moves it away from there.
+            dest, room = self._pick_dest(task.source if task.kind == TaskKind.MIGRATE else None)
             kept = self._kept_for_others(task) if room else ""
             if not room or kept:
                 task.reason = kept or ("no surviving host has room" if self._eligible() else "no healthy host")
@@ -1188,7 +1540,7 @@ class RecoveryCore:
 
 def _better(old: Decision, new: Decision) -> bool:
     """The host lost fewer planes than before (a strict subset): it is on its way back."""
-    if old.action is None or {FABRIC_KEY, AGENT_STOPPED_KEY} & {old.key, new.key}:
+    if old.action is None or {FABRIC_KEY, AGENT_STOPPED_KEY, MAINTENANCE_KEY} & {old.key, new.key}:
         return False
     before, after = set(old.key.split("+")), set(new.key.split("+"))
     return after < before
@@ -1205,9 +1557,11 @@ def from_health(out: HealthOutput) -> list[RecoveryEvent]:
 
 
 __all__ = [
-    "AGENT_STOPPED_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "DisableHost", "DropProof",
-    "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike", "HostOp", "HostOpDone", "HostOpFailed",
-    "InvariantError", "Inventory", "LiveMigrate", "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused",
-    "Prove", "RecordEvidence", "RecoveryAction", "RecoveryCore", "RecoveryEvent", "RecoveryOutput",
-    "RecoverySettings", "ReleaseProof", "StepDone", "StepFailed", "Tick", "VmLike", "from_health",
+    "AGENT_STOPPED_KEY", "MAINTENANCE_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "CheckRejoin",
+    "DisableHost", "DropProof", "EnableHost", "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike",
+    "HostOp", "HostOpDone", "HostOpFailed", "HostOut", "InvariantError", "Inventory", "LiveMigrate", "Maintenance",
+    "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused", "Prove", "QuarantineHost", "RecordEvidence",
+    "RecoveryAction",
+    "RecoveryCore", "RecoveryEvent", "RecoveryOutput", "RecoverySettings", "RejoinChecked", "ReleaseProof",
+    "StepDone", "StepFailed", "Tick", "VmLike", "from_health",
 ]

@@ -112,6 +112,22 @@ class Keys:
     def disabled_prefix(self) -> str:
         return f"{self.root}disabled/"
 
+    def quarantined(self, host: str) -> str:
+        """Present while the manager keeps the host out after repeated failures (until `vmha host enable`)."""
+        return f"{self.root}quarantined/{host}"
+
+    @property
+    def quarantined_prefix(self) -> str:
+        return f"{self.root}quarantined/"
+
+    def maintenance(self, host: str) -> str:
+        """Present while the operator keeps the host in maintenance (`vmha host maintenance`)."""
+        return f"{self.root}maintenance/{host}"
+
+    @property
+    def maintenance_prefix(self) -> str:
+        return f"{self.root}maintenance/"
+
     def driver(self, driver: str, *parts: str) -> str:
         """A compute driver's own records (the libvirt driver's inventory and host flags)."""
         return f"{self.root}driver/{driver}/" + "/".join(parts)

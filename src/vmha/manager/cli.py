@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -20,7 +21,7 @@ from vmha.core.fencing import proof_methods
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import Action
 from vmha.core.queue import TERMINAL, Task
-from vmha.core.recovery import AGENT_STOPPED_KEY, RecoverySettings
+from vmha.core.recovery import AGENT_STOPPED_KEY, MAINTENANCE_KEY, RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient, EtcdError
@@ -205,7 +206,7 @@ def recovery_show(config_path: str, vm: str, show_all: bool, as_json: bool) -> N
 
 @click.group("host")
 def host() -> None:
-    """Hosts vmha disabled."""
+    """Hosts: re-enable one vmha took out, or put one in maintenance."""
 
 
 @host.command("enable")
@@ -230,12 +231,35 @@ def host_enable(config_path: str, name: str) -> None:
             vms = ", ".join(f"{t.vm} ({t.state.value})" for t in running)
             raise click.ClickException(f"host '{name}' still has recoveries running: {vms}; wait for them")
         await compute_driver(cfg, client).enable_host(name)
+        await client.delete(keys.quarantined(name))
         await client.delete(keys.disabled(name))
         leader = leader_name(await client.get(keys.leader))
         return leader or "none"
 
     leader = _with_etcd(config_path, body)
     click.echo(f"host '{name}' enabled (manager leader: {leader})")
+
+
+@host.command("maintenance")
+@_config_option
+@click.argument("name")
+@click.argument("state", type=click.Choice(["on", "off"]))
+def host_maintenance(config_path: str, name: str, state: str) -> None:
+    """Maintenance on: the manager live-migrates the host's HA VMs away (priority order, within the
+    concurrency limits), sends it none, and only alerts on its faults. Off: it returns to placement."""
+
+    async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> str:
+        view = await health_store.load(client, keys)
+        if name not in view.hosts:
+            raise click.ClickException(f"host '{name}': not in the manager's health view (is it registered?)")
+        if state == "on":
+            await client.put_json(keys.maintenance(name), {"t": round(time.time(), 3)})
+        else:
+            await client.delete(keys.maintenance(name))
+        return leader_name(await client.get(keys.leader)) or "none"
+
+    leader = _with_etcd(config_path, body)
+    click.echo(f"host '{name}': maintenance {state} (manager leader: {leader})")
 
 
 # -- vmha policy show -------------------------------------------------------------------------------
@@ -269,6 +293,8 @@ def policy_show(config_path: str, as_json: bool) -> None:
     # Built in, not configurable: a planned agent stop or restart is no failure.
     table.add_row(AGENT_STOPPED_KEY, Action.ALERT.value, "the host's agent was stopped cleanly: alert only, "
                   "nothing is fenced or evacuated until it runs again (any planes)", "-")
+    table.add_row(MAINTENANCE_KEY, Action.ALERT.value, "the host is in maintenance (`vmha host maintenance`): "
+                  "alert only, its HA VMs are drained by live migration (any planes)", "-")
     Console().print(table)
 
 

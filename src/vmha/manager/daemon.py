@@ -8,7 +8,8 @@ Standby: campaign (etcd/election.py) and wait. Leader, for one "term" at a time:
   - take an inventory snapshot from the compute driver at start, every INVENTORY_INTERVAL, and
     at once when a plane goes DOWN or FABRIC;
   - watch keys.disabled_prefix: a deleted key is `vmha host enable HOST` (HostEnabled, and a fresh
-    inventory);
+    inventory); read it at start: what earlier leaders did to the hosts (HostOut), for their rejoin;
+  - watch keys.maintenance_prefix: `vmha host maintenance HOST on|off` (Maintenance);
   - call core.step(event, now) for each event (and Tick at core.next_deadline()); the events that
     arrived together are stepped one after another, and their outputs applied together:
       1. log each line (logger "vmha.manager") and append it to the decision stream,
@@ -53,8 +54,10 @@ from vmha.core.recovery import (
     Alert,
     Attempt,
     CancelProof,
+    CheckRejoin,
     DisableHost,
     DropProof,
+    EnableHost,
     Evacuate,
     FabricUpdate,
     HealthUpdate,
@@ -62,18 +65,22 @@ from vmha.core.recovery import (
     HostOp,
     HostOpDone,
     HostOpFailed,
+    HostOut,
     Inventory,
     LiveMigrate,
+    Maintenance,
     MarkHostDown,
     PersistTask,
     ProofObtained,
     ProofRefused,
     Prove,
+    QuarantineHost,
     RecordEvidence,
     RecoveryAction,
     RecoveryCore,
     RecoveryEvent,
     RecoveryOutput,
+    RejoinChecked,
     ReleaseProof,
     StepDone,
     StepFailed,
@@ -81,7 +88,7 @@ from vmha.core.recovery import (
     Tick,
 )
 from vmha.drivers.base import ComputeDriver, DriverError
-from vmha.etcd.client import EtcdClient, EtcdUnavailable, encode_json
+from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdUnavailable, encode_json
 from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
@@ -121,6 +128,9 @@ class Parts:
     # Release every proof lease held: when the leadership is lost (the next leader resumes from the
     # proofs persisted in the tasks, and the restarted VMs need their leases free) and at exit.
     release_all: Callable[[], Awaitable[None]] | None = None
+    # The rejoin check of a fenced host (vmha.manager.rejoin.check_rejoin): its evidence, or an
+    # exception saying why not. None: fenced hosts never rejoin by themselves (`vmha host enable`).
+    rejoin_check: Callable[[str, Sequence[str]], Awaitable[str]] | None = None
 
 
 def proof_timeout(cfg: Config) -> float:
@@ -147,8 +157,8 @@ async def production_parts(cfg: Config, client: EtcdClient) -> Parts:
     parts = _test_parts(cfg, client)
     if parts is not None:
         return parts
-    fencer, release_all = await _fencer(cfg, client)
-    return Parts(compute_driver(cfg, client), fencer, release_all)
+    fencer, release_all, rejoin_check = await _fencer(cfg, client)
+    return Parts(compute_driver(cfg, client), fencer, release_all, rejoin_check)
 
 
 def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
@@ -172,8 +182,10 @@ def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
     return LabDriver(client, Keys(cfg.cluster.name))
 
 
-async def _fencer(cfg: Config, client: EtcdClient) -> tuple[Fencer, Callable[[], Awaitable[None]]]:
-    """The lock manager's Prover on this manager's own lock host, and its clean-up.
+async def _fencer(cfg: Config, client: EtcdClient) -> tuple[
+        Fencer, Callable[[], Awaitable[None]], Callable[[str, Sequence[str]], Awaitable[str]]]:
+    """The lock manager's Prover on this manager's own lock host, its clean-up, and the rejoin check
+    on the same lockspace.
 
     The manager joins the lockspace at start, before campaigning, so a standby that takes over can
     prove at once (joining takes 3 to 21 s depending on io_timeout). Its sanlock host name is the
@@ -223,10 +235,15 @@ async def _fencer(cfg: Config, client: EtcdClient) -> tuple[Fencer, Callable[[],
     async def attest(host: str, vm: str, timeout: float) -> AttestResponse:
         return await request_attestation(client, keys, host, vm, timeout)
 
+    async def rejoin_check(host: str, vms: Sequence[str]) -> str:
+        from vmha.manager.rejoin import check_rejoin
+
+        return await check_rejoin(space, host_id_of, host, vms)
+
     prover = Prover(space, host_id_of=host_id_of, attest=attest, power=power)
     # The lockspace is left joined at exit: it belongs to this machine's lock host, and a restarted
     # manager would otherwise wait for the join again.
-    return prover, prover.release_all
+    return prover, prover.release_all, rejoin_check
 
 
 class Inbox:
@@ -329,6 +346,7 @@ class Term:
         self.lead = lead
         self.driver = parts.driver
         self.fencer = parts.fencer
+        self.rejoin_check = parts.rejoin_check
         self.client = mgr.client
         self.keys = mgr.keys
         self.clock = mgr.clock
@@ -351,12 +369,15 @@ class Term:
         await self._durable(self.events.start)
         log.info("manager %s: leading; %d task(s) in etcd", self.mgr.m.name, len(tasks))
         self.inbox.put(TasksLoaded(tuple(tasks)))
+        for out in await self._durable(lambda: hosts_out(self.client, self.keys)):
+            self.inbox.put(out)
         loops = [
             asyncio.create_task(self._until_lost(stop), name="lost"),
             asyncio.create_task(self.monitor.run(), name="health monitor"),
             asyncio.create_task(self._health_feed(), name="health feed"),
             asyncio.create_task(self._inventory(), name="inventory"),
             asyncio.create_task(self._enabled_hosts(), name="enabled hosts"),
+            asyncio.create_task(self._maintenance(), name="maintenance"),
             asyncio.create_task(self._decide(), name="decide"),
         ]
         try:
@@ -478,6 +499,12 @@ class Term:
                 self.inbox.put(HostEnabled(host))
             self.inventory_now.set()
 
+    async def _maintenance(self) -> None:
+        """`vmha host maintenance HOST on|off` as it happens; the first listing tells a new leader
+        which hosts are in maintenance."""
+        async for host, on in maintenance_marks(self.client, self.keys):
+            self.inbox.put(Maintenance(host, on))
+
     async def _inventory(self) -> None:
         while not self.over:
             try:
@@ -572,6 +599,15 @@ class Term:
                 self._spawn(
                     ("mark-down", host), self._host_op(host, HostOp.MARK_DOWN, self.driver.mark_host_down(host))
                 )
+            case EnableHost(host, _reason):
+                self._spawn(("enable", host), self._host_op(host, HostOp.ENABLE, self.driver.enable_host(host)))
+            case CheckRejoin(host, vms):
+                self._spawn(("rejoin", host), self._check_rejoin(host, vms))
+            case QuarantineHost(host, reason):
+                record = {"reason": reason, "t": time.time(), "manager": self.mgr.m.name}
+                put = tx.Put(self.keys.quarantined(host).encode(), encode_json(record))
+                self._spawn(("quarantine", host), self._durable_quiet(
+                    lambda: leader_txn(self.client, self.lead, [], [put])))
 
     def _spawn(self, key: tuple[str, str], coro: Awaitable[None]) -> None:
         old = self.inflight.get(key)
@@ -631,16 +667,33 @@ class Term:
             return
         self.inbox.put(StepDone(vm, step, running_on=where or None))
 
+    async def _durable_quiet(self, op: Callable[[], Awaitable[object]]) -> None:
+        """A write no result depends on; a term that ends first leaves it to the next leader."""
+        with contextlib.suppress(NotLeader, _TermOver):
+            await self._durable(op)
+
+    async def _check_rejoin(self, host: str, vms: Sequence[str]) -> None:
+        if self.rejoin_check is None:
+            self.inbox.put(RejoinChecked(host, False, "no rejoin check available: `vmha host enable` it"))
+            return
+        try:
+            evidence = await self.rejoin_check(host, vms)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a failed or refused check keeps the host out; the core retries later
+            self.inbox.put(RejoinChecked(host, False, _reason(e)))
+            return
+        self.inbox.put(RejoinChecked(host, True, evidence))
+
     async def _host_op(self, host: str, op: HostOp, call: Awaitable[None]) -> None:
         try:
             await call
-            # Remember what vmha did to the host, for `vmha host enable` and the operator.
+            # Remember what vmha did to the host, for `vmha host enable` and the operator; a rejoin
+            # undoes it as the operator's enable does (the watch reports it back as HostEnabled).
+            key = self.keys.disabled(host).encode()
             record = {"op": op.value, "t": time.time(), "manager": self.mgr.m.name}
-            await self._durable(
-                lambda: leader_txn(
-                    self.client, self.lead, [], [tx.Put(self.keys.disabled(host).encode(), encode_json(record))]
-                )
-            )
+            write = tx.Delete(key) if op == HostOp.ENABLE else tx.Put(key, encode_json(record))
+            await self._durable(lambda: leader_txn(self.client, self.lead, [], [write]))
         except asyncio.CancelledError:
             raise
         except (NotLeader, _TermOver):
@@ -676,6 +729,62 @@ async def enabled_hosts(client: EtcdClient, keys: Keys) -> AsyncIterator[list[st
             yield enabled
 
 
+async def maintenance_marks(client: EtcdClient, keys: Keys) -> AsyncIterator[tuple[str, bool]]:
+    """(host, in maintenance) for every keys.maintenance(HOST) written or deleted, as it happens; the
+    hosts of the first listing (and of a listing after a compaction) first."""
+    prefix = keys.maintenance_prefix
+    known: set[str] = set()
+    async for item in watch_prefix(client, prefix):
+        match item:
+            case Snapshot(items):
+                listed = {kv.key.removeprefix(prefix) for kv, _ in items}
+                for host in sorted(known - listed):
+                    yield host, False
+                for host in sorted(listed - known):
+                    yield host, True
+                known = listed
+            case Delete(key):
+                known.discard(key.removeprefix(prefix))
+                yield key.removeprefix(prefix), False
+            case _:
+                known.add(item.key.removeprefix(prefix))
+                yield item.key.removeprefix(prefix), True
+
+
+async def hosts_out(client: EtcdClient, keys: Keys) -> list[HostOut]:
+    """The hosts an earlier leader disabled or marked down and no one enabled since (keys.disabled
+    records, sorted), and whether it quarantined them (keys.quarantined); an unreadable record is
+    logged and left out (that host waits for the operator)."""
+    kvs, _ = await client.get_prefix(keys.disabled_prefix)
+    quarantined, _ = await client.get_prefix(keys.quarantined_prefix)
+    why = {kv.key.removeprefix(keys.quarantined_prefix): _quarantine_reason(kv) for kv in quarantined}
+    out: list[HostOut] = []
+    for kv in kvs:
+        host = kv.key.removeprefix(keys.disabled_prefix)
+        try:
+            value = kv.json()
+        except BadValue as e:
+            log.warning("%s: host %s left to the operator", e, host)
+            continue
+        op = value.get("op") if isinstance(value, dict) else None
+        if op not in (HostOp.DISABLE.value, HostOp.MARK_DOWN.value):
+            log.warning("etcd key %s: op %r is neither disable nor mark-down: host %s left to the operator",
+                        kv.key, op, host)
+            continue
+        out.append(HostOut(host, HostOp(op), why.get(host, "")))
+    return out
+
+
+def _quarantine_reason(kv: KV) -> str:
+    """The reason a quarantine record gives; an unreadable one still quarantines (in doubt, out)."""
+    try:
+        value = kv.json()
+    except BadValue:
+        return "unreadable quarantine record"
+    reason = value.get("reason") if isinstance(value, dict) else None
+    return reason[:500] if isinstance(reason, str) and reason else "quarantine record without a reason"
+
+
 def _entry(line: LogLine) -> tuple[str, str, str, str]:
     return (line.level.value, line.actor, line.text, "log")
 
@@ -692,5 +801,7 @@ __all__ = [
     "Parts",
     "compute_driver",
     "enabled_hosts",
+    "hosts_out",
+    "maintenance_marks",
     "production_parts",
 ]

@@ -13,9 +13,10 @@ Model, in the sim's seconds:
 - Proof methods, tried in the order given: lease-taken (no copy runs and the host released the
   lease), request-force (host renews over storage), exit-attested (host's management plane up;
   waits for sanlock's kill if storage is lost), power (if configured), host-dead.
-- Nova: evacuation needs the source marked down, the VM lease free (released by the manager) and
-  no copy running elsewhere (then it reports where it runs: idempotent); a copy still running on
-  the source at restart is logged as SPLIT BRAIN, the error every scenario checks for.
+- Nova: evacuation needs the source marked down (unless it restarts the VM on its rejoined source),
+  the VM lease free (released by the manager) and no copy running elsewhere (then it reports where
+  it runs: idempotent); a copy still running on the source at restart is logged as SPLIT BRAIN, the
+  error every scenario checks for.
 - A manager failover drops the old manager's pending results (their effects on the world still
   happen) and starts new cores that load the persisted tasks.
 """
@@ -46,25 +47,31 @@ from vmha.core.recovery import (
     AgentStopped,
     Alert,
     CancelProof,
+    CheckRejoin,
     DisableHost,
     DropProof,
+    EnableHost,
     Evacuate,
     HostEnabled,
     HostOp,
     HostOpDone,
     HostOpFailed,
+    HostOut,
     Inventory,
     LiveMigrate,
+    Maintenance,
     MarkHostDown,
     PersistTask,
     ProofObtained,
     ProofRefused,
     Prove,
+    QuarantineHost,
     RecordEvidence,
     RecoveryAction,
     RecoveryCore,
     RecoveryEvent,
     RecoverySettings,
+    RejoinChecked,
     ReleaseProof,
     StepDone,
     StepFailed,
@@ -107,6 +114,7 @@ class SimTimings:
     mark_down: float = 0.2
     disable: float = 0.2
     release: float = 0.1
+    rejoin_check: float = 2.0  # a lockspace renewal seen on the shared storage, the leases' owners read
 
 
 @dataclass(slots=True)
@@ -119,6 +127,8 @@ class SimHost:
     forced_down: bool = False
     agent: bool = True  # the agent runs (heartbeats, attestations)
     agent_stopped: float | None = None  # when the agent marked its host record (a clean stop)
+    maintenance: bool = False  # keys.maintenance(host) present
+    quarantined: str = ""  # keys.quarantined(host): why
     renew_lost_at: float | None = None  # sanlock renewals stopped (storage lost or power off)
     seq: dict[Plane, int] = field(default_factory=dict)
     sent: dict[Plane, float] = field(default_factory=dict)
@@ -424,6 +434,14 @@ class Sim:
                     self._health(LeaseGone(h.name, plane, self._revision))
         self._recover(TasksLoaded(tasks))
         for h in self.hosts.values():
+            # What the old leader did to a host and no one undid (the keys.disabled records).
+            if h.forced_down:
+                self._recover(HostOut(h.name, HostOp.MARK_DOWN, h.quarantined))
+            elif h.disabled:
+                self._recover(HostOut(h.name, HostOp.DISABLE, h.quarantined))
+        for h in self.hosts.values():
+            if h.maintenance:
+                self._recover(Maintenance(h.name, True))
             if h.agent_stopped is not None:
                 self._recover(AgentStopped(h.name, h.agent_stopped))
         self._recover(self._inventory())
@@ -433,8 +451,14 @@ class Sim:
         service, clear forced_down; the manager sees keys.disabled(HOST) deleted)."""
         h = self.hosts[host]
         h.disabled = h.forced_down = False
+        h.quarantined = ""
         self._recover(HostEnabled(host))
         self._inventory_soon()
+
+    def maintenance(self, host: str, on: bool) -> None:
+        """`vmha host maintenance HOST on|off` (keys.maintenance(HOST) written / deleted)."""
+        self.hosts[host].maintenance = on
+        self._recover(Maintenance(host, on))
 
     def fail_next(self, kind: str, name: str, count: int, retryable: bool = True) -> None:
         self.failures.setdefault((kind, name), []).extend([retryable] * count)
@@ -474,6 +498,12 @@ class Sim:
                 self.log(level, "alert", text)
             case DisableHost(host, _):
                 self.at(self.now + self.st.disable, _WORLD, lambda: self._disable(host, epoch))
+            case EnableHost(host, _):
+                self.at(self.now + self.st.disable, _WORLD, lambda: self._enable_done(host, epoch))
+            case QuarantineHost(host, reason):
+                self.hosts[host].quarantined = reason
+            case CheckRejoin(host, vms):
+                self.at(self.now + self.st.rejoin_check, _WORLD, lambda: self._check_rejoin(host, vms, epoch))
             case MarkHostDown(host):
                 self.at(self.now + self.st.mark_down, _WORLD, lambda: self._mark_down(host, epoch))
             case Prove():
@@ -499,6 +529,25 @@ class Sim:
         self.hosts[host].disabled = True
         self._deliver(HostOpDone(host, HostOp.DISABLE), epoch)
         self._inventory_soon()
+
+    def _enable_done(self, host: str, epoch: int) -> None:
+        h = self.hosts[host]
+        h.disabled = h.forced_down = False
+        self._deliver(HostOpDone(host, HostOp.ENABLE), epoch)
+        self._inventory_soon()
+
+    def _check_rejoin(self, host: str, vms: tuple[str, ...], epoch: int) -> None:
+        """The runtime's rejoin check: the host renews its lockspace and holds no lease of a VM that
+        runs elsewhere (a stray copy)."""
+        h = self.hosts[host]
+        stray = [v for v in vms if self.vms[v].lease_holder == host and self.vms[v].host != host]
+        if not h.powered or h.renew_lost_at is not None:
+            ev = RejoinChecked(host, False, "its lockspace is not renewed")
+        elif stray:
+            ev = RejoinChecked(host, False, f"it holds the lease of {', '.join(stray)}, which run elsewhere")
+        else:
+            ev = RejoinChecked(host, True, "lockspace renewed, holds none of the leases of " + (", ".join(vms) or "-"))
+        self._deliver(ev, epoch)
 
     def _mark_down(self, host: str, epoch: int) -> None:
         failure = self._scripted_failure("mark-down", host)
@@ -608,7 +657,9 @@ class Sim:
         elif elsewhere:
             self.log(Level.INFO, WORLD, f"evacuate vm '{e.vm}': already running on '{elsewhere[0]}'")
             self._deliver(StepDone(e.vm, Step.EVACUATE, elsewhere[0], "already there"), epoch)
-        elif not src.forced_down:
+        elif not src.forced_down and e.dest != e.source:
+            # A restart on the rejoined source itself needs no evacuation from a downed host (the lab
+            # driver starts a copy there; it refuses while a copy still runs).
             self._deliver(StepFailed(e.vm, Step.EVACUATE, "source compute service in use", True), epoch)
         elif vm.lease_holder is not None:
             self._deliver(StepFailed(e.vm, Step.EVACUATE, f"lease held by {vm.lease_holder}", True), epoch)

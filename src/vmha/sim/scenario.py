@@ -9,6 +9,7 @@ Commands:
   cut HOST PLANE|all             restore HOST PLANE|all
   power-off HOST                 power-on HOST
   enable HOST                    (`vmha host enable HOST`: the operator re-enables a repaired host)
+  maintenance HOST on|off        (`vmha host maintenance HOST on|off`: drain it, or return it)
   agent-stop HOST    agent-kill HOST    agent-start HOST   (the host's agent: clean stop, crash, start)
   fabric PLANE down|up [DOMAIN]  (a plane lost for every host, or the hosts of one domain)
   etcd-leader-change             (no writes for sim.election s, then leases extended TTL + 1 s)
@@ -99,6 +100,8 @@ def _apply(sim: Sim, cmd: Command) -> None:
             sim.power_on(host)
         case ("enable", host):
             sim.enable(host)
+        case ("maintenance", host, state) if state in ("on", "off"):
+            sim.maintenance(host, state == "on")
         case ("agent-stop", host):
             sim.agent_stop(host)
         case ("agent-kill", host):
@@ -125,8 +128,9 @@ def _apply(sim: Sim, cmd: Command) -> None:
 def _check_names(sim: Sim, cmd: Command) -> None:
     names = set(sim.hosts) | set(sim.vms)
     w = cmd.words
-    if w[0] in ("cut", "restore", "power-off", "power-on", "enable", "agent-stop", "agent-kill", "agent-start",
-                "fail-evacuate", "fail-migrate", "fail-proof", "fail-mark-down") and len(w) > 1 and w[1] not in names:
+    if w[0] in ("cut", "restore", "power-off", "power-on", "enable", "maintenance", "agent-stop", "agent-kill",
+                "agent-start", "fail-evacuate", "fail-migrate", "fail-proof", "fail-mark-down") \
+            and len(w) > 1 and w[1] not in names:
         raise ScenarioError(f"{cmd.where}: unknown host or vm {w[1]!r}")
 
 
