@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -110,10 +112,44 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
+# Bounds of any value vmha reads: its largest (an evidence record) is a few KiB, 4 levels deep.
+MAX_VALUE_BYTES = 256 * 1024
+MAX_DEPTH = 16
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _too_deep(raw: bytes) -> bool:
+    # Counted before parsing: json.loads recurses, and a deep enough value exhausts the stack.
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub(b"", raw)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
+def _finite(text: str) -> float:
+    f = float(text)
+    if not math.isfinite(f):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return f
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number vmha writes")
+
+
 def decode_json(key: str, raw: bytes) -> Any:
+    """The value as JSON; BadValue if it is not, or is larger, deeper or less finite than any value
+    vmha writes (a value that crashed the parser or a reader must never get that far)."""
+    if len(raw) > MAX_VALUE_BYTES:
+        raise BadValue(key, f"{len(raw)} bytes, more than {MAX_VALUE_BYTES}")
+    if _too_deep(raw):
+        raise BadValue(key, f"nested more than {MAX_DEPTH} levels deep")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise BadValue(key, f"not JSON: {e}; raw={raw[:80]!r}") from None
 
 
@@ -384,6 +420,11 @@ class EtcdClient:
         if self._keepalive is not None:
             self._keepalive[1].cancel()
             self._keepalive = None
+
+    async def time_to_live(self, lease_id: int, timeout: float | None = None) -> int:
+        """The lease's remaining TTL in seconds; <= 0 once etcd has dropped it (expired or revoked)."""
+        r = await self.call(lambda c: c.get_lease_info(lease_id, keys=False), timeout)
+        return int(r.TTL)
 
     async def revoke(self, lease_id: int, timeout: float | None = None) -> None:
         """Revoke the lease (its keys are deleted at once). A lease already gone is not an error."""
