@@ -96,7 +96,9 @@ class LocksConfig(_Strict):
 class ManagerConfig(_Strict):
     name: Name
     endpoints: list[str] = Field(min_length=1)  # etcd, through the management plane
-    driver: Literal["lab", "nova"] = "lab"
+    # The compute driver (manager/daemon.py DRIVERS): no default, a production manager must not
+    # drive the lab because a line was left out.
+    driver: Literal["nova", "lab"]
     election_ttl: int = Field(2, ge=2, le=60)
     max_parallel: int = Field(8, ge=1)
     max_per_host: int = Field(4, ge=1, description="recoveries running towards one destination host")

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -30,6 +30,10 @@ from vmha.etcd.records import Event, EventLog, RecordStore
 from vmha.etcd.tasks import TaskStore
 
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from vmha.manager.daemon import Parts
+
+    PartsFactory = Callable[[config.Config, EtcdClient], Awaitable[Parts]]
 
 _config_option = click.option(
     "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="vmha config file"
@@ -58,14 +62,11 @@ def _with_etcd(config_path: str, body: Callable[[config.Config, EtcdClient, Keys
 # -- vmha manager -----------------------------------------------------------------------------------
 
 
-@click.command("manager")
-@_config_option
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def manager(config_path: str, verbose: bool) -> None:
-    """Run the HA manager: campaign for leadership; as leader detect, decide and recover."""
-    from vmha.manager.daemon import Manager
+def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool = False) -> None:
+    """Run a manager with these parts (default: production_parts) until SIGTERM or SIGINT. The lab's
+    and the tests' entry points call it with parts of their own."""
+    from vmha.manager.daemon import Manager, production_parts
 
-    cfg = config.load(config_path)
     cfg.require_manager()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -73,14 +74,22 @@ def manager(config_path: str, verbose: bool) -> None:
         stream=sys.stderr,
     )
 
-    async def serve() -> None:
+    async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Manager(cfg).run(stop)
+        await Manager(cfg, parts=parts or production_parts).run(stop)
 
-    asyncio.run(serve())
+    asyncio.run(run())
+
+
+@click.command("manager")
+@_config_option
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def manager(config_path: str, verbose: bool) -> None:
+    """Run the HA manager: campaign for leadership; as leader detect, decide and recover."""
+    serve(config.load(config_path), verbose=verbose)
 
 
 # -- vmha events ------------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ endpoints = ["http://198.18.128.1:2379"]
 [manager]
 name = "m1"
 endpoints = ["http://198.18.0.1:2379"]
+driver = "nova"
 power_fence = true
 
 [power.h1]

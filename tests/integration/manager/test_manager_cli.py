@@ -1,7 +1,7 @@
 """`vmha policy show`, `vmha recovery show`, `vmha events`, `vmha host enable` against a real etcd.
 
-`host enable` calls the compute driver: here the recording double (recording_parts.py, through the
-test-only VMHA_MANAGER_TEST_PARTS), since what is tested is the cleanliness check, not compute.
+`host enable` calls the compute driver: here the recording double (recording_parts.py, put in place
+of the configured driver), since what is tested is the cleanliness check, not compute.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from vmha.etcd.election import Election, Leadership
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import TaskStore
+from vmha.manager import daemon
 from vmha.testing.etcd import EtcdProcess
 
 pytestmark = pytest.mark.integration
@@ -52,6 +53,7 @@ def cfg_path(etcd: EtcdProcess, tmp_path: Path) -> Path:
         config_text(url, f"""[manager]
 name = "mgr-cli"
 endpoints = ["{url}"]
+driver = "lab"
 [policy]
 management = "alert"
 """)
@@ -138,11 +140,13 @@ async def _health(client: EtcdClient, host: str, down: Plane | None = None) -> N
 
 @pytest.fixture
 def recording(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The recording driver double for the commands: HA VM vm7 on host h1."""
-    monkeypatch.setenv("VMHA_MANAGER_TEST_PARTS", "recording_parts:parts")
+    """The recording driver double for the commands (in this process): HA VM vm7 on host h1."""
     monkeypatch.setenv("VMHA_TEST_DIR", str(tmp_path))
     monkeypatch.syspath_prepend(str(HERE))
     sys.modules.pop("recording_parts", None)  # read VMHA_TEST_DIR afresh
+    import recording_parts
+
+    monkeypatch.setattr(daemon, "compute_driver", lambda cfg, client: recording_parts.RecordingDriver())
     (tmp_path / "state.json").write_text(json.dumps({"hosts": ["h1"], "placement": {"vm7": "h1"}, "restarts": {}}))
     return tmp_path
 
