@@ -55,12 +55,14 @@ class TaskStore:
         self.client = client
         self.keys = keys
         self._revs: dict[str, int] = {}  # vm -> mod_revision of tasks/<vm> as last read or written
+        self.unreadable: list[str] = []  # keys the last load() refused (whose task it is, nobody knows)
 
     async def load(self) -> list[Task]:
         """Every readable task, sorted by VM. Remembers each key's revision, also of broken values,
         so that a new task for such a VM overwrites the broken one instead of failing its CAS."""
         kvs, _ = await self.client.get_prefix(self.keys.tasks_prefix)
         self._revs = {}
+        self.unreadable = []
         tasks: list[Task] = []
         for kv in kvs:
             vm = kv.key[len(self.keys.tasks_prefix) :]
@@ -71,6 +73,7 @@ class TaskStore:
                     raise BadValue(kv.key, f"task is for vm {task.vm!r}, key names {vm!r}")
             except BadValue as e:
                 values.refused(e, kv, f"task of vm {vm} skipped (fix or delete the key)")
+                self.unreadable.append(kv.key)
                 continue
             tasks.append(task)
         return tasks

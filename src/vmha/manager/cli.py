@@ -234,7 +234,10 @@ def host_enable(config_path: str, name: str) -> None:
         not_up = [f"{p.value} {s.value if s else 'unknown'}" for p, s in states.items() if s != PlaneState.UP]
         if not_up:
             raise click.ClickException(f"host '{name}' is not clean: {', '.join(not_up)}; repair it first")
-        running = [t for t in await TaskStore(client, keys).load() if t.source == name and t.state not in TERMINAL]
+        store = TaskStore(client, keys)
+        running = [t for t in await store.load() if t.source == name and t.state not in TERMINAL]
+        if store.unreadable:  # any of them may be a recovery from this host: in doubt, refuse
+            raise click.ClickException(f"unreadable task(s) {', '.join(store.unreadable)}: fix or delete them first")
         if running:
             vms = ", ".join(f"{t.vm} ({t.state.value})" for t in running)
             raise click.ClickException(f"host '{name}' still has recoveries running: {vms}; wait for them")

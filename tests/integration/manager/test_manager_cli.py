@@ -42,6 +42,7 @@ def _task(vm: str, state: str, source: str = "h1", recovery: int = 1) -> dict[st
         "proof": {"vm": vm, "host": source, "method": "host-dead", "started": 100.0, "proved": 101.5,
                   "details": {"host_states": "+0.0s dead"}},
         "running_on": "h2" if state == "done" else None,
+        "dest": "h2",
     }  # fmt: skip
 
 
@@ -179,12 +180,15 @@ async def test_host_enable_checks_the_host_is_clean(
     assert r.exit_code != 0 and "storage down" in r.output
 
     await _health(client, "h1")
-    await TaskStore(client, KEYS).write(lead, {"vm1": _task("vm1", "evacuating")})
+    store = TaskStore(client, KEYS)
+    await store.write(lead, {"vm1": {**_task("vm1", "evacuating"), "dest": None}})  # unreadable: no dest
+    r = await vmha("host", "enable", "h1", "--config", str(cfg_path))
+    assert r.exit_code != 0 and f"unreadable task(s) {KEYS.task('vm1')}" in r.output
+    await store.write(lead, {"vm1": _task("vm1", "evacuating")})
     r = await vmha("host", "enable", "h1", "--config", str(cfg_path))
     assert r.exit_code != 0 and "vm1 (evacuating)" in r.output
     assert not (tmp_path / "calls.jsonl").exists(), "the driver was called although the host is not clean"
 
-    store = TaskStore(client, KEYS)
     await store.load()
     await store.write(lead, {"vm1": _task("vm1", "done")})
     r = await vmha("host", "enable", "h1", "--config", str(cfg_path))
