@@ -11,6 +11,7 @@ from vmha import config
 from vmha.locks.power import FenceAgentPower, PowerFenceError, fence_agents
 
 STUB = """#!/bin/sh
+[ "$1" = "-o" ] && exit 0  # -o metadata: none (its options are not checked)
 cat >> "{log}"
 echo --- >> "{log}"
 case "$(tail -n 2 "{log}" | head -n 1)" in
@@ -73,3 +74,16 @@ def test_config_power_section_feeds_fence_agents() -> None:
                         "power": {"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.5", "lanplus": 1}}})
     agents = fence_agents(cfg.power)
     assert agents["h1"].agent == "fence_ipmilan" and agents["h1"].options == {"ip": "10.0.0.5", "lanplus": "1"}
+
+
+def test_an_option_the_fence_agent_does_not_declare_is_refused() -> None:
+    import shutil
+
+    from vmha.locks.power import agent_options
+
+    if shutil.which("fence_ipmilan") is None:
+        pytest.skip("fence-agents not installed")
+    assert agent_options("fence_ipmilan") is not None and "ip" in agent_options("fence_ipmilan")  # type: ignore[operator]
+    with pytest.raises(PowerFenceError, match="fence_ipmilan has no option passwrod"):
+        fence_agents({"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.1", "passwrod": "x"}})
+    assert fence_agents({"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.1", "password": "x"}})["h1"].options["ip"]

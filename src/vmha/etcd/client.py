@@ -153,11 +153,21 @@ def decode_json(key: str, raw: bytes) -> Any:
         raise BadValue(key, f"not JSON: {e}; raw={raw[:80]!r}") from None
 
 
+def redact_url(url: str) -> str:
+    """The URL with the password of its user part (http://user:secret@host) replaced by ***, for
+    logs, status files and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@" + parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc).geturl()
+
+
 def parse_endpoint(url: str) -> tuple[str, int]:
     """(host, port) of an etcd client URL such as http://198.18.0.1:2379."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
-        raise ValueError(f"{url!r} is not an etcd URL of the form http://HOST:PORT")
+        raise ValueError(f"{redact_url(url)!r} is not an etcd URL of the form http://HOST:PORT")
     host = parts.hostname
     return (f"[{host}]" if ":" in host else host), parts.port
 
@@ -239,8 +249,8 @@ class EtcdClient:
 
     @property
     def endpoint(self) -> str:
-        """The URL currently in use."""
-        return self.urls[self._index]
+        """The URL currently in use (its password redacted: this goes to logs and status files)."""
+        return redact_url(self.urls[self._index])
 
     async def __aenter__(self) -> EtcdClient:
         return self

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from xml.etree import ElementTree
 
 from vmha.locks.space import LockError
 
@@ -42,8 +45,24 @@ _AGENT = re.compile(r"^fence_[a-z0-9_]+$")
 _FORBIDDEN = {"action", "plug"}  # vmha sets the action itself; one host per agent entry
 
 
+@functools.cache
+def agent_options(agent: str) -> frozenset[str] | None:
+    """The option names the fence agent declares (`fence_x -o metadata`); None if it cannot tell
+    (not installed: using it fails later, with that reason)."""
+    try:
+        r = subprocess.run([agent, "-o", "metadata"], capture_output=True, stdin=subprocess.DEVNULL, timeout=30,
+                           check=False,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"})  # fmt: skip
+        root = ElementTree.fromstring(r.stdout)
+    except (OSError, subprocess.TimeoutExpired, ElementTree.ParseError):
+        return None
+    names = frozenset(n for p in root.iter("parameter") if (n := p.get("name")))
+    return names or None
+
+
 def fence_agents(table: Mapping[str, Any], source: str = "config [power]") -> dict[str, FenceAgent]:
-    """Validates a host -> {agent = "fence_ipmilan", <option> = "<value>", ...} table."""
+    """Validates a host -> {agent = "fence_ipmilan", <option> = "<value>", ...} table: an option the
+    agent does not declare (a typo) is refused."""
     out: dict[str, FenceAgent] = {}
     for host, entry in table.items():
         if not isinstance(entry, Mapping) or not isinstance(entry.get("agent"), str):
@@ -56,6 +75,11 @@ def fence_agents(table: Mapping[str, Any], source: str = "config [power]") -> di
         bad = sorted(_FORBIDDEN & set(opts))
         if bad:
             raise PowerFenceError(f"{source}.{host}: remove {', '.join(bad)}: vmha chooses the action")
+        known = agent_options(agent)
+        unknown = sorted(set(opts) - known) if known is not None else []
+        if unknown:
+            raise PowerFenceError(f"{source}.{host}: {agent} has no option {', '.join(unknown)} "
+                                  f"(`{agent} -o metadata` lists its options)")  # fmt: skip
         out[str(host)] = FenceAgent(agent, opts)
     return out
 

@@ -23,7 +23,7 @@ from vmha.core.queue import TERMINAL, Task
 from vmha.core.recovery import AGENT_STOPPED_KEY, RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.etcd import health_store
-from vmha.etcd.client import EtcdClient, EtcdError
+from vmha.etcd.client import EtcdClient, EtcdError, redact_url
 from vmha.etcd.election import leader_name
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import Event, EventLog, RecordStore
@@ -56,7 +56,7 @@ def _with_etcd(config_path: str, body: Callable[[config.Config, EtcdClient, Keys
     try:
         return asyncio.run(run())
     except EtcdError as e:
-        raise click.ClickException(f"etcd: {e} (endpoints {', '.join(_endpoints(cfg))})") from None
+        raise click.ClickException(f"etcd: {e} (endpoints {', '.join(map(redact_url, _endpoints(cfg)))})") from None
 
 
 # -- vmha manager -----------------------------------------------------------------------------------
