@@ -115,6 +115,7 @@ password = "{bmc.password}"
 lanplus = true
 cipher = 3
 """)
+    path.chmod(0o600)  # it holds a password: vmha refuses it readable by others
     cfg = config.load(path)
     assert cfg.require_manager().power_fence
     power = FenceAgentPower(fence_agents(cfg.power))  # as the manager builds it (manager/daemon.py)
