@@ -87,3 +87,13 @@ def test_an_option_the_fence_agent_does_not_declare_is_refused() -> None:
     with pytest.raises(PowerFenceError, match="fence_ipmilan has no option passwrod"):
         fence_agents({"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.1", "passwrod": "x"}})
     assert fence_agents({"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.1", "password": "x"}})["h1"].options["ip"]
+
+
+async def test_the_agents_output_never_carries_the_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stub(tmp_path, monkeypatch)
+    # A careless agent echoing its stdin (the password line) and a terminal escape.
+    agent = tmp_path / "bin" / "fence_vt2stub"
+    agent.write_text('#!/bin/sh\n[ "$1" = "-o" ] && exit 0\ncat; printf "\\033[2Jdone\\n"\n')
+    power = FenceAgentPower(fence_agents({"h1": {"agent": "fence_vt2stub", "ip": "10.0.0.5", "password": "s3cr"}}))
+    _, text = await power._run("h1", "status", 5)
+    assert "password=***" in text and "s3cr" not in text and "\x1b" not in text and "done" in text

@@ -43,6 +43,9 @@ class FenceAgent:
 
 _AGENT = re.compile(r"^fence_[a-z0-9_]+$")
 _FORBIDDEN = {"action", "plug"}  # vmha sets the action itself; one host per agent entry
+_SECRETS = {"password", "passwd"}
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_MAX_OUTPUT = 2000
 
 
 @functools.cache
@@ -120,10 +123,19 @@ class FenceAgentPower:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        rc, text = await proc.wait(), out.decode(errors="replace").strip()
+        rc, text = await proc.wait(), self._scrub(spec, out.decode(errors="replace").strip())
         if rc not in ok:
             raise PowerFenceError(f"host {host}: {spec.agent} action={action} failed ({rc}): {text}")
         return rc, text
+
+    @staticmethod
+    def _scrub(spec: FenceAgent, text: str) -> str:
+        """The agent's output as it may go into logs and the proof's evidence: secrets it echoed
+        replaced by ***, control characters dropped, bounded."""
+        for name, value in spec.options.items():
+            if name in _SECRETS and value:
+                text = text.replace(value, "***")
+        return _CONTROL.sub(" ", text)[:_MAX_OUTPUT]
 
     async def power_off(self, host: str, timeout: float) -> str:
         loop = asyncio.get_running_loop()
