@@ -1,8 +1,10 @@
 """vmha's configuration: one TOML file, validated at start-up.
 
 A wrong or missing field stops start-up with ConfigError, whose message names the file, the field
-and the reason. Every daemon and command reads the same file; sections a process does not use may
-be left out (an agent needs [host], a manager needs [manager]).
+and the reason (`vmha config check FILE` prints every error). Every daemon and command reads the same
+file; sections a process does not use may be left out (an agent needs [host], a manager needs
+[manager]). Numbers are finite and bounded, fields that depend on each other are checked together,
+and a file holding secrets (passwords) must not be readable by group or others.
 """
 
 from __future__ import annotations
@@ -12,14 +14,32 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vmha.core.health import HealthTimings
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyError, PolicyTable
 from vmha.core.recovery import RecoverySettings
+from vmha.etcd.client import parse_endpoint
 
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+def _etcd_url(url: str) -> str:
+    parse_endpoint(url)  # ValueError naming the URL (its password redacted)
+    return url
+
+
+EtcdUrl = Annotated[str, AfterValidator(_etcd_url)]
+Endpoints = Annotated[list[EtcdUrl], Field(min_length=1, max_length=16)]
+
+
+# fence-agents' option names (see `fence_ipmilan -o metadata`): lowercase words joined by _.
+PowerOption = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_USERINFO = re.compile(r"^[a-z]+://[^/@]*:[^/@]*@")  # scheme://user:password@
+_URL_PASSWORD = re.compile(r"(://[^/@\s:'\"]*:)[^/@\s]*@")
+_SECRET_OPTIONS = frozenset({"password", "passwd"})  # fence-agents' password options (the _script ones are paths)
 
 
 class ConfigError(Exception):
@@ -27,7 +47,8 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: TOML's inf and nan are no timing vmha can honour.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClusterConfig(_Strict):
@@ -41,15 +62,7 @@ class HostConfig(_Strict):
 
 class PlaneEndpoints(_Strict):
     # etcd client URLs reachable through this plane only, so a working lease proves the path.
-    endpoints: list[str] = Field(min_length=1)
-
-    @field_validator("endpoints")
-    @classmethod
-    def _urls(cls, v: list[str]) -> list[str]:
-        for url in v:
-            if not (url.startswith("http://") or url.startswith("https://")) or ":" not in url[8:]:
-                raise ValueError(f"{url!r} is not an etcd URL of the form http://HOST:PORT")
-        return v
+    endpoints: Endpoints
 
 
 class PlanesConfig(_Strict):
@@ -65,11 +78,11 @@ class PlanesConfig(_Strict):
 class Timings(_Strict):
     lease_ttl: int = Field(2, ge=2, le=60, description="etcd lease TTL per plane, whole seconds")
     keepalive_interval: float = Field(0.5, gt=0, le=20)
-    suspect_after: float = Field(1.2, gt=0, description="heartbeat unchanged this long: SUSPECT")
-    down_grace: float = Field(0.3, ge=0, description="lease gone this long: DOWN")
-    fabric_window: float = Field(5.0, gt=0, description="losses of one plane this close count together")
+    suspect_after: float = Field(1.2, gt=0, le=120, description="heartbeat unchanged this long: SUSPECT")
+    down_grace: float = Field(0.3, ge=0, le=60, description="lease gone this long: DOWN")
+    fabric_window: float = Field(5.0, gt=0, le=600, description="losses of one plane this close count together")
     fabric_fraction: float = Field(0.5, gt=0, lt=1, description="more than this share lost: fabric")
-    fabric_min_hosts: int = Field(3, ge=2, description="a fabric outage needs at least this many hosts")
+    fabric_min_hosts: int = Field(3, ge=2, le=100_000, description="a fabric outage needs at least this many hosts")
 
     @model_validator(mode="after")
     def _coherent(self) -> Timings:
@@ -89,33 +102,35 @@ class Timings(_Strict):
 class LocksConfig(_Strict):
     # Directory on shared storage (same medium as the VM disks) holding the lockspace and lease files.
     path: Path
-    lockspace: Name = "vmha"
+    lockspace: Annotated[Name, Field(max_length=48)] = "vmha"  # sanlock's names hold 48 bytes
     io_timeout: int = Field(10, ge=1, le=60)
     max_hosts: int = Field(2000, ge=2, le=2000)  # sanlock's host_id range
 
 
 class ManagerConfig(_Strict):
     name: Name
-    endpoints: list[str] = Field(min_length=1)  # etcd, through the management plane
-    driver: Literal["lab", "nova", "libvirt"] = "lab"
+    endpoints: Endpoints  # etcd, through the management plane
+    # The compute driver (manager/daemon.py DRIVERS): no default, a production manager must not
+    # drive the lab because a line was left out.
+    driver: Literal["nova", "libvirt", "lab"]
     election_ttl: int = Field(2, ge=2, le=60)
-    max_parallel: int = Field(8, ge=1)
-    max_per_host: int = Field(4, ge=1, description="recoveries running towards one destination host")
-    retry_base: float = Field(2.0, gt=0)
-    retry_cap: float = Field(60.0, gt=0)
-    max_attempts: int = Field(5, ge=1)
+    max_parallel: int = Field(8, ge=1, le=10_000)
+    max_per_host: int = Field(4, ge=1, le=10_000, description="recoveries running towards one destination host")
+    retry_base: float = Field(2.0, gt=0, le=3600)
+    retry_cap: float = Field(60.0, gt=0, le=86_400)
+    max_attempts: int = Field(5, ge=1, le=1000)
     # A dead host's three leases expire up to ~1 s apart: acting at the first DOWN decides on a
     # partial row (a live-migrate when only service had expired).
-    decide_after: float = Field(1.0, ge=0, description="hold a host's new policy row this long before acting")
+    decide_after: float = Field(1.0, ge=0, le=600, description="hold a host's new policy row this long before acting")
     settle_after: float = Field(
-        5.0, ge=0, description="a host getting better acts on its new row only if it lasts this long"
+        5.0, ge=0, le=3600, description="a host getting better acts on its new row only if it lasts this long"
     )
     recheck_timeout: float = Field(
-        5.0, gt=0, description="host back before a proof: how long the lease-taken recheck may take"
+        5.0, gt=0, le=3600, description="host back before a proof: how long the lease-taken recheck may take"
     )
     power_fence: bool = False  # an out-of-band power fence is configured for every host
     allow_exit_attested: bool = True  # VM disks bypass the host page cache (cache=none / O_DIRECT)
-    host_capacity: int = Field(0, ge=0, description="VMs per host; 0: unlimited")
+    host_capacity: int = Field(0, ge=0, le=100_000, description="VMs per host; 0: unlimited")
     rejoin_after: float = Field(
         60.0, ge=0, le=86400, description="a host vmha took out rejoins once healthy this long; 0: never"
     )
@@ -124,6 +139,12 @@ class ManagerConfig(_Strict):
     )
     quarantine_window: float = Field(3600.0, gt=0, le=7 * 86400, description="seconds")
     on_agent_stop: Literal["drain", "alert"] = "alert"  # a clean agent stop: live-migrate its HA VMs first?
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ManagerConfig:
+        if self.retry_cap < self.retry_base:
+            raise ValueError(f"retry_cap ({self.retry_cap}) must be at least retry_base ({self.retry_base})")
+        return self
 
     def recovery_settings(self) -> RecoverySettings:
         return RecoverySettings(
@@ -148,7 +169,7 @@ class ManagerConfig(_Strict):
 class AgentConfig(_Strict):
     # What the agent does with its HA VMs when it loses management and service but keeps storage.
     isolation_response: Literal["stop", "leave"] = "stop"
-    isolation_after: float = Field(3.0, ge=0)
+    isolation_after: float = Field(3.0, ge=0, le=600)
 
 
 class NovaConfig(_Strict):
@@ -195,7 +216,40 @@ class Config(_Strict):
     nova: NovaConfig = NovaConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
-    power: dict[str, dict[str, str | int | bool]] = Field(default_factory=dict)
+    power: dict[Name, dict[PowerOption, str | int | bool]] = Field(default_factory=dict)
+
+    @field_validator("power")
+    @classmethod
+    def _power(cls, v: dict[str, dict[str, str | int | bool]]) -> dict[str, dict[str, str | int | bool]]:
+        for host, options in v.items():
+            for name, value in options.items():
+                # Options go to the agent's stdin one "name=value" line each: a newline would add a line.
+                if isinstance(value, str) and _CONTROL.search(value):
+                    raise ValueError(f"[power.{host}] {name}: control characters (newlines) are not allowed")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Config:
+        errors = []
+        t = self.timings
+        if self.locks is not None and t.lease_ttl >= 8 * self.locks.io_timeout:
+            # A cut storage path must show as a storage lease expiry before sanlock's own lockspace
+            # renewal fails (8 x io_timeout) and the host's watchdog acts on its VMs.
+            errors.append(f"timings.lease_ttl ({t.lease_ttl}) must be shorter than 8 x locks.io_timeout "
+                          f"({8 * self.locks.io_timeout} s)")  # fmt: skip
+        if self.agent.isolation_after < t.lease_ttl:
+            # A blip shorter than a lease TTL is invisible to the manager: an agent that stopped its
+            # VMs for it would leave them stopped, with nobody to restart them.
+            errors.append(f"agent.isolation_after ({self.agent.isolation_after}) must be at least "
+                          f"timings.lease_ttl ({t.lease_ttl})")  # fmt: skip
+        if self.manager is not None and self.manager.decide_after < t.keepalive_interval:
+            # A dead host's leases expire up to a keepalive apart: a shorter hold decides on a
+            # partial row (the first plane to expire).
+            errors.append(f"manager.decide_after ({self.manager.decide_after}) must be at least "
+                          f"timings.keepalive_interval ({t.keepalive_interval})")  # fmt: skip
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
     @field_validator("policy")
     @classmethod
@@ -238,9 +292,11 @@ def _format(source: str, err: ValidationError) -> str:
         elif e["type"] == "extra_forbidden":
             msg = "unknown field (misspelt?)"
         got = e.get("input")
-        quiet = e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+        quiet = (e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+                 or any(str(p) in _SECRET_OPTIONS for p in e["loc"]))  # fmt: skip
         suffix = "" if quiet else f" (got {got!r})"
-        lines.append(f"  {field}: {msg}{suffix}")
+        # A password in a URL is no business of the terminal or the log this message goes to.
+        lines.append(_URL_PASSWORD.sub(r"\1***@", f"  {field}: {msg}{suffix}"))
     return "\n".join(lines)
 
 
@@ -251,17 +307,34 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(_format(source, e)) from None
 
 
+def secrets(cfg: Config) -> list[str]:
+    """Where the config holds secrets: passwords in endpoint URLs and in [power.HOST] options."""
+    urls = {f"planes.{p.value}.endpoints": cfg.planes.endpoints(p) for p in PLANES}
+    if cfg.manager is not None:
+        urls["manager.endpoints"] = cfg.manager.endpoints
+    found = [f"{field} (a password in a URL)" for field, us in urls.items() if any(_USERINFO.search(u) for u in us)]
+    found += [f"power.{host}.{name}" for host, options in sorted(cfg.power.items()) for name in sorted(options)
+              if name in _SECRET_OPTIONS]  # fmt: skip
+    return found
+
+
 def load(path: str | Path) -> Config:
     p = Path(path)
     try:
         raw = p.read_bytes()
+        mode = p.stat().st_mode
     except OSError as e:
         raise ConfigError(f"config error: cannot read {p}: {e.strerror}") from None
     try:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config error in {p}: not valid TOML: {e}") from None
-    return parse(data, str(p))
+    cfg = parse(data, str(p))
+    held = secrets(cfg)
+    if held and mode & 0o077:
+        raise ConfigError(f"config error in {p}: it holds secrets ({', '.join(held)}) and is readable by "
+                          f"group or others (mode {mode & 0o777:o}): chmod 600 it")  # fmt: skip
+    return cfg
 
 
 __all__ = ["PLANES", "Config", "ConfigError", "load", "parse"]

@@ -257,3 +257,37 @@ async def test_the_health_view_of_many_hosts_is_written_in_batches(client: EtcdC
     assert (stored["h000"].updated, stored["h149"].updated, stored["h149"].manager) == (5.0, 6.0, "m1")
     with pytest.raises(ValueError):
         await health_store.save_hosts(client, keys, views, 7.0, "m1")
+
+
+async def test_poisoned_values_neither_crash_nor_blind_the_monitor(
+    hosts: dict[str, ProxiedHost], recorder: Recorder, client: EtcdClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12: values an attacker (or a bug) can put in etcd. The monitor refuses each one, names
+    its key, and still detects a host killed meanwhile."""
+    caplog.set_level(logging.WARNING)
+    await until(lambda: all_up(recorder), what="all planes UP")
+    recorder.changes.clear()
+    deep = b'{"domain":"r1","x":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    await client.put(K.host("h3"), deep)  # a registered host's record, overwritten
+    await client.put(K.host("h4"), deep)
+    await client.put(K.heartbeat("h1", Plane.SERVICE), b'{"host":"h1","plane":"service","seq":1e400,"t":1}')
+    await client.put_json(K.task("vm1"), {"vm": "vm1", "steps": ["x"]})
+    # A well-formed heartbeat on a live lease from a host nobody registered: it must not count.
+    lease = await client.grant(10)
+    await client.put_json(K.heartbeat("ghost", Plane.STORAGE), {"host": "ghost", "plane": "storage", "seq": 1,
+                                                                "t": time.time()}, lease=lease)  # fmt: skip
+    # A heartbeat key deleted by hand while its lease lives is no lease expiry.
+    await client.delete(K.heartbeat("h1", Plane.STORAGE))
+    await asyncio.sleep(2.0)
+    assert recorder.plane_changes() == []  # not even SUSPECT
+    assert all_up(recorder)
+    assert sorted(recorder.monitor.view()) == ["h1", "h2", "h3"]  # h3 kept, h4 and ghost never counted
+    for key in (K.host("h3"), K.host("h4"), K.heartbeat("h1", Plane.SERVICE), K.heartbeat("ghost", Plane.STORAGE)):
+        assert f"ALERT etcd key {key}" in caplog.text
+    assert "ALERT host h1 plane storage: heartbeat key deleted while its lease" in caplog.text
+    recorder.changes.clear()
+
+    assert hosts["h2"].proc is not None
+    hosts["h2"].proc.kill()  # the host dies: its leases run out
+    await until(lambda: all(recorder.states()[("h2", p)] == DOWN for p in PLANES), what="h2 DOWN")
+    assert {k for k, v in recorder.states().items() if v != UP} == {("h2", p) for p in PLANES}

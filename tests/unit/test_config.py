@@ -93,3 +93,84 @@ def test_sections_required_by_role() -> None:
         cfg.require_host()
     with pytest.raises(config.ConfigError, match=r"\[manager\] is missing"):
         cfg.require_manager()
+
+
+def manager(**fields: object) -> dict[str, object]:
+    return {**minimal(), "manager": {"name": "m1", "endpoints": ["http://198.18.1.1:2379"], "driver": "nova",
+                                     **fields}}  # fmt: skip
+
+
+def test_numbers_are_finite_and_bounded_and_related_fields_agree() -> None:
+    assert "timings.suspect_after" in error_of({**minimal(), "timings": {"suspect_after": float("inf")}})
+    assert "manager.retry_base" in error_of(manager(retry_base=float("nan")))
+    assert "manager.decide_after" in error_of(manager(decide_after=1e9))
+    assert "retry_cap (1.0) must be at least retry_base (2.0)" in error_of(manager(retry_cap=1.0))
+    err = error_of({**minimal(), "locks": {"path": "/l", "io_timeout": 1}, "timings": {"lease_ttl": 8}})
+    assert "lease_ttl (8) must be shorter than 8 x locks.io_timeout (8 s)" in err
+    assert "isolation_after (1.0) must be at least timings.lease_ttl (2)" in error_of(
+        {**minimal(), "agent": {"isolation_after": 1.0}})
+    assert "decide_after (0.1) must be at least timings.keepalive_interval (0.5)" in error_of(manager(decide_after=0.1))
+
+
+def test_lockspace_fits_sanlock_and_every_endpoint_list_is_checked() -> None:
+    assert "locks.lockspace" in error_of({**minimal(), "locks": {"path": "/l", "lockspace": "x" * 49}})
+    config.parse({**minimal(), "locks": {"path": "/l", "lockspace": "x" * 48}})
+    assert "manager.endpoints.0" in error_of(manager(endpoints=["10.0.0.1:2379"]))
+    err = error_of(manager(endpoints=["http://u:s3cret@[::1:2379"]))
+    assert "manager.endpoints.0" in err and "s3cret" not in err
+
+
+def test_the_driver_is_required_and_a_closed_set() -> None:
+    from typing import get_args
+
+    from vmha.manager.daemon import DRIVERS
+
+    data = manager()
+    del data["manager"]["driver"]  # type: ignore[attr-defined]
+    assert "manager.driver: required field is missing" in error_of(data)
+    assert "manager.driver" in error_of(manager(driver="lab2"))
+    assert set(get_args(config.ManagerConfig.model_fields["driver"].annotation)) == set(DRIVERS)
+
+
+def test_power_options_refuse_control_characters_and_unknown_names() -> None:
+    power = {"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.1", "password": "x\naction=on"}}
+    assert "[power.h1] password: control characters" in error_of({**minimal(), "power": power})
+    assert "power.h1.Bad-Name" in error_of({**minimal(), "power": {"h1": {"agent": "fence_ipmilan", "Bad-Name": 1}}})
+
+
+def test_a_config_with_secrets_must_be_private(tmp_path: Path) -> None:
+    path = tmp_path / "vmha.toml"
+    path.write_text(EXAMPLE.read_text().replace("http://10.0.0.11:2379", "http://vmha:s3cret@10.0.0.11:2379"))
+    path.chmod(0o644)
+    with pytest.raises(config.ConfigError, match=r"holds secrets \(planes.management.endpoints .*chmod 600") as e:
+        config.load(path)
+    assert "s3cret" not in str(e.value)
+    path.chmod(0o600)
+    config.load(path)
+    path.write_text(EXAMPLE.read_text())
+    path.chmod(0o644)
+    config.load(path)  # no secret in it: readable is fine
+
+
+def test_redacted_urls() -> None:
+    from vmha.etcd.client import EtcdClient, redact_url
+
+    assert redact_url("https://vmha:s3cret@10.0.0.1:2379") == "https://vmha:***@10.0.0.1:2379"
+    assert redact_url("http://10.0.0.1:2379") == "http://10.0.0.1:2379"
+    assert EtcdClient(["http://a:b@127.0.0.1:2379"]).endpoint == "http://a:***@127.0.0.1:2379"
+
+
+def test_config_check_names_every_error(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vmha.cli import cli
+
+    path = tmp_path / "bad.toml"
+    path.write_text(EXAMPLE.read_text().replace("max_parallel = 8", "max_parallel = 0\nretry_base = inf")
+                    .replace('lockspace = "vmha"', f'lockspace = "{"x" * 49}"'))  # fmt: skip
+    r = CliRunner().invoke(cli, ["config", "check", str(path)])
+    assert r.exit_code == 1
+    for field in ("manager.max_parallel", "manager.retry_base", "locks.lockspace"):
+        assert field in r.output
+    r = CliRunner().invoke(cli, ["config", "check", str(EXAMPLE)])
+    assert r.exit_code == 0 and "ok" in r.output

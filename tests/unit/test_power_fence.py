@@ -11,6 +11,7 @@ from vmha import config
 from vmha.locks.power import FenceAgentPower, PowerFenceError, fence_agents
 
 STUB = """#!/bin/sh
+[ "$1" = "-o" ] && exit 0  # -o metadata: none (its options are not checked)
 cat >> "{log}"
 echo --- >> "{log}"
 case "$(tail -n 2 "{log}" | head -n 1)" in
@@ -73,3 +74,26 @@ def test_config_power_section_feeds_fence_agents() -> None:
                         "power": {"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.5", "lanplus": 1}}})
     agents = fence_agents(cfg.power)
     assert agents["h1"].agent == "fence_ipmilan" and agents["h1"].options == {"ip": "10.0.0.5", "lanplus": "1"}
+
+
+def test_an_option_the_fence_agent_does_not_declare_is_refused() -> None:
+    import shutil
+
+    from vmha.locks.power import agent_options
+
+    if shutil.which("fence_ipmilan") is None:
+        pytest.skip("fence-agents not installed")
+    assert agent_options("fence_ipmilan") is not None and "ip" in agent_options("fence_ipmilan")  # type: ignore[operator]
+    with pytest.raises(PowerFenceError, match="fence_ipmilan has no option passwrod"):
+        fence_agents({"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.1", "passwrod": "x"}})
+    assert fence_agents({"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.1", "password": "x"}})["h1"].options["ip"]
+
+
+async def test_the_agents_output_never_carries_the_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stub(tmp_path, monkeypatch)
+    # A careless agent echoing its stdin (the password line) and a terminal escape.
+    agent = tmp_path / "bin" / "fence_vt2stub"
+    agent.write_text('#!/bin/sh\n[ "$1" = "-o" ] && exit 0\ncat; printf "\\033[2Jdone\\n"\n')
+    power = FenceAgentPower(fence_agents({"h1": {"agent": "fence_vt2stub", "ip": "10.0.0.5", "password": "s3cr"}}))
+    _, text = await power._run("h1", "status", 5)
+    assert "password=***" in text and "s3cr" not in text and "\x1b" not in text and "done" in text

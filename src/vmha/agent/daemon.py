@@ -31,7 +31,7 @@ from typing import Any
 from vmha.config import Config
 from vmha.core.health import fabric_not_isolation
 from vmha.core.planes import PLANES, Plane
-from vmha.etcd.client import EtcdClient, EtcdError
+from vmha.etcd.client import EtcdClient, EtcdError, redact_url
 from vmha.etcd.heartbeat import PlaneHeartbeat, PlaneReach
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import AGENT_STOPPED, list_hosts, register
@@ -227,7 +227,7 @@ class Agent:
         log.info(
             "agent for host %s (domain %s, cluster %s) starting: %s",
             self.host, self.domain, self.cfg.cluster.name,
-            ", ".join(f"{p.value}={','.join(self.cfg.planes.endpoints(p))}" for p in PLANES),
+            ", ".join(f"{p.value}={','.join(map(redact_url, self.cfg.planes.endpoints(p)))}" for p in PLANES),
         )  # fmt: skip
         tasks = [asyncio.create_task(self._register(), name="register")]
         try:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from vmha.drivers.base import DriverError, HostInfo, VmInfo
-from vmha.etcd.client import EtcdClient, EtcdError
+from vmha.etcd import values
+from vmha.etcd.client import BadValue, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
 from vmha.lab.net import LabError, pid_alive
 from vmha.lab.procs import EXIT_LEASE_REFUSED, VmProcess, vm_processes
@@ -51,7 +52,9 @@ class LabDriver:
         except LabError as e:
             raise DriverError(str(e), retryable=False) from None
 
-    async def _json_prefix(self, prefix: str) -> dict[str, dict[str, Any]]:
+    async def _json_prefix(self, prefix: str, model: type[values.LabHostValue | values.LabVmValue]
+                           ) -> dict[str, dict[str, Any]]:
+        """The records under prefix that `model` accepts (as stored: fields it does not know are kept)."""
         try:
             kvs, _ = await self.client.get_prefix(prefix)
         except EtcdError as e:
@@ -60,10 +63,11 @@ class LabDriver:
         for kv in kvs:
             try:
                 value = kv.json()
-            except EtcdError:
-                continue  # a broken record is skipped; `vmha lab status` shows what is left
-            if isinstance(value, dict):
-                out[kv.key[len(prefix) :]] = value
+                values.parse(model, kv, value)
+            except BadValue as e:
+                values.refused(e, kv)  # skipped; `vmha lab status` shows what is left
+                continue
+            out[kv.key[len(prefix) :]] = value
         return out
 
     async def _put(self, key: str, value: dict[str, Any]) -> None:
@@ -73,12 +77,12 @@ class LabDriver:
             raise DriverError(f"lab driver: etcd: {e}") from None
 
     async def _host_record(self, host: str) -> dict[str, Any]:
-        return (await self._json_prefix(self.keys.lab("hosts", ""))).get(host, {})
+        return (await self._json_prefix(self.keys.lab("hosts", ""), values.LabHostValue)).get(host, {})
 
     # ComputeDriver --------------------------------------------------------------------------------
     async def hosts(self) -> Sequence[HostInfo]:
         state = self.state()
-        records = await self._json_prefix(self.keys.lab("hosts", ""))
+        records = await self._json_prefix(self.keys.lab("hosts", ""), values.LabHostValue)
         out = []
         for name in sorted(state.hosts):
             ns = state.hosts[name]
@@ -90,7 +94,7 @@ class LabDriver:
 
     async def vms(self, host: str | None = None) -> Sequence[VmInfo]:
         state = self.state()
-        placed = await self._json_prefix(self.keys.lab("vms", ""))
+        placed = await self._json_prefix(self.keys.lab("vms", ""), values.LabVmValue)
         running = {(p.vm, p.host) for p in vm_processes(state.prefix) if p.active}
         out = []
         for vm in sorted(placed):
@@ -202,7 +206,8 @@ class LabDriver:
         return [p for p in vm_processes(state.prefix) if p.vm == vm]
 
     async def _place(self, vm: str, host: str) -> None:
-        rec = (await self._json_prefix(self.keys.lab("vms", ""))).get(vm, {"vm": vm, "ha": True, "priority": 0})
+        placed = await self._json_prefix(self.keys.lab("vms", ""), values.LabVmValue)
+        rec = placed.get(vm, {"vm": vm, "ha": True, "priority": 0})
         await self._put(self.keys.lab("vms", vm), {**rec, "host": host})
 
     async def _targets(self, state: LabState, dest: str | None, exclude: set[str]) -> list[str]:

@@ -22,8 +22,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vmha.etcd.client import EtcdClient, EtcdError
+from vmha.etcd import values
+from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
+from vmha.etcd.values import refused
 from vmha.etcd.watch import Delete, Put, Snapshot, watch_prefix
 
 log = logging.getLogger("vmha.etcd.attest")
@@ -62,14 +64,10 @@ class AttestResponse:
                 "evidence": self.evidence, "answered": self.answered}
 
     @classmethod
-    def from_dict(cls, d: Any) -> AttestResponse:
-        if not isinstance(d, dict):
-            raise ValueError("not an object")
-        ev = d.get("evidence") or {}
-        if not isinstance(ev, dict):
-            raise ValueError("evidence is not an object")
-        return cls(str(d["vm"]), str(d["host"]), str(d["nonce"]), bool(d["ok"]), str(d["reason"]),
-                   {str(k): str(v) for k, v in ev.items()}, float(d.get("answered", 0.0)))
+    def parse(cls, kv: KV, value: Any) -> AttestResponse:
+        """A stored answer; BadValue if it is not one (values.AttestResponseValue)."""
+        v = values.parse(values.AttestResponseValue, kv, value)
+        return cls(v.vm, v.host, v.nonce, v.ok, v.reason, dict(v.evidence), v.answered)
 
 
 async def request_attestation(
@@ -94,11 +92,11 @@ async def request_attestation(
                 got = None
             if got is not None:
                 try:
-                    resp = AttestResponse.from_dict(got[0])
-                except (KeyError, ValueError, TypeError) as e:
-                    log.warning("attest %s/%s: skipping unreadable answer %s: %s", host, vm, resp_key, e)
+                    resp = AttestResponse.parse(got[1], got[0])
+                except BadValue as e:
+                    refused(e, got[1], f"answer to the attestation of vm {vm} on {host} skipped")
                 else:
-                    if resp.nonce == nonce:
+                    if (resp.nonce, resp.vm, resp.host) == (nonce, vm, host):
                         return resp
             await asyncio.sleep(poll)
         raise AttestTimeout(f"host {host}: no exit attestation for VM {vm} within {timeout:.1f} s "
@@ -115,15 +113,16 @@ async def serve_attestations(
     """Agent side: answers every attestation request for this host until cancelled."""
     running: dict[str, tuple[str, asyncio.Task[None]]] = {}  # vm -> (nonce, task)
 
-    def start(key: str, value: Any) -> None:
-        vm = key[len(keys.attest_requests_prefix(host)) :]
+    def start(kv: KV, value: Any) -> None:
+        vm = kv.key[len(keys.attest_requests_prefix(host)) :]
         try:
-            nonce, timeout = str(value["nonce"]), float(value["timeout"])
-            if not vm or "/" in vm or value.get("vm") != vm:
-                raise ValueError("key and value name different VMs")
-        except (KeyError, TypeError, ValueError) as e:
-            log.warning("attest %s: skipping unreadable request %s: %s", host, key, e)
+            req = values.parse(values.AttestRequestValue, kv, value)
+            if (req.vm, req.host) != (vm, host):
+                raise BadValue(kv.key, f"the request names vm {req.vm!r} on {req.host!r}")
+        except BadValue as e:
+            refused(e, kv, "attestation request skipped")
             return
+        nonce, timeout = req.nonce, req.timeout
         old = running.get(vm)
         if old is not None:
             if old[0] == nonce:
@@ -140,9 +139,9 @@ async def serve_attestations(
         async for ev in watch_prefix(client, keys.attest_requests_prefix(host)):
             if isinstance(ev, Snapshot):
                 for kv, value in ev.items:
-                    start(kv.key, value)
+                    start(kv, value)
             elif isinstance(ev, Put):
-                start(ev.key, ev.value)
+                start(ev.kv, ev.value)
             elif isinstance(ev, Delete):
                 stop(ev.key)
             for vm in [vm for vm, (_, t) in running.items() if t.done()]:

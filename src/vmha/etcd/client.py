@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -110,18 +112,62 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
+# Bounds of any value vmha reads: its largest (an evidence record) is a few KiB, 4 levels deep.
+MAX_VALUE_BYTES = 256 * 1024
+MAX_DEPTH = 16
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _too_deep(raw: bytes) -> bool:
+    # Counted before parsing: json.loads recurses, and a deep enough value exhausts the stack.
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub(b"", raw)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
+def _finite(text: str) -> float:
+    f = float(text)
+    if not math.isfinite(f):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return f
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number vmha writes")
+
+
 def decode_json(key: str, raw: bytes) -> Any:
+    """The value as JSON; BadValue if it is not, or is larger, deeper or less finite than any value
+    vmha writes (a value that crashed the parser or a reader must never get that far)."""
+    if len(raw) > MAX_VALUE_BYTES:
+        raise BadValue(key, f"{len(raw)} bytes, more than {MAX_VALUE_BYTES}")
+    if _too_deep(raw):
+        raise BadValue(key, f"nested more than {MAX_DEPTH} levels deep")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise BadValue(key, f"not JSON: {e}; raw={raw[:80]!r}") from None
+
+
+def redact_url(url: str) -> str:
+    """The URL with the password of its user part (http://user:secret@host) replaced by ***, for
+    logs, status files and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@" + parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc).geturl()
 
 
 def parse_endpoint(url: str) -> tuple[str, int]:
     """(host, port) of an etcd client URL such as http://198.18.0.1:2379."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
-        raise ValueError(f"{url!r} is not an etcd URL of the form http://HOST:PORT")
+        raise ValueError(f"{redact_url(url)!r} is not an etcd URL of the form http://HOST:PORT")
     host = parts.hostname
     return (f"[{host}]" if ":" in host else host), parts.port
 
@@ -203,8 +249,8 @@ class EtcdClient:
 
     @property
     def endpoint(self) -> str:
-        """The URL currently in use."""
-        return self.urls[self._index]
+        """The URL currently in use (its password redacted: this goes to logs and status files)."""
+        return redact_url(self.urls[self._index])
 
     async def __aenter__(self) -> EtcdClient:
         return self
@@ -384,6 +430,11 @@ class EtcdClient:
         if self._keepalive is not None:
             self._keepalive[1].cancel()
             self._keepalive = None
+
+    async def time_to_live(self, lease_id: int, timeout: float | None = None) -> int:
+        """The lease's remaining TTL in seconds; <= 0 once etcd has dropped it (expired or revoked)."""
+        r = await self.call(lambda c: c.get_lease_info(lease_id, keys=False), timeout)
+        return int(r.TTL)
 
     async def revoke(self, lease_id: int, timeout: float | None = None) -> None:
         """Revoke the lease (its keys are deleted at once). A lease already gone is not an error."""

@@ -38,7 +38,9 @@ import aetcd.exceptions
 import aetcd.rtypes
 from aetcd import transactions as tx
 
-from vmha.etcd.client import KV, EtcdClient, EtcdError, encode_json
+from vmha.etcd import values
+from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError, encode_json
+from vmha.etcd.values import refused
 
 log = logging.getLogger("vmha.manager.election")
 
@@ -116,11 +118,10 @@ def leader_name(kv: KV | None) -> str | None:
     if kv is None:
         return None
     try:
-        value = kv.json()
-    except EtcdError:
+        return values.read(values.LeaderValue, kv).name
+    except BadValue as e:
+        refused(e, kv)
         return None
-    name = value.get("name") if isinstance(value, dict) else None
-    return name if isinstance(name, str) else None
 
 
 class Election:

@@ -17,10 +17,11 @@ from typing import Any
 
 import aetcd
 
-from vmha.core.health import FabricChange, HostHealth
-from vmha.core.planes import Plane
-from vmha.etcd.client import BadValue, EtcdClient, encode_json
+from vmha.core.health import FabricChange, HostHealth, PlaneStatus
+from vmha.etcd import values
+from vmha.etcd.client import KV, BadValue, EtcdClient, encode_json
 from vmha.etcd.keys import Keys
+from vmha.etcd.values import refused
 
 log = logging.getLogger("vmha.etcd.health_store")
 
@@ -78,17 +79,15 @@ async def save_fabric(client: EtcdClient, keys: Keys, change: FabricChange) -> N
         await client.delete(key)
 
 
-def _fabric(key: str, value: Any) -> FabricChange:
-    try:
-        return FabricChange(
-            plane=Plane(value["plane"]),
-            domain=value["domain"],
-            active=bool(value["active"]),
-            hosts=tuple(str(h) for h in value["hosts"]),
-            since=float(value["since"]),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadValue(key, f"not a fabric outage record: {e!r}") from None
+def _fabric(kv: KV) -> FabricChange:
+    v = values.read(values.FabricValue, kv)
+    return FabricChange(plane=v.plane, domain=v.domain, active=v.active, hosts=tuple(v.hosts), since=v.since)
+
+
+def _health(kv: KV) -> StoredHealth:
+    v = values.read(values.HealthValue, kv)
+    planes = {p: PlaneStatus(s.state, s.since, s.evidence) for p, s in v.planes.items()}
+    return StoredHealth(HostHealth(v.host, v.domain, planes), v.updated, v.manager)
 
 
 async def load(client: EtcdClient, keys: Keys) -> HealthView:
@@ -97,19 +96,18 @@ async def load(client: EtcdClient, keys: Keys) -> HealthView:
     kvs, _ = await client.get_prefix(keys.health_prefix)
     for kv in kvs:
         try:
-            value = kv.json()
-            hosts[str(value["host"])] = StoredHealth(
-                HostHealth.from_dict(value), float(value.get("updated", 0.0)), str(value.get("manager", ""))
-            )
-        except (BadValue, KeyError, TypeError, ValueError) as e:
-            log.warning("%s: skipped (%s)", kv.key, e)
+            stored = _health(kv)
+        except BadValue as e:
+            refused(e, kv)
+            continue
+        hosts[stored.health.host] = stored
     fabric: list[FabricChange] = []
     kvs, _ = await client.get_prefix(keys.fabric_prefix)
     for kv in kvs:
         try:
-            fabric.append(_fabric(kv.key, kv.json()))
+            fabric.append(_fabric(kv))
         except BadValue as e:
-            log.warning("%s (skipped)", e)
+            refused(e, kv)
     return HealthView(hosts, fabric)
 
 

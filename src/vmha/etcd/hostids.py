@@ -10,33 +10,44 @@ from __future__ import annotations
 
 import logging
 
+from vmha.etcd import values
 from vmha.etcd.client import KV, BadValue, EtcdClient
 from vmha.etcd.keys import Keys
+from vmha.etcd.values import refused
 
 log = logging.getLogger("vmha.etcd.hostids")
+
+
+MAX_HOST_ID = 2000  # sanlock's host_id range is 1..2000
 
 
 class HostIdError(Exception):
     """No host_id could be allocated."""
 
 
-def _parse(keys: Keys, kv: KV) -> tuple[int, str] | None:
+def _number(keys: Keys, kv: KV) -> int | None:
+    """The n of hostid/<n> as vmha writes it (1..2000, no leading zero); None for any other key."""
     suffix = kv.key[len(keys.host_id_prefix) :]
+    if not suffix.isdigit() or suffix != str(int(suffix)) or not 1 <= int(suffix) <= MAX_HOST_ID:
+        return None
+    return int(suffix)
+
+
+def _parse(keys: Keys, kv: KV) -> tuple[int, str] | None:
     try:
-        value = kv.json()
+        n = _number(keys, kv)
+        if n is None:  # sanlock's host_ids are 1..2000: hostid/0 or hostid/007 is no allocation
+            raise BadValue(kv.key, f"not a host_id key (hostid/<n>, n in 1..{MAX_HOST_ID})")
+        return n, values.read(values.HostIdValue, kv).host
     except BadValue as e:
-        log.warning("skipping %s", e)
+        refused(e, kv)
         return None
-    if not suffix.isdigit() or not isinstance(value, dict) or not isinstance(value.get("host"), str):
-        log.warning('skipping etcd key %s: expected hostid/<n> = {"host": "<name>"}', kv.key)
-        return None
-    return int(suffix), value["host"]
 
 
 async def _scan(client: EtcdClient, keys: Keys) -> tuple[dict[int, str], set[int]]:
     """(host_id -> host for readable keys, every id that has a key): a broken key still blocks its id."""
     kvs, _ = await client.get_prefix(keys.host_id_prefix)
-    taken = {int(s) for kv in kvs if (s := kv.key[len(keys.host_id_prefix) :]).isdigit()}
+    taken = {n for kv in kvs if (n := _number(keys, kv)) is not None}
     return dict(p for kv in kvs if (p := _parse(keys, kv)) is not None), taken
 
 
@@ -46,8 +57,12 @@ async def host_ids(client: EtcdClient, keys: Keys) -> dict[int, str]:
 
 
 async def lookup(client: EtcdClient, keys: Keys, host: str) -> int | None:
-    """The host's host_id, None if it has none."""
+    """The host's host_id, None if it has none. BadValue if several ids name the host: which of
+    them sanlock knows the host by cannot be told from etcd (a forged key, or an allocation race
+    not settled yet), and a decision on the wrong one could fence a live host."""
     ids = sorted(n for n, h in (await host_ids(client, keys)).items() if h == host)
+    if len(ids) > 1:
+        raise BadValue(keys.host_id_prefix, f"host {host} has several host_ids {ids}: refused")
     return ids[0] if ids else None
 
 

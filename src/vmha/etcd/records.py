@@ -14,7 +14,7 @@ Writes are leader-only (election.leader_txn): a deposed leader neither records n
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +22,12 @@ import aetcd
 from aetcd import transactions as tx
 
 from vmha.core.queue import Task
+from vmha.etcd import values
 from vmha.etcd.client import KV, BadValue, EtcdClient, encode_json
 from vmha.etcd.election import Leadership, leader_txn
 from vmha.etcd.keys import Keys
+from vmha.etcd.tasks import parse_task
+from vmha.etcd.values import refused
 from vmha.etcd.watch import Put, Snapshot, watch_prefix
 
 log = logging.getLogger("vmha.manager.records")
@@ -54,26 +57,15 @@ class Event:
             "kind": self.kind,
         }
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Event:
-        return cls(
-            int(d["seq"]),
-            float(d["t"]),
-            str(d["level"]),
-            str(d["actor"]),
-            str(d["text"]),
-            str(d.get("kind", "log")),
-        )
 
 
 def _event(kv: KV, value: Any) -> Event | None:
     try:
-        if not isinstance(value, Mapping):
-            raise TypeError("not a JSON object")
-        return Event.from_dict(value)
-    except (KeyError, TypeError, ValueError) as e:
-        log.warning("event %s skipped: unreadable (%s)", kv.key, e)
+        v = values.parse(values.EventValue, kv, value)
+    except BadValue as e:
+        refused(e, kv)
         return None
+    return Event(v.seq, v.t, v.level, v.actor, v.text, v.kind)
 
 
 class RecordStore:
@@ -87,12 +79,9 @@ class RecordStore:
         out: list[Task] = []
         for kv in kvs:
             try:
-                data = kv.json()
-                if not isinstance(data, Mapping):
-                    raise BadValue(kv.key, "not a JSON object")
-                out.append(Task.from_dict(data))
-            except (BadValue, KeyError, TypeError, ValueError) as e:
-                log.warning("record %s skipped: %s", kv.key, e)
+                out.append(parse_task(kv))
+            except BadValue as e:
+                refused(e, kv)
         return sorted(out, key=lambda t: t.recovery)
 
 
@@ -162,7 +151,7 @@ class EventLog:
             try:
                 ev = _event(kv, kv.json())
             except BadValue as e:
-                log.warning("%s (skipped)", e)
+                refused(e, kv)
                 continue
             if ev is not None:
                 out.append(ev)

@@ -15,8 +15,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmha.etcd import values
 from vmha.etcd.client import KV, BadValue, EtcdClient
 from vmha.etcd.keys import Keys
+from vmha.etcd.values import refused
 
 log = logging.getLogger("vmha.etcd.registry")
 
@@ -32,11 +34,7 @@ class HostRecord:
     domain: str
     fields: dict[str, Any] = field(default_factory=dict)  # the whole stored value
 
-    @property
-    def agent_stopped(self) -> float | None:
-        """When the host's agent was stopped cleanly (unix time); None while it runs (or crashed)."""
-        t = self.fields.get(AGENT_STOPPED)
-        return float(t) if isinstance(t, int | float) and not isinstance(t, bool) else None
+    agent_stopped: float | None = None  # when the agent stopped cleanly (unix time); None while it runs
 
     @property
     def locks_refused(self) -> str | None:
@@ -50,9 +48,10 @@ def parse_host(keys: Keys, kv: KV, value: Any) -> HostRecord:
     host = kv.key[len(keys.hosts_prefix) :]
     if not host or "/" in host:
         raise BadValue(kv.key, "not a host key")
-    if not isinstance(value, dict) or not isinstance(value.get("domain"), str) or not value["domain"]:
-        raise BadValue(kv.key, 'expected {"domain": "<failure domain>", ...}')
-    return HostRecord(host, value["domain"], dict(value))
+    v = values.parse(values.HostValue, kv, value)
+    if v.host is not None and v.host != host:
+        raise BadValue(kv.key, f"the record names host {v.host!r}")
+    return HostRecord(host, v.domain, dict(value), v.agent_stopped)
 
 
 async def register(client: EtcdClient, keys: Keys, host: str, domain: str, **fields: Any) -> HostRecord:
@@ -89,7 +88,7 @@ async def list_hosts(client: EtcdClient, keys: Keys) -> dict[str, HostRecord]:
         try:
             rec = parse_host(keys, kv, kv.json())
         except BadValue as e:
-            log.warning("%s (skipped)", e)
+            refused(e, kv)
             continue
         hosts[rec.host] = rec
     return hosts

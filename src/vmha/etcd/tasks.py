@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from aetcd import transactions as tx
 
 from vmha.core.queue import Task
-from vmha.etcd.client import BadValue, EtcdClient, EtcdError, encode_json
+from vmha.etcd import values
+from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError, encode_json
 from vmha.etcd.election import Leadership, leader_txn
 from vmha.etcd.keys import Keys
 
@@ -32,6 +33,13 @@ log = logging.getLogger("vmha.manager.tasks")
 
 # Operations per transaction: etcd allows 128 compares (one is the leader's) and 128 operations.
 MAX_OPS = 100
+
+
+def parse_task(kv: KV) -> Task:
+    """A stored task (or evidence record), checked by values.TaskValue first: BadValue otherwise."""
+    data = kv.json()
+    values.parse(values.TaskValue, kv, data)
+    return Task.from_dict(data)
 
 
 class StaleTasks(EtcdError):
@@ -47,25 +55,25 @@ class TaskStore:
         self.client = client
         self.keys = keys
         self._revs: dict[str, int] = {}  # vm -> mod_revision of tasks/<vm> as last read or written
+        self.unreadable: list[str] = []  # keys the last load() refused (whose task it is, nobody knows)
 
     async def load(self) -> list[Task]:
         """Every readable task, sorted by VM. Remembers each key's revision, also of broken values,
         so that a new task for such a VM overwrites the broken one instead of failing its CAS."""
         kvs, _ = await self.client.get_prefix(self.keys.tasks_prefix)
         self._revs = {}
+        self.unreadable = []
         tasks: list[Task] = []
         for kv in kvs:
             vm = kv.key[len(self.keys.tasks_prefix) :]
             self._revs[vm] = kv.mod_revision
             try:
-                data = kv.json()
-                if not isinstance(data, Mapping):
-                    raise BadValue(kv.key, f"expected a JSON object, got {type(data).__name__}")
-                task = Task.from_dict(data)
+                task = parse_task(kv)
                 if task.vm != vm:
                     raise BadValue(kv.key, f"task is for vm {task.vm!r}, key names {vm!r}")
-            except (BadValue, KeyError, TypeError, ValueError) as e:
-                log.error("task of vm %s skipped: %s (fix or delete key %s)", vm, e, kv.key)
+            except BadValue as e:
+                values.refused(e, kv, f"task of vm {vm} skipped (fix or delete the key)")
+                self.unreadable.append(kv.key)
                 continue
             tasks.append(task)
         return tasks
@@ -128,4 +136,4 @@ class TaskStore:
         return [vm for vm in vms if now.get(vm, 0) != self.revision(vm)] or vms
 
 
-__all__ = ["MAX_OPS", "StaleTasks", "TaskStore"]
+__all__ = ["MAX_OPS", "StaleTasks", "TaskStore", "parse_task"]

@@ -30,6 +30,7 @@ import aetcd.rtypes
 from aetcd import rpc as _rpc
 
 from vmha.etcd.client import KV, BadValue, Compacted, EtcdClient, EtcdError, EtcdUnavailable
+from vmha.etcd.values import refused
 
 log = logging.getLogger("vmha.etcd.watch")
 
@@ -38,6 +39,7 @@ log = logging.getLogger("vmha.etcd.watch")
 class Snapshot:
     items: list[tuple[KV, Any]]  # (kv, decoded value), sorted by key; broken values left out
     revision: int  # store revision of the listing; events follow from revision + 1
+    broken: tuple[KV, ...] = ()  # the keys left out of items: present, but their value is unreadable
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +62,15 @@ def _decoded(kv: KV) -> tuple[KV, Any] | None:
     try:
         return kv, kv.json()
     except BadValue as e:
-        log.warning("%s (skipped)", e)
+        refused(e, kv)
         return None
 
 
 async def list_prefix(client: EtcdClient, prefix: str) -> Snapshot:
     kvs, revision = await client.get_prefix(prefix)
-    return Snapshot([d for kv in kvs if (d := _decoded(kv)) is not None], revision)
+    decoded = [(kv, _decoded(kv)) for kv in kvs]
+    return Snapshot([d for _, d in decoded if d is not None], revision,
+                    tuple(kv for kv, d in decoded if d is None))  # fmt: skip
 
 
 async def _open(c: aetcd.Client, prefix: bytes, revision: int) -> Any:

@@ -63,8 +63,8 @@ def manager_config(state: LabState, name: str) -> Path:
         "name": name,
         "endpoints": [state.etcd_url(PLANES[0])],
         "driver": "nova" if state.nova else ("libvirt" if state.guests == "qemu" else "lab"),
-        # The lab's power fence (vmha.lab.power) kills every process of a host's namespace; the
-        # managers find the lab through VMHA_LAB_DIR (vmha.manager.daemon), with either driver.
+        # The lab's power fence (vmha.lab.power) kills every process of a host's namespace: the lab
+        # starts its managers through vmha.lab.manager, which injects it, with any driver.
         "power_fence": state.power_fence,
     }
     if state.nova:

@@ -6,12 +6,13 @@ SANLOCK_RUN_DIR (sockets under <lab dir>/run/<manager>) since they share the con
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from vmha.core.planes import PLANES, Plane
 from vmha.lab import novalab
 from vmha.lab.configs import manager_config
-from vmha.lab.hosts import storage, vmha_command
+from vmha.lab.hosts import storage
 from vmha.lab.net import LabError, Node, host_env, pid_alive, spawn
 from vmha.lab.sanlockd import start_sanlock
 from vmha.lab.state import ETCD_PORT, LabState
@@ -73,13 +74,15 @@ def start_managers(state: LabState) -> None:
         if pid_alive(pids.get(role, 0)):
             continue
         cfg = manager_config(state, name)
-        proc = spawn([*node.enter(), *vmha_command("manager", "--config", str(cfg))],
+        # The lab's own entry point: it gives the manager the lab's driver and power fence.
+        proc = spawn([*node.enter(), sys.executable, "-m", "vmha.lab.manager", "--config", str(cfg),
+                      "--lab-dir", str(state.dir)],
                      state.logs / f"{role}.log", env=manager_env(state, name))
         pids[role] = proc.pid
 
 
 def manager_env(state: LabState, manager: str) -> dict[str, str]:
-    """A manager's environment: its own sanlock daemon, and VMHA_LAB_DIR telling the lab driver and
-    power fence where the lab is."""
+    """A manager's environment: its own sanlock daemon, and VMHA_LAB_DIR for the lab commands it may
+    run (its lab parts get the lab's directory from vmha.lab.manager's --lab-dir)."""
     nova = novalab.manager_env(state) if state.nova else {}
     return host_env(VMHA_LAB_DIR=str(state.dir), SANLOCK_RUN_DIR=str(sanlock_run_dir(state, manager)), **nova)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from xml.etree import ElementTree
 
 from vmha.locks.space import LockError
 
@@ -40,10 +43,29 @@ class FenceAgent:
 
 _AGENT = re.compile(r"^fence_[a-z0-9_]+$")
 _FORBIDDEN = {"action", "plug"}  # vmha sets the action itself; one host per agent entry
+_SECRETS = {"password", "passwd"}
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_MAX_OUTPUT = 2000
+
+
+@functools.cache
+def agent_options(agent: str) -> frozenset[str] | None:
+    """The option names the fence agent declares (`fence_x -o metadata`); None if it cannot tell
+    (not installed: using it fails later, with that reason)."""
+    try:
+        r = subprocess.run([agent, "-o", "metadata"], capture_output=True, stdin=subprocess.DEVNULL, timeout=30,
+                           check=False,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"})  # fmt: skip
+        root = ElementTree.fromstring(r.stdout)
+    except (OSError, subprocess.TimeoutExpired, ElementTree.ParseError):
+        return None
+    names = frozenset(n for p in root.iter("parameter") if (n := p.get("name")))
+    return names or None
 
 
 def fence_agents(table: Mapping[str, Any], source: str = "config [power]") -> dict[str, FenceAgent]:
-    """Validates a host -> {agent = "fence_ipmilan", <option> = "<value>", ...} table."""
+    """Validates a host -> {agent = "fence_ipmilan", <option> = "<value>", ...} table: an option the
+    agent does not declare (a typo) is refused."""
     out: dict[str, FenceAgent] = {}
     for host, entry in table.items():
         if not isinstance(entry, Mapping) or not isinstance(entry.get("agent"), str):
@@ -56,6 +78,11 @@ def fence_agents(table: Mapping[str, Any], source: str = "config [power]") -> di
         bad = sorted(_FORBIDDEN & set(opts))
         if bad:
             raise PowerFenceError(f"{source}.{host}: remove {', '.join(bad)}: vmha chooses the action")
+        known = agent_options(agent)
+        unknown = sorted(set(opts) - known) if known is not None else []
+        if unknown:
+            raise PowerFenceError(f"{source}.{host}: {agent} has no option {', '.join(unknown)} "
+                                  f"(`{agent} -o metadata` lists its options)")  # fmt: skip
         out[str(host)] = FenceAgent(agent, opts)
     return out
 
@@ -96,10 +123,19 @@ class FenceAgentPower:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        rc, text = await proc.wait(), out.decode(errors="replace").strip()
+        rc, text = await proc.wait(), self._scrub(spec, out.decode(errors="replace").strip())
         if rc not in ok:
             raise PowerFenceError(f"host {host}: {spec.agent} action={action} failed ({rc}): {text}")
         return rc, text
+
+    @staticmethod
+    def _scrub(spec: FenceAgent, text: str) -> str:
+        """The agent's output as it may go into logs and the proof's evidence: secrets it echoed
+        replaced by ***, control characters dropped, bounded."""
+        for name, value in spec.options.items():
+            if name in _SECRETS and value:
+                text = text.replace(value, "***")
+        return _CONTROL.sub(" ", text)[:_MAX_OUTPUT]
 
     async def power_off(self, host: str, timeout: float) -> str:
         loop = asyncio.get_running_loop()

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -24,13 +24,17 @@ from vmha.core.queue import TERMINAL, Task
 from vmha.core.recovery import AGENT_STOPPED_KEY, MAINTENANCE_KEY, RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.etcd import health_store
-from vmha.etcd.client import EtcdClient, EtcdError
+from vmha.etcd.client import EtcdClient, EtcdError, redact_url
 from vmha.etcd.election import leader_name
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import Event, EventLog, RecordStore
 from vmha.etcd.tasks import TaskStore
 
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from vmha.manager.daemon import Parts
+
+    PartsFactory = Callable[[config.Config, EtcdClient], Awaitable[Parts]]
 
 _config_option = click.option(
     "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="vmha config file"
@@ -53,20 +57,17 @@ def _with_etcd(config_path: str, body: Callable[[config.Config, EtcdClient, Keys
     try:
         return asyncio.run(run())
     except EtcdError as e:
-        raise click.ClickException(f"etcd: {e} (endpoints {', '.join(_endpoints(cfg))})") from None
+        raise click.ClickException(f"etcd: {e} (endpoints {', '.join(map(redact_url, _endpoints(cfg)))})") from None
 
 
 # -- vmha manager -----------------------------------------------------------------------------------
 
 
-@click.command("manager")
-@_config_option
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def manager(config_path: str, verbose: bool) -> None:
-    """Run the HA manager: campaign for leadership; as leader detect, decide and recover."""
-    from vmha.manager.daemon import Manager
+def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool = False) -> None:
+    """Run a manager with these parts (default: production_parts) until SIGTERM or SIGINT. The lab's
+    and the tests' entry points call it with parts of their own."""
+    from vmha.manager.daemon import Manager, production_parts
 
-    cfg = config.load(config_path)
     cfg.require_manager()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -74,14 +75,22 @@ def manager(config_path: str, verbose: bool) -> None:
         stream=sys.stderr,
     )
 
-    async def serve() -> None:
+    async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Manager(cfg).run(stop)
+        await Manager(cfg, parts=parts or production_parts).run(stop)
 
-    asyncio.run(serve())
+    asyncio.run(run())
+
+
+@click.command("manager")
+@_config_option
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def manager(config_path: str, verbose: bool) -> None:
+    """Run the HA manager: campaign for leadership; as leader detect, decide and recover."""
+    serve(config.load(config_path), verbose=verbose)
 
 
 # -- vmha events ------------------------------------------------------------------------------------
@@ -226,7 +235,10 @@ def host_enable(config_path: str, name: str) -> None:
         not_up = [f"{p.value} {s.value if s else 'unknown'}" for p, s in states.items() if s != PlaneState.UP]
         if not_up:
             raise click.ClickException(f"host '{name}' is not clean: {', '.join(not_up)}; repair it first")
-        running = [t for t in await TaskStore(client, keys).load() if t.source == name and t.state not in TERMINAL]
+        store = TaskStore(client, keys)
+        running = [t for t in await store.load() if t.source == name and t.state not in TERMINAL]
+        if store.unreadable:  # any of them may be a recovery from this host: in doubt, refuse
+            raise click.ClickException(f"unreadable task(s) {', '.join(store.unreadable)}: fix or delete them first")
         if running:
             vms = ", ".join(f"{t.vm} ({t.state.value})" for t in running)
             raise click.ClickException(f"host '{name}' still has recoveries running: {vms}; wait for them")

@@ -23,23 +23,21 @@ over from what etcd holds. Losing the leadership (lease lost, keepalives failing
 write refused by the leader check) cancels everything at once and releases the proof leases this
 manager holds (the proofs themselves are persisted in the tasks); the manager campaigns again.
 
-The compute driver is chosen by manager.driver ("lab" or "nova"); the fence proofs come from the
-lock manager's Prover (vmha.locks). Both are built by `production_parts`. TEST ONLY: the env
-variable VMHA_MANAGER_TEST_PARTS="module:function" names a function(config, client) -> Parts that
-replaces them (integration tests use recording doubles to test the queue, not compute or fencing).
+The manager takes its parts (compute driver, fencer) from its caller: `vmha manager` gives it
+`production_parts` (the driver manager.driver names, see DRIVERS, and the lock manager's Prover,
+vmha.locks). The lab (vmha.lab.manager) and the tests start managers through entry points of their
+own that build other parts; nothing in the environment changes what a production manager runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from aetcd import transactions as tx
 
@@ -96,11 +94,13 @@ from vmha.etcd.tasks import StaleTasks, TaskStore
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
 
+if TYPE_CHECKING:
+    from vmha.locks import PowerFence
+
 log = logging.getLogger("vmha.manager")
 
 INVENTORY_INTERVAL = 10.0  # seconds between inventory snapshots (plus one at each DOWN/FABRIC)
 STOP_TIMEOUT = 5.0  # a term's loops and actions get this long to stop once cancelled
-TEST_PARTS_ENV = "VMHA_MANAGER_TEST_PARTS"
 
 T = TypeVar("T")
 
@@ -140,49 +140,44 @@ def proof_timeout(cfg: Config) -> float:
     return 8 * io + 60 + 4 * io + 30
 
 
-def _test_parts(cfg: Config, client: EtcdClient) -> Parts | None:
-    """TEST ONLY: the Parts of the factory VMHA_MANAGER_TEST_PARTS names, if set."""
-    target = os.environ.get(TEST_PARTS_ENV)
-    if not target:
-        return None
-    module, _, attr = target.partition(":")
-    log.warning("TEST ONLY: compute driver and prover from %s", target)
-    parts = getattr(importlib.import_module(module), attr)(cfg, client)
-    assert isinstance(parts, Parts), f"{target} must return a Parts"
-    return parts
-
-
-async def production_parts(cfg: Config, client: EtcdClient) -> Parts:
-    """The driver of manager.driver and the lock manager's Prover (imported on use)."""
-    parts = _test_parts(cfg, client)
-    if parts is not None:
-        return parts
-    fencer, release_all, rejoin_check = await _fencer(cfg, client)
+async def production_parts(cfg: Config, client: EtcdClient, *, power: PowerFence | None = None) -> Parts:
+    """The driver of manager.driver and the lock manager's Prover, powering hosts off with the fence
+    agents of [power.HOST] (or with `power`: the lab passes its own)."""
+    fencer, release_all, rejoin_check = await _fencer(cfg, client, power)
     return Parts(compute_driver(cfg, client), fencer, release_all, rejoin_check)
 
 
-def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
-    """The ComputeDriver of manager.driver (imported on use: the lab's and Nova's code are big)."""
-    parts = _test_parts(cfg, client)
-    if parts is not None:
-        return parts.driver
-    if cfg.require_manager().driver == "libvirt":
-        from vmha.drivers.libvirt import LibvirtDriver
+def _nova(cfg: Config, client: EtcdClient) -> ComputeDriver:
+    from vmha.drivers.nova import NovaDriver
 
-        if cfg.libvirt is None or not cfg.libvirt.hosts:
-            raise ConfigError('manager.driver = "libvirt" needs [libvirt.hosts]: each host\'s libvirtd URI')
-        return LibvirtDriver(client, Keys(cfg.cluster.name), cfg.libvirt.hosts,
-                             migrate_unsafe=cfg.libvirt.migrate_unsafe)
-    if cfg.require_manager().driver == "nova":
-        from vmha.drivers.nova import NovaDriver
+    return NovaDriver(cfg.nova)
 
-        return NovaDriver(cfg.nova)
+
+def _lab(cfg: Config, client: EtcdClient) -> ComputeDriver:
     from vmha.drivers.lab import LabDriver
 
     return LabDriver(client, Keys(cfg.cluster.name))
 
 
-async def _fencer(cfg: Config, client: EtcdClient) -> tuple[
+def _libvirt(cfg: Config, client: EtcdClient) -> ComputeDriver:
+    from vmha.drivers.libvirt import LibvirtDriver
+
+    if cfg.libvirt is None or not cfg.libvirt.hosts:
+        raise ConfigError('manager.driver = "libvirt" needs [libvirt.hosts]: each host\'s libvirtd URI')
+    return LibvirtDriver(client, Keys(cfg.cluster.name), cfg.libvirt.hosts, migrate_unsafe=cfg.libvirt.migrate_unsafe)
+
+
+# manager.driver -> its factory (imported on use: the lab's and Nova's code are big). The keys are
+# the closed set config.ManagerConfig.driver accepts.
+DRIVERS: dict[str, Callable[[Config, EtcdClient], ComputeDriver]] = {"nova": _nova, "libvirt": _libvirt, "lab": _lab}
+
+
+def compute_driver(cfg: Config, client: EtcdClient) -> ComputeDriver:
+    """The ComputeDriver manager.driver names."""
+    return DRIVERS[cfg.require_manager().driver](cfg, client)
+
+
+async def _fencer(cfg: Config, client: EtcdClient, power: PowerFence | None) -> tuple[
         Fencer, Callable[[], Awaitable[None]], Callable[[str, Sequence[str]], Awaitable[str]]]:
     """The lock manager's Prover on this manager's own lock host, its clean-up, and the rejoin check
     on the same lockspace.
@@ -193,23 +188,18 @@ async def _fencer(cfg: Config, client: EtcdClient) -> tuple[
     """
     from vmha.etcd import hostids
     from vmha.etcd.attest import AttestResponse, request_attestation
-    from vmha.locks import FenceAgentPower, LockError, LockSpace, PowerFence, PowerFenceError, Prover, fence_agents
+    from vmha.locks import FenceAgentPower, LockError, LockSpace, PowerFenceError, Prover, fence_agents
 
     locks, m = cfg.require_locks(), cfg.require_manager()
     keys = Keys(cfg.cluster.name)
-    power: PowerFence | None = None
-    if m.power_fence:
+    if not m.power_fence:
+        power = None
+    elif power is None:
         if cfg.power:
             try:
                 power = FenceAgentPower(fence_agents(cfg.power))
             except PowerFenceError as e:
                 raise ConfigError(str(e)) from None
-        elif m.driver == "lab" or "VMHA_LAB_DIR" in os.environ:
-            # LAB ONLY: the lab's fence kills every process of a host's namespace. `vmha lab up` sets
-            # VMHA_LAB_DIR for its managers, whichever compute driver they use (lab or nova).
-            from vmha.lab.power import LabPowerFence
-
-            power = LabPowerFence(who=m.name)
         else:
             raise ConfigError("manager.power_fence = true needs a [power] table: a fence agent per host "
                               '([power.HOST] agent = "fence_ipmilan" or "fence_redfish", and its options)')
@@ -794,8 +784,8 @@ def _reason(e: BaseException) -> str:
 
 
 __all__ = [
+    "DRIVERS",
     "INVENTORY_INTERVAL",
-    "TEST_PARTS_ENV",
     "Fencer",
     "Manager",
     "Parts",

@@ -52,10 +52,11 @@ from vmha.core.health import (
 from vmha.core.log import Level
 from vmha.core.planes import PLANES, Plane
 from vmha.core.recovery import AgentStopped
-from vmha.etcd import health_store
-from vmha.etcd.client import BadValue, EtcdClient, EtcdError
+from vmha.etcd import health_store, values
+from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import parse_host
+from vmha.etcd.values import refused
 from vmha.etcd.watch import Delete, Put, Snapshot, watch_prefix
 
 log = logging.getLogger("vmha.health")
@@ -121,6 +122,8 @@ class HealthMonitor:
         self._agent_stopped: dict[str, float] = {}  # host -> when its agent stopped cleanly
         self._locks_refused: dict[str, str] = {}  # host -> why its agent refuses to protect it
         self._etcd_ok = True
+        self._leases: dict[tuple[str, Plane], int] = {}  # lease of the last heartbeat counted per plane
+        self._checks: set[asyncio.Task[None]] = set()  # lease checks of deleted heartbeat keys
         # Running totals for benchmarks and operators: heartbeat events received, core steps taken
         # (single events and heartbeat batches), writes of the health view to etcd and host records in them.
         self.counters: dict[str, int] = {"heartbeats": 0, "steps": 0, "batches": 0, "health_writes": 0,
@@ -247,7 +250,7 @@ class HealthMonitor:
         try:
             rec = parse_host(self.keys, kv, value)
         except BadValue as e:
-            log.warning("%s (skipped)", e)
+            refused(e, kv, "host record skipped")
             return
         self.step(HostSeen(rec.host, rec.domain))
         self._set_mark(rec.host, rec.agent_stopped)
@@ -285,8 +288,10 @@ class HealthMonitor:
     async def _watch_hosts(self) -> None:
         async for ev in watch_prefix(self.client, self.keys.hosts_prefix, on_error=self._watch_error):
             match ev:
-                case Snapshot(items):
-                    listed = set()
+                case Snapshot(items, _, broken):
+                    # A host whose record became unreadable stays (with its last domain): an
+                    # overwritten record must not make the manager forget a host.
+                    listed = {kv.key for kv in broken}
                     for kv, value in items:
                         listed.add(kv.key)
                         self._host_put(kv.key, value, kv)
@@ -299,20 +304,51 @@ class HealthMonitor:
                 case Delete(key):
                     self._host_delete(key)
 
-    def _heartbeat(self, key: str, value: Any, revision: int, lease: int) -> None:
-        parsed = self.keys.parse_heartbeat(key)
-        if parsed is None:
-            log.warning("etcd key %s: not a heartbeat key (skipped)", key)
-            return
-        host, plane = parsed
+    def _heartbeat(self, kv: KV, value: Any) -> None:
         try:
-            if value["host"] != host or value["plane"] != plane.value:
-                raise ValueError(f"value names {value['host']}/{value['plane']}")
-            seq, sent = int(value["seq"]), float(value["t"])
-        except (KeyError, TypeError, ValueError) as e:
-            log.warning("etcd key %s: unreadable heartbeat %r (%s); skipped", key, value, e)
+            parsed = self.keys.parse_heartbeat(kv.key)
+            if parsed is None:
+                raise BadValue(kv.key, "not a heartbeat key (hb/<host>/<plane>)")
+            host, plane = parsed
+            hb = values.parse(values.HeartbeatValue, kv, value)
+            if (hb.host, hb.plane) != (host, plane):
+                raise BadValue(kv.key, f"the value names {hb.host}/{hb.plane.value}")
+            if not kv.lease:
+                raise BadValue(kv.key, "a heartbeat on no lease (its expiry would never be seen)")
+        except BadValue as e:
+            refused(e, kv, "heartbeat skipped")
             return
-        self._heartbeat_event(Heartbeat(host, plane, seq, sent, revision, lease))
+        if not self.core.has_host(host):
+            # A key anyone may write: an unregistered host must not count (in the fabric guard's
+            # share of hosts, for one). Its agent registers before it beats: the next beat counts.
+            refused(BadValue(kv.key, f"heartbeat of host {host}, which is not registered"), kv, "not counted")
+            return
+        self._leases[(host, plane)] = kv.lease
+        self._heartbeat_event(Heartbeat(host, plane, hb.seq, hb.t, kv.mod_revision, kv.lease))
+
+    async def _heartbeat_deleted(self, host: str, plane: Plane, revision: int) -> None:
+        """A heartbeat key was deleted: a lease expiry (or the agent's revoke) only if etcd says the
+        lease is gone. A key deleted under a live lease is someone else's delete (etcdctl del, an
+        attacker): alert, and wait for the lease itself to go or for the next heartbeat."""
+        lease = self._leases.pop((host, plane), None)
+        alerted = False
+        while lease is not None and (host, plane) not in self._leases:
+            try:
+                ttl = await self.client.time_to_live(lease)
+            except EtcdError as e:
+                log.info("host %s plane %s: heartbeat key deleted; lease %x unknown yet (%s)",
+                         host, plane.value, lease, e)  # fmt: skip
+                await self.client.wait_backoff()
+                continue
+            if ttl <= 0:
+                break
+            if not alerted:
+                alerted = True
+                log.error("ALERT host %s plane %s: heartbeat key deleted while its lease %x lives (%d s "
+                          "left): not a lease expiry; someone deleted it by hand", host, plane.value, lease, ttl)
+            await asyncio.sleep(min(float(ttl), self.core.t.keepalive_interval))
+        if (host, plane) not in self._leases:  # no heartbeat came back meanwhile
+            self.step(LeaseGone(host, plane, revision))
 
     async def _watch_heartbeats(self) -> None:
         await self._hosts_listed.wait()
@@ -324,19 +360,21 @@ class HealthMonitor:
                         parsed = self.keys.parse_heartbeat(kv.key)
                         if parsed is not None:
                             present.add(parsed)
-                        self._heartbeat(kv.key, value, kv.mod_revision, kv.lease)
+                        self._heartbeat(kv, value)
                     # A registered host's missing key is a lease that expired while we were not looking.
                     for host in self.core.hosts():
                         for plane in PLANES:
                             if (host, plane) not in present:
                                 self.step(LeaseGone(host, plane, revision))
                     self.ready.set()
-                case Put(key, value, kv):
-                    self._heartbeat(key, value, kv.mod_revision, kv.lease)
+                case Put(_, value, kv):
+                    self._heartbeat(kv, value)
                 case Delete(key, kv):
                     parsed = self.keys.parse_heartbeat(key)
                     if parsed is not None:
-                        self.step(LeaseGone(parsed[0], parsed[1], kv.mod_revision))
+                        task = asyncio.create_task(self._heartbeat_deleted(*parsed, kv.mod_revision))
+                        self._checks.add(task)
+                        task.add_done_callback(self._checks.discard)
 
     def _watch_error(self, e: EtcdError) -> None:
         self._set_etcd(False)

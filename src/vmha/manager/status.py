@@ -19,7 +19,7 @@ from rich.text import Text
 from vmha import config
 from vmha.core.planes import PLANES, PlaneState
 from vmha.etcd import health_store
-from vmha.etcd.client import EtcdClient, EtcdError
+from vmha.etcd.client import EtcdClient, EtcdError, redact_url
 from vmha.etcd.keys import Keys
 
 COLOURS = {
@@ -120,7 +120,8 @@ def status(config_path: str | None, endpoints: str | None, cluster: str | None, 
     try:
         view = asyncio.run(_load(urls, cluster))
     except (EtcdError, ValueError) as e:
-        raise click.ClickException(f"cannot read the health view from etcd ({', '.join(urls)}): {e}") from None
+        raise click.ClickException(
+            f"cannot read the health view from etcd ({', '.join(map(redact_url, urls))}): {e}") from None
     data = view_data(view, time.time())
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))

@@ -80,6 +80,7 @@ from vmha.core.recovery import (
 )
 from vmha.core.recovery import Tick as RecoveryTick
 from vmha.drivers.base import HostInfo, VmInfo
+from vmha.etcd.values import TaskValue
 
 WORLD = "world"
 SIM = "sim"
@@ -491,9 +492,12 @@ class Sim:
         epoch = self.epoch
         match action:
             case PersistTask(vm, data):
-                self.store[vm] = json.loads(json.dumps(data))  # it must survive JSON, as in etcd
+                # It must survive JSON and the strict model a leader reads it with, as in etcd.
+                self.store[vm] = json.loads(json.dumps(data))
+                TaskValue.model_validate(self.store[vm])
             case RecordEvidence(vm, recovery, data):
                 self.records[(vm, recovery)] = json.loads(json.dumps(data))
+                TaskValue.model_validate(self.records[(vm, recovery)])
             case Alert(level, _, _, text):
                 self.log(level, "alert", text)
             case DisableHost(host, _):

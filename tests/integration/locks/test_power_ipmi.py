@@ -103,6 +103,7 @@ endpoints = ["http://198.18.128.1:2379"]
 [manager]
 name = "m1"
 endpoints = ["http://198.18.0.1:2379"]
+driver = "nova"
 power_fence = true
 
 [power.h1]
@@ -114,6 +115,7 @@ password = "{bmc.password}"
 lanplus = true
 cipher = 3
 """)
+    path.chmod(0o600)  # it holds a password: vmha refuses it readable by others
     cfg = config.load(path)
     assert cfg.require_manager().power_fence
     power = FenceAgentPower(fence_agents(cfg.power))  # as the manager builds it (manager/daemon.py)

@@ -1,7 +1,8 @@
 """TEST ONLY: a recording compute driver and prover for `vmha manager` processes under test.
 
-Loaded by the daemon through VMHA_MANAGER_TEST_PARTS="recording_parts:parts" (with this directory on
-PYTHONPATH). The failover test checks the recovery queue (no task lost, no finished step repeated,
+Run as the tests' manager entry point (`python recording_parts.py CONFIG`: a manager given these
+parts), or imported by the command tests for its driver.
+The failover test checks the recovery queue (no task lost, no finished step repeated,
 no VM restarted twice), not compute or fencing, so both are doubles here:
 - every call is appended to <VMHA_TEST_DIR>/calls.jsonl as {"pid", "call", "vm"/"host", "phase", "t"};
 - the placement of the VMs lives in <VMHA_TEST_DIR>/state.json, shared by both managers under a
@@ -16,15 +17,17 @@ import asyncio
 import fcntl
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmha.config import Config
+from vmha.config import Config, load
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.drivers.base import HostInfo, VmInfo
 from vmha.etcd.client import EtcdClient
+from vmha.manager.cli import serve
 from vmha.manager.daemon import Parts
 
 DIR = Path(os.environ.get("VMHA_TEST_DIR", "."))
@@ -117,5 +120,10 @@ class RecordingFencer:
         record("release", "end", vm=vm)
 
 
-def parts(cfg: Config, client: EtcdClient) -> Parts:
+async def parts(cfg: Config, client: EtcdClient) -> Parts:
     return Parts(RecordingDriver(), RecordingFencer())
+
+
+if __name__ == "__main__":
+    # The tests' manager entry point: `python recording_parts.py CONFIG` runs a manager with these parts.
+    serve(load(sys.argv[1]), parts)

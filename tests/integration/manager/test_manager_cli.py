@@ -1,7 +1,7 @@
 """`vmha policy show`, `vmha recovery show`, `vmha events`, `vmha host enable` against a real etcd.
 
-`host enable` calls the compute driver: here the recording double (recording_parts.py, through the
-test-only VMHA_MANAGER_TEST_PARTS), since what is tested is the cleanliness check, not compute.
+`host enable` calls the compute driver: here the recording double (recording_parts.py, put in place
+of the configured driver), since what is tested is the cleanliness check, not compute.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from vmha.etcd.election import Election, Leadership
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import TaskStore
+from vmha.manager import daemon
 from vmha.testing.etcd import EtcdProcess
 
 pytestmark = pytest.mark.integration
@@ -41,6 +42,7 @@ def _task(vm: str, state: str, source: str = "h1", recovery: int = 1) -> dict[st
         "proof": {"vm": vm, "host": source, "method": "host-dead", "started": 100.0, "proved": 101.5,
                   "details": {"host_states": "+0.0s dead"}},
         "running_on": "h2" if state == "done" else None,
+        "dest": "h2",
     }  # fmt: skip
 
 
@@ -52,6 +54,7 @@ def cfg_path(etcd: EtcdProcess, tmp_path: Path) -> Path:
         config_text(url, f"""[manager]
 name = "mgr-cli"
 endpoints = ["{url}"]
+driver = "lab"
 [policy]
 management = "alert"
 """)
@@ -138,11 +141,13 @@ async def _health(client: EtcdClient, host: str, down: Plane | None = None) -> N
 
 @pytest.fixture
 def recording(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The recording driver double for the commands: HA VM vm7 on host h1."""
-    monkeypatch.setenv("VMHA_MANAGER_TEST_PARTS", "recording_parts:parts")
+    """The recording driver double for the commands (in this process): HA VM vm7 on host h1."""
     monkeypatch.setenv("VMHA_TEST_DIR", str(tmp_path))
     monkeypatch.syspath_prepend(str(HERE))
     sys.modules.pop("recording_parts", None)  # read VMHA_TEST_DIR afresh
+    import recording_parts
+
+    monkeypatch.setattr(daemon, "compute_driver", lambda cfg, client: recording_parts.RecordingDriver())
     (tmp_path / "state.json").write_text(json.dumps({"hosts": ["h1"], "placement": {"vm7": "h1"}, "restarts": {}}))
     return tmp_path
 
@@ -175,12 +180,15 @@ async def test_host_enable_checks_the_host_is_clean(
     assert r.exit_code != 0 and "storage down" in r.output
 
     await _health(client, "h1")
-    await TaskStore(client, KEYS).write(lead, {"vm1": _task("vm1", "evacuating")})
+    store = TaskStore(client, KEYS)
+    await store.write(lead, {"vm1": {**_task("vm1", "evacuating"), "dest": None}})  # unreadable: no dest
+    r = await vmha("host", "enable", "h1", "--config", str(cfg_path))
+    assert r.exit_code != 0 and f"unreadable task(s) {KEYS.task('vm1')}" in r.output
+    await store.write(lead, {"vm1": _task("vm1", "evacuating")})
     r = await vmha("host", "enable", "h1", "--config", str(cfg_path))
     assert r.exit_code != 0 and "vm1 (evacuating)" in r.output
     assert not (tmp_path / "calls.jsonl").exists(), "the driver was called although the host is not clean"
 
-    store = TaskStore(client, KEYS)
     await store.load()
     await store.write(lead, {"vm1": _task("vm1", "done")})
     r = await vmha("host", "enable", "h1", "--config", str(cfg_path))

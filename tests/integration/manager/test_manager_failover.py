@@ -39,7 +39,6 @@ from vmha.testing.wait import until
 pytestmark = pytest.mark.integration
 
 HERE = Path(__file__).parent
-VMHA = Path(sys.executable).parent / "vmha"
 CLUSTER = "vt5"
 KEYS = Keys(CLUSTER)
 HOSTS = ["h1", "h2", "h3", "h4"]
@@ -53,6 +52,7 @@ def write_config(path: Path, name: str, url: str) -> Path:
         config_text(url, f"""[manager]
 name = "{name}"
 endpoints = ["{url}"]
+driver = "lab"  # replaced by the recording double (recording_parts.py)
 election_ttl = 2
 max_parallel = 2
 max_per_host = 1
@@ -68,7 +68,6 @@ class ManagerProcess:
     def __init__(self, name: str, cfg: Path, workdir: Path) -> None:
         env = {
             **os.environ,
-            "VMHA_MANAGER_TEST_PARTS": "recording_parts:parts",
             "VMHA_TEST_DIR": str(workdir),
             "VMHA_TEST_DELAY": str(DELAY),
             "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
@@ -77,7 +76,8 @@ class ManagerProcess:
         self.log = workdir / f"{name}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [str(VMHA), "manager", "--config", str(cfg)], env=env, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, str(HERE / "recording_parts.py"), str(cfg)],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
             )
 
     def stop(self) -> None:
