@@ -4,8 +4,6 @@ sanlock, agents, managers with the default rejoin_after of 60 s; the vr3 prefix)
   manager (nobody runs `vmha host enable`) rejoin_after later, a decision logged with its evidence;
 - storage: the host's VMs are proved dead and restarted elsewhere, the host marked down; repaired, it
   rejoins rejoin_after later, once the manager saw its lockspace renewed on the shared storage;
-- maintenance (`vmha host maintenance HOST on|off`): the host's HA VMs live-migrate away with no
-  downtime, and off returns the host to placement at once;
 - verify finds no split-brain and every VM runs exactly once.
 """
 
@@ -20,12 +18,8 @@ from labcheck import assert_nothing_left, echo
 from vmha.core.recovery import RecoverySettings
 from vmha.lab import cluster, etcdq, scenario
 from vmha.lab.cluster import KEYS, health_view
-from vmha.lab.configs import manager_config
-from vmha.lab.hosts import vmha_command
-from vmha.lab.net import run
 from vmha.lab.report import verify_lab
 from vmha.lab.state import LabState
-from vmha.lab.verify import check_disk, downtime_between
 
 pytestmark = pytest.mark.e2e
 
@@ -109,33 +103,6 @@ def test_fenced_host_rejoins_after_its_lockspace_check(lab: LabState) -> None:
     assert f"host '{host}': rejoined, a destination again" in events
     running = scenario.running_on(lab)
     assert all(len(hs) == 1 for hs in running.values()), running
-
-
-def maintenance(lab: LabState, host: str, state: str) -> None:
-    """`vmha host maintenance HOST on|off`, run on the controller as an operator would."""
-    cmd = vmha_command("host", "maintenance", "--config", str(manager_config(lab, "m1")), host, state)
-    cp = run([*lab.node("controller").enter(), *cmd], check=False, timeout=30)
-    assert cp.returncode == 0, cp.stderr
-
-
-def test_maintenance_drains_with_no_downtime_and_off_returns_the_host(lab: LabState) -> None:
-    host = scenario.busiest_host(lab)
-    vms = sorted(vm for vm, hs in scenario.running_on(lab).items() if host in hs)
-    assert vms, "the busiest host runs no VM"
-    t0 = time.time()
-    maintenance(lab, host, "on")
-    took = wait_for(f"{', '.join(vms)} live-migrated off {host}", lambda: all(
-        len(hs := scenario.running_on(lab).get(vm, [])) == 1 and hs[0] != host for vm in vms), 90)
-    echo(f"maintenance on {host}: {', '.join(vms)} drained in {took:.1f} s")
-    assert disabled(lab, host)
-    maintenance(lab, host, "off")
-    wait_for(f"{host} back in placement", lambda: not disabled(lab, host), 30)
-    for vm in vms:
-        report = check_disk(vm, lab.disk_on_controller(vm).read_text(errors="replace").splitlines())
-        assert downtime_between(report, t0, time.time()) == 0, f"{vm}: downtime while drained"
-    events = events_about(lab, host, t0)
-    assert any(t.startswith(f"host '{host}': maintenance on (by the operator): draining {len(vms)} HA VM(s)")
-               for t in events), events
 
 
 def test_verify_finds_no_split_brain(lab: LabState) -> None:
