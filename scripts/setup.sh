@@ -12,7 +12,7 @@ cd "$here"
 apt_pkgs=(etcd-server etcd-client sanlock python3-sanlock sshfs fuse3 openssh-server openssh-client
           iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev fence-agents ipmitool openipmi
           libvirt-daemon libvirt-daemon-driver-qemu libvirt-sanlock libvirt-clients python3-libvirt
-          qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio)
+          qemu-system-x86 linux-image-cloud-amd64 cpio)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -48,6 +48,6 @@ done
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent passwd libvirt-qemu >/dev/null || useradd --system --gid libvirt-qemu --no-create-home \
   --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
-# The lab's QEMU guest (vmha lab up --guests qemu): kernel + busybox + vmha's disk writer.
+# The lab's QEMU guest (vmha lab up --guests qemu): the cloud kernel and vmha's disk writer as init.
 bash scripts/build-guest.sh
 echo "setup: ready (.venv/bin/vmha)"

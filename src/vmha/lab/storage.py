@@ -124,6 +124,10 @@ class SharedStorage:
                 "ServerAliveCountMax=3",
                 "reconnect",
                 "direct_io",
+                # No cached file sizes: a VM copy taking over reads its disk's last record from the
+                # size it sees, and sshfs's stat cache (20 s) gave a copy a stale end (seq reused).
+                "dir_cache=no",
+                "attr_timeout=0",
                 f"port={SSH_PORT}",
             ]
         )
