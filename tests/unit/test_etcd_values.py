@@ -160,7 +160,7 @@ PARSERS: dict[str, tuple[str, Callable[[KV, Any], object]]] = {
                lambda k, v: health_store._fabric(k)),
     **{m.__name__: (K.lab("x"), lambda k, v, m=m: values.parse(m, k, v))  # type: ignore[misc]
        for m in (values.HeartbeatValue, values.HostIdValue, values.AttestRequestValue, values.LabHostValue,
-                 values.LabVmValue)},
+                 values.LabVmValue, values.LibvirtHostValue, values.LibvirtDomainValue)},
 }
 
 

@@ -34,8 +34,10 @@ from typing import Any, TypeVar
 import libvirt
 
 from vmha.drivers.base import DriverError, HostInfo, VmInfo
-from vmha.etcd.client import EtcdClient, EtcdError
+from vmha.etcd import values
+from vmha.etcd.client import BadValue, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
+from vmha.etcd.values import DOMAIN_XML_MAX, LibvirtDomainValue, LibvirtHostValue
 
 log = logging.getLogger("vmha.drivers.libvirt")
 
@@ -45,8 +47,8 @@ QUERY_TIMEOUT = 3.0  # connecting to a host and listing its domains: a failed ho
 MIGRATE_TIMEOUT = 120.0
 UNREACHABLE_RETRY = 5.0  # a host whose libvirtd did not answer is not asked again for this long
 KEEPALIVE = (1, 3)  # libvirt keepalive: probe every 1 s, a connection with 3 unanswered probes is closed
-MAX_XML = 256 * 1024  # a domain definition larger than this is refused (the inventory lives in etcd)
 T = TypeVar("T")
+M = TypeVar("M", LibvirtDomainValue, LibvirtHostValue)
 
 
 def protection(xml: str) -> int | None:
@@ -156,22 +158,19 @@ class LibvirtDriver:
         return [h for h, doms in (await self._scan()).items() if doms is not None and vm in doms]
 
     # inventory in etcd ------------------------------------------------------------------------------
-    async def _records(self, kind: str) -> dict[str, dict[str, Any]]:
+    async def _records(self, kind: str, model: type[M]) -> dict[str, M]:
+        """The driver's records of one kind that `model` accepts; a refused one is reported and skipped."""
         prefix = self.keys.driver(self.name, kind, "")
         try:
             kvs, _ = await self.client.get_prefix(prefix)
         except EtcdError as e:
             raise DriverError(f"libvirt driver: etcd: {e}") from None
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, M] = {}
         for kv in kvs:
             try:
-                value = kv.json()
-            except EtcdError:
-                value = None
-            if not isinstance(value, dict):
-                log.error("libvirt driver: record %s is not a JSON object: skipped", kv.key)
-                continue
-            out[kv.key[len(prefix):]] = value
+                out[kv.key[len(prefix):]] = values.read(model, kv)
+            except BadValue as e:
+                values.refused(e, kv)
         return out
 
     async def _put(self, kind: str, name: str, value: dict[str, Any]) -> None:
@@ -180,60 +179,60 @@ class LibvirtDriver:
         except EtcdError as e:
             raise DriverError(f"libvirt driver: etcd: {e}") from None
 
-    async def _domain(self, vm: str) -> dict[str, Any]:
-        rec = (await self._records("domains")).get(vm)
-        xml = rec.get("xml") if rec else None
-        if not isinstance(xml, str) or protection(xml) is None:
+    async def _domain(self, vm: str) -> LibvirtDomainValue:
+        rec = (await self._records("domains", LibvirtDomainValue)).get(vm)
+        if rec is None or protection(rec.xml) is None:
             raise DriverError(f"libvirt: no recorded definition of protected domain {vm}", retryable=False)
-        return rec  # type: ignore[return-value]
+        return rec
 
-    async def _place(self, vm: str, host: str, xml: str | None = None) -> None:
-        rec = (await self._records("domains")).get(vm, {})
-        xml = xml or rec.get("xml")
-        if not isinstance(xml, str):
+    async def _place(self, vm: str, host: str, xml: str | None = None,
+                     known: Mapping[str, LibvirtDomainValue] | None = None) -> None:
+        """Records where the VM runs (and its definition, when given), unless recorded so already."""
+        rec = (known if known is not None else await self._records("domains", LibvirtDomainValue)).get(vm)
+        xml = xml or (rec.xml if rec else None)
+        if xml is None:
             return
-        priority = protection(xml)
-        new = {"vm": vm, "host": host, "priority": priority or 0, "xml": xml}
+        new = LibvirtDomainValue(vm=vm, host=host, priority=protection(xml) or 0, xml=xml)
         if new != rec:
-            await self._put("domains", vm, new)
+            await self._put("domains", vm, new.model_dump())
 
     # ComputeDriver ----------------------------------------------------------------------------------
     async def hosts(self) -> Sequence[HostInfo]:
-        flags = await self._records("hosts")
+        flags = await self._records("hosts", LibvirtHostValue)
         scan = await self._scan()
         out = []
         for host in sorted(self.uris):
-            rec = flags.get(host, {})
-            out.append(HostInfo(host, enabled=rec.get("enabled", True) is True, up=scan[host] is not None,
-                                forced_down=rec.get("forced_down", False) is True))
+            rec = flags.get(host, LibvirtHostValue())
+            out.append(HostInfo(host, enabled=rec.enabled, up=scan[host] is not None, forced_down=rec.forced_down))
         return out
 
     async def vms(self, host: str | None = None) -> Sequence[VmInfo]:
         """Protected domains: those seen running now (recorded with their definition), and those
         recorded before on a host that cannot be asked now (a failed host's VMs)."""
-        records = await self._records("domains")
+        records = await self._records("domains", LibvirtDomainValue)
         seen: dict[str, str] = {}
+        xmls: dict[str, str] = {}
         for h, running in (await self._scan()).items():
             for vm, xml in (running or {}).items():
-                if len(xml) > MAX_XML:
+                if len(xml) > DOMAIN_XML_MAX:
                     log.error("libvirt: domain %s on %s: definition of %d bytes refused (max %d)", vm, h,
-                              len(xml), MAX_XML)
+                              len(xml), DOMAIN_XML_MAX)
                     continue
-                seen[vm] = h
-                await self._place(vm, h, xml)
+                seen[vm], xmls[vm] = h, xml
+                await self._place(vm, h, xml, records)
         out = []
         for vm in sorted(set(records) | set(seen)):
-            where = seen.get(vm) or records.get(vm, {}).get("host")
-            if not isinstance(where, str) or (host is not None and where != host):
+            rec = records.get(vm)
+            where = seen.get(vm) or (rec.host if rec else None)
+            if where is None or (host is not None and where != host):
                 continue
-            prio = records.get(vm, {}).get("priority", 0)
-            out.append(VmInfo(vm, where, True, prio if isinstance(prio, int) else 0,
+            out.append(VmInfo(vm, where, True, protection(xmls[vm]) or 0 if vm in xmls else rec.priority if rec else 0,
                               "running" if vm in seen else "unknown"))
         return out
 
     async def _flag(self, host: str, **change: Any) -> None:
-        rec = (await self._records("hosts")).get(host, {})
-        await self._put("hosts", host, {**rec, **change})
+        rec = (await self._records("hosts", LibvirtHostValue)).get(host, LibvirtHostValue())
+        await self._put("hosts", host, rec.model_copy(update=change).model_dump())
 
     async def disable_host(self, host: str, reason: str) -> None:
         await self._flag(host, enabled=False, reason=reason)
@@ -270,7 +269,7 @@ class LibvirtDriver:
         for target in await self._targets(dest, exclude={source}):
             try:
                 conn = await self._conn(target)
-                await self._call(functools.partial(conn.createXML, rec["xml"], 0))
+                await self._call(functools.partial(conn.createXML, rec.xml, 0))
             except (DriverError, libvirt.libvirtError, TimeoutError) as e:
                 errors.append(f"{target}: {_why(e)}")
                 continue

@@ -223,6 +223,27 @@ class LabVmValue(_Value):
     priority: Annotated[int, Field(ge=-(2**31), le=2**31)] = 0
 
 
+class LibvirtHostValue(_Value):
+    """driver/libvirt/hosts/<host> (libvirt driver): the flags libvirt itself has no notion of."""
+
+    enabled: bool = True
+    forced_down: bool = False
+    reason: Text = ""
+
+
+# A domain definition as the libvirt driver records it (well under the decoder's bound on a value).
+DOMAIN_XML_MAX = 128 * 1024
+
+
+class LibvirtDomainValue(_Value):
+    """driver/libvirt/domains/<vm> (libvirt driver): a protected domain's definition and its last host."""
+
+    vm: Name
+    host: Name
+    priority: Annotated[int, Field(ge=0, le=1000)] = 0
+    xml: Annotated[str, Field(min_length=1, max_length=DOMAIN_XML_MAX)]
+
+
 M = TypeVar("M", bound=_Value)
 
 
@@ -273,6 +294,8 @@ __all__ = [
     "LabHostValue",
     "LabVmValue",
     "LeaderValue",
+    "LibvirtDomainValue",
+    "LibvirtHostValue",
     "PlaneStatusValue",
     "ProofValue",
     "StepValue",
