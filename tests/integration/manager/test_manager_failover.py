@@ -1,8 +1,8 @@
-"""Two real `vmha manager` processes on a real etcd; the leader is SIGKILLed mid-queue.
+"""Two real manager processes on a real etcd; the leader is SIGKILLed mid-queue.
 
 Real: etcd, the managers (election, HealthMonitor, RecoveryCore, task store, records), the hosts'
 heartbeats (the agent's PlaneHeartbeat code, run in this process). Test doubles: the compute driver
-and the prover (recording_parts.py, loaded through the test-only VMHA_MANAGER_TEST_PARTS), since
+and the prover (recording_parts.py, whose main runs a Manager given them: the tests' entry point), since
 what is tested is the queue surviving its manager, not compute or fencing.
 """
 
