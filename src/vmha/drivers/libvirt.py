@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import libvirt
+from pydantic import ValidationError
 
 from vmha.drivers.base import DriverError, HostInfo, VmInfo
 from vmha.etcd import values
@@ -218,8 +219,12 @@ class LibvirtDriver:
                     log.error("libvirt: domain %s on %s: definition of %d bytes refused (max %d)", vm, h,
                               len(xml), DOMAIN_XML_MAX)
                     continue
+                try:
+                    await self._place(vm, h, xml, records)
+                except ValidationError as e:  # a name or definition vmha cannot record (a '/', too long)
+                    log.error("libvirt: domain %r on %s: not recorded, skipped: %s", vm, h, e.errors()[0]["msg"])
+                    continue
                 seen[vm], xmls[vm] = h, xml
-                await self._place(vm, h, xml, records)
         out = []
         for vm in sorted(set(records) | set(seen)):
             rec = records.get(vm)
