@@ -331,9 +331,6 @@ class RecoveryQueue:
     def running_to(self, dest: str) -> int:
         return self._running_to.get(dest, 0)
 
-    def inflight_to(self) -> Mapping[str, int]:
-        return self._running_to
-
     def has_slot(self, dest: str) -> bool:
         return self._running < self.limits.max_parallel and self.running_to(dest) < self.limits.max_per_host
 

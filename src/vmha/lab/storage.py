@@ -13,7 +13,6 @@ process of the lab names a lease or disk by one path.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -156,8 +155,3 @@ class SharedStorage:
     @staticmethod
     def is_mounted(node: Node) -> bool:
         return node.anchor > 0 and _mounted(node.anchor, MOUNT_POINT) is not None
-
-    @staticmethod
-    def local_path(node_path: Path, export: Path) -> Path:
-        """The path on the controller's disk of a path under MOUNT_POINT (for readers outside the lab)."""
-        return export / os.path.relpath(node_path, MOUNT_POINT)

@@ -244,9 +244,6 @@ class LockSpace:
         self.check_lease(vm)
         self._call(lambda: sanlock.write_resource(self.bname, vm.encode(), self.disks(vm)))
 
-    def remove_lease(self, vm: str) -> None:
-        self.lease_path(vm).unlink(missing_ok=True)
-
     # --- checks (read storage directly) ---------------------------------------------------------------
     def stored_io_timeout(self) -> int:
         try:
