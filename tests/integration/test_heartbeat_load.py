@@ -9,10 +9,10 @@ import time
 import psutil
 import pytest
 
+from vmha.bench.grpc_raw import CallFailed, RawGrpcConnection, pb_bytes, pb_fields, pb_int, pb_int_field
+from vmha.bench.heartbeat_load import HeartbeatLoad
 from vmha.core.planes import PLANES, Plane
 from vmha.etcd.client import EtcdClient, parse_endpoint
-from vmha.etcd.grpc_raw import CallFailed, RawGrpcConnection, pb_bytes, pb_fields, pb_int, pb_int_field
-from vmha.etcd.heartbeat_load import HeartbeatLoad
 from vmha.etcd.keys import Keys
 from vmha.testing.etcd import EtcdProcess
 

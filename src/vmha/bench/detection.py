@@ -4,7 +4,7 @@ Set-up (all real, on this machine):
 - a real etcd (temporary data dir, 127.0.0.1);
 - the load generator: N simulated hosts in child processes (HeartbeatLoad, one process per 250
   hosts, at nice 10): per (host, plane) its own connection, lease and key, one keepalive and one
-  heartbeat put per keepalive interval, the etcd traffic of N agents (see vmha.etcd.heartbeat_load);
+  heartbeat put per keepalive interval, the etcd traffic of N agents (see vmha.bench.heartbeat_load);
 - the HealthMonitor in this process (separate from the generator, as the manager would be);
 - one real `vmha agent` process (its planes pointed at the same etcd), measured for RSS and CPU.
 
@@ -44,11 +44,11 @@ from typing import Any
 import click
 import psutil
 
+from vmha.bench.heartbeat_load import HeartbeatLoad
 from vmha.config import ConfigError, Timings
 from vmha.core.health import FabricChange, HealthChange
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.etcd.client import EtcdClient, EtcdError
-from vmha.etcd.heartbeat_load import HeartbeatLoad
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import register
 from vmha.manager.detection import HealthMonitor
@@ -114,7 +114,7 @@ def simulator_main() -> None:
     # Its own lateness is counted (beats_late), so a starved generator shows in the output.
     os.nice(NICE)
     logging.basicConfig(level=logging.ERROR, format="simulator %(name)s: %(message)s")
-    logging.getLogger("vmha.etcd.heartbeat_load").setLevel(logging.WARNING)  # rare: reconnects, failed rounds
+    logging.getLogger("vmha.bench.heartbeat_load").setLevel(logging.WARNING)  # rare: reconnects, failed rounds
     asyncio.run(_simulate(json.loads(sys.argv[1])))
 
 

@@ -30,12 +30,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmha.bench.grpc_raw import CallFailed, RawGrpcConnection, pb_bytes, pb_fields, pb_int, pb_int_field
 from vmha.core.planes import Plane
 from vmha.etcd.client import encode_json, parse_endpoint
-from vmha.etcd.grpc_raw import CallFailed, RawGrpcConnection, pb_bytes, pb_fields, pb_int, pb_int_field
 from vmha.etcd.keys import Keys
 
-log = logging.getLogger("vmha.etcd.heartbeat_load")
+log = logging.getLogger("vmha.bench.heartbeat_load")
 
 _GRANT = "/etcdserverpb.Lease/LeaseGrant"
 _REVOKE = "/etcdserverpb.Lease/LeaseRevoke"
