@@ -8,13 +8,13 @@ from vmha.core.health import (
     EtcdStatus,
     FabricChange,
     HealthCore,
+    HealthTick,
     HealthTimings,
     Heartbeat,
     HostGone,
     HostHealth,
     HostSeen,
     LeaseGone,
-    Tick,
     fabric_not_isolation,
 )
 from vmha.core.planes import PLANES, Plane, PlaneState
@@ -75,7 +75,7 @@ class Cluster:
                     self.step(LeaseGone(key[0], key[1], 99), when)
                     del pending[key]
             self.beat_all(t, skip)
-            self.step(Tick(), t)
+            self.step(HealthTick(), t)
             t = round(t + 0.1, 6)
 
 
@@ -117,7 +117,7 @@ def test_flapping_link_never_goes_down_while_the_lease_lives() -> None:
             now = round(t + k * 0.1, 6)
             if k % 5 == 0:
                 c.beat_all(now, {("h1", V)})
-            c.step(Tick(), now)
+            c.step(HealthTick(), now)
         t = round(t + 1.5, 6)
         c.beat("h1", V, t)
     states = {x[3] for x in c.changes if x[1] == "h1"}
@@ -129,9 +129,9 @@ def test_lease_back_within_grace_is_no_down() -> None:
     c = healthy({"h1": "r1"})
     c.step(LeaseGone("h1", M, 5), 1.0)
     assert c.state("h1", M) == PlaneState.SUSPECT
-    c.step(Tick(), 1.3)
+    c.step(HealthTick(), 1.3)
     c.beat("h1", M, 1.4)  # re-granted lease, new value
-    c.step(Tick(), 2.0)
+    c.step(HealthTick(), 2.0)
     assert c.state("h1", M) == PlaneState.UP
     assert [x[3] for x in c.changes if x[2] == "management"] == ["suspect", "up"]
 
@@ -143,10 +143,10 @@ def test_leader_change_freezes_staleness_and_does_not_flap() -> None:
     # by etcd (TTL + 1 s) so no key is deleted.
     c.step(EtcdStatus(False), 0.2)
     for k in range(3, 80):
-        c.step(Tick(), k * 0.1)
+        c.step(HealthTick(), k * 0.1)
     c.step(EtcdStatus(True), 8.0)
     c.beat_all(8.3)
-    c.step(Tick(), 8.4)
+    c.step(HealthTick(), 8.4)
     assert c.changes == []
     assert any("etcd unreachable" in line for line in c.log)
 
@@ -249,7 +249,7 @@ def test_repeated_value_is_no_news() -> None:
         for p in PLANES:
             c.beat("h2", p, t)
     c.step(Heartbeat("h1", M, n, 1000.0, n, 7), 1.0)  # re-delivered after a watch resume
-    c.step(Tick(), 1.3)
+    c.step(HealthTick(), 1.3)
     assert c.state("h1", M) == PlaneState.SUSPECT
 
 
@@ -275,7 +275,7 @@ def test_suspect_exactly_at_the_deadline() -> None:
     c.beat("h1", M, 9.5)
     for t in (9.5, 10.0, 10.5):  # heartbeats still flow: staleness counts
         c.beat("h2", M, t)
-    c.step(Tick(), 10.7)  # 10.7 - 9.5 < 1.2 in floating point
+    c.step(HealthTick(), 10.7)  # 10.7 - 9.5 < 1.2 in floating point
     assert c.state("h1", M) == PlaneState.SUSPECT
 
 
@@ -290,7 +290,7 @@ def test_a_stalled_view_is_no_fabric_outage_and_a_real_loss_still_goes_down() ->
     cut = {("h3", M)}
     t = 5.1
     while t < 8.0:  # the stall: nothing arrives, the ticker still runs
-        c.step(Tick(), t)
+        c.step(HealthTick(), t)
         t = round(t + 0.1, 6)
     c.beat_all(8.0, cut)
     c.step(LeaseGone("h3", M, 99), 8.0)
@@ -329,7 +329,7 @@ def test_the_deadline_index_matches_a_scan_of_every_plane() -> None:
         elif r < 0.72:
             c.step(EtcdStatus(rng.random() < 0.7), t)
         else:
-            c.step(Tick(), t)
+            c.step(HealthTick(), t)
         core = c.core
         scan = [
             d for h in core._hosts.values() for tr in h.planes.values() if (d := core._deadline(tr)) is not None
@@ -340,7 +340,7 @@ def test_the_deadline_index_matches_a_scan_of_every_plane() -> None:
 
 def test_a_stall_ended_by_part_of_the_backlog_makes_nobody_suspect() -> None:
     # The first thing the manager processes after a 2 s stall is a batch holding only half of the
-    # backlog (no Tick ran during the stall); the other half follows 0.3 s later. Counted from the
+    # backlog (no HealthTick ran during the stall); the other half follows 0.3 s later. Counted from the
     # first batch, the other half was "stale" and, with more than half of all hosts, a fabric outage.
     hosts = {f"h{i:02d}": "r1" for i in range(10)}
     c = healthy(hosts)

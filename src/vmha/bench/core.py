@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 import click
 
 from vmha.core.fencing import FenceProof
-from vmha.core.health import HealthCore, HealthEvent, HealthTimings, Heartbeat, HostSeen, LeaseGone
-from vmha.core.health import Tick as HealthTick
+from vmha.core.health import HealthCore, HealthEvent, HealthTick, HealthTimings, Heartbeat, HostSeen, LeaseGone
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
 from vmha.core.queue import Step, TaskState

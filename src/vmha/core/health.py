@@ -89,11 +89,11 @@ class EtcdStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class Tick:
-    pass
+class HealthTick:
+    """Time passed: staleness and grace deadlines that have come are judged."""
 
 
-HealthEvent = HostSeen | HostGone | Heartbeat | LeaseGone | EtcdStatus | Tick
+HealthEvent = HostSeen | HostGone | Heartbeat | LeaseGone | EtcdStatus | HealthTick
 
 
 # Outputs -----------------------------------------------------------------------------------------
@@ -352,7 +352,7 @@ class HealthCore:
                         self._reindex_all()
                     text = "etcd reachable again" if ok else "etcd unreachable: plane verdicts frozen"
                     out.log.append(LogLine(Level.INFO if ok else Level.WARN, now, ACTOR, text))
-            case Tick():
+            case HealthTick():
                 pass
 
     # -- internals --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ keys, and turns them into core events:
     hb/<h>/<p> put       -> Heartbeat(h, p, seq, t, mod_revision, lease)
     hb/<h>/<p> delete    -> LeaseGone(h, p, revision)  (also: key absent from a listing)
     own etcd probe       -> EtcdStatus(ok)             (only when it changes)
-    core.next_deadline() -> Tick()
+    core.next_deadline() -> HealthTick()
 
 Heartbeats are applied in batches (core.step_many, at most batch_window = 50 ms late): one core step
 and one round of output handling per batch instead of per heartbeat (3000 heartbeats/s at 500 hosts).
@@ -40,13 +40,13 @@ from vmha.core.health import (
     HealthCore,
     HealthEvent,
     HealthOutput,
+    HealthTick,
     HealthTimings,
     Heartbeat,
     HostGone,
     HostHealth,
     HostSeen,
     LeaseGone,
-    Tick,
 )
 from vmha.core.log import Level
 from vmha.core.planes import PLANES, Plane
@@ -178,8 +178,8 @@ class HealthMonitor:
         """Feed one event now (heartbeats waiting in the batch go first, to keep the order)."""
         self._flush()
         self.counters["steps"] += 1
-        # Anything but a Tick may bring a deadline closer (a lease gone, a new host, etcd back).
-        self._handle(self.core.step(event, self.clock()), wake=not isinstance(event, Tick))
+        # Anything but a HealthTick may bring a deadline closer (a lease gone, a new host, etcd back).
+        self._handle(self.core.step(event, self.clock()), wake=not isinstance(event, HealthTick))
 
     def _heartbeat_event(self, hb: Heartbeat) -> None:
         # Heartbeats arrive by thousands a second at scale: applied in batches, at most batch_window
@@ -337,12 +337,12 @@ class HealthMonitor:
             deadline = self.core.next_deadline()
             delay = None if deadline is None else max(0.0, deadline - self.clock())
             if delay is not None and deadline == ticked:
-                delay = max(delay, 0.05)  # a deadline a Tick did not clear: never spin on it
+                delay = max(delay, 0.05)  # a deadline a HealthTick did not clear: never spin on it
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
             if deadline is not None and self.clock() >= deadline:
-                self.step(Tick())
+                self.step(HealthTick())
                 ticked = deadline
 
     async def _write(self) -> None:

@@ -32,12 +32,12 @@ from vmha.core.health import (
     EtcdStatus,
     HealthCore,
     HealthEvent,
+    HealthTick,
     HealthTimings,
     Heartbeat,
     HostSeen,
     LeaseGone,
 )
-from vmha.core.health import Tick as HealthTick
 from vmha.core.log import Level, LogLine
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import PolicyTable
