@@ -7,7 +7,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +23,12 @@ from vmha.etcd.registry import register
 from vmha.manager.detection import HealthMonitor
 from vmha.testing.etcd import EtcdProcess
 from vmha.testing.hosts import ProxiedHost, config_text
+from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
 
 K = Keys("t")
 VMHA = str(Path(sys.executable).with_name("vmha"))
-
-
-async def until(pred: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 
@@ -52,7 +45,6 @@ async def test_agent_registers_beats_reports_and_stops_cleanly(
     host: ProxiedHost, client: EtcdClient
 ) -> None:
     proc = await host.start_agent()
-    seqs: dict[Plane, int] = {}
 
     async def values() -> dict[Plane, int]:
         out = {}
@@ -62,18 +54,21 @@ async def test_agent_registers_beats_reports_and_stops_cleanly(
                 out[p] = got[0]["seq"]
         return out
 
-    deadline = time.monotonic() + 15
-    while len(seqs) < 3 and time.monotonic() < deadline:
-        seqs = await values()
-        await asyncio.sleep(0.1)
-    assert len(seqs) == 3, host.log()
-    await asyncio.sleep(1.2)
-    later = await values()
-    assert all(later[p] > seqs[p] for p in PLANES)  # the values keep changing
+    async def all_planes() -> dict[Plane, int] | None:
+        got = await values()
+        return got if len(got) == 3 else None
+
+    seqs = await until(all_planes, "a heartbeat on every plane", interval=0.1)
+
+    async def each_beat_again() -> bool:
+        later = await values()
+        return len(later) == 3 and all(later[p] > seqs[p] for p in PLANES)
+
+    await until(each_beat_again, "every plane's value changing", timeout=5, interval=0.1)
     reg = await client.get_json(K.host("h1"))
     assert reg is not None and reg[0]["domain"] == "r1"
 
-    await until(lambda: (s := host.status()) is not None and not s["unreachable"], what="status file")
+    await until(lambda: (s := host.status()) is not None and not s["unreachable"], "status file")
     out = subprocess.run(
         [VMHA, "agent", "--config", str(host.config_path), "--status-file", str(host.status_path), "--status"],
         capture_output=True, text=True, timeout=30,
@@ -88,16 +83,17 @@ async def test_agent_registers_beats_reports_and_stops_cleanly(
     assert reg is not None and isinstance(reg[0]["agent_stopped"], float), reg
     # Not revoked: the heartbeat keys stay until their leases run out (TTL 2 s).
     assert len(await values()) == 3
-    deadline = time.monotonic() + 6
-    while await values() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert await values() == {}
+
+    async def expired() -> bool:
+        return await values() == {}
+
+    await until(expired, "the heartbeat keys expired", timeout=6, interval=0.1)
 
 
 async def test_agent_restart_clears_its_stop_mark(host: ProxiedHost, client: EtcdClient) -> None:
     """The manager's view of the marks (its HealthMonitor) over a real agent's stop and restart."""
     await host.start_agent()
-    await until(lambda: (s := host.status()) is not None and not s["unreachable"], what="agent beating")
+    await until(lambda: (s := host.status()) is not None and not s["unreachable"], "agent beating")
     monitor = HealthMonitor(client, K, HealthTimings(), persist=False)
     changes = monitor.subscribe()
     run = asyncio.create_task(monitor.run())
@@ -132,34 +128,26 @@ async def test_agent_restart_clears_its_stop_mark(host: ProxiedHost, client: Etc
 async def test_agent_regrants_after_lease_loss(host: ProxiedHost, client: EtcdClient) -> None:
     await host.start_agent()
     key = K.heartbeat("h1", Plane.SERVICE)
-    first = None
-    deadline = time.monotonic() + 15
-    while first is None and time.monotonic() < deadline:
-        first = await client.get_json(key)
-        await asyncio.sleep(0.1)
-    assert first is not None, host.log()
+    first = await until(lambda: client.get_json(key), "a service heartbeat", interval=0.1)
     old = first[1].lease
     await client.revoke(old)  # etcd forgets the lease, as after a partition longer than the TTL
-    again = None
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    async def regranted() -> bool:
         again = await client.get_json(key)
-        if again is not None and again[1].lease != old:
-            break
-        await asyncio.sleep(0.1)
-    assert again is not None and again[1].lease not in (0, old), host.log()
+        return again is not None and again[1].lease not in (0, old)
+
+    await until(regranted, "a heartbeat on a new lease", timeout=10, interval=0.1)
     assert "granting a new one" in host.log()
 
 
 async def test_agent_status_shows_exactly_the_cut_plane(host: ProxiedHost) -> None:
     await host.start_agent()
-    await until(lambda: (s := host.status()) is not None and not s["unreachable"], what="all reachable")
+    await until(lambda: (s := host.status()) is not None and not s["unreachable"], "all reachable")
     await host.cut(Plane.STORAGE, blackhole=True)
-    await until(lambda: (s := host.status()) is not None and s["unreachable"] == ["storage"], what="storage cut")
-    s = host.status()
-    assert s is not None and s["planes"]["storage"]["last_error"]
+    s = await until(lambda: (s := host.status()) is not None and s["unreachable"] == ["storage"] and s, "storage cut")
+    assert s["planes"]["storage"]["last_error"]  # the status file that showed the cut, not a later read
     host.restore(Plane.STORAGE)
-    await until(lambda: (s := host.status()) is not None and not s["unreachable"], what="storage back")
+    await until(lambda: (s := host.status()) is not None and not s["unreachable"], "storage back")
     out = subprocess.run(
         [VMHA, "agent", "--config", str(host.config_path), "--status-file", str(host.status_path), "--status"],
         capture_output=True, text=True, timeout=30,
@@ -182,7 +170,7 @@ async def isolation_agent(host: ProxiedHost, tmp_path: Path) -> AsyncIterator[tu
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await until(lambda: all(r.reachable for r in agent.reach().values()), what="all reachable")
+        await until(lambda: all(r.reachable for r in agent.reach().values()), "all reachable")
         yield agent, calls
     finally:
         stop.set()
@@ -198,14 +186,14 @@ async def test_isolation_hook_fires_once_when_management_and_service_are_lost(
         assert calls == []  # management alone is no isolation
         await host.cut(Plane.SERVICE)
         cut = time.monotonic()
-        await until(lambda: calls, what="isolation callback")
+        await until(lambda: calls, "isolation callback")
         assert calls[0] - cut >= 1.0  # not before isolation_after
         await asyncio.sleep(1.5)
         assert len(calls) == 1  # once per isolation
         assert agent.status()["isolated"] is True
         host.restore(Plane.MANAGEMENT)
         host.restore(Plane.SERVICE)
-        await until(lambda: not agent.isolation_fired, what="re-armed")
+        await until(lambda: not agent.isolation_fired, "re-armed")
 
 
 async def test_isolation_response_withheld_when_the_other_hosts_lost_the_same_planes(
@@ -222,16 +210,16 @@ async def test_isolation_response_withheld_when_the_other_hosts_lost_the_same_pl
     async with isolation_agent(host, tmp_path) as (agent, calls):
         await host.cut(Plane.MANAGEMENT)
         await host.cut(Plane.SERVICE)
-        await until(lambda: calls, what="isolation callback")  # the others beat: h1 is isolated
+        await until(lambda: calls, "isolation callback")  # the others beat: h1 is isolated
         assert agent.isolation_withheld == ""
         host.restore(Plane.MANAGEMENT)
         host.restore(Plane.SERVICE)
-        await until(lambda: not agent.isolation_fired, what="re-armed")
+        await until(lambda: not agent.isolation_fired, "re-armed")
 
         await client.revoke(lease)  # the others' management and service heartbeats are gone too
         await host.cut(Plane.MANAGEMENT)
         await host.cut(Plane.SERVICE)
-        await until(lambda: agent.isolation_withheld, what="isolation response withheld")
+        await until(lambda: agent.isolation_withheld, "isolation response withheld")
         assert agent.isolation_withheld == "4 of the 4 hosts of the cluster lost them too"
         await asyncio.sleep(2.0)
         assert len(calls) == 1 and not agent.isolation_fired  # the VMs were left running

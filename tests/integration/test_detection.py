@@ -11,7 +11,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from vmha.etcd.keys import Keys
 from vmha.manager.detection import Change, HealthMonitor, unix_monotonic
 from vmha.testing.etcd import EtcdProcess
 from vmha.testing.hosts import ProxiedHost
+from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +50,11 @@ class Recorder:
     def plane_changes(self) -> list[tuple[str, str, str]]:
         return [(c.host, c.plane.value, c.new.value) for c in self.changes if isinstance(c, HealthChange)]
 
+    def saw(self, host: str, plane: Plane, state: PlaneState) -> bool:
+        """Whether the change to `state` reached this recorder (it lags the monitor's view: a queue
+        and a task apart, so a test asserting on changes waits for them, not for states())."""
+        return (host, plane.value, state.value) in self.plane_changes()
+
     def states(self) -> dict[tuple[str, Plane], PlaneState]:
         return {(h, p): s.state for h, hh in self.monitor.view().items() for p, s in hh.planes.items()}
 
@@ -58,14 +64,6 @@ class Recorder:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-
-
-async def until(pred: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 
@@ -100,16 +98,16 @@ def all_up(r: Recorder) -> bool:
 async def test_one_plane_of_one_host_down_and_nothing_else(
     hosts: dict[str, ProxiedHost], recorder: Recorder, client: EtcdClient, blackhole: bool
 ) -> None:
-    await until(lambda: all_up(recorder), what="all planes UP")
+    await until(lambda: all_up(recorder), "all planes UP", timeout=20)
     await asyncio.sleep(1.0)  # steady state: no flapping while nothing is cut
     assert all(new == "up" for _, _, new in recorder.plane_changes())
     recorder.changes.clear()
 
     cut = time.monotonic()
     await hosts["h2"].cut(Plane.STORAGE, blackhole=blackhole)
-    await until(lambda: recorder.states()[("h2", Plane.STORAGE)] == DOWN, what="h2 storage DOWN")
+    await until(lambda: recorder.saw("h2", Plane.STORAGE, DOWN), "h2 storage DOWN recorded", timeout=20)
     detected = time.monotonic() - cut
-    await asyncio.sleep(1.5)  # let anything wrong show up
+    await asyncio.sleep(1.5)  # let anything wrong show up (nothing else may change)
     assert recorder.plane_changes() == [("h2", "storage", "suspect"), ("h2", "storage", "down")]
     states = recorder.states()
     assert {k for k, v in states.items() if v != UP} == {("h2", Plane.STORAGE)}
@@ -119,18 +117,20 @@ async def test_one_plane_of_one_host_down_and_nothing_else(
     logging.getLogger("test").info("cut -> DOWN in %.2fs", detected)
 
     # The persisted view says the same (what `vmha status` and a new leader read).
-    view = await health_store.load(client, K)
-    for _ in range(40):
-        if view.hosts.get("h2") and view.hosts["h2"].health.planes[Plane.STORAGE].state == DOWN:
-            break
-        await asyncio.sleep(0.05)
-        view = await health_store.load(client, K)
+    async def persisted_down() -> health_store.HealthView | None:
+        v = await health_store.load(client, K)
+        h2 = v.hosts.get("h2")
+        return v if h2 and h2.health.planes[Plane.STORAGE].state == DOWN else None
+
+    view = await until(persisted_down, "h2 storage DOWN persisted", timeout=5)
     assert view.hosts["h2"].health.failed() == frozenset({Plane.STORAGE})
     assert all(not view.hosts[h].health.failed() for h in ("h1", "h3"))
 
     recorder.changes.clear()
     hosts["h2"].restore(Plane.STORAGE)
-    await until(lambda: recorder.states()[("h2", Plane.STORAGE)] == UP, what="h2 storage UP again")
+    # Wait for the change asserted on: states() shows UP a queue hop before plane_changes() does
+    # (CI failed here, seeing UP in one and [] in the other).
+    await until(lambda: recorder.saw("h2", Plane.STORAGE, UP), "h2 storage UP again recorded", timeout=20)
     assert recorder.plane_changes() == [("h2", "storage", "up")]
     assert all_up(recorder)
 
@@ -138,20 +138,19 @@ async def test_one_plane_of_one_host_down_and_nothing_else(
 async def test_same_plane_cut_on_every_host_is_a_fabric_outage_not_down(
     hosts: dict[str, ProxiedHost], recorder: Recorder
 ) -> None:
-    await until(lambda: all_up(recorder), what="all planes UP")
+    await until(lambda: all_up(recorder), "all planes UP", timeout=20)
     recorder.changes.clear()
     for h in hosts.values():
         await h.cut(Plane.SERVICE)
-    await until(
-        lambda: all(recorder.states()[(h, Plane.SERVICE)] == FABRIC for h in HOSTS), what="service FABRIC"
-    )
-    await asyncio.sleep(1.5)
+    await until(lambda: all(recorder.saw(h, Plane.SERVICE, FABRIC) for h in HOSTS), "service FABRIC", timeout=20)
+    await until(lambda: any(isinstance(c, FabricChange) for c in recorder.changes), "fabric outage recorded")
+    await asyncio.sleep(1.5)  # let anything wrong show up (no DOWN)
     assert DOWN not in recorder.states().values()
     fabric = [c for c in recorder.changes if isinstance(c, FabricChange)]
     assert fabric and all(f.plane == Plane.SERVICE and f.active for f in fabric)
     for h in hosts.values():
         h.restore(Plane.SERVICE)
-    await until(lambda: all_up(recorder), what="all UP after the outage")
+    await until(lambda: all_up(recorder), "all UP after the outage", timeout=20)
     assert recorder.monitor.fabric_outages() == []
 
 
@@ -159,20 +158,24 @@ async def test_broken_values_are_skipped_and_the_monitor_keeps_going(
     hosts: dict[str, ProxiedHost], recorder: Recorder, client: EtcdClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    await until(lambda: all_up(recorder), what="all planes UP")
+    await until(lambda: all_up(recorder), "all planes UP", timeout=20)
     await client.put(K.heartbeat("h1", Plane.STORAGE) + "x", b"{}")  # not a heartbeat key
     await client.put(K.heartbeat("ghost", Plane.STORAGE), b"\x00garbage")  # not JSON
     await client.put_json(K.heartbeat("ghost", Plane.SERVICE), {"host": "other", "plane": "service"})
     await client.put(K.host("junk"), b"[1,")
-    await asyncio.sleep(1.0)
+
+    def text() -> str:
+        return caplog.text
+
+    # The monitor has read all four once it has refused the last of each watch (a watch keeps put order).
+    await until(lambda: K.heartbeat("ghost", Plane.SERVICE) in text() and K.host("junk") in text(), "refused")
     assert all_up(recorder)  # ghost never appeared, nothing crashed, every real plane still UP
     assert "ghost" not in recorder.monitor.view()
     assert "junk" not in recorder.monitor.view()
-    text = caplog.text
-    assert K.heartbeat("ghost", Plane.STORAGE) in text and K.host("junk") in text
+    assert K.heartbeat("ghost", Plane.STORAGE) in text()
     # And it still detects.
     await hosts["h3"].cut(Plane.MANAGEMENT)
-    await until(lambda: recorder.states()[("h3", Plane.MANAGEMENT)] == DOWN, what="h3 management DOWN")
+    await until(lambda: recorder.states()[("h3", Plane.MANAGEMENT)] == DOWN, "h3 management DOWN", timeout=20)
 
 
 async def test_a_monitor_started_later_sees_a_missing_heartbeat_as_down(
@@ -180,19 +183,19 @@ async def test_a_monitor_started_later_sees_a_missing_heartbeat_as_down(
 ) -> None:
     first = Recorder(HealthMonitor(client, K, Timings().health(), name="m1"))
     try:
-        await until(lambda: all_up(first), what="all planes UP")
+        await until(lambda: all_up(first), "all planes UP", timeout=20)
     finally:
         await first.close()
     await hosts["h1"].stop_agent()
     # Its leases run out (a clean stop does not revoke them): the keys go while no monitor runs.
-    deadline = time.monotonic() + 10
-    while (await client.get_prefix(K.heartbeat_prefix + "h1/"))[0] and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    async def keys_gone() -> bool:
+        return not (await client.get_prefix(K.heartbeat_prefix + "h1/"))[0]
+
+    await until(keys_gone, "h1's heartbeat keys expired", timeout=10, interval=0.1)
     second = Recorder(HealthMonitor(client, K, Timings().health(), name="m2"))
     try:
-        await until(
-            lambda: all(second.states().get(("h1", p)) == DOWN for p in PLANES), what="h1 DOWN from the listing"
-        )
+        await until(lambda: all(second.states().get(("h1", p)) == DOWN for p in PLANES), "h1 DOWN from the listing",
+                    timeout=20)  # fmt: skip
         assert {k for k, v in second.states().items() if v != UP} == {("h1", p) for p in PLANES}
     finally:
         await second.close()
@@ -201,20 +204,19 @@ async def test_a_monitor_started_later_sees_a_missing_heartbeat_as_down(
 async def test_status_command_prints_the_view(
     hosts: dict[str, ProxiedHost], recorder: Recorder, etcd: EtcdProcess, client: EtcdClient
 ) -> None:
-    await until(lambda: all_up(recorder), what="all planes UP")
+    await until(lambda: all_up(recorder), "all planes UP", timeout=20)
     await hosts["h1"].cut(Plane.SERVICE)
-    await until(lambda: recorder.states()[("h1", Plane.SERVICE)] == DOWN, what="h1 service DOWN")
+    await until(lambda: recorder.states()[("h1", Plane.SERVICE)] == DOWN, "h1 service DOWN", timeout=20)
     vmha = str(Path(sys.executable).with_name("vmha"))
     args = [vmha, "status", "--endpoints", etcd.client_urls[0], "--cluster", "t"]
-    data: dict[str, object] = {}
-    for _ in range(40):  # the writer task persists asynchronously
+
+    async def failed_planes() -> dict[str, list[str]] | None:
         out = await asyncio.to_thread(subprocess.run, [*args, "--json"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
-        data = json.loads(out.stdout)
-        failed = {h["host"]: h["failed"] for h in data["hosts"]}  # type: ignore[attr-defined]
-        if failed.get("h1") == ["service"]:
-            break
-        await asyncio.sleep(0.1)
+        failed = {h["host"]: h["failed"] for h in json.loads(out.stdout)["hosts"]}
+        return failed if failed.get("h1") == ["service"] else None  # the writer task persists asynchronously
+
+    failed = await until(failed_planes, "h1 service DOWN in `vmha status`", timeout=10, interval=0.1)
     assert failed == {"h1": ["service"], "h2": [], "h3": []}
     out = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "DOWN" in out.stdout and "h3" in out.stdout, out.stdout
@@ -229,7 +231,7 @@ async def test_a_stalled_manager_sees_no_fabric_outage(hosts: dict[str, ProxiedH
     unix = unix_monotonic()
     r = Recorder(HealthMonitor(client, K, Timings().health(), name="m1", clock=lambda: unix() + offset))
     try:
-        await until(lambda: all_up(r), what="all planes UP")
+        await until(lambda: all_up(r), "all planes UP", timeout=20)
         await asyncio.sleep(1.0)
         r.changes.clear()
         offset = 2.0

@@ -19,6 +19,7 @@ from vmha.etcd.registry import list_hosts, register
 from vmha.etcd.watch import Delete, Put, Snapshot, WatchItem, watch_prefix
 from vmha.testing.etcd import EtcdProcess, free_ports
 from vmha.testing.proxy import TcpProxy
+from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -95,14 +96,6 @@ async def _collect(it: AsyncIterator[WatchItem], out: list[WatchItem]) -> None:
         out.append(ev)
 
 
-async def _until(pred: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.05)
-
-
 def _puts(events: list[WatchItem]) -> list[tuple[str, object]]:
     return [(e.key, e.value) for e in events if isinstance(e, Put)]
 
@@ -113,7 +106,7 @@ async def test_watch_snapshot_then_events_and_broken_values_skipped(client: Etcd
     events: list[WatchItem] = []
     task = asyncio.create_task(_collect(watch_prefix(client, "/w/"), events))
     try:
-        await _until(lambda: events)
+        await until(lambda: events, "the snapshot")
         snap = events[0]
         assert isinstance(snap, Snapshot)
         assert [(kv.key, v) for kv, v in snap.items] == [("/w/a", 1)]  # the broken one left out
@@ -121,7 +114,7 @@ async def test_watch_snapshot_then_events_and_broken_values_skipped(client: Etcd
         await client.put("/w/broken", b"nope")
         await client.put_json("/w/c", 3)
         await client.delete("/w/a")
-        await _until(lambda: any(isinstance(e, Delete) for e in events))
+        await until(lambda: any(isinstance(e, Delete) for e in events), "the delete (the last event)")
         assert _puts(events) == [("/w/b", 2), ("/w/c", 3)]
         assert [e.key for e in events if isinstance(e, Delete)] == ["/w/a"]
     finally:
@@ -141,17 +134,17 @@ async def test_watch_resumes_after_a_broken_stream_without_loss_or_repeat(etcd: 
         _collect(watch_prefix(watcher, "/r/", on_error=lambda e: errors.append(str(e))), events)
     )
     try:
-        await _until(lambda: events)
+        await until(lambda: events, "the snapshot")
         await writer.put_json("/r/1", 1)
-        await _until(lambda: len(_puts(events)) == 1)
+        await until(lambda: len(_puts(events)) == 1, "/r/1")
         await proxy.cut()  # the watch stream is reset
         await writer.put_json("/r/2", 2)
         await writer.put_json("/r/3", 3)
-        await _until(lambda: errors)
+        await until(lambda: errors, "the broken stream reported")
         proxy.restore()
-        await _until(lambda: len(_puts(events)) == 3)
+        await until(lambda: len(_puts(events)) == 3, "/r/2 and /r/3 after the resume")
         await writer.put_json("/r/4", 4)
-        await _until(lambda: len(_puts(events)) == 4)
+        await until(lambda: len(_puts(events)) == 4, "/r/4")
         assert _puts(events) == [("/r/1", 1), ("/r/2", 2), ("/r/3", 3), ("/r/4", 4)]
         assert sum(isinstance(e, Snapshot) for e in events) == 1  # resumed, not re-listed
     finally:
@@ -171,17 +164,17 @@ async def test_watch_relists_after_compaction(etcd: EtcdProcess) -> None:
     events: list[WatchItem] = []
     task = asyncio.create_task(_collect(watch_prefix(watcher, "/c/"), events))
     try:
-        await _until(lambda: events)
+        await until(lambda: events, "the snapshot")
         await writer.put_json("/c/keep", 1)
         await writer.put_json("/c/gone", 1)
-        await _until(lambda: len(_puts(events)) == 2)
+        await until(lambda: len(_puts(events)) == 2, "both puts")
         await proxy.cut()
         await writer.delete("/c/gone")
         await writer.put_json("/c/new", 2)
         await writer.put_json("/c/other", 0)
         await writer.compact(await writer.revision())  # the missed events are compacted away
         proxy.restore()
-        await _until(lambda: sum(isinstance(e, Snapshot) for e in events) == 2)
+        await until(lambda: sum(isinstance(e, Snapshot) for e in events) == 2, "a second snapshot")
         last = [e for e in events if isinstance(e, Snapshot)][-1]
         assert sorted(kv.key for kv, _ in last.items) == ["/c/keep", "/c/new", "/c/other"]
     finally:
@@ -197,20 +190,25 @@ async def test_heartbeat_value_changes_and_lease_is_regranted(client: EtcdClient
     hb = PlaneHeartbeat(K, "h1", Plane.STORAGE, etcd.client_urls, ttl=2, interval=0.2)
     hb.start()
     try:
-        await _until(lambda: hb.seq >= 2)
+        await until(lambda: hb.seq >= 2, "the first put done (seq counts before the put)")
         first = await client.get_json(K.heartbeat("h1", Plane.STORAGE))
         assert first is not None
         value, kv = first
         assert value["host"] == "h1" and value["plane"] == "storage" and kv.lease == hb.lease
-        await _until(lambda: hb.seq >= value["seq"] + 2)
+        await until(lambda: hb.seq >= value["seq"] + 2, "the next put done")
         second = await client.get_json(K.heartbeat("h1", Plane.STORAGE))
         assert second is not None and second[0]["seq"] > value["seq"]
         old_lease = kv.lease
         await client.revoke(old_lease)  # the lease is lost (as after a long partition)
-        await _until(lambda: hb.lease not in (None, old_lease))
-        await _until(lambda: (hb.seq or 0) > 0 and hb.reach().reachable)
-        again = await client.get_json(K.heartbeat("h1", Plane.STORAGE))
-        assert again is not None and again[1].lease not in (0, old_lease)
+        await until(lambda: hb.lease not in (None, old_lease), "a new lease granted")
+
+        # Waited for in etcd, where it is asserted: hb.lease changes before the put on it lands.
+        async def key_on_new_lease() -> bool:
+            again = await client.get_json(K.heartbeat("h1", Plane.STORAGE))
+            return again is not None and again[1].lease == hb.lease
+
+        await until(key_on_new_lease, "the heartbeat key on the new lease")
+        await until(lambda: hb.reach().reachable, "reachable (marked after the put returns)")
     finally:
         await hb.stop()
     assert await client.get(K.heartbeat("h1", Plane.STORAGE)) is None  # revoked on stop
@@ -223,17 +221,17 @@ async def test_one_plane_cut_does_not_delay_the_others(client: EtcdClient, etcd:
     for hb in hbs.values():
         hb.start()
     try:
-        await _until(lambda: all(hb.reach().reachable for hb in hbs.values()))
+        await until(lambda: all(hb.reach().reachable for hb in hbs.values()), "every plane reachable")
         await proxies[Plane.STORAGE].cut(blackhole=True)  # calls on it hang until their timeout
-        await _until(lambda: not hbs[Plane.STORAGE].reach().reachable)
+        await until(lambda: not hbs[Plane.STORAGE].reach().reachable, "storage unreachable")
         seqs = {p: hbs[p].seq for p in PLANES}
-        await asyncio.sleep(1.0)
-        assert hbs[Plane.MANAGEMENT].seq >= seqs[Plane.MANAGEMENT] + 3
-        assert hbs[Plane.SERVICE].seq >= seqs[Plane.SERVICE] + 3
+        # Three beats (interval 0.2 s) of the others within 1 s: not held up by the hanging storage calls.
+        await until(lambda: all(hbs[p].seq >= seqs[p] + 3 for p in (Plane.MANAGEMENT, Plane.SERVICE)),
+                    "management and service beating on", timeout=1.0)  # fmt: skip
         assert hbs[Plane.STORAGE].seq == seqs[Plane.STORAGE]
         assert hbs[Plane.MANAGEMENT].reach().reachable and hbs[Plane.SERVICE].reach().reachable
         proxies[Plane.STORAGE].restore()
-        await _until(lambda: hbs[Plane.STORAGE].reach().reachable)
+        await until(lambda: hbs[Plane.STORAGE].reach().reachable, "storage reachable again")
     finally:
         await asyncio.gather(*(hb.stop() for hb in hbs.values()))
         for px in proxies.values():

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import psutil
 import pytest
 
@@ -15,6 +12,7 @@ from vmha.core.planes import PLANES, Plane
 from vmha.etcd.client import EtcdClient, parse_endpoint
 from vmha.etcd.keys import Keys
 from vmha.testing.etcd import EtcdProcess
+from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -25,15 +23,6 @@ async def _values(client: EtcdClient) -> dict[str, tuple[int, int]]:
     """key -> (seq, lease) of every heartbeat key."""
     kvs, _ = await client.get_prefix(K.heartbeat_prefix)
     return {kv.key: (kv.json()["seq"], kv.lease) for kv in kvs}
-
-
-async def _until(cond: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await cond():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s")
 
 
 async def test_raw_calls_and_errors(etcd: EtcdProcess, client: EtcdClient) -> None:
@@ -61,7 +50,7 @@ async def test_raw_calls_and_errors(etcd: EtcdProcess, client: EtcdClient) -> No
             async def batch_replied(n: int = 600 * (batch + 1)) -> bool:
                 return len(replies) == n
 
-            await _until(batch_replied, 20.0)
+            await until(batch_replied, "every reply of the batch", timeout=20.0)
         assert None not in replies
         got = await client.get("/t/many")
         assert got is not None and got.version == 6000
@@ -75,16 +64,22 @@ async def test_load_beats_cut_restore_close(etcd: EtcdProcess, client: EtcdClien
     await load.start()
     try:
 
-        async def all_beating() -> bool:
-            return load.beating() == 6
+        await until(lambda: load.beating() == 6, "the generator beating on all 6", timeout=3.0)
 
-        await _until(all_beating, 3.0)
+        # Asserted on etcd's keys, so waited for on them (the generator counts a beat before its put lands).
+        async def six_keys() -> dict[str, tuple[int, int]] | None:
+            v = await _values(client)
+            return v if len(v) == 6 else None
+
+        first = await until(six_keys, "6 heartbeat keys", timeout=3.0, interval=0.1)
         # Every (host, plane) beats on its own lease, its value changing.
-        first = await _values(client)
-        assert len(first) == 6 and len({lease for _, lease in first.values()}) == 6
-        await asyncio.sleep(1.2)
-        later = await _values(client)
-        assert all(later[k][0] > first[k][0] for k in first)
+        assert len({lease for _, lease in first.values()}) == 6
+
+        async def all_changed() -> bool:
+            later = await _values(client)
+            return all(k in later and later[k][0] > first[k][0] for k in first)
+
+        await until(all_changed, "every heartbeat value changing", timeout=3.0, interval=0.1)
         # ... over its own TCP connection to etcd.
         port = parse_endpoint(etcd.client_urls[0])[1]
         mine = [c for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr.port == port]
@@ -97,7 +92,7 @@ async def test_load_beats_cut_restore_close(etcd: EtcdProcess, client: EtcdClien
         async def cut_gone() -> bool:
             return cut_key not in await _values(client)
 
-        await _until(cut_gone, 5.0)
+        await until(cut_gone, "the cut key expired", timeout=5.0, interval=0.1)
         assert set(await _values(client)) == set(first) - {cut_key}
 
         # A restore: a new lease, beating again from seq 1.
@@ -107,7 +102,7 @@ async def test_load_beats_cut_restore_close(etcd: EtcdProcess, client: EtcdClien
             v = await _values(client)
             return cut_key in v and v[cut_key][1] != first[cut_key][1]
 
-        await _until(back, 3.0)
+        await until(back, "the cut key back on a new lease", timeout=3.0, interval=0.1)
         assert load.stats.errors == 0 and load.stats.puts > 0 and load.stats.acks > 0
     finally:
         await load.close(revoke=True)

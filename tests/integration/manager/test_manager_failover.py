@@ -8,7 +8,6 @@ what is tested is the queue surviving its manager, not compute or fencing.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import os
@@ -23,8 +22,9 @@ from typing import Any
 import pytest
 from manager_config import config_text
 
-from vmha.core.planes import PLANES
+from vmha.core.planes import PLANES, PlaneState
 from vmha.core.queue import Step, Task
+from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.election import leader_name
 from vmha.etcd.heartbeat import PlaneHeartbeat
@@ -34,6 +34,7 @@ from vmha.etcd.registry import register
 from vmha.etcd.tasks import TaskStore
 from vmha.testing.etcd import EtcdProcess
 from vmha.testing.proxy import TcpProxy
+from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -94,16 +95,6 @@ def calls(workdir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-async def wait_for(what: str, check: Any, timeout: float, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await check()
-        if result:
-            return result
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 async def heartbeats(url: str) -> AsyncIterator[dict[str, list[PlaneHeartbeat]]]:
     beats = {h: [PlaneHeartbeat(KEYS, h, p, [url], ttl=2, interval=0.5) for p in PLANES] for h in HOSTS}
     for hb in (b for bs in beats.values() for b in bs):
@@ -150,10 +141,22 @@ async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: s
         async def leader() -> str | None:
             return leader_name(await client.get(KEYS.leader))
 
-        assert await wait_for("mgr-a to lead", lambda: _is(leader, "mgr-a"), 20)
+        await until(lambda: _is(leader, "mgr-a"), "mgr-a to lead", timeout=20, interval=0.2)
         b = ManagerProcess("mgr-b", write_config(tmp_path / "b.toml", "mgr-b", url), tmp_path)
         managers.append(b)
-        await asyncio.sleep(3)  # b campaigns and stands by; a's monitor sees every host UP
+        # b campaigns and stands by; a's monitor sees every host UP (its persisted view): the events,
+        # not a fixed sleep, so that h1's crash below is seen by a leader that knew h1 was up.
+        await until(lambda: "manager mgr-b: standby, leader is mgr-a" in b.log.read_text(), "mgr-b standing by",
+                    timeout=20, interval=0.2)  # fmt: skip
+
+        async def a_sees_all_up() -> bool:
+            view = await health_store.load(client, KEYS)
+            return sorted(view.hosts) == HOSTS and all(
+                s.manager == "mgr-a" and all(p.state == PlaneState.UP for p in s.health.planes.values())
+                for s in view.hosts.values()
+            )
+
+        await until(a_sees_all_up, "mgr-a's view: every host UP", timeout=20, interval=0.2)
 
         # h1 crashes: its heartbeats stop, its leases expire.
         for hb in beats[FAILED]:
@@ -162,7 +165,7 @@ async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: s
         async def evacuated_by_a() -> bool:
             return sum(1 for c in calls(tmp_path) if c["call"] == "evacuate" and c["phase"] == "end") >= 3
 
-        await wait_for("a few evacuations by the leader", evacuated_by_a, 60)
+        await until(evacuated_by_a, "a few evacuations by the leader", timeout=60, interval=0.2)
         faulted = time.monotonic()
         if fault == "kill":
             a.proc.kill()  # SIGKILL, by PID, mid-queue
@@ -173,14 +176,14 @@ async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: s
             await proxy.cut(blackhole=True)
             left_by_a = None  # a may still be finishing a write: its last state is not known here
 
-        assert await wait_for("mgr-b to lead", lambda: _is(leader, "mgr-b"), 20)
+        await until(lambda: _is(leader, "mgr-b"), "mgr-b to lead", timeout=20, interval=0.2)
         print(f"\nleader {fault} -> standby elected: {time.monotonic() - faulted:.2f} s (election_ttl 2)")
 
         async def all_done() -> bool:
             tasks = await TaskStore(client, KEYS).load()
             return len(tasks) == len(VMS) and all(t.state.value == "done" for t in tasks)
 
-        await wait_for("every task done", all_done, 90)
+        await until(all_done, "every task done", timeout=90, interval=0.2)
         print(f"leader {fault} -> queue finished by the standby: {time.monotonic() - faulted:.2f} s")
 
         # No task lost: every VM restarted exactly once, off the failed host; each has its evidence.

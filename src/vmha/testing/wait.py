@@ -1,0 +1,33 @@
+"""Waiting in tests for what a real component does: poll a check until it holds, or fail naming it.
+
+    await until(lambda: recorder.plane_changes(), "h2's storage change recorded", timeout=20)
+    leader = await until(current_leader, "a leader")      # an async check works too; its value returns
+
+Poll the view the test then asserts on: waiting on one view and asserting on another races (two views
+of one event are updated at different moments).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def until(check: Callable[[], T | Awaitable[T]], what: str, *, timeout: float = 15.0,
+                interval: float = 0.05) -> T:  # fmt: skip
+    """The first truthy value of `check()` (awaited when it is a coroutine), polled every `interval`;
+    AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        value: T = await got if inspect.isawaitable(got) else got
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(interval)
