@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from labcheck import assert_nothing_left
 
 from vmha.lab.net import LabError, LabNet, pid_alive
 from vmha.lab.state import LabState
+from vmha.testing.wait import until_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +35,8 @@ def test_down_after_a_killed_up(tmp_path: Path) -> None:
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Killed once a host runs its agent: controller, etcd, storage, sanlock daemons and a host are up.
-        deadline = time.monotonic() + 120
-        while not _agent_runs(lab_dir, "h1") and up.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+        until_sync(lambda: _agent_runs(lab_dir, "h1") or up.poll() is not None, "h1's agent running",
+                   timeout=120, interval=0.1)  # fmt: skip
         assert up.poll() is None, "lab up ended before it could be killed"
         up.kill()
         up.wait()

@@ -32,6 +32,7 @@ from vmha.lab.procs import vm_processes
 from vmha.lab.report import verify_lab
 from vmha.lab.state import LabState
 from vmha.lab.vm import disk_lines
+from vmha.testing.wait import until_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -131,11 +132,9 @@ def test_kill_manager_hands_over_to_the_standby(lab: LabState) -> None:
     assert cp.returncode == 0, cp.stderr
     assert json.loads(cp.stdout.splitlines()[0])["action"] == first
     t = time.monotonic()
-    while time.monotonic() - t < 60 and cluster.leader(lab) in (None, first):
-        time.sleep(0.25)
-    new = cluster.leader(lab)
+    new = until_sync(lambda: (leader := cluster.leader(lab)) not in (None, first) and leader,
+                     "the standby leading", timeout=60, interval=0.25)  # fmt: skip
     print(f"standby {new} leads {time.monotonic() - t:.1f} s after {first} was killed", flush=True)
-    assert new not in (None, first)
     cp = vmha(lab, "lab", "up", *up_args(lab))  # starts the killed manager again, as a standby
     assert cp.returncode == 0, cp.stderr
     lab.reload()

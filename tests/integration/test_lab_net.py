@@ -20,6 +20,7 @@ from vmha.lab.hosts import boot_host, power_off
 from vmha.lab.net import LabNet, Node, run
 from vmha.lab.state import LabState, NodeState
 from vmha.lab.storage import MOUNT_POINT, SharedStorage
+from vmha.testing.wait import until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +53,10 @@ def net(tmp_path: Path) -> Iterator[tuple[LabNet, Node, Node, Node]]:
 
 def test_a_link_fault_cuts_exactly_that_plane(net: tuple[LabNet, Node, Node, Node]) -> None:
     n, ctl, h1, h2 = net
-    servers = [subprocess.Popen([*ctl.enter(), sys.executable, "-c", ACCEPT, ctl.address(p), "10"]) for p in PLANES]
+    servers = [subprocess.Popen([*ctl.enter(), sys.executable, "-c", ACCEPT, ctl.address(p), "50"]) for p in PLANES]
     try:
-        time.sleep(0.5)
-        assert all(reaches(h1, ctl.address(p)) for p in PLANES)
+        # The servers listening (each accepts 50: the polls before they all listen use some up).
+        until_sync(lambda: all(reaches(h1, ctl.address(p)) for p in PLANES), "h1 reaching every plane", timeout=20)
         n.set_link(h1, Plane.STORAGE, up=False)
         assert not n.link_up(h1, Plane.STORAGE)
         assert [reaches(h1, ctl.address(p)) for p in PLANES] == [True, False, True]
@@ -96,8 +97,8 @@ def test_storage_follows_the_storage_plane(net: tuple[LabNet, Node, Node, Node],
     assert run([*h1.enter(), *write], check=False, timeout=30).returncode != 0
     print(f"write failed {time.monotonic() - t:.1f} s after the cut (ServerAliveInterval=1, CountMax=3)")
     n.set_link(h1, Plane.STORAGE, up=True)
-    time.sleep(1)
-    run([*h1.enter(), *write], timeout=30)  # reconnect
+    until_sync(lambda: run([*h1.enter(), *write], check=False, timeout=30).returncode == 0,
+               "a write through the reconnected mount", timeout=60, interval=0.5)  # fmt: skip
     st.unmount(h1, sshfs)
     assert not st.is_mounted(h1)
 

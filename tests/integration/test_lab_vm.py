@@ -29,20 +29,11 @@ from vmha.lab.verify import check_disk, downtime_between
 from vmha.lab.vm import incoming_marker
 from vmha.lab.vms import start_copy, writing_on
 from vmha.testing.etcd import EtcdProcess
+from vmha.testing.wait import until_sync
 
 pytestmark = pytest.mark.integration
 
 LOCKS = f"from vmha.locks.space import LockSpace; s = LockSpace('{MOUNT_POINT / LEASES_DIR}', io_timeout=1); "
-
-
-def wait(cond: object, timeout: float, what: str) -> None:
-    assert callable(cond)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture
@@ -65,7 +56,7 @@ def mini_lab(tmp_path: Path) -> Iterator[LabState]:
             boot_host(state, state.hosts[name])  # its agent joins the lockspace (host_id from etcd)
         state.save()
         for name in sorted(state.hosts):
-            wait(lambda n=name: lockspace_joined(state.node(n)), 60, f"{name} joining the lockspace")
+            until_sync(lambda n=name: lockspace_joined(state.node(n)), f"{name} joining the lockspace", timeout=60)
         yield state
     finally:
         cluster.down(state.dir)
@@ -76,7 +67,7 @@ def test_lease_guards_the_disk_and_migration_hands_it_over(mini_lab: LabState) -
     agent_config(state, "h1")  # the VM reads [locks] from its host's config
     t = time.time()
     first = start_copy(state, "vm1", "h1")
-    wait(lambda: writing_on(state, "vm1", "h1", t), 30, "vm1 writing on h1")
+    until_sync(lambda: writing_on(state, "vm1", "h1", t), "vm1 writing on h1", timeout=30)
 
     # A second copy elsewhere must be refused and never write.
     second = start_copy(state, "vm1", "h2")
@@ -87,11 +78,11 @@ def test_lease_guards_the_disk_and_migration_hands_it_over(mini_lab: LabState) -
     t = time.time()
     dest = start_copy(state, "vm1", "h2", incoming=30)
     marker = Path(f"/proc/{dest.pid}/root") / incoming_marker("vm1").relative_to("/")
-    wait(marker.exists, 30, "the incoming copy waiting for the lease")
+    until_sync(marker.exists, "the incoming copy waiting for the lease", timeout=30)
     assert not writing_on(state, "vm1", "h2", t)  # waiting, not writing
     first.send_signal(signal.SIGUSR1)
     assert first.wait(10) == 0
-    wait(lambda: writing_on(state, "vm1", "h2", t), 30, "vm1 writing on h2 after the handover")
+    until_sync(lambda: writing_on(state, "vm1", "h2", t), "vm1 writing on h2 after the handover", timeout=30)
     dest.send_signal(signal.SIGTERM)
     assert dest.wait(10) == 0
 
@@ -108,7 +99,7 @@ def test_storage_cut_stops_the_vm_before_another_host_could_take_it(mini_lab: La
     state = mini_lab
     t = time.time()
     copy = start_copy(state, "vm1", "h1")
-    wait(lambda: writing_on(state, "vm1", "h1", t), 30, "vm1 writing on h1")
+    until_sync(lambda: writing_on(state, "vm1", "h1", t), "vm1 writing on h1", timeout=30)
     state.net().set_link(state.node("h1"), Plane.STORAGE, up=False)
     cut = time.monotonic()
     try:

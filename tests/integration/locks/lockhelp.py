@@ -8,7 +8,6 @@ import secrets
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from vmha.etcd.attest import AttestResponse
 from vmha.lab.sanlockd import LabSanlock
 from vmha.locks import LockSpace, Prover
 from vmha.locks.power import PowerFence
+from vmha.testing.wait import until_sync
 
 Attest = Callable[[str, str, float], Awaitable[AttestResponse]]
 IO = 1  # io_timeout of every test lockspace: renewal failure after 8 s, host_dead after 68 s
@@ -124,12 +124,8 @@ def join_both(space: LockSpace, a: SimHost) -> None:
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and "joined" in out, f"host A could not join: {err}"
     # The manager's daemon reports host states only after it has watched a renewal or two.
-    deadline = time.monotonic() + 10 * IO + 5
-    while time.monotonic() < deadline:
-        if {h.host_id for h in space.hosts()} >= {A_HOST_ID, MGR_HOST_ID}:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"manager daemon never saw host A: {space.hosts()}")
+    until_sync(lambda: {h.host_id for h in space.hosts()} >= {A_HOST_ID, MGR_HOST_ID},
+               "the manager's daemon seeing host A", timeout=10 * IO + 5, interval=0.2)  # fmt: skip
 
 
 def leave_manager(space: LockSpace) -> None:

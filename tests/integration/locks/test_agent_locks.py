@@ -22,6 +22,7 @@ from vmha.etcd.keys import Keys
 from vmha.lab.sanlockd import LabSanlock
 from vmha.locks import acquire_for
 from vmha.testing.etcd import EtcdProcess
+from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -45,10 +46,7 @@ async def test_agent_joins_with_an_etcd_host_id_and_leaves_only_without_holders(
         run = asyncio.create_task(agent.run())
         child: subprocess.Popen[str] | None = None
         try:
-            for _ in range(300):
-                if agent.host_id is not None or run.done():
-                    break
-                await asyncio.sleep(0.1)
+            await until(lambda: agent.host_id is not None or run.done(), "the agent joining", timeout=30, interval=0.1)
             assert agent.host_id == 2, f"agent did not join: {run.exception() if run.done() else 'still joining'}"
             assert await hostids.lookup(client, Keys("vt2"), "vt2mgr") == 2
             assert space.joined(2) and space.local_state() == "joined"

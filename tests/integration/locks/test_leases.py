@@ -41,6 +41,7 @@ from vmha.locks import (
 )
 from vmha.locks.cli import locks
 from vmha.testing.etcd import EtcdProcess
+from vmha.testing.wait import until, until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -218,10 +219,8 @@ class KillHostA:
                 os.kill(pid, signal.SIGKILL)
         for p in self.cluster.a.procs:
             p.wait(timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while any(alive(p) for p in pids):
-            assert time.monotonic() < deadline, "host A's processes survived SIGKILL"
-            await asyncio.sleep(0.02)
+        await until(lambda: not any(alive(p) for p in pids), "host A's processes gone after SIGKILL",
+                    timeout=timeout, interval=0.02)  # fmt: skip
         await asyncio.sleep(self.takes)
         return f"killed {pids}"
 
@@ -297,10 +296,14 @@ def test_cli_status_shows_hosts_and_lease_owners(cluster: LockCluster, tmp_path:
         assert r.exit_code == 0, r.output
         return cast(dict[str, Any], json.loads(r.output))
 
-    # Right after joining, this daemon reports A "unknown" until it has watched A renew (every 2 io).
-    deadline = time.monotonic() + 4 * IO + 5
-    while (st := status())["hosts"][0]["state"] == "unknown" and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # Right after joining, this daemon reports a host "unknown" until it has watched it renew (every
+    # 2 io): wait until no host and no lease owner is, not only the first host (asserted on all).
+    def settled() -> dict[str, Any] | None:
+        st = status()
+        owners = [o for of_vm in st["leases"].values() for o in of_vm]
+        return None if any(x["state"] == "unknown" for x in [*st["hosts"], *owners]) else st
+
+    st = until_sync(settled, "no host or lease owner 'unknown'", timeout=4 * IO + 5, interval=0.2)
     assert st["this_host"] == "joined"
     assert {h["host_id"]: (h["name"], h["state"]) for h in st["hosts"]} == {1: ("vt2a", "live"),
                                                                           2: ("vt2mgr", "live")}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import urllib.request
 
 import pytest
@@ -15,6 +14,7 @@ from vmha.etcd.keys import Keys
 from vmha.manager.daemon import enabled_hosts
 from vmha.testing.etcd import EtcdProcess
 from vmha.testing.proxy import TcpProxy
+from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -36,10 +36,10 @@ async def _watching(url: str, timeout: float = 10.0) -> None:
                     return float(line.split()[1])
         raise AssertionError("etcd /metrics has no etcd_debugging_mvcc_watcher_total")
 
-    deadline = time.monotonic() + timeout
-    while await asyncio.to_thread(watchers) < 1:
-        assert time.monotonic() < deadline, f"no watch opened on etcd within {timeout} s"
-        await asyncio.sleep(0.1)
+    async def watching() -> bool:
+        return await asyncio.to_thread(watchers) >= 1
+
+    await until(watching, "a watch opened on etcd", timeout=timeout, interval=0.1)
 
 
 async def _next(q: asyncio.Queue[list[str]], timeout: float = 10.0) -> list[str]:

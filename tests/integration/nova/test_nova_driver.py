@@ -18,6 +18,7 @@ from vmha.config import NovaConfig
 from vmha.drivers import nova
 from vmha.drivers.base import DriverError
 from vmha.lab.nova.rig import NovaRig
+from vmha.testing.wait import until
 
 ProjectConn = Callable[[str, str], Any]
 Boot = Callable[..., Any]  # conftest's boot(conn, host, name, metadata=None, tags=None)
@@ -242,10 +243,8 @@ async def test_evacuation_after_fence(
         # The retry finds the evacuation in flight and waits for it instead of starting another.
         with caplog.at_level(logging.INFO, logger="vmha.drivers.nova"):
             retry = asyncio.create_task(driver.evacuate(c.id, "cmp1", "cmp3"))
-            for _ in range(100):
-                if f"vm={c.id} evacuation already in progress" in caplog.text or retry.done():
-                    break
-                await asyncio.sleep(0.1)
+            await until(lambda: f"vm={c.id} evacuation already in progress" in caplog.text or retry.done(),
+                        "the retry finding the evacuation in flight", timeout=10, interval=0.1)  # fmt: skip
             assert f"vm={c.id} evacuation already in progress" in caplog.text
             frozen.signal(signal.SIGCONT)
             assert await retry == "cmp3"
