@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmha.lab.net import pid_alive
+
 SHIM_SOURCE = Path(__file__).with_name("setrlimit_shim.c")
 SHIM_CACHE = Path(os.environ.get("VMHA_LAB_CACHE", "/var/tmp/vmha-lab"))
 
@@ -146,16 +148,8 @@ def stop_sanlock(d: LabSanlock, *, timeout: float = 10.0) -> None:
             try:
                 done, _ = os.waitpid(d.pid, os.WNOHANG)
             except ChildProcessError:  # not our child: poll for its disappearance instead
-                done = 0 if _exists(d.pid) else d.pid
+                done = 0 if pid_alive(d.pid) else d.pid
             if done:
                 return
             time.sleep(0.05)
     raise SanlockdError(f"sanlock for {d.name} (pid {d.pid}) survived SIGKILL")
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
