@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "lab": "vmha.lab.cli:lab",
     "demo": "vmha.lab.cli:demo",
     "bench": "vmha.bench.cli:bench",
+    "sim": "vmha.sim.cli:sim",
 }
 
 

@@ -1,15 +1,19 @@
 """Replay every scenario directory (setup.toml + cmdlist) in the simulator and diff its log against
-log.expect, Proxmox style. VMHA_REWRITE=1 regenerates the expectations: review the diff."""
+log.expect, Proxmox style. VMHA_REWRITE=1 regenerates the expectations: review the diff.
+`vmha sim run DIR` runs one and prints its log (`--diff`: what differs from log.expect)."""
 
 from __future__ import annotations
 
-import difflib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from vmha.core.queue import TaskKind, TaskState
+from vmha.sim.cli import sim
+from vmha.sim.expect import EXPECT, diff, log_text, purpose
 from vmha.sim.scenario import load
 
 HERE = Path(__file__).parent
@@ -21,11 +25,16 @@ def test_scenarios_exist() -> None:
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_says_what_it_checks(name: str) -> None:
+    assert len(purpose(HERE / name)) >= 20, f"{name}/cmdlist: the first line is a '# ' comment saying what it checks"
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario(name: str) -> None:
     scenario = load(HERE / name)
     lines = scenario.run()
-    text = "\n".join(lines) + "\n"
-    expect_file = HERE / name / "log.expect"
+    text = log_text(lines)
+    expect_file = HERE / name / EXPECT
     if os.environ.get("VMHA_REWRITE") == "1":
         expect_file.write_text(text)
     # Whatever the expectation says, these never happen.
@@ -39,11 +48,24 @@ def test_scenario(name: str) -> None:
         tasks = [r for (v, _), r in sim.records.items() if v == vm and r["state"] == TaskState.DONE.value]
         assert n <= max(1, len(tasks)), f"{vm}: {n} restarts for {len(tasks)} finished recoveries"
     assert expect_file.exists(), f"{expect_file} missing: run with VMHA_REWRITE=1 and review it"
-    expected = expect_file.read_text()
-    if text != expected:
-        diff = "".join(
-            difflib.unified_diff(
-                expected.splitlines(keepends=True), text.splitlines(keepends=True), "log.expect", "log"
-            )
-        )
-        pytest.fail(f"scenario {name}: log differs from log.expect\n{diff}")
+    changes = diff(HERE / name, text)
+    if changes:
+        pytest.fail(f"scenario {name}: log differs from log.expect\n{changes}")
+
+
+def test_sim_run_prints_the_log_and_diffs_it(tmp_path: Path) -> None:
+    name = "storage-down"
+    out = CliRunner().invoke(sim, ["run", str(HERE / name)])
+    assert out.exit_code == 0, out.output
+    assert out.stdout == (HERE / name / EXPECT).read_text()
+    assert CliRunner().invoke(sim, ["run", "--diff", str(HERE / name)]).exit_code == 0
+    # A scenario whose expectation is wrong: --diff shows the line and exits 1.
+    shutil.copytree(HERE / name, tmp_path / name)
+    expect = tmp_path / name / EXPECT
+    expect.write_text(expect.read_text().replace("running on h4", "running on h5"))
+    out = CliRunner().invoke(sim, ["run", "--diff", str(tmp_path / name)])
+    assert out.exit_code == 1 and "+info    40.0 sim: end: vm 'vm2' running on h4" in out.stdout, out.output
+    # A broken scenario: an error naming the file, no traceback.
+    (tmp_path / name / "cmdlist").write_text("# broken\nsoon cut h2 storage\n")
+    out = CliRunner().invoke(sim, ["run", str(tmp_path / name)])
+    assert out.exit_code == 1 and "cmdlist:2: a line starts with its time" in out.output, out.output
