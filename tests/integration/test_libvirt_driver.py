@@ -35,6 +35,7 @@ from vmha.lab.net import LabError, pid_alive, run
 from vmha.lab.state import CLUSTER, LabState
 from vmha.lab.vm import disk_lines
 from vmha.lab.vms import writing_on
+from vmha.testing.wait import until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +51,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
         for role, pid in sorted(state.controller.pids.items()):
             if role.startswith("manager-"):  # this test alone drives the guests
                 os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 30
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
+                until_sync(lambda p=pid: not pid_alive(p), f"{role} stopped", timeout=30, interval=0.1)
         yield state
     finally:
         cluster.down(lab_dir)
@@ -95,10 +94,7 @@ def _copies(lab: LabState, vm: str) -> list[str | None]:
 
 
 def _wait_writes(lab: LabState, vm: str, host: str, since: float, timeout: float = 60) -> float:
-    deadline = time.monotonic() + timeout
-    while not writing_on(lab, vm, host, since):
-        assert time.monotonic() < deadline, f"{vm} does not write on {host}"
-        time.sleep(0.1)
+    until_sync(lambda: writing_on(lab, vm, host, since), f"{vm} writing on {host}", timeout=timeout, interval=0.1)
     return time.time()
 
 
