@@ -32,6 +32,14 @@ VMHA = str(Path(sys.executable).with_name("vmha"))
 
 
 
+async def status_cli(host: ProxiedHost) -> subprocess.CompletedProcess[str]:
+    """`vmha agent --status`, in a thread: a blocking run here would stall this event loop, which
+    carries the agent's etcd traffic (the proxies), for the seconds the CLI takes to start, and the
+    agent would then report every plane unreachable (seen under load: all three, exit 1)."""
+    args = [VMHA, "agent", "--config", str(host.config_path), "--status-file", str(host.status_path), "--status"]
+    return await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=30)
+
+
 @pytest.fixture
 async def host(tmp_path: Path, etcd: EtcdProcess) -> AsyncIterator[ProxiedHost]:
     h = await ProxiedHost.create(tmp_path, "t", "h1", "r1", etcd.client_urls[0])
@@ -69,10 +77,7 @@ async def test_agent_registers_beats_reports_and_stops_cleanly(
     assert reg is not None and reg[0]["domain"] == "r1"
 
     await until(lambda: (s := host.status()) is not None and not s["unreachable"], "status file")
-    out = subprocess.run(
-        [VMHA, "agent", "--config", str(host.config_path), "--status-file", str(host.status_path), "--status"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    out = await status_cli(host)
     assert out.returncode == 0, out.stderr
     assert '"unreachable": []' in out.stdout
 
@@ -148,10 +153,7 @@ async def test_agent_status_shows_exactly_the_cut_plane(host: ProxiedHost) -> No
     assert s["planes"]["storage"]["last_error"]  # the status file that showed the cut, not a later read
     host.restore(Plane.STORAGE)
     await until(lambda: (s := host.status()) is not None and not s["unreachable"], "storage back")
-    out = subprocess.run(
-        [VMHA, "agent", "--config", str(host.config_path), "--status-file", str(host.status_path), "--status"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    out = await status_cli(host)
     assert out.returncode == 0
 
 
