@@ -122,9 +122,10 @@ def _scan(names: dict[int, str]) -> list[VmProcess]:
         pid = int(entry)
         argv = _cmdline(pid)
         # python .../vmha-vm NAME ...: the script path is argv[1] (argv[0] when exec'd directly).
-        idx = next((i for i, a in enumerate(argv[:2]) if os.path.basename(a) == "vmha-vm"), None)
+        stand_in = next((argv[i + 1] for i, a in enumerate(argv[:2])
+                         if os.path.basename(a) == "vmha-vm" and len(argv) > i + 1), None)
         guest = qemu_guest(argv)
-        if (idx is None or len(argv) <= idx + 1) and guest is None:
+        if stand_in is None and guest is None:
             continue
         try:
             ino = os.stat(f"/proc/{pid}/ns/net").st_ino
@@ -132,11 +133,11 @@ def _scan(names: dict[int, str]) -> list[VmProcess]:
             continue
         if ino not in names:
             continue  # another lab's VM (another prefix), or one started by hand outside any lab host
-        if guest is None:
-            out.append(VmProcess(argv[idx + 1], pid, names[ino], _disk_open(pid)))  # type: ignore[operator]
-        elif "-incoming" in argv:
+        if stand_in is not None:
+            out.append(VmProcess(stand_in, pid, names[ino], _disk_open(pid)))
+        elif guest is not None and "-incoming" in argv:
             incoming.append((guest, pid, names[ino]))
-        else:
+        elif guest is not None:
             out.append(VmProcess(guest, pid, names[ino], True))
     for guest, pid, host in incoming:
         older = any(p.vm == guest and _started(p.pid) <= _started(pid) for p in out) or any(
