@@ -11,27 +11,27 @@ held, host flags, and a host whose libvirtd cannot be reached.
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import itertools
 import json
 import os
+import pickle
 import re
 import signal
-import threading
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vmha.core.planes import Plane
 from vmha.drivers.base import DriverError
-from vmha.drivers.libvirt import LibvirtDriver
-from vmha.etcd.client import EtcdClient
-from vmha.etcd.keys import Keys
 from vmha.lab import cluster, faults, libvirtd, scenario
 from vmha.lab.configs import libvirt_uri
-from vmha.lab.net import LabError, pid_alive, run
+from vmha.lab.net import pid_alive, run
 from vmha.lab.state import CLUSTER, LabState
 from vmha.lab.vm import disk_lines
 from vmha.lab.vms import writing_on
@@ -40,7 +40,6 @@ from vmha.testing.wait import until_sync
 pytestmark = pytest.mark.integration
 
 PREFIX = "vqd"
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -57,36 +56,24 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
         cluster.down(lab_dir)
 
 
-def in_controller(lab: LabState, fn: Callable[[LibvirtDriver], Awaitable[T]]) -> T:
-    """Runs fn(driver) in a thread of its own moved into the controller's network namespace: the
-    threads it starts (the driver's pool, gRPC's) are created there too."""
-    result: list[T] = []
-    error: list[BaseException] = []
+def in_controller(lab: LabState, *calls: tuple[str, tuple[Any, ...]]) -> list[tuple[Any, float]]:
+    """(result, seconds) of driver calls (method, args), made in order by a driver in the controller's
+    network namespace (libvirt_calls.py); the first call that fails raises its exception here."""
+    uris = {h: libvirt_uri(lab.node(h)) for h in sorted(lab.hosts)}
+    arg = base64.b64encode(pickle.dumps((uris, lab.etcd_url(Plane.MANAGEMENT), CLUSTER, list(calls)))).decode()
+    cp = subprocess.run(["ip", "netns", "exec", lab.node("controller").netns, sys.executable,
+                         str(Path(__file__).with_name("libvirt_calls.py")), arg],
+                        capture_output=True, text=True, timeout=300, check=False)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    results = pickle.loads(base64.b64decode(cp.stdout))
+    for kind, value, _ in results:
+        if kind == "err":
+            raise value
+    return [(value, seconds) for _, value, seconds in results]
 
-    def body() -> None:
-        import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open(f"/run/netns/{lab.node('controller').netns}", "rb") as ns:
-            if libc.setns(ns.fileno(), 0x40000000) != 0:
-                raise LabError("setns into the controller's netns failed")
-
-        async def main() -> T:
-            uris = {h: libvirt_uri(lab.node(h)) for h in sorted(lab.hosts)}
-            async with EtcdClient([lab.etcd_url(Plane.MANAGEMENT)], name="test") as client:
-                return await fn(LibvirtDriver(client, Keys(CLUSTER), uris, migrate_unsafe=True))
-
-        try:
-            result.append(asyncio.run(main()))
-        except BaseException as e:  # re-raised in the test's thread
-            error.append(e)
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join(300)
-    if error:
-        raise error[0]
-    return result[0]
+def call(lab: LabState, method: str, *args: Any) -> Any:
+    return in_controller(lab, (method, args))[0][0]
 
 
 def _copies(lab: LabState, vm: str) -> list[str | None]:
@@ -101,16 +88,16 @@ def test_discovery_reads_protection_from_metadata(lab: LabState) -> None:
     path.write_text(plain)
     libvirtd.virsh(lab.node("h2"), "create", str(path), timeout=60)
 
-    vms = in_controller(lab, lambda d: d.vms())
+    vms = call(lab, "vms")
     assert [(v.name, v.host, v.ha, v.state) for v in vms] == [("vm1", "h1", True, "running")]
-    on_h1 = in_controller(lab, lambda d: d.vms("h1"))
+    on_h1 = call(lab, "vms", "h1")
     assert [v.name for v in on_h1] == ["vm1"]
     libvirtd.virsh(lab.node("h2"), "destroy", "plain")
 
 
 def test_live_migration_moves_the_running_guest(lab: LabState) -> None:
     t0 = time.time()
-    dest = in_controller(lab, lambda d: d.live_migrate("vm1", "h1", None))
+    dest = call(lab, "live_migrate", "vm1", "h1", None)
     assert dest == "h2"
     assert _copies(lab, "vm1") == ["h2"]
     until_sync(lambda: writing_on(lab, "vm1", "h2", t0), "vm1 writing on h2", timeout=60)
@@ -125,8 +112,8 @@ def test_live_migration_moves_the_running_guest(lab: LabState) -> None:
 
 def test_evacuate_refuses_while_the_vm_runs_on_the_source_and_is_idempotent(lab: LabState) -> None:
     with pytest.raises(DriverError, match="still runs on h2"):
-        in_controller(lab, lambda d: d.evacuate("vm1", "h2", None))
-    assert in_controller(lab, lambda d: d.evacuate("vm1", "h1", None)) == "h2"  # done already
+        call(lab, "evacuate", "vm1", "h2", None)
+    assert call(lab, "evacuate", "vm1", "h1", None) == "h2"  # done already
     assert _copies(lab, "vm1") == ["h2"]
 
 
@@ -142,7 +129,7 @@ def test_libvirt_refuses_a_second_copy_while_the_lease_is_held(lab: LabState) ->
 def test_evacuation_starts_the_recorded_definition_elsewhere(lab: LabState) -> None:
     libvirtd.virsh(lab.node("h2"), "destroy", "vm1")  # the guest is gone; its lease released by QEMU's exit
     t0 = time.time()
-    assert in_controller(lab, lambda d: d.evacuate("vm1", "h2", "h1")) == "h1"
+    assert call(lab, "evacuate", "vm1", "h2", "h1") == "h1"
     until_sync(lambda: writing_on(lab, "vm1", "h1", t0), "vm1 writing on h1", timeout=60)
     held = libvirtd.virsh(lab.node("h1"), "list", "--name").stdout.split()
     assert held == ["vm1"]
@@ -151,28 +138,19 @@ def test_evacuation_starts_the_recorded_definition_elsewhere(lab: LabState) -> N
 
 
 def test_host_flags(lab: LabState) -> None:
-    async def flags(d: LibvirtDriver) -> list[tuple[str, bool, bool]]:
-        await d.disable_host("h1", "test")
-        a = [(h.name, h.enabled, h.forced_down) for h in await d.hosts()]
-        await d.mark_host_down("h2")
-        b = [(h.name, h.enabled, h.forced_down) for h in await d.hosts()]
-        await d.enable_host("h1")
-        await d.enable_host("h2")
-        c = [(h.name, h.enabled, h.forced_down) for h in await d.hosts()]
-        return [*a, *b, *c]
-
-    assert in_controller(lab, flags) == [("h1", False, False), ("h2", True, False),
-                                          ("h1", False, False), ("h2", False, True),
-                                          ("h1", True, False), ("h2", True, False)]
+    got = in_controller(lab, ("disable_host", ("h1", "test")), ("hosts", ()), ("mark_host_down", ("h2",)),
+                        ("hosts", ()), ("enable_host", ("h1",)), ("enable_host", ("h2",)), ("hosts", ()))
+    flags = [[(h.name, h.enabled, h.forced_down) for h in got[i][0]] for i in (1, 3, 6)]
+    assert flags == [[("h1", False, False), ("h2", True, False)],
+                     [("h1", False, False), ("h2", False, True)],
+                     [("h1", True, False), ("h2", True, False)]]
 
 
 def test_unreachable_host_is_down_and_keeps_its_recorded_vms(lab: LabState) -> None:
     faults.host_plane(lab, "h1", "management", "down")
     try:
-        t = time.monotonic()
-        hosts, vms = in_controller(lab, lambda d: asyncio.gather(d.hosts(), d.vms()))
-        took = time.monotonic() - t
-        print(f"hosts() and vms() with h1 unreachable: {took:.1f} s", flush=True)
+        (hosts, took), (vms, _) = in_controller(lab, ("hosts", ()), ("vms", ()))
+        print(f"hosts() with h1 unreachable: {took:.1f} s", flush=True)
         assert [(h.name, h.up) for h in hosts] == [("h1", False), ("h2", True)]
         assert [(v.name, v.host, v.state) for v in vms] == [("vm1", "h1", "unknown")]
     finally:
