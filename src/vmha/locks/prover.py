@@ -18,11 +18,14 @@ raises ProofRefused with what each method saw.
 A free lease is evidence only of what held it. The methods that prove by a lease being (or becoming)
 free, lease-taken, request-force and exit-attested, prove only when the lease's leader record names
 the VM's host as its last owner (lver > 0, owner_id = its host_id): a process there held the lease and
-released it (exited, was stopped). A lease nobody ever acquired (a VM started without the lock
-manager, e.g. libvirt without lock_manager = "sanlock"), or one last held on another host, says
-nothing about the copy on this host: those methods refuse it, and the proof carries an alert naming
-the likely cause (ProofRefused.alert, or the proof's details["alert"] when power or host-dead, which
-are evidence about the host itself, proved anyway).
+released it (exited, was stopped). So does host-dead: a DEAD host_id means its lease holders exited
+or the watchdog reset the host, and says nothing about a copy that held no lease (a host cut from the
+storage removes its failed lockspace without a reset when nothing holds a lease, and that copy writes
+again when the storage returns: found by the model, vmha/model/fencing.pml). A lease nobody ever
+acquired (a VM started without the lock manager, e.g. libvirt without lock_manager = "sanlock"), or
+one last held on another host, says nothing about the copy on this host: those methods refuse it, and
+the proof carries an alert naming the likely cause (ProofRefused.alert, or the proof's
+details["alert"] when power, which is evidence about the host itself, proved anyway).
 
 The manager's process must talk to a sanlock daemon joined to the lockspace (its own host_id).
 """
@@ -261,7 +264,7 @@ class Prover:
         if method is ProofMethod.REQUEST_FORCE:
             return await self._request_force(vm, host, host_id, end, trail)
         if method is ProofMethod.HOST_DEAD:
-            return await self._host_dead(vm, host_id, end, trail)
+            return await self._host_dead(vm, host, host_id, end, trail)
         if method is ProofMethod.EXIT_ATTESTED:
             return await self._exit_attested(vm, host, host_id, end, trail)
         return await self._power(vm, host, host_id, end, trail)
@@ -381,7 +384,9 @@ class Prover:
                 return False
             await asyncio.sleep(self.poll)
 
-    async def _host_dead(self, vm: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
+    async def _host_dead(self, vm: str, host: str, host_id: int, end: float, trail: _Trail) -> LeaseHold:
+        # DEAD vouches only for lease holders: the copy on the host must have held this lease.
+        await self._held_there(vm, host, host_id, trail)
         if not await self._wait_state(host_id, end, trail, lambda i: i is not None and i.state is HostState.DEAD):
             raise _Failed(f"host_id {host_id} not DEAD (states seen: {' '.join(trail.states)})")
         return await self._take_until(vm, end, trail, f"host_id {host_id} DEAD",

@@ -1,7 +1,8 @@
 """No vacuous proof: a free lease proves a VM stopped only if a process on the VM's host held it.
 
 A VM that runs without its lease (on a real host: QEMU under libvirt without lock_manager = "sanlock")
-leaves the lease free from the start: lease-taken, request-force and exit-attested must refuse it,
+leaves the lease free from the start: lease-taken, request-force, exit-attested and host-dead (DEAD
+vouches only for lease holders; see vmha/model/fencing.pml, variant host-dead-never-held) must refuse it,
 naming the VM, the host and what the lease's leader record shows, with an alert. Real sanlock (two
 daemons, io_timeout 1); the leader record is read from storage as sanlock wrote it.
 """
@@ -12,7 +13,14 @@ import os
 import signal
 
 import pytest
-from lockhelp import A_HOST_ID, MGR_HOST_ID, LockCluster, assert_never_held_refused, held_then_released
+from lockhelp import (
+    A_HOST_ID,
+    FREE_LEASE_METHODS,
+    MGR_HOST_ID,
+    LockCluster,
+    assert_never_held_refused,
+    held_then_released,
+)
 from test_leases import KillHostA
 
 from vmha.core.fencing import ProofMethod
@@ -38,7 +46,8 @@ async def test_a_lease_never_held_gives_no_proof_and_an_alert(cluster: LockClust
     attest = AttestsOk()
     refused = await assert_never_held_refused(
         cluster.prover(attest=attest), "vm1", cluster.a.name,
-        r"was never acquired since it was initialised or reset \(lver 0\)")
+        r"was never acquired since it was initialised or reset \(lver 0\)",
+        (*FREE_LEASE_METHODS, ProofMethod.HOST_DEAD))
     assert attest.asked == []  # refused before the agent was even asked
     assert cluster.space.leader("vm1").lver == 0  # nothing taken, nothing reset
     print(f"refused: {refused.alert}")
@@ -79,7 +88,7 @@ async def test_a_lease_last_held_by_another_host_gives_no_proof(cluster: LockClu
 
 
 async def test_power_still_proves_a_never_held_lease_with_the_alert(cluster: LockCluster) -> None:
-    """Power and host-dead are evidence about the host itself: they prove, and the proof keeps the alert."""
+    """Power is evidence about the host itself: it proves, and the proof keeps the alert."""
     os.kill(cluster.a.daemon.pid, signal.SIGKILL)  # A stops renewing its lockspace: the fence may act
     proof = await cluster.prover(power=KillHostA(cluster)).prove(
         "vm1", cluster.a.name, (ProofMethod.LEASE_TAKEN, ProofMethod.POWER), timeout=30)
