@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "demo": "vmha.lab.cli:demo",
     "bench": "vmha.bench.cli:bench",
     "sim": "vmha.sim.cli:sim",
+    "model": "vmha.model.cli:model",
     "config": "vmha.config_cli:config_group",
 }
 

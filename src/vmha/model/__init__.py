@@ -1,0 +1,1 @@
+"""The fencing protocol as a checked model: fencing.pml (Promela) and its checks with Spin (check.py)."""
