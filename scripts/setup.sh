@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything vmha, its lab and its tests need on Debian 12, as root:
 # Debian packages (etcd, sanlock and its Python binding, sshfs/sshd for the lab's shared storage,
-# gcc for the lab's setrlimit shim and Spin's verifiers (spin: `vmha model check`), fence-agents + ipmitool for the power fence and openipmi's ipmi_sim
+# gcc for the lab's setrlimit shim, fence-agents + ipmitool for the power fence and openipmi's ipmi_sim
 # as the BMC its tests fence; libvirt with its sanlock lock manager, QEMU, and the kernel and busybox the
-# lab's guest is built from) and a virtualenv in .venv with vmha installed in it.
+# lab's guest is built from; spin, whose verifiers gcc compiles, for `vmha model check`) and a
+# virtualenv in .venv with vmha installed in it.
 # Idempotent: a second run only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
