@@ -53,6 +53,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "fence-miswired-cut": ("FENCE_MISWIRED_CUT",
                            "assumption broken: a miswired power fence while the host is also cut from "
                            "storage (nothing vmha reads can tell)"),
+    "two-managers": ("TWO_MANAGERS",
+                     "assumption broken: two managers prove at once (a deposed leader's lease reset still in "
+                     "flight clobbers the lease the other one's new copy took); one fault per run"),
 }
 
 # The model's mtype names are ProofMethod's member names.

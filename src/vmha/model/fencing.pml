@@ -39,6 +39,11 @@
    NO_WATCHDOG             assumption broken: no watchdog (the lab's sanlock -w 0), so a dead sanlock
                            daemon leaves its holders running
    FENCE_MISWIRED_CUT      assumption broken: a miswired fence while A is also cut from storage
+   TWO_MANAGERS            assumption broken: two managers prove at once (a deposed leader whose lease
+                           reset is still in flight; the election's 0.9 TTL rule stops its decisions,
+                           not a sanlock write already issued): the second one (host_id 4, new copy
+                           on C) uses the methods that reset the lease, and its reset, decided on
+                           owners read before the first one's new copy took the lease, clobbers it
    PROVES=<method>         not a variant: asserts that <method> never proves by its own step (REQ_FORCE,
                            attestation, fence, DEAD; not a lease found free), so that a check finding
                            the assertion false shows that the method can prove: the model is not
@@ -46,7 +51,11 @@
 */
 
 #ifndef MAXF
+#ifdef TWO_MANAGERS
+#define MAXF 1  /* two managers multiply the states; one fault is enough for them to overlap */
+#else
 #define MAXF 3
+#endif
 #endif
 
 /* sanlock host_ids */
@@ -54,6 +63,8 @@
 #define A 1        /* the old copy's host */
 #define M 2        /* the manager's host: the Prover takes the lease through its own registration */
 #define B 3        /* the new copy's host */
+#define M2 4       /* TWO_MANAGERS: a second manager's host... */
+#define C 5        /* ...starting its new copy on C */
 
 /* A's delta lease, as the other hosts' sanlock sees it (space.HostState) */
 #define LIVE 0
@@ -62,7 +73,7 @@
 #define DEAD 3
 
 /* the proof methods (core.fencing.ProofMethod) */
-mtype:method = { LEASE_TAKEN, REQUEST_FORCE, EXIT_ATTESTED, POWER, HOST_DEAD }
+mtype:proof = { LEASE_TAKEN, REQUEST_FORCE, EXIT_ATTESTED, POWER, HOST_DEAD }
 
 /* host A */
 bool a_on = true;         /* powered */
@@ -84,11 +95,11 @@ byte l_gen;               /* owner_generation */
 bool l_held;              /* timestamp != 0 */
 bool req_force;           /* a REQ_FORCE request is flagged on the lease */
 
-bool b_vm;                /* the new copy runs on B */
-bool m_crash;             /* the manager process crashes (set by World, handled by Manager) */
+bool started[2];          /* the new copy runs: [0] on B (the manager), [1] on C (TWO_MANAGERS) */
+bool m_crash[2];          /* a manager process crashes (set by World, handled by Manager) */
 byte faults;
 
-#define writers ((a_on && a_vm) + b_vm)
+#define writers ((a_on && a_vm) + started[0] + started[1])
 ltl never_two_writers { [] (writers <= 1) }
 
 /* A's sanlock can write to storage: renew its delta lease, release a lease */
@@ -160,8 +171,12 @@ end:	do
 	:: atomic { faults < MAXF && a_on -> printf("fault: A loses power\n"); power_loss(); faults++ }
 	:: atomic { !a_on -> printf("repair: A powered on (the VM does not start by itself)\n");
 		a_on = true; a_sanlock = true; a_agent = true }
-	:: atomic { faults < MAXF && !m_crash && !b_vm -> printf("fault: the manager crashes\n");
-		m_crash = true; faults++ }
+	:: atomic { faults < MAXF && !m_crash[0] && !started[0] -> printf("fault: the manager crashes\n");
+		m_crash[0] = true; faults++ }
+#ifdef TWO_MANAGERS
+	:: atomic { faults < MAXF && !m_crash[1] && !started[1] -> printf("fault: the second manager crashes\n");
+		m_crash[1] = true; faults++ }
+#endif
 	od
 }
 
@@ -169,7 +184,7 @@ end:	do
 inline held_there(skip_check) {
 	if
 	:: skip_check || l_owner == A -> ok = true
-	:: else -> printf("manager: %e: lease never held on A: refused\n", method); ok = false
+	:: else -> printf("manager %d: %e: lease never held on A: refused\n", me, method); ok = false
 	fi
 }
 
@@ -188,7 +203,7 @@ inline acquire(who) {
 inline take(dead_ok) {
 	ok = !l_held || (l_owner == A && l_gen < a_gen) || (dead_ok && l_owner == A && a_age == DEAD);
 	if
-	:: ok -> atomic { acquire(M) }
+	:: ok -> atomic { acquire(me) }
 	:: else
 	fi
 }
@@ -206,14 +221,13 @@ inline reset_and_take() {
 	if
 	:: l_held && l_owner != A -> ok = false
 	:: else ->
-		printf("manager: %e: lease reset\n", method);
-		l_owner = NOBODY; l_held = false;
+		atomic { printf("manager %d: %e: lease reset\n", me, method); l_owner = NOBODY; l_held = false };
 		take(false)
 	fi
 }
 
-proctype Manager() {
-	mtype:method method;
+proctype Manager(byte me; byte dest; byte i) {
+	mtype:proof method;
 	bool ok;
 	bool attested;
 #ifdef PROVES
@@ -224,19 +238,19 @@ proctype Manager() {
 #endif
 restart:
 	do
-	:: b_vm -> break
+	:: started[i] -> break
 	:: else ->
 	{
 		atomic { ok = false; witness(false); req_force = false };
 		atomic {
 			if
-			:: method = LEASE_TAKEN
-			:: method = REQUEST_FORCE
+			:: i == 0 -> method = LEASE_TAKEN
+			:: i == 0 -> method = REQUEST_FORCE
 			:: method = EXIT_ATTESTED
 			:: method = POWER
-			:: method = HOST_DEAD
-			fi;
-			printf("manager: trying %e\n", method)
+			:: i == 0 -> method = HOST_DEAD
+			fi;  /* TWO_MANAGERS: the second one uses the methods that reset the lease */
+			printf("manager %d: trying %e\n", me, method)
 		};
 		if
 		:: method == LEASE_TAKEN ->
@@ -253,7 +267,7 @@ restart:
 				take(false);
 				if
 				:: !ok ->
-					printf("manager: REQ_FORCE written\n");
+					printf("manager %d: REQ_FORCE written\n", me);
 					atomic { req_force = true; witness(true) };
 					take_until(false)
 				:: else
@@ -275,7 +289,7 @@ restart:
 					if
 					:: atomic { mgmt && a_on && a_agent ->
 						attested = a_sanlock && !a_joined && !(a_vm && a_leased);
-						printf("manager: agent attests ok=%d\n", attested) }
+						printf("manager %d: agent attests ok=%d\n", me, attested) }
 					:: attested = false
 					fi;
 					/* this daemon's own view: A stopped renewing (FAIL, DEAD) */
@@ -290,7 +304,7 @@ restart:
 		:: method == POWER ->
 #ifndef POWER_NO_RENEWAL_CHECK
 			if
-			:: a_age == LIVE -> printf("manager: power: A still renews: not powering it off\n"); ok = false
+			:: a_age == LIVE -> printf("manager %d: power: A still renews: not powering it off\n", me); ok = false
 			:: else -> ok = true
 			fi;
 #else
@@ -299,8 +313,8 @@ restart:
 			if
 			:: ok ->
 				if
-				:: atomic { !miswired -> printf("manager: power: A confirmed off\n"); power_loss(); witness(true) }
-				:: atomic { miswired -> printf("manager: power: miswired fence confirms off, A runs on\n") }
+				:: atomic { !miswired -> printf("manager %d: power: A confirmed off\n", me); power_loss(); witness(true) }
+				:: atomic { miswired -> printf("manager %d: power: miswired fence confirms off, A runs on\n", me) }
 				:: ok = false  /* not confirmed within the budget */
 				fi;
 				if :: ok -> reset_and_take() :: else fi
@@ -327,18 +341,21 @@ restart:
 		req_force = false;
 		if
 		:: ok ->
-			printf("manager: proof by %e; lease released, starting the VM on B\n", method);
+			atomic {  /* Prover.release */
+				printf("manager %d: proof by %e; lease released, starting the new copy on host_id %d\n",
+				       me, method, dest);
+				if :: l_owner == me && l_held -> l_held = false :: else fi
+			};
 #ifdef PROVES
 			assert(!(method == PROVES && via));
 #endif
-			l_held = false;  /* Prover.release */
-			atomic { acquire(B); if :: ok -> b_vm = true :: else fi }
+			atomic { acquire(dest); if :: ok -> started[i] = true :: else fi }
 		:: else
 		fi
 	} unless {
-		m_crash ->
+		m_crash[i] ->
 		/* sanlock releases the leases of a process that died */
-		atomic { if :: l_owner == M && l_held -> l_held = false :: else fi; req_force = false; m_crash = false }
+		atomic { if :: l_owner == me && l_held -> l_held = false :: else fi; req_force = false; m_crash[i] = false }
 		goto restart
 	}
 	od
@@ -346,6 +363,10 @@ restart:
 
 init {
 	atomic {
+		printf("config: host_ids: A %d, manager %d starting the new copy on B %d\n", A, M, B);
+#ifdef TWO_MANAGERS
+		printf("config: and at the same time manager %d starting one on C %d\n", M2, C);
+#endif
 		if
 		:: a_leased = true; l_owner = A; l_gen = 1; l_held = true;
 			printf("config: the old copy runs on A holding its lease\n")
@@ -357,6 +378,9 @@ init {
 		:: miswired = true; printf("config: A's power fence is miswired (acts on another machine)\n")
 		fi;
 		run World();
-		run Manager()
+		run Manager(M, B, 0)
+#ifdef TWO_MANAGERS
+		; run Manager(M2, C, 1)
+#endif
 	}
 }
