@@ -88,3 +88,11 @@ def test_cli_says_when_a_variant_is_not_caught(monkeypatch: pytest.MonkeyPatch) 
     r = CliRunner().invoke(cli, ["model", "check", "--broken", "power-no-renewal-check"])
     assert r.exit_code == 3, r.output
     assert "NOT CAUGHT: power-no-renewal-check" in r.output
+
+
+def test_a_search_that_does_not_complete_is_no_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verifier stopped by its memory bound has found nothing: that is not "holds"."""
+    monkeypatch.setattr(check, "CFLAGS", (*check.CFLAGS, "-DMEMLIM=20"))
+    r = CliRunner().invoke(cli, ["model", "check"])
+    assert r.exit_code == 1, r.output
+    assert "search NOT completed" in r.output and "the search did not complete" in r.output
