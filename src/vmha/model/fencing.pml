@@ -140,8 +140,8 @@ end:	do
 #endif
 	:: atomic { a_age >= FAIL && a_on && a_sanlock && a_joined && !(a_vm && a_leased) ->
 		a_joined = false }  /* a failed lockspace is removed once its holders have exited */
-	/* a_gen < 6 keeps the state space finite; MAXF faults allow at most MAXF + 1 joins */
-	:: atomic { a_on && a_sanlock && a_storage && !a_joined && a_gen < 6 ->
+	/* A bound for a finite state space, never reached: the same states with a bound of 20 */
+	:: atomic { a_on && a_sanlock && a_storage && !a_joined && a_gen <= MAXF + 1 ->
 		printf("A: sanlock joins the lockspace again (new generation)\n");
 		a_joined = true; a_gen++; a_age = LIVE }
 	:: atomic { req_force && a_renews && a_vm && a_leased && l_owner == A && l_held ->
