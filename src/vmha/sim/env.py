@@ -165,6 +165,7 @@ class Sim:
         self.etcd_down_until = 0.0
         self.split_brain = 0
         self.restarts: dict[str, int] = {}  # vm -> copies started by evacuation
+        self.evacuated: list[tuple[float, str, str]] = []  # (time, vm, source) of every restart
         self._heap: list[tuple[float, int, int, Callable[[], None]]] = []
         self._seq = 0
         self._revision = 0
@@ -181,11 +182,14 @@ class Sim:
         self._seq += 1
         heapq.heappush(self._heap, (t, phase, self._seq, fn))
 
-    def run(self, until: float) -> None:
+    def run(self, until: float, check: Callable[[], None] | None = None) -> None:
+        """Run the clock to `until`; `check` (invariants) after every event."""
         while self._heap and self._heap[0][0] <= until:
             t, _, _, fn = heapq.heappop(self._heap)
             self.now = max(self.now, t)
             fn()
+            if check is not None:
+                check()
         self.now = max(self.now, until)
 
     def log(self, level: Level, actor: str, text: str) -> None:
@@ -356,6 +360,8 @@ class Sim:
 
     def power_on(self, host: str) -> None:
         h = self.hosts[host]
+        if h.powered:
+            return  # already on: nothing boots
         h.powered = True
         h.agent = True  # the boot starts it
         h.renew_lost_at = None
@@ -594,6 +600,7 @@ class Sim:
         vm.copies.add(where)
         vm.host, vm.lease_holder = where, where
         self.restarts[name] = self.restarts.get(name, 0) + 1
+        self.evacuated.append((self.now, name, source))
         self.log(Level.INFO, WORLD, f"vm '{name}' started on '{where}' (proof {proof})")
         self._inventory_soon()
         return where
