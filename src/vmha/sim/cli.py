@@ -50,17 +50,23 @@ def explore_cmd(count: int, first: int, out: Path) -> None:
     written as a scenario directory."""
     from vmha.sim.explore import Run, Violation, explore, replay, shrink, write_scenario
 
+    shrinking = 0.0  # time spent replaying and shrinking failures, apart from the exploration
+
     def found(run: Run, v: Violation) -> None:
+        nonlocal shrinking
+        t = time.perf_counter()
         again, _ = replay(run)
         exact = again is not None and str(again) == str(v)
         faults = shrink(run, v)
         write_scenario(out / f"seed-{run.seed}", run, faults, v)
         click.echo(f"seed {run.seed}: VIOLATION {v} (replays {'exactly' if exact else 'DIFFERENTLY'}); "
                    f"shrunk from {len(run.faults)} to {len(faults)} fault(s): {out / f'seed-{run.seed}'}")
+        shrinking += time.perf_counter() - t
 
     t0 = time.perf_counter()
     failing = explore(first, count, found)
-    spent = time.perf_counter() - t0
+    spent = time.perf_counter() - t0 - shrinking
+    more = f" (replayed and shrunk in {shrinking:.1f} s more)" if failing else ""
     click.echo(f"{count} seeds ({first}..{first + count - 1}) in {spent:.1f} s: {count / spent:.1f} seeds/s; "
-               f"{len(failing)} failing")
+               f"{len(failing)} failing{more}")
     sys.exit(1 if failing else 0)
