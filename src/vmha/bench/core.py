@@ -9,7 +9,11 @@ monitor batches them. Then:
   2. 50 hosts lose storage at once (beats stop, leases expire): DOWN, decide_after, 1,000 tasks proving;
   3. every step of the 1,000 recoveries (proof, mark down, release, evacuate) answered at once and fed
      back until all are DONE, with the configured concurrency limits.
-Measured in core time only (perf_counter around each core step; no etcd, no driver, no sanlock):
+The RecoveryCore runs in the manager's runtime loop (vmha.runtime.loop), whose environment here
+answers every action at once (_Instant): results wait in a queue until phase 3 feeds them back.
+Measured in decision time only (perf_counter around each HealthCore step and each step of the runtime
+loop, which includes the RecoveryCore step and the dispatch of its actions; no etcd, no driver, no
+sanlock):
   - the cost of a heartbeat (the steady load between decisions, reported apart);
   - decision time: every core step of a phase except the batches of ordinary heartbeats, i.e. the lease
     expiries, the timer ticks that turn them into SUSPECT / FABRIC / DOWN, the fabric verdict, the
@@ -21,34 +25,31 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
 
-from vmha.core.fencing import FenceProof
+from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import HealthCore, HealthEvent, HealthTick, HealthTimings, Heartbeat, HostSeen, LeaseGone
+from vmha.core.log import LogLine
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
-from vmha.core.queue import Step, TaskState
+from vmha.core.queue import TaskState
 from vmha.core.recovery import (
-    Evacuate,
-    HostOp,
-    HostOpDone,
+    Alert,
     Inventory,
-    MarkHostDown,
-    ProofObtained,
-    Prove,
-    RecoveryAction,
+    RecordEvidence,
     RecoveryCore,
     RecoveryEvent,
     RecoverySettings,
-    ReleaseProof,
-    StepDone,
     Tick,
     from_health,
 )
 from vmha.drivers.base import HostInfo, VmInfo
+from vmha.runtime.env import Running
+from vmha.runtime.loop import Loop, run_now
 
 
 @dataclass(slots=True)
@@ -71,7 +72,8 @@ class _Cluster:
         self.core = core
         self.now = 0.0
         self.spent = _Spent()
-        self.actions: deque[RecoveryAction] = deque()
+        self.env = _Instant(self)
+        self.loop = Loop(core, self.env, proof_timeout=0.0)
         self.hosts = list(hosts)
         self.silent: set[tuple[str, Plane]] = set()  # planes whose agent path is cut: no beats
         self._seq = 0
@@ -86,14 +88,12 @@ class _Cluster:
     def _recover(self, events: Sequence[RecoveryEvent]) -> None:
         for ev in events:
             t0 = time.perf_counter()
-            out = self.core.step(ev, self.now)
+            run_now(self.loop.step([ev]))
             self.spent.decide += time.perf_counter() - t0
             self.spent.decide_steps += 1
-            for a in out.actions:
-                name = type(a).__name__
-                self.spent.counts[name] = self.spent.counts.get(name, 0) + 1
-                if isinstance(a, Prove | MarkHostDown | ReleaseProof | Evacuate):
-                    self.actions.append(a)
+
+    def count(self, action: str, n: int = 1) -> None:
+        self.spent.counts[action] = self.spent.counts.get(action, 0) + n
 
     def _health(self, events: Sequence[HealthEvent], beats: bool) -> None:
         t0 = time.perf_counter()
@@ -156,17 +156,76 @@ class _Cluster:
         self.silent -= {(h, plane) for h in hosts}
 
 
-def _answer(a: RecoveryAction, now: float) -> RecoveryEvent:
-    match a:
-        case Prove(vm, host, methods, attempt):
-            return ProofObtained(FenceProof(vm, host, methods[-1], now - 1.0, now), attempt)
-        case MarkHostDown(host):
-            return HostOpDone(host, HostOp.MARK_DOWN)
-        case ReleaseProof(vm, _, _):
-            return StepDone(vm, Step.RELEASE)
-        case Evacuate(vm, _, dest, _):
-            return StepDone(vm, Step.EVACUATE, dest)
-    raise ValueError(f"no answer for {a!r}")
+class _Instant:
+    """The runtime loop's Env of the bench: every call answers at once (a proof by the last method it
+    was given, the driver's steps done); the results wait in `results` for phase 3."""
+
+    def __init__(self, cluster: _Cluster) -> None:
+        self.cluster = cluster
+        self.results: deque[RecoveryEvent] = deque()
+
+    def now(self) -> float:
+        return self.cluster.now
+
+    def log(self, lines: Sequence[LogLine]) -> None:
+        pass
+
+    async def persist(self, tasks: Mapping[str, dict[str, object]], records: Sequence[RecordEvidence],
+                      lines: Sequence[LogLine], alerts: Sequence[Alert]) -> None:
+        self.cluster.count("PersistTask", len(tasks))
+        self.cluster.count("Alert", len(alerts))
+
+    def alert(self, alert: Alert) -> None:
+        pass
+
+    async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
+        self.cluster.count("Prove")
+        now = self.cluster.now
+        return FenceProof(vm, host, methods[-1], now - 1.0, now)
+
+    async def release(self, vm: str) -> None:
+        pass
+
+    async def evacuate(self, vm: str, source: str, dest: str | None, proof: FenceProof) -> str:
+        return dest or ""
+
+    async def migrate(self, vm: str, source: str, dest: str | None) -> str:
+        return dest or ""
+
+    async def disable(self, host: str, reason: str) -> None:
+        pass
+
+    async def mark_down(self, host: str) -> None:
+        pass
+
+    async def enable(self, host: str) -> None:
+        pass
+
+    async def check_rejoin(self, host: str, vms: Sequence[str]) -> str:
+        return "bench: no check"
+
+    async def quarantine(self, host: str, reason: str) -> None:
+        pass
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> Running:
+        run_now(coro)
+        return _DONE
+
+    def result(self, event: RecoveryEvent) -> None:
+        self.results.append(event)
+
+
+class _Done:
+    """An action that ended before spawn returned."""
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+
+_DONE = _Done()
 
 
 def _per_beat(s: _Spent) -> str:
@@ -222,9 +281,9 @@ def core(hosts: int, vms_per_host: int, failures: int, fabric_share: float, max_
 
     # 3. Every step of every recovery, answered at once, until the queue is empty (no heartbeats here:
     # the queue's own overhead).
-    while c.actions:
+    while c.env.results:
         c.now += 0.001
-        c._recover([_answer(c.actions.popleft(), c.now)])
+        c._recover([c.env.results.popleft()])
     dispatch = c.phase()
     done = sum(1 for t in c.core.tasks() if t.state == TaskState.DONE)
 

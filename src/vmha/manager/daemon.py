@@ -10,14 +10,11 @@ Standby: campaign (etcd/election.py) and wait. Leader, for one "term" at a time:
   - watch keys.disabled_prefix: a deleted key is `vmha host enable HOST` (HostEnabled, and a fresh
     inventory); read it at start: what earlier leaders did to the hosts (HostOut), for their rejoin;
   - watch keys.maintenance_prefix: `vmha host maintenance HOST on|off` (Maintenance);
-  - call core.step(event, now) for each event (and Tick at core.next_deadline()); the events that
-    arrived together are stepped one after another, and their outputs applied together:
-      1. log each line (logger "vmha.manager") and append it to the decision stream,
-      2. persist the tasks it changed, with CAS guarded by the leadership, and the evidence records
-         in the same transactions - BEFORE any other action of that output runs (persist, then act: a leader that
-         dies in between leaves a task naming the step in flight, which the next one repeats),
-      3. start the other actions concurrently (the core bounds how many), each feeding its result
-         back as an event.
+  - step the core through the runtime loop (vmha.runtime.loop: the simulator and the core bench run
+    the same one), with this term as its environment: the decisions logged (logger "vmha.manager")
+    and appended to the decision stream, the tasks and evidence persisted with CAS guarded by the
+    leadership BEFORE any other action of that output runs, then the proofs (the fencer), the
+    driver calls and the host records (keys.disabled, keys.quarantined) started concurrently.
 A refused task write (StaleTasks) ends the term: in-flight work is cancelled and the term starts
 over from what etcd holds. Losing the leadership (lease lost, keepalives failing past the TTL, a
 write refused by the leader check) cancels everything at once and releases the proof leases this
@@ -35,9 +32,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aetcd import transactions as tx
 
@@ -46,44 +43,20 @@ from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import FabricChange, HealthChange
 from vmha.core.log import Level, LogLine
 from vmha.core.planes import PlaneState
-from vmha.core.queue import Step
 from vmha.core.recovery import (
     AgentStopped,
     Alert,
-    Attempt,
-    CancelProof,
-    CheckRejoin,
-    DisableHost,
-    DropProof,
-    EnableHost,
-    Evacuate,
     FabricUpdate,
     HealthUpdate,
     HostEnabled,
     HostOp,
-    HostOpDone,
-    HostOpFailed,
     HostOut,
     Inventory,
-    LiveMigrate,
     Maintenance,
-    MarkHostDown,
-    PersistTask,
-    ProofObtained,
-    ProofRefused,
-    Prove,
-    QuarantineHost,
     RecordEvidence,
-    RecoveryAction,
     RecoveryCore,
     RecoveryEvent,
-    RecoveryOutput,
-    RejoinChecked,
-    ReleaseProof,
-    StepDone,
-    StepFailed,
     TasksLoaded,
-    Tick,
 )
 from vmha.drivers.base import ComputeDriver, DriverError
 from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdUnavailable, encode_json
@@ -93,6 +66,8 @@ from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import StaleTasks, TaskStore
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
+from vmha.runtime.env import TermOver
+from vmha.runtime.loop import Inbox, Loop
 
 if TYPE_CHECKING:
     from vmha.locks import PowerFence
@@ -236,38 +211,7 @@ async def _fencer(cfg: Config, client: EtcdClient, power: PowerFence | None) -> 
     return prover, prover.release_all, rejoin_check
 
 
-class Inbox:
-    """The decision loop's input: events are taken all at once, so that a burst is decided together."""
-
-    def __init__(self) -> None:
-        self._items: list[RecoveryEvent] = []
-        self._ready = asyncio.Event()
-
-    def put(self, event: RecoveryEvent) -> None:
-        self._items.append(event)
-        self._ready.set()
-
-    async def take(self, timeout: float | None) -> list[RecoveryEvent]:
-        """Every pending event; waits up to `timeout` for one (an empty list: timed out)."""
-        if not self._items:
-            self._ready.clear()
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._ready.wait()
-        items, self._items = self._items, []
-        return items
-
-
-def coalesce(events: list[RecoveryEvent]) -> list[RecoveryEvent]:
-    """Drop a host's HealthUpdate when a later one of the same host follows in the batch: each is the
-    host's whole view, and the planes of a dead host go DOWN one change at a time within one
-    detection step; deciding on the first of them would act on a row that never really held."""
-    last = {e.health.host: i for i, e in enumerate(events) if isinstance(e, HealthUpdate)}
-    return [e for i, e in enumerate(events) if not isinstance(e, HealthUpdate) or last[e.health.host] == i]
-
-
-class _TermOver(Exception):
+class _TermOver(TermOver):
     """The leadership ended: leave the term."""
 
 
@@ -324,12 +268,13 @@ class Manager:
                 await term.run(stop)
             except StaleTasks as e:
                 log.warning("manager %s: %s; reloading the tasks", self.m.name, e)
-            except (NotLeader, _TermOver):
+            except (NotLeader, TermOver):
                 return
 
 
 class Term:
-    """One leadership term's state: a fresh core, monitor and in-flight actions."""
+    """One leadership term's state: a fresh core in its runtime loop, a monitor, the inputs; and the
+    loop's environment (vmha.runtime.env.Env): etcd, the fencer and the compute driver."""
 
     def __init__(self, mgr: Manager, lead: Leadership, parts: Parts) -> None:
         self.mgr = mgr
@@ -340,7 +285,6 @@ class Term:
         self.client = mgr.client
         self.keys = mgr.keys
         self.clock = mgr.clock
-        self.core = RecoveryCore(mgr.cfg.policy_table, mgr.m.recovery_settings())
         self.store = TaskStore(self.client, self.keys)
         self.events = EventLog(self.client, self.keys)
         self.monitor = HealthMonitor(self.client, self.keys, mgr.cfg.timings.health(), name=mgr.m.name,
@@ -348,9 +292,13 @@ class Term:
         self.inbox = Inbox()
         self.inventory_now = asyncio.Event()
         self.pending_events: list[tuple[str, str, str, str]] = []  # health lines for the stream
-        self.inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self.over = False  # the term ended: nothing more is decided or started
-        self.proof_timeout = proof_timeout(mgr.cfg)
+        self.loop = Loop(RecoveryCore(mgr.cfg.policy_table, mgr.m.recovery_settings()), self,
+                         proof_timeout=proof_timeout(mgr.cfg))
+
+    @property
+    def over(self) -> bool:
+        """The term ended: nothing more is decided or started."""
+        return self.loop.over
 
     async def run(self, stop: asyncio.Event) -> None:
         """Lead until the leadership ends (_TermOver, NotLeader), `stop` is set (_TermOver), or a
@@ -368,7 +316,7 @@ class Term:
             asyncio.create_task(self._inventory(), name="inventory"),
             asyncio.create_task(self._enabled_hosts(), name="enabled hosts"),
             asyncio.create_task(self._maintenance(), name="maintenance"),
-            asyncio.create_task(self._decide(), name="decide"),
+            asyncio.create_task(self.loop.run(self.inbox), name="decide"),
         ]
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
@@ -379,7 +327,7 @@ class Term:
             raise _TermOver()
         finally:
             # `over` first: a loop that misses its cancellation still starts nothing afterwards.
-            self.over = True
+            self.loop.over = True
             for t in loops:
                 t.cancel()
             await self._cancel_inflight()
@@ -403,10 +351,7 @@ class Term:
         raise _TermOver()
 
     async def _cancel_inflight(self) -> None:
-        tasks = list(self.inflight.values())
-        self.inflight.clear()
-        for t in tasks:
-            t.cancel()
+        tasks = [t for t in self.loop.cancel_all() if isinstance(t, asyncio.Task)]  # what spawn() made
         if tasks:
             log.warning("manager %s: %d action(s) in flight cancelled", self.mgr.m.name, len(tasks))
             _, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
@@ -511,191 +456,82 @@ class Term:
                     await self.inventory_now.wait()
             self.inventory_now.clear()
 
-    # -- the decision loop ------------------------------------------------------------------------
+    # -- the runtime loop's environment (vmha.runtime.env.Env) ---------------------------------------
 
-    async def _decide(self) -> None:
-        ticked: float | None = None
-        while not self.over:
-            deadline = self.core.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - self.clock())
-            if timeout is not None and deadline == ticked:
-                timeout = max(timeout, 0.2)  # a deadline a Tick did not clear: never spin on it
-            batch = await self.inbox.take(timeout)
-            if not batch:
-                batch, ticked = [Tick()], deadline
-            # Every event that arrived meanwhile is stepped, then their outputs are applied at once:
-            # one etcd write for many transitions, and still no action before its persist.
-            merged = RecoveryOutput()
-            for event in coalesce(batch):
-                out = self.core.step(event, self.clock())
-                merged.actions += out.actions
-                merged.log += out.log
-            await self._apply(merged)
+    def now(self) -> float:
+        return self.clock()
 
-    async def _apply(self, out: RecoveryOutput) -> None:
-        for line in out.log:
+    def log(self, lines: Sequence[LogLine]) -> None:
+        for line in lines:
             log.log(_LEVELS.get(line.level, logging.INFO), line.render())
-        # 1. what must be durable before anything acts
-        persist: dict[str, dict[str, object]] = {}
-        records: list[RecordEvidence] = []
-        for a in out.actions:
-            if isinstance(a, PersistTask):
-                persist[a.vm] = a.data  # the last state of a VM in this output includes the earlier ones
-            elif isinstance(a, RecordEvidence):
-                records.append(a)
-        if persist or records:
+
+    async def persist(self, tasks: Mapping[str, dict[str, object]], records: Sequence[RecordEvidence],
+                      lines: Sequence[LogLine], alerts: Sequence[Alert]) -> None:
+        if tasks or records:
             batch = [(r.vm, r.recovery, r.data) for r in records]
-            await self._durable(lambda: self.store.write(self.lead, persist, batch))
-        entries = self.pending_events + [_entry(line) for line in out.log]
-        entries += [(a.level.value, "manager", a.text, "alert") for a in out.actions if isinstance(a, Alert)]
+            await self._durable(lambda: self.store.write(self.lead, dict(tasks), batch))
+        entries = self.pending_events + [_entry(line) for line in lines]
+        entries += [(a.level.value, "manager", a.text, "alert") for a in alerts]
         self.pending_events = []
         if entries:
             await self._durable(lambda: self.events.append(self.lead, entries, time.time()))
-        # 2. the actions, concurrently; each result comes back through the inbox
-        if self.over:
-            raise _TermOver()
-        for a in out.actions:
-            self._start(a)
 
-    def _start(self, a: RecoveryAction) -> None:
-        match a:
-            case PersistTask() | RecordEvidence():
-                return
-            case Alert(level, _host, _vm, text):
-                log.log(_LEVELS.get(level, logging.WARNING), "ALERT %s", text)
-                return
-            case CancelProof(vm, host, attempt):
-                task = self.inflight.pop(("prove", vm), None)
-                if task is not None:
-                    task.cancel()
-                    # The core waits for the end of the cancelled proof: tell it.
-                    self.inbox.put(ProofRefused(vm, host, attempt, "cancelled: the host came back"))
-                return
-            case Prove(vm, host, methods, attempt, timeout):
-                self._spawn(("prove", vm), self._prove(vm, host, methods, attempt, timeout or self.proof_timeout))
-            case ReleaseProof(vm, _host, _proof):
-                self._spawn(("vm", vm), self._vm_step(vm, Step.RELEASE, self._release(vm)))
-            case DropProof(vm, _host):
-                self._spawn(("drop", vm), self._drop(vm))
-            case Evacuate(vm, source, dest, _proof):
-                self._spawn(("vm", vm), self._vm_step(vm, Step.EVACUATE, self.driver.evacuate(vm, source, dest)))
-            case LiveMigrate(vm, source, dest):
-                self._spawn(("vm", vm), self._vm_step(vm, Step.MIGRATE, self.driver.live_migrate(vm, source, dest)))
-            case DisableHost(host, reason):
-                self._spawn(
-                    ("disable", host), self._host_op(host, HostOp.DISABLE, self.driver.disable_host(host, reason))
-                )
-            case MarkHostDown(host):
-                self._spawn(
-                    ("mark-down", host), self._host_op(host, HostOp.MARK_DOWN, self.driver.mark_host_down(host))
-                )
-            case EnableHost(host, _reason):
-                self._spawn(("enable", host), self._host_op(host, HostOp.ENABLE, self.driver.enable_host(host)))
-            case CheckRejoin(host, vms):
-                self._spawn(("rejoin", host), self._check_rejoin(host, vms))
-            case QuarantineHost(host, reason):
-                record = {"reason": reason, "t": time.time(), "manager": self.mgr.m.name}
-                put = tx.Put(self.keys.quarantined(host).encode(), encode_json(record))
-                self._spawn(("quarantine", host), self._durable_quiet(
-                    lambda: leader_txn(self.client, self.lead, [], [put])))
+    def alert(self, alert: Alert) -> None:
+        log.log(_LEVELS.get(alert.level, logging.WARNING), "ALERT %s", alert.text)
 
-    def _spawn(self, key: tuple[str, str], coro: Awaitable[None]) -> None:
-        old = self.inflight.get(key)
-        if old is not None and not old.done():
-            # The core never asks twice for a step in flight; if it does, the newest request wins.
-            log.warning("manager %s: %s %s still in flight; superseded", self.mgr.m.name, *key)
-            old.cancel()
+    async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
+        return await self.fencer.prove(vm, host, methods, timeout)
 
-        async def run() -> None:
-            try:
-                await coro
-            finally:
-                if self.inflight.get(key) is task:
-                    del self.inflight[key]
-
-        task = asyncio.create_task(run(), name=f"{key[0]} {key[1]}")
-        self.inflight[key] = task
-
-    # -- action bodies: run the call, feed the result back ----------------------------------------
-
-    async def _prove(
-        self, vm: str, host: str, methods: Sequence[ProofMethod], attempt: Attempt, timeout: float
-    ) -> None:
-        try:
-            proof = await self.fencer.prove(vm, host, methods, timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # any failure to prove is a refusal; the text is the evidence
-            self.inbox.put(ProofRefused(vm, host, attempt, _reason(e), bool(getattr(e, "retryable", True)),
-                                        str(getattr(e, "alert", ""))))
-            return
-        self.inbox.put(ProofObtained(proof, attempt))
-
-    async def _release(self, vm: str) -> str:
+    async def release(self, vm: str) -> None:
         await self.fencer.release(vm)
-        return ""
 
-    async def _drop(self, vm: str) -> None:
+    async def evacuate(self, vm: str, source: str, dest: str | None, proof: FenceProof) -> str:
+        return await self.driver.evacuate(vm, source, dest)
+
+    async def migrate(self, vm: str, source: str, dest: str | None) -> str:
+        return await self.driver.live_migrate(vm, source, dest)
+
+    async def disable(self, host: str, reason: str) -> None:
+        await self.driver.disable_host(host, reason)
+        await self._host_record(host, HostOp.DISABLE)
+
+    async def mark_down(self, host: str) -> None:
+        await self.driver.mark_host_down(host)
+        await self._host_record(host, HostOp.MARK_DOWN)
+
+    async def enable(self, host: str) -> None:
+        await self.driver.enable_host(host)
+        await self._host_record(host, HostOp.ENABLE)
+
+    async def _host_record(self, host: str, op: HostOp) -> None:
+        """Remember what vmha did to the host, for `vmha host enable` and the operator; a rejoin
+        undoes it as the operator's enable does (the watch reports it back as HostEnabled)."""
+        key = self.keys.disabled(host).encode()
+        record = {"op": op.value, "t": time.time(), "manager": self.mgr.m.name}
+        write = tx.Delete(key) if op == HostOp.ENABLE else tx.Put(key, encode_json(record))
         try:
-            await self.fencer.release(vm)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the term's end releases every proof lease again
-            log.exception("manager %s: releasing the proof lease of vm %s failed", self.mgr.m.name, vm)
-
-    async def _vm_step(self, vm: str, step: Step, call: Awaitable[str]) -> None:
-        try:
-            where = await call
-        except asyncio.CancelledError:
-            raise
-        except DriverError as e:
-            self.inbox.put(StepFailed(vm, step, _reason(e), e.retryable))
-            return
-        except Exception as e:  # an unexpected driver bug must not kill the manager: retry it
-            log.exception("manager: %s of vm %s failed", step.value, vm)
-            self.inbox.put(StepFailed(vm, step, _reason(e), True))
-            return
-        self.inbox.put(StepDone(vm, step, running_on=where or None))
-
-    async def _durable_quiet(self, op: Callable[[], Awaitable[object]]) -> None:
-        """A write no result depends on; a term that ends first leaves it to the next leader."""
-        with contextlib.suppress(NotLeader, _TermOver):
-            await self._durable(op)
-
-    async def _check_rejoin(self, host: str, vms: Sequence[str]) -> None:
-        if self.rejoin_check is None:
-            self.inbox.put(RejoinChecked(host, False, "no rejoin check available: `vmha host enable` it"))
-            return
-        try:
-            evidence = await self.rejoin_check(host, vms)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a failed or refused check keeps the host out; the core retries later
-            self.inbox.put(RejoinChecked(host, False, _reason(e)))
-            return
-        self.inbox.put(RejoinChecked(host, True, evidence))
-
-    async def _host_op(self, host: str, op: HostOp, call: Awaitable[None]) -> None:
-        try:
-            await call
-            # Remember what vmha did to the host, for `vmha host enable` and the operator; a rejoin
-            # undoes it as the operator's enable does (the watch reports it back as HostEnabled).
-            key = self.keys.disabled(host).encode()
-            record = {"op": op.value, "t": time.time(), "manager": self.mgr.m.name}
-            write = tx.Delete(key) if op == HostOp.ENABLE else tx.Put(key, encode_json(record))
             await self._durable(lambda: leader_txn(self.client, self.lead, [], [write]))
-        except asyncio.CancelledError:
-            raise
-        except (NotLeader, _TermOver):
-            return
-        except DriverError as e:
-            self.inbox.put(HostOpFailed(host, op, _reason(e), e.retryable))
-            return
-        except Exception as e:  # an unexpected driver bug must not kill the manager: retry it
-            log.exception("manager: %s of host %s failed", op.value, host)
-            self.inbox.put(HostOpFailed(host, op, _reason(e), True))
-            return
-        self.inbox.put(HostOpDone(host, op))
+        except NotLeader:
+            raise _TermOver() from None
+
+    async def check_rejoin(self, host: str, vms: Sequence[str]) -> str:
+        if self.rejoin_check is None:
+            raise LookupError("no rejoin check available: `vmha host enable` it")
+        return await self.rejoin_check(host, vms)
+
+    async def quarantine(self, host: str, reason: str) -> None:
+        record = {"reason": reason, "t": time.time(), "manager": self.mgr.m.name}
+        put = tx.Put(self.keys.quarantined(host).encode(), encode_json(record))
+        try:
+            await self._durable(lambda: leader_txn(self.client, self.lead, [], [put]))
+        except NotLeader:
+            raise _TermOver() from None
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return asyncio.create_task(coro, name=name)
+
+    def result(self, event: RecoveryEvent) -> None:
+        self.inbox.put(event)
 
 
 async def enabled_hosts(client: EtcdClient, keys: Keys) -> AsyncIterator[list[str]]:
@@ -777,10 +613,6 @@ def _quarantine_reason(kv: KV) -> str:
 
 def _entry(line: LogLine) -> tuple[str, str, str, str]:
     return (line.level.value, line.actor, line.text, "log")
-
-
-def _reason(e: BaseException) -> str:
-    return str(e) or type(e).__name__
 
 
 __all__ = [

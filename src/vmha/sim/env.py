@@ -19,14 +19,19 @@ Model, in the sim's seconds:
   error every scenario checks for.
 - A manager failover drops the old manager's pending results (their effects on the world still
   happen) and starts new cores that load the persisted tasks.
+The manager is the daemon's own runtime loop (vmha.runtime.loop) with the sim as its environment
+(_Manager): the same batching, persist-before-act and action dispatch as in production; the actions
+are coroutines that wait on the virtual clock (_Action), so a run stays deterministic.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import (
@@ -42,45 +47,27 @@ from vmha.core.health import (
 from vmha.core.log import Level, LogLine
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import PolicyTable
-from vmha.core.queue import Step, Task
+from vmha.core.queue import Task
 from vmha.core.recovery import (
     AgentStopped,
     Alert,
-    CancelProof,
-    CheckRejoin,
-    DisableHost,
-    DropProof,
-    EnableHost,
-    Evacuate,
     HostEnabled,
     HostOp,
-    HostOpDone,
-    HostOpFailed,
     HostOut,
     Inventory,
-    LiveMigrate,
     Maintenance,
-    MarkHostDown,
-    PersistTask,
-    ProofObtained,
-    ProofRefused,
-    Prove,
-    QuarantineHost,
     RecordEvidence,
-    RecoveryAction,
     RecoveryCore,
     RecoveryEvent,
     RecoverySettings,
-    RejoinChecked,
-    ReleaseProof,
-    StepDone,
-    StepFailed,
     TasksLoaded,
     from_health,
 )
 from vmha.core.recovery import Tick as RecoveryTick
-from vmha.drivers.base import HostInfo, VmInfo
+from vmha.drivers.base import DriverError, HostInfo, VmInfo
 from vmha.etcd.values import TaskValue
+from vmha.runtime.env import Running
+from vmha.runtime.loop import Loop, run_now
 
 WORLD = "world"
 SIM = "sim"
@@ -175,20 +162,18 @@ class Sim:
         self.records: dict[tuple[str, int], dict[str, object]] = {}
         self.fabric_cuts: set[tuple[Plane, str | None]] = set()
         self.failures: dict[tuple[str, str], list[bool]] = {}  # (kind, name) -> [retryable, ...]
-        self.cancelled: set[tuple[int, Prove]] = set()  # (epoch, Prove) of cancelled proofs
         self.etcd_down_until = 0.0
-        self.epoch = 0
         self.split_brain = 0
         self.restarts: dict[str, int] = {}  # vm -> copies started by evacuation
+        self.evacuated: list[tuple[float, str, str]] = []  # (time, vm, source) of every restart
         self._heap: list[tuple[float, int, int, Callable[[], None]]] = []
         self._seq = 0
         self._revision = 0
         self._lease_ids = 0
         self._ticks: set[tuple[str, float]] = set()
         self._inventory_at: float | None = None
-        self._proving: set[tuple[int, Prove]] = set()  # proofs whose completion is scheduled
         self.health = HealthCore(timings)
-        self.recovery = RecoveryCore(policy, settings)
+        self.manager = _Manager(self)
         self._start()
 
     # -- clock --------------------------------------------------------------------------------
@@ -197,17 +182,20 @@ class Sim:
         self._seq += 1
         heapq.heappush(self._heap, (t, phase, self._seq, fn))
 
-    def run(self, until: float) -> None:
+    def run(self, until: float, check: Callable[[], None] | None = None) -> None:
+        """Run the clock to `until`; `check` (invariants) after every event."""
         while self._heap and self._heap[0][0] <= until:
             t, _, _, fn = heapq.heappop(self._heap)
             self.now = max(self.now, t)
             fn()
+            if check is not None:
+                check()
         self.now = max(self.now, until)
 
     def log(self, level: Level, actor: str, text: str) -> None:
         self.lines.append(LogLine(level, self.now, actor, text))
 
-    # -- cores --------------------------------------------------------------------------------
+    # -- cores ------------------------------------------------------------------------------
 
     def _start(self) -> None:
         for h in self.hosts.values():
@@ -219,26 +207,21 @@ class Sim:
         out = self.health.step(ev, self.now)
         if self.log_health:
             self.lines.extend(out.log)
-        for rev in from_health(out):
-            self._recover(rev)
+        self.manager.feed(from_health(out))
         self._schedule_tick("health", self.health.next_deadline())
 
     def _recover(self, ev: RecoveryEvent) -> None:
-        out = self.recovery.step(ev, self.now)
-        self.lines.extend(out.log)
-        for action in out.actions:
-            self._execute(action)
-        self._schedule_tick("recovery", self.recovery.next_deadline())
+        self.manager.feed([ev])
 
     def _schedule_tick(self, which: str, deadline: float | None) -> None:
         if deadline is None or deadline <= self.now or (which, deadline) in self._ticks:
             return
         self._ticks.add((which, deadline))
-        epoch = self.epoch
+        manager = self.manager
 
         def fire() -> None:
             self._ticks.discard((which, deadline))
-            if epoch != self.epoch:
+            if manager is not self.manager:
                 return
             if which == "health":
                 self._health(HealthTick())
@@ -247,10 +230,9 @@ class Sim:
 
         self.at(deadline + _TICK_SLACK, _TICK, fire)
 
-    def _deliver(self, ev: RecoveryEvent, epoch: int) -> None:
-        """A result reaches the manager that asked, if it still leads."""
-        if epoch == self.epoch:
-            self._recover(ev)
+    def sleep(self, seconds: float) -> _Wake:
+        """An action's wait on the virtual clock (`await sim.sleep(2.0)`)."""
+        return _Wake(self.now + seconds)
 
     # -- agents and etcd ----------------------------------------------------------------------
 
@@ -378,6 +360,8 @@ class Sim:
 
     def power_on(self, host: str) -> None:
         h = self.hosts[host]
+        if h.powered:
+            return  # already on: nothing boots
         h.powered = True
         h.agent = True  # the boot starts it
         h.renew_lost_at = None
@@ -416,10 +400,11 @@ class Sim:
 
     def manager_failover(self) -> None:
         """The leading manager dies; a standby with fresh cores takes over and loads the tasks."""
-        self.epoch += 1
+        # The old manager's actions in flight still act on the world; their results reach no one.
+        self.manager.loop.over = True
         self._ticks.clear()
         self.health = HealthCore(self.timings)
-        self.recovery = RecoveryCore(self.policy, self.settings)
+        self.manager = _Manager(self)
         tasks = tuple(Task.from_dict(json.loads(json.dumps(d))) for _, d in sorted(self.store.items()))
         self.log(Level.INFO, SIM, f"manager failover: the new leader loads {len(tasks)} task(s)")
         for h in self.hosts.values():
@@ -483,117 +468,60 @@ class Sim:
         if self._inventory_at == self.now:
             return
         self._inventory_at = self.now
-        epoch = self.epoch
-        self.at(self.now, _WORLD, lambda: self._deliver(self._inventory(), epoch))
+        manager = self.manager
+        self.at(self.now, _WORLD, lambda: manager.feed([self._inventory()]))
 
-    # -- actions ------------------------------------------------------------------------------
+    # -- actions (the Env of the manager's runtime loop, _Manager, calls these) -----------------
 
-    def _execute(self, action: RecoveryAction) -> None:
-        epoch = self.epoch
-        match action:
-            case PersistTask(vm, data):
-                # It must survive JSON and the strict model a leader reads it with, as in etcd.
-                self.store[vm] = json.loads(json.dumps(data))
-                TaskValue.model_validate(self.store[vm])
-            case RecordEvidence(vm, recovery, data):
-                self.records[(vm, recovery)] = json.loads(json.dumps(data))
-                TaskValue.model_validate(self.records[(vm, recovery)])
-            case Alert(level, _, _, text):
-                self.log(level, "alert", text)
-            case DisableHost(host, _):
-                self.at(self.now + self.st.disable, _WORLD, lambda: self._disable(host, epoch))
-            case EnableHost(host, _):
-                self.at(self.now + self.st.disable, _WORLD, lambda: self._enable_done(host, epoch))
-            case QuarantineHost(host, reason):
-                self.hosts[host].quarantined = reason
-            case CheckRejoin(host, vms):
-                self.at(self.now + self.st.rejoin_check, _WORLD, lambda: self._check_rejoin(host, vms, epoch))
-            case MarkHostDown(host):
-                self.at(self.now + self.st.mark_down, _WORLD, lambda: self._mark_down(host, epoch))
-            case Prove():
-                self._prove(action, epoch)
-            case CancelProof(vm, host, attempt):
-                self.cancelled |= {(e, p) for e, p in self._proving if e == epoch and p.vm == vm
-                                   and p.attempt == attempt}
-                self.at(
-                    self.now,
-                    _WORLD,
-                    lambda: self._deliver(ProofRefused(vm, host, attempt, "cancelled", retryable=False), epoch),
-                )
-            case ReleaseProof(vm, _, _):
-                self.at(self.now + self.st.release, _WORLD, lambda: self._release(vm, epoch))
-            case DropProof(vm, _):
-                self.at(self.now + self.st.release, _WORLD, lambda: self._drop(vm))
-            case Evacuate():
-                self.at(self.now + self.st.evacuate, _WORLD, lambda: self._evacuate(action, epoch))
-            case LiveMigrate():
-                self.at(self.now + self.st.migrate, _WORLD, lambda: self._migrate(action, epoch))
-
-    def _disable(self, host: str, epoch: int) -> None:
+    async def disable(self, host: str) -> None:
+        await self.sleep(self.st.disable)
         self.hosts[host].disabled = True
-        self._deliver(HostOpDone(host, HostOp.DISABLE), epoch)
         self._inventory_soon()
 
-    def _enable_done(self, host: str, epoch: int) -> None:
+    async def enable_host(self, host: str) -> None:
+        await self.sleep(self.st.disable)
         h = self.hosts[host]
         h.disabled = h.forced_down = False
-        self._deliver(HostOpDone(host, HostOp.ENABLE), epoch)
         self._inventory_soon()
 
-    def _check_rejoin(self, host: str, vms: tuple[str, ...], epoch: int) -> None:
+    async def check_rejoin(self, host: str, vms: Sequence[str]) -> str:
         """The runtime's rejoin check: the host renews its lockspace and holds no lease of a VM that
         runs elsewhere (a stray copy)."""
+        await self.sleep(self.st.rejoin_check)
         h = self.hosts[host]
         stray = [v for v in vms if self.vms[v].lease_holder == host and self.vms[v].host != host]
         if not h.powered or h.renew_lost_at is not None:
-            ev = RejoinChecked(host, False, "its lockspace is not renewed")
-        elif stray:
-            ev = RejoinChecked(host, False, f"it holds the lease of {', '.join(stray)}, which run elsewhere")
-        else:
-            ev = RejoinChecked(host, True, "lockspace renewed, holds none of the leases of " + (", ".join(vms) or "-"))
-        self._deliver(ev, epoch)
+            raise Refused("its lockspace is not renewed")
+        if stray:
+            raise Refused(f"it holds the lease of {', '.join(stray)}, which run elsewhere")
+        return "lockspace renewed, holds none of the leases of " + (", ".join(vms) or "-")
 
-    def _mark_down(self, host: str, epoch: int) -> None:
+    async def mark_down(self, host: str) -> None:
+        await self.sleep(self.st.mark_down)
         failure = self._scripted_failure("mark-down", host)
         if failure is not None:
-            self._deliver(HostOpFailed(host, HostOp.MARK_DOWN, "scripted failure", failure), epoch)
-            return
+            raise DriverError("scripted failure", retryable=failure)
         self.hosts[host].forced_down = True
-        self._deliver(HostOpDone(host, HostOp.MARK_DOWN), epoch)
         self._inventory_soon()
 
-    def _prove(self, p: Prove, epoch: int) -> None:
+    async def prove(self, name: str, host: str, methods: Sequence[ProofMethod]) -> FenceProof:
         started = self.now
-        vm, h = self.vms[p.vm], self.hosts[p.host]
-        failure = self._scripted_failure("proof", p.vm)
+        vm, h = self.vms[name], self.hosts[host]
+        failure = self._scripted_failure("proof", name)
         if failure is not None:
-            ev = ProofRefused(p.vm, p.host, p.attempt, "scripted refusal", failure)
-            self.at(self.now + self.st.refuse_after, _WORLD, lambda: self._deliver(ev, epoch))
-            return
-        for method in p.methods:
+            await self.sleep(self.st.refuse_after)
+            raise Refused("scripted refusal", failure)
+        for method in methods:
             when = self._proof_time(method, vm, h)
             if when is None:
                 continue
-            self._proving.add((epoch, p))
-
-            def complete(method: ProofMethod = method) -> None:
-                self._proving.discard((epoch, p))
-                if (epoch, p) in self.cancelled:
-                    self.cancelled.discard((epoch, p))
-                    return
-                if not self._proof_holds(method, vm, h):
-                    self._deliver(
-                        ProofRefused(p.vm, p.host, p.attempt, f"{method.value} no longer holds", True), epoch
-                    )
-                    return
-                self._proof_effect(method, vm, h)
-                proof = FenceProof(p.vm, p.host, method, started, self.now, {"sim": "scripted"})
-                self._deliver(ProofObtained(proof, p.attempt), epoch)
-
-            self.at(when, _WORLD, complete)
-            return
-        ev = ProofRefused(p.vm, p.host, p.attempt, "no method applies yet", True)
-        self.at(self.now + self.st.refuse_after, _WORLD, lambda: self._deliver(ev, epoch))
+            await _Wake(when)
+            if not self._proof_holds(method, vm, h):
+                raise Refused(f"{method.value} no longer holds")
+            self._proof_effect(method, vm, h)
+            return FenceProof(name, host, method, started, self.now, {"sim": "scripted"})
+        await self.sleep(self.st.refuse_after)
+        raise Refused("no method applies yet")
 
     def _proof_time(self, method: ProofMethod, vm: SimVm, h: SimHost) -> float | None:
         d = self.now + self.st.proof_delay.get(method, 1.0)
@@ -643,58 +571,56 @@ class Sim:
         if vm.lease_holder in (h.name, None):
             vm.lease_holder = MANAGER_HOLDS
 
-    def _drop(self, vm: str) -> None:
+    async def release(self, vm: str) -> None:
+        await self.sleep(self.st.release)
         v = self.vms[vm]
         if v.lease_holder == MANAGER_HOLDS:
             v.lease_holder = None
 
-    def _release(self, vm: str, epoch: int) -> None:
-        self._drop(vm)
-        self._deliver(StepDone(vm, Step.RELEASE), epoch)
-
-    def _evacuate(self, e: Evacuate, epoch: int) -> None:
-        vm, src = self.vms[e.vm], self.hosts[e.source]
-        failure = self._scripted_failure("evacuate", e.vm)
-        elsewhere = sorted(vm.copies - {e.source})
+    async def evacuate(self, name: str, source: str, dest: str | None, proof: str) -> str:
+        await self.sleep(self.st.evacuate)
+        vm, src = self.vms[name], self.hosts[source]
+        failure = self._scripted_failure("evacuate", name)
+        elsewhere = sorted(vm.copies - {source})
         if failure is not None:
-            self._deliver(StepFailed(e.vm, Step.EVACUATE, "scripted failure", failure), epoch)
-        elif elsewhere:
-            self.log(Level.INFO, WORLD, f"evacuate vm '{e.vm}': already running on '{elsewhere[0]}'")
-            self._deliver(StepDone(e.vm, Step.EVACUATE, elsewhere[0], "already there"), epoch)
-        elif not src.forced_down and e.dest != e.source:
+            raise DriverError("scripted failure", retryable=failure)
+        if elsewhere:
+            self.log(Level.INFO, WORLD, f"evacuate vm '{name}': already running on '{elsewhere[0]}'")
+            return elsewhere[0]
+        if not src.forced_down and dest != source:
             # A restart on the rejoined source itself needs no evacuation from a downed host (the lab
             # driver starts a copy there; it refuses while a copy still runs).
-            self._deliver(StepFailed(e.vm, Step.EVACUATE, "source compute service in use", True), epoch)
-        elif vm.lease_holder is not None:
-            self._deliver(StepFailed(e.vm, Step.EVACUATE, f"lease held by {vm.lease_holder}", True), epoch)
-        else:
-            dest = e.dest or "?"
-            if e.source in vm.copies:
-                self.split_brain += 1
-                self.log(Level.ERROR, WORLD, f"SPLIT BRAIN: vm '{e.vm}' still runs on '{e.source}'")
-            vm.copies.add(dest)
-            vm.host, vm.lease_holder = dest, dest
-            self.restarts[e.vm] = self.restarts.get(e.vm, 0) + 1
-            self.log(Level.INFO, WORLD, f"vm '{e.vm}' started on '{dest}' (proof {e.proof.method.value})")
-            self._deliver(StepDone(e.vm, Step.EVACUATE, dest), epoch)
-            self._inventory_soon()
+            raise DriverError("source compute service in use")
+        if vm.lease_holder is not None:
+            raise DriverError(f"lease held by {vm.lease_holder}")
+        where = dest or "?"
+        if source in vm.copies:
+            self.split_brain += 1
+            self.log(Level.ERROR, WORLD, f"SPLIT BRAIN: vm '{name}' still runs on '{source}'")
+        vm.copies.add(where)
+        vm.host, vm.lease_holder = where, where
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        self.evacuated.append((self.now, name, source))
+        self.log(Level.INFO, WORLD, f"vm '{name}' started on '{where}' (proof {proof})")
+        self._inventory_soon()
+        return where
 
-    def _migrate(self, m: LiveMigrate, epoch: int) -> None:
-        vm = self.vms[m.vm]
-        failure = self._scripted_failure("migrate", m.vm)
+    async def migrate(self, name: str, source: str, dest: str | None) -> str:
+        await self.sleep(self.st.migrate)
+        vm = self.vms[name]
+        failure = self._scripted_failure("migrate", name)
         if failure is not None:
-            self._deliver(StepFailed(m.vm, Step.MIGRATE, "scripted failure", failure), epoch)
-        elif m.dest is not None and vm.copies == {m.dest}:
-            self._deliver(StepDone(m.vm, Step.MIGRATE, m.dest, "already there"), epoch)
-        elif vm.copies != {m.source} or not self.reaches(self.hosts[m.source], Plane.STORAGE):
-            self._deliver(StepFailed(m.vm, Step.MIGRATE, "vm not running on source", False), epoch)
-        else:
-            dest = m.dest or "?"
-            vm.copies = {dest}
-            vm.host, vm.lease_holder = dest, dest
-            self.log(Level.INFO, WORLD, f"vm '{m.vm}' live-migrated to '{dest}'")
-            self._deliver(StepDone(m.vm, Step.MIGRATE, dest), epoch)
-            self._inventory_soon()
+            raise DriverError("scripted failure", retryable=failure)
+        if dest is not None and vm.copies == {dest}:
+            return dest
+        if vm.copies != {source} or not self.reaches(self.hosts[source], Plane.STORAGE):
+            raise DriverError("vm not running on source", retryable=False)
+        where = dest or "?"
+        vm.copies = {where}
+        vm.host, vm.lease_holder = where, where
+        self.log(Level.INFO, WORLD, f"vm '{name}' live-migrated to '{where}'")
+        self._inventory_soon()
+        return where
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -702,7 +628,7 @@ class Sim:
         """Final state, appended to a scenario's log: where each VM runs and how its task ended."""
         lines = []
         for vm in self.vms.values():
-            task = self.recovery.task(vm.name)
+            task = self.manager.loop.core.task(vm.name)
             where = ",".join(sorted(vm.copies)) or "nowhere"
             t = "no task" if task is None else f"task {task.recovery} {task.state.value}"
             if task is not None and task.attempts:
@@ -711,3 +637,146 @@ class Sim:
                 t += "; its lease held by the manager"
             lines.append(f"end: vm '{vm.name}' running on {where}; {t}")
         return lines
+
+
+class Refused(Exception):
+    """A simulated proof's or rejoin check's refusal (retryable False: give up at once)."""
+
+    def __init__(self, reason: str, retryable: bool = True) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+class _Wake:
+    """What a simulated action awaits: the virtual clock reaching `t`."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __await__(self) -> Generator[_Wake, None, None]:
+        yield self
+
+
+class _Action:
+    """A spawned action on the virtual clock: run at once up to its first wait, resumed (in the world
+    phase) when the clock reaches it; cancel() raises CancelledError at its wait, as asyncio does.
+    `after` runs once the action has paused or ended: the results it fed are stepped then, as the
+    daemon's loop takes them from its inbox only after the action that put them there yields."""
+
+    def __init__(self, sim: Sim, coro: Coroutine[Any, Any, None], after: Callable[[], None]) -> None:
+        self._sim, self._coro, self._after = sim, coro, after
+        self._done = False
+        self._wakes = 0  # the resumption scheduled last; an earlier one is void
+        self._resume(None)
+
+    def _resume(self, exc: BaseException | None) -> None:
+        if self._done:
+            return
+        try:
+            wake = self._coro.send(None) if exc is None else self._coro.throw(exc)
+        except (StopIteration, asyncio.CancelledError):
+            self._done = True
+            self._after()
+            return
+        self._after()
+        if not isinstance(wake, _Wake):
+            raise TypeError(f"a simulated action awaited {wake!r}, not the virtual clock")
+        self._wakes += 1
+        n = self._wakes
+        self._sim.at(wake.t, _WORLD, lambda: self._resume(None) if n == self._wakes else None)
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if self._done:
+            return False
+        self._resume(asyncio.CancelledError(msg))
+        return True
+
+
+class _Manager:
+    """The leading manager in the simulator: its runtime loop (the daemon's, vmha.runtime.loop) on a
+    fresh RecoveryCore, and the Env it acts through: the sim's world, answering on its virtual clock.
+    An event that arrives while a step runs (an action's immediate result) is stepped right after it,
+    with the others that arrived meanwhile, as the daemon's inbox batches them."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.loop = Loop(RecoveryCore(sim.policy, sim.settings), self, proof_timeout=0.0)
+        self._pending: list[RecoveryEvent] = []
+        self._stepping = False
+
+    def feed(self, events: Sequence[RecoveryEvent]) -> None:
+        if not self.loop.over:
+            self._pending += events
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._stepping or not self._pending:
+            return
+        self._stepping = True
+        try:
+            while self._pending and not self.loop.over:
+                batch, self._pending = self._pending, []
+                run_now(self.loop.step(batch))
+        finally:
+            self._stepping = False
+        self.sim._schedule_tick("recovery", self.loop.core.next_deadline())
+
+    # -- vmha.runtime.env.Env ---------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self.sim.now
+
+    def log(self, lines: Sequence[LogLine]) -> None:
+        self.sim.lines.extend(lines)
+
+    async def persist(self, tasks: Mapping[str, dict[str, object]], records: Sequence[RecordEvidence],
+                      lines: Sequence[LogLine], alerts: Sequence[Alert]) -> None:
+        # It must survive JSON and the strict model a leader reads it with, as in etcd.
+        for vm, data in tasks.items():
+            self.sim.store[vm] = json.loads(json.dumps(data))
+            TaskValue.model_validate(self.sim.store[vm])
+        for r in records:
+            self.sim.records[(r.vm, r.recovery)] = json.loads(json.dumps(r.data))
+            TaskValue.model_validate(self.sim.records[(r.vm, r.recovery)])
+
+    def alert(self, alert: Alert) -> None:
+        self.sim.log(alert.level, "alert", alert.text)
+
+    async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
+        return await self.sim.prove(vm, host, methods)
+
+    async def release(self, vm: str) -> None:
+        await self.sim.release(vm)
+
+    async def evacuate(self, vm: str, source: str, dest: str | None, proof: FenceProof) -> str:
+        return await self.sim.evacuate(vm, source, dest, proof.method.value)
+
+    async def migrate(self, vm: str, source: str, dest: str | None) -> str:
+        return await self.sim.migrate(vm, source, dest)
+
+    async def disable(self, host: str, reason: str) -> None:
+        await self.sim.disable(host)
+
+    async def mark_down(self, host: str) -> None:
+        await self.sim.mark_down(host)
+
+    async def enable(self, host: str) -> None:
+        await self.sim.enable_host(host)
+
+    async def check_rejoin(self, host: str, vms: Sequence[str]) -> str:
+        return await self.sim.check_rejoin(host, vms)
+
+    async def quarantine(self, host: str, reason: str) -> None:
+        self.sim.hosts[host].quarantined = reason
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> Running:
+        return _Action(self.sim, coro, self._drain)
+
+    def result(self, event: RecoveryEvent) -> None:
+        if not self.loop.over:
+            self._pending.append(event)

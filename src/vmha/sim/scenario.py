@@ -62,10 +62,11 @@ class Scenario:
     commands: list[Command]
     duration: float
 
-    def run(self) -> list[str]:
+    def run(self, check: Callable[[], None] | None = None) -> list[str]:
+        """Replay the commands; `check` (invariants) runs after every event of the simulation."""
         for cmd in self.commands:
             self.sim.at(cmd.time, 0, self._bind(cmd))
-        self.sim.run(self.duration)
+        self.sim.run(self.duration, check)
         for text in self.sim.summary():
             self.sim.log(Level.INFO, SIM, text)
         return [line.render() for line in self.sim.lines]
@@ -140,6 +141,28 @@ def load(directory: Path) -> Scenario:
         raw = tomllib.loads(setup_file.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ScenarioError(f"{setup_file}: {e}") from None
+    sim, duration = from_setup(raw, str(setup_file))
+    commands = []
+    cmd_file = directory / "cmdlist"
+    for n, line in enumerate(cmd_file.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].split()
+        if not text:
+            continue
+        where = f"{cmd_file}:{n}"
+        try:
+            t = float(text[0])
+        except ValueError:
+            raise ScenarioError(f"{where}: a line starts with its time in seconds, got {text[0]!r}") from None
+        if len(text) < 2:
+            raise ScenarioError(f"{where}: no command after the time")
+        cmd = Command(t, tuple(text[1:]), where)
+        _check_names(sim, cmd)
+        commands.append(cmd)
+    return Scenario(directory.name, sim, commands, duration)
+
+
+def from_setup(raw: dict[str, Any], setup_file: str) -> tuple[Sim, float]:
+    """The simulator a setup.toml (parsed) describes, and the scenario's duration."""
     hosts = raw.get("hosts")
     vms_raw = raw.get("vms")
     if not isinstance(hosts, dict) or not hosts or not isinstance(vms_raw, dict):
@@ -159,20 +182,4 @@ def load(directory: Path) -> Scenario:
     sim_t = _dataclass_from(SimTimings, sim_raw, f"{setup_file} [sim]")
     policy = PolicyTable.parse({**DEFAULT_POLICY, **raw.get("policy", {})})
     sim = Sim({h: str(d) for h, d in hosts.items()}, vms, policy, settings, timings, sim_t)
-    commands = []
-    cmd_file = directory / "cmdlist"
-    for n, line in enumerate(cmd_file.read_text().splitlines(), 1):
-        text = line.split("#", 1)[0].split()
-        if not text:
-            continue
-        where = f"{cmd_file}:{n}"
-        try:
-            t = float(text[0])
-        except ValueError:
-            raise ScenarioError(f"{where}: a line starts with its time in seconds, got {text[0]!r}") from None
-        if len(text) < 2:
-            raise ScenarioError(f"{where}: no command after the time")
-        cmd = Command(t, tuple(text[1:]), where)
-        _check_names(sim, cmd)
-        commands.append(cmd)
-    return Scenario(directory.name, sim, commands, sim_t.duration)
+    return sim, sim_t.duration

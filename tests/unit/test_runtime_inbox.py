@@ -1,4 +1,4 @@
-"""The manager daemon's event batching: a burst is taken at once, and a host's superseded health
+"""The runtime loop's event batching: a burst is taken at once, and a host's superseded health
 views are dropped (the planes of a dead host go DOWN one change at a time)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import asyncio
 from vmha.core.health import HostHealth, PlaneStatus
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.core.recovery import HealthUpdate, Tick
-from vmha.manager.daemon import Inbox, coalesce
+from vmha.runtime.loop import Inbox, coalesce
 
 
 def _health(host: str, down: set[Plane]) -> HealthUpdate:
