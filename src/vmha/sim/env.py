@@ -116,6 +116,7 @@ class SimTimings:
     disable: float = 0.2
     release: float = 0.1
     rejoin_check: float = 2.0  # a lockspace renewal seen on the shared storage, the leases' owners read
+    inventory: float = 10.0  # the manager's periodic inventory (manager.daemon.INVENTORY_INTERVAL)
 
 
 @dataclass(slots=True)
@@ -214,6 +215,12 @@ class Sim:
             self._health(HostSeen(h.name, h.domain))
         self._recover(self._inventory())
         self.at(0.0, _BEAT, lambda: self._beat(0))
+        self.at(self.st.inventory, _WORLD, self._periodic_inventory)
+
+    def _periodic_inventory(self) -> None:
+        self._recover(self._inventory())
+        if self.now + self.st.inventory <= self.st.duration:
+            self.at(self.now + self.st.inventory, _WORLD, self._periodic_inventory)
 
     def _health(self, ev: HealthEvent) -> None:
         out = self.health.step(ev, self.now)
@@ -375,6 +382,16 @@ class Sim:
         h = self.hosts[host]
         h.agent = True
         self._planes_changed(h)
+
+    def vm_kill(self, vm: str) -> None:
+        """The VM's copies end (a guest crash, an operator's kill outside vmha): their leases are
+        released, the hosts run on."""
+        v = self.vms[vm]
+        gone = sorted(v.copies)
+        v.copies.clear()
+        if v.lease_holder in gone:
+            v.lease_holder = None
+        self.log(Level.INFO, WORLD, f"vm '{vm}': copy ended on {', '.join(gone) or 'no host'}")
 
     def power_on(self, host: str) -> None:
         h = self.hosts[host]
