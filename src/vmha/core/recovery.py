@@ -42,6 +42,7 @@ from vmha.core.queue import (
     TaskKind,
     TaskState,
 )
+from vmha.core.rebalance import REBALANCE_KEY, plan
 
 # -- settings --------------------------------------------------------------------------------------
 
@@ -81,6 +82,11 @@ class RecoverySettings:
     # Desired state: a protected VM the inventory shows stopped this long (two snapshots this far
     # apart), with no recovery in flight, is restarted once proved stopped (core/desired.py). 0: never.
     restart_after: float = 20.0
+    # Rebalancing (core/rebalance.py): once a host is a destination again, live-migrate VMs to even
+    # out the load, at most rebalance_moves per round, rounds rebalance_cooldown seconds apart.
+    rebalance: bool = False
+    rebalance_moves: int = 2
+    rebalance_cooldown: float = 300.0
 
     @property
     def limits(self) -> QueueLimits:
@@ -550,6 +556,9 @@ class RecoveryCore:
         # Desired state: protected VMs seen stopped; why each due one waits (logged when it changes).
         self._stopped = StoppedVms(settings.restart_after)
         self._restart_wait: dict[str, str] = {}
+        # Rebalancing: a host became a destination again (a round is due); no round before this time.
+        self._rebalance_due = False
+        self._rebalance_next = 0.0
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -569,6 +578,10 @@ class RecoveryCore:
         deadlines += [self._rejoin_at(h) for h in self._healthy_since
                       if h not in self._rejoin_wait and h not in self._rejoining]
         return min(deadlines) if deadlines else None
+
+    def _in_flight(self) -> bool:
+        """Some task is not finished."""
+        return len(self.queue) > sum(self.queue.count(s) for s in TERMINAL)
 
     def quarantined(self) -> list[str]:
         return sorted(self._quarantined)
@@ -630,6 +643,8 @@ class RecoveryCore:
             # Room may have come (a host healthy or enabled, a VM gone) or been freed for them (a
             # higher-priority evacuation ended without a place).
             self._unblock_unplaced(now, out)
+        if self._rebalance_due and now >= self._rebalance_next and isinstance(event, Inventory):
+            self._rebalance(now, out)  # on a fresh inventory: the returned host's flags, settled loads
         self._dispatch(now, out)
         return out
 
@@ -754,6 +769,7 @@ class RecoveryCore:
         self._not_healthy(host)
         self._out_row.pop(host, None)
         self._dests = None
+        self._rebalance_due = self.settings.rebalance
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': enabled by the operator"
                                + (f" (was {' and '.join(undone)} by vmha)" if undone else "")))
 
@@ -806,6 +822,36 @@ class RecoveryCore:
             out.actions.append(CheckRejoin(host, vms))
             return
         self._enable(host, f"nothing was fenced there ({self._why_out(host, 'disabled')}), {healthy}", now, out)
+
+    # -- rebalancing ------------------------------------------------------------------------------
+
+    def _rebalance(self, now: float, out: RecoveryOutput) -> None:
+        """One bounded round of live migrations towards the least loaded hosts (core/rebalance.py), when
+        no recovery is in flight: a recovery's placement comes first, and a round plans on settled loads."""
+        if not self._inventory or self._in_flight():
+            return
+        hosts = self._eligible()
+        loads = {h: self._load_of(h) for h in hosts}
+        movable = {h: [(v.priority, v.name) for name in self._vms_on.get(h, ())
+                       if (v := self._vms[name]).ha and self._placed.get(name) == h] for h in hosts}
+        moves = plan(loads, movable, self.settings.rebalance_moves, self.settings.host_capacity)
+        self._rebalance_next = now + self.settings.rebalance_cooldown
+        self._rebalance_due = bool(moves)  # moved some: another round after the cool-down, until even
+        text = ", ".join(f"{h}={n}" for h, n in sorted(loads.items()))
+        if not moves:
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"rebalance: loads {text}: even, nothing to move"))
+            return
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"rebalance: loads {text}: live-migrating "
+                               + ", ".join(f"{vm} from '{src}'" for vm, src in moves)
+                               + f" to the least loaded; next round not before {self._rebalance_next:.1f}"))
+        for vm, src in moves:
+            info = self._vms[vm]
+            task = Task(vm=vm, source=src, kind=TaskKind.MIGRATE, recovery=self.queue.next_recovery(vm),
+                        priority=info.priority, row=REBALANCE_KEY, action=Action.LIVE_MIGRATE.value,
+                        failed={}, created=now)
+            self.queue.add(task, now)
+            self._by_source.setdefault(src, set()).add(vm)
+            self._move(task, TaskState.READY, now, f"rebalance, priority {task.priority}", out)
 
     # -- maintenance ------------------------------------------------------------------------------
 
@@ -922,6 +968,7 @@ class RecoveryCore:
         self._out_row.pop(host, None)
         self._rejoined.add(host)
         self._dests = None
+        self._rebalance_due = self.settings.rebalance
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoined, a destination again"))
 
     def _count_failure(self, host: str, row: str, now: float, out: RecoveryOutput) -> None:
