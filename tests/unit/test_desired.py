@@ -8,7 +8,7 @@ from test_recovery import DOWN, FABRIC, UP, core, health, inventory, of
 from vmha.core.desired import STOPPED_KEY, StoppedVms, observing_methods
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.planes import PLANES, Plane, PlaneState
-from vmha.core.queue import Step, TaskState
+from vmha.core.queue import Step, Task, TaskState
 from vmha.core.recovery import (
     AgentStopped,
     Attempt,
@@ -23,6 +23,7 @@ from vmha.core.recovery import (
     ReleaseProof,
     StepDone,
     StepFailed,
+    TasksLoaded,
     Tick,
 )
 from vmha.drivers.base import VmInfo
@@ -123,7 +124,7 @@ def test_a_restart_retry_still_only_observes_and_a_failed_restart_is_not_repeate
     c.step(inventory(vms(vm1=True)), 30.0)
     c.step(ProofRefused("vm1", "h2", FIRST, "lease held"), 35.0)
     out = c.step(Tick(), 36.0)
-    assert [p.methods for p in of(out, Prove)] == [(ProofMethod.LEASE_TAKEN,)]
+    assert [(p.methods, p.timeout) for p in of(out, Prove)] == [((ProofMethod.LEASE_TAKEN,), 5.0)]
     c.step(ProofRefused("vm1", "h2", Attempt(1, 2), "lease held"), 37.0)
     task = c.task("vm1")
     assert task is not None and task.state == TaskState.FAILED
@@ -159,3 +160,14 @@ def test_an_in_place_restart_proved_waits_for_its_host_and_never_goes_elsewhere_
     c2.step(Tick(), 51.0)
     out = c2.step(HostOpDone("h2", HostOp.ENABLE), 51.2)
     assert [(e.source, e.dest) for e in of(out, Evacuate)] == [("h2", "h2")]
+
+
+def test_a_new_leader_resumes_a_restart_with_observing_methods_only() -> None:
+    c = core(restart_after=20.0, power_fence=True)
+    c.step(inventory(vms(vm1=True)), 10.0)
+    c.step(inventory(vms(vm1=True)), 30.0)
+    task = c.task("vm1")
+    assert task is not None
+    c2 = core(restart_after=20.0, power_fence=True)
+    out = c2.step(TasksLoaded((Task.from_dict(task.to_dict()),)), 31.0)
+    assert [(p.methods, p.timeout) for p in of(out, Prove)] == [((ProofMethod.LEASE_TAKEN,), 5.0)]

@@ -1141,11 +1141,9 @@ class RecoveryCore:
             self.queue.add(task, now)
             self._late_proof.pop(vm, None)
             self._by_source.setdefault(host, set()).add(vm)
-            methods = observing_methods(hh.states())
-            self._prove(task, methods, now, out,
+            self._prove(task, observing_methods(hh.states()), now, out,
                         f"desired state: runs nowhere since {since:.1f} (inventory: stopped), no recovery in "
-                        f"flight, {where}",
-                        timeout=self.settings.recheck_timeout if ProofMethod.HOST_DEAD not in methods else None)
+                        f"flight, {where}")
 
     def _load_of(self, host: str) -> int:
         return len(self._vms_on.get(host, ())) + self.queue.running_to(host)
@@ -1263,10 +1261,18 @@ class RecoveryCore:
         task.begin(Step.PROVE, now)
         if task.proof_started is None:
             task.proof_started = now
+        timeout = self._restart_timeout(task, methods) or timeout
         attempt = self._attempt(task)
         self._move(task, TaskState.PROVING, now,
                    f"{why}, methods {','.join(m.value for m in methods)}, attempt {attempt}", out)
         out.actions.append(Prove(task.vm, task.source, methods, attempt, timeout))
+
+    def _restart_timeout(self, task: Task, methods: tuple[ProofMethod, ...]) -> float | None:
+        """A restart's lease-taken-only proof answers at once (the lease is free or it is not): no
+        waiting the runtime's default, which is long enough for host-dead."""
+        if task.row == STOPPED_KEY and ProofMethod.HOST_DEAD not in methods:
+            return self.settings.recheck_timeout
+        return None
 
     def _stale_proof(self, vm: str, attempt: Attempt, what: str, now: float, out: RecoveryOutput) -> bool:
         """A result of an older proof attempt than the VM's latest: logged, to be ignored."""
@@ -1616,7 +1622,8 @@ class RecoveryCore:
             case TaskState.PROVING:
                 task.finish(Step.PROVE, now, "interrupted by leader change")
                 task.begin(Step.PROVE, now)
-                methods, timeout = self._methods(task), None
+                methods = self._methods(task)
+                timeout = self._restart_timeout(task, methods)
                 if task.recheck:
                     methods, timeout = (ProofMethod.LEASE_TAKEN,), self.settings.recheck_timeout
                 attempt = self._attempt(task)
