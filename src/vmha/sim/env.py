@@ -17,6 +17,8 @@ Model, in the sim's seconds:
   the VM lease free (released by the manager) and no copy running elsewhere (then it reports where
   it runs: idempotent); a copy still running on the source at restart is logged as SPLIT BRAIN, the
   error every scenario checks for.
+- The manager takes an inventory every `inventory` seconds (as manager.daemon does) and after each
+  change of the world; a VM with no copy running is "stopped" in it (desired state).
 - A manager failover drops the old manager's pending results (their effects on the world still
   happen) and starts new cores that load the persisted tasks.
 """
