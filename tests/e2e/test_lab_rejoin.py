@@ -199,6 +199,7 @@ def test_a_host_failed_three_times_stays_out_until_enabled(lab: LabState) -> Non
         try:
             wait_for(f"{host} disabled (failure {n})", lambda since=t0: disabled(lab, host)
                      and any("row management -> disable" in t for t in events_about(lab, host, since)), 60)
+            time.sleep(3)  # the row is acted upon (and counted) decide_after (1 s) after it is seen
         finally:
             scenario.inject(lab, "management", host, up=True)
         wait_for(f"{host} up on every plane", lambda: all_up(lab, host), 60)
