@@ -139,6 +139,13 @@ class ManagerConfig(_Strict):
     )
     quarantine_window: float = Field(3600.0, gt=0, le=7 * 86400, description="seconds")
     on_agent_stop: Literal["drain", "alert"] = "alert"  # a clean agent stop: live-migrate its HA VMs first?
+    restart_after: float = Field(
+        20.0, ge=0, le=86400,
+        description="a protected VM seen stopped this long, no recovery in flight, is restarted once proved; 0: never",
+    )
+    rebalance: bool = False  # once a host is a destination again, live-migrate VMs to even out the load
+    rebalance_moves: int = Field(2, ge=1, le=1000, description="live migrations per rebalancing round")
+    rebalance_cooldown: float = Field(300.0, ge=1, le=86400, description="seconds between rebalancing rounds")
 
     @model_validator(mode="after")
     def _coherent(self) -> ManagerConfig:
@@ -163,6 +170,10 @@ class ManagerConfig(_Strict):
             quarantine_after=self.quarantine_after,
             quarantine_window=self.quarantine_window,
             on_agent_stop=self.on_agent_stop,
+            restart_after=self.restart_after,
+            rebalance=self.rebalance,
+            rebalance_moves=self.rebalance_moves,
+            rebalance_cooldown=self.rebalance_cooldown,
         )
 
 

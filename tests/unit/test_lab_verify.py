@@ -230,3 +230,23 @@ def test_a_later_round_still_ends_the_window() -> None:
                     fault(50, "h2", "power", "off"), fault(200, "h2", "power", "on")])
     assert window_end(eps, 0, 500.0) == 50
     assert window_end(eps, 1, 500.0) == 200 + SETTLE
+
+
+def test_a_storage_fabric_outage_allows_only_proved_restarts_in_place() -> None:
+    """sanlock ends every guest when the storage fabric is lost; the desired state restarts them in
+    place after the repair. Their downtime and restart records are no violation; a restart without a
+    proof, a move, or downtime in another fabric outage still is."""
+    policy = PolicyTable.parse(DEFAULT_POLICY)
+    killed = {"vm1": _disk(*run("h1", 1, 0.0, 150), *run("h1", 151, 45.0, 100))}  # stopped 15 -> 45 s, h1 again
+    restart = {"vm": "vm1", "source": "h1", "created": 42.0, "action": "restart", "kind": "evacuate",
+               "proof": {"method": "lease-taken"}, "state": "done", "running_on": "h1"}
+    storage = episodes([fault(10, "fabric", "storage", "down"), fault(40, "fabric", "storage", "up")])[0]
+    assert check_episode(storage, policy, killed, {"vm1": [restart]}, 100)["problems"] == []
+    no_proof = check_episode(storage, policy, killed, {"vm1": [{**restart, "proof": None}]}, 100)
+    assert no_proof["problems"] == ["vm1: restarted without a fence proof in its evidence record"]
+    moved = {"vm1": _disk(*run("h1", 1, 0.0, 100), *run("h2", 101, 45.0, 100))}
+    assert any("moved" in p for p in check_episode(storage, policy, moved, {"vm1": [restart]}, 100)["problems"])
+    service = episodes([fault(10, "fabric", "service", "down"), fault(40, "fabric", "service", "up")])[0]
+    assert check_episode(service, policy, killed, {"vm1": [restart]}, 100)["problems"] == [
+        "vm1 moved (h1 -> h1) or has a recovery, but the policy says alert",
+        "vm1: downtime during a fault that must not touch it"]

@@ -28,7 +28,8 @@ def test_every_setting_is_passed_through() -> None:
     changed = {"max_parallel": 3, "max_per_host": 2, "retry_base": 0.5, "retry_cap": 9.0, "max_attempts": 7,
                "decide_after": 2.5, "settle_after": 8.0, "power_fence": True, "allow_exit_attested": False,
                "host_capacity": 11, "recheck_timeout": 3.0, "rejoin_after": 30.0,
-               "quarantine_after": 2, "quarantine_window": 600.0, "on_agent_stop": "drain"}
+               "quarantine_after": 2, "quarantine_window": 600.0, "on_agent_stop": "drain",
+               "restart_after": 7.0, "rebalance": True, "rebalance_moves": 3, "rebalance_cooldown": 40.0}
     assert set(changed) == {f.name for f in fields(RecoverySettings)}, "a RecoverySettings field has no knob"
     s = manager(**changed).recovery_settings()
     assert {k: getattr(s, k) for k in changed} == changed

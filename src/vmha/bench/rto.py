@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import click
 from vmha.lab import cluster, scenario
 from vmha.lab.net import LabError
 from vmha.lab.procs import vm_processes
+from vmha.lab.rounds import run_rounds
 from vmha.lab.scenario import Timeline
 from vmha.lab.state import LabState
 from vmha.lab.vm import disk_lines
@@ -91,9 +93,17 @@ def _cell(v: object, digits: int = 1) -> str:
               help="process, qemu, or both (qemu,process: one lab each, and their ratio)")
 @click.option("--no-power-fence", "no_power_fence", is_flag=True,
               help="the managers without the lab's power fence: power-off proven by sanlock's host_dead")
+@click.option("--rounds", default=0, show_default=True, type=int,
+              help="instead of trials: this many random fault rounds, every class mixed, no operator action "
+                   "(vmha.lab.rounds); the table is of their faults")
+@click.option("--seed", type=int, default=None, help="the rounds' seed (default: drawn and printed)")
 def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir: Path, prefix: str,
-        nova: bool, no_power_fence: bool, guests: str) -> None:
+        nova: bool, no_power_fence: bool, guests: str, rounds: int, seed: int | None) -> None:
     """Fault to recovery, per phase and fault class, on a fresh lab (io_timeout 1)."""
+    if rounds and rounds < len(scenario.CLASSES):
+        raise click.BadParameter(f"--rounds {rounds}: at least {len(scenario.CLASSES)}, one per fault class")
+    if seed is None:
+        seed = random.randrange(1 << 32)
     kinds = [k.strip() for k in classes.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in scenario.CLASSES]
     if unknown:
@@ -104,13 +114,15 @@ def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir:
     out: dict[str, object] = {}
     recovered: dict[str, dict[str, float]] = {}
     for g in kinds_of_guests:
-        results, guest_stats = _run(trials, kinds, hosts, vms, lab_dir, prefix, nova, no_power_fence, g)
+        results, guest_stats, ran = _run(trials, kinds, hosts, vms, lab_dir, prefix, nova, no_power_fence, g,
+                                         rounds, seed)
         rows = table({k: v for k, v in results.items() if v})
         recovered[g] = {str(r["class"]): float(r["recovered"]["p50"])
                         for r in rows if isinstance(r["recovered"], dict)}
         if as_json:
             out[g] = {"rows": rows, "guests": guest_stats,
-                      "timelines": {k: [tl.to_dict() for tl in v] for k, v in results.items()}}
+                      "timelines": {k: [tl.to_dict() for tl in v] for k, v in results.items()},
+                      **({"rounds": ran} if rounds else {})}
             continue
         _print(rows, results, trials, hosts, vms, nova, no_power_fence, g, guest_stats)
     if as_json:
@@ -124,9 +136,12 @@ def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir:
 
 
 def _run(trials: int, kinds: list[str], hosts: int, vms: int, lab_dir: Path, prefix: str, nova: bool,
-         no_power_fence: bool, guests: str) -> tuple[dict[str, list[Timeline]], dict[str, object]]:
-    results: dict[str, list[Timeline]] = {k: [] for k in kinds}
+         no_power_fence: bool, guests: str, rounds: int = 0,
+         seed: int = 0) -> tuple[dict[str, list[Timeline]], dict[str, object], dict[str, object]]:
+    """The timelines by class, the guests' figures, and the rounds' verdict (with `rounds`)."""
+    results: dict[str, list[Timeline]] = {k: [] for k in (scenario.CLASSES if rounds else kinds)}
     guest_stats: dict[str, object] = {}
+    verdict: dict[str, object] = {}
 
     def echo(text: str) -> None:
         click.echo(f"  {text}", err=True)
@@ -137,6 +152,13 @@ def _run(trials: int, kinds: list[str], hosts: int, vms: int, lab_dir: Path, pre
         if guests == "qemu":
             guest_stats = guest_boot_and_rss(state)
             click.echo(f"guests: {guest_stats}", err=True)
+        if rounds:
+            ran = run_rounds(state, rounds, seed, echo)
+            for tl in ran.timelines:
+                results[tl.fault].append(tl)
+            verdict = {"seed": seed, "ok": ran.ok, "problems": ran.problems, "placement": ran.placement}
+            click.echo(f"rounds (seed {seed}): {'ok' if ran.ok else 'WRONG: ' + '; '.join(ran.problems)}", err=True)
+            return results, guest_stats, verdict
         for n in range(trials):
             for kind in kinds:
                 tl = scenario.run_fault(state, kind, scenario.busiest_host(state), echo)
@@ -146,7 +168,7 @@ def _run(trials: int, kinds: list[str], hosts: int, vms: int, lab_dir: Path, pre
         click.echo(f"bench stopped: {e}", err=True)
     finally:
         cluster.down(lab_dir, prefix=prefix)  # the prefix: also when up failed before recording the lab
-    return results, guest_stats
+    return results, guest_stats, verdict
 
 
 def guest_boot_and_rss(state: LabState) -> dict[str, object]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol
 
+from vmha.core.desired import RESTART, STOPPED, STOPPED_KEY, StoppedVms, observing_methods
 from vmha.core.fencing import FenceProof, ProofMethod, proof_methods
 from vmha.core.health import FabricChange, HealthOutput, HostHealth
 from vmha.core.log import Level, LogLine
@@ -41,6 +42,7 @@ from vmha.core.queue import (
     TaskKind,
     TaskState,
 )
+from vmha.core.rebalance import REBALANCE_KEY, plan
 
 # -- settings --------------------------------------------------------------------------------------
 
@@ -77,6 +79,14 @@ class RecoverySettings:
     # A clean agent stop: "alert" (its VMs run on, unprotected) or "drain" (maintenance on: its HA
     # VMs are live-migrated away first; off again once the agent runs again).
     on_agent_stop: Literal["drain", "alert"] = "alert"
+    # Desired state: a protected VM the inventory shows stopped this long (two snapshots this far
+    # apart), with no recovery in flight, is restarted once proved stopped (core/desired.py). 0: never.
+    restart_after: float = 20.0
+    # Rebalancing (core/rebalance.py): once a host is a destination again, live-migrate VMs to even
+    # out the load, at most rebalance_moves per round, rounds rebalance_cooldown seconds apart.
+    rebalance: bool = False
+    rebalance_moves: int = 2
+    rebalance_cooldown: float = 300.0
 
     @property
     def limits(self) -> QueueLimits:
@@ -97,6 +107,8 @@ class VmLike(Protocol):
     def ha(self) -> bool: ...
     @property
     def priority(self) -> int: ...
+    @property
+    def state(self) -> str: ...  # the driver's word; desired.STOPPED: no copy runs
 
 
 class HostLike(Protocol):
@@ -541,6 +553,12 @@ class RecoveryCore:
         # Hosts in maintenance, and why: "operator" (`vmha host maintenance`), "agent" (a clean agent
         # stop with on_agent_stop = drain). Either keeps it; each ends only its own.
         self._maintenance: dict[str, set[str]] = {}
+        # Desired state: protected VMs seen stopped; why each due one waits (logged when it changes).
+        self._stopped = StoppedVms(settings.restart_after)
+        self._restart_wait: dict[str, str] = {}
+        # Rebalancing: a host became a destination again (a round is due); no round before this time.
+        self._rebalance_due = False
+        self._rebalance_next = 0.0
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -560,6 +578,10 @@ class RecoveryCore:
         deadlines += [self._rejoin_at(h) for h in self._healthy_since
                       if h not in self._rejoin_wait and h not in self._rejoining]
         return min(deadlines) if deadlines else None
+
+    def _in_flight(self) -> bool:
+        """Some task is not finished."""
+        return len(self.queue) > sum(self.queue.count(s) for s in TERMINAL)
 
     def quarantined(self) -> list[str]:
         return sorted(self._quarantined)
@@ -615,10 +637,14 @@ class RecoveryCore:
             case Tick():
                 pass
         self._timers(now, out)
+        if self._stopped:
+            self._restart_stopped(now, out)
         if self.queue.count(TaskState.UNPLACED):
             # Room may have come (a host healthy or enabled, a VM gone) or been freed for them (a
             # higher-priority evacuation ended without a place).
             self._unblock_unplaced(now, out)
+        if self._rebalance_due and now >= self._rebalance_next and isinstance(event, Inventory):
+            self._rebalance(now, out)  # on a fresh inventory: the returned host's flags, settled loads
         self._dispatch(now, out)
         return out
 
@@ -685,8 +711,10 @@ class RecoveryCore:
         proved: list[str] = []
         for vm in sorted(self._by_source.get(host, ())):
             task = self.queue.active(vm)
-            if task is None or task.source != host or task.row == MAINTENANCE_KEY:
-                continue  # a drain is the operator's, not the health row's: maintenance off ends it
+            if task is None or task.source != host or task.row in (MAINTENANCE_KEY, STOPPED_KEY):
+                # A drain is the operator's, not the health row's: maintenance off ends it. A restart's
+                # proof only observes a death: the row changes nothing to it.
+                continue
             if task.kind == TaskKind.EVACUATE:
                 if decision.action not in _EVACUATING_ACTIONS and task.proof is not None:
                     proved.append(vm)
@@ -741,6 +769,7 @@ class RecoveryCore:
         self._not_healthy(host)
         self._out_row.pop(host, None)
         self._dests = None
+        self._rebalance_due = self.settings.rebalance
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': enabled by the operator"
                                + (f" (was {' and '.join(undone)} by vmha)" if undone else "")))
 
@@ -793,6 +822,36 @@ class RecoveryCore:
             out.actions.append(CheckRejoin(host, vms))
             return
         self._enable(host, f"nothing was fenced there ({self._why_out(host, 'disabled')}), {healthy}", now, out)
+
+    # -- rebalancing ------------------------------------------------------------------------------
+
+    def _rebalance(self, now: float, out: RecoveryOutput) -> None:
+        """One bounded round of live migrations towards the least loaded hosts (core/rebalance.py), when
+        no recovery is in flight: a recovery's placement comes first, and a round plans on settled loads."""
+        if not self._inventory or self._in_flight():
+            return
+        hosts = self._eligible()
+        loads = {h: self._load_of(h) for h in hosts}
+        movable = {h: [(v.priority, v.name) for name in self._vms_on.get(h, ())
+                       if (v := self._vms[name]).ha and self._placed.get(name) == h] for h in hosts}
+        moves = plan(loads, movable, self.settings.rebalance_moves, self.settings.host_capacity)
+        self._rebalance_next = now + self.settings.rebalance_cooldown
+        self._rebalance_due = bool(moves)  # moved some: another round after the cool-down, until even
+        text = ", ".join(f"{h}={n}" for h, n in sorted(loads.items()))
+        if not moves:
+            out.log.append(LogLine(Level.INFO, now, ACTOR, f"rebalance: loads {text}: even, nothing to move"))
+            return
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"rebalance: loads {text}: live-migrating "
+                               + ", ".join(f"{vm} from '{src}'" for vm, src in moves)
+                               + f" to the least loaded; next round not before {self._rebalance_next:.1f}"))
+        for vm, src in moves:
+            info = self._vms[vm]
+            task = Task(vm=vm, source=src, kind=TaskKind.MIGRATE, recovery=self.queue.next_recovery(vm),
+                        priority=info.priority, row=REBALANCE_KEY, action=Action.LIVE_MIGRATE.value,
+                        failed={}, created=now)
+            self.queue.add(task, now)
+            self._by_source.setdefault(src, set()).add(vm)
+            self._move(task, TaskState.READY, now, f"rebalance, priority {task.priority}", out)
 
     # -- maintenance ------------------------------------------------------------------------------
 
@@ -909,6 +968,7 @@ class RecoveryCore:
         self._out_row.pop(host, None)
         self._rejoined.add(host)
         self._dests = None
+        self._rebalance_due = self.settings.rebalance
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': rejoined, a destination again"))
 
     def _count_failure(self, host: str, row: str, now: float, out: RecoveryOutput) -> None:
@@ -943,7 +1003,8 @@ class RecoveryCore:
             cur.acted = True
             out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': its agent was stopped cleanly at "
                                      f"{self._agent_stopped.get(host, 0.0):.1f} ({self._failed_text(hh)}): its "
-                                     "VMs are not recovered until the agent runs again"))
+                                     "running VMs are not protected until the agent runs again; those it "
+                                     "stopped are recovered once proved stopped"))
             return
         if action != Action.ALERT:
             self._count_failure(host, key, now, out)
@@ -1040,8 +1101,49 @@ class RecoveryCore:
                 self._place(t.vm, None)  # proved dead there: it takes no room on its source
         self._inventory = True
         self._dests = None
+        stopped = {v.name: v.state == STOPPED for v in inv.vms
+                   if v.ha and v.host is not None and self.queue.active(v.name) is None}
+        self._stopped.inventory(stopped, now)
         for host in sorted(self._decisions):
             self._reconcile(host, now, out)
+
+    def _restart_stopped(self, now: float, out: RecoveryOutput) -> None:
+        """Desired state: every protected VM seen stopped long enough, with no recovery in flight, gets
+        a restart task whose proof only observes (desired.observing_methods). On a healthy host it
+        restarts in place; on a host whose agent was stopped cleanly and whose planes are lost (shut
+        down, powered off) it is recovered like a failed host's VM: proof, mark down, elsewhere.
+        While its host is in any other row (a fabric outage, a failure being handled) it waits."""
+        for vm, since in self._stopped.due():
+            host, info = self._placed.get(vm), self._vms.get(vm)
+            if host is None or info is None or self.queue.active(vm) is not None:
+                continue
+            cur = self._decisions.get(host)
+            hh = self._health.get(host)
+            if cur is None and hh is not None and self._is_eligible(host) and self._room(host):
+                where = "its host is up and takes VMs: restart in place"
+            elif cur is not None and cur.decision.key == AGENT_STOPPED_KEY and cur.acted and hh is not None:
+                where = (f"its host's agent was stopped cleanly at {self._agent_stopped.get(host, 0.0):.1f} "
+                         f"and it lost every plane ({self._failed_text(hh)}): recover it elsewhere")
+            else:
+                why = (f"its host is in row {cur.decision.key}" if cur is not None
+                       else "its host takes no VM now (not up, disabled, in maintenance or full)")
+                if self._restart_wait.get(vm) != why:
+                    self._restart_wait[vm] = why
+                    out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{vm}' on host '{host}': restart waits "
+                                           f"({why})"))
+                continue
+            self._restart_wait.pop(vm, None)
+            self._stopped.forget(vm)
+            failed = {p.value: hh.planes[p].since for p in PLANES
+                      if hh.planes[p].state in (PlaneState.DOWN, PlaneState.FABRIC)}
+            task = Task(vm=vm, source=host, kind=TaskKind.EVACUATE, recovery=self.queue.next_recovery(vm),
+                        priority=info.priority, row=STOPPED_KEY, action=RESTART, failed=failed, created=now)
+            self.queue.add(task, now)
+            self._late_proof.pop(vm, None)
+            self._by_source.setdefault(host, set()).add(vm)
+            self._prove(task, observing_methods(hh.states()), now, out,
+                        f"desired state: runs nowhere since {since:.1f} (inventory: stopped), no recovery in "
+                        f"flight, {where}")
 
     def _load_of(self, host: str) -> int:
         return len(self._vms_on.get(host, ())) + self.queue.running_to(host)
@@ -1159,10 +1261,18 @@ class RecoveryCore:
         task.begin(Step.PROVE, now)
         if task.proof_started is None:
             task.proof_started = now
+        timeout = self._restart_timeout(task, methods) or timeout
         attempt = self._attempt(task)
         self._move(task, TaskState.PROVING, now,
                    f"{why}, methods {','.join(m.value for m in methods)}, attempt {attempt}", out)
         out.actions.append(Prove(task.vm, task.source, methods, attempt, timeout))
+
+    def _restart_timeout(self, task: Task, methods: tuple[ProofMethod, ...]) -> float | None:
+        """A restart's lease-taken-only proof answers at once (the lease is free or it is not): no
+        waiting the runtime's default, which is long enough for host-dead."""
+        if task.row == STOPPED_KEY and ProofMethod.HOST_DEAD not in methods:
+            return self.settings.recheck_timeout
+        return None
 
     def _stale_proof(self, vm: str, attempt: Attempt, what: str, now: float, out: RecoveryOutput) -> bool:
         """A result of an older proof attempt than the VM's latest: logged, to be ignored."""
@@ -1210,7 +1320,12 @@ class RecoveryCore:
             out.log.append(LogLine(Level.WARN, now, ACTOR,
                                    f"vm '{task.vm}': proof arrived after the cancel: the old copy is gone, "
                                    "the recovery continues"))
-        self._mark_down(task, now, out, f"proof {proof.method.value} after {proof.proved - proof.started:.1f}s")
+        why = f"proof {proof.method.value} after {proof.proved - proof.started:.1f}s"
+        if task.row == STOPPED_KEY and task.source not in self._decisions and task.source not in self._marked_down:
+            # Its host is up: nothing there to fence or mark down; the VM starts there again.
+            self._move(task, TaskState.READY, now, f"{why}, its host is up: restart in place", out)
+            return
+        self._mark_down(task, now, out, why)
 
     def _proof_refused(self, vm: str, host: str, attempt: Attempt, reason: str, retryable: bool, now: float,
                        out: RecoveryOutput, alert: str = "") -> None:
@@ -1236,6 +1351,12 @@ class RecoveryCore:
             return
         task.recheck = False  # failed again meanwhile: an ordinary proof, with every method, follows
         self._fail_step(task, Step.PROVE, f"proof refused: {reason}", retryable, now, out)
+
+    @staticmethod
+    def _in_place(task: Task) -> bool:
+        """A proved desired-state restart whose host was up at the proof (so not marked down): it
+        starts there again, nowhere else (a driver restarts elsewhere only from a host marked down)."""
+        return task.row == STOPPED_KEY and task.proof is not None and not task.done(Step.MARK_DOWN)
 
     def _mark_down(self, task: Task, now: float, out: RecoveryOutput, why: str) -> None:
         host = task.source
@@ -1319,6 +1440,7 @@ class RecoveryCore:
             self._move(task, TaskState.DONE, now, f"running on '{task.running_on}'", out)
             self._place(task.vm, task.running_on)
             self._settle(task)
+            self._stopped.forget(task.vm)  # an inventory taken before the move may still say stopped
             self._finish(task, out)
             if task.running_on in self._maintenance:
                 # It arrived on a host that entered maintenance while it travelled: drain it too.
@@ -1377,6 +1499,7 @@ class RecoveryCore:
                                        f"copy on '{task.source}' is proven dead, it may be started by hand"))
                 out.actions.append(DropProof(task.vm, task.source))
             self._settle(task)
+            self._stopped.give_up(task.vm)
             self._finish(task, out)
             return
         wait = limits.backoff(task.attempts)
@@ -1409,15 +1532,17 @@ class RecoveryCore:
             task.retry_at, task.resume = None, None
             why = f"retry {task.attempts + 1}/{self.queue.limits.max_attempts}"
             if resume == TaskState.PROVING:
-                self._prove(task, self._methods(task.source), now, out, why)
+                self._prove(task, self._methods(task), now, out, why)
             elif resume == TaskState.MARKING_DOWN:
                 self._mark_down(task, now, out, why)
             else:
                 self._move(task, TaskState.READY, now, why, out)
 
-    def _methods(self, host: str) -> tuple[ProofMethod, ...]:
-        hh = self._health.get(host)
+    def _methods(self, task: Task) -> tuple[ProofMethod, ...]:
+        hh = self._health.get(task.source)
         states = hh.states() if hh is not None else {}
+        if task.row == STOPPED_KEY:
+            return observing_methods(states)
         return proof_methods(states, power_fence=self.settings.power_fence,
                              allow_exit_attested=self.settings.allow_exit_attested)
 
@@ -1425,13 +1550,22 @@ class RecoveryCore:
         """Start READY tasks, highest priority first, while slots and destinations allow."""
         if not self._inventory:
             return  # a new leader before its first inventory: no view of the destinations yet
+        waiting: list[Task] = []  # in-place restarts whose host cannot take them yet
         while not self.queue.full():
             task = self.queue.pop_ready()
             if task is None:
-                return
-            # An evacuation may restart the VM on its own source once that rejoined (the proof holds);
-            # a live migration moves it away from there.
-            dest, room = self._pick_dest(task.source if task.kind == TaskKind.MIGRATE else None)
+                break
+            dest: str | None
+            if self._in_place(task):
+                src = task.source
+                if not (self._is_eligible(src) and self._room(src) and self.queue.has_slot(src)):
+                    waiting.append(task)
+                    continue
+                dest, room = src, True
+            else:
+                # An evacuation may restart the VM on its own source once that rejoined (the proof
+                # holds); a live migration moves it away from there.
+                dest, room = self._pick_dest(task.source if task.kind == TaskKind.MIGRATE else None)
             kept = self._kept_for_others(task) if room else ""
             if not room or kept:
                 task.reason = kept or ("no surviving host has room" if self._eligible() else "no healthy host")
@@ -1441,7 +1575,7 @@ class RecoveryCore:
                 continue
             if dest is None:
                 self.queue.push_back(task)  # every destination with room is busy: wait for a slot
-                return
+                break
             task.dest = dest
             slots = f"slot {self.queue.running() + 1}/{self.queue.limits.max_parallel}"
             if task.kind == TaskKind.MIGRATE:
@@ -1455,6 +1589,8 @@ class RecoveryCore:
                 assert task.proof is not None  # READY evacuate tasks are proved (state table)
                 self._move(task, TaskState.RELEASING, now, f"to '{dest}', {slots}", out)
                 out.actions.append(ReleaseProof(task.vm, task.source, task.proof))
+        for task in waiting:
+            self.queue.push_back(task)
 
     # -- takeover ---------------------------------------------------------------------------------
 
@@ -1486,7 +1622,8 @@ class RecoveryCore:
             case TaskState.PROVING:
                 task.finish(Step.PROVE, now, "interrupted by leader change")
                 task.begin(Step.PROVE, now)
-                methods, timeout = self._methods(task.source), None
+                methods = self._methods(task)
+                timeout = self._restart_timeout(task, methods)
                 if task.recheck:
                     methods, timeout = (ProofMethod.LEASE_TAKEN,), self.settings.recheck_timeout
                 attempt = self._attempt(task)
@@ -1516,7 +1653,7 @@ class RecoveryCore:
                 if task.kind == TaskKind.MIGRATE:
                     self._move(task, TaskState.READY, now, why, out)
                 else:
-                    self._prove(task, self._methods(task.source), now, out, why)
+                    self._prove(task, self._methods(task), now, out, why)
             case _:
                 pass  # READY / UNPLACED / RETRY_WAIT: dispatch and timers carry on
 

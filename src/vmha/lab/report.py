@@ -4,7 +4,10 @@ Per VM: split-brain (two hosts writing at once: must never happen) and downtime 
 Per fault episode (a host from its first plane down to its last plane up, a power-off to its
 power-on, a fabric plane down to up): the policy row it makes, the action that row asks for, and
 whether that is what happened:
-  alert / disable   no VM of the host moved and no recovery task was recorded for it;
+  alert / disable   no VM of the host moved and no recovery task was recorded for it, but for the
+                    desired state's restarts in place (evidence record with action restart and a
+                    proof) of guests sanlock ended because the storage fabric was lost (their
+                    downtime is sanlock's, not vmha's);
   live-migrate      every VM that ran on the host moved away without a restart (records say
                     live-migrate, no gap in its disk);
   *-evacuate        every VM that ran on the host runs elsewhere, each restart backed by an
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmha import config
+from vmha.core.desired import RESTART
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.core.policy import Action, PolicyTable
 from vmha.lab import etcdq
@@ -119,10 +123,16 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
         moved[vm] = after if after != before else None
         actions = {str(r.get("action")) for r in recs[vm]}
         if expected in (None, Action.ALERT, Action.DISABLE):
-            if moved[vm] or any(r.get("kind") in ("evacuate", "migrate") for r in recs[vm]):
+            # Storage lost by a fabric outage: sanlock ends the guests; the desired state restarts them
+            # in place after the repair, each on a proof.
+            killed = ep.target == "fabric" and Plane.STORAGE.value in ep.planes
+            restarts = [r for r in recs[vm] if killed and r.get("action") == RESTART]
+            if moved[vm] or any(r.get("kind") in ("evacuate", "migrate") for r in recs[vm] if r not in restarts):
                 problems.append(f"{vm} moved ({before} -> {after}) or has a recovery, but the policy says "
                                 f"{expected.value if expected else 'nothing'}")
-            if downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP) > 0:
+            if any(not r.get("proof") for r in restarts):
+                problems.append(f"{vm}: restarted without a fence proof in its evidence record")
+            if not killed and downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP) > 0:
                 problems.append(f"{vm}: downtime during a fault that must not touch it")
             continue
         if not moved[vm]:

@@ -149,8 +149,10 @@ def _disabled(state: LabState, host: str) -> bool:
     return isinstance(value, dict) and value.get("enabled") is False
 
 
-def run_fault(state: LabState, kind: str, host: str, echo: Echo) -> Timeline:
-    """Injects one fault, waits for its outcome, repairs it and waits until the lab is healthy again."""
+def run_fault(state: LabState, kind: str, host: str, echo: Echo, enable: bool = True) -> Timeline:
+    """Injects one fault, waits for its outcome, repairs it and waits until the lab is healthy again
+    (enable: the operator also runs `vmha host enable`; else a host vmha took out rejoins by itself,
+    later: the caller checks that)."""
     if kind not in CLASSES:
         raise LabError(f"unknown fault class {kind!r}: {', '.join(CLASSES)}")
     state.reload()
@@ -165,7 +167,7 @@ def run_fault(state: LabState, kind: str, host: str, echo: Echo) -> Timeline:
     finally:
         echo(f"repair {kind} on {tl.host}")
         inject(state, kind, host, up=True)
-    _settle(state, tl, host if kind not in FABRIC else None)
+    _settle(state, tl, host if kind not in FABRIC else None, enable)
     after = running_on(state)
     for vm in vms:
         hs = after.get(vm, [])
@@ -246,11 +248,12 @@ def _active_elsewhere(state: LabState, vms: list[str], host: str) -> bool:
     )
 
 
-def _settle(state: LabState, tl: Timeline, host: str | None) -> None:
-    """After the repair: the host enabled again (vmha host enable) and the lab healthy."""
+def _settle(state: LabState, tl: Timeline, host: str | None, enable: bool = True) -> None:
+    """After the repair: the host enabled again (vmha host enable, unless not `enable`) and the lab
+    healthy."""
     deadline = time.monotonic() + (NOVA_SETTLE_TIMEOUT if state.nova else SETTLE_TIMEOUT)
     since = time.time()
-    enabled = host is None
+    enabled = host is None or not enable
     problems: list[str] = []
     state.reload()
     if host is not None and state.hosts[host].power == "off":

@@ -17,6 +17,8 @@ Model, in the sim's seconds:
   the VM lease free (released by the manager) and no copy running elsewhere (then it reports where
   it runs: idempotent); a copy still running on the source at restart is logged as SPLIT BRAIN, the
   error every scenario checks for.
+- The manager takes an inventory every `inventory` seconds (as manager.daemon does) and after each
+  change of the world; a VM with no copy running is "stopped" in it (desired state).
 - A manager failover drops the old manager's pending results (their effects on the world still
   happen) and starts new cores that load the persisted tasks.
 The manager is the daemon's own runtime loop (vmha.runtime.loop) with the sim as its environment
@@ -103,6 +105,7 @@ class SimTimings:
     disable: float = 0.2
     release: float = 0.1
     rejoin_check: float = 2.0  # a lockspace renewal seen on the shared storage, the leases' owners read
+    inventory: float = 10.0  # the manager's periodic inventory (manager.daemon.INVENTORY_INTERVAL)
 
 
 @dataclass(slots=True)
@@ -202,6 +205,12 @@ class Sim:
             self._health(HostSeen(h.name, h.domain))
         self._recover(self._inventory())
         self.at(0.0, _BEAT, lambda: self._beat(0))
+        self.at(self.st.inventory, _WORLD, self._periodic_inventory)
+
+    def _periodic_inventory(self) -> None:
+        self._recover(self._inventory())
+        if self.now + self.st.inventory <= self.st.duration:
+            self.at(self.now + self.st.inventory, _WORLD, self._periodic_inventory)
 
     def _health(self, ev: HealthEvent) -> None:
         out = self.health.step(ev, self.now)
@@ -357,6 +366,16 @@ class Sim:
         h = self.hosts[host]
         h.agent = True
         self._planes_changed(h)
+
+    def vm_kill(self, vm: str) -> None:
+        """The VM's copies end (a guest crash, an operator's kill outside vmha): their leases are
+        released, the hosts run on."""
+        v = self.vms[vm]
+        gone = sorted(v.copies)
+        v.copies.clear()
+        if v.lease_holder in gone:
+            v.lease_holder = None
+        self.log(Level.INFO, WORLD, f"vm '{vm}': copy ended on {', '.join(gone) or 'no host'}")
 
     def power_on(self, host: str) -> None:
         h = self.hosts[host]

@@ -11,6 +11,7 @@ Commands:
   enable HOST                    (`vmha host enable HOST`: the operator re-enables a repaired host)
   maintenance HOST on|off        (`vmha host maintenance HOST on|off`: drain it, or return it)
   agent-stop HOST    agent-kill HOST    agent-start HOST   (the host's agent: clean stop, crash, start)
+  vm-kill VM                     (the VM's copies end, their leases released: a guest crash)
   fabric PLANE down|up [DOMAIN]  (a plane lost for every host, or the hosts of one domain)
   etcd-leader-change             (no writes for sim.election s, then leases extended TTL + 1 s)
   manager-failover               (the leading manager dies; a standby loads the persisted tasks)
@@ -109,6 +110,8 @@ def _apply(sim: Sim, cmd: Command) -> None:
             sim.agent_kill(host)
         case ("agent-start", host):
             sim.agent_start(host)
+        case ("vm-kill", vm):
+            sim.vm_kill(vm)
         case ("fabric", plane, state, *domain) if state in ("down", "up") and len(domain) <= 1:
             sim.fabric(_planes(plane, where)[0], state == "down", domain[0] if domain else None)
         case ("etcd-leader-change",):
@@ -130,7 +133,7 @@ def _check_names(sim: Sim, cmd: Command) -> None:
     names = set(sim.hosts) | set(sim.vms)
     w = cmd.words
     if w[0] in ("cut", "restore", "power-off", "power-on", "enable", "maintenance", "agent-stop", "agent-kill",
-                "agent-start", "fail-evacuate", "fail-migrate", "fail-proof", "fail-mark-down") \
+                "agent-start", "vm-kill", "fail-evacuate", "fail-migrate", "fail-proof", "fail-mark-down") \
             and len(w) > 1 and w[1] not in names:
         raise ScenarioError(f"{cmd.where}: unknown host or vm {w[1]!r}")
 
