@@ -312,7 +312,7 @@ class LockSpace:
         if info.get("lockspace") != self.bname or info.get("resource") != self.resource(vm).encode():
             raise LeaseMissing(
                 f"{p} is a lease of {info.get('lockspace')!r}/{info.get('resource')!r}, not "
-                f"{self.name}/{self.resource(vm)} (VM {vm}): "
+                f"{self.name}/{self.resource(vm)}: "
                 f"remove it and run `vmha locks init --vm {vm}`"
             )
 
