@@ -11,7 +11,7 @@ on the host's management address (production: TLS or SSH transports), QEMU runs 
 security driver, cgroups and per-domain namespaces off (no systemd here).
 What is production's: `lock_manager = "sanlock"` with explicit `<lease>` elements (the VM's lease in
 vmha's lockspace), so QEMU holds the lease before the guest's CPUs run, and a lockspace failure makes
-sanlock end QEMU.
+sanlock end QEMU (`<on_lockfailure>poweroff</on_lockfailure>`: through libvirt).
 """
 
 from __future__ import annotations
@@ -140,7 +140,10 @@ DISK_SIZE = 64 << 20  # a raw disk: ~26 hours of records at 10 writes a second
 
 def domain_xml(state: LabState, vm: str, priority: int = 0) -> str:
     """The lab guest's domain: protected (vmha metadata), its lease explicit in vmha's lockspace, its
-    disk and lease on the shared storage at the same path on every host (migration, evacuation)."""
+    disk and lease on the shared storage at the same path on every host (migration, evacuation).
+    on_lockfailure poweroff: when the host loses the lease (its lockspace fails: storage lost), sanlock
+    runs libvirt's helper, which destroys the domain at once (sanlock's SIGKILL after kill_grace stays
+    the fallback); libvirt then knows why the guest stopped, and no guest runs on without its lease."""
     disk = MOUNT_POINT / DISKS_DIR / f"{vm}.disk"
     lease = MOUNT_POINT / LEASES_DIR / f"{vm}{LEASE_SUFFIX}"
     return f"""<domain type='qemu'>
@@ -161,6 +164,7 @@ def domain_xml(state: LabState, vm: str, priority: int = 0) -> str:
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
+  <on_lockfailure>poweroff</on_lockfailure>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
