@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,17 +195,11 @@ def check_lock_settings(cfg: LibvirtConfig, locks: LocksConfig, host_id: int) ->
         return LockSettings("sanlock", False, f"{qemu_conf}: lock_manager=sanlock; {sanlock_conf}: "
                             "auto_disk_leases=0 (explicit <lease> elements)")
     lease_dir = Path(str(_get(conf, "disk_lease_dir", str, sanlock_conf) or DEFAULT_DISK_LEASE_DIR))
-    locks_path = locks.path
     if disk_mode:
         _check_disk_lockspace(sanlock_conf, conf, lease_dir, locks)
-    try:
-        same = os.stat(lease_dir).st_dev == os.stat(locks_path).st_dev
-    except OSError as e:
-        raise LockSettingsError(f"{sanlock_conf}: disk_lease_dir {lease_dir} cannot be checked against "
-                                f"locks.path {locks_path}: {e}") from None
-    if not same:
+    if not _compare(sanlock_conf, lease_dir, locks.path, lambda a, b: os.stat(a).st_dev == os.stat(b).st_dev):
         raise LockSettingsError(f"{sanlock_conf}: disk_lease_dir {lease_dir} is not on the shared storage of "
-                                f"locks.path {locks_path} (another filesystem): libvirt's disk leases would "
+                                f"locks.path {locks.path} (another filesystem): libvirt's disk leases would "
                                 "exclude nothing across hosts")
     libvirt_id = _get(conf, "host_id", int, sanlock_conf)
     if libvirt_id != host_id:
@@ -218,12 +213,7 @@ def check_lock_settings(cfg: LibvirtConfig, locks: LocksConfig, host_id: int) ->
 def _check_disk_lockspace(sanlock_conf: Path, conf: dict[str, Value], lease_dir: Path, locks: LocksConfig) -> None:
     """With locks.leases = "libvirt-disk" libvirt's disk-lease lockspace is vmha's: the same directory, and
     the io_timeout vmha's timings assume."""
-    try:
-        same = os.path.samefile(lease_dir, locks.path)
-    except OSError as e:
-        raise LockSettingsError(f"{sanlock_conf}: disk_lease_dir {lease_dir} cannot be checked against "
-                                f"locks.path {locks.path}: {e}") from None
-    if not same:
+    if not _compare(sanlock_conf, lease_dir, locks.path, os.path.samefile):
         raise LockSettingsError(f'{sanlock_conf}: disk_lease_dir is {lease_dir}, with locks.leases = "libvirt-disk" '
                                 f"it must be locks.path {locks.path}: vmha would prove with other leases than "
                                 "the ones QEMU holds")
@@ -233,3 +223,12 @@ def _check_disk_lockspace(sanlock_conf: Path, conf: dict[str, Value], lease_dir:
         raise LockSettingsError(f"{sanlock_conf}: io_timeout is {got}, vmha's locks.io_timeout is {locks.io_timeout}: "
                                 f"set io_timeout = {locks.io_timeout} (libvirtd may add the lockspace first, and "
                                 "sanlock keeps its io_timeout)")
+
+
+def _compare(sanlock_conf: Path, lease_dir: Path, locks_path: Path, same: Callable[[Path, Path], bool]) -> bool:
+    """same(disk_lease_dir, locks.path); LockSettingsError naming both if either cannot be read."""
+    try:
+        return same(lease_dir, locks_path)
+    except OSError as e:
+        raise LockSettingsError(f"{sanlock_conf}: disk_lease_dir {lease_dir} cannot be checked against "
+                                f"locks.path {locks_path}: {e}") from None
