@@ -105,6 +105,28 @@ class LocksConfig(_Strict):
     lockspace: Annotated[Name, Field(max_length=48)] = "vmha"  # sanlock's names hold 48 bytes
     io_timeout: int = Field(10, ge=1, le=60)
     max_hosts: int = Field(2000, ge=2, le=2000)  # sanlock's host_id range
+    # Whose leases protect the VMs. "vmha": <path>/<vm>.lease in `lockspace` (explicit <lease>
+    # elements, the lab's VMs). "libvirt-disk": libvirt's automatic disk leases (qemu-sanlock.conf
+    # auto_disk_leases = 1), for domains a cloud's compute service defines without <lease> (Nova):
+    # `path` is libvirt's disk_lease_dir, the lockspace its __LIBVIRT__DISKS__, and a VM's lease the
+    # one libvirt names after the VM's disk path, `vm_disk` with {vm} replaced by the VM's name.
+    leases: Literal["vmha", "libvirt-disk"] = "vmha"
+    vm_disk: str = Field("", max_length=4000, description="e.g. /var/lib/nova/instances/{vm}/disk")
+
+    @model_validator(mode="after")
+    def _lease_layout(self) -> LocksConfig:
+        if self.leases == "vmha":
+            if self.vm_disk:
+                raise ValueError("vm_disk names libvirt's disk leases: set it only with leases = \"libvirt-disk\"")
+            return self
+        if "lockspace" in self.model_fields_set:
+            raise ValueError("leases = \"libvirt-disk\" uses libvirt's lockspace __LIBVIRT__DISKS__: remove lockspace")
+        rest = self.vm_disk.replace("{vm}", "")
+        if not self.vm_disk.startswith("/") or self.vm_disk.count("{vm}") != 1 or "{" in rest or "}" in rest:
+            raise ValueError(f'leases = "libvirt-disk" needs vm_disk, an absolute path with {{vm}} once (the VM '
+                             f"disk's path in its domain XML, e.g. /var/lib/nova/instances/{{vm}}/disk), got "
+                             f"{self.vm_disk!r}")
+        return self
 
 
 class ManagerConfig(_Strict):

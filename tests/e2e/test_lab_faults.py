@@ -16,6 +16,7 @@ Each fault's timeline is printed (run with -s to see it).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -189,11 +190,23 @@ def test_service_only_live_migrates(lab: LabState) -> None:
 
 @pytest.mark.parametrize("kind", ["storage", "isolation", "power-off"])
 def test_host_failures_restart_every_vm_once_elsewhere(lab: LabState, kind: str) -> None:
-    tl = _run(lab, kind)
+    host = scenario.busiest_host(lab)
+    sanlock_log = lab.logs / f"sanlock-{host}.log"
+    logged = sanlock_log.stat().st_size
+    qemus = sorted(p.pid for p in vm_processes(lab.prefix) if p.host == host and lab.guests == "qemu")
+    tl = scenario.run_fault(lab, kind, host, echo)
+    print(tl.line(), flush=True)
     assert tl.vms, "the busiest host ran no VM"
     assert tl.ok, tl.problems
     assert all(h not in (None, tl.host) for h in tl.moved.values())
     assert set(tl.proofs) == set(tl.vms), f"restarts without a recorded fence proof: {tl.proofs}"
+    if kind == "storage" and qemus:
+        # <on_lockfailure>poweroff</on_lockfailure>: the host's sanlock ended each QEMU through libvirt's
+        # helper, its killpath (sanlock logs it as signal 100), when the lockspace failed.
+        with sanlock_log.open() as f:
+            f.seek(logged)
+            text = f.read()
+        assert all(re.search(rf" kill {pid} sig 100 count 1\b", text) for pid in qemus), (qemus, text[-3000:])
 
 
 @pytest.mark.parametrize("kind", ["fabric", "fabric-isolation"])

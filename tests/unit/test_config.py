@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from vmha import config
+from vmha.config import LocksConfig
 from vmha.core.planes import Plane
 from vmha.core.policy import Action
 
@@ -174,3 +176,20 @@ def test_config_check_names_every_error(tmp_path: Path) -> None:
         assert field in r.output
     r = CliRunner().invoke(cli, ["config", "check", str(EXAMPLE)])
     assert r.exit_code == 0 and "ok" in r.output
+
+
+def test_libvirt_disk_leases_need_the_vm_disk_path_and_libvirts_lockspace() -> None:
+    ok = LocksConfig(path=Path("/leases"), leases="libvirt-disk", vm_disk="/var/lib/nova/instances/{vm}/disk")
+    assert ok.vm_disk.endswith("{vm}/disk")
+    for kwargs, error in [
+        ({"leases": "libvirt-disk"}, r"needs vm_disk, an absolute path with \{vm\} once .* got ''"),
+        ({"leases": "libvirt-disk", "vm_disk": "instances/{vm}/disk"}, "needs vm_disk"),
+        ({"leases": "libvirt-disk", "vm_disk": "/i/{vm}/{vm}"}, "needs vm_disk"),
+        ({"leases": "libvirt-disk", "vm_disk": "/i/{uuid}/disk"}, "needs vm_disk"),
+        ({"leases": "libvirt-disk", "vm_disk": "/i/{vm}/disk", "lockspace": "vmha"},
+         "uses libvirt's lockspace __LIBVIRT__DISKS__: remove lockspace"),
+        ({"vm_disk": "/i/{vm}/disk"}, r"set it only with leases = \"libvirt-disk\""),
+        ({"leases": "auto"}, "leases"),
+    ]:
+        with pytest.raises(ValidationError, match=error):
+            LocksConfig(path=Path("/leases"), **kwargs)

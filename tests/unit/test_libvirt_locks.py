@@ -13,7 +13,7 @@ from vmha.agent.libvirt_locks import (
     check_lock_settings,
     parse_conf,
 )
-from vmha.config import LibvirtConfig
+from vmha.config import LibvirtConfig, LocksConfig
 
 P = Path("/etc/libvirt/qemu.conf")
 
@@ -72,10 +72,10 @@ def shared(tmp_path: Path) -> Path:
 
 def test_explicit_leases_need_only_the_sanlock_lock_manager(tmp_path: Path, shared: Path) -> None:
     cfg = libvirt_dir(tmp_path, '#lock_manager = "lockd"\nlock_manager = "sanlock"\n', "auto_disk_leases = 0\n")
-    found = check_lock_settings(cfg, shared, 3)
+    found = check_lock_settings(cfg, LocksConfig(path=shared), 3)
     assert found is not None and not found.auto_disk_leases
     (cfg.config_dir / "qemu-sanlock.conf").unlink()  # libvirt's default: no automatic leases
-    assert check_lock_settings(cfg, shared, 3) is not None
+    assert check_lock_settings(cfg, LocksConfig(path=shared), 3) is not None
 
 
 @pytest.mark.parametrize(("qemu", "error"), [
@@ -86,7 +86,7 @@ def test_explicit_leases_need_only_the_sanlock_lock_manager(tmp_path: Path, shar
 ])
 def test_a_wrong_lock_manager_is_refused(tmp_path: Path, shared: Path, qemu: str, error: str) -> None:
     with pytest.raises((LockSettingsError, LibvirtConfError), match=error):
-        check_lock_settings(libvirt_dir(tmp_path, qemu), shared, 3)
+        check_lock_settings(libvirt_dir(tmp_path, qemu), LocksConfig(path=shared), 3)
 
 
 def test_automatic_disk_leases_need_the_shared_storage_and_vmhas_host_id(tmp_path: Path, shared: Path) -> None:
@@ -94,18 +94,18 @@ def test_automatic_disk_leases_need_the_shared_storage_and_vmhas_host_id(tmp_pat
     on_shared.mkdir()
     cfg = libvirt_dir(tmp_path, 'lock_manager = "sanlock"\n',
                       f'auto_disk_leases = 1\ndisk_lease_dir = "{on_shared}"\nhost_id = 3\n')
-    found = check_lock_settings(cfg, shared, 3)
+    found = check_lock_settings(cfg, LocksConfig(path=shared), 3)
     assert found is not None and found.auto_disk_leases and "host_id=3" in found.text
     sanlock_conf = cfg.config_dir / "qemu-sanlock.conf"
     with pytest.raises(LockSettingsError, match=rf"{sanlock_conf}: host_id is 3, vmha allocated host_id 4 to "
                        r"this host: set host_id = 4"):
-        check_lock_settings(cfg, shared, 4)
+        check_lock_settings(cfg, LocksConfig(path=shared), 4)
     sanlock_conf.write_text(f'auto_disk_leases = 1\ndisk_lease_dir = "{on_shared}"\n')
     with pytest.raises(LockSettingsError, match=r"host_id is not set, vmha allocated host_id 3"):
-        check_lock_settings(cfg, shared, 3)
+        check_lock_settings(cfg, LocksConfig(path=shared), 3)
     sanlock_conf.write_text('auto_disk_leases = "1"\n')
     with pytest.raises(LockSettingsError, match=r"auto_disk_leases must be an integer, got '1'"):
-        check_lock_settings(cfg, shared, 3)
+        check_lock_settings(cfg, LocksConfig(path=shared), 3)
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a second filesystem (/dev/shm)")
@@ -116,14 +116,43 @@ def test_automatic_disk_leases_off_the_shared_storage_are_refused(tmp_path: Path
                       "host_id = 3\n")
     with pytest.raises(LockSettingsError, match=rf"disk_lease_dir /dev/shm is not on the shared storage of "
                        rf"locks.path {shared} \(another filesystem\)"):
-        check_lock_settings(cfg, shared, 3)
+        check_lock_settings(cfg, LocksConfig(path=shared), 3)
     (cfg.config_dir / "qemu-sanlock.conf").write_text("auto_disk_leases = 1\nhost_id = 3\n")  # libvirt's default dir
     with pytest.raises(LockSettingsError, match=r"disk_lease_dir /var/lib/libvirt/sanlock "):
-        check_lock_settings(cfg, shared, 3)
+        check_lock_settings(cfg, LocksConfig(path=shared), 3)
 
 
 def test_a_host_without_libvirt(tmp_path: Path, shared: Path) -> None:
     cfg = libvirt_dir(tmp_path, None)
     with pytest.raises(LockSettingsError, match=r"qemu.conf does not exist: .*required = true"):
-        check_lock_settings(cfg, shared, 3)
-    assert check_lock_settings(LibvirtConfig(config_dir=cfg.config_dir, required=False), shared, 3) is None
+        check_lock_settings(cfg, LocksConfig(path=shared), 3)
+    optional = LibvirtConfig(config_dir=cfg.config_dir, required=False)
+    assert check_lock_settings(optional, LocksConfig(path=shared), 3) is None
+
+
+def test_libvirt_disk_leases_mode_needs_libvirts_lockspace_to_be_vmhas(tmp_path: Path, shared: Path) -> None:
+    """locks.leases = "libvirt-disk": vmha proves with the leases libvirt takes for the disks, so libvirt
+    must take them (auto_disk_leases = 1) in the very lockspace the agent joins, with vmha's timings."""
+    locks = LocksConfig(path=shared, io_timeout=1, leases="libvirt-disk", vm_disk="/nova/instances/{vm}/disk")
+    cfg = libvirt_dir(tmp_path, 'lock_manager = "sanlock"\n',
+                      f'auto_disk_leases = 1\ndisk_lease_dir = "{shared}"\nhost_id = 3\nio_timeout = 1\n')
+    found = check_lock_settings(cfg, locks, 3)
+    assert found is not None and found.auto_disk_leases and "io_timeout=1, vmha's lockspace" in found.text
+    sanlock_conf = cfg.config_dir / "qemu-sanlock.conf"
+    for text, error in [
+        ("auto_disk_leases = 0\n", r"auto_disk_leases must be 1 with vmha's locks.leases = \"libvirt-disk\""),
+        ("", r"auto_disk_leases must be 1"),  # libvirt's default: no automatic leases
+        (f'auto_disk_leases = 1\ndisk_lease_dir = "{shared.parent}"\nhost_id = 3\nio_timeout = 1\n',
+         rf"disk_lease_dir is {shared.parent}, with locks.leases = \"libvirt-disk\" it must be locks.path {shared}"),
+        (f'auto_disk_leases = 1\ndisk_lease_dir = "{shared}"\nhost_id = 3\n',
+         r"io_timeout is not set \(sanlock's default\), vmha's locks.io_timeout is 1: set io_timeout = 1"),
+        (f'auto_disk_leases = 1\ndisk_lease_dir = "{shared}"\nhost_id = 3\nio_timeout = 10\n',
+         r"io_timeout is 10, vmha's locks.io_timeout is 1"),
+        (f'auto_disk_leases = 1\ndisk_lease_dir = "{shared}"\nhost_id = 4\nio_timeout = 1\n',
+         r"host_id is 4, vmha allocated host_id 3 to this host"),
+        (f'auto_disk_leases = 1\ndisk_lease_dir = "{tmp_path}/nowhere"\nhost_id = 3\nio_timeout = 1\n',
+         r"disk_lease_dir \S+/nowhere cannot be checked against locks.path"),
+    ]:
+        sanlock_conf.write_text(text)
+        with pytest.raises(LockSettingsError, match=rf"{sanlock_conf}: {error}"):
+            check_lock_settings(cfg, locks, 3)

@@ -9,6 +9,11 @@ isolation response stops only lease holders). So before the agent protects the h
                       and host_id must be the host_id vmha allocated to this host, or two hosts'
                       leases would not exclude each other; with explicit <lease> elements in the
                       domains (vmha's lockspace), auto_disk_leases = 0 is right.
+                      With locks.leases = "libvirt-disk" (vmha.locks.disk_leases: vmha proves with
+                      libvirt's disk leases), auto_disk_leases must be 1, disk_lease_dir must be
+                      locks.path itself (the lockspace vmha joins) and io_timeout must be set to
+                      locks.io_timeout: libvirtd may add the lockspace before the agent, and sanlock
+                      keeps whichever io_timeout came first (vmha's renewal and host_dead timings).
 A wrong, missing or unreadable setting refuses the host with a message naming the setting and file.
 
 libvirt's configuration format (virconf): `name = value` per line, values a quoted string ("..." or
@@ -20,10 +25,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmha.config import LibvirtConfig
+from vmha.config import LibvirtConfig, LocksConfig
 
 Value = str | int | list[str | int]
 
@@ -161,7 +167,7 @@ class LockSettings:
     text: str
 
 
-def check_lock_settings(cfg: LibvirtConfig, locks_path: Path, host_id: int) -> LockSettings | None:
+def check_lock_settings(cfg: LibvirtConfig, locks: LocksConfig, host_id: int) -> LockSettings | None:
     """The host's libvirt lock settings, if right for vmha; LockSettingsError (or LibvirtConfError) naming
     the setting and file if not. None when libvirt is not configured on this host (no qemu.conf) and
     cfg.required is false."""
@@ -180,22 +186,49 @@ def check_lock_settings(cfg: LibvirtConfig, locks_path: Path, host_id: int) -> L
     sanlock_conf = cfg.config_dir / "qemu-sanlock.conf"
     conf = read_conf(sanlock_conf) or {}
     auto = _get(conf, "auto_disk_leases", int, sanlock_conf)
+    disk_mode = locks.leases == "libvirt-disk"
+    if not auto and disk_mode:
+        raise LockSettingsError(f"{sanlock_conf}: auto_disk_leases must be 1 with vmha's locks.leases = "
+                                '"libvirt-disk": libvirt would take no disk lease, and QEMU would run without '
+                                "the lease vmha's proofs rely on")
     if not auto:
         return LockSettings("sanlock", False, f"{qemu_conf}: lock_manager=sanlock; {sanlock_conf}: "
                             "auto_disk_leases=0 (explicit <lease> elements)")
     lease_dir = Path(str(_get(conf, "disk_lease_dir", str, sanlock_conf) or DEFAULT_DISK_LEASE_DIR))
-    try:
-        same = os.stat(lease_dir).st_dev == os.stat(locks_path).st_dev
-    except OSError as e:
-        raise LockSettingsError(f"{sanlock_conf}: disk_lease_dir {lease_dir} cannot be checked against "
-                                f"locks.path {locks_path}: {e}") from None
-    if not same:
+    if disk_mode:
+        _check_disk_lockspace(sanlock_conf, conf, lease_dir, locks)
+    if not _compare(sanlock_conf, lease_dir, locks.path, lambda a, b: os.stat(a).st_dev == os.stat(b).st_dev):
         raise LockSettingsError(f"{sanlock_conf}: disk_lease_dir {lease_dir} is not on the shared storage of "
-                                f"locks.path {locks_path} (another filesystem): libvirt's disk leases would "
+                                f"locks.path {locks.path} (another filesystem): libvirt's disk leases would "
                                 "exclude nothing across hosts")
     libvirt_id = _get(conf, "host_id", int, sanlock_conf)
     if libvirt_id != host_id:
         raise LockSettingsError(f"{sanlock_conf}: host_id is {libvirt_id if libvirt_id is not None else 'not set'}"
                                 f", vmha allocated host_id {host_id} to this host: set host_id = {host_id}")
+    mode = f"io_timeout={locks.io_timeout}, vmha's lockspace" if disk_mode else "shared"
     return LockSettings("sanlock", True, f"{qemu_conf}: lock_manager=sanlock; {sanlock_conf}: auto_disk_leases=1, "
-                        f"disk_lease_dir={lease_dir} (shared), host_id={host_id}")
+                        f"disk_lease_dir={lease_dir} ({mode}), host_id={host_id}")
+
+
+def _check_disk_lockspace(sanlock_conf: Path, conf: dict[str, Value], lease_dir: Path, locks: LocksConfig) -> None:
+    """With locks.leases = "libvirt-disk" libvirt's disk-lease lockspace is vmha's: the same directory, and
+    the io_timeout vmha's timings assume."""
+    if not _compare(sanlock_conf, lease_dir, locks.path, os.path.samefile):
+        raise LockSettingsError(f'{sanlock_conf}: disk_lease_dir is {lease_dir}, with locks.leases = "libvirt-disk" '
+                                f"it must be locks.path {locks.path}: vmha would prove with other leases than "
+                                "the ones QEMU holds")
+    io = _get(conf, "io_timeout", int, sanlock_conf)
+    if io != locks.io_timeout:
+        got = "not set (sanlock's default)" if not io else f"{io}"
+        raise LockSettingsError(f"{sanlock_conf}: io_timeout is {got}, vmha's locks.io_timeout is {locks.io_timeout}: "
+                                f"set io_timeout = {locks.io_timeout} (libvirtd may add the lockspace first, and "
+                                "sanlock keeps its io_timeout)")
+
+
+def _compare(sanlock_conf: Path, lease_dir: Path, locks_path: Path, same: Callable[[Path, Path], bool]) -> bool:
+    """same(disk_lease_dir, locks.path); LockSettingsError naming both if either cannot be read."""
+    try:
+        return same(lease_dir, locks_path)
+    except OSError as e:
+        raise LockSettingsError(f"{sanlock_conf}: disk_lease_dir {lease_dir} cannot be checked against "
+                                f"locks.path {locks_path}: {e}") from None

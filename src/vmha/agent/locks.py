@@ -108,7 +108,8 @@ class AgentLocks:
         host_id = await hostids.allocate(client, self.keys, self.host, self.space.max_hosts)
         found, why = None, ""
         try:
-            found = await asyncio.to_thread(check_lock_settings, self.cfg.libvirt, self.space.path, host_id)
+            found = await asyncio.to_thread(check_lock_settings, self.cfg.libvirt, self.cfg.require_locks(),
+                                          host_id)
         except (LockSettingsError, LibvirtConfError) as e:
             why = str(e)
         if why and why != self.refused:

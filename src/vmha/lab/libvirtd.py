@@ -11,7 +11,7 @@ on the host's management address (production: TLS or SSH transports), QEMU runs 
 security driver, cgroups and per-domain namespaces off (no systemd here).
 What is production's: `lock_manager = "sanlock"` with explicit `<lease>` elements (the VM's lease in
 vmha's lockspace), so QEMU holds the lease before the guest's CPUs run, and a lockspace failure makes
-sanlock end QEMU.
+sanlock end QEMU (`<on_lockfailure>poweroff</on_lockfailure>`: through libvirt).
 """
 
 from __future__ import annotations
@@ -61,27 +61,46 @@ def _write_configs(state: LabState, node: Node) -> None:
         "# LAB ONLY: unauthenticated TCP on the management plane (production: TLS or SSH).\n"
         f'listen_tls = 0\nlisten_tcp = 1\nlisten_addr = "{addr}"\nauth_tcp = "none"\nauth_unix_rw = "none"\n'
         f'host_uuid = "{host_uuid.read_text().strip()}"\nlog_outputs = "3:stderr"\n')
-    (etc / "qemu.conf").write_text(
-        "# vmha: QEMU holds each protected VM's sanlock lease (explicit <lease> elements).\n"
-        'lock_manager = "sanlock"\n'
-        "# LAB ONLY: no systemd, no cgroups, one machine for every host.\n"
-        'stdio_handler = "file"\nuser = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
-        'security_driver = "none"\nnamespaces = []\ncgroup_controllers = []\n'
-        f'migration_address = "{addr}"\nmigration_host = "{addr}"\n')
-    (etc / "qemu-sanlock.conf").write_text(
-        "# Explicit leases in vmha's lockspace, joined by the vmha agent: no automatic disk leases.\n"
-        "auto_disk_leases = 0\nrequire_lease_for_disks = 0\n")
+    (etc / "qemu.conf").write_text(qemu_conf(addr))
+    (etc / "qemu-sanlock.conf").write_text(sanlock_conf(None))
+
+
+def qemu_conf(migration_addr: str | None) -> str:
+    """qemu.conf of a lab libvirtd (migrations on `migration_addr`, if any)."""
+    return ("# vmha: QEMU holds each protected VM's sanlock lease.\n"
+            'lock_manager = "sanlock"\n'
+            "# LAB ONLY: no systemd, no cgroups, one machine for every host.\n"
+            'stdio_handler = "file"\nuser = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
+            'security_driver = "none"\nnamespaces = []\ncgroup_controllers = []\n'
+            + (f'migration_address = "{migration_addr}"\nmigration_host = "{migration_addr}"\n'
+               if migration_addr else ""))
+
+
+def sanlock_conf(disk_leases: tuple[Path, int, int] | None) -> str:
+    """qemu-sanlock.conf: explicit leases only, or (disk_leases = (disk_lease_dir, host_id, io_timeout))
+    libvirt's automatic disk leases in that directory, as vmha's locks.leases = "libvirt-disk" needs."""
+    if disk_leases is None:
+        return ("# Explicit leases in vmha's lockspace, joined by the vmha agent: no automatic disk leases.\n"
+                "auto_disk_leases = 0\nrequire_lease_for_disks = 0\n")
+    lease_dir, host_id, io_timeout = disk_leases
+    return ("# libvirt's disk leases, in the lockspace vmha joins (locks.leases = \"libvirt-disk\").\n"
+            f'auto_disk_leases = 1\ndisk_lease_dir = "{lease_dir}"\nhost_id = {host_id}\nio_timeout = {io_timeout}\n')
+
+
+def mount_script(base: Path) -> str:
+    """Shell commands that mount libvirt's directories from `base` (<base>/etc on /etc/libvirt...) and a
+    tmpfs on /run/libvirt, in the mount namespace they run in (each step skipped if already done)."""
+    mounts = [f"mkdir -p {d} /run/libvirt && (mountpoint -q {d} || mount --bind {shlex.quote(str(base / s))} {d})"
+              for d, s in BIND_DIRS.items()]
+    mounts.append("(mountpoint -q /run/libvirt || mount -t tmpfs -o mode=0755 vmha-lab /run/libvirt)")
+    return " && ".join(mounts)
 
 
 def prepare(state: LabState, node: Node) -> None:
     """The host's libvirt configuration, mounted where libvirtd and the agent (which checks the lock
     settings at start) read it: before either starts."""
     _write_configs(state, node)
-    base = root(state, node.name)
-    mounts = [f"mkdir -p {d} /run/libvirt && (mountpoint -q {d} || mount --bind {shlex.quote(str(base / s))} {d})"
-              for d, s in BIND_DIRS.items()]
-    mounts.append("(mountpoint -q /run/libvirt || mount -t tmpfs -o mode=0755 vmha-lab /run/libvirt)")
-    run([*node.enter(), "sh", "-c", " && ".join(mounts)])
+    run([*node.enter(), "sh", "-c", mount_script(root(state, node.name))])
 
 
 def start(state: LabState, node: Node) -> dict[str, int]:
@@ -121,7 +140,10 @@ DISK_SIZE = 64 << 20  # a raw disk: ~26 hours of records at 10 writes a second
 
 def domain_xml(state: LabState, vm: str, priority: int = 0) -> str:
     """The lab guest's domain: protected (vmha metadata), its lease explicit in vmha's lockspace, its
-    disk and lease on the shared storage at the same path on every host (migration, evacuation)."""
+    disk and lease on the shared storage at the same path on every host (migration, evacuation).
+    on_lockfailure poweroff: when the host loses the lease (its lockspace fails: storage lost), sanlock
+    runs libvirt's helper, which destroys the domain at once (sanlock's SIGKILL after kill_grace stays
+    the fallback); libvirt then knows why the guest stopped, and no guest runs on without its lease."""
     disk = MOUNT_POINT / DISKS_DIR / f"{vm}.disk"
     lease = MOUNT_POINT / LEASES_DIR / f"{vm}{LEASE_SUFFIX}"
     return f"""<domain type='qemu'>
@@ -142,6 +164,7 @@ def domain_xml(state: LabState, vm: str, priority: int = 0) -> str:
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
+  <on_lockfailure>poweroff</on_lockfailure>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>

@@ -92,7 +92,7 @@ def attest_exit(space: LockSpace, vm: str) -> Attestation:
     state = space.local_state()
     # The recorded holders only: while the daemon still has the lockspace the answer is "no" anyway,
     # and once it has lost it the daemon no longer knows them (this is what the records are for).
-    holders = {(h.vm, h.pid): h for h in recorded_holders(vm)}
+    holders = {(h.vm, h.pid): h for h in recorded_holders(space.resource(vm))}
     alive = [h for h in holders.values() if h.alive()]
     evidence = {
         "lockspace": state,

@@ -36,7 +36,7 @@ def holders_dir() -> Path:
 class Holder:
     """A process that holds (or held) a VM's lease on this host."""
 
-    vm: str
+    vm: str  # the lease's resource name (LockSpace.resource): the VM's name, or libvirt's disk-lease name
     pid: int
     started: float  # the process's start time (psutil create_time), against pid reuse
 
@@ -129,13 +129,13 @@ class LeaseHold:
         space.check_lease(vm)
         self.space = space
         self.vm = vm
-        self.holder = holder_of(vm, os.getpid())
+        self.holder = holder_of(space.resource(vm), os.getpid())
         try:
             self.fd: int | None = sanlock.register()
         except sanlock.SanlockException as e:
             raise _busy(space, vm, e) from None
         try:
-            sanlock.acquire(space.bname, vm.encode(), space.disks(vm), slkfd=self.fd)
+            sanlock.acquire(space.bname, space.resource(vm).encode(), space.disks(vm), slkfd=self.fd)
         except sanlock.SanlockException as e:
             os.close(self.fd)
             self.fd = None
@@ -156,7 +156,7 @@ class LeaseHold:
             return
         fd, self.fd = self.fd, None
         try:
-            sanlock.release(self.space.bname, self.vm.encode(), self.space.disks(self.vm), slkfd=fd)
+            sanlock.release(self.space.bname, self.holder.vm.encode(), self.space.disks(self.vm), slkfd=fd)
         except sanlock.SanlockException as e:
             if not is_unavailable(e):
                 raise LockError(f"VM {self.vm}: releasing its lease failed: {why(e)}") from None
@@ -182,9 +182,9 @@ def acquire_for(space: LockSpace, vm: str, pid: int) -> Holder:
     """Takes the VM's lease on behalf of process `pid`, which must have called sanlock.register()
     (vmha.locks.register_self) and kept that connection open; the lease lives as long as the pid."""
     space.check_lease(vm)
-    h = holder_of(vm, pid)
+    h = holder_of(space.resource(vm), pid)
     try:
-        sanlock.acquire(space.bname, vm.encode(), space.disks(vm), pid=pid)
+        sanlock.acquire(space.bname, space.resource(vm).encode(), space.disks(vm), pid=pid)
     except sanlock.SanlockException as e:
         raise _busy(space, vm, e) from None
     try:
@@ -198,12 +198,12 @@ def acquire_for(space: LockSpace, vm: str, pid: int) -> Holder:
 def release_for(space: LockSpace, vm: str, pid: int) -> None:
     """Releases the lease that `pid` holds (clean stop of the VM)."""
     try:
-        sanlock.release(space.bname, vm.encode(), space.disks(vm), pid=pid)
+        sanlock.release(space.bname, space.resource(vm).encode(), space.disks(vm), pid=pid)
     except sanlock.SanlockException as e:
         # A holder that has exited was released by sanlock already.
         if psutil.pid_exists(pid) and not is_unavailable(e):
             raise LockError(f"VM {vm}: releasing the lease of pid {pid} failed: {why(e)}") from None
-    for h in recorded_holders(vm):
+    for h in recorded_holders(space.resource(vm)):
         if h.pid == pid:
             forget(h)
 
@@ -218,7 +218,8 @@ def register_self() -> int:
 
 
 def inquire(space: LockSpace, pid: int) -> list[str]:
-    """The VMs whose lease `pid` holds in this lockspace, per the local daemon ([] if none)."""
+    """The leases (resource names, LockSpace.resource) `pid` holds in this lockspace, per the local
+    daemon ([] if none)."""
     try:
         res = sanlock.inquire(pid=pid)
     except sanlock.SanlockException as e:

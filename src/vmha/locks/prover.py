@@ -353,7 +353,8 @@ class Prover:
         while True:
             if time.monotonic() - requested >= 2 * self.space.io_timeout:
                 try:
-                    await asyncio.to_thread(sanlock.request, self.space.bname, vm.encode(), self.space.disks(vm),
+                    await asyncio.to_thread(sanlock.request, self.space.bname, self.space.resource(vm).encode(),
+                                            self.space.disks(vm),
                                             action=sanlock.REQ_FORCE)
                 except sanlock.SanlockException as e:
                     if not requests:

@@ -162,14 +162,22 @@ class LockSpace:
 
     def __init__(self, path: Path, name: str = "vmha", io_timeout: int = 10, max_hosts: int = 2000) -> None:
         self.path = Path(path)
-        self.name = check_name("lockspace", name)
+        self.name = self._check_lockspace(name)
         self.bname = name.encode()
         self.io_timeout = io_timeout
         self.max_hosts = max_hosts
 
     @classmethod
     def from_config(cls, cfg: LocksConfig) -> LockSpace:
+        if cfg.leases == "libvirt-disk":
+            from vmha.locks.disk_leases import DiskLeaseSpace  # that module subclasses this one
+
+            return DiskLeaseSpace(cfg.path, cfg.vm_disk, cfg.io_timeout, cfg.max_hosts)
         return cls(cfg.path, cfg.lockspace, cfg.io_timeout, cfg.max_hosts)
+
+    @staticmethod
+    def _check_lockspace(name: str) -> str:
+        return check_name("lockspace", name)
 
     # --- timings (sanlock 3.8.5, per lockspace) -------------------------------------------------------
     @property
@@ -187,8 +195,12 @@ class LockSpace:
     def ids_path(self) -> Path:
         return self.path / f"{self.name}.ids"
 
+    def resource(self, vm: str) -> str:
+        """The sanlock resource name of the VM's lease (the VM's name)."""
+        return check_name("VM", vm)
+
     def lease_path(self, vm: str) -> Path:
-        return self.path / f"{check_name('VM', vm)}{LEASE_SUFFIX}"
+        return self.path / f"{self.resource(vm)}{LEASE_SUFFIX}"
 
     def disks(self, vm: str) -> list[tuple[str, int]]:
         return [(str(self.lease_path(vm)), 0)]
@@ -249,7 +261,7 @@ class LockSpace:
         finally:
             os.close(fd)
         try:
-            self._call(lambda: sanlock.write_resource(self.bname, vm.encode(), self.disks(vm)))
+            self._call(lambda: sanlock.write_resource(self.bname, self.resource(vm).encode(), self.disks(vm)))
         except BaseException:
             p.unlink(missing_ok=True)  # a half-initialised lease would make check_lease fail forever
             raise
@@ -258,7 +270,7 @@ class LockSpace:
     def reset_lease(self, vm: str) -> None:
         """Rewrites the VM's lease as free. ONLY after proof that no holder of it can write any more."""
         self.check_lease(vm)
-        self._call(lambda: sanlock.write_resource(self.bname, vm.encode(), self.disks(vm)))
+        self._call(lambda: sanlock.write_resource(self.bname, self.resource(vm).encode(), self.disks(vm)))
 
     # --- checks (read storage directly) ---------------------------------------------------------------
     def stored_io_timeout(self) -> int:
@@ -297,9 +309,10 @@ class LockSpace:
                 f"VM {vm} is protected but has no usable lease {p} ({why(e)}): create it with "
                 f"`vmha locks init --vm {vm}`; the VM must not start without it"
             ) from None
-        if info.get("lockspace") != self.bname or info.get("resource") != vm.encode():
+        if info.get("lockspace") != self.bname or info.get("resource") != self.resource(vm).encode():
             raise LeaseMissing(
-                f"{p} is a lease of {info.get('lockspace')!r}/{info.get('resource')!r}, not {self.name}/{vm}: "
+                f"{p} is a lease of {info.get('lockspace')!r}/{info.get('resource')!r}, not "
+                f"{self.name}/{self.resource(vm)}: "
                 f"remove it and run `vmha locks init --vm {vm}`"
             )
 
@@ -330,7 +343,7 @@ class LockSpace:
         """The VM lease's leader record as stored: who held it last, even after a release."""
         p = self.lease_path(vm)
         rows = [f for f in self._dump(p, SECTOR) if len(f) >= 7 and f[6].isdigit()]
-        if not rows or rows[0][1] != self.name or rows[0][2] != vm:
+        if not rows or rows[0][1] != self.name or rows[0][2] != self.resource(vm):
             got = f"{rows[0][1]}/{rows[0][2]}" if rows else "no leader record"
             raise LeaseMissing(f"{p} is not a lease of {self.name}/{vm} ({got}): remove it and run "
                                f"`vmha locks init --vm {vm}`")
@@ -456,7 +469,7 @@ class LockSpace:
         """The owners of the VM's lease as stored (state is the local daemon's view, UNKNOWN if not joined)."""
         self.check_lease(vm)
         try:
-            raw = sanlock.read_resource_owners(self.bname, vm.encode(), self.disks(vm))
+            raw = sanlock.read_resource_owners(self.bname, self.resource(vm).encode(), self.disks(vm))
         except sanlock.SanlockException as e:
             raise LeaseAreaError(f"VM {vm}: reading the owners of {self.lease_path(vm)} failed: {why(e)}") from None
         try:

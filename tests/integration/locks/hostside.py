@@ -17,10 +17,13 @@ from vmha.etcd.attest import serve_attestations
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.locks import Attestation, LockSpace, acquire_self, attest_exit, register_self, stop_lease_holders
+from vmha.locks.disk_leases import DiskLeaseSpace
 from vmha.locks.lease import record_seen_holders
 
 
 def space(a: dict[str, object]) -> LockSpace:
+    if "vm_disk" in a:  # libvirt's automatic disk leases (test_libvirt_disk_leases)
+        return DiskLeaseSpace(Path(str(a["path"])), str(a["vm_disk"]), int(str(a["io"])))
     return LockSpace(Path(str(a["path"])), str(a["lockspace"]), int(str(a["io"])))
 
 
