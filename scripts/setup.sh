@@ -32,13 +32,17 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e ".[test]"
 
-# The sanlock and libvirt bindings are compiled modules in Debian's dist-packages; they import into
-# any CPython 3.11. Link those files alone into the venv instead of exposing all of dist-packages.
+# The sanlock and libvirt bindings are compiled modules in Debian's dist-packages, built for the
+# system's Python (3.11 on Debian 12, 3.12 on Ubuntu 24.04, 3.13 on Debian 13); they import into a
+# venv of the same CPython version. Link those files alone into the venv instead of exposing all of
+# dist-packages.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-for want in sanlock.cpython-311-*.so libvirtmod.cpython-311-*.so libvirt.py; do
+ext=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+for want in "sanlock$ext" "libvirtmod$ext" libvirt.py; do
   f=$(ls /usr/lib/python3/dist-packages/$want 2>/dev/null | head -1)
   if [ -z "$f" ]; then
-    echo "setup: /usr/lib/python3/dist-packages/$want is missing (python3-sanlock, python3-libvirt)" >&2
+    echo "setup: /usr/lib/python3/dist-packages/$want is missing (python3-sanlock, python3-libvirt for" \
+         "$("$py" --version); the venv's Python must be the system's)" >&2
     exit 1
   fi
   ln -sf "$f" "$site/$(basename "$f")"

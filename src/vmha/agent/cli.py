@@ -1,4 +1,4 @@
-"""`vmha agent --config FILE`: run the agent; `--status` prints the running agent's plane view."""
+"""`vmha agent [--config FILE]`: run the agent; `--status` prints the running agent's plane view."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import click
 from vmha import config
 from vmha.agent.daemon import Agent, default_status_path
 from vmha.agent.locks import AgentLocks
+from vmha.config_cli import config_option
 
 
 async def _serve(agent: Agent, locks: AgentLocks | None) -> None:
@@ -34,7 +35,7 @@ async def _serve(agent: Agent, locks: AgentLocks | None) -> None:
 
 
 @click.command("agent")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="vmha config file")
+@config_option
 @click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON status file [default: /run/vmha/agent-<host>.json]")  # fmt: skip
 @click.option("--status", "show_status", is_flag=True, help="print the running agent's plane view and exit")
