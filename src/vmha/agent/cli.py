@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from vmha import config
+from vmha import config, sdnotify
 from vmha.agent.daemon import Agent, default_status_path
 from vmha.agent.locks import AgentLocks
 from vmha.config_cli import config_option
@@ -22,11 +22,13 @@ async def _serve(agent: Agent, locks: AgentLocks | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, sdnotify.stop_handler(stop, f"agent of {agent.host}"))
     side = asyncio.create_task(locks.run(), name="locks") if locks is not None else None
+    supervisor = asyncio.create_task(sdnotify.supervise(agent.readiness), name="sdnotify")
     try:
         await agent.run(stop)
     finally:
+        supervisor.cancel()
         if side is not None and locks is not None:
             side.cancel()
             with contextlib.suppress(asyncio.CancelledError):

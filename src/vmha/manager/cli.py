@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from vmha import config
+from vmha import config, sdnotify
 from vmha.config_cli import config_option
 from vmha.core.fencing import proof_methods
 from vmha.core.planes import PLANES, PlaneState
@@ -76,9 +76,14 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        mgr = Manager(cfg, parts=parts or production_parts)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await Manager(cfg, parts=parts or production_parts).run(stop)
+            loop.add_signal_handler(sig, sdnotify.stop_handler(stop, f"manager {mgr.m.name}"))
+        supervisor = asyncio.create_task(sdnotify.supervise(mgr.readiness), name="sdnotify")
+        try:
+            await mgr.run(stop)
+        finally:
+            supervisor.cancel()
 
     asyncio.run(run())
 
