@@ -215,6 +215,11 @@ class LibvirtConfig(_Strict):
         return v
 
 
+class LoggingConfig(_Strict):
+    # vmha.logsetup: "auto" is journald when stderr goes to the journal (under systemd), else text.
+    format: Literal["auto", "text", "json", "journald"] = "auto"
+
+
 class Config(_Strict):
     cluster: ClusterConfig
     planes: PlanesConfig
@@ -225,6 +230,7 @@ class Config(_Strict):
     agent: AgentConfig = AgentConfig()
     libvirt: LibvirtConfig | None = None  # absent: libvirt's lock settings are not checked
     nova: NovaConfig = NovaConfig()
+    logging: LoggingConfig = LoggingConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[Name, dict[PowerOption, str | int | bool]] = Field(default_factory=dict)

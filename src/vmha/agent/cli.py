@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import signal
 import sys
 from pathlib import Path
 
 import click
 
-from vmha import config, sdnotify
+from vmha import config, logsetup, sdnotify
 from vmha.agent.daemon import Agent, default_status_path
 from vmha.agent.locks import AgentLocks
 from vmha.config_cli import config_option
@@ -57,11 +56,7 @@ def agent(config_path: str, status_file: Path | None, show_status: bool, verbose
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         # Exit 1 when a plane is unreachable, so scripts can test it.
         sys.exit(1 if data.get("unreachable") else 0)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.configure(cfg.logging.format, verbose=verbose, defaults={"host": host.name})
     locks = AgentLocks(cfg) if cfg.locks is not None else None
     on_isolated = locks.on_isolated if locks is not None else None
     asyncio.run(_serve(Agent(cfg, status_path=path, on_isolated=on_isolated), locks))

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import datetime
 import json
-import logging
 import signal
 import sys
 import time
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from vmha import config, sdnotify
+from vmha import config, logsetup, sdnotify
 from vmha.config_cli import config_option
 from vmha.core.fencing import proof_methods
 from vmha.core.planes import PLANES, PlaneState
@@ -67,11 +66,7 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
     from vmha.manager.daemon import Manager, production_parts
 
     cfg.require_manager()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.configure(cfg.logging.format, verbose=verbose)
 
     async def run() -> None:
         stop = asyncio.Event()
