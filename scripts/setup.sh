@@ -3,8 +3,8 @@
 # Debian packages (etcd, sanlock and its Python binding, sshfs/sshd for the lab's shared storage,
 # gcc for the lab's setrlimit shim, fence-agents + ipmitool for the power fence and openipmi's ipmi_sim
 # as the BMC its tests fence; libvirt with its sanlock lock manager, QEMU, and the kernel and busybox the
-# lab's guest is built from; systemd for `systemd-analyze verify` of the units) and a virtualenv in .venv
-# with vmha installed in it.
+# lab's guest is built from; systemd for `systemd-analyze verify` of the units, click-man for the man
+# pages) and a virtualenv in .venv with vmha installed in it.
 # Idempotent: a second run only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,7 +13,7 @@ cd "$here"
 apt_pkgs=(etcd-server etcd-client sanlock python3-sanlock sshfs fuse3 openssh-server openssh-client
           iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev fence-agents ipmitool openipmi
           libvirt-daemon libvirt-daemon-driver-qemu libvirt-sanlock libvirt-clients python3-libvirt
-          qemu-system-x86 linux-image-cloud-amd64 cpio systemd)
+          qemu-system-x86 linux-image-cloud-amd64 cpio systemd python3-click-man)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
