@@ -3,8 +3,9 @@
 # Debian packages (etcd, sanlock and its Python binding, sshfs/sshd for the lab's shared storage,
 # gcc for the lab's setrlimit shim, fence-agents + ipmitool for the power fence and openipmi's ipmi_sim
 # as the BMC its tests fence; libvirt with its sanlock lock manager, QEMU, and the kernel and busybox the
-# lab's guest is built from; spin, whose verifiers gcc compiles, for `vmha model check`) and a
-# virtualenv in .venv with vmha installed in it.
+# lab's guest is built from; spin, whose verifiers gcc compiles, for `vmha model check`; systemd for
+# `systemd-analyze verify` of the units, click-man for the man pages) and a virtualenv in .venv with
+# vmha installed in it.
 # Idempotent: a second run only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,7 +14,7 @@ cd "$here"
 apt_pkgs=(etcd-server etcd-client sanlock python3-sanlock sshfs fuse3 openssh-server openssh-client
           iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev fence-agents ipmitool openipmi
           libvirt-daemon libvirt-daemon-driver-qemu libvirt-sanlock libvirt-clients python3-libvirt
-          qemu-system-x86 linux-image-cloud-amd64 cpio spin)
+          qemu-system-x86 linux-image-cloud-amd64 cpio spin systemd python3-click-man)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,13 +34,17 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e ".[test]"
 
-# The sanlock and libvirt bindings are compiled modules in Debian's dist-packages; they import into
-# any CPython 3.11. Link those files alone into the venv instead of exposing all of dist-packages.
+# The sanlock and libvirt bindings are compiled modules in Debian's dist-packages, built for the
+# system's Python (3.11 on Debian 12, 3.12 on Ubuntu 24.04, 3.13 on Debian 13); they import into a
+# venv of the same CPython version. Link those files alone into the venv instead of exposing all of
+# dist-packages.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-for want in sanlock.cpython-311-*.so libvirtmod.cpython-311-*.so libvirt.py; do
+ext=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+for want in "sanlock$ext" "libvirtmod$ext" libvirt.py; do
   f=$(ls /usr/lib/python3/dist-packages/$want 2>/dev/null | head -1)
   if [ -z "$f" ]; then
-    echo "setup: /usr/lib/python3/dist-packages/$want is missing (python3-sanlock, python3-libvirt)" >&2
+    echo "setup: /usr/lib/python3/dist-packages/$want is missing (python3-sanlock, python3-libvirt for" \
+         "$("$py" --version); the venv's Python must be the system's)" >&2
     exit 1
   fi
   ln -sf "$f" "$site/$(basename "$f")"

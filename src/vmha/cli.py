@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "host": "vmha.manager.cli:host",
     "policy": "vmha.manager.cli:policy",
     "locks": "vmha.locks.cli:locks",
+    "fence": "vmha.locks.fence_cli:fence",
     "lab": "vmha.lab.cli:lab",
     "demo": "vmha.lab.cli:demo",
     "bench": "vmha.bench.cli:bench",

@@ -9,6 +9,7 @@ and a file holding secrets (passwords) must not be readable by group or others.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -40,6 +41,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _USERINFO = re.compile(r"^[a-z]+://[^/@]*:[^/@]*@")  # scheme://user:password@
 _URL_PASSWORD = re.compile(r"(://[^/@\s:'\"]*:)[^/@\s]*@")
 _SECRET_OPTIONS = frozenset({"password", "passwd"})  # fence-agents' password options (the _script ones are paths)
+
+
+# Every command reads this file unless VMHA_CONFIG names another; --config wins over both.
+DEFAULT_PATH = Path("/etc/vmha/vmha.toml")
+CONFIG_ENV = "VMHA_CONFIG"
+
+
+def default_path() -> Path:
+    """The config file a command reads when not given --config: $VMHA_CONFIG, else DEFAULT_PATH."""
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_PATH)
 
 
 class ConfigError(Exception):
@@ -237,6 +248,11 @@ class LibvirtConfig(_Strict):
         return v
 
 
+class LoggingConfig(_Strict):
+    # vmha.logsetup: "auto" is journald when stderr goes to the journal (under systemd), else text.
+    format: Literal["auto", "text", "json", "journald"] = "auto"
+
+
 class Config(_Strict):
     cluster: ClusterConfig
     planes: PlanesConfig
@@ -247,6 +263,7 @@ class Config(_Strict):
     agent: AgentConfig = AgentConfig()
     libvirt: LibvirtConfig | None = None  # absent: libvirt's lock settings are not checked
     nova: NovaConfig = NovaConfig()
+    logging: LoggingConfig = LoggingConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[Name, dict[PowerOption, str | int | bool]] = Field(default_factory=dict)
@@ -357,7 +374,8 @@ def load(path: str | Path) -> Config:
         raw = p.read_bytes()
         mode = p.stat().st_mode
     except OSError as e:
-        raise ConfigError(f"config error: cannot read {p}: {e.strerror}") from None
+        hint = f" (no --config given: the default is ${CONFIG_ENV}, else {DEFAULT_PATH})" if p == default_path() else ""
+        raise ConfigError(f"config error: cannot read {p}: {e.strerror}{hint}") from None
     try:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -370,4 +388,4 @@ def load(path: str | Path) -> Config:
     return cfg
 
 
-__all__ = ["PLANES", "Config", "ConfigError", "load", "parse"]
+__all__ = ["CONFIG_ENV", "DEFAULT_PATH", "PLANES", "Config", "ConfigError", "default_path", "load", "parse"]

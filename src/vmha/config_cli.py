@@ -1,12 +1,25 @@
-"""`vmha config check FILE`: every error of a config file, before a daemon refuses to start on it."""
+"""`vmha config check [FILE]`: every error of a config file, before a daemon refuses to start on it;
+and the `--config` option every command shares (default: $VMHA_CONFIG, else /etc/vmha/vmha.toml)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import click
 
 from vmha import config
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def config_option(f: F) -> F:
+    """`--config FILE`, resolved by click: the option, else $VMHA_CONFIG, else /etc/vmha/vmha.toml."""
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), envvar=config.CONFIG_ENV,
+        default=str(config.DEFAULT_PATH), show_default=True, show_envvar=True, help="vmha config file",
+    )(f)  # fmt: skip
 
 
 @click.group("config")
@@ -15,12 +28,13 @@ def config_group() -> None:
 
 
 @config_group.command("check")
-@click.argument("path", type=click.Path(dir_okay=False))
-def check(path: str) -> None:
-    """Check FILE as every daemon would (and the [power] options against the fence agents); exit 1
-    naming every error, 0 if vmha can run with it."""
+@click.argument("path", type=click.Path(dir_okay=False), required=False)
+def check(path: str | None) -> None:
+    """Check FILE (default: $VMHA_CONFIG, else /etc/vmha/vmha.toml) as every daemon would (and the
+    [power] options against the fence agents); exit 1 naming every error, 0 if vmha can run with it."""
     from vmha.locks.power import PowerFenceError, fence_agents
 
+    path = path or str(config.default_path())
     try:
         cfg = config.load(path)
         fence_agents(cfg.power, f"{path} [power]")

@@ -1,31 +1,33 @@
-"""`vmha agent --config FILE`: run the agent; `--status` prints the running agent's plane view."""
+"""`vmha agent [--config FILE]`: run the agent; `--status` prints the running agent's plane view."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import logging
 import signal
 import sys
 from pathlib import Path
 
 import click
 
-from vmha import config
+from vmha import config, logsetup, sdnotify
 from vmha.agent.daemon import Agent, default_status_path
 from vmha.agent.locks import AgentLocks
+from vmha.config_cli import config_option
 
 
 async def _serve(agent: Agent, locks: AgentLocks | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, sdnotify.stop_handler(stop, f"agent of {agent.host}"))
     side = asyncio.create_task(locks.run(), name="locks") if locks is not None else None
+    supervisor = asyncio.create_task(sdnotify.supervise(agent.readiness), name="sdnotify")
     try:
         await agent.run(stop)
     finally:
+        supervisor.cancel()
         if side is not None and locks is not None:
             side.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -34,7 +36,7 @@ async def _serve(agent: Agent, locks: AgentLocks | None) -> None:
 
 
 @click.command("agent")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="vmha config file")
+@config_option
 @click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON status file [default: /run/vmha/agent-<host>.json]")  # fmt: skip
 @click.option("--status", "show_status", is_flag=True, help="print the running agent's plane view and exit")
@@ -54,11 +56,7 @@ def agent(config_path: str, status_file: Path | None, show_status: bool, verbose
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         # Exit 1 when a plane is unreachable, so scripts can test it.
         sys.exit(1 if data.get("unreachable") else 0)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.configure(cfg.logging.format, verbose=verbose, defaults={"host": host.name})
     locks = AgentLocks(cfg) if cfg.locks is not None else None
     on_isolated = locks.on_isolated if locks is not None else None
     asyncio.run(_serve(Agent(cfg, status_path=path, on_isolated=on_isolated), locks))

@@ -41,6 +41,9 @@ log = logging.getLogger("vmha.agent")
 OnIsolated = Callable[[], Awaitable[None]]
 STOP_MARK_TIMEOUT = 1.0  # seconds the clean-stop mark may take; the heartbeats still run meanwhile
 PEER_READ_TIMEOUT = 2.0  # seconds the isolation check may take to read the other hosts over storage
+# systemd: READY waits this long for every plane to beat, then settles for one (a plane cut at boot is
+# what the agent is there to report, not a reason to fail its start).
+READY_WAIT = 30.0
 
 
 def default_status_path(host: str) -> Path:
@@ -116,6 +119,18 @@ class Agent:
             "isolation_withheld": self.isolation_withheld or None,  # why, in a fabric outage
             "planes": {p.value: reach[p].to_dict(now) for p in PLANES},
         }
+
+    def readiness(self) -> str | None:
+        """For systemd (vmha.sdnotify): None until the heartbeats beat on every plane (or, after
+        READY_WAIT, on at least one), then a one-line status naming the unreachable planes."""
+        reach = self.reach()
+        beaten = [p for p in PLANES if self.planes[p].seq > 0]
+        if not beaten or (len(beaten) < len(PLANES) and self.clock() - self.started < READY_WAIT):
+            return None
+        down = [p.value for p in PLANES if not reach[p].reachable]
+        isolation = " (isolated)" if self.isolation_fired else ""
+        return f"host {self.host}: heartbeats on {len(PLANES) - len(down)}/{len(PLANES)} planes" + (
+            f"; unreachable: {', '.join(down)}" if down else "") + isolation
 
     async def _register(self) -> None:
         # Through the management plane, on a connection of its own (the heartbeat's stays dedicated).

@@ -142,6 +142,7 @@ class Election:
         self.ttl = ttl
         self.on_lost = on_lost
         self.leadership: Leadership | None = None
+        self.reached = False  # a campaign round got etcd's answer: campaigning, not only starting
         self._seen_leader: str | None = None  # the leader last logged by this standby
         self._keepalive: asyncio.Task[None] | None = None
 
@@ -154,6 +155,7 @@ class Election:
                 log.warning("manager %s: campaign failed (%s); retrying", self.name, e)
                 await self.client.wait_backoff()
                 continue
+            self.reached = True
             if isinstance(won, Leadership):
                 self.leadership = won
                 self._keepalive = asyncio.create_task(self._keep(won), name=f"election-{self.name}")

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmha.config import load
+from vmha.config_cli import config_option
 from vmha.locks.space import LockError, LockSpace
 
 
@@ -22,7 +23,7 @@ def locks() -> None:
 
 
 @locks.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="vmha TOML config")
+@config_option
 @click.option("--vm", "vms", multiple=True, help="also create this VM's lease (repeatable)")
 @click.option("--force", is_flag=True, help="rewrite an existing lockspace (only while every host has left it)")
 def init(config_path: str, vms: tuple[str, ...], force: bool) -> None:
@@ -38,7 +39,7 @@ def init(config_path: str, vms: tuple[str, ...], force: bool) -> None:
 
 
 @locks.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="vmha TOML config")
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(config_path: str, as_json: bool) -> None:
     """Hosts of the lockspace with their sanlock states, and every VM lease with its owner."""

@@ -137,6 +137,13 @@ class FenceAgentPower:
                 text = text.replace(value, "***")
         return _CONTROL.sub(" ", text)[:_MAX_OUTPUT]
 
+    async def status(self, host: str, timeout: float) -> str:
+        """The agent's answer to action=status (ON or OFF), changing nothing: `vmha fence test HOST`
+        checks the BMC, its credentials and the agent's options before a fence needs them."""
+        # fence-agents' status exits 0 for ON, 2 for OFF, 1 on failure (fencing.py, fence_action).
+        rc, text = await self._run(host, "status", timeout, ok=(0, 2))
+        return f"{self.agents[host].agent}: {'OFF' if rc == 2 else 'ON'} ({text})"
+
     async def power_off(self, host: str, timeout: float) -> str:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import datetime
 import json
-import logging
 import signal
 import sys
 import time
@@ -16,7 +15,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from vmha import config
+from vmha import config, logsetup, sdnotify
+from vmha.config_cli import config_option
 from vmha.core.fencing import proof_methods
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import Action
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 
     PartsFactory = Callable[[config.Config, EtcdClient], Awaitable[Parts]]
 
-_config_option = click.option(
-    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="vmha config file"
-)
 
 
 def _endpoints(cfg: config.Config) -> list[str]:
@@ -69,24 +66,25 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
     from vmha.manager.daemon import Manager, production_parts
 
     cfg.require_manager()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.configure(cfg.logging.format, verbose=verbose)
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        mgr = Manager(cfg, parts=parts or production_parts)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await Manager(cfg, parts=parts or production_parts).run(stop)
+            loop.add_signal_handler(sig, sdnotify.stop_handler(stop, f"manager {mgr.m.name}"))
+        supervisor = asyncio.create_task(sdnotify.supervise(mgr.readiness), name="sdnotify")
+        try:
+            await mgr.run(stop)
+        finally:
+            supervisor.cancel()
 
     asyncio.run(run())
 
 
 @click.command("manager")
-@_config_option
+@config_option
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def manager(config_path: str, verbose: bool) -> None:
     """Run the HA manager: campaign for leadership; as leader detect, decide and recover."""
@@ -107,7 +105,7 @@ def _show_event(ev: Event, as_json: bool) -> None:
 
 
 @click.command("events")
-@_config_option
+@config_option
 @click.option("-n", "--last", "count", default=50, show_default=True, help="show this many past events")
 @click.option("-f", "--follow", is_flag=True, help="keep streaming new events (Ctrl-C to stop)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
@@ -180,7 +178,7 @@ async def _why_not(cfg: config.Config, client: EtcdClient, keys: Keys, vm: str) 
 
 
 @recovery.command("show")
-@_config_option
+@config_option
 @click.argument("vm")
 @click.option("--all", "show_all", is_flag=True, help="every recorded recovery of the VM, not only the last")
 @click.option("--json", "as_json", is_flag=True, help="the records as JSON")
@@ -219,7 +217,7 @@ def host() -> None:
 
 
 @host.command("enable")
-@_config_option
+@config_option
 @click.argument("name")
 def host_enable(config_path: str, name: str) -> None:
     """Re-enable a repaired host, after checking it is clean: every plane UP in the manager's
@@ -253,7 +251,7 @@ def host_enable(config_path: str, name: str) -> None:
 
 
 @host.command("maintenance")
-@_config_option
+@config_option
 @click.argument("name")
 @click.argument("state", type=click.Choice(["on", "off"]))
 def host_maintenance(config_path: str, name: str, state: str) -> None:
@@ -283,7 +281,7 @@ def policy() -> None:
 
 
 @policy.command("show")
-@_config_option
+@config_option
 @click.option("--json", "as_json", is_flag=True)
 def policy_show(config_path: str, as_json: bool) -> None:
     """Print the policy table in force (defaults merged with the config's [policy])."""

@@ -233,6 +233,13 @@ class Manager:
         self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)
         self.leadership: Leadership | None = None
 
+    def readiness(self) -> str | None:
+        """For systemd (vmha.sdnotify): None until a campaign round got etcd's answer, then a one-line
+        status (leading or standing by)."""
+        if not self.election.reached:
+            return None
+        return f"manager {self.m.name}: " + ("leading" if self.leadership is not None else "campaigning (standby)")
+
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign, lead, and campaign again after a lost leadership, until `stop` is set."""
         parts = await self.make_parts(self.cfg, self.client)

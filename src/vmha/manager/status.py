@@ -103,20 +103,19 @@ async def _load(endpoints: list[str], cluster: str) -> health_store.HealthView:
 
 
 @click.command("status")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="vmha config file")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar=config.CONFIG_ENV, show_envvar=True,
+              help=f"vmha config file [default: {config.DEFAULT_PATH}, unless --endpoints and --cluster]")
 @click.option("--endpoints", help="etcd URLs, comma-separated (instead of --config)")
 @click.option("--cluster", help="cluster name (with --endpoints)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the grid")
 def status(config_path: str | None, endpoints: str | None, cluster: str | None, as_json: bool) -> None:
     """Hosts x planes with state and age, and fabric outages, as the manager last recorded them."""
-    if config_path:
-        cfg = config.load(config_path)
-        urls = cfg.manager.endpoints if cfg.manager else cfg.planes.endpoints(PLANES[0])
-        cluster = cluster or cfg.cluster.name
-    elif endpoints and cluster:
+    if endpoints and cluster and not config_path:
         urls = [u.strip() for u in endpoints.split(",") if u.strip()]
     else:
-        raise click.UsageError("give --config FILE, or --endpoints URL[,URL] and --cluster NAME")
+        cfg = config.load(config_path or config.DEFAULT_PATH)
+        urls = cfg.manager.endpoints if cfg.manager else cfg.planes.endpoints(PLANES[0])
+        cluster = cluster or cfg.cluster.name
     try:
         view = asyncio.run(_load(urls, cluster))
     except (EtcdError, ValueError) as e:

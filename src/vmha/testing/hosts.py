@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -71,12 +72,14 @@ class ProxiedHost:
         h.config_path.write_text(config_text(cluster, name, domain, endpoints, timings))
         return h
 
-    async def start_agent(self) -> asyncio.subprocess.Process:
+    async def start_agent(self, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+        """Start the agent; ``env``: variables added to ours (e.g. systemd's NOTIFY_SOCKET)."""
         vmha = Path(sys.executable).with_name("vmha")
         with open(self.log_path, "ab") as logf:
             self.proc = await asyncio.create_subprocess_exec(
                 str(vmha), "agent", "--config", str(self.config_path), "--status-file", str(self.status_path),
                 stdout=logf, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+                env={**os.environ, **env} if env else None,
             )  # fmt: skip
         return self.proc
 
