@@ -19,6 +19,8 @@ KNOWN = Path(__file__).parent  # shrunk failing seeds whose fix is still to come
 # 2,000 take 80 to 170 s on the 2-core test machine (12 to 25 seeds/s): CI sets VMHA_EXPLORE_SEEDS=2000.
 SEEDS = int(os.environ.get("VMHA_EXPLORE_SEEDS", "600"))
 TOLERATED = ("lost with its host", "left to the operator")  # known gaps, counted (see the test)
+# Seeds whose failure is a known gap with its shrunk scenario in tests/explore/, fix still to come.
+KNOWN_SEEDS = {1292: "deposed-leader-evacuate"}
 
 
 def test_explore_many_seeds_finds_nothing_but_the_known_gaps() -> None:
@@ -37,7 +39,7 @@ def test_explore_many_seeds_finds_nothing_but_the_known_gaps() -> None:
         v, _ = replay(draw(seed))
         if v is None:
             continue
-        if v.what in TOLERATED:
+        if v.what in TOLERATED or seed in KNOWN_SEEDS:
             known += 1
         else:
             unexpected.append(f"seed {seed}: {v}")
@@ -46,9 +48,15 @@ def test_explore_many_seeds_finds_nothing_but_the_known_gaps() -> None:
     assert not unexpected, "\n".join(unexpected)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a VM lost with its host, which returned before the restart")
 def test_power_cycle_during_proof_recovers_every_vm() -> None:
+    # Was a known gap (a VM lost with its host, which returned before the restart): desired state fixed it.
     v, lines = checked(load(KNOWN / "power-cycle-during-proof"))
+    assert v is None, f"{v}\n" + "\n".join(lines)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a deposed leader's evacuate completes after the failover")
+def test_deposed_leaders_evacuate_is_no_doubled_task() -> None:
+    v, lines = checked(load(KNOWN / KNOWN_SEEDS[1292]))
     assert v is None, f"{v}\n" + "\n".join(lines)
 
 
