@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import sanlock
 
+from vmha.locks.binding import sanlock
 from vmha.locks.space import LEASE_HELD, LeaseBusy, LockError, LockSpace, SanlockUnavailable, is_unavailable, why
 
 

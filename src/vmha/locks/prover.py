@@ -39,11 +39,10 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-import sanlock
-
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.etcd.attest import AttestResponse, AttestTimeout
 from vmha.etcd.client import EtcdError
+from vmha.locks.binding import sanlock
 from vmha.locks.lease import LeaseHold
 from vmha.locks.power import PowerFence, PowerFenceError
 from vmha.locks.space import HostInfo, HostState, LeaseBusy, LockError, LockSpace, why

@@ -36,9 +36,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
-import sanlock
-
 from vmha.config import LocksConfig
+from vmha.locks.binding import sanlock
 
 NAME_MAX = 48  # sanlock's SANLK_NAME_LEN: lockspace, resource and host names
 log = logging.getLogger("vmha.locks")
@@ -86,13 +85,16 @@ class HostState(StrEnum):
     UNKNOWN = "unknown"
 
 
-_FLAG_STATE = {
-    sanlock.HOST_FREE: HostState.FREE,
-    sanlock.HOST_LIVE: HostState.LIVE,
-    sanlock.HOST_FAIL: HostState.FAIL,
-    sanlock.HOST_DEAD: HostState.DEAD,
-    sanlock.HOST_UNKNOWN: HostState.UNKNOWN,
-}
+def _flag_state(flags: int) -> HostState:
+    """sanlock's host flags as a HostState (read at call time: the binding may be missing, see binding.py)."""
+    states = {
+        sanlock.HOST_FREE: HostState.FREE,
+        sanlock.HOST_LIVE: HostState.LIVE,
+        sanlock.HOST_FAIL: HostState.FAIL,
+        sanlock.HOST_DEAD: HostState.DEAD,
+        sanlock.HOST_UNKNOWN: HostState.UNKNOWN,
+    }
+    return states.get(flags, HostState.UNKNOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,4 +501,4 @@ class LockSpace:
 
 def _host_info(h: dict[str, int]) -> HostInfo:
     return HostInfo(int(h["host_id"]), int(h["generation"]), int(h["timestamp"]),
-                    _FLAG_STATE.get(int(h["flags"]), HostState.UNKNOWN))
+                    _flag_state(int(h["flags"])))
