@@ -200,10 +200,15 @@ async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: s
         b_calls = [c for c in all_calls if c["pid"] == b.proc.pid and c["phase"] == "start"]
         assert b_calls, "the standby did part of the queue"
         if left_by_a is not None:
-            # None run twice: no step the killed leader had recorded as done was run by the new leader.
+            # None run twice: no step the killed leader had recorded as done was run by the new leader,
+            # except that a proof the killed leader held is not the new leader's lease: a VM not yet on
+            # its destination is proved (and released) again, and still restarted once (above).
+            reproved = {c["vm"] for c in b_calls if c["call"] == "prove"}
             for c in b_calls:
                 if "vm" in c:
                     step = Step(c["call"])
+                    if c["vm"] in reproved and step in (Step.PROVE, Step.RELEASE):
+                        continue
                     assert not left_by_a[c["vm"]].done(step), f"{c['vm']}: {step} repeated by the new leader"
         else:
             # The cut-off leader stopped acting before the standby was elected, and never acted again.
