@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from lockhelp import A_HOST_ID, IO, LockCluster, new_lockspace
 
 from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.etcd import hostids
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.lab.net import pid_alive as alive
@@ -363,13 +364,17 @@ def test_acquire_on_behalf_of_a_registered_process(cluster: LockCluster) -> None
     assert alive(holder.pid)
 
 
-async def test_agent_join_allocates_host_id_and_leaves(manager_sanlock: LabSanlock, tmp_path: Path,
-                                                       etcd: EtcdProcess) -> None:
+async def test_agent_join_uses_the_allocated_host_id_and_leaves(manager_sanlock: LabSanlock, tmp_path: Path,
+                                                                etcd: EtcdProcess) -> None:
     space = new_lockspace(tmp_path / "shared")
     space.init()
     keys = Keys("vt2")
     async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
         await client.create(keys.host_id(1), {"host": "someone-else"})
+        with pytest.raises(membership.NoHostId, match="no sanlock host_id in etcd yet"):
+            await membership.join(space, client, keys, "vt2mgr")  # an agent never allocates one
+        assert await hostids.host_ids(client, keys) == {1: "someone-else"}
+        await hostids.allocate(client, keys, "vt2mgr")  # a manager does
         host_id = await membership.join(space, client, keys, "vt2mgr", timeout=30)
         try:
             assert host_id == 2 and space.joined(2) and space.local_state() == "joined"
