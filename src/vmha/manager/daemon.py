@@ -197,6 +197,8 @@ async def _fencer(cfg: Config, client: EtcdClient, power: PowerFence | None) -> 
         power = None
     elif power is None:
         if cfg.power:
+            if cfg.power_uncovered():
+                raise ConfigError(cfg.power_uncovered())
             try:
                 power = FenceAgentPower(fence_agents(cfg.power))
             except PowerFenceError as e:
