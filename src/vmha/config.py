@@ -326,6 +326,17 @@ class Config(_Strict):
             raise ConfigError("config: section [manager] is missing: the manager needs it")
         return self.manager
 
+    def power_uncovered(self) -> str:
+        """With power_fence on and the fence agents taken from this config: the error naming the hosts it
+        lists (libvirt.hosts) that have no [power.HOST], '' if none. A host without one would be tried
+        with the power method all the same and fail only when it is down."""
+        listed = sorted(self.libvirt.hosts) if self.libvirt is not None else []
+        missing = [h for h in listed if h not in self.power]
+        if self.manager is None or not self.manager.power_fence or not missing:
+            return ""
+        return (f"manager.power_fence is on but {', '.join(missing)} (libvirt.hosts) "
+                f"{'has' if len(missing) == 1 else 'have'} no [power.HOST] section")
+
     def require_locks(self) -> LocksConfig:
         if self.locks is None:
             raise ConfigError("config: section [locks] is missing (path, io_timeout): locks need it")

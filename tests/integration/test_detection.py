@@ -274,8 +274,15 @@ async def test_poisoned_values_neither_crash_nor_blind_the_monitor(
     await client.put_json(K.task("vm1"), {"vm": "vm1", "steps": ["x"]})
     # A well-formed heartbeat on a live lease from a host nobody registered: it must not count.
     lease = await client.grant(10)
-    await client.put_json(K.heartbeat("ghost", Plane.STORAGE), {"host": "ghost", "plane": "storage", "seq": 1,
-                                                                "t": time.time()}, lease=lease)  # fmt: skip
+    for seq in (1, 2, 3):  # alerted once, not at every beat
+        await client.put_json(K.heartbeat("ghost", Plane.STORAGE), {"host": "ghost", "plane": "storage", "seq": seq,
+                                                                    "t": time.time()}, lease=lease)  # fmt: skip
+    # A second machine named h1 beats on its own lease between the real h1's beats.
+    other = await client.grant(10)
+    for seq in (1, 2):
+        await client.put_json(K.heartbeat("h1", Plane.MANAGEMENT), {"host": "h1", "plane": "management", "seq": seq,
+                                                                    "t": time.time()}, lease=other)  # fmt: skip
+        await asyncio.sleep(0.8)  # the real h1 beats meanwhile (every keepalive interval)
     # A heartbeat key deleted by hand while its lease lives is no lease expiry.
     await client.delete(K.heartbeat("h1", Plane.STORAGE))
     await asyncio.sleep(2.0)
@@ -285,6 +292,8 @@ async def test_poisoned_values_neither_crash_nor_blind_the_monitor(
     for key in (K.host("h3"), K.host("h4"), K.heartbeat("h1", Plane.SERVICE), K.heartbeat("ghost", Plane.STORAGE)):
         assert f"ALERT etcd key {key}" in caplog.text
     assert "ALERT host h1 plane storage: heartbeat key deleted while its lease" in caplog.text
+    assert caplog.text.count(f"ALERT etcd key {K.heartbeat('ghost', Plane.STORAGE)}") == 1
+    assert caplog.text.count("ALERT host h1 plane management: heartbeats alternate between leases") == 1
     recorder.changes.clear()
 
     assert hosts["h2"].proc is not None

@@ -140,6 +140,31 @@ def test_power_options_refuse_control_characters_and_unknown_names() -> None:
     assert "power.h1.Bad-Name" in error_of({**minimal(), "power": {"h1": {"agent": "fence_ipmilan", "Bad-Name": 1}}})
 
 
+def test_power_fence_covers_every_listed_host(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vmha.config_cli import config_group
+
+    data = manager(power_fence=True)
+    data["libvirt"] = {"hosts": {h: f"qemu+tls://{h}/system" for h in ("h1", "h2", "h3")}}
+    data["power"] = {"h2": {"agent": "fence_ipmilan", "ip": "10.0.0.2"}}
+    want = "manager.power_fence is on but h1, h3 (libvirt.hosts) have no [power.HOST] section"
+    assert config.parse(data).power_uncovered() == want
+    path = tmp_path / "vmha.toml"
+    path.write_text(EXAMPLE.read_text().split("[manager]")[0] + '[manager]\nname = "m1"\ndriver = "libvirt"\n'
+                    'power_fence = true\nendpoints = ["http://198.18.1.1:2379"]\n[libvirt.hosts]\n'
+                    'h1 = "qemu+tls://h1/system"\nh3 = "qemu+tls://h3/system"\n'
+                    '[power.h2]\nagent = "fence_ipmilan"\n')
+    path.chmod(0o600)
+    out = CliRunner().invoke(config_group, ["check", str(path)])
+    assert out.exit_code == 1 and "h1, h3 (libvirt.hosts) have no [power.HOST]" in out.output, out.output
+    data["power"] = {h: {"agent": "fence_ipmilan", "ip": "10.0.0.9"} for h in ("h1", "h2", "h3")}
+    assert config.parse(data).power_uncovered() == ""
+    data["manager"]["power_fence"] = False  # type: ignore[index]
+    data["power"] = {}
+    assert config.parse(data).power_uncovered() == ""  # no power fence: no [power] needed
+
+
 def test_a_config_with_secrets_must_be_private(tmp_path: Path) -> None:
     path = tmp_path / "vmha.toml"
     path.write_text(EXAMPLE.read_text().replace("http://10.0.0.11:2379", "http://vmha:s3cret@10.0.0.11:2379"))

@@ -25,14 +25,13 @@ import logging
 from vmha.agent.libvirt_locks import LibvirtConfError, LockSettingsError, check_lock_settings
 from vmha.config import Config
 from vmha.core.planes import Plane
-from vmha.etcd import hostids
 from vmha.etcd.attest import serve_attestations
 from vmha.etcd.client import EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import LOCKS_REFUSED, register
 from vmha.locks import Attestation, LockError, LockSpace, attest_exit, prune_records, stop_lease_holders
 from vmha.locks.lease import live_holders, record_seen_holders
-from vmha.locks.membership import join, leave
+from vmha.locks.membership import allocated_host_id, join, leave
 
 log = logging.getLogger("vmha.agent")
 
@@ -105,7 +104,7 @@ class AgentLocks:
         """Checks libvirt's lock settings (if configured): True while they refuse this host."""
         if self.cfg.libvirt is None:
             return False
-        host_id = await hostids.allocate(client, self.keys, self.host, self.space.max_hosts)
+        host_id = await allocated_host_id(client, self.keys, self.host)
         found, why = None, ""
         try:
             found = await asyncio.to_thread(check_lock_settings, self.cfg.libvirt, self.cfg.require_locks(),

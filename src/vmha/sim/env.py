@@ -49,7 +49,7 @@ from vmha.core.health import (
 from vmha.core.log import Level, LogLine
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import PolicyTable
-from vmha.core.queue import Task
+from vmha.core.queue import Step, Task, TaskKind, TaskState
 from vmha.core.recovery import (
     AgentStopped,
     Alert,
@@ -376,6 +376,20 @@ class Sim:
         if v.lease_holder in gone:
             v.lease_holder = None
         self.log(Level.INFO, WORLD, f"vm '{vm}': copy ended on {', '.join(gone) or 'no host'}")
+
+    def forge_task(self, vm: str, state: TaskState, source: str, dest: str) -> None:
+        """Someone with write access to etcd writes tasks/<vm>: a recovery of `vm` off `source` in
+        `state`, with a made-up proof, each step before it recorded done. It passes the strict model:
+        only the next leader's checks stand between it and an evacuation."""
+        t = self.now
+        task = Task(vm=vm, source=source, kind=TaskKind.EVACUATE, recovery=1, priority=0, row="storage",
+                    action="fence-evacuate", failed={"storage": t}, created=t, state=state, since=t, dest=dest,
+                    proof=FenceProof(vm, source, ProofMethod.EXIT_ATTESTED, t, t, {"trail": "made up"}))
+        for step in (Step.PROVE, Step.MARK_DOWN, Step.RELEASE)[: [TaskState.MARKING_DOWN, TaskState.READY,
+                                                                 TaskState.EVACUATING].index(state) + 1]:
+            task.finish(step, t, "ok")
+        self.store[vm] = json.loads(json.dumps(task.to_dict()))
+        TaskValue.model_validate(self.store[vm])
 
     def power_on(self, host: str) -> None:
         h = self.hosts[host]
