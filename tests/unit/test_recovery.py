@@ -502,8 +502,9 @@ def test_a_resumed_evacuation_still_on_its_host_is_proved_and_released_again() -
 
 
 def test_a_forged_resumed_task_is_refused() -> None:
-    """Anyone who writes tasks/ can forge one: evacuating, a made-up proof, every step done. Its
-    host is UP: refused with an alert, nothing proved, marked or moved."""
+    """Anyone who writes tasks/ can forge one: evacuating, a made-up proof, every step done. vm3 runs on
+    neither its host nor its destination: refused with an alert. vm1's host is UP: only a lease-taken
+    recheck, which the running copy refuses: cancelled. Nothing is killed, marked or moved."""
     made_up = FenceProof("vm1", "h2", ProofMethod.EXIT_ATTESTED, 1.0, 2.0)
     forged = [Task("vm1", "h2", TaskKind.EVACUATE, 1, 5, "storage", "fence-evacuate", {"storage": 1.0}, 1.0,
                    state=TaskState.EVACUATING, dest="h3", proof=made_up),
@@ -515,11 +516,13 @@ def test_a_forged_resumed_task_is_refused() -> None:
     new = core()
     out = new.step(TasksLoaded(tuple(forged)), 5.0)
     out = new.step(inventory(VMS), 5.0)  # h2 is up; vm3 runs on h3, not on h2
-    assert not of(out, Evacuate) and not of(out, Prove) and not of(out, MarkHostDown)
-    assert not of(out, ReleaseProof)
+    assert not of(out, Evacuate) and not of(out, MarkHostDown) and not of(out, ReleaseProof)
+    assert [(p.vm, p.methods) for p in of(out, Prove)] == [("vm1", (ProofMethod.LEASE_TAKEN,))]
     assert [a.text for a in of(out, Alert)] == [
-        "vm 'vm1': resumed task refused: host 'h2' is up (stored state evacuating); not acted on",
-        "vm 'vm3': resumed task refused: host 'h2' is up (stored state marking-down); not acted on"]
+        "vm 'vm3': resumed task refused: the VM runs on 'h3', neither its host nor its destination "
+        "(stored state marking-down); not acted on"]
+    out = new.step(ProofRefused("vm1", "h2", of(out, Prove)[0].attempt, "lease held by h2"), 6.0)
+    assert not of(out, Evacuate) and not of(out, MarkHostDown)
     assert {t.state for t in new.tasks()} == {TaskState.CANCELLED}
     # h2 fails later: a fresh recovery of each, with its own proof
     out = new.step(HealthUpdate(health("h2", 9.0, storage=DOWN)), 9.0)

@@ -1657,28 +1657,29 @@ class RecoveryCore:
             self._unverified.discard(vm)
             placed = self._placed.get(vm)
             wrong = ""
-            if all(hh.planes[p].state == PlaneState.UP for p in PLANES) and not task.recheck:
-                # (a recheck tries lease-taken only, which proves on an UP host just that the VM died)
-                wrong = f"host '{task.source}' is up"
-            elif vm not in self._vms:
+            if vm not in self._vms:
                 wrong = "the VM is not in the inventory"
             elif placed is not None and placed not in (task.source, task.dest):
                 wrong = f"the VM runs on '{placed}', neither its host nor its destination"
+            # Its host up: a host back after a real proof, or a task forged against a healthy host. Only a
+            # proof that observes a death (lease-taken) may go on there: it is refused while a copy runs.
+            observe = all(hh.planes[p].state == PlaneState.UP for p in PLANES) or task.recheck
             if wrong:
                 why = f"resumed task refused: {wrong} (stored state {task.state.value})"
                 task.reason = why
                 self._move(task, TaskState.CANCELLED, now, why, out, Level.ERROR)
                 out.actions.append(Alert(Level.ERROR, task.source, vm, f"vm '{vm}': {why}; not acted on"))
                 self._finish(task, out)
-            elif task.state in (TaskState.QUEUED, TaskState.PROVING) or (
-                    placed is not None and placed == task.dest and task.state in RUNNING):
+            elif (placed is not None and placed == task.dest and task.state in RUNNING) or (
+                    task.state in (TaskState.QUEUED, TaskState.PROVING) and not observe):
                 self._resume(task, now, out)
             else:
                 if task.state == TaskState.RETRY_WAIT:
                     task.retry_at, task.resume = None, None
                 task.proof = None
                 methods, timeout = self._methods(task), None
-                if task.recheck:
+                if observe and task.row != STOPPED_KEY:
+                    task.recheck = True  # refused (a copy holds the lease on its UP host): cancelled
                     methods, timeout = (ProofMethod.LEASE_TAKEN,), self.settings.recheck_timeout
                 self._prove(task, methods, now, out, f"resumed by the new leader ({task.state.value}): "
                             "its proof is not this manager's, proved again", timeout)
