@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "bench": "vmha.bench.cli:bench",
     "sim": "vmha.sim.cli:sim",
     "config": "vmha.config_cli:config_group",
+    "etcd": "vmha.etcd_cli:etcd_group",
 }
 
 
