@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 
 from vmha.etcd.client import EtcdClient
+from vmha.lab.pki import Pki
 from vmha.testing.etcd import EtcdProcess
 
 
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
-    """A fresh single-member etcd on 127.0.0.1 (free ports), stopped and removed after the test."""
-    proc = EtcdProcess(tmp_path / "etcd")
+    """A fresh single-member etcd on 127.0.0.1 (free ports), stopped and removed after the test. TLS
+    only, client certificates required (etcd.tls(user) makes one); auth is off until a test turns
+    it on (etcd.setup_auth, done by ProxiedHost.create for its host)."""
+    proc = EtcdProcess(tmp_path / "etcd", pki=Pki(tmp_path / "pki"))
     proc.start()
     try:
         yield proc
@@ -24,6 +27,6 @@ def etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
 
 @pytest.fixture
 async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
-    c = EtcdClient(etcd.client_urls)
+    c = EtcdClient(etcd.client_urls, tls=etcd.tls())
     yield c
     await c.close()

@@ -19,6 +19,7 @@ a client certificate signed by the PKI's CA (--client-cert-auth; the CN is the e
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -26,10 +27,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from vmha.etcd.auth import ROOT, setup_auth
+from vmha.etcd.client import EtcdClient
 from vmha.etcd.tls import TlsFiles
 from vmha.lab.pki import Pki
 from vmha.testing.process import stop_process
@@ -85,15 +89,27 @@ class EtcdProcess:
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def tls(self, user: str = "root") -> TlsFiles | None:
+    def tls(self, user: str = ROOT) -> TlsFiles | None:
         """The TLS files of etcd user ``user`` (made on first use); None for a plaintext etcd."""
         return None if self.pki is None else self.pki.issue(user)
+
+    def toml(self, user: str = ROOT) -> str:
+        """The [etcd] section of a vmha config connecting as ``user``."""
+        tls = self.tls(user)
+        if tls is None:
+            return "[etcd]\ninsecure = true\n"
+        return "[etcd]\n" + "".join(f"{f} = {json.dumps(str(getattr(tls, f)))}\n" for f in ("ca", "cert", "key"))
+
+    async def setup_auth(self, cluster: str, hosts: Sequence[str] = (), managers: Sequence[str] = ()) -> None:
+        """`vmha etcd setup-auth` for these users (as root): auth is on from here."""
+        async with EtcdClient(self.client_urls, timeout=5.0, name="setup-auth", tls=self.tls(ROOT)) as c:
+            await setup_auth(c, cluster, hosts, managers)
 
     def _tls_args(self) -> list[str]:
         if self.pki is None:
             return []
         ips = sorted({str(urlsplit(u).hostname) for u in self.client_urls})
-        self.pki.create(ips, ["root"])
+        self.pki.create(ips, [ROOT])
         server = self.pki.client("etcd-server")
         return ["--cert-file", str(server.cert), "--key-file", str(server.key), "--client-cert-auth",
                 "--trusted-ca-file", str(server.ca)]  # fmt: skip

@@ -65,7 +65,7 @@ async def test_agent_joins_with_an_etcd_host_id_and_leaves_only_without_holders(
     manager_sanlock: LabSanlock, etcd: EtcdProcess, tmp_path: Path
 ) -> None:
     space, cfg_path = agent_config(tmp_path, etcd, "vt2")
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
         await client.create(Keys("vt2").host_id(1), {"host": "someone-else"})  # id 1 is taken
         agent = AgentLocks(config.load(str(cfg_path)))
         run = asyncio.create_task(agent.run())
@@ -153,7 +153,7 @@ async def test_agent_refuses_a_host_whose_libvirt_lock_settings_are_wrong(
     space, cfg_path = agent_config(tmp_path, etcd, "vt2l", f'[libvirt]\nconfig_dir = "{etc}"\n')
     keys = Keys("vt2l")
     agent = AgentLocks(config.load(str(cfg_path)))
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
         monitor = HealthMonitor(client, keys, HealthTimings(), persist=False)
         changes = monitor.subscribe()
         watching = asyncio.create_task(monitor.run())

@@ -343,7 +343,7 @@ async def test_agent_join_allocates_host_id_and_leaves(manager_sanlock: LabSanlo
     space = new_lockspace(tmp_path / "shared")
     space.init()
     keys = Keys("vt2")
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
         await client.create(keys.host_id(1), {"host": "someone-else"})
         host_id = await membership.join(space, client, keys, "vt2mgr", timeout=30)
         try:
