@@ -26,6 +26,18 @@ def etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
 
 
 @pytest.fixture
+def etcd_plain(tmp_path: Path) -> Iterator[EtcdProcess]:
+    """A plaintext etcd (http://, no client certificates), for the folders that still use one
+    (tests/integration/manager, tests/integration/locks: not yet moved to TLS)."""
+    proc = EtcdProcess(tmp_path / "etcd")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
 async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
     c = EtcdClient(etcd.client_urls, tls=etcd.tls())
     yield c

@@ -44,6 +44,7 @@ def agent_config(tmp_path: Path, etcd: EtcdProcess, cluster: str, extra: str = "
     cfg_path.write_text(
         f'[cluster]\nname = "{cluster}"\n[host]\nname = "vt2mgr"\n'
         + "".join(f'[planes.{p}]\nendpoints = ["{url}"]\n' for p in ("management", "storage", "service"))
+        + "[etcd]\ninsecure = true\n"
         + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = 1\n' + extra
     )
     return space, cfg_path

@@ -265,6 +265,7 @@ def locks_config(space: LockSpace, path: Path) -> Path:
         '[cluster]\nname = "vt2"\n'
         + "".join(f'[planes.{p}]\nendpoints = ["http://198.18.1.1:2379"]\n' for p in ("management", "storage",
                                                                                     "service"))
+        + '[etcd]\ninsecure = true\n'
         + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = {IO}\n'
     )
     return path
