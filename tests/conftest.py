@@ -17,24 +17,16 @@ def etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
     """A fresh single-member etcd on 127.0.0.1 (free ports), stopped and removed after the test. TLS
     only, client certificates required (etcd.tls(user) makes one); auth is off until a test turns
     it on (etcd.setup_auth, done by ProxiedHost.create for its host)."""
-    proc = EtcdProcess(tmp_path / "etcd", pki=Pki(tmp_path / "pki"))
-    proc.start()
-    try:
+    with EtcdProcess(tmp_path / "etcd", pki=Pki(tmp_path / "pki")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
 def etcd_plain(tmp_path: Path) -> Iterator[EtcdProcess]:
     """A plaintext etcd (http://, no client certificates), for the folders that still use one
     (tests/integration/manager, tests/integration/locks: not yet moved to TLS)."""
-    proc = EtcdProcess(tmp_path / "etcd")
-    proc.start()
-    try:
+    with EtcdProcess(tmp_path / "etcd") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

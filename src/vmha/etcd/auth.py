@@ -92,7 +92,7 @@ async def setup_auth(client: EtcdClient, cluster: str, hosts: Sequence[str], man
     auth. ``client`` must connect as root (or to an etcd with auth still off). Returns one line
     per role for the operator."""
     keys = Keys(cluster)
-    for h in sorted(set(hosts)):
+    for h in dict.fromkeys(hosts):  # in the order given: the first host gets the lowest free id
         n = await hostids.allocate(client, keys, h, max_hosts)
         log.info("host %s: sanlock host_id %d", h, n)
     plan = roles(cluster, hosts, managers)
