@@ -73,7 +73,8 @@ def start_services(state: LabState) -> None:
 
 def setup_auth(state: LabState) -> None:
     """etcd users and roles (`vmha etcd setup-auth`, as root): each host writes only its own keys."""
-    args = [a for h in sorted(state.hosts, key=lambda h: state.hosts[h].index) for a in ("--host", h)] + [a for m in MANAGERS for a in ("--manager", m)]
+    hosts = sorted(state.hosts, key=lambda h: state.hosts[h].index)
+    args = [a for h in hosts for a in ("--host", h)] + [a for m in MANAGERS for a in ("--manager", m)]
     run([*state.node("controller").enter(), *vmha_command("etcd", "setup-auth", "--config",
                                                           str(controller_config(state)), *args)], timeout=60)
 
