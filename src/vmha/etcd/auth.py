@@ -17,7 +17,6 @@ Running it again adds what is missing (roles, users, grants) and changes nothing
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,6 @@ from vmha.etcd import hostids
 from vmha.etcd.client import PROBE_KEY, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
 
-log = logging.getLogger("vmha.etcd.auth")
 
 READ, WRITE, READWRITE = 0, 1, 2  # etcd's authpb.Permission.Type
 ROOT = "root"
@@ -93,8 +91,7 @@ async def setup_auth(client: EtcdClient, cluster: str, hosts: Sequence[str], man
     per role for the operator."""
     keys = Keys(cluster)
     for h in dict.fromkeys(hosts):  # in the order given: the first host gets the lowest free id
-        n = await hostids.allocate(client, keys, h, max_hosts)
-        log.info("host %s: sanlock host_id %d", h, n)
+        await hostids.allocate(client, keys, h, max_hosts)  # logs a new allocation
     plan = roles(cluster, hosts, managers)
 
     async def apply(c: aetcd.Client) -> None:
