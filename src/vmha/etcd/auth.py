@@ -28,7 +28,6 @@ from vmha.etcd import hostids
 from vmha.etcd.client import PROBE_KEY, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
 
-
 READ, WRITE, READWRITE = 0, 1, 2  # etcd's authpb.Permission.Type
 ROOT = "root"
 OPERATOR = "operator"
