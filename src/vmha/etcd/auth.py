@@ -17,7 +17,8 @@ Running it again adds what is missing (roles, users, grants) and changes nothing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,34 +94,47 @@ async def setup_auth(client: EtcdClient, cluster: str, hosts: Sequence[str], man
         await hostids.allocate(client, keys, h, max_hosts)  # logs a new allocation
     plan = roles(cluster, hosts, managers)
 
-    async def apply(c: aetcd.Client) -> None:
+    # One bounded call per step (each role is a few writes): hundreds of hosts take longer than any
+    # one call's timeout, and a step that fails is redone by running the command again.
+    await _step(client, _root_user)
+    for role, (users, grants) in plan.items():
+        await _step(client, functools.partial(_role, role=role, users=users, grants=grants))
+    await _step(client, lambda stub: stub.AuthEnable(rpc.AuthEnableRequest()))
+    return [f"{role}: users {', '.join(users) or '-'}; " + "; ".join(map(str, grants))
+            for role, (users, grants) in plan.items()]  # fmt: skip
+
+
+async def _step(client: EtcdClient, body: Callable[[Any], Awaitable[Any]]) -> None:
+    """body(AuthStub) through client.call; a refusal (not a connectivity failure) is an EtcdError."""
+
+    async def op(c: aetcd.Client) -> None:
+        await c.connect()
         try:
-            await _apply(c, plan)
+            await body(rpc.AuthStub(c.channel))
         except rpc.AioRpcError as e:
             if e.code() in (rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED):
                 raise  # connectivity: EtcdUnavailable
             raise EtcdError(f"setup-auth: {e.code().name}: {e.details()}") from None
 
-    await client.call(apply, timeout=max(client.timeout, 10.0))
-    return [f"{role}: users {', '.join(users) or '-'}; " + "; ".join(map(str, grants))
-            for role, (users, grants) in plan.items()]  # fmt: skip
+    await client.call(op, timeout=max(client.timeout, 10.0))
 
 
-async def _apply(c: aetcd.Client, plan: dict[str, tuple[list[str], list[Grant]]]) -> None:
-    await c.connect()
-    stub = rpc.AuthStub(c.channel)
-    await _ignore_exists(stub.UserAdd, rpc.AuthUserAddRequest(name=ROOT, options=rpc.UserAddOptions(no_password=True)))
+def _user(name: str) -> Any:
+    return rpc.AuthUserAddRequest(name=name, options=rpc.UserAddOptions(no_password=True))  # CN auth only
+
+
+async def _root_user(stub: Any) -> None:
+    await _ignore_exists(stub.UserAdd, _user(ROOT))
     await _ignore_exists(stub.UserGrantRole, rpc.AuthUserGrantRoleRequest(user=ROOT, role=ROOT))
-    for role, (users, grants) in plan.items():
-        await _ignore_exists(stub.RoleAdd, rpc.AuthRoleAddRequest(name=role))
-        for g in grants:
-            perm = rpc.Permission(permType=g.perm, key=g.key.encode(), range_end=g.range_end.encode())
-            await stub.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name=role, perm=perm))
-        for user in users:
-            await _ignore_exists(stub.UserAdd, rpc.AuthUserAddRequest(
-                name=user, options=rpc.UserAddOptions(no_password=True)))
-            await stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=user, role=role))
-    await stub.AuthEnable(rpc.AuthEnableRequest())
 
+
+async def _role(stub: Any, role: str, users: list[str], grants: list[Grant]) -> None:
+    await _ignore_exists(stub.RoleAdd, rpc.AuthRoleAddRequest(name=role))
+    for g in grants:
+        perm = rpc.Permission(permType=g.perm, key=g.key.encode(), range_end=g.range_end.encode())
+        await stub.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name=role, perm=perm))
+    for user in users:
+        await _ignore_exists(stub.UserAdd, _user(user))
+        await stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=user, role=role))
 
 __all__ = ["Grant", "roles", "setup_auth"]
