@@ -20,11 +20,12 @@ from vmha.config import Timings
 from vmha.core.health import FabricChange, HealthChange, HostHealth, PlaneStatus
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.etcd import health_store
+from vmha.etcd.auth import OPERATOR
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.manager.detection import Change, HealthMonitor, unix_monotonic
 from vmha.testing.etcd import EtcdProcess
-from vmha.testing.hosts import ProxiedHost
+from vmha.testing.hosts import ProxiedHost, config_text
 from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
@@ -72,7 +73,7 @@ async def hosts(tmp_path: Path, etcd: EtcdProcess) -> AsyncIterator[dict[str, Pr
     hs: dict[str, ProxiedHost] = {}
     try:
         for name in HOSTS:
-            hs[name] = await ProxiedHost.create(tmp_path, "t", name, "r1", etcd.client_urls[0])
+            hs[name] = await ProxiedHost.create(tmp_path, "t", name, "r1", etcd)
             await hs[name].start_agent()
         yield hs
     finally:
@@ -208,7 +209,9 @@ async def test_status_command_prints_the_view(
     await hosts["h1"].cut(Plane.SERVICE)
     await until(lambda: recorder.states()[("h1", Plane.SERVICE)] == DOWN, "h1 service DOWN", timeout=20)
     vmha = str(Path(sys.executable).with_name("vmha"))
-    args = [vmha, "status", "--endpoints", etcd.client_urls[0], "--cluster", "t"]
+    cfg = hosts["h1"].workdir / "operator.toml"  # the read-only operator's certificate and role
+    cfg.write_text(config_text("t", None, "-", {p: etcd.client_urls for p in PLANES}, etcd=etcd.toml(OPERATOR)))
+    args = [vmha, "status", "--config", str(cfg)]
 
     async def failed_planes() -> dict[str, list[str]] | None:
         out = await asyncio.to_thread(subprocess.run, [*args, "--json"], capture_output=True, text=True, timeout=30)

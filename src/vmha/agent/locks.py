@@ -64,7 +64,8 @@ class AgentLocks:
     async def run(self) -> None:
         """Join, serve attestations, and rejoin when the lockspace is lost (a storage outage makes
         sanlock drop it); runs until cancelled."""
-        async with EtcdClient(self.cfg.planes.endpoints(Plane.MANAGEMENT), name=f"{self.host}/locks") as client:
+        async with EtcdClient(self.cfg.planes.endpoints(Plane.MANAGEMENT), name=f"{self.host}/locks",
+                              tls=self.cfg.etcd.tls()) as client:
             await self._join(client)
             serving = asyncio.create_task(self._serve(client), name="attestations")
             try:

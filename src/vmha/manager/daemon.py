@@ -230,7 +230,8 @@ class Manager:
         self.cfg = cfg
         self.m = cfg.require_manager()
         self.keys = Keys(cfg.cluster.name)
-        self.client = EtcdClient(self.m.endpoints, timeout=rpc_timeout, name=f"manager {self.m.name}")
+        self.client = EtcdClient(self.m.endpoints, timeout=rpc_timeout, name=f"manager {self.m.name}",
+                                 tls=cfg.etcd.tls())
         self.make_parts = parts
         self.clock = clock or unix_monotonic()
         self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)

@@ -400,7 +400,8 @@ class HealthMonitor:
         On a connection of its own: a probe that times out drops its connection, and on the shared one
         that broke the heartbeat watch, whose resume from an old revision loaded etcd further (seen at
         500 hosts: a busy etcd, probes timing out, the watch restarting every few seconds)."""
-        async with EtcdClient(self.client.urls, timeout=self.probe_timeout, name=f"{self.name}/probe") as c:
+        async with EtcdClient(self.client.urls, timeout=self.probe_timeout, name=f"{self.name}/probe",
+                              tls=self.client.tls) as c:
             await self._probe_with(c)
 
     async def _probe_with(self, client: EtcdClient) -> None:
@@ -432,7 +433,8 @@ class HealthMonitor:
     async def _write(self) -> None:
         """Persist the changed hosts and fabric outages; latest view wins, retried until written.
         On a connection of its own: a slow write must not break the watch streams."""
-        async with EtcdClient(self.client.urls, timeout=self.client.timeout, name=f"{self.name}/health") as c:
+        async with EtcdClient(self.client.urls, timeout=self.client.timeout, name=f"{self.name}/health",
+                              tls=self.client.tls) as c:
             await self._write_with(c)
 
     async def _write_with(self, client: EtcdClient) -> None:

@@ -21,6 +21,7 @@ from vmha.core.planes import PLANES, PlaneState
 from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient, EtcdError, redact_url
 from vmha.etcd.keys import Keys
+from vmha.etcd.tls import TlsFiles
 
 COLOURS = {
     PlaneState.UP: "green",
@@ -97,8 +98,8 @@ def render(data: dict[str, Any], console: Console) -> None:
         console.print(Text("no fabric outage", style="green"))
 
 
-async def _load(endpoints: list[str], cluster: str) -> health_store.HealthView:
-    async with EtcdClient(endpoints, timeout=3.0, name="status") as client:
+async def _load(endpoints: list[str], cluster: str, tls: TlsFiles | None) -> health_store.HealthView:
+    async with EtcdClient(endpoints, timeout=3.0, name="status", tls=tls) as client:
         return await health_store.load(client, Keys(cluster))
 
 
@@ -110,14 +111,16 @@ async def _load(endpoints: list[str], cluster: str) -> health_store.HealthView:
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the grid")
 def status(config_path: str | None, endpoints: str | None, cluster: str | None, as_json: bool) -> None:
     """Hosts x planes with state and age, and fabric outages, as the manager last recorded them."""
+    tls = None
     if endpoints and cluster and not config_path:
         urls = [u.strip() for u in endpoints.split(",") if u.strip()]
     else:
         cfg = config.load(config_path or config.DEFAULT_PATH)
+        tls = cfg.etcd.tls()
         urls = cfg.manager.endpoints if cfg.manager else cfg.planes.endpoints(PLANES[0])
         cluster = cluster or cfg.cluster.name
     try:
-        view = asyncio.run(_load(urls, cluster))
+        view = asyncio.run(_load(urls, cluster, tls))
     except (EtcdError, ValueError) as e:
         raise click.ClickException(
             f"cannot read the health view from etcd ({', '.join(map(redact_url, urls))}): {e}") from None

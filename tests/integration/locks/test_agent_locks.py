@@ -50,6 +50,7 @@ def agent_config(tmp_path: Path, etcd: EtcdProcess, cluster: str, extra: str = "
     cfg_path.write_text(
         f'[cluster]\nname = "{cluster}"\n[host]\nname = "vt2mgr"\n'
         + "".join(f'[planes.{p}]\nendpoints = ["{url}"]\n' for p in ("management", "storage", "service"))
+        + "[etcd]\ninsecure = true\n"
         + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = 1\n' + extra
     )
     return space, cfg_path
@@ -71,7 +72,7 @@ async def test_agent_joins_with_the_host_id_a_manager_allocated_and_leaves_only_
     manager_sanlock: LabSanlock, etcd: EtcdProcess, tmp_path: Path
 ) -> None:
     space, cfg_path = agent_config(tmp_path, etcd, "vt2")
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
         await client.create(Keys("vt2").host_id(1), {"host": "someone-else"})  # id 1 is taken
         agent = AgentLocks(config.load(str(cfg_path)))
         run = asyncio.create_task(agent.run())
@@ -166,7 +167,7 @@ async def test_agent_refuses_a_host_whose_libvirt_lock_settings_are_wrong(
     await allocate_as_manager(etcd, "vt2l")
     keys = Keys("vt2l")
     agent = AgentLocks(config.load(str(cfg_path)))
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
         monitor = HealthMonitor(client, keys, HealthTimings(), persist=False)
         changes = monitor.subscribe()
         watching = asyncio.create_task(monitor.run())

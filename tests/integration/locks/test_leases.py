@@ -291,6 +291,7 @@ def locks_config(space: LockSpace, path: Path) -> Path:
         '[cluster]\nname = "vt2"\n'
         + "".join(f'[planes.{p}]\nendpoints = ["http://198.18.1.1:2379"]\n' for p in ("management", "storage",
                                                                                     "service"))
+        + '[etcd]\ninsecure = true\n'
         + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = {IO}\n'
     )
     return path
@@ -369,7 +370,7 @@ async def test_agent_join_uses_the_allocated_host_id_and_leaves(manager_sanlock:
     space = new_lockspace(tmp_path / "shared")
     space.init()
     keys = Keys("vt2")
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
         await client.create(keys.host_id(1), {"host": "someone-else"})
         with pytest.raises(membership.NoHostId, match="no sanlock host_id in etcd yet"):
             await membership.join(space, client, keys, "vt2mgr")  # an agent never allocates one
