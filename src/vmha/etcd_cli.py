@@ -7,6 +7,7 @@ import asyncio
 import click
 
 from vmha import config
+from vmha.config_cli import config_option
 from vmha.core.planes import PLANES
 from vmha.etcd.auth import setup_auth
 from vmha.etcd.client import EtcdClient, EtcdError
@@ -18,8 +19,7 @@ def etcd_group() -> None:
 
 
 @etcd_group.command("setup-auth")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="vmha config whose [etcd] certificate has CN root (or etcd's auth is still off)")
+@config_option  # a config whose [etcd] certificate has CN root (or etcd's auth still off)
 @click.option("--host", "hosts", multiple=True, help="a compute host (its certificate's CN); repeat")
 @click.option("--manager", "managers", multiple=True, help="a manager (its certificate's CN); repeat")
 def setup_auth_command(config_path: str, hosts: tuple[str, ...], managers: tuple[str, ...]) -> None:

@@ -155,8 +155,8 @@ def test_power_fence_covers_every_listed_host(tmp_path: Path) -> None:
     want = "manager.power_fence is on but h1, h3 (libvirt.hosts) have no [power.HOST] section"
     assert config.parse(data).power_uncovered() == want
     path = tmp_path / "vmha.toml"
-    path.write_text(EXAMPLE.read_text().split("[manager]")[0] + '[manager]\nname = "m1"\ndriver = "libvirt"\n'
-                    'power_fence = true\nendpoints = ["http://198.18.1.1:2379"]\n[libvirt.hosts]\n'
+    path.write_text(example_text(tmp_path).split("[manager]")[0] + '[manager]\nname = "m1"\ndriver = "libvirt"\n'
+                    'power_fence = true\nendpoints = ["https://198.18.1.1:2379"]\n[libvirt.hosts]\n'
                     'h1 = "qemu+tls://h1/system"\nh3 = "qemu+tls://h3/system"\n'
                     '[power.h2]\nagent = "fence_ipmilan"\n')
     path.chmod(0o600)
