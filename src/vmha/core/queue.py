@@ -78,7 +78,10 @@ _S = TaskState
 TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     _S.QUEUED: frozenset({_S.PROVING, _S.READY, _S.CANCELLED}),
     # PROVING -> PROVING: the host came back, the proof in flight is replaced by a lease-taken recheck.
-    _S.PROVING: frozenset({_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
+    # PROVING/RETRY_WAIT -> DONE: a resumed evacuation proved again that the previous leader completed
+    # (RecoveryCore._confirm_deposed): the VM runs on that leader's destination.
+    _S.PROVING: frozenset({_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RETRY_WAIT, _S.DONE, _S.FAILED,
+                           _S.CANCELLED}),
     # A task a new leader resumes is checked first (RecoveryCore._verify_resumed): -> PROVING when its
     # stored proof is not this manager's to trust (proved again), -> CANCELLED when it contradicts the
     # world (its host is UP, its VM runs elsewhere).
@@ -90,7 +93,7 @@ TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     _S.EVACUATING: frozenset({_S.PROVING, _S.DONE, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
     _S.MIGRATING: frozenset({_S.DONE, _S.RETRY_WAIT, _S.FAILED}),
     _S.RETRY_WAIT: frozenset(
-        {_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RELEASING, _S.EVACUATING, _S.FAILED, _S.CANCELLED}
+        {_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RELEASING, _S.EVACUATING, _S.DONE, _S.FAILED, _S.CANCELLED}
     ),
     # A proof that arrives after a cancel means the old copy is gone: the recovery continues.
     _S.CANCELLED: frozenset({_S.MARKING_DOWN, _S.READY}),

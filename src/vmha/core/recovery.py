@@ -562,6 +562,9 @@ class RecoveryCore:
         # Evacuate tasks loaded by this leader and not yet checked against the world (_verify_resumed):
         # nothing is done for them until then.
         self._unverified: set[str] = set()
+        # vm -> the destination and proof of a previous leader's evacuation, perhaps still in flight, of a
+        # resumed task this leader proves again: seen running there, it is the recovery's restart.
+        self._deposed: dict[str, tuple[str, FenceProof | None]] = {}
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -1107,6 +1110,7 @@ class RecoveryCore:
                 self._place(t.vm, None)  # proved dead there: it takes no room on its source
         self._inventory = True
         self._dests = None
+        self._confirm_deposed(now, out)
         stopped = {v.name: v.state == STOPPED for v in inv.vms
                    if v.ha and v.host is not None and self.queue.active(v.name) is None}
         self._stopped.inventory(stopped, now)
@@ -1676,6 +1680,8 @@ class RecoveryCore:
             else:
                 if task.state == TaskState.RETRY_WAIT:
                     task.retry_at, task.resume = None, None
+                if task.state == TaskState.EVACUATING and task.dest is not None:
+                    self._deposed[vm] = (task.dest, task.proof)
                 task.proof = None
                 methods, timeout = self._methods(task), None
                 if observe and task.row != STOPPED_KEY:
@@ -1684,6 +1690,34 @@ class RecoveryCore:
                 self._prove(task, methods, now, out, f"resumed by the new leader ({task.state.value}): "
                             "its proof is not this manager's, proved again", timeout)
                 task.dest = None
+
+    def _confirm_deposed(self, now: float, out: RecoveryOutput) -> None:
+        """A resumed evacuation proved again may have been completed meanwhile by the previous leader
+        (its start was in flight at the failover): the copy it started holds the VM's lease, so this
+        leader's proof is refused again and again. The inventory showing the VM running on that
+        leader's destination ends the recovery as done; nothing is started. Once this leader proved
+        (it holds or held the lease: the old start failed or its own evacuation confirms it), or the
+        task ended, the entry goes. The task's evidence keeps the proof that evacuation was made on."""
+        for vm, (dest, proof) in sorted(self._deposed.items()):
+            task = self.queue.active(vm)
+            if task is None or task.state not in (TaskState.PROVING, TaskState.RETRY_WAIT):
+                del self._deposed[vm]
+                continue
+            info = self._vms.get(vm)
+            if self._placed.get(vm) != dest or info is None or info.state == STOPPED:
+                continue
+            del self._deposed[vm]
+            if task.state == TaskState.PROVING:
+                out.actions.append(CancelProof(vm, task.source, self._attempt(task)))
+                task.finish(Step.PROVE, now, "cancelled", f"vm running on '{dest}'")
+            task.retry_at, task.resume, task.recheck = None, None, False
+            task.finish(Step.EVACUATE, now, "ok", "started by the previous leader")
+            task.running_on, task.reason, task.proof = dest, "", proof
+            self._move(task, TaskState.DONE, now, f"running on '{dest}': the previous leader's evacuation, "
+                       "confirmed by the inventory", out)
+            self._settle(task)
+            self._stopped.forget(vm)
+            self._finish(task, out)
 
     def _resume(self, task: Task, now: float, out: RecoveryOutput) -> None:
         """Repeat the (idempotent) step that was in flight when the old leader stopped; steps already
