@@ -223,6 +223,16 @@ async def test_status_command_prints_the_view(
     assert failed == {"h1": ["service"], "h2": [], "h3": []}
     out = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "DOWN" in out.stdout and "h3" in out.stdout, out.stdout
+    # Without a config: the endpoints and the operator's TLS files on the command line.
+    tls = etcd.tls(OPERATOR)
+    assert tls is not None
+    bare = [vmha, "status", "--endpoints", ",".join(etcd.client_urls), "--cluster", "t", "--json"]
+    out = await asyncio.to_thread(subprocess.run, [*bare, "--ca", str(tls.ca), "--cert", str(tls.cert), "--key",
+                                                   str(tls.key)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert {h["host"]: h["failed"] for h in json.loads(out.stdout)["hosts"]} == failed
+    out = await asyncio.to_thread(subprocess.run, bare, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "need --ca, --cert, --key" in out.stderr, out.stderr
 
 
 async def test_a_stalled_manager_sees_no_fabric_outage(hosts: dict[str, ProxiedHost], client: EtcdClient) -> None:
