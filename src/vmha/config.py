@@ -432,9 +432,9 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"config error in {p}: not valid TOML: {e}") from None
     cfg = parse(data, str(p))
     tls = cfg.etcd.tls()
-    unreadable = [] if tls is None else tls.unreadable()
-    if unreadable:
-        raise ConfigError(f"config error in {p}:\n" + "\n".join(f"  etcd.{u}" for u in unreadable))
+    refused = [] if tls is None else tls.problems()
+    if refused:
+        raise ConfigError(f"config error in {p}:\n" + "\n".join(f"  etcd.{u}" for u in refused))
     held = secrets(cfg)
     if held and mode & 0o077:
         raise ConfigError(f"config error in {p}: it holds secrets ({', '.join(held)}) and is readable by "

@@ -173,6 +173,7 @@ def example_text(tmp_path: Path) -> str:
     text = EXAMPLE.read_text()
     for name in ("ca.crt", "compute-017.crt", "compute-017.key"):
         (tmp_path / name).write_text("")
+        (tmp_path / name).chmod(0o600)
         text = text.replace(f"/etc/vmha/pki/{name}", str(tmp_path / name))
     return text
 
@@ -191,6 +192,10 @@ def test_etcd_tls_is_required_unless_insecure(tmp_path: Path) -> None:
     path = tmp_path / "vmha.toml"
     path.write_text(example_text(tmp_path))
     config.load(path)
+    (tmp_path / "compute-017.key").chmod(0o640)  # the host's etcd identity, readable by its group
+    with pytest.raises(config.ConfigError, match=rf"etcd.key = '{tmp_path}/compute-017.key': readable by group or "
+                       r"others \(mode 640\): chmod 600 it"):
+        config.load(path)
     (tmp_path / "compute-017.key").unlink()
     (tmp_path / "ca.crt").unlink()  # a directory in its place (tests run as root: a mode 000 file reads)
     (tmp_path / "ca.crt").mkdir()

@@ -10,6 +10,7 @@ the override is the only place it touches a channel.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,23 +33,29 @@ class TlsFiles:
     cert: Path
     key: Path
 
-    def unreadable(self) -> list[str]:
-        """One message per file that cannot be read (empty: all readable)."""
+    def problems(self) -> list[str]:
+        """One message per file that cannot be read, or a key that others than its owner can read (it
+        is this process's etcd identity); empty: all usable."""
         errors = []
         for what, path in (("ca", self.ca), ("cert", self.cert), ("key", self.key)):
             try:
                 with path.open("rb") as f:
                     f.read(1)
+                    mode = os.fstat(f.fileno()).st_mode
             except OSError as e:
                 errors.append(f"{what} = {str(path)!r}: {e.strerror or e}")
+                continue
+            if what == "key" and mode & 0o077:
+                errors.append(f"key = {str(path)!r}: readable by group or others (mode {mode & 0o777:o}): "
+                              "chmod 600 it")
         return errors
 
     def credentials(self) -> Any:
         """gRPC channel credentials from the files (read now: a renewed certificate is used by the
         next connection)."""
-        errors = self.unreadable()
+        errors = self.problems()
         if errors:
-            raise TlsError("etcd TLS files unreadable: " + "; ".join(errors))
+            raise TlsError("etcd TLS files refused: " + "; ".join(errors))
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca.read_bytes(),
             private_key=self.key.read_bytes(),
