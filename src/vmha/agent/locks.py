@@ -31,7 +31,7 @@ from vmha.etcd.keys import Keys
 from vmha.etcd.registry import LOCKS_REFUSED, register
 from vmha.locks import Attestation, LockError, LockSpace, attest_exit, prune_records, stop_lease_holders
 from vmha.locks.lease import live_holders, record_seen_holders
-from vmha.locks.membership import allocated_host_id, join, leave
+from vmha.locks.membership import NoHostId, allocated_host_id, join, leave
 
 log = logging.getLogger("vmha.agent")
 
@@ -133,6 +133,9 @@ class AgentLocks:
                     continue
                 self.host_id = await join(self.space, client, self.keys, self.host)
                 log.info("host %s joined lockspace %s as host_id %d", self.host, self.space.name, self.host_id)
+            except NoHostId as e:  # hosts never allocate one (etcd refuses them hostid/): a manager does
+                log.warning("host %s: not joining lockspace %s yet: %s; waiting", self.host, self.space.name, e)
+                await client.wait_backoff()
             # OSError: the lease area on a storage mount still reconnecting (ENOTCONN, EIO) after an outage.
             except (EtcdError, LockError, OSError) as e:
                 log.error("host %s: cannot join lockspace %s: %s; retrying", self.host, self.space.name, e)
