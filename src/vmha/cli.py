@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "sim": "vmha.sim.cli:sim",
     "model": "vmha.model.cli:model",
     "config": "vmha.config_cli:config_group",
+    "etcd": "vmha.etcd_cli:etcd_group",
 }
 
 

@@ -22,8 +22,10 @@ from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyError, PolicyTable
 from vmha.core.recovery import RecoverySettings
 from vmha.etcd.client import parse_endpoint
+from vmha.etcd.tls import TlsFiles
 
-Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # hosts, managers, clusters: also etcd users and key parts
+Name = Annotated[str, Field(min_length=1, max_length=63, pattern=f"^{NAME.pattern}$")]
 
 
 def _etcd_url(url: str) -> str:
@@ -84,6 +86,20 @@ class PlanesConfig(_Strict):
     def endpoints(self, plane: Plane) -> list[str]:
         ep: PlaneEndpoints = getattr(self, plane.value)
         return ep.endpoints
+
+
+class EtcdConfig(_Strict):
+    # This process's TLS files (PEM): the CA that signed etcd's server certificates, and the client
+    # certificate etcd authenticates it by (its CN is the etcd user: the host, manager or operator).
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = False  # true: http:// endpoints (plaintext, no client identity) are accepted
+
+    def tls(self) -> TlsFiles | None:
+        if self.ca is None or self.cert is None or self.key is None:
+            return None
+        return TlsFiles(self.ca, self.cert, self.key)
 
 
 class Timings(_Strict):
@@ -264,6 +280,7 @@ class Config(_Strict):
     libvirt: LibvirtConfig | None = None  # absent: libvirt's lock settings are not checked
     nova: NovaConfig = NovaConfig()
     logging: LoggingConfig = LoggingConfig()
+    etcd: EtcdConfig = EtcdConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[Name, dict[PowerOption, str | int | bool]] = Field(default_factory=dict)
@@ -297,9 +314,33 @@ class Config(_Strict):
             # partial row (the first plane to expire).
             errors.append(f"manager.decide_after ({self.manager.decide_after}) must be at least "
                           f"timings.keepalive_interval ({t.keepalive_interval})")  # fmt: skip
+        errors += self._etcd_errors()
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    def etcd_urls(self) -> dict[str, list[str]]:
+        """Every etcd endpoint list of the file, by field name."""
+        urls = {f"planes.{p.value}.endpoints": self.planes.endpoints(p) for p in PLANES}
+        if self.manager is not None:
+            urls["manager.endpoints"] = self.manager.endpoints
+        return urls
+
+    def _etcd_errors(self) -> list[str]:
+        e = self.etcd
+        schemes = {u.partition("://")[0]: field for field, us in self.etcd_urls().items() for u in us}
+        errors = []
+        if "http" in schemes and not e.insecure:
+            errors.append(f"{schemes['http']}: http:// etcd endpoints are plaintext: use https:// with "
+                          f"etcd.ca, etcd.cert and etcd.key, or set etcd.insecure = true")  # fmt: skip
+        if "http" in schemes and "https" in schemes:
+            errors.append("etcd endpoints mix http:// and https://: use one scheme everywhere")
+        if "https" in schemes and e.tls() is None:
+            missing = [f"etcd.{f}" for f in ("ca", "cert", "key") if getattr(e, f) is None]
+            errors.append(f"https:// etcd endpoints need {', '.join(missing)} (PEM files)")
+        if "https" not in schemes and e.tls() is not None:
+            errors.append("etcd.ca/cert/key are set but the endpoints are http://: use https://")
+        return errors
 
     @field_validator("policy")
     @classmethod
@@ -325,6 +366,17 @@ class Config(_Strict):
         if self.manager is None:
             raise ConfigError("config: section [manager] is missing: the manager needs it")
         return self.manager
+
+    def power_uncovered(self) -> str:
+        """With power_fence on and the fence agents taken from this config: the error naming the hosts it
+        lists (libvirt.hosts) that have no [power.HOST], '' if none. A host without one would be tried
+        with the power method all the same and fail only when it is down."""
+        listed = sorted(self.libvirt.hosts) if self.libvirt is not None else []
+        missing = [h for h in listed if h not in self.power]
+        if self.manager is None or not self.manager.power_fence or not missing:
+            return ""
+        return (f"manager.power_fence is on but {', '.join(missing)} (libvirt.hosts) "
+                f"{'has' if len(missing) == 1 else 'have'} no [power.HOST] section")
 
     def require_locks(self) -> LocksConfig:
         if self.locks is None:
@@ -359,10 +411,8 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
 
 def secrets(cfg: Config) -> list[str]:
     """Where the config holds secrets: passwords in endpoint URLs and in [power.HOST] options."""
-    urls = {f"planes.{p.value}.endpoints": cfg.planes.endpoints(p) for p in PLANES}
-    if cfg.manager is not None:
-        urls["manager.endpoints"] = cfg.manager.endpoints
-    found = [f"{field} (a password in a URL)" for field, us in urls.items() if any(_USERINFO.search(u) for u in us)]
+    found = [f"{field} (a password in a URL)" for field, us in cfg.etcd_urls().items()
+             if any(_USERINFO.search(u) for u in us)]  # fmt: skip
     found += [f"power.{host}.{name}" for host, options in sorted(cfg.power.items()) for name in sorted(options)
               if name in _SECRET_OPTIONS]  # fmt: skip
     return found
@@ -381,6 +431,10 @@ def load(path: str | Path) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config error in {p}: not valid TOML: {e}") from None
     cfg = parse(data, str(p))
+    tls = cfg.etcd.tls()
+    refused = [] if tls is None else tls.problems()
+    if refused:
+        raise ConfigError(f"config error in {p}:\n" + "\n".join(f"  etcd.{u}" for u in refused))
     held = secrets(cfg)
     if held and mode & 0o077:
         raise ConfigError(f"config error in {p}: it holds secrets ({', '.join(held)}) and is readable by "

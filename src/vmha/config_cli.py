@@ -38,6 +38,8 @@ def check(path: str | None) -> None:
     try:
         cfg = config.load(path)
         fence_agents(cfg.power, f"{path} [power]")
+        if cfg.power_uncovered():
+            raise config.ConfigError(f"config error in {path}: {cfg.power_uncovered()}")
     except (config.ConfigError, PowerFenceError) as e:
         click.echo(str(e), err=True)
         sys.exit(1)

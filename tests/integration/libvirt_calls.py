@@ -2,7 +2,7 @@
 test_libvirt_driver.in_controller): gRPC's threads, started by earlier tests in the test process's own
 namespace, would carry the etcd client's traffic there (seen in the full suite: HTTP/2 404s).
 
-argv[1]: base64 pickle of (uris, etcd url, cluster, [(method, args), ...]); stdout: base64 pickle of
+argv[1]: base64 pickle of (uris, etcd url, TLS files, cluster, [(method, args), ...]); stdout: base64 pickle of
 [("ok", result, seconds) | ("err", exception, seconds), ...], the calls made in order until one fails.
 """
 
@@ -18,11 +18,13 @@ from typing import Any
 from vmha.drivers.libvirt import LibvirtDriver
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
+from vmha.etcd.tls import TlsFiles
 
 
-async def main(uris: dict[str, str], url: str, cluster: str, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+async def main(uris: dict[str, str], url: str, tls: TlsFiles, cluster: str,
+               calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:  # fmt: skip
     out: list[Any] = []
-    async with EtcdClient([url], name="test") as client:
+    async with EtcdClient([url], name="test", tls=tls) as client:
         driver = LibvirtDriver(client, Keys(cluster), uris, migrate_unsafe=True)
         for method, args in calls:
             t = time.monotonic()

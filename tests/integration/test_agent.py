@@ -42,7 +42,7 @@ async def status_cli(host: ProxiedHost) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 async def host(tmp_path: Path, etcd: EtcdProcess) -> AsyncIterator[ProxiedHost]:
-    h = await ProxiedHost.create(tmp_path, "t", "h1", "r1", etcd.client_urls[0])
+    h = await ProxiedHost.create(tmp_path, "t", "h1", "r1", etcd)
     try:
         yield h
     finally:

@@ -20,11 +20,12 @@ from vmha.config import Timings
 from vmha.core.health import FabricChange, HealthChange, HostHealth, PlaneStatus
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.etcd import health_store
+from vmha.etcd.auth import OPERATOR
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.manager.detection import Change, HealthMonitor, unix_monotonic
 from vmha.testing.etcd import EtcdProcess
-from vmha.testing.hosts import ProxiedHost
+from vmha.testing.hosts import ProxiedHost, config_text
 from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
@@ -72,7 +73,7 @@ async def hosts(tmp_path: Path, etcd: EtcdProcess) -> AsyncIterator[dict[str, Pr
     hs: dict[str, ProxiedHost] = {}
     try:
         for name in HOSTS:
-            hs[name] = await ProxiedHost.create(tmp_path, "t", name, "r1", etcd.client_urls[0])
+            hs[name] = await ProxiedHost.create(tmp_path, "t", name, "r1", etcd)
             await hs[name].start_agent()
         yield hs
     finally:
@@ -208,7 +209,9 @@ async def test_status_command_prints_the_view(
     await hosts["h1"].cut(Plane.SERVICE)
     await until(lambda: recorder.states()[("h1", Plane.SERVICE)] == DOWN, "h1 service DOWN", timeout=20)
     vmha = str(Path(sys.executable).with_name("vmha"))
-    args = [vmha, "status", "--endpoints", etcd.client_urls[0], "--cluster", "t"]
+    cfg = hosts["h1"].workdir / "operator.toml"  # the read-only operator's certificate and role
+    cfg.write_text(config_text("t", None, "-", {p: etcd.client_urls for p in PLANES}, etcd=etcd.toml(OPERATOR)))
+    args = [vmha, "status", "--config", str(cfg)]
 
     async def failed_planes() -> dict[str, list[str]] | None:
         out = await asyncio.to_thread(subprocess.run, [*args, "--json"], capture_output=True, text=True, timeout=30)
@@ -220,6 +223,16 @@ async def test_status_command_prints_the_view(
     assert failed == {"h1": ["service"], "h2": [], "h3": []}
     out = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "DOWN" in out.stdout and "h3" in out.stdout, out.stdout
+    # Without a config: the endpoints and the operator's TLS files on the command line.
+    tls = etcd.tls(OPERATOR)
+    assert tls is not None
+    bare = [vmha, "status", "--endpoints", ",".join(etcd.client_urls), "--cluster", "t", "--json"]
+    out = await asyncio.to_thread(subprocess.run, [*bare, "--ca", str(tls.ca), "--cert", str(tls.cert), "--key",
+                                                   str(tls.key)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert {h["host"]: h["failed"] for h in json.loads(out.stdout)["hosts"]} == failed
+    out = await asyncio.to_thread(subprocess.run, bare, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "need --ca, --cert, --key" in out.stderr, out.stderr
 
 
 async def test_a_stalled_manager_sees_no_fabric_outage(hosts: dict[str, ProxiedHost], client: EtcdClient) -> None:
@@ -274,8 +287,15 @@ async def test_poisoned_values_neither_crash_nor_blind_the_monitor(
     await client.put_json(K.task("vm1"), {"vm": "vm1", "steps": ["x"]})
     # A well-formed heartbeat on a live lease from a host nobody registered: it must not count.
     lease = await client.grant(10)
-    await client.put_json(K.heartbeat("ghost", Plane.STORAGE), {"host": "ghost", "plane": "storage", "seq": 1,
-                                                                "t": time.time()}, lease=lease)  # fmt: skip
+    for seq in (1, 2, 3):  # alerted once, not at every beat
+        await client.put_json(K.heartbeat("ghost", Plane.STORAGE), {"host": "ghost", "plane": "storage", "seq": seq,
+                                                                    "t": time.time()}, lease=lease)  # fmt: skip
+    # A second machine named h1 beats on its own lease between the real h1's beats.
+    other = await client.grant(10)
+    for seq in (1, 2):
+        await client.put_json(K.heartbeat("h1", Plane.MANAGEMENT), {"host": "h1", "plane": "management", "seq": seq,
+                                                                    "t": time.time()}, lease=other)  # fmt: skip
+        await asyncio.sleep(0.8)  # the real h1 beats meanwhile (every keepalive interval)
     # A heartbeat key deleted by hand while its lease lives is no lease expiry.
     await client.delete(K.heartbeat("h1", Plane.STORAGE))
     await asyncio.sleep(2.0)
@@ -285,6 +305,8 @@ async def test_poisoned_values_neither_crash_nor_blind_the_monitor(
     for key in (K.host("h3"), K.host("h4"), K.heartbeat("h1", Plane.SERVICE), K.heartbeat("ghost", Plane.STORAGE)):
         assert f"ALERT etcd key {key}" in caplog.text
     assert "ALERT host h1 plane storage: heartbeat key deleted while its lease" in caplog.text
+    assert caplog.text.count(f"ALERT etcd key {K.heartbeat('ghost', Plane.STORAGE)}") == 1
+    assert caplog.text.count("ALERT host h1 plane management: heartbeats alternate between leases") == 1
     recorder.changes.clear()
 
     assert hosts["h2"].proc is not None

@@ -12,7 +12,7 @@ import pytest
 from vmha.core.health import FabricChange, HostHealth, PlaneStatus
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.etcd import health_store
-from vmha.etcd.client import BadValue, EtcdClient, EtcdUnavailable, parse_endpoint
+from vmha.etcd.client import BadValue, EtcdClient, EtcdUnavailable
 from vmha.etcd.heartbeat import PlaneHeartbeat
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import list_hosts, register
@@ -59,8 +59,8 @@ async def test_lease_keeps_and_revoke_deletes(client: EtcdClient) -> None:
 
 
 async def test_unavailable_is_fast_and_the_next_endpoint_is_used(etcd: EtcdProcess) -> None:
-    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
-    c = EtcdClient([dead, etcd.client_urls[0]], timeout=2.0)
+    dead = f"https://127.0.0.1:{free_ports(1)[0]}"
+    c = EtcdClient([dead, etcd.client_urls[0]], timeout=2.0, tls=etcd.tls())
     try:
         t = time.monotonic()
         with pytest.raises(EtcdUnavailable, match=dead):
@@ -74,9 +74,8 @@ async def test_unavailable_is_fast_and_the_next_endpoint_is_used(etcd: EtcdProce
 
 
 async def test_silent_path_times_out_within_the_call_timeout(etcd: EtcdProcess) -> None:
-    host, port = parse_endpoint(etcd.client_urls[0])
-    proxy = await TcpProxy.start(host, port)
-    c = EtcdClient([proxy.url], timeout=0.5)
+    proxy = await TcpProxy.to(etcd.client_urls[0])
+    c = EtcdClient([proxy.url], tls=etcd.tls(), timeout=0.5)
     try:
         await c.put_json("/x", 1)
         await proxy.cut(blackhole=True)
@@ -124,10 +123,9 @@ async def test_watch_snapshot_then_events_and_broken_values_skipped(client: Etcd
 
 
 async def test_watch_resumes_after_a_broken_stream_without_loss_or_repeat(etcd: EtcdProcess) -> None:
-    host, port = parse_endpoint(etcd.client_urls[0])
-    proxy = await TcpProxy.start(host, port)
-    writer = EtcdClient(etcd.client_urls)
-    watcher = EtcdClient([proxy.url], timeout=1.0)
+    proxy = await TcpProxy.to(etcd.client_urls[0])
+    writer = EtcdClient(etcd.client_urls, tls=etcd.tls())
+    watcher = EtcdClient([proxy.url], tls=etcd.tls(), timeout=1.0)
     errors: list[str] = []
     events: list[WatchItem] = []
     task = asyncio.create_task(
@@ -157,10 +155,9 @@ async def test_watch_resumes_after_a_broken_stream_without_loss_or_repeat(etcd: 
 
 
 async def test_watch_relists_after_compaction(etcd: EtcdProcess) -> None:
-    host, port = parse_endpoint(etcd.client_urls[0])
-    proxy = await TcpProxy.start(host, port)
-    writer = EtcdClient(etcd.client_urls)
-    watcher = EtcdClient([proxy.url], timeout=1.0)
+    proxy = await TcpProxy.to(etcd.client_urls[0])
+    writer = EtcdClient(etcd.client_urls, tls=etcd.tls())
+    watcher = EtcdClient([proxy.url], tls=etcd.tls(), timeout=1.0)
     events: list[WatchItem] = []
     task = asyncio.create_task(_collect(watch_prefix(watcher, "/c/"), events))
     try:
@@ -187,7 +184,7 @@ async def test_watch_relists_after_compaction(etcd: EtcdProcess) -> None:
 
 
 async def test_heartbeat_value_changes_and_lease_is_regranted(client: EtcdClient, etcd: EtcdProcess) -> None:
-    hb = PlaneHeartbeat(K, "h1", Plane.STORAGE, etcd.client_urls, ttl=2, interval=0.2)
+    hb = PlaneHeartbeat(K, "h1", Plane.STORAGE, etcd.client_urls, ttl=2, interval=0.2, tls=etcd.tls())
     hb.start()
     try:
         await until(lambda: hb.seq >= 2, "the first put done (seq counts before the put)")
@@ -215,9 +212,8 @@ async def test_heartbeat_value_changes_and_lease_is_regranted(client: EtcdClient
 
 
 async def test_one_plane_cut_does_not_delay_the_others(client: EtcdClient, etcd: EtcdProcess) -> None:
-    host, port = parse_endpoint(etcd.client_urls[0])
-    proxies = {p: await TcpProxy.start(host, port) for p in PLANES}
-    hbs = {p: PlaneHeartbeat(K, "h1", p, [proxies[p].url], ttl=2, interval=0.2) for p in PLANES}
+    proxies = {p: await TcpProxy.to(etcd.client_urls[0]) for p in PLANES}
+    hbs = {p: PlaneHeartbeat(K, "h1", p, [proxies[p].url], ttl=2, interval=0.2, tls=etcd.tls()) for p in PLANES}
     for hb in hbs.values():
         hb.start()
     try:

@@ -25,6 +25,12 @@ async def _values(client: EtcdClient) -> dict[str, tuple[int, int]]:
     return {kv.key: (kv.json()["seq"], kv.lease) for kv in kvs}
 
 
+@pytest.fixture
+def etcd(etcd_plain: EtcdProcess) -> EtcdProcess:
+    """Plaintext: the load generator's hand-written HTTP/2 client speaks it (vmha.bench.grpc_raw)."""
+    return etcd_plain
+
+
 async def test_raw_calls_and_errors(etcd: EtcdProcess, client: EtcdClient) -> None:
     host, port = parse_endpoint(etcd.client_urls[0])
     conn = await RawGrpcConnection.open(host, port)

@@ -118,7 +118,7 @@ async def test_lab_driver_places_evacuates_and_migrates(mini_lab: LabState, etcd
     state = mini_lab
     for h in state.hosts:
         agent_config(state, h)
-    async with EtcdClient(etcd.client_urls) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls()) as client:
         keys = Keys("lab")
         driver = LabDriver(client, keys, state.dir)
         await client.put_json(keys.lab("vms", "vm1"), {"vm": "vm1", "host": "h1", "ha": True, "priority": 0})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "example.toml"
 
 def minimal() -> dict[str, object]:
     ep = {"endpoints": ["http://198.18.1.1:2379"]}
-    return {"cluster": {"name": "c1"}, "planes": {"management": ep, "storage": ep, "service": ep}}
+    return {"cluster": {"name": "c1"}, "planes": {"management": ep, "storage": ep, "service": ep},
+            "etcd": {"insecure": True}}
 
 
 def error_of(data: dict[str, object]) -> str:
@@ -27,9 +29,11 @@ def error_of(data: dict[str, object]) -> str:
 
 
 def test_example_file_loads() -> None:
-    cfg = config.load(EXAMPLE)
+    # parse, not load: the example's certificate files exist on no test machine.
+    cfg = config.parse(tomllib.loads(EXAMPLE.read_text()), str(EXAMPLE))
     assert cfg.require_host().domain == "rack-12"
-    assert cfg.planes.endpoints(Plane.STORAGE)[0].startswith("http://10.1.")
+    assert cfg.planes.endpoints(Plane.STORAGE)[0].startswith("https://10.1.")
+    assert cfg.etcd.tls() is not None
     assert cfg.policy_table.rows["management+service"] == Action.ISOLATE_EVACUATE
     assert cfg.timings.health().lease_ttl == 2
 
@@ -140,16 +144,79 @@ def test_power_options_refuse_control_characters_and_unknown_names() -> None:
     assert "power.h1.Bad-Name" in error_of({**minimal(), "power": {"h1": {"agent": "fence_ipmilan", "Bad-Name": 1}}})
 
 
+def test_power_fence_covers_every_listed_host(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vmha.config_cli import config_group
+
+    data = manager(power_fence=True)
+    data["libvirt"] = {"hosts": {h: f"qemu+tls://{h}/system" for h in ("h1", "h2", "h3")}}
+    data["power"] = {"h2": {"agent": "fence_ipmilan", "ip": "10.0.0.2"}}
+    want = "manager.power_fence is on but h1, h3 (libvirt.hosts) have no [power.HOST] section"
+    assert config.parse(data).power_uncovered() == want
+    path = tmp_path / "vmha.toml"
+    path.write_text(example_text(tmp_path).split("[manager]")[0] + '[manager]\nname = "m1"\ndriver = "libvirt"\n'
+                    'power_fence = true\nendpoints = ["https://198.18.1.1:2379"]\n[libvirt.hosts]\n'
+                    'h1 = "qemu+tls://h1/system"\nh3 = "qemu+tls://h3/system"\n'
+                    '[power.h2]\nagent = "fence_ipmilan"\n')
+    path.chmod(0o600)
+    out = CliRunner().invoke(config_group, ["check", str(path)])
+    assert out.exit_code == 1 and "h1, h3 (libvirt.hosts) have no [power.HOST]" in out.output, out.output
+    data["power"] = {h: {"agent": "fence_ipmilan", "ip": "10.0.0.9"} for h in ("h1", "h2", "h3")}
+    assert config.parse(data).power_uncovered() == ""
+    data["manager"]["power_fence"] = False  # type: ignore[index]
+    data["power"] = {}
+    assert config.parse(data).power_uncovered() == ""  # no power fence: no [power] needed
+
+def example_text(tmp_path: Path) -> str:
+    """The example file with its [etcd] files made (empty: load() only checks they can be read)."""
+    text = EXAMPLE.read_text()
+    for name in ("ca.crt", "compute-017.crt", "compute-017.key"):
+        (tmp_path / name).write_text("")
+        (tmp_path / name).chmod(0o600)
+        text = text.replace(f"/etc/vmha/pki/{name}", str(tmp_path / name))
+    return text
+
+
+def test_etcd_tls_is_required_unless_insecure(tmp_path: Path) -> None:
+    plain = minimal()
+    del plain["etcd"]
+    assert "http:// etcd endpoints are plaintext" in error_of(plain)
+    https = {**minimal(), "planes": {p: {"endpoints": ["https://198.18.1.1:2379"]} for p in ("management", "storage",
+                                                                                           "service")}}  # fmt: skip
+    assert "https:// etcd endpoints need etcd.ca, etcd.cert, etcd.key" in error_of(https)
+    partial = {**https, "etcd": {"ca": "/x/ca.crt", "cert": "/x/h.crt"}}
+    assert "need etcd.key (PEM files)" in error_of(partial)
+    mixed = {**minimal(), "manager": {"name": "m1", "endpoints": ["https://198.18.1.1:2379"], "driver": "lab"}}
+    assert "mix http:// and https://" in error_of(mixed)
+    path = tmp_path / "vmha.toml"
+    path.write_text(example_text(tmp_path))
+    config.load(path)
+    (tmp_path / "compute-017.key").chmod(0o640)  # the host's etcd identity, readable by its group
+    with pytest.raises(config.ConfigError, match=rf"etcd.key = '{tmp_path}/compute-017.key': readable by group or "
+                       r"others \(mode 640\): chmod 600 it"):
+        config.load(path)
+    (tmp_path / "compute-017.key").unlink()
+    (tmp_path / "ca.crt").unlink()  # a directory in its place (tests run as root: a mode 000 file reads)
+    (tmp_path / "ca.crt").mkdir()
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    assert f"etcd.key = '{tmp_path}/compute-017.key': No such file or directory" in str(e.value)
+    assert f"etcd.ca = '{tmp_path}/ca.crt': Is a directory" in str(e.value)
+    assert "etcd.cert" not in str(e.value)
+
+
 def test_a_config_with_secrets_must_be_private(tmp_path: Path) -> None:
     path = tmp_path / "vmha.toml"
-    path.write_text(EXAMPLE.read_text().replace("http://10.0.0.11:2379", "http://vmha:s3cret@10.0.0.11:2379"))
+    example = example_text(tmp_path)
+    path.write_text(example.replace("https://10.0.0.11:2379", "https://vmha:s3cret@10.0.0.11:2379"))
     path.chmod(0o644)
     with pytest.raises(config.ConfigError, match=r"holds secrets \(planes.management.endpoints .*chmod 600") as e:
         config.load(path)
     assert "s3cret" not in str(e.value)
     path.chmod(0o600)
     config.load(path)
-    path.write_text(EXAMPLE.read_text())
+    path.write_text(example)
     path.chmod(0o644)
     config.load(path)  # no secret in it: readable is fine
 
@@ -174,7 +241,10 @@ def test_config_check_names_every_error(tmp_path: Path) -> None:
     assert r.exit_code == 1
     for field in ("manager.max_parallel", "manager.retry_base", "locks.lockspace"):
         assert field in r.output
-    r = CliRunner().invoke(cli, ["config", "check", str(EXAMPLE)])
+    r = CliRunner().invoke(cli, ["config", "check", str(EXAMPLE)])  # its certificate files are not here
+    assert r.exit_code == 1 and "etcd.ca = '/etc/vmha/pki/ca.crt': No such file" in r.output
+    path.write_text(example_text(tmp_path))
+    r = CliRunner().invoke(cli, ["config", "check", str(path)])
     assert r.exit_code == 0 and "ok" in r.output
 
 

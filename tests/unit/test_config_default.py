@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_config import example_text
 
 from vmha import config
 from vmha.cli import cli
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "example.toml"
-
 
 def cluster_config(tmp_path: Path, name: str) -> Path:
     p = tmp_path / f"{name}.toml"
-    p.write_text(EXAMPLE.read_text().replace('name = "prod-az1"', f'name = "{name}"'))
+    p.write_text(example_text(tmp_path).replace('name = "prod-az1"', f'name = "{name}"'))
     return p
 
 

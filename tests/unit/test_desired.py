@@ -170,4 +170,7 @@ def test_a_new_leader_resumes_a_restart_with_observing_methods_only() -> None:
     assert task is not None
     c2 = core(restart_after=20.0, power_fence=True)
     out = c2.step(TasksLoaded((Task.from_dict(task.to_dict()),)), 31.0)
+    assert of(out, Prove) == []  # a resumed task waits until its host and the inventory are known
+    c2.step(HealthUpdate(health("h2", 31.0)), 31.0)
+    out = c2.step(inventory(vms(vm1=True)), 31.5)
     assert [(p.methods, p.timeout) for p in of(out, Prove)] == [((ProofMethod.LEASE_TAKEN,), 5.0)]

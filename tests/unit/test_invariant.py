@@ -18,7 +18,7 @@ from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import HostHealth, PlaneStatus
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
-from vmha.core.queue import RUNNING, STEP_STATE, Step, Task, TaskKind
+from vmha.core.queue import RUNNING, STEP_STATE, Step, Task, TaskKind, TaskState
 from vmha.core.recovery import (
     AgentStopped,
     Attempt,
@@ -142,7 +142,9 @@ class Harness:
             per[t.dest] = per.get(t.dest, 0) + 1
         assert all(n <= self.settings.max_per_host for n in per.values()), per
         for t in self.core.tasks():
-            if t.kind == TaskKind.EVACUATE and t.done(Step.RELEASE):
+            # Releasing or evacuating: on a proof (a resumed task proved again has an older release
+            # recorded while its proof is redone).
+            if t.kind == TaskKind.EVACUATE and t.state in (TaskState.RELEASING, TaskState.EVACUATING):
                 assert t.proof is not None and (t.vm, t.source) in self.proofs
 
     def answer(self, i: int, ok: bool, retryable: bool) -> RecoveryEvent:

@@ -36,6 +36,7 @@ def agent_locks(tmp_path: Path, response: str) -> AgentLocks:
     ep = {"endpoints": ["http://198.18.1.1:2379"]}
     return AgentLocks(config.parse({
         "cluster": {"name": "c1"}, "planes": {"management": ep, "storage": ep, "service": ep},
+            "etcd": {"insecure": True},
         "host": {"name": "h1", "domain": "rack1"},
         "locks": {"path": str(tmp_path / "leases")},
         "agent": {"isolation_response": response},

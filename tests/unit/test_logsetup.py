@@ -134,7 +134,8 @@ def test_auto_is_journald_only_when_stderr_is_the_journal(monkeypatch: pytest.Mo
 
 def test_config_format_is_a_closed_set() -> None:
     base = {"cluster": {"name": "c"}, "planes": {p: {"endpoints": ["http://198.18.0.1:2379"]}
-                                                 for p in ("management", "storage", "service")}}  # fmt: skip
+                                                 for p in ("management", "storage", "service")},
+            "etcd": {"insecure": True}}  # fmt: skip
     assert config.parse(base).logging.format == "auto"
     assert config.parse({**base, "logging": {"format": "json"}}).logging.format == "json"
     with pytest.raises(config.ConfigError, match=r"logging.format"):

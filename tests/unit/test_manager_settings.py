@@ -13,6 +13,7 @@ from vmha.core.recovery import RecoverySettings
 def manager(**fields_: object) -> config.ManagerConfig:
     ep = {"endpoints": ["http://198.18.1.1:2379"]}
     cfg = config.parse({"cluster": {"name": "c1"}, "planes": {"management": ep, "storage": ep, "service": ep},
+            "etcd": {"insecure": True},
                         "manager": {"name": "m1", "endpoints": ["http://198.18.1.1:2379"], "driver": "nova",
                                     **fields_}})
     return cfg.require_manager()

@@ -71,6 +71,7 @@ def test_bad_tables_are_named() -> None:
 def test_config_power_section_feeds_fence_agents() -> None:
     ep = {"endpoints": ["http://198.18.1.1:2379"]}
     cfg = config.parse({"cluster": {"name": "c1"}, "planes": {"management": ep, "storage": ep, "service": ep},
+            "etcd": {"insecure": True},
                         "power": {"h1": {"agent": "fence_ipmilan", "ip": "10.0.0.5", "lanplus": 1}}})
     agents = fence_agents(cfg.power)
     assert agents["h1"].agent == "fence_ipmilan" and agents["h1"].options == {"ip": "10.0.0.5", "lanplus": "1"}

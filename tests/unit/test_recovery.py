@@ -12,7 +12,7 @@ from vmha.core.health import HostHealth, PlaneStatus
 from vmha.core.log import Level
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
-from vmha.core.queue import Step, Task, TaskState
+from vmha.core.queue import Step, Task, TaskKind, TaskState
 from vmha.core.recovery import (
     Alert,
     Attempt,
@@ -272,6 +272,8 @@ def test_a_recheck_survives_a_leader_change() -> None:
     persisted(c.step(HealthUpdate(health("h2", 12.0)), 12.0), store)
     new = core()
     out = new.step(TasksLoaded(tuple(Task.from_dict(json.loads(json.dumps(d))) for d in store.values())), 20.0)
+    assert not of(out, Prove)  # checked against the world first: the VMs unknown yet
+    out = new.step(inventory(VMS), 20.1)  # h2 is up: a recheck (lease-taken only) may go on all the same
     assert [(p.methods, p.attempt) for p in of(out, Prove)] == [((ProofMethod.LEASE_TAKEN,), Attempt(1, 3))] * 2
 
 
@@ -449,16 +451,23 @@ def test_new_leader_resumes_each_task_at_its_step_without_repeating_done_ones() 
     persisted(c.step(proof("vm1"), 15.0), store)
     persisted(c.step(HostOpDone("h2", HostOp.MARK_DOWN), 15.5), store)
     persisted(c.step(StepDone("vm1", Step.RELEASE), 15.6), store)  # vm1 evacuating, vm2 proving
-    new = RecoveryCore(PolicyTable.parse(DEFAULT_POLICY), RecoverySettings())
+    dest = store["vm1"]["dest"]
+    new = core()
     out = new.step(TasksLoaded(tuple(Task.from_dict(d) for d in store.values())), 30.0)
+    assert not of(out, Prove) and not of(out, Evacuate)  # nothing before the world is known
+    new.step(HealthUpdate(health("h2", 30.0, storage=DOWN)), 30.0)
+    # vm1 already runs on its destination: its evacuation is confirmed (starts nothing); vm2 is proved
+    # again (the old leader's proof is not this manager's lease).
+    out = new.step(inventory([VmInfo("vm1", str(dest), True, 5), *VMS[1:]]), 30.0)
     actions: list[RecoveryAction] = out.actions
     evac = [a for a in actions if isinstance(a, Evacuate)]
     assert [(e.vm, e.proof.vm) for e in evac] == [("vm1", "vm1")]
     assert [p.vm for p in of(out, Prove)] == ["vm2"]
     assert not of(out, ReleaseProof) and not of(out, MarkHostDown)
-    # vm2's proof arrives: the host is known marked down from vm1's record, no second mark-down.
+    # vm2's proof arrives: the host is known marked down (keys.disabled), no second mark-down.
+    new.step(HostOut("h2", HostOp.MARK_DOWN, ""), 30.5)
     out = new.step(proof("vm2", t=31.0, attempt=Attempt(1, 2)), 31.0)  # the resumed attempt
-    assert not of(out, MarkHostDown) and new.task("vm2").state == TaskState.READY  # type: ignore[union-attr]
+    assert not of(out, MarkHostDown) and new.task("vm2").state == TaskState.RELEASING  # type: ignore[union-attr]
 
 
 def test_new_leader_does_not_recreate_finished_recoveries() -> None:
@@ -471,8 +480,53 @@ def test_new_leader_does_not_recreate_finished_recoveries() -> None:
     new.step(TasksLoaded(tuple(Task.from_dict(d) for d in store.values())), 30.0)
     new.step(inventory(VMS), 30.0)  # a stale inventory still shows vm1 on h2
     out = new.step(HealthUpdate(health("h2", 30.0, storage=DOWN)), 30.0)
-    assert [p.vm for p in of(out, Prove)] == []
+    assert [p.vm for p in of(out, Prove)] == ["vm2"]  # vm2 (ready) is proved again; vm1 (done) is not
     assert new.task("vm1").recovery == 1  # type: ignore[union-attr]
+
+
+def test_a_resumed_evacuation_still_on_its_host_is_proved_and_released_again() -> None:
+    c = core()
+    store: dict[str, dict[str, object]] = {}
+    persisted(proved_and_marked(c), store)
+    persisted(c.step(StepDone("vm1", Step.RELEASE), 16.0), store)  # vm1 evacuating, RELEASE done
+    new = core()
+    new.step(TasksLoaded(tuple(Task.from_dict(d) for d in store.values())), 30.0)
+    new.step(HealthUpdate(health("h2", 30.0, storage=DOWN)), 30.0)
+    out = new.step(inventory(VMS), 30.0)  # vm1 still on h2: its old proof proves nothing to us
+    assert not of(out, Evacuate) and [p.vm for p in of(out, Prove)] == ["vm1", "vm2"]
+    assert new.task("vm1").proof is None and new.task("vm1").dest is None  # type: ignore[union-attr]
+    new.step(proof("vm1", t=31.0, attempt=Attempt(1, 2)), 31.0)
+    out = new.step(HostOpDone("h2", HostOp.MARK_DOWN), 31.5)
+    # proved again: its lease is this manager's now and is released before the restart
+    assert [r.vm for r in of(out, ReleaseProof)] == ["vm1"] and not of(out, Evacuate)
+
+
+def test_a_forged_resumed_task_is_refused() -> None:
+    """Anyone who writes tasks/ can forge one: evacuating, a made-up proof, every step done. vm3 runs on
+    neither its host nor its destination: refused with an alert. vm1's host is UP: only a lease-taken
+    recheck, which the running copy refuses: cancelled. Nothing is killed, marked or moved."""
+    made_up = FenceProof("vm1", "h2", ProofMethod.EXIT_ATTESTED, 1.0, 2.0)
+    forged = [Task("vm1", "h2", TaskKind.EVACUATE, 1, 5, "storage", "fence-evacuate", {"storage": 1.0}, 1.0,
+                   state=TaskState.EVACUATING, dest="h3", proof=made_up),
+              Task("vm3", "h2", TaskKind.EVACUATE, 1, 0, "storage", "fence-evacuate", {"storage": 1.0}, 1.0,
+                   state=TaskState.MARKING_DOWN, proof=FenceProof("vm3", "h2", ProofMethod.POWER, 1.0, 2.0))]
+    for t in forged:
+        for step in (Step.PROVE, Step.MARK_DOWN, Step.RELEASE):
+            t.finish(step, 1.0, "ok")
+    new = core()
+    out = new.step(TasksLoaded(tuple(forged)), 5.0)
+    out = new.step(inventory(VMS), 5.0)  # h2 is up; vm3 runs on h3, not on h2
+    assert not of(out, Evacuate) and not of(out, MarkHostDown) and not of(out, ReleaseProof)
+    assert [(p.vm, p.methods) for p in of(out, Prove)] == [("vm1", (ProofMethod.LEASE_TAKEN,))]
+    assert [a.text for a in of(out, Alert)] == [
+        "vm 'vm3': resumed task refused: the VM runs on 'h3', neither its host nor its destination "
+        "(stored state marking-down); not acted on"]
+    out = new.step(ProofRefused("vm1", "h2", of(out, Prove)[0].attempt, "lease held by h2"), 6.0)
+    assert not of(out, Evacuate) and not of(out, MarkHostDown)
+    assert {t.state for t in new.tasks()} == {TaskState.CANCELLED}
+    # h2 fails later: a fresh recovery of each, with its own proof
+    out = new.step(HealthUpdate(health("h2", 9.0, storage=DOWN)), 9.0)
+    assert [p.vm for p in of(out, Prove)] == ["vm1", "vm2"]
 
 
 def test_from_health_keeps_each_hosts_last_view_of_one_instant() -> None:

@@ -91,6 +91,7 @@ class Agent:
                 ttl=t.lease_ttl,
                 interval=t.keepalive_interval,
                 clock=clock,
+                tls=cfg.etcd.tls(),
             )
             for p in PLANES
         }
@@ -134,7 +135,8 @@ class Agent:
 
     async def _register(self) -> None:
         # Through the management plane, on a connection of its own (the heartbeat's stays dedicated).
-        async with EtcdClient(self.cfg.planes.endpoints(Plane.MANAGEMENT), name=f"{self.host}/register") as c:
+        async with EtcdClient(self.cfg.planes.endpoints(Plane.MANAGEMENT), name=f"{self.host}/register",
+                              tls=self.cfg.etcd.tls()) as c:
             await self._write_record(c, "registration")
             self.registered = True
             log.info("host %s registered (domain %s)", self.host, self.domain)
@@ -159,7 +161,8 @@ class Agent:
         """Mark the host record before the heartbeats end (bounded: a stop must not hang)."""
         endpoints = self.cfg.planes.endpoints(Plane.MANAGEMENT)
         try:
-            async with EtcdClient(endpoints, timeout=STOP_MARK_TIMEOUT, name=f"{self.host}/stop") as c:
+            async with EtcdClient(endpoints, timeout=STOP_MARK_TIMEOUT, name=f"{self.host}/stop",
+                                  tls=self.cfg.etcd.tls()) as c:
                 await register(c, self.keys, self.host, self.domain, **{AGENT_STOPPED: round(time.time(), 3)})
         except EtcdError as e:
             log.error("host %s: could not mark the clean stop (%s): the manager will see the expiring "
@@ -215,7 +218,7 @@ class Agent:
         await asyncio.sleep(max(0.0, lost + self.cfg.timings.lease_ttl + 1.0 - self.clock()))
         try:
             async with EtcdClient(self.cfg.planes.endpoints(Plane.STORAGE), timeout=PEER_READ_TIMEOUT,
-                                  name=f"{self.host}/isolation-check") as c:  # fmt: skip
+                                  name=f"{self.host}/isolation-check", tls=self.cfg.etcd.tls()) as c:  # fmt: skip
                 hosts = await list_hosts(c, self.keys)
                 kvs, _ = await c.get_prefix(self.keys.heartbeat_prefix)
         except EtcdError as e:

@@ -25,14 +25,13 @@ import logging
 from vmha.agent.libvirt_locks import LibvirtConfError, LockSettingsError, check_lock_settings
 from vmha.config import Config
 from vmha.core.planes import Plane
-from vmha.etcd import hostids
 from vmha.etcd.attest import serve_attestations
 from vmha.etcd.client import EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import LOCKS_REFUSED, register
 from vmha.locks import Attestation, LockError, LockSpace, attest_exit, prune_records, stop_lease_holders
 from vmha.locks.lease import live_holders, record_seen_holders
-from vmha.locks.membership import join, leave
+from vmha.locks.membership import NoHostId, allocated_host_id, join, leave
 
 log = logging.getLogger("vmha.agent")
 
@@ -65,7 +64,8 @@ class AgentLocks:
     async def run(self) -> None:
         """Join, serve attestations, and rejoin when the lockspace is lost (a storage outage makes
         sanlock drop it); runs until cancelled."""
-        async with EtcdClient(self.cfg.planes.endpoints(Plane.MANAGEMENT), name=f"{self.host}/locks") as client:
+        async with EtcdClient(self.cfg.planes.endpoints(Plane.MANAGEMENT), name=f"{self.host}/locks",
+                              tls=self.cfg.etcd.tls()) as client:
             await self._join(client)
             serving = asyncio.create_task(self._serve(client), name="attestations")
             try:
@@ -105,7 +105,7 @@ class AgentLocks:
         """Checks libvirt's lock settings (if configured): True while they refuse this host."""
         if self.cfg.libvirt is None:
             return False
-        host_id = await hostids.allocate(client, self.keys, self.host, self.space.max_hosts)
+        host_id = await allocated_host_id(client, self.keys, self.host)
         found, why = None, ""
         try:
             found = await asyncio.to_thread(check_lock_settings, self.cfg.libvirt, self.cfg.require_locks(),
@@ -133,6 +133,9 @@ class AgentLocks:
                     continue
                 self.host_id = await join(self.space, client, self.keys, self.host)
                 log.info("host %s joined lockspace %s as host_id %d", self.host, self.space.name, self.host_id)
+            except NoHostId as e:  # hosts never allocate one (etcd refuses them hostid/): a manager does
+                log.warning("host %s: not joining lockspace %s yet: %s; waiting", self.host, self.space.name, e)
+                await client.wait_backoff()
             # OSError: the lease area on a storage mount still reconnecting (ENOTCONN, EIO) after an outage.
             except (EtcdError, LockError, OSError) as e:
                 log.error("host %s: cannot join lockspace %s: %s; retrying", self.host, self.space.name, e)

@@ -48,11 +48,13 @@ from vmha.bench.heartbeat_load import HeartbeatLoad
 from vmha.config import ConfigError, Timings
 from vmha.core.health import FabricChange, HealthChange
 from vmha.core.planes import PLANES, Plane, PlaneState
+from vmha.etcd.auth import ROOT
 from vmha.etcd.client import EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import register
+from vmha.lab.pki import Pki
 from vmha.manager.detection import HealthMonitor
-from vmha.testing.etcd import EtcdProcess
+from vmha.testing.etcd import EtcdProcess, free_ports
 from vmha.testing.hosts import config_text
 
 CLUSTER = "bench"
@@ -67,11 +69,14 @@ async def _simulate(spec: dict[str, Any]) -> None:
     keys = Keys(CLUSTER)
     url: str = spec["url"]
     hosts: list[str] = spec["hosts"]
-    async with EtcdClient([url], timeout=5.0, name="sim/register") as reg:
+    pki = Pki(Path(spec["pki"])) if spec["pki"] else None
+    # One connection for every host record (as root with auth on): registering is not what is
+    # measured, and hundreds of new gRPC channels at once time out on this machine.
+    async with EtcdClient([url], timeout=5.0, name="sim/register", tls=pki.client(ROOT) if pki else None) as reg:
         for i in range(0, len(hosts), 50):
             await asyncio.gather(*(register(reg, keys, h, spec["domain"]) for h in hosts[i : i + 50]))
     load = HeartbeatLoad(url, keys, [(h, p) for h in hosts for p in PLANES], ttl=int(spec["ttl"]),
-                         interval=float(spec["interval"]))  # fmt: skip
+                         interval=float(spec["interval"]), tls=pki.client if pki else None)  # fmt: skip
     await load.start()
     # Ready when every plane has beaten once, or after startup_timeout (an overloaded machine may
     # never get there: the parent reports how many made it rather than waiting forever).
@@ -267,8 +272,10 @@ async def _etcd_metrics(url: str) -> dict[str, float]:
 class Sampler:
     """CPU and counters of every part, sampled at the start and end of a phase."""
 
-    def __init__(self, sims: list[Simulator], agent: int, etcd: EtcdProcess, monitor: HealthMonitor) -> None:
+    def __init__(self, sims: list[Simulator], agent: int, etcd: EtcdProcess, monitor: HealthMonitor,
+                 metrics_url: str) -> None:  # fmt: skip
         self.sims, self.agent, self.etcd, self.monitor = sims, agent, etcd, monitor
+        self.metrics_url = metrics_url  # plain HTTP on its own port: the client port wants a certificate
 
     async def sample(self) -> dict[str, Any]:
         stats = [await sim.ask("stats") for sim in self.sims]
@@ -278,7 +285,7 @@ class Sampler:
             "agent": _proc_usage(self.agent),
             "monitor": _proc_usage(os.getpid()),
             "etcd": _proc_usage(self.etcd.pid or 0),
-            "metrics": await _etcd_metrics(self.etcd.client_urls[0]),
+            "metrics": await _etcd_metrics(self.metrics_url),
             "counters": dict(self.monitor.counters),
         }
 
@@ -313,31 +320,44 @@ class Sampler:
         }
 
 
-async def _run(hosts: int, procs: int, cuts: int, timings: Timings, settle: float, echo: Any) -> dict[str, Any]:
+async def _run(hosts: int, procs: int, cuts: int, timings: Timings, settle: float, echo: Any,
+               tls: bool = False) -> dict[str, Any]:  # fmt: skip
+    """tls: etcd serves TLS only with client-certificate auth and RBAC on (vmha etcd setup-auth):
+    each simulated host presents its own certificate and may write only its own keys."""
     work = Path(tempfile.mkdtemp(prefix="vmha-bench-detection-"))
+    metrics_port = free_ports(1)[0]
     etcd = EtcdProcess(
         work / "etcd",
+        pki=Pki(work / "pki") if tls else None,
         # 500 hosts write 3000 revisions a second: compacted every 30 s, the history stays small. With
         # revision mode (compaction every 5 min) the store grew until etcd stalled ("waiting for the
         # applied index took too long"), ending keepalive streams and watches after about 2 min.
         extra_args=["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "30s",
-                    "--quota-backend-bytes", str(4 * 1024**3)],
+                    "--quota-backend-bytes", str(4 * 1024**3),
+                    "--listen-metrics-urls", f"http://127.0.0.1:{metrics_port}"],
     )  # fmt: skip
     etcd.start()
+    names = [f"sim{i:04d}" for i in range(hosts)]
+    if tls:
+        t = time.monotonic()
+        await asyncio.to_thread(lambda: [etcd.tls(n) for n in [*names, "real-agent", "bench"]])
+        await etcd.setup_auth(CLUSTER, [*names, "real-agent"], ["bench"])
+        echo(f"TLS and auth: {hosts + 2} certificates and roles in {time.monotonic() - t:.1f}s")
     sims: list[Simulator] = []
     agent: asyncio.subprocess.Process | None = None
-    client = EtcdClient(etcd.client_urls, timeout=2.0, name="bench/manager")
+    client = EtcdClient(etcd.client_urls, timeout=2.0, name="bench/manager", tls=etcd.tls("bench"))
     monitor = HealthMonitor(client, Keys(CLUSTER), timings.health(), name="bench")
     mon_task = asyncio.create_task(monitor.run())
     watcher = Watcher(monitor)
-    result: dict[str, Any] = {"hosts": hosts, "procs": procs, "timings": timings.model_dump()}
+    result: dict[str, Any] = {"hosts": hosts, "procs": procs, "timings": timings.model_dump(),
+                              "security": "tls+auth" if tls else "plaintext"}  # fmt: skip
     try:
-        names = [f"sim{i:04d}" for i in range(hosts)]
         startup_timeout = 60 + hosts * 0.1
         t = time.monotonic()
         # Host i lives in generator i % procs: one Python process uses one core at most.
         for k in range(procs):
             spec: dict[str, Any] = {"url": etcd.client_urls[0], "hosts": names[k::procs], "domain": "d0",
+                    "pki": str(etcd.pki.dir) if etcd.pki else None,
                     "ttl": timings.lease_ttl, "interval": timings.keepalive_interval,
                     "startup_timeout": startup_timeout}  # fmt: skip
             sims.append(await Simulator.start(spec))
@@ -353,7 +373,7 @@ async def _run(hosts: int, procs: int, cuts: int, timings: Timings, settle: floa
         # One real agent, for its footprint.
         cfg = work / "agent.toml"
         cfg.write_text(config_text(CLUSTER, "real-agent", "d1", {p: etcd.client_urls for p in PLANES},
-                                   timings.model_dump()))  # fmt: skip
+                                   timings.model_dump(), etcd=etcd.toml("real-agent")))  # fmt: skip
         vmha = str(Path(sys.executable).with_name("vmha"))
         with open(work / "agent.log", "ab") as log:
             agent = await asyncio.create_subprocess_exec(
@@ -374,7 +394,7 @@ async def _run(hosts: int, procs: int, cuts: int, timings: Timings, settle: floa
         watcher.false_suspect = 0
 
         # Steady state, for the CPU figures and for false verdicts with nothing cut.
-        sampler = Sampler(sims, agent.pid, etcd, monitor)
+        sampler = Sampler(sims, agent.pid, etcd, monitor, f"http://127.0.0.1:{metrics_port}")
         s0 = await sampler.sample()
         await asyncio.sleep(settle)
         s1 = await sampler.sample()
@@ -468,12 +488,17 @@ async def _run(hosts: int, procs: int, cuts: int, timings: Timings, settle: floa
         shutil.rmtree(work, ignore_errors=True)
 
 
-async def _main(hosts: int, procs: int, cuts: int, timings: Timings, settle: float, echo: Any) -> dict[str, Any]:
+async def _main(hosts: int, procs: int, cuts: int, timings: Timings, settle: float, echo: Any,
+                modes: list[bool]) -> list[dict[str, Any]]:  # fmt: skip
     # SIGTERM (e.g. from `timeout`) cancels the run like Ctrl-C, so its cleanup (etcd, simulators,
     # the agent, the temporary directory) still happens.
-    task = asyncio.create_task(_run(hosts, procs, cuts, timings, settle, echo))
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await task
+    results = []
+    for tls in modes:
+        echo(f"--- {'TLS + client certificates + auth' if tls else 'plaintext, no auth'}")
+        task = asyncio.create_task(_run(hosts, procs, cuts, timings, settle, echo, tls))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        results.append(await task)
+    return results
 
 
 def _print_phase(name: str, p: dict[str, Any], hosts: int, timings: dict[str, Any]) -> None:
@@ -506,9 +531,11 @@ def _print_phase(name: str, p: dict[str, Any], hosts: int, timings: dict[str, An
 @click.option("--profile", type=click.Path(dir_okay=False), help="write a cProfile of the monitor's process here")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON too")
 @click.option("-v", "--verbose", is_flag=True, help="show the monitor's operator log")
+@click.option("--security", type=click.Choice(["plaintext", "tls", "both"]), default="plaintext", show_default=True,
+              help="tls: etcd with TLS, client certificates and auth (a role per host); both: plaintext, then tls")
 def detection(
     hosts: int, procs: int | None, cuts: int, keepalive: float | None, ttl: int | None,
-    suspect_after: float | None, settle: float, profile: str | None, as_json: bool, verbose: bool,
+    suspect_after: float | None, settle: float, profile: str | None, as_json: bool, verbose: bool, security: str,
 ) -> None:  # fmt: skip
     """Cut one plane of one host at a time; print detection latency, false DOWNs, where the CPU goes."""
     overrides = {k: v for k, v in (("keepalive_interval", keepalive), ("lease_ttl", ttl),
@@ -520,22 +547,32 @@ def detection(
     # The monitor's operator log (one line per change) would bury the figures: only with -v.
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(name)s %(message)s")
     logging.getLogger("vmha.etcd").setLevel(logging.INFO)  # rare and telling: broken watches, failed writes
+    logging.getLogger("vmha.etcd.hostids").setLevel(logging.WARNING)  # --security tls: one line per host
     prof = cProfile.Profile() if profile else None
     try:
         if prof is not None:
             prof.enable()
-        r = asyncio.run(_main(hosts, procs or max(1, (hosts + 249) // 250), cuts, timings, settle,
-                              click.echo))  # fmt: skip
+        modes = {"plaintext": [False], "tls": [True], "both": [False, True]}[security]
+        results = asyncio.run(_main(hosts, procs or max(1, (hosts + 249) // 250), cuts, timings, settle,
+                                    click.echo, modes))  # fmt: skip
     except asyncio.CancelledError:
         raise click.ClickException("bench detection: terminated (everything it started was stopped)") from None
     finally:
         if prof is not None and profile:
             prof.disable()
             prof.dump_stats(profile)
+    for r in results:
+        _report(r, hosts, cuts, as_json)
+    if len(results) > 1:
+        click.echo("\n" + "; ".join(f"{r['security']}: p99 {r['cuts']['p99']:.2f}s, p50 {r['cuts']['p50']:.2f}s, "
+                                    f"etcd CPU {r['steady']['etcd_cpu_pct']:.0f}%" for r in results))
+
+
+def _report(r: dict[str, Any], hosts: int, cuts: int, as_json: bool) -> None:
     s, c = r["steady"], r["cuts"]
     t = r["timings"]
     click.echo(
-        f"\nvmha bench detection --hosts {hosts} --cuts {cuts}  (ttl {t['lease_ttl']}s, keepalive "
+        f"\nvmha bench detection --hosts {hosts} --cuts {cuts} [{r['security']}]  (ttl {t['lease_ttl']}s, keepalive "
         f"{t['keepalive_interval']}s, suspect_after {t['suspect_after']}s, down_grace {t['down_grace']}s)"
     )
     click.echo(f"  detection latency (cut -> DOWN): p50 {c['p50']:.2f}s  p95 {c['p95']:.2f}s  p99 {c['p99']:.2f}s"

@@ -20,8 +20,11 @@ For benchmarks only: the agent and the manager use aetcd (grpcio).
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from vmha.etcd.tls import TlsFiles
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
@@ -132,6 +135,14 @@ class _Stream:
     replied: bool = False
 
 
+def client_context(files: TlsFiles) -> ssl.SSLContext:
+    """A TLS client context for etcd: its CA, a client certificate, ALPN h2 (gRPC needs HTTP/2)."""
+    ctx = ssl.create_default_context(cafile=str(files.ca))
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
 class RawGrpcConnection(asyncio.Protocol):
     """One TCP connection to a gRPC server. Not thread-safe; one event loop."""
 
@@ -147,10 +158,13 @@ class RawGrpcConnection(asyncio.Protocol):
         self._blocks: dict[str, bytes] = {}
 
     @classmethod
-    async def open(cls, host: str, port: int, timeout: float = 10.0) -> RawGrpcConnection:
+    async def open(cls, host: str, port: int, timeout: float = 10.0,
+                   tls: ssl.SSLContext | None = None) -> RawGrpcConnection:  # fmt: skip
+        """With ``tls``: HTTP/2 over TLS (the context must offer ALPN h2, see client_context)."""
         loop = asyncio.get_running_loop()
         conn = cls(f"{host}:{port}")
-        await asyncio.wait_for(loop.create_connection(lambda: conn, host.strip("[]"), port), timeout)
+        await asyncio.wait_for(loop.create_connection(lambda: conn, host.strip("[]"), port, ssl=tls,
+                                                      server_hostname=host.strip("[]") if tls else None), timeout)
         return conn
 
     # asyncio.Protocol

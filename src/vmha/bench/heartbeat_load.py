@@ -27,13 +27,15 @@ import functools
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmha.bench.grpc_raw import CallFailed, RawGrpcConnection, pb_bytes, pb_fields, pb_int, pb_int_field
+from vmha.bench.grpc_raw import CallFailed, RawGrpcConnection, client_context, pb_bytes, pb_fields, pb_int, pb_int_field
 from vmha.core.planes import Plane
 from vmha.etcd.client import encode_json, parse_endpoint
 from vmha.etcd.keys import Keys
+from vmha.etcd.tls import TlsFiles
 
 log = logging.getLogger("vmha.bench.heartbeat_load")
 
@@ -80,8 +82,11 @@ class LoadStats:
 
 
 class HeartbeatLoad:
-    def __init__(self, url: str, keys: Keys, planes: list[tuple[str, Plane]], *, ttl: int, interval: float) -> None:
+    def __init__(self, url: str, keys: Keys, planes: list[tuple[str, Plane]], *, ttl: int, interval: float,
+                 tls: Callable[[str], TlsFiles] | None = None) -> None:  # fmt: skip
+        """tls: host -> its TLS files; each host's connections then present its own certificate."""
         self.host, self.port = parse_endpoint(url)
+        self._contexts = {h: client_context(tls(h)) for h in sorted({h for h, _ in planes})} if tls else {}
         self.ttl = ttl
         self.interval = interval
         self.stats = LoadStats()
@@ -108,7 +113,7 @@ class HeartbeatLoad:
         try:
             async with self._sem:
                 if slot.conn is None or slot.conn.closed:
-                    slot.conn = await RawGrpcConnection.open(self.host, self.port)
+                    slot.conn = await RawGrpcConnection.open(self.host, self.port, tls=self._contexts.get(slot.host))
                     slot.stream = 0
                     self.stats.connects += 1
                 conn = slot.conn

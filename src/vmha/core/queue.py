@@ -78,16 +78,22 @@ _S = TaskState
 TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     _S.QUEUED: frozenset({_S.PROVING, _S.READY, _S.CANCELLED}),
     # PROVING -> PROVING: the host came back, the proof in flight is replaced by a lease-taken recheck.
-    _S.PROVING: frozenset({_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
-    _S.MARKING_DOWN: frozenset({_S.READY, _S.RETRY_WAIT, _S.FAILED}),
+    # PROVING/RETRY_WAIT -> DONE: a resumed evacuation proved again that the previous leader completed
+    # (RecoveryCore._confirm_deposed): the VM runs on that leader's destination.
+    _S.PROVING: frozenset({_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RETRY_WAIT, _S.DONE, _S.FAILED,
+                           _S.CANCELLED}),
+    # A task a new leader resumes is checked first (RecoveryCore._verify_resumed): -> PROVING when its
+    # stored proof is not this manager's to trust (proved again), -> CANCELLED when it contradicts the
+    # world (its host is UP, its VM runs elsewhere).
+    _S.MARKING_DOWN: frozenset({_S.PROVING, _S.READY, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
     # READY -> EVACUATING: a retried evacuation whose proof lease was already released.
-    _S.READY: frozenset({_S.RELEASING, _S.EVACUATING, _S.MIGRATING, _S.UNPLACED, _S.CANCELLED}),
-    _S.UNPLACED: frozenset({_S.READY, _S.CANCELLED}),
-    _S.RELEASING: frozenset({_S.EVACUATING, _S.RETRY_WAIT, _S.FAILED}),
-    _S.EVACUATING: frozenset({_S.DONE, _S.RETRY_WAIT, _S.FAILED}),
+    _S.READY: frozenset({_S.PROVING, _S.RELEASING, _S.EVACUATING, _S.MIGRATING, _S.UNPLACED, _S.CANCELLED}),
+    _S.UNPLACED: frozenset({_S.PROVING, _S.READY, _S.CANCELLED}),
+    _S.RELEASING: frozenset({_S.PROVING, _S.EVACUATING, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
+    _S.EVACUATING: frozenset({_S.PROVING, _S.DONE, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
     _S.MIGRATING: frozenset({_S.DONE, _S.RETRY_WAIT, _S.FAILED}),
     _S.RETRY_WAIT: frozenset(
-        {_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RELEASING, _S.EVACUATING, _S.FAILED, _S.CANCELLED}
+        {_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RELEASING, _S.EVACUATING, _S.DONE, _S.FAILED, _S.CANCELLED}
     ),
     # A proof that arrives after a cancel means the old copy is gone: the recovery continues.
     _S.CANCELLED: frozenset({_S.MARKING_DOWN, _S.READY}),
@@ -178,6 +184,13 @@ class Task:
 
     def done(self, step: Step) -> bool:
         return any(r.step == step and r.result == "ok" for r in self.steps)
+
+    def released(self) -> bool:
+        """The lease of the latest proof was released (a task proved again releases again)."""
+        for r in reversed(self.steps):
+            if r.result == "ok" and r.step in (Step.PROVE, Step.RELEASE):
+                return r.step == Step.RELEASE
+        return False
 
     def begin(self, step: Step, now: float) -> None:
         self.steps.append(StepRecord(step, now))

@@ -559,6 +559,12 @@ class RecoveryCore:
         # Rebalancing: a host became a destination again (a round is due); no round before this time.
         self._rebalance_due = False
         self._rebalance_next = 0.0
+        # Evacuate tasks loaded by this leader and not yet checked against the world (_verify_resumed):
+        # nothing is done for them until then.
+        self._unverified: set[str] = set()
+        # vm -> the destination and proof of a previous leader's evacuation, perhaps still in flight, of a
+        # resumed task this leader proves again: seen running there, it is the recovery's restart.
+        self._deposed: dict[str, tuple[str, FenceProof | None]] = {}
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -711,9 +717,11 @@ class RecoveryCore:
         proved: list[str] = []
         for vm in sorted(self._by_source.get(host, ())):
             task = self.queue.active(vm)
-            if task is None or task.source != host or task.row in (MAINTENANCE_KEY, STOPPED_KEY):
+            if task is None or task.source != host or task.row in (MAINTENANCE_KEY, STOPPED_KEY) \
+                    or vm in self._unverified:
                 # A drain is the operator's, not the health row's: maintenance off ends it. A restart's
-                # proof only observes a death: the row changes nothing to it.
+                # proof only observes a death: the row changes nothing to it. A resumed task waits for
+                # its check against the world.
                 continue
             if task.kind == TaskKind.EVACUATE:
                 if decision.action not in _EVACUATING_ACTIONS and task.proof is not None:
@@ -1097,10 +1105,12 @@ class RecoveryCore:
             if v.host is not None:
                 self._vms_on.setdefault(v.host, set()).add(v.name)
         for t in self.queue:
-            if t.state not in TERMINAL and t.proof is not None and self._placed.get(t.vm) == t.source:
+            if t.state not in TERMINAL and t.proof is not None and self._placed.get(t.vm) == t.source \
+                    and t.vm not in self._unverified:
                 self._place(t.vm, None)  # proved dead there: it takes no room on its source
         self._inventory = True
         self._dests = None
+        self._confirm_deposed(now, out)
         stopped = {v.name: v.state == STOPPED for v in inv.vms
                    if v.ha and v.host is not None and self.queue.active(v.name) is None}
         self._stopped.inventory(stopped, now)
@@ -1246,7 +1256,7 @@ class RecoveryCore:
         if not any(self._room(h) for h in self._eligible()):
             return
         for t in self.queue.in_state(TaskState.UNPLACED):
-            if not self._kept_for_others(t):
+            if t.vm not in self._unverified and not self._kept_for_others(t):
                 self._move(t, TaskState.READY, now, "room on a host again", out)
 
     # -- task steps -------------------------------------------------------------------------------
@@ -1494,7 +1504,7 @@ class RecoveryCore:
             self._move(task, TaskState.FAILED, now, why, out, Level.ERROR)
             out.actions.append(Alert(Level.ERROR, task.source, task.vm,
                                      f"vm '{task.vm}' recovery FAILED: {why}"))
-            if task.proof is not None and not task.done(Step.RELEASE):
+            if task.proof is not None and not task.released():
                 out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{task.vm}': proof lease released: its old "
                                        f"copy on '{task.source}' is proven dead, it may be started by hand"))
                 out.actions.append(DropProof(task.vm, task.source))
@@ -1514,6 +1524,8 @@ class RecoveryCore:
         self._persist(task, out)
 
     def _timers(self, now: float, out: RecoveryOutput) -> None:
+        if self._unverified:
+            self._verify_resumed(now, out)
         for host in sorted(self._held):
             d = self._decisions.get(host)
             if d is not None and not d.acted and now >= d.act_at:
@@ -1526,7 +1538,7 @@ class RecoveryCore:
                     host in self._rejoin_wait or now >= self._rejoin_at(host)):
                 self._try_rejoin(host, now, out)
         for task in self.queue.in_state(TaskState.RETRY_WAIT):
-            if task.retry_at is None or now < task.retry_at:
+            if task.retry_at is None or now < task.retry_at or task.vm in self._unverified:
                 continue
             resume = task.resume or TaskState.READY
             task.retry_at, task.resume = None, None
@@ -1550,11 +1562,23 @@ class RecoveryCore:
         """Start READY tasks, highest priority first, while slots and destinations allow."""
         if not self._inventory:
             return  # a new leader before its first inventory: no view of the destinations yet
-        waiting: list[Task] = []  # in-place restarts whose host cannot take them yet
+        # Held back and put in the order again afterwards: in-place restarts whose host cannot take
+        # them yet, and resumed tasks not checked against the world yet.
+        waiting: list[Task] = []
+        try:
+            self._dispatch_ready(now, out, waiting)
+        finally:
+            for task in waiting:
+                self.queue.push_back(task)
+
+    def _dispatch_ready(self, now: float, out: RecoveryOutput, waiting: list[Task]) -> None:
         while not self.queue.full():
             task = self.queue.pop_ready()
             if task is None:
-                break
+                return
+            if task.vm in self._unverified:
+                waiting.append(task)
+                continue
             dest: str | None
             if self._in_place(task):
                 src = task.source
@@ -1575,22 +1599,20 @@ class RecoveryCore:
                 continue
             if dest is None:
                 self.queue.push_back(task)  # every destination with room is busy: wait for a slot
-                break
+                return
             task.dest = dest
             slots = f"slot {self.queue.running() + 1}/{self.queue.limits.max_parallel}"
             if task.kind == TaskKind.MIGRATE:
                 task.begin(Step.MIGRATE, now)
                 self._move(task, TaskState.MIGRATING, now, f"live-migrate to '{dest}', {slots}", out)
                 out.actions.append(LiveMigrate(task.vm, task.source, dest))
-            elif task.done(Step.RELEASE):
+            elif task.released():
                 self._evacuate(task, now, out, f"proof lease already released, {slots}")
             else:
                 task.begin(Step.RELEASE, now)
                 assert task.proof is not None  # READY evacuate tasks are proved (state table)
                 self._move(task, TaskState.RELEASING, now, f"to '{dest}', {slots}", out)
                 out.actions.append(ReleaseProof(task.vm, task.source, task.proof))
-        for task in waiting:
-            self.queue.push_back(task)
 
     # -- takeover ---------------------------------------------------------------------------------
 
@@ -1602,9 +1624,12 @@ class RecoveryCore:
         self._marking_down = set()
         self._late_proof = {}
         self._dests = None
+        # Anyone who can write tasks/ can write a task: an active evacuation is checked against the
+        # world before it is acted on (_verify_resumed), and what it says it did proves nothing.
+        self._unverified = {t.vm for t in self.queue if t.kind == TaskKind.EVACUATE and t.state not in TERMINAL}
         for t in self.queue:
             self._by_source.setdefault(t.source, set()).add(t.vm)
-            if t.done(Step.MARK_DOWN) and t.state not in TERMINAL:
+            if t.done(Step.MARK_DOWN) and t.state not in TERMINAL and t.vm not in self._unverified:
                 self._marked_down.add(t.source)
             if t.state in (TaskState.DONE, TaskState.FAILED):
                 self._settled.setdefault(t.source, set()).add(t.vm)
@@ -1612,7 +1637,87 @@ class RecoveryCore:
         out.log.append(LogLine(Level.INFO, now, ACTOR,
                                f"leader: loaded {len(self.queue)} task(s), {len(active)} active"))
         for t in active:
-            self._resume(t, now, out)
+            if t.vm in self._unverified:
+                out.log.append(LogLine(Level.INFO, now, ACTOR,
+                                       f"vm '{t.vm}': resumed by the new leader ({t.state.value}, host "
+                                       f"'{t.source}'): held until the host and the VM are known"))
+            else:
+                self._resume(t, now, out)
+
+    def _verify_resumed(self, now: float, out: RecoveryOutput) -> None:
+        """Act on a resumed evacuation only when the world agrees with it: its host is known and not UP,
+        its VM is known and runs on its host, nowhere, or already on its destination. Its stored proof is
+        not trusted (this manager does not hold that lease): it is proved again, unless the VM already
+        runs on the destination (the evacuation is then only confirmed, which starts nothing)."""
+        for vm in sorted(self._unverified):
+            task = self.queue.active(vm)
+            if task is None:
+                self._unverified.discard(vm)
+                continue
+            hh = self._health.get(task.source)
+            if not self._inventory or hh is None or any(
+                    hh.planes.get(p) is None or hh.planes[p].state == PlaneState.UNKNOWN for p in PLANES):
+                continue  # not everything known yet: wait
+            self._unverified.discard(vm)
+            placed = self._placed.get(vm)
+            wrong = ""
+            if vm not in self._vms:
+                wrong = "the VM is not in the inventory"
+            elif placed is not None and placed not in (task.source, task.dest):
+                wrong = f"the VM runs on '{placed}', neither its host nor its destination"
+            # Its host up: a host back after a real proof, or a task forged against a healthy host. Only a
+            # proof that observes a death (lease-taken) may go on there: it is refused while a copy runs.
+            observe = all(hh.planes[p].state == PlaneState.UP for p in PLANES) or task.recheck
+            if wrong:
+                why = f"resumed task refused: {wrong} (stored state {task.state.value})"
+                task.reason = why
+                self._move(task, TaskState.CANCELLED, now, why, out, Level.ERROR)
+                out.actions.append(Alert(Level.ERROR, task.source, vm, f"vm '{vm}': {why}; not acted on"))
+                self._finish(task, out)
+            elif (placed is not None and placed == task.dest and task.state in RUNNING) or (
+                    task.state in (TaskState.QUEUED, TaskState.PROVING) and not observe):
+                self._resume(task, now, out)
+            else:
+                if task.state == TaskState.RETRY_WAIT:
+                    task.retry_at, task.resume = None, None
+                if task.state == TaskState.EVACUATING and task.dest is not None:
+                    self._deposed[vm] = (task.dest, task.proof)
+                task.proof = None
+                methods, timeout = self._methods(task), None
+                if observe and task.row != STOPPED_KEY:
+                    task.recheck = True  # refused (a copy holds the lease on its UP host): cancelled
+                    methods, timeout = (ProofMethod.LEASE_TAKEN,), self.settings.recheck_timeout
+                self._prove(task, methods, now, out, f"resumed by the new leader ({task.state.value}): "
+                            "its proof is not this manager's, proved again", timeout)
+                task.dest = None
+
+    def _confirm_deposed(self, now: float, out: RecoveryOutput) -> None:
+        """A resumed evacuation proved again may have been completed meanwhile by the previous leader
+        (its start was in flight at the failover): the copy it started holds the VM's lease, so this
+        leader's proof is refused again and again. The inventory showing the VM running on that
+        leader's destination ends the recovery as done; nothing is started. Once this leader proved
+        (it holds or held the lease: the old start failed or its own evacuation confirms it), or the
+        task ended, the entry goes. The task's evidence keeps the proof that evacuation was made on."""
+        for vm, (dest, proof) in sorted(self._deposed.items()):
+            task = self.queue.active(vm)
+            if task is None or task.state not in (TaskState.PROVING, TaskState.RETRY_WAIT):
+                del self._deposed[vm]
+                continue
+            info = self._vms.get(vm)
+            if self._placed.get(vm) != dest or info is None or info.state == STOPPED:
+                continue
+            del self._deposed[vm]
+            if task.state == TaskState.PROVING:
+                out.actions.append(CancelProof(vm, task.source, self._attempt(task)))
+                task.finish(Step.PROVE, now, "cancelled", f"vm running on '{dest}'")
+            task.retry_at, task.resume, task.recheck = None, None, False
+            task.finish(Step.EVACUATE, now, "ok", "started by the previous leader")
+            task.running_on, task.reason, task.proof = dest, "", proof
+            self._move(task, TaskState.DONE, now, f"running on '{dest}': the previous leader's evacuation, "
+                       "confirmed by the inventory", out)
+            self._settle(task)
+            self._stopped.forget(vm)
+            self._finish(task, out)
 
     def _resume(self, task: Task, now: float, out: RecoveryOutput) -> None:
         """Repeat the (idempotent) step that was in flight when the old leader stopped; steps already

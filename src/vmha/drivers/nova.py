@@ -37,6 +37,10 @@ T = TypeVar("T")
 
 COMPUTE_BINARY = "nova-compute"
 _TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+# The recovery priority is the flavor extra spec vmha:priority=N: flavors and their extra specs are
+# the operator's (admin-only in Nova's default policy), chosen by tenants only among those offered.
+# Server metadata and tags are not: any tenant would set its own VMs first in line.
+PRIORITY_SPEC = "vmha:priority"
 # Nova answers these 400s when the source service is still up; the queue may retry once it is down.
 _SERVICE_IN_USE = ("still in use", "ComputeServiceInUse")
 _MIGRATION_TYPE = {"evacuation": "evacuation", "live migration": "live-migration"}
@@ -69,6 +73,21 @@ def _is_ha(server: Any, key: str, tag: str) -> bool:
     return tag in (server.tags or [])
 
 
+def duplicate_names(servers: Sequence[Any]) -> dict[str, list[str]]:
+    """name -> the sorted ids of the servers holding it, for the names more than one server holds."""
+    ids: dict[str, list[str]] = {}
+    for s in servers:
+        ids.setdefault(str(s.name), []).append(str(s.id))
+    return {name: sorted(held) for name, held in ids.items() if len(held) > 1}
+
+
+def _extra_specs(server: Any) -> dict[str, Any]:
+    """The extra specs of the server's flavor, as Nova embeds it in the server (microversion >= 2.47)."""
+    flavor = server.flavor
+    specs = flavor.get("extra_specs") if isinstance(flavor, dict) else getattr(flavor, "extra_specs", None)
+    return specs if isinstance(specs, dict) else {}
+
+
 def _error(what: str, e: BaseException) -> DriverError:
     """Map an openstacksdk / keystoneauth failure to DriverError, deciding whether a retry can help."""
     if isinstance(e, os_exc.HttpException):
@@ -97,9 +116,10 @@ def _error(what: str, e: BaseException) -> DriverError:
 
 class NovaDriver:
     """ComputeDriver for OpenStack Nova. VM names are server ids (config.vm_names "id") or server names
-    ("name": names must be unique, as in the lab); HA servers carry the metadata
-    `config.ha_metadata_key`=True (as Masakari users set it) or the tag `config.ha_tag`; their recovery
-    priority (higher first, default 0) is the metadata HA_Priority=N or the tag "HA_Priority=N"."""
+    ("name": names must be unique, as in the lab: servers sharing a name are alerted and not protected);
+    HA servers carry the metadata `config.ha_metadata_key`=True (as Masakari users set it) or the tag
+    `config.ha_tag`; their recovery priority (higher first, default 0) is their flavor's extra spec
+    vmha:priority=N (PRIORITY_SPEC)."""
 
     name = "nova"
 
@@ -108,20 +128,19 @@ class NovaDriver:
         config: NovaConfig | None = None,
         *,
         connection: Any = None,
-        priority_key: str = "HA_Priority",
         call_timeout: float = 30.0,
         evacuate_timeout: float = 300.0,
         migrate_timeout: float = 300.0,
         poll_interval: float = 1.0,
     ) -> None:
         self.config = config or NovaConfig()
-        self.priority_key = priority_key
         self.call_timeout = call_timeout
         self.evacuate_timeout = evacuate_timeout
         self.migrate_timeout = migrate_timeout
         self.poll_interval = poll_interval
         self._conn = connection
         self._ids: dict[str, str] = {}  # VM name -> server id (config.vm_names "name")
+        self._duplicates: dict[str, list[str]] = {}  # name -> ids of the servers sharing it (alerted)
 
     @property
     def conn(self) -> Any:
@@ -168,29 +187,36 @@ class NovaDriver:
         def run() -> list[Any]:
             return list(self.conn.compute.servers(**query))
 
-        servers = await self._call(f"list servers on {host or 'all hosts'}", run)
-        return [self._vm_info(s) for s in sorted(servers, key=lambda s: s.id)]
+        servers = sorted(await self._call(f"list servers on {host or 'all hosts'}", run), key=lambda s: s.id)
+        if self.config.vm_names == "name":
+            servers = self._unique_names(servers)
+        return [self._vm_info(s) for s in servers]
+
+    def _unique_names(self, servers: list[Any]) -> list[Any]:
+        """The servers whose name no other server has. A name two servers share names no one VM (its
+        lease, its recovery): those are alerted, once per change, and left unprotected, not resolved
+        last-writer-wins."""
+        shared = duplicate_names(servers)
+        for name, ids in sorted(shared.items()):
+            if self._duplicates.get(name) != ids:
+                log.error("ALERT nova: %d servers are named %r (%s): [nova] vm_names = \"name\" needs unique "
+                          "names; they are NOT protected until renamed", len(ids), name, ", ".join(ids))
+            self._ids.pop(name, None)
+        self._duplicates = shared
+        unique = [s for s in servers if s.name not in shared]
+        self._ids.update({s.name: str(s.id) for s in unique})
+        return unique
 
     def _vm_info(self, server: Any) -> VmInfo:
         ha = _is_ha(server, self.config.ha_metadata_key, self.config.ha_tag)
-        # The metadata HA_Priority=N, else a tag "HA_Priority=N" (for users who may tag their servers
-        # but not set metadata); the metadata wins when both are set.
-        tagged = [t.partition("=")[2] for t in server.tags or [] if t.startswith(f"{self.priority_key}=")]
-        raw = (server.metadata or {}).get(self.priority_key, tagged[0] if tagged else None)
         priority = 0
+        raw = _extra_specs(server).get(PRIORITY_SPEC)
         if raw is not None:
             try:
-                priority = int(raw)
+                priority = int(str(raw))
             except ValueError:
-                log.warning(
-                    "nova: vm=%s %s=%r is not an integer: priority 0 used "
-                    "(set it to a whole number, higher recovers first)",
-                    server.id,
-                    self.priority_key,
-                    raw,
-                )
-        if self.config.vm_names == "name":
-            self._ids[server.name] = server.id
+                log.warning("nova: vm=%s flavor extra spec %s=%r is not an integer: priority 0 used "
+                            "(set it to a whole number, higher recovers first)", server.id, PRIORITY_SPEC, raw)
         name = server.name if self.config.vm_names == "name" else server.id
         return VmInfo(name=name, host=server.compute_host, ha=ha, priority=priority, state=server.status)
 

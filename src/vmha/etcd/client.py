@@ -13,8 +13,11 @@ Why a wrapper:
 Each EtcdClient owns its own TCP connection (a local gRPC subchannel pool): the per-plane heartbeat
 relies on that, since a lease kept alive through a connection proves that connection's path.
 
+https:// endpoints need ``tls`` (CA, client certificate and key: vmha.etcd.tls) and are always used
+with TLS; http:// endpoints are plaintext and refuse ``tls`` (a config mixing both is a mistake).
+
 Usage:
-    async with EtcdClient(["http://198.18.0.1:2379"], timeout=1.0) as c:
+    async with EtcdClient(["https://198.18.0.1:2379"], tls=TlsFiles(ca, cert, key), timeout=1.0) as c:
         await c.put_json(key, {"a": 1})
         created = await c.create(key, {"a": 1})          # txn: only if the key is absent
         ok = await c.cas(key, {"a": 2}, kv.mod_revision)  # txn: only if nobody wrote since
@@ -38,6 +41,8 @@ import aetcd
 import aetcd.exceptions
 from aetcd import rpc  # re-exports the grpc names used here (grpc itself ships no type stubs)
 
+from vmha.etcd.tls import SecureClient, TlsError, TlsFiles
+
 log = logging.getLogger("vmha.etcd")
 
 T = TypeVar("T")
@@ -54,6 +59,10 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 3_000,
 }
+
+
+# The key revision() reads (nothing is ever stored there): every etcd role may read it.
+PROBE_KEY = "\0vmha-probe"
 
 
 class EtcdError(Exception):
@@ -232,11 +241,18 @@ class EtcdClient:
         timeout: float = 2.0,
         backoff: Backoff | None = None,
         name: str = "etcd",
+        tls: TlsFiles | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("EtcdClient needs at least one endpoint")
         self.endpoints = [parse_endpoint(u) for u in endpoints]
+        schemes = {urlsplit(u).scheme for u in endpoints}
+        if tls is None and "https" in schemes:
+            raise ValueError(f"{name}: https:// etcd endpoints need TLS files (ca, cert, key): never plaintext")
+        if tls is not None and "http" in schemes:
+            raise ValueError(f"{name}: http:// etcd endpoints with TLS files: use https:// URLs")
         self.urls = list(endpoints)
+        self.tls = tls
         self.timeout = timeout
         self.backoff = backoff or Backoff()
         self.name = name
@@ -262,7 +278,16 @@ class EtcdClient:
         """The underlying aetcd client of the current endpoint (created on first use)."""
         if self._client is None:
             host, port = self.endpoints[self._index]
-            self._client = aetcd.Client(host=host, port=port, timeout=self.timeout, options=dict(_CHANNEL_OPTIONS))
+            if self.tls is None:
+                self._client = aetcd.Client(host=host, port=port, timeout=self.timeout, options=dict(_CHANNEL_OPTIONS))
+            else:
+                try:
+                    creds = self.tls.credentials()
+                except TlsError as e:
+                    # A certificate file renamed or unreadable now: a failure to retry, as any other.
+                    raise EtcdUnavailable(f"{self.name}: {e}") from None
+                self._client = SecureClient(credentials=creds, host=host, port=port, timeout=self.timeout,
+                                            options=dict(_CHANNEL_OPTIONS))  # fmt: skip
         return self._client
 
     async def close(self) -> None:
@@ -448,7 +473,7 @@ class EtcdClient:
 
     async def revision(self, timeout: float | None = None) -> int:
         """The current store revision, through a linearizable read (it fails without a leader)."""
-        r = await self.call(lambda c: c.get_prefix(b"\0vmha-probe", keys_only=True), timeout)
+        r = await self.call(lambda c: c.get_prefix(PROBE_KEY.encode(), keys_only=True), timeout)
         return int(r.header.revision)
 
     async def compact(self, revision: int, timeout: float | None = None) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from vmha.core.planes import Plane
 from vmha.etcd.client import EtcdClient, EtcdError, EtcdUnavailable
 from vmha.etcd.keys import Keys
+from vmha.etcd.tls import TlsFiles
 
 log = logging.getLogger("vmha.agent")
 
@@ -68,6 +69,7 @@ class PlaneHeartbeat:
         timeout: float | None = None,
         client: EtcdClient | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.key = keys.heartbeat(host, plane)
         self.host = host
@@ -76,7 +78,7 @@ class PlaneHeartbeat:
         self.interval = interval
         # Long enough for a loaded etcd, short enough that a dead path is noticed well inside the TTL.
         self.timeout = timeout if timeout is not None else max(interval, ttl / 2)
-        self.client = client or EtcdClient(endpoints, timeout=self.timeout, name=f"{host}/{plane.value}")
+        self.client = client or EtcdClient(endpoints, timeout=self.timeout, name=f"{host}/{plane.value}", tls=tls)
         self.clock = clock
         self.lease: int | None = None
         self.lease_refreshed: float | None = None

@@ -39,6 +39,10 @@ class Keys:
     def heartbeat_prefix(self) -> str:
         return f"{self.root}hb/"
 
+    def heartbeats_of(self, host: str) -> str:
+        """Prefix of the host's heartbeat keys (its etcd role may write under it)."""
+        return f"{self.heartbeat_prefix}{host}/"
+
     def parse_heartbeat(self, key: str) -> tuple[str, Plane] | None:
         """(host, plane) of a heartbeat key, None for anything else (logged and skipped by callers)."""
         if not key.startswith(self.heartbeat_prefix):
@@ -103,7 +107,10 @@ class Keys:
         return f"{self.root}attest/req/{host}/"
 
     def attest_response(self, host: str, vm: str) -> str:
-        return f"{self.root}attest/resp/{host}/{vm}"
+        return f"{self.attest_responses_prefix(host)}{vm}"
+
+    def attest_responses_prefix(self, host: str) -> str:
+        return f"{self.root}attest/resp/{host}/"
 
     def disabled(self, host: str) -> str:
         return f"{self.root}disabled/{host}"

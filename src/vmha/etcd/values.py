@@ -13,6 +13,7 @@ key re-read every second must not flood the log) and skips the value; it never s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
@@ -264,15 +265,18 @@ def read(model: type[M], kv: KV) -> M:
     return parse(model, kv, kv.json())
 
 
-# (key, mod_revision) of the values already reported; bounded, so a flood of bad keys cannot grow it.
-_REPORTED: dict[tuple[str, int], None] = {}
+# (key, mod_revision, digest of the value) of the values already reported; bounded, so a flood of bad
+# keys cannot grow it. The digest: a new etcd (restored from a snapshot, or each test's) reuses revisions,
+# and another value there must be reported too.
+_REPORTED: dict[tuple[str, int, bytes], None] = {}
 _REPORTED_MAX = 10_000
 
 
 def refused(e: BadValue, kv: KV | None = None, what: str = "skipped") -> bool:
     """Log a refused value once per key and revision (an ALERT line: someone wrote a value vmha never
     writes, a bug or an attack); True the first time."""
-    mark = (e.key, kv.mod_revision if kv is not None else 0)
+    mark = (e.key, kv.mod_revision if kv is not None else 0,
+            b"" if kv is None else hashlib.blake2b(kv.value, digest_size=8).digest())
     if mark in _REPORTED:
         return False
     if len(_REPORTED) >= _REPORTED_MAX:

@@ -293,7 +293,7 @@ def down(lab_dir: Path, prefix: str = "vl", echo: Echo = _quiet) -> list[str]:
     removed.extend(names)
     if state is not None:
         # The data (etcd, disks, leases) goes too: the next `lab up` starts clean.
-        for sub in ("etcd", "storage", "config", "state", "run", "libvirt", novalab.NOVA_DIR):
+        for sub in ("etcd", "pki", "storage", "config", "state", "run", "libvirt", novalab.NOVA_DIR):
             shutil.rmtree(state.dir / sub, ignore_errors=True)
         for f in ("lab.json", "faults.jsonl"):
             with contextlib.suppress(FileNotFoundError):

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from vmha import config
 from vmha.core.planes import PLANES, Plane
-from vmha.lab.net import Node
+from vmha.etcd.auth import ROOT
+from vmha.lab.net import LabError, Node
 from vmha.lab.nova.rig import CLOUD
+from vmha.lab.pki import PkiError
 from vmha.lab.state import CLUSTER, LEASES_DIR, LabState
 from vmha.lab.storage import MOUNT_POINT
 
@@ -33,8 +35,15 @@ def to_toml(sections: Mapping[str, Mapping[str, Value]]) -> str:
     return "\n".join(out)
 
 
-def _common(state: LabState) -> dict[str, dict[str, Value]]:
+def _common(state: LabState, user: str) -> dict[str, dict[str, Value]]:
+    """Sections every lab process has; ``user`` is its etcd user (its certificate's CN)."""
+    try:
+        state.pki.create_ca()
+        tls = state.pki.issue(user)
+    except PkiError as e:
+        raise LabError(f"lab certificates in {state.pki.dir}: {e}") from None
     sections: dict[str, dict[str, Value]] = {"cluster": {"name": CLUSTER}}
+    sections["etcd"] = {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)}
     for plane in PLANES:
         sections[f"planes.{plane.value}"] = {"endpoints": [state.etcd_url(plane)]}
     sections["locks"] = {"path": str(MOUNT_POINT / LEASES_DIR), "io_timeout": state.io_timeout}
@@ -49,7 +58,7 @@ def _write(path: Path, sections: Mapping[str, Mapping[str, Value]]) -> Path:
 
 
 def agent_config(state: LabState, host: str) -> Path:
-    sections = _common(state)
+    sections = _common(state, host)
     sections["host"] = {"name": host, "domain": "default"}
     sections["agent"] = {"isolation_response": "stop"}
     if state.guests == "qemu":  # the agent checks the host's libvirt lock settings (vmha.lab.libvirtd)
@@ -58,7 +67,7 @@ def agent_config(state: LabState, host: str) -> Path:
 
 
 def manager_config(state: LabState, name: str) -> Path:
-    sections = _common(state)
+    sections = _common(state, name)
     sections["manager"] = {
         "name": name,
         "endpoints": [state.etcd_url(PLANES[0])],
@@ -80,5 +89,6 @@ def manager_config(state: LabState, name: str) -> Path:
 
 
 def controller_config(state: LabState) -> Path:
-    """For lab-side commands run on the controller (lock initialisation, status)."""
-    return _write(state.configs / "controller.toml", _common(state))
+    """For lab-side commands run on the controller (lock initialisation, status, etcd setup-auth):
+    etcd's root user."""
+    return _write(state.configs / "controller.toml", _common(state, ROOT))

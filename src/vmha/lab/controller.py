@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 from vmha.core.planes import PLANES, Plane
+from vmha.etcd.auth import OPERATOR, ROOT
 from vmha.lab import novalab
-from vmha.lab.configs import manager_config
-from vmha.lab.hosts import storage
-from vmha.lab.net import LabError, Node, host_env, pid_alive, spawn
+from vmha.lab.configs import controller_config, manager_config
+from vmha.lab.hosts import storage, vmha_command
+from vmha.lab.net import LabError, Node, host_env, pid_alive, run, spawn
+from vmha.lab.pki import PkiError
 from vmha.lab.sanlockd import start_sanlock
-from vmha.lab.state import ETCD_PORT, LabState
+from vmha.lab.state import LabState
 from vmha.testing.etcd import EtcdProcess, EtcdStartError
 
 MANAGERS = ("m1", "m2")  # the first started becomes the leader, the other stands by
@@ -38,15 +40,21 @@ def start_services(state: LabState) -> None:
     if not pid_alive(pids.get("sshd", 0)):
         pids["sshd"] = storage(state).start_server(node)
     if not pid_alive(pids.get("etcd", 0)):
+        try:
+            # The published names (vmha.lab.pki): one certificate per host, manager, operator, root.
+            state.pki.create([node.address(p) for p in PLANES], [*sorted(state.hosts), *MANAGERS, OPERATOR, ROOT])
+        except PkiError as e:
+            raise LabError(f"lab certificates in {state.pki.dir}: {e} (the lab runs etcd with TLS only)") from None
         etcd = EtcdProcess(
             data_dir=state.dir / "etcd" / "data",
-            client_urls=[f"http://{node.address(p)}:{ETCD_PORT}" for p in PLANES],
+            client_urls=[state.etcd_url(p) for p in PLANES],
             peer_url=f"http://{node.address(Plane.MANAGEMENT)}:2380",
             netns=node.netns,
             name="etcd-lab",
             # As in production (README): the agents' heartbeats write a revision per plane every
             # keepalive, and a lab left up for days would otherwise grow its store without bound.
             extra_args=["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m"],
+            pki=state.pki,
         )
         try:
             etcd.start()
@@ -54,12 +62,21 @@ def start_services(state: LabState) -> None:
             raise LabError(f"etcd did not start in {node.netns}: {e}") from None
         assert etcd.pid is not None
         pids["etcd"] = etcd.pid
+        setup_auth(state)
     for name in MANAGERS:
         role = f"sanlock-{name}"
         if not pid_alive(pids.get(role, 0)):
             d = start_sanlock(name, run_dir=sanlock_run_dir(state, name), enter=node.enter(),
                               log_path=state.logs / f"{role}.log")
             pids[role] = d.pid
+
+
+def setup_auth(state: LabState) -> None:
+    """etcd users and roles (`vmha etcd setup-auth`, as root): each host writes only its own keys."""
+    hosts = sorted(state.hosts, key=lambda h: state.hosts[h].index)
+    args = [a for h in hosts for a in ("--host", h)] + [a for m in MANAGERS for a in ("--manager", m)]
+    run([*state.node("controller").enter(), *vmha_command("etcd", "setup-auth", "--config",
+                                                          str(controller_config(state)), *args)], timeout=60)
 
 
 def sanlock_run_dir(state: LabState, manager: str) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 from vmha.core.planes import Plane
 from vmha.lab.net import LabError, LabNet, Node
+from vmha.lab.pki import Pki
 
 DEFAULT_DIR = Path(os.environ.get("VMHA_LAB_DIR", "/var/tmp/vmha-lab/lab"))
 CLUSTER = "lab"
@@ -89,7 +90,12 @@ class LabState:
         return net.node(ns.name, ns.index, ns.anchor)
 
     def etcd_url(self, plane: Plane) -> str:
-        return f"http://{self.node('controller').address(plane)}:{ETCD_PORT}"
+        return f"https://{self.node('controller').address(plane)}:{ETCD_PORT}"
+
+    @property
+    def pki(self) -> Pki:
+        """CA and certificates (vmha.lab.pki): etcd runs with TLS and client-certificate auth."""
+        return Pki(self.dir / "pki")
 
     # persistence --------------------------------------------------------------------------------
     def save(self) -> None:

@@ -257,6 +257,8 @@ class Prover:
         end = time.monotonic() + budget
         if host_id is None:
             raise _Failed(f"host {host} has no sanlock host_id in etcd: cannot check its lease state")
+        if not 1 <= host_id <= self.space.max_hosts:
+            raise _Failed(f"host {host}: host_id {host_id} is outside sanlock's 1..{self.space.max_hosts}")
         if method is ProofMethod.LEASE_TAKEN:
             await self._held_there(vm, host, host_id, trail)
             return await self._take_or_fail(vm, trail)
@@ -460,7 +462,17 @@ class Prover:
         # (its agent died, or etcd is unreachable from it): never power it off. Its VMs hold their
         # leases; they move only when released (isolation response) or through sanlock (REQ_FORCE).
         # Seeing a dead host not renew costs one renewal period (2 io + 1 s) before the power-off.
-        moved = await asyncio.to_thread(self.space.renews, host_id)
+        # "Does not renew" is evidence only from sanlock's own record of that host_id naming the host:
+        # a missing sector, or another daemon's, says nothing about this host (etcd's host_id for it is
+        # wrong, e.g. a forged hostid/ key), and powering off on it could switch off a live host.
+        delta = await asyncio.to_thread(self.space.delta, host_id)
+        if delta is None:
+            raise _Failed(f"host_id {host_id} has no delta lease in {self.space.ids_path}: no evidence that "
+                          f"{host} ever joined the lockspace as it; not powering it off")
+        if delta.name != host:
+            raise _Failed(f"host_id {host_id}'s delta lease names {delta.name!r}, not {host}: etcd's host_id "
+                          f"for {host} disagrees with sanlock's record; not powering it off")
+        moved = await asyncio.to_thread(self.space.renews, host_id, delta)
         if moved is not None:
             raise _Failed(f"host_id {host_id} still renews its lockspace (alive on the shared storage): "
                           "not powering it off")

@@ -359,7 +359,7 @@ class LockSpace:
         A different name with a timestamp that does not move is an old owner (the id was reassigned):
         allowed; sanlock itself then waits until that owner is dead.
         """
-        first = self._delta(host_id)
+        first = self.delta(host_id)
         if first is None or first.name == host or first.timestamp == 0:
             return
         second = self.renews(host_id, first)
@@ -369,20 +369,21 @@ class LockSpace:
                 f"two hosts were given the same host_id; let etcd allocate it (hostid/ keys) or fix the pinned id"
             )
 
-    def _delta(self, host_id: int) -> DeltaLease | None:
+    def delta(self, host_id: int) -> DeltaLease | None:
+        """host_id's delta lease as stored, None if its sector was never written."""
         return next((d for d in self.delta_leases() if d.host_id == host_id), None)
 
     def renews(self, host_id: int, first: DeltaLease | None = None) -> DeltaLease | None:
         """host_id's delta lease as soon as its stored timestamp moves (a live host renews it every
         2 io), or None if it does not move within one renewal period and a margin (2 io + 1 s): read
         from the shared storage itself, not from the local daemon's view, which lags."""
-        first = first or self._delta(host_id)
+        first = first or self.delta(host_id)
         if first is None or first.timestamp == 0:
             return None
         deadline = time.monotonic() + 2 * self.io_timeout + 1
         while time.monotonic() < deadline:
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-            now = self._delta(host_id)
+            now = self.delta(host_id)
             if now is not None and (now.timestamp, now.generation) != (first.timestamp, first.generation):
                 return now
         return None

@@ -48,7 +48,7 @@ def _with_etcd(config_path: str, body: Callable[[config.Config, EtcdClient, Keys
     cfg = config.load(config_path)
 
     async def run() -> T:
-        async with EtcdClient(_endpoints(cfg), timeout=3.0, name="vmha") as client:
+        async with EtcdClient(_endpoints(cfg), timeout=3.0, name="vmha", tls=cfg.etcd.tls()) as client:
             return await body(cfg, client, Keys(cfg.cluster.name))
 
     try:

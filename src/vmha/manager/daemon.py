@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -59,6 +60,7 @@ from vmha.core.recovery import (
     TasksLoaded,
 )
 from vmha.drivers.base import ComputeDriver, DriverError
+from vmha.etcd import hostids
 from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdUnavailable, encode_json
 from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
@@ -161,7 +163,6 @@ async def _fencer(cfg: Config, client: EtcdClient, power: PowerFence | None) -> 
     prove at once (joining takes 3 to 21 s depending on io_timeout). Its sanlock host name is the
     manager's name, with a host_id allocated in etcd like any host's.
     """
-    from vmha.etcd import hostids
     from vmha.etcd.attest import AttestResponse, request_attestation
     from vmha.locks import FenceAgentPower, LockError, LockSpace, PowerFenceError, Prover, fence_agents
 
@@ -171,6 +172,8 @@ async def _fencer(cfg: Config, client: EtcdClient, power: PowerFence | None) -> 
         power = None
     elif power is None:
         if cfg.power:
+            if cfg.power_uncovered():
+                raise ConfigError(cfg.power_uncovered())
             try:
                 power = FenceAgentPower(fence_agents(cfg.power))
             except PowerFenceError as e:
@@ -227,7 +230,8 @@ class Manager:
         self.cfg = cfg
         self.m = cfg.require_manager()
         self.keys = Keys(cfg.cluster.name)
-        self.client = EtcdClient(self.m.endpoints, timeout=rpc_timeout, name=f"manager {self.m.name}")
+        self.client = EtcdClient(self.m.endpoints, timeout=rpc_timeout, name=f"manager {self.m.name}",
+                                 tls=cfg.etcd.tls())
         self.make_parts = parts
         self.clock = clock or unix_monotonic()
         self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)
@@ -298,6 +302,7 @@ class Term:
                                      clock=self.clock)  # fmt: skip
         self.inbox = Inbox()
         self.inventory_now = asyncio.Event()
+        self.host_seen = asyncio.Event()  # a HealthUpdate came: a newly registered host may need a host_id
         self.pending_events: list[tuple[str, str, str, str]] = []  # health lines for the stream
         self.loop = Loop(RecoveryCore(mgr.cfg.policy_table, mgr.m.recovery_settings()), self,
                          proof_timeout=proof_timeout(mgr.cfg))
@@ -325,6 +330,8 @@ class Term:
             asyncio.create_task(self._maintenance(), name="maintenance"),
             asyncio.create_task(self.loop.run(self.inbox), name="decide"),
         ]
+        if self.mgr.cfg.locks is not None:
+            loops.append(asyncio.create_task(self._host_ids(self.mgr.cfg.locks.max_hosts), name="host ids"))
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -389,6 +396,7 @@ class Term:
         await self.monitor.ready.wait()
         for health in self.monitor.view().values():
             self.inbox.put(HealthUpdate(health))
+        self.host_seen.set()
         for host, since in sorted(self.monitor.agent_marks().items()):
             self._agent_mark(AgentStopped(host, since))
         for host, why in sorted(self.monitor.locks_refused().items()):
@@ -412,8 +420,27 @@ class Term:
                 if change.new in (PlaneState.DOWN, PlaneState.FABRIC):
                     self.inventory_now.set()
                 self.inbox.put(HealthUpdate(change.health))
+                self.host_seen.set()
             elif isinstance(change, FabricChange):
                 self.inbox.put(FabricUpdate(change))
+
+    async def _host_ids(self, max_hosts: int) -> None:
+        """Only managers allocate sanlock host_ids (an agent reads its own and writes no hostid/ key):
+        the leader gives one to each registered host that has none."""
+        await self.monitor.ready.wait()
+        known: set[str] = set()
+        while True:
+            for host in sorted(set(self.monitor.view()) - known):
+                try:
+                    host_id = await self._durable(functools.partial(hostids.allocate, self.client, self.keys,
+                                                                    host, max_hosts))
+                except hostids.HostIdError as e:
+                    log.error("manager %s: host %s: no sanlock host_id: %s", self.mgr.m.name, host, e)
+                else:
+                    log.info("manager %s: host %s has sanlock host_id %d", self.mgr.m.name, host, host_id)
+                known.add(host)
+            await self.host_seen.wait()
+            self.host_seen.clear()
 
     def _agent_mark(self, change: AgentStopped) -> None:
         if change.since is None:

@@ -124,6 +124,10 @@ class HealthMonitor:
         self._etcd_ok = True
         self._leases: dict[tuple[str, Plane], int] = {}  # lease of the last heartbeat counted per plane
         self._checks: set[asyncio.Task[None]] = set()  # lease checks of deleted heartbeat keys
+        # The lease before the current one per plane, to see heartbeats alternate between two leases
+        # (two machines beating under one host name); and what was alerted once already.
+        self._prev_leases: dict[tuple[str, Plane], int] = {}
+        self._alerted: set[tuple[str, str, Plane]] = set()
         # Running totals for benchmarks and operators: heartbeat events received, core steps taken
         # (single events and heartbeat batches), writes of the health view to etcd and host records in them.
         self.counters: dict[str, int] = {"heartbeats": 0, "steps": 0, "batches": 0, "health_writes": 0,
@@ -321,8 +325,20 @@ class HealthMonitor:
         if not self.core.has_host(host):
             # A key anyone may write: an unregistered host must not count (in the fabric guard's
             # share of hosts, for one). Its agent registers before it beats: the next beat counts.
-            refused(BadValue(kv.key, f"heartbeat of host {host}, which is not registered"), kv, "not counted")
+            # Alerted once per host and plane, not at every beat.
+            if ("ghost", host, plane) not in self._alerted:
+                self._alerted.add(("ghost", host, plane))
+                refused(BadValue(kv.key, f"heartbeat of host {host}, which is not registered"), kv, "not counted")
             return
+        last = self._leases.get((host, plane))
+        if last is not None and last != kv.lease:
+            if self._prev_leases.get((host, plane)) == kv.lease and ("flip", host, plane) not in self._alerted:
+                # An agent restart moves to a new lease for good; coming back to the one before means
+                # two writers under one name (two machines called alike, or a forger).
+                self._alerted.add(("flip", host, plane))
+                log.error("ALERT host %s plane %s: heartbeats alternate between leases %x and %x: two machines "
+                          "beat under one host name (or someone writes its key)", host, plane.value, last, kv.lease)
+            self._prev_leases[(host, plane)] = last
         self._leases[(host, plane)] = kv.lease
         self._heartbeat_event(Heartbeat(host, plane, hb.seq, hb.t, kv.mod_revision, kv.lease))
 
@@ -384,7 +400,8 @@ class HealthMonitor:
         On a connection of its own: a probe that times out drops its connection, and on the shared one
         that broke the heartbeat watch, whose resume from an old revision loaded etcd further (seen at
         500 hosts: a busy etcd, probes timing out, the watch restarting every few seconds)."""
-        async with EtcdClient(self.client.urls, timeout=self.probe_timeout, name=f"{self.name}/probe") as c:
+        async with EtcdClient(self.client.urls, timeout=self.probe_timeout, name=f"{self.name}/probe",
+                              tls=self.client.tls) as c:
             await self._probe_with(c)
 
     async def _probe_with(self, client: EtcdClient) -> None:
@@ -416,7 +433,8 @@ class HealthMonitor:
     async def _write(self) -> None:
         """Persist the changed hosts and fabric outages; latest view wins, retried until written.
         On a connection of its own: a slow write must not break the watch streams."""
-        async with EtcdClient(self.client.urls, timeout=self.client.timeout, name=f"{self.name}/health") as c:
+        async with EtcdClient(self.client.urls, timeout=self.client.timeout, name=f"{self.name}/health",
+                              tls=self.client.tls) as c:
             await self._write_with(c)
 
     async def _write_with(self, client: EtcdClient) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -21,6 +22,7 @@ from vmha.core.planes import PLANES, PlaneState
 from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient, EtcdError, redact_url
 from vmha.etcd.keys import Keys
+from vmha.etcd.tls import TlsFiles
 
 COLOURS = {
     PlaneState.UP: "green",
@@ -97,8 +99,8 @@ def render(data: dict[str, Any], console: Console) -> None:
         console.print(Text("no fabric outage", style="green"))
 
 
-async def _load(endpoints: list[str], cluster: str) -> health_store.HealthView:
-    async with EtcdClient(endpoints, timeout=3.0, name="status") as client:
+async def _load(endpoints: list[str], cluster: str, tls: TlsFiles | None) -> health_store.HealthView:
+    async with EtcdClient(endpoints, timeout=3.0, name="status", tls=tls) as client:
         return await health_store.load(client, Keys(cluster))
 
 
@@ -107,17 +109,34 @@ async def _load(endpoints: list[str], cluster: str) -> health_store.HealthView:
               help=f"vmha config file [default: {config.DEFAULT_PATH}, unless --endpoints and --cluster]")
 @click.option("--endpoints", help="etcd URLs, comma-separated (instead of --config)")
 @click.option("--cluster", help="cluster name (with --endpoints)")
+@click.option("--ca", type=click.Path(dir_okay=False, path_type=Path), help="etcd's CA (PEM; https:// --endpoints)")
+@click.option("--cert", type=click.Path(dir_okay=False, path_type=Path),
+              help="client certificate (PEM; its CN is the etcd user, e.g. operator)")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="the client certificate's key (PEM)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the grid")
-def status(config_path: str | None, endpoints: str | None, cluster: str | None, as_json: bool) -> None:
+def status(config_path: str | None, endpoints: str | None, cluster: str | None, ca: Path | None, cert: Path | None,
+           key: Path | None, as_json: bool) -> None:  # fmt: skip
     """Hosts x planes with state and age, and fabric outages, as the manager last recorded them."""
+    tls = None
     if endpoints and cluster and not config_path:
         urls = [u.strip() for u in endpoints.split(",") if u.strip()]
+        secure = all(u.startswith("https://") for u in urls)
+        given = {"--ca": ca, "--cert": cert, "--key": key}
+        missing = [opt for opt, v in given.items() if v is None]
+        if secure and missing:
+            raise click.UsageError(f"https:// --endpoints need {', '.join(missing)} (etcd requires a client "
+                                   "certificate)")
+        if not secure and len(missing) < len(given):
+            raise click.UsageError("--ca/--cert/--key are for https:// --endpoints only")
+        if ca is not None and cert is not None and key is not None:
+            tls = TlsFiles(ca, cert, key)
     else:
         cfg = config.load(config_path or config.DEFAULT_PATH)
+        tls = cfg.etcd.tls()
         urls = cfg.manager.endpoints if cfg.manager else cfg.planes.endpoints(PLANES[0])
         cluster = cluster or cfg.cluster.name
     try:
-        view = asyncio.run(_load(urls, cluster))
+        view = asyncio.run(_load(urls, cluster, tls))
     except (EtcdError, ValueError) as e:
         raise click.ClickException(
             f"cannot read the health view from etcd ({', '.join(map(redact_url, urls))}): {e}") from None

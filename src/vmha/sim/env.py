@@ -12,7 +12,8 @@ Model, in the sim's seconds:
   their leases stay held until the proof or host-dead (`host_dead` s after renewals stopped).
 - Proof methods, tried in the order given: lease-taken (no copy runs and the host released the
   lease), request-force (host renews over storage), exit-attested (host's management plane up;
-  waits for sanlock's kill if storage is lost), power (if configured), host-dead.
+  waits for sanlock's kill if storage is lost), power (if configured), host-dead. Each ends by
+  taking the VM's lease: none proves while another host holds it (a copy running there).
 - Nova: evacuation needs the source marked down (unless it restarts the VM on its rejoined source),
   the VM lease free (released by the manager) and no copy running elsewhere (then it reports where
   it runs: idempotent); a copy still running on the source at restart is logged as SPLIT BRAIN, the
@@ -49,7 +50,7 @@ from vmha.core.health import (
 from vmha.core.log import Level, LogLine
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import PolicyTable
-from vmha.core.queue import Task
+from vmha.core.queue import Step, Task, TaskKind, TaskState
 from vmha.core.recovery import (
     AgentStopped,
     Alert,
@@ -167,7 +168,9 @@ class Sim:
         self.failures: dict[tuple[str, str], list[bool]] = {}  # (kind, name) -> [retryable, ...]
         self.etcd_down_until = 0.0
         self.split_brain = 0
-        self.restarts: dict[str, int] = {}  # vm -> copies started by evacuation
+        # (vm, recovery) -> copies started by evacuation, each counted for the recovery persisted when it
+        # began: a deposed leader's evacuation finishing after the failover is its task's restart.
+        self.restarts: dict[tuple[str, int], int] = {}
         self.evacuated: list[tuple[float, str, str]] = []  # (time, vm, source) of every restart
         self._heap: list[tuple[float, int, int, Callable[[], None]]] = []
         self._seq = 0
@@ -377,6 +380,20 @@ class Sim:
             v.lease_holder = None
         self.log(Level.INFO, WORLD, f"vm '{vm}': copy ended on {', '.join(gone) or 'no host'}")
 
+    def forge_task(self, vm: str, state: TaskState, source: str, dest: str) -> None:
+        """Someone with write access to etcd writes tasks/<vm>: a recovery of `vm` off `source` in
+        `state`, with a made-up proof, each step before it recorded done. It passes the strict model:
+        only the next leader's checks stand between it and an evacuation."""
+        t = self.now
+        task = Task(vm=vm, source=source, kind=TaskKind.EVACUATE, recovery=1, priority=0, row="storage",
+                    action="fence-evacuate", failed={"storage": t}, created=t, state=state, since=t, dest=dest,
+                    proof=FenceProof(vm, source, ProofMethod.EXIT_ATTESTED, t, t, {"trail": "made up"}))
+        for step in (Step.PROVE, Step.MARK_DOWN, Step.RELEASE)[: [TaskState.MARKING_DOWN, TaskState.READY,
+                                                                 TaskState.EVACUATING].index(state) + 1]:
+            task.finish(step, t, "ok")
+        self.store[vm] = json.loads(json.dumps(task.to_dict()))
+        TaskValue.model_validate(self.store[vm])
+
     def power_on(self, host: str) -> None:
         h = self.hosts[host]
         if h.powered:
@@ -537,13 +554,28 @@ class Sim:
             await _Wake(when)
             if not self._proof_holds(method, vm, h):
                 raise Refused(f"{method.value} no longer holds")
+            if self._held_elsewhere(vm, h):
+                # Every method ends by taking the lease, which a copy started elsewhere meanwhile (a
+                # deposed leader's evacuation) holds: refused, after a power fence has switched off.
+                if method == ProofMethod.POWER and h.powered:
+                    self.power_off(h.name)
+                raise Refused(f"{method.value}: the lease is held by '{vm.lease_holder}'")
             self._proof_effect(method, vm, h)
             return FenceProof(name, host, method, started, self.now, {"sim": "scripted"})
         await self.sleep(self.st.refuse_after)
         raise Refused("no method applies yet")
 
+    @staticmethod
+    def _held_elsewhere(vm: SimVm, h: SimHost) -> bool:
+        """The VM's lease is held by another host than the proof's (a copy runs there, or ran there and
+        the host has not renewed since): no method can take it (the prover's checks of the lease's
+        owner and its acquire refuse)."""
+        return vm.lease_holder not in (None, MANAGER_HOLDS, h.name)
+
     def _proof_time(self, method: ProofMethod, vm: SimVm, h: SimHost) -> float | None:
         d = self.now + self.st.proof_delay.get(method, 1.0)
+        if method != ProofMethod.POWER and self._held_elsewhere(vm, h):
+            return None  # the lease's owner is not this host: these methods refuse at once
         match method:
             case ProofMethod.LEASE_TAKEN:
                 free = h.name not in vm.copies and vm.lease_holder != h.name
@@ -597,6 +629,7 @@ class Sim:
             v.lease_holder = None
 
     async def evacuate(self, name: str, source: str, dest: str | None, proof: str) -> str:
+        recovery = int(str(self.store.get(name, {}).get("recovery", 0)))  # persisted before it acts
         await self.sleep(self.st.evacuate)
         vm, src = self.vms[name], self.hosts[source]
         failure = self._scripted_failure("evacuate", name)
@@ -618,7 +651,7 @@ class Sim:
             self.log(Level.ERROR, WORLD, f"SPLIT BRAIN: vm '{name}' still runs on '{source}'")
         vm.copies.add(where)
         vm.host, vm.lease_holder = where, where
-        self.restarts[name] = self.restarts.get(name, 0) + 1
+        self.restarts[(name, recovery)] = self.restarts.get((name, recovery), 0) + 1
         self.evacuated.append((self.now, name, source))
         self.log(Level.INFO, WORLD, f"vm '{name}' started on '{where}' (proof {proof})")
         self._inventory_soon()

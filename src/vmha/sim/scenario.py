@@ -15,6 +15,8 @@ Commands:
   fabric PLANE down|up [DOMAIN]  (a plane lost for every host, or the hosts of one domain)
   etcd-leader-change             (no writes for sim.election s, then leases extended TTL + 1 s)
   manager-failover               (the leading manager dies; a standby loads the persisted tasks)
+  forge-task VM STATE SOURCE DEST  (etcd write access: tasks/VM in STATE (marking-down, ready,
+                                 evacuating) off SOURCE with a made-up proof; the next leader loads it)
   fail-evacuate VM N [fatal]     fail-migrate VM N [fatal]     fail-proof VM N [fatal]
   fail-mark-down HOST N [fatal]  (the next N attempts fail; fatal: not retryable)
 """
@@ -32,6 +34,7 @@ from vmha.core.health import HealthTimings
 from vmha.core.log import Level
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
+from vmha.core.queue import TaskState
 from vmha.core.recovery import RecoverySettings
 from vmha.drivers.base import VmInfo
 from vmha.sim.env import SIM, Sim, SimTimings
@@ -39,6 +42,9 @@ from vmha.sim.env import SIM, Sim, SimTimings
 
 class ScenarioError(ValueError):
     pass
+
+
+_FORGEABLE = ("marking-down", "ready", "evacuating")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,8 @@ def _apply(sim: Sim, cmd: Command) -> None:
             sim.etcd_leader_change()
         case ("manager-failover",):
             sim.manager_failover()
+        case ("forge-task", vm, state, source, dest) if state in _FORGEABLE:
+            sim.forge_task(vm, TaskState(state), source, dest)
         case (kind, name, count, *rest) if kind in (
             "fail-evacuate",
             "fail-migrate",
@@ -133,7 +141,8 @@ def _check_names(sim: Sim, cmd: Command) -> None:
     names = set(sim.hosts) | set(sim.vms)
     w = cmd.words
     if w[0] in ("cut", "restore", "power-off", "power-on", "enable", "maintenance", "agent-stop", "agent-kill",
-                "agent-start", "vm-kill", "fail-evacuate", "fail-migrate", "fail-proof", "fail-mark-down") \
+                "agent-start", "vm-kill", "fail-evacuate", "fail-migrate", "fail-proof", "fail-mark-down",
+                "forge-task") \
             and len(w) > 1 and w[1] not in names:
         raise ScenarioError(f"{cmd.where}: unknown host or vm {w[1]!r}")
 

@@ -8,11 +8,18 @@
 
 Several client URLs make one member reachable through several planes (one address per plane).
 A cluster of several members: give each the same ``initial_cluster`` ("n1=peer1,n2=peer2,...").
+
+With ``pki`` (vmha.lab.pki.Pki) etcd serves its clients over TLS only (https:// URLs) and requires
+a client certificate signed by the PKI's CA (--client-cert-auth; the CN is the etcd user):
+
+    with EtcdProcess(pki=Pki(tmp_path / "pki")) as e:
+        client = EtcdClient(e.client_urls, tls=e.tls("h1"))   # a certificate with CN h1
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -20,9 +27,15 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlsplit
 
+from vmha.etcd.auth import ROOT, setup_auth
+from vmha.etcd.client import EtcdClient
+from vmha.etcd.tls import TlsFiles
+from vmha.lab.pki import Pki
 from vmha.testing.process import stop_process
 
 ETCD = "/usr/bin/etcd"
@@ -57,6 +70,7 @@ class EtcdProcess:
         initial_cluster: str | None = None,
         ready_timeout: float = 20.0,
         extra_args: list[str] | None = None,
+        pki: Pki | None = None,
     ) -> None:
         # Without a data dir we own a temporary one and delete it on stop().
         self._own_dir = data_dir is None
@@ -64,7 +78,9 @@ class EtcdProcess:
         self.data_dir = self.base / "data" if self._own_dir else self.base
         self.log_path = (self.base if self._own_dir else self.base.parent) / f"{name}.log"
         client_port, peer_port = free_ports(2)
-        self.client_urls = client_urls or [f"http://127.0.0.1:{client_port}"]
+        self.pki = pki
+        scheme = "http" if pki is None else "https"
+        self.client_urls = client_urls or [f"{scheme}://127.0.0.1:{client_port}"]
         self.peer_url = peer_url or f"http://127.0.0.1:{peer_port}"
         self.netns = netns
         self.name = name
@@ -72,6 +88,35 @@ class EtcdProcess:
         self.ready_timeout = ready_timeout
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def tls(self, user: str = ROOT) -> TlsFiles | None:
+        """The TLS files of etcd user ``user`` (made on first use); None for a plaintext etcd."""
+        return None if self.pki is None else self.pki.issue(user)
+
+    def toml(self, user: str = ROOT) -> str:
+        """The [etcd] section of a vmha config connecting as ``user``."""
+        tls = self.tls(user)
+        if tls is None:
+            return "[etcd]\ninsecure = true\n"
+        return "[etcd]\n" + "".join(f"{f} = {json.dumps(str(getattr(tls, f)))}\n" for f in ("ca", "cert", "key"))
+
+    async def setup_auth(self, cluster: str, hosts: Sequence[str] = (), managers: Sequence[str] = ()) -> None:
+        """`vmha etcd setup-auth` for these users (as root): auth is on from here."""
+        async with EtcdClient(self.client_urls, timeout=5.0, name="setup-auth", tls=self.tls(ROOT)) as c:
+            await setup_auth(c, cluster, hosts, managers)
+
+    def _tls_args(self) -> list[str]:
+        if self.pki is None:
+            return []
+        ips = sorted({str(urlsplit(u).hostname) for u in self.client_urls})
+        self.pki.create(ips, [ROOT])
+        server = self.pki.client("etcd-server")
+        return ["--cert-file", str(server.cert), "--key-file", str(server.key), "--client-cert-auth",
+                "--trusted-ca-file", str(server.ca)]  # fmt: skip
+
+    def _ctl_tls(self) -> list[str]:
+        tls = self.tls()
+        return [] if tls is None else [f"--cacert={tls.ca}", f"--cert={tls.cert}", f"--key={tls.key}"]
 
     @property
     def pid(self) -> int | None:
@@ -96,6 +141,7 @@ class EtcdProcess:
             "--initial-cluster-state", "new",
             "--logger", "zap",
             "--log-outputs", "stderr",
+            *self._tls_args(),
             *self.extra_args,
         ]  # fmt: skip
 
@@ -114,7 +160,7 @@ class EtcdProcess:
     def healthy(self, timeout: float = 1.0) -> bool:
         """One `etcdctl endpoint health` on the first client URL (from inside the netns, if any)."""
         cmd = [
-            *self._prefix(), ETCDCTL, f"--endpoints={self.client_urls[0]}",
+            *self._prefix(), ETCDCTL, f"--endpoints={self.client_urls[0]}", *self._ctl_tls(),
             f"--dial-timeout={timeout}s", f"--command-timeout={timeout}s", "endpoint", "health",
         ]  # fmt: skip
         try:

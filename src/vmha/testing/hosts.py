@@ -1,7 +1,7 @@
 """Simulated compute hosts for tests and benchmarks: a real `vmha agent` process per host, each of
 its planes reaching etcd through its own cuttable TcpProxy (the host's network path on that plane).
 
-    host = await ProxiedHost.create(tmp_path, "c1", "h1", "r1", etcd.client_urls[0])
+    host = await ProxiedHost.create(tmp_path, "c1", "h1", "r1", etcd)   # its own certificate and role
     await host.start_agent()
     await host.cut(Plane.STORAGE)      # that host's storage path is down; the others are untouched
     host.restore(Plane.STORAGE)
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vmha.core.planes import PLANES, Plane
-from vmha.etcd.client import parse_endpoint
+from vmha.testing.etcd import EtcdProcess
 from vmha.testing.proxy import TcpProxy
 
 
@@ -30,8 +30,10 @@ def config_text(
     endpoints: dict[Plane, list[str]],
     timings: dict[str, Any] | None = None,
     extra: str = "",
+    etcd: str = "[etcd]\ninsecure = true\n",
 ) -> str:
-    """A vmha TOML config (json.dumps of a str or list is valid TOML for these values)."""
+    """A vmha TOML config (json.dumps of a str or list is valid TOML for these values); ``etcd``
+    is its [etcd] section (EtcdProcess.toml(user))."""
     lines = ["[cluster]", f"name = {json.dumps(cluster)}"]
     if host is not None:
         lines += ["[host]", f"name = {json.dumps(host)}", f"domain = {json.dumps(domain)}"]
@@ -39,7 +41,7 @@ def config_text(
         lines += [f"[planes.{p.value}]", f"endpoints = {json.dumps(endpoints[p])}"]
     if timings:
         lines += ["[timings]", *(f"{k} = {json.dumps(v)}" for k, v in timings.items())]
-    return "\n".join(lines) + "\n" + extra
+    return "\n".join(lines) + "\n" + etcd + extra
 
 
 class ProxiedHost:
@@ -61,15 +63,17 @@ class ProxiedHost:
         cluster: str,
         name: str,
         domain: str,
-        etcd_url: str,
+        etcd: EtcdProcess,
         timings: dict[str, Any] | None = None,
     ) -> ProxiedHost:
-        host, port = parse_endpoint(etcd_url)
-        proxies = {p: await TcpProxy.start(host, port) for p in PLANES}
+        """The host connects as etcd user ``name`` with the role setup-auth gives a host (auth on)."""
+        if etcd.pki is not None:
+            await etcd.setup_auth(cluster, [name])
+        proxies = {p: await TcpProxy.to(etcd.client_urls[0]) for p in PLANES}
         h = cls(workdir, cluster, name, domain, proxies)
         workdir.mkdir(parents=True, exist_ok=True)
         endpoints = {p: [proxies[p].url] for p in PLANES}
-        h.config_path.write_text(config_text(cluster, name, domain, endpoints, timings))
+        h.config_path.write_text(config_text(cluster, name, domain, endpoints, timings, etcd=etcd.toml(name)))
         return h
 
     async def start_agent(self, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:

@@ -2,6 +2,7 @@
 
     proxy = await TcpProxy.start("127.0.0.1", etcd_port)   # listens on 127.0.0.1:<free port>
     proxy.url                                              # http://127.0.0.1:<port> for the config
+    proxy = await TcpProxy.to(etcd.client_urls[0])         # the same, keeping the URL's scheme (https)
     await proxy.cut()              # reset every connection, reset new ones (a link that is down)
     await proxy.cut(blackhole=True)  # keep connections, forward nothing (a path dropping packets)
     proxy.restore()
@@ -16,6 +17,9 @@ import asyncio
 import contextlib
 import socket
 import struct
+from urllib.parse import urlsplit
+
+from vmha.etcd.client import parse_endpoint
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -28,8 +32,9 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 class TcpProxy:
-    def __init__(self, listen_host: str, target_host: str, target_port: int) -> None:
+    def __init__(self, listen_host: str, target_host: str, target_port: int, scheme: str = "http") -> None:
         self.listen_host = listen_host
+        self.scheme = scheme  # of url: TLS passes through the proxy untouched
         self.target = (target_host, target_port)
         self.port = 0
         self.cut_mode: str | None = None  # None, "reset" or "blackhole"
@@ -39,15 +44,22 @@ class TcpProxy:
         self.accepted = 0
 
     @classmethod
-    async def start(cls, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> TcpProxy:
-        p = cls(listen_host, target_host, target_port)
+    async def to(cls, url: str, listen_host: str = "127.0.0.1") -> TcpProxy:
+        """A proxy to the etcd at ``url`` whose own url has the same scheme."""
+        host, port = parse_endpoint(url)
+        return await cls.start(host, port, listen_host, scheme=urlsplit(url).scheme)
+
+    @classmethod
+    async def start(cls, target_host: str, target_port: int, listen_host: str = "127.0.0.1",
+                    scheme: str = "http") -> TcpProxy:  # fmt: skip
+        p = cls(listen_host, target_host, target_port, scheme)
         p._server = await asyncio.start_server(p._accept, listen_host, 0)
         p.port = p._server.sockets[0].getsockname()[1]
         return p
 
     @property
     def url(self) -> str:
-        return f"http://{self.listen_host}:{self.port}"
+        return f"{self.scheme}://{self.listen_host}:{self.port}"
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1

@@ -34,6 +34,12 @@ from vmha.testing.wait import until
 pytestmark = pytest.mark.integration
 
 
+async def allocate_as_manager(etcd: EtcdProcess, cluster: str) -> None:
+    """What the leading manager does for a registered host (only managers allocate host_ids)."""
+    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+        await hostids.allocate(client, Keys(cluster), "vt2mgr")
+
+
 def agent_config(tmp_path: Path, etcd: EtcdProcess, cluster: str, extra: str = "") -> tuple[LockSpace, Path]:
     """A fresh lockspace with a lease for vm1, and the config of an agent of host vt2mgr using it."""
     space = new_lockspace(tmp_path / "shared")
@@ -44,6 +50,7 @@ def agent_config(tmp_path: Path, etcd: EtcdProcess, cluster: str, extra: str = "
     cfg_path.write_text(
         f'[cluster]\nname = "{cluster}"\n[host]\nname = "vt2mgr"\n'
         + "".join(f'[planes.{p}]\nendpoints = ["{url}"]\n' for p in ("management", "storage", "service"))
+        + "[etcd]\ninsecure = true\n"
         + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = 1\n' + extra
     )
     return space, cfg_path
@@ -61,16 +68,21 @@ def registered_child() -> subprocess.Popen[str]:
     return child
 
 
-async def test_agent_joins_with_an_etcd_host_id_and_leaves_only_without_holders(
+async def test_agent_joins_with_the_host_id_a_manager_allocated_and_leaves_only_without_holders(
     manager_sanlock: LabSanlock, etcd: EtcdProcess, tmp_path: Path
 ) -> None:
     space, cfg_path = agent_config(tmp_path, etcd, "vt2")
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
         await client.create(Keys("vt2").host_id(1), {"host": "someone-else"})  # id 1 is taken
         agent = AgentLocks(config.load(str(cfg_path)))
         run = asyncio.create_task(agent.run())
         child: subprocess.Popen[str] | None = None
         try:
+            # The agent never allocates: it waits for a manager to.
+            await asyncio.sleep(3)
+            assert agent.host_id is None and not run.done() and space.local_state() == "absent"
+            assert await hostids.host_ids(client, Keys("vt2")) == {1: "someone-else"}
+            await hostids.allocate(client, Keys("vt2"), "vt2mgr")  # the leading manager's part
             await until(lambda: agent.host_id is not None or run.done(), "the agent joining", timeout=30, interval=0.1)
             assert agent.host_id == 2, f"agent did not join: {run.exception() if run.done() else 'still joining'}"
             assert await hostids.lookup(client, Keys("vt2"), "vt2mgr") == 2
@@ -106,6 +118,7 @@ async def test_agent_records_holders_it_only_sees_through_sanlock(
     """A lease acquired for a process by someone else (libvirt for QEMU) has no vmha record: the
     running agent records it within a REJOIN_CHECK, and forgets the record once the process is gone."""
     space, cfg_path = agent_config(tmp_path, etcd, "vt2r")
+    await allocate_as_manager(etcd, "vt2r")
     agent = AgentLocks(config.load(str(cfg_path)))
     run = asyncio.create_task(agent.run())
     child = registered_child()
@@ -151,9 +164,10 @@ async def test_agent_refuses_a_host_whose_libvirt_lock_settings_are_wrong(
     etc.mkdir()
     (etc / "qemu.conf").write_text('#lock_manager = "sanlock"\nuser = "libvirt-qemu"\n')
     space, cfg_path = agent_config(tmp_path, etcd, "vt2l", f'[libvirt]\nconfig_dir = "{etc}"\n')
+    await allocate_as_manager(etcd, "vt2l")
     keys = Keys("vt2l")
     agent = AgentLocks(config.load(str(cfg_path)))
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
         monitor = HealthMonitor(client, keys, HealthTimings(), persist=False)
         changes = monitor.subscribe()
         watching = asyncio.create_task(monitor.run())

@@ -18,9 +18,10 @@ from typing import Any, cast
 
 import pytest
 from click.testing import CliRunner
-from lockhelp import IO, LockCluster, new_lockspace
+from lockhelp import A_HOST_ID, IO, LockCluster, new_lockspace
 
 from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.etcd import hostids
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.lab.net import pid_alive as alive
@@ -33,6 +34,7 @@ from vmha.locks import (
     LeaseMissing,
     LockSpace,
     ProofRefused,
+    Prover,
     acquire_for,
     acquire_self,
     inquire,
@@ -260,11 +262,36 @@ async def test_power_fence_spares_a_host_that_renews_its_lockspace(cluster: Lock
     assert [a.split(":")[0] for a in e.value.attempts] == ["lease-taken", "power"]
 
 
+@pytest.mark.parametrize("case", ["no record", "another host's record", "host_id 0"])
+async def test_power_fence_needs_sanlocks_own_stale_record_of_the_host(cluster: LockCluster, case: str) -> None:
+    """etcd's host_id for a host is only a claim (a forged hostid/ key): the power method acts only on
+    sanlock's own delta lease for that id, naming the host and not renewed. Host A is dead on the
+    storage (its daemon killed): without these checks each case below would power it off."""
+    holder = cluster.a.start("hold", "held", vm="vm1")
+    os.kill(cluster.a.daemon.pid, signal.SIGKILL)
+    host, host_id, refusal = {
+        "no record": (cluster.a.name, 7, "host_id 7 has no delta lease"),
+        "another host's record": ("ghost", A_HOST_ID, f"host_id {A_HOST_ID}'s delta lease names '{cluster.a.name}'"),
+        "host_id 0": (cluster.a.name, 0, "host_id 0 is outside sanlock's 1.."),
+    }[case]
+
+    async def host_id_of(_host: str) -> int | None:
+        return host_id
+
+    power = KillHostA(cluster)
+    prover = Prover(cluster.space, host_id_of=host_id_of, power=power, poll=0.1)
+    cluster.provers.append(prover)
+    with pytest.raises(ProofRefused, match=refusal):
+        await prover.prove("vm1", host, (ProofMethod.POWER,), timeout=15)
+    assert power.calls == 0 and alive(holder.pid)
+
+
 def locks_config(space: LockSpace, path: Path) -> Path:
     path.write_text(
         '[cluster]\nname = "vt2"\n'
         + "".join(f'[planes.{p}]\nendpoints = ["http://198.18.1.1:2379"]\n' for p in ("management", "storage",
                                                                                     "service"))
+        + '[etcd]\ninsecure = true\n'
         + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = {IO}\n'
     )
     return path
@@ -338,13 +365,17 @@ def test_acquire_on_behalf_of_a_registered_process(cluster: LockCluster) -> None
     assert alive(holder.pid)
 
 
-async def test_agent_join_allocates_host_id_and_leaves(manager_sanlock: LabSanlock, tmp_path: Path,
-                                                       etcd: EtcdProcess) -> None:
+async def test_agent_join_uses_the_allocated_host_id_and_leaves(manager_sanlock: LabSanlock, tmp_path: Path,
+                                                                etcd: EtcdProcess) -> None:
     space = new_lockspace(tmp_path / "shared")
     space.init()
     keys = Keys("vt2")
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
         await client.create(keys.host_id(1), {"host": "someone-else"})
+        with pytest.raises(membership.NoHostId, match="no sanlock host_id in etcd yet"):
+            await membership.join(space, client, keys, "vt2mgr")  # an agent never allocates one
+        assert await hostids.host_ids(client, keys) == {1: "someone-else"}
+        await hostids.allocate(client, keys, "vt2mgr")  # a manager does
         host_id = await membership.join(space, client, keys, "vt2mgr", timeout=30)
         try:
             assert host_id == 2 and space.joined(2) and space.local_state() == "joined"

@@ -93,6 +93,9 @@ async def test_operator_config_powers_the_host_off(bmc: IpmiSim, tmp_path: Path)
 [cluster]
 name = "c1"
 
+[etcd]
+insecure = true
+
 [planes.management]
 endpoints = ["http://198.18.0.1:2379"]
 [planes.storage]

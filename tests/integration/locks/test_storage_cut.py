@@ -107,7 +107,7 @@ async def test_storage_cut_gives_exit_attested_proof(storage_lab: StorageLab, et
         holder = lab.cluster.a.start("hold", "held", vm="vm1")
     else:
         holder = lab.cluster.a.start("hold", "held", vm="vm1", ignore_term=True, vmha_run="/run/vmha/elsewhere")
-    async with EtcdClient(etcd.client_urls, timeout=1.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=1.0) as client:
 
         async def attest(host: str, vm: str, timeout: float) -> AttestResponse:
             return await request_attestation(client, K, host, vm, timeout, poll=0.1)

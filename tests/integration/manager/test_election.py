@@ -33,7 +33,7 @@ def _task(vm: str, state: str = "queued") -> dict[str, object]:
 
 @contextlib.asynccontextmanager
 async def clients(etcd: EtcdProcess, n: int) -> AsyncIterator[list[EtcdClient]]:
-    cs = [EtcdClient(etcd.client_urls, timeout=1.0, name=f"c{i}") for i in range(n)]
+    cs = [EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=1.0, name=f"c{i}") for i in range(n)]
     try:
         yield cs
     finally:
@@ -70,8 +70,8 @@ async def test_one_leader_then_takeover_after_crash(etcd: EtcdProcess) -> None:
 async def test_leader_cut_off_from_etcd_stops_before_another_is_elected(etcd: EtcdProcess) -> None:
     host, port = etcd.client_urls[0].removeprefix("http://").split(":")
     proxy = await TcpProxy.start(host, int(port))
-    a = EtcdClient([proxy.url], timeout=0.5, name="a")
-    b = EtcdClient(etcd.client_urls, timeout=1.0, name="b")
+    a = EtcdClient([proxy.url], tls=etcd.tls(), timeout=0.5, name="a")
+    b = EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=1.0, name="b")
     lost_at: list[float] = []
     try:
         ea = Election(a, KEYS.leader, "mgr-a", TTL, on_lost=lambda _: lost_at.append(time.monotonic()))

@@ -50,8 +50,8 @@ async def _next(q: asyncio.Queue[list[str]], timeout: float = 10.0) -> list[str]
 async def test_deleted_disabled_keys_are_reported_once_each(etcd: EtcdProcess) -> None:
     host, port = parse_endpoint(etcd.client_urls[0])
     proxy = await TcpProxy.start(host, port)
-    writer = EtcdClient(etcd.client_urls)
-    watcher = EtcdClient([proxy.url], timeout=1.0)
+    writer = EtcdClient(etcd.client_urls, tls=etcd.tls())
+    watcher = EtcdClient([proxy.url], tls=etcd.tls(), timeout=1.0)
     got: asyncio.Queue[list[str]] = asyncio.Queue()
     for h in ("h1", "h2", "h4"):
         await writer.put_json(KEYS.disabled(h), {"op": "mark-down"})

@@ -64,7 +64,7 @@ management = "alert"
 
 @pytest.fixture
 async def leader(etcd: EtcdProcess) -> AsyncIterator[tuple[EtcdClient, Leadership]]:
-    client = EtcdClient(etcd.client_urls, timeout=2.0)
+    client = EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0)
     election = Election(client, KEYS.leader, "mgr-test", 2)
     lead = await election.campaign()
     try:

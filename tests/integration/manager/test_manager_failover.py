@@ -24,7 +24,7 @@ from manager_config import config_text
 
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.queue import Step, Task
-from vmha.etcd import health_store
+from vmha.etcd import health_store, hostids
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.election import leader_name
 from vmha.etcd.heartbeat import PlaneHeartbeat
@@ -59,6 +59,9 @@ max_per_host = 1
 # A dead host's three heartbeat leases expire up to ~1 s apart; acting at the first DOWN would act
 # on a partial row (e.g. service only: live-migrate). Hold the decision until the row settled.
 decide_after = 1.0
+[locks]  # the lockspace is the recording double's; the leader still allocates the hosts' host_ids
+path = "{path.parent / "shared"}"
+io_timeout = 1
 """, cluster=CLUSTER)
     )
     return path
@@ -158,6 +161,12 @@ async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: s
 
         await until(a_sees_all_up, "mgr-a's view: every host UP", timeout=20, interval=0.2)
 
+        async def host_ids_allocated() -> bool:
+            return sorted((await hostids.host_ids(client, KEYS)).values()) == HOSTS
+
+        # Only managers allocate host_ids (the agents read theirs): the leader gave each registered host one.
+        await until(host_ids_allocated, "a host_id for every host, from the leader", timeout=10, interval=0.2)
+
         # h1 crashes: its heartbeats stop, its leases expire.
         for hb in beats[FAILED]:
             await hb.stop(revoke=False)
@@ -200,10 +209,15 @@ async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: s
         b_calls = [c for c in all_calls if c["pid"] == b.proc.pid and c["phase"] == "start"]
         assert b_calls, "the standby did part of the queue"
         if left_by_a is not None:
-            # None run twice: no step the killed leader had recorded as done was run by the new leader.
+            # None run twice: no step the killed leader had recorded as done was run by the new leader,
+            # except that a proof the killed leader held is not the new leader's lease: a VM not yet on
+            # its destination is proved (and released) again, and still restarted once (above).
+            reproved = {c["vm"] for c in b_calls if c["call"] == "prove"}
             for c in b_calls:
                 if "vm" in c:
                     step = Step(c["call"])
+                    if c["vm"] in reproved and step in (Step.PROVE, Step.RELEASE):
+                        continue
                     assert not left_by_a[c["vm"]].done(step), f"{c['vm']}: {step} repeated by the new leader"
         else:
             # The cut-off leader stopped acting before the standby was elected, and never acted again.

@@ -50,9 +50,10 @@ def boot(cleanup: list[str]) -> Callable[..., Any]:
     until ACTIVE; deleted after the test."""
 
     def run(
-        conn: Any, host: str, name: str, metadata: dict[str, str] | None = None, tags: list[str] | None = None
+        conn: Any, host: str, name: str, metadata: dict[str, str] | None = None, tags: list[str] | None = None,
+        flavor_name: str = FLAVOR,
     ) -> Any:
-        flavor = conn.compute.find_flavor(FLAVOR, ignore_missing=False)
+        flavor = conn.compute.find_flavor(flavor_name, ignore_missing=False)
         server = conn.compute.create_server(
             name=name, image_id=IMAGE_ID, flavor_id=flavor.id, networks="none", host=host,
             metadata=metadata or {}, tags=tags or [],

@@ -42,15 +42,19 @@ async def test_hosts_lists_every_compute(driver: nova.NovaDriver) -> None:
 
 
 async def test_ha_servers_on_a_host_across_projects(
-    driver: nova.NovaDriver, boot: Boot, project_conn: ProjectConn, caplog: pytest.LogCaptureFixture
+    driver: nova.NovaDriver, admin: Any, boot: Boot, project_conn: ProjectConn, caplog: pytest.LogCaptureFixture
 ) -> None:
     alice, bob = project_conn("alice", "proj-a"), project_conn("bob", "proj-b")
+    prio7 = admin.compute.find_flavor("vmha-prio7") or admin.compute.create_flavor(
+        name="vmha-prio7", ram=64, vcpus=1, disk=1)
+    admin.compute.create_flavor_extra_specs(prio7, {nova.PRIORITY_SPEC: "7"})  # the operator's, admin-only
     meta = boot(alice, "cmp2", "meta", metadata={"HA_Enabled": "True"})
     tagged = boot(bob, "cmp2", "tagged", tags=["vmha"])
     plain = boot(alice, "cmp2", "plain")
-    prio = boot(bob, "cmp2", "prio", metadata={"HA_Enabled": "true", "HA_Priority": "7"})
+    prio = boot(bob, "cmp2", "prio", metadata={"HA_Enabled": "true"}, flavor_name="vmha-prio7")
+    # What a tenant sets on its own server is no priority: it would put itself first in line.
     tagprio = boot(alice, "cmp2", "tagprio", tags=["vmha", "HA_Priority=3"])
-    both = boot(bob, "cmp2", "both", metadata={"HA_Enabled": "True", "HA_Priority": "2"}, tags=["HA_Priority=9"])
+    both = boot(bob, "cmp2", "both", metadata={"HA_Enabled": "True", "HA_Priority": "99"}, flavor_name="vmha-prio7")
     badprio = boot(alice, "cmp2", "badprio", metadata={"HA_Enabled": "True", "HA_Priority": "high"})
     elsewhere = boot(bob, "cmp3", "elsewhere", metadata={"HA_Enabled": "True"})
 
@@ -58,18 +62,36 @@ async def test_ha_servers_on_a_host_across_projects(
         on_cmp2 = {v.name: v for v in await driver.vms("cmp2")}
     assert set(on_cmp2) == {meta.id, tagged.id, plain.id, prio.id, badprio.id, tagprio.id, both.id}
     assert {n for n, v in on_cmp2.items() if v.ha} == {meta.id, tagged.id, prio.id, badprio.id, tagprio.id, both.id}
-    assert on_cmp2[prio.id].priority == 7
-    assert on_cmp2[tagprio.id].priority == 3  # priority by tag
-    assert on_cmp2[both.id].priority == 2  # the metadata wins over the tag
+    assert on_cmp2[prio.id].priority == 7  # the flavor's extra spec
+    assert on_cmp2[tagprio.id].priority == 0
+    assert on_cmp2[both.id].priority == 7  # the tenant's metadata changes nothing
     assert on_cmp2[tagged.id].priority == 0
     assert on_cmp2[badprio.id].priority == 0
-    assert f"vm={badprio.id} HA_Priority='high' is not an integer" in caplog.text
     assert all(v.host == "cmp2" and v.state == "ACTIVE" for v in on_cmp2.values())
 
     everywhere = {v.name: v for v in await driver.vms()}
     assert everywhere[elsewhere.id].host == "cmp3" and everywhere[elsewhere.id].ha
     # A project's own view shows only its servers: the driver's list really is across projects.
     assert {s.id for s in alice.compute.servers()} == {meta.id, plain.id, badprio.id, tagprio.id}
+
+
+async def test_servers_sharing_a_name_are_not_protected(
+    rig: NovaRig, monkeypatch: pytest.MonkeyPatch, boot: Boot, project_conn: ProjectConn,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """vm_names = "name": two tenants name a server alike; neither is taken for the other."""
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(rig.clouds_yaml))
+    by_name = nova.NovaDriver(NovaConfig(cloud=rig.cloud, vm_names="name"))
+    a = boot(project_conn("alice", "proj-a"), "cmp1", "twin", metadata={"HA_Enabled": "True"})
+    b = boot(project_conn("bob", "proj-b"), "cmp3", "twin", metadata={"HA_Enabled": "True"})
+    solo = boot(project_conn("bob", "proj-b"), "cmp3", "solo", metadata={"HA_Enabled": "True"})
+    with caplog.at_level(logging.ERROR, logger="vmha.drivers.nova"):
+        names = [v.name for v in await by_name.vms()]
+    assert "twin" not in names and "solo" in names
+    assert f"servers are named 'twin' ({', '.join(sorted([a.id, b.id]))})" in caplog.text
+    assert await by_name._sid("solo") == solo.id
+    with pytest.raises(DriverError, match="2 servers of that name"):
+        await by_name._sid("twin")
 
 
 async def test_disable_force_down_and_enable_a_running_host(driver: nova.NovaDriver, admin: Any) -> None:
