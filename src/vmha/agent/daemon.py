@@ -5,7 +5,8 @@
 - Runs one PlaneHeartbeat per plane, each on that plane's endpoints (independent tasks).
 - Keeps its own view of the planes it cannot reach and writes it, atomically, to a JSON status file.
 - Isolation hook: management and service both unreachable for agent.isolation_after seconds while
-  storage is reachable (all that time: etcd losing quorum fails every plane, and is no isolation) -> ``await on_isolated()`` once; armed again when the condition clears.
+  storage is reachable, all that time (etcd losing quorum fails every plane: no isolation)
+  -> ``await on_isolated()`` once; armed again when the condition clears.
   Unless it is a fabric outage: read over the storage plane, the other hosts' management and service
   heartbeats are gone too (the fabric guard's rule). Then the VMs are left running, as the manager,
   seeing FABRIC, recovers nothing: stopped, they would stay stopped after the fabric came back.

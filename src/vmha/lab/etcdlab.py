@@ -1,6 +1,8 @@
 """The lab's etcd: three members (e1, e2, e3), each in a namespace of its own with a client address on
-every plane, as controllers are in production; peers talk over the management plane; clients and
-peers use TLS with the lab's PKI (vmha.lab.pki: etcd-server, etcd-peer).
+every plane, as controllers are in production. The members replicate over a network of their own
+(bridge br-etcd, 198.19.0.0/24: the controllers' link, none of the three planes), so a plane's fabric
+outage cuts clients, never the cluster. Clients and peers use TLS with the lab's PKI (vmha.lab.pki:
+etcd-server, etcd-peer).
 
 Started, crashed (SIGKILL by recorded PID) and restarted by `vmha lab up` and `vmha lab fault etcd ...`.
 A restarted member resumes from its data directory (<lab dir>/etcd/<member>).
@@ -14,7 +16,7 @@ import os
 import signal
 from typing import Any
 
-from vmha.core.planes import PLANES, Plane
+from vmha.core.planes import PLANES
 from vmha.etcd.auth import ROOT
 from vmha.lab.net import LabError, kill_pids, pid_alive, run
 from vmha.lab.state import ETCD_MEMBERS, ETCD_PEER_PORT, LabState
@@ -28,8 +30,16 @@ def role(member: str) -> str:
     return f"etcd-{member}"
 
 
+PEER_BRIDGE = "br-etcd"
+PEER_NIC = "peer"
+
+
+def _peer_address(state: LabState, member: str) -> str:
+    return f"198.19.0.{state.etcd_member(member).index}"
+
+
 def _peer_url(state: LabState, member: str) -> str:
-    return f"https://{state.etcd_member(member).address(Plane.MANAGEMENT)}:{ETCD_PEER_PORT}"
+    return f"https://{_peer_address(state, member)}:{ETCD_PEER_PORT}"
 
 
 def _process(state: LabState, member: str) -> EtcdProcess:
@@ -49,10 +59,22 @@ def _process(state: LabState, member: str) -> EtcdProcess:
 
 
 def create_network(state: LabState) -> None:
-    """Each member's namespace with its three plane addresses (the fabric's bridges exist already)."""
+    """Each member's namespace with its three plane addresses and its peer link (kept when present)."""
     net = state.net()
+    if run(["ip", "-n", net.fabric, "link", "show", PEER_BRIDGE], check=False).returncode != 0:
+        run(["ip", "-n", net.fabric, "link", "add", PEER_BRIDGE, "type", "bridge", "stp_state", "0",
+             "forward_delay", "0"])  # fmt: skip
+    run(["ip", "-n", net.fabric, "link", "set", PEER_BRIDGE, "up"])
     for m in ETCD_MEMBERS:
-        net.add_node(state.etcd_member(m))
+        node = state.etcd_member(m)
+        net.add_node(node)
+        port = f"{m}-{PEER_NIC}"
+        if run(["ip", "-n", net.fabric, "link", "show", port], check=False).returncode != 0:
+            run(["ip", "-n", net.fabric, "link", "add", port, "type", "veth", "peer", "name", PEER_NIC,
+                 "netns", node.netns])  # fmt: skip
+        run(["ip", "-n", net.fabric, "link", "set", port, "master", PEER_BRIDGE, "up"])
+        run(["ip", "-n", node.netns, "addr", "replace", f"{_peer_address(state, m)}/24", "dev", PEER_NIC])
+        run(["ip", "-n", node.netns, "link", "set", PEER_NIC, "up"])
 
 
 def running(state: LabState) -> list[str]:
