@@ -55,7 +55,6 @@ from vmha.core.recovery import AgentStopped
 from vmha.etcd import health_store, values
 from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
-from vmha.etcd.quorum import ask_members, quorum_lost
 from vmha.etcd.registry import parse_host
 from vmha.etcd.values import refused
 from vmha.etcd.watch import Delete, Put, Snapshot, watch_prefix
@@ -79,8 +78,6 @@ class LocksRefused:
 
 Change = HealthChange | FabricChange | AgentStopped | LocksRefused
 
-# Members up without a leader for this long is a lost quorum, not an election (about a second here).
-QUORUM_ALERT_AFTER = 3.0
 _LEVELS = {Level.INFO: logging.INFO, Level.WARN: logging.WARNING, Level.ERROR: logging.ERROR}
 
 
@@ -125,8 +122,6 @@ class HealthMonitor:
         self._agent_stopped: dict[str, float] = {}  # host -> when its agent stopped cleanly
         self._locks_refused: dict[str, str] = {}  # host -> why its agent refuses to protect it
         self._etcd_ok = True
-        self._quorum_lost_since: float | None = None  # first probe that found the members without a leader
-        self._quorum_alerted = False
         self._leases: dict[tuple[str, Plane], int] = {}  # lease of the last heartbeat counted per plane
         self._checks: set[asyncio.Task[None]] = set()  # lease checks of deleted heartbeat keys
         # The lease before the current one per plane, to see heartbeats alternate between two leases
@@ -417,30 +412,9 @@ class HealthMonitor:
                 if self._etcd_ok:
                     log.warning("etcd probe failed: %s", e)
                 self._set_etcd(False)
-                await self._check_quorum()
             else:
                 self._set_etcd(True)
-                if self._quorum_alerted:
-                    log.warning("manager %s: etcd has a quorum again (lost for %.1f s)", self.name,
-                                self.clock() - (self._quorum_lost_since or self.clock()))  # fmt: skip
-                self._quorum_lost_since, self._quorum_alerted = None, False
             await asyncio.sleep(self.probe_interval)
-
-    async def _check_quorum(self) -> None:
-        """While etcd fails: ask the members. Quorum lost for QUORUM_ALERT_AFTER (longer than an
-        election, whose leaderless moment is no outage) is alerted once; verdicts stay frozen meanwhile."""
-        lost = quorum_lost(await ask_members(self.client.urls, self.client.tls, self.probe_timeout, self.name))
-        now = self.clock()
-        if lost is None:
-            self._quorum_lost_since = None
-            return
-        if self._quorum_lost_since is None:
-            self._quorum_lost_since = now
-        if not self._quorum_alerted and now - self._quorum_lost_since >= QUORUM_ALERT_AFTER:
-            self._quorum_alerted = True
-            # No event record: etcd cannot store one now. Nothing moves while it lasts (frozen verdicts).
-            log.error("ALERT manager %s: %s, for %.1f s: no failure can be detected or recovered until it "
-                      "returns", self.name, lost, now - self._quorum_lost_since)  # fmt: skip
 
     async def _tick(self) -> None:
         ticked: float | None = None
