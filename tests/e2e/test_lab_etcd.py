@@ -76,6 +76,7 @@ class Quiet:
     t0: float
     pids: dict[str, tuple[int, str | None]]
     isolations: int
+    tasks_before: dict[str, object]  # earlier faults' finished tasks stay: only new or changed ones count
     down: list[str] = field(default_factory=list)  # host/plane=state seen neither UP nor SUSPECT
     suspect: set[str] = field(default_factory=set)
     tasks: list[str] = field(default_factory=list)
@@ -130,12 +131,13 @@ def _watch(lab: LabState, seconds: float, q: Quiet) -> None:
             seen = [(f"{h}/{p}", s) for h, planes in sorted(view.items()) for p, s in planes.items() if s != "up"]
             q.down += [f"{hp}={s}" for hp, s in seen if s != "suspect"]
             q.suspect |= {hp for hp, s in seen if s == "suspect"}
-            q.tasks += sorted(tasks)
+            q.tasks += sorted(k for k, v in tasks.items() if q.tasks_before.get(k) != v)
         time.sleep(0.5)
 
 
 def _quiet_start(lab: LabState) -> Quiet:
-    return Quiet(time.time(), _pids(lab), _logs(lab, "agent-*.log").count(ISOLATION_LINE))
+    tasks, _ = etcdq.get_json_prefix(lab, KEYS.tasks_prefix)
+    return Quiet(time.time(), _pids(lab), _logs(lab, "agent-*.log").count(ISOLATION_LINE), tasks)
 
 
 def test_status_lists_three_members_one_leader(lab: LabState) -> None:
