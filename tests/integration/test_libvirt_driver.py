@@ -61,7 +61,7 @@ def in_controller(lab: LabState, *calls: tuple[str, tuple[Any, ...]]) -> list[tu
     network namespace (libvirt_calls.py); the first call that fails raises its exception here."""
     uris = {h: libvirt_uri(lab.node(h)) for h in sorted(lab.hosts)}
     tls = lab.pki.client("m1")  # the driver runs in the manager: the managers' role
-    arg = base64.b64encode(pickle.dumps((uris, lab.etcd_url(Plane.MANAGEMENT), tls, CLUSTER, list(calls)))).decode()
+    arg = base64.b64encode(pickle.dumps((uris, lab.etcd_urls(Plane.MANAGEMENT)[0], tls, CLUSTER, list(calls)))).decode()
     cp = subprocess.run(["ip", "netns", "exec", lab.node("controller").netns, sys.executable,
                          str(Path(__file__).with_name("libvirt_calls.py")), arg],
                         capture_output=True, text=True, timeout=300, check=False)

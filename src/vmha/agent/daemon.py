@@ -5,7 +5,8 @@
 - Runs one PlaneHeartbeat per plane, each on that plane's endpoints (independent tasks).
 - Keeps its own view of the planes it cannot reach and writes it, atomically, to a JSON status file.
 - Isolation hook: management and service both unreachable for agent.isolation_after seconds while
-  storage is reachable -> ``await on_isolated()`` once; armed again when the condition clears.
+  storage is reachable, all that time (etcd losing quorum fails every plane: no isolation)
+  -> ``await on_isolated()`` once; armed again when the condition clears.
   Unless it is a fabric outage: read over the storage plane, the other hosts' management and service
   heartbeats are gone too (the fabric guard's rule). Then the VMs are left running, as the manager,
   seeing FABRIC, recovers nothing: stopped, they would stay stopped after the fabric came back.
@@ -59,9 +60,12 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def isolated(reach: dict[Plane, PlaneReach], now: float, after: float) -> bool:
-    """Management and service unreachable for at least ``after`` seconds, storage reachable."""
+    """Management and service unreachable for at least ``after`` seconds while storage was reachable.
+    Counted from the latest of the three changes: when etcd itself fails (quorum lost, every plane's
+    call answered with an error), storage fails too, and when quorum returns storage may beat again a
+    backoff before the others do; that is etcd's trouble, not this host's isolation."""
     m, v, s = reach[Plane.MANAGEMENT], reach[Plane.SERVICE], reach[Plane.STORAGE]
-    return s.reachable and not m.reachable and not v.reachable and now - m.since >= after and now - v.since >= after
+    return s.reachable and not m.reachable and not v.reachable and now - max(m.since, v.since, s.since) >= after
 
 
 class Agent:

@@ -476,6 +476,17 @@ class EtcdClient:
         r = await self.call(lambda c: c.get_prefix(PROBE_KEY.encode(), keys_only=True), timeout)
         return int(r.header.revision)
 
+    async def member_status(self, timeout: float | None = None) -> tuple[int, int]:
+        """(this member's id, the leader's id as it knows it; 0: none). The member answers it alone,
+        without the cluster: it tells a member that is up but has no leader (quorum lost)."""
+
+        async def op(c: aetcd.Client) -> tuple[int, int]:
+            await c.connect()
+            r = await c.maintenancestub.Status(rpc.StatusRequest(), timeout=self.timeout, metadata=c.metadata)
+            return int(r.header.member_id), int(r.leader)
+
+        return await self.call(op, timeout)
+
     async def compact(self, revision: int, timeout: float | None = None) -> None:
         await self.call(lambda c: c.compact(revision, physical=True), timeout)
 

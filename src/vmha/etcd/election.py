@@ -40,6 +40,7 @@ from aetcd import transactions as tx
 
 from vmha.etcd import values
 from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError, encode_json
+from vmha.etcd.quorum import QuorumWatch
 from vmha.etcd.values import refused
 
 log = logging.getLogger("vmha.manager.election")
@@ -145,6 +146,7 @@ class Election:
         self.reached = False  # a campaign round got etcd's answer: campaigning, not only starting
         self._seen_leader: str | None = None  # the leader last logged by this standby
         self._keepalive: asyncio.Task[None] | None = None
+        self.quorum = QuorumWatch(client, f"manager {name}")
 
     async def campaign(self) -> Leadership:
         """Wait until this manager is the leader; EtcdUnavailable is retried with backoff."""
@@ -153,9 +155,11 @@ class Election:
                 won = await self._try()
             except EtcdError as e:
                 log.warning("manager %s: campaign failed (%s); retrying", self.name, e)
+                await self.quorum.failed()
                 await self.client.wait_backoff()
                 continue
             self.reached = True
+            self.quorum.ok()
             if isinstance(won, Leadership):
                 self.leadership = won
                 self._keepalive = asyncio.create_task(self._keep(won), name=f"election-{self.name}")

@@ -138,18 +138,28 @@ def _print_verify(report: dict[str, object]) -> None:
 @click.argument("target")
 @click.argument("what")
 @click.argument("updown", required=False)
+@click.argument("plane_updown", required=False)
 @_dir_option
-def fault(target: str, what: str, updown: str | None, lab_dir: Path) -> None:
+def fault(target: str, what: str, updown: str | None, plane_updown: str | None, lab_dir: Path) -> None:
     """Inject or repair a fault:
 
     \b
       vmha lab fault HOST management|storage|service down|up
       vmha lab fault HOST power-off|power-on
       vmha lab fault fabric management|storage|service down|up
+      vmha lab fault etcd e1|e2|e3|leader|quorum down|up
+      vmha lab fault etcd e1|e2|e3 management|storage|service down|up
     """
     state = _load(lab_dir)
     try:
-        if what in ("power-off", "power-on"):
+        if target == "etcd":
+            if updown is None:
+                raise LabError("usage: vmha lab fault etcd MEMBER|leader|quorum down|up, or etcd MEMBER PLANE down|up")
+            rec = (faults.etcd(state, what, updown) if plane_updown is None
+                   else faults.etcd_plane(state, what, updown, plane_updown))
+        elif plane_updown is not None:
+            raise LabError("too many arguments (four only for `etcd MEMBER PLANE down|up`)")
+        elif what in ("power-off", "power-on"):
             if target == "fabric" or updown is not None:
                 raise LabError(f"usage: vmha lab fault HOST {what}")
             rec = faults.power(state, target, what == "power-on")

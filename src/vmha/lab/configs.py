@@ -45,7 +45,7 @@ def _common(state: LabState, user: str) -> dict[str, dict[str, Value]]:
     sections: dict[str, dict[str, Value]] = {"cluster": {"name": CLUSTER}}
     sections["etcd"] = {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)}
     for plane in PLANES:
-        sections[f"planes.{plane.value}"] = {"endpoints": [state.etcd_url(plane)]}
+        sections[f"planes.{plane.value}"] = {"endpoints": state.etcd_urls(plane)}
     sections["locks"] = {"path": str(MOUNT_POINT / LEASES_DIR), "io_timeout": state.io_timeout}
     return sections
 
@@ -70,7 +70,7 @@ def manager_config(state: LabState, name: str) -> Path:
     sections = _common(state, name)
     sections["manager"] = {
         "name": name,
-        "endpoints": [state.etcd_url(PLANES[0])],
+        "endpoints": state.etcd_urls(PLANES[0]),
         "driver": "nova" if state.nova else ("libvirt" if state.guests == "qemu" else "lab"),
         # The lab's power fence (vmha.lab.power) kills every process of a host's namespace: the lab
         # starts its managers through vmha.lab.manager, which injects it, with any driver.

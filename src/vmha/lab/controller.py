@@ -1,4 +1,4 @@
-"""The lab controller: etcd on its three plane addresses, the shared storage server, and two
+"""The lab controller: the etcd members (vmha.lab.etcdlab), the shared storage server, and two
 `vmha manager`s, each with a sanlock daemon of its own (its lock host for fence proofs: in
 production each manager runs on its own machine with its own daemon). The managers' daemons use
 SANLOCK_RUN_DIR (sockets under <lab dir>/run/<manager>) since they share the controller's namespaces.
@@ -9,16 +9,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vmha.core.planes import PLANES, Plane
+from vmha.core.planes import PLANES
 from vmha.etcd.auth import OPERATOR, ROOT
-from vmha.lab import novalab
+from vmha.lab import etcdlab, novalab
 from vmha.lab.configs import controller_config, manager_config
 from vmha.lab.hosts import storage, vmha_command
 from vmha.lab.net import LabError, Node, host_env, pid_alive, run, spawn
 from vmha.lab.pki import PkiError
 from vmha.lab.sanlockd import start_sanlock
-from vmha.lab.state import LabState
-from vmha.testing.etcd import EtcdProcess, EtcdStartError
+from vmha.lab.state import ETCD_MEMBERS, LabState
 
 MANAGERS = ("m1", "m2")  # the first started becomes the leader, the other stands by
 
@@ -39,29 +38,16 @@ def start_services(state: LabState) -> None:
     node = state.node("controller")
     if not pid_alive(pids.get("sshd", 0)):
         pids["sshd"] = storage(state).start_server(node)
-    if not pid_alive(pids.get("etcd", 0)):
+    if len(etcdlab.running(state)) < len(ETCD_MEMBERS):
         try:
             # The published names (vmha.lab.pki): one certificate per host, manager, operator, root.
-            state.pki.create([node.address(p) for p in PLANES], [*sorted(state.hosts), *MANAGERS, OPERATOR, ROOT])
+            # etcd's server certificate names every member's address on every plane.
+            state.pki.create([state.etcd_member(m).address(p) for m in ETCD_MEMBERS for p in PLANES],
+                             [*sorted(state.hosts), *MANAGERS, OPERATOR, ROOT])
         except PkiError as e:
             raise LabError(f"lab certificates in {state.pki.dir}: {e} (the lab runs etcd with TLS only)") from None
-        etcd = EtcdProcess(
-            data_dir=state.dir / "etcd" / "data",
-            client_urls=[state.etcd_url(p) for p in PLANES],
-            peer_url=f"http://{node.address(Plane.MANAGEMENT)}:2380",
-            netns=node.netns,
-            name="etcd-lab",
-            # As in production (README): the agents' heartbeats write a revision per plane every
-            # keepalive, and a lab left up for days would otherwise grow its store without bound.
-            extra_args=["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m"],
-            pki=state.pki,
-        )
-        try:
-            etcd.start()
-        except EtcdStartError as e:
-            raise LabError(f"etcd did not start in {node.netns}: {e}") from None
-        assert etcd.pid is not None
-        pids["etcd"] = etcd.pid
+        etcdlab.create_network(state)
+        etcdlab.start(state, list(ETCD_MEMBERS))
         setup_auth(state)
     for name in MANAGERS:
         role = f"sanlock-{name}"

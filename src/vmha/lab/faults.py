@@ -4,6 +4,9 @@
   host power-off/on    every process of the host killed at once / the host's services booted again
   fabric plane down/up the plane's bridge (every host loses that plane together)
   kill manager         SIGKILL to the leading manager (the standby takes over)
+  etcd MEMBER down/up  SIGKILL to one etcd member (a name, or "leader" for the current leader) / restart it
+  etcd quorum down/up  two members killed at once (the leader among them when there is one) / restarted
+  etcd MEMBER plane down/up  the member's NIC on that plane (partitioned from that plane only)
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import signal
 import time
 
 from vmha.core.planes import Plane
+from vmha.lab import etcdlab
 from vmha.lab.cluster import leader
 from vmha.lab.hosts import boot_host, power_off
 from vmha.lab.net import LabError, pid_alive
-from vmha.lab.state import LabState
+from vmha.lab.state import ETCD_MEMBERS, LabState
 
 
 def _plane(name: str) -> Plane:
@@ -73,3 +77,45 @@ def kill_manager(state: LabState) -> dict[str, object]:
     t = time.time()
     os.kill(pid, signal.SIGKILL)
     return state.log_fault("manager", "kill", name, t)
+
+
+def etcd(state: LabState, member: str, updown: str) -> dict[str, object]:
+    """Crash (SIGKILL) or restart one member, or with ``quorum`` two at once."""
+    up = _updown(updown)
+    state.reload()
+    t = time.time()
+    if member == "quorum":
+        if up:
+            etcdlab.start(state, list(ETCD_MEMBERS))
+        else:
+            alive = etcdlab.running(state)
+            if len(alive) * 2 <= len(ETCD_MEMBERS):
+                raise LabError(f"etcd has no quorum already (running: {', '.join(alive) or 'none'})")
+            lead = etcdlab.leader(state)
+            # The leader goes first: the one left is a follower, as after a real double failure.
+            victims = sorted(alive, key=lambda m: m != lead)[: len(alive) - len(ETCD_MEMBERS) // 2]
+            for m in victims:
+                etcdlab.crash(state, m)
+            member = ",".join(victims)
+    else:
+        if member == "leader":
+            lead = etcdlab.leader(state)
+            if lead is None:
+                raise LabError("no etcd member says it leads now: nothing to kill")
+            member = lead
+        state.etcd_member(member)  # a clear error for an unknown name
+        if up:
+            etcdlab.start(state, [member])
+        else:
+            etcdlab.crash(state, member)
+    state.save()
+    return state.log_fault(member, "etcd", updown, t)
+
+
+def etcd_plane(state: LabState, member: str, plane: str, updown: str) -> dict[str, object]:
+    """The member's NIC on one plane down or up: clients of that plane must use another member."""
+    p, up = _plane(plane), _updown(updown)
+    node = state.etcd_member(member)
+    t = time.time()
+    state.net().set_link(node, p, up)
+    return state.log_fault(member, f"etcd-{p.value}", updown, t)

@@ -4,7 +4,8 @@ client certificate per etcd user.
     <dir>/ca.crt                 the CA every client and etcd verify against
     <dir>/<name>.crt, .key       a client certificate whose CN is <name> (etcd's user): each host,
                                  each manager, operator, root (`vmha etcd setup-auth` runs as root)
-    <dir>/etcd-server.crt, .key  etcd's own, with an IP SAN per client address
+    <dir>/etcd-server.crt, .key  etcd's own, with an IP SAN per client address (of every member)
+    <dir>/etcd-peer.crt, .key    the members' peer certificate (server and client), an IP SAN per peer address
 
 The file names are a published contract (outside checks use them). A failure raises PkiError: the
 lab refuses to run without TLS rather than fall back to plaintext.
@@ -19,6 +20,7 @@ from pathlib import Path
 from vmha.etcd.tls import TlsFiles
 
 SERVER = "etcd-server"
+PEER = "etcd-peer"
 _DAYS = "3650"
 _CURVE = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]  # fast to make, accepted by etcd and gRPC
 
@@ -93,4 +95,4 @@ class Pki:
         return self
 
 
-__all__ = ["SERVER", "Pki", "PkiError"]
+__all__ = ["PEER", "SERVER", "Pki", "PkiError"]

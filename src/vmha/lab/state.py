@@ -22,6 +22,11 @@ from vmha.lab.pki import Pki
 DEFAULT_DIR = Path(os.environ.get("VMHA_LAB_DIR", "/var/tmp/vmha-lab/lab"))
 CLUSTER = "lab"
 ETCD_PORT = 2379
+ETCD_PEER_PORT = 2380
+# The etcd members, each in a namespace of its own with an address on every plane (as controllers are
+# in production): <prefix>-e1 at 198.18.<plane>.2, e2 at .3, e3 at .4 (the controller is .1, hosts .11+).
+ETCD_MEMBERS = ("e1", "e2", "e3")
+ETCD_INDEX_BASE = 2
 LEASES_DIR = "locks"  # under the storage mount point: lockspace and VM leases
 DISKS_DIR = "disks"  # under the storage mount point: one file per lab VM
 
@@ -89,8 +94,18 @@ class LabState:
             raise LabError(f"no lab host {name!r}; hosts: {', '.join(sorted(self.hosts)) or 'none'}")
         return net.node(ns.name, ns.index, ns.anchor)
 
-    def etcd_url(self, plane: Plane) -> str:
-        return f"https://{self.node('controller').address(plane)}:{ETCD_PORT}"
+    def etcd_member(self, name: str) -> Node:
+        """An etcd member's node (its namespace and addresses; etcd runs there without an anchor)."""
+        if name not in ETCD_MEMBERS:
+            raise LabError(f"no etcd member {name!r}; members: {', '.join(ETCD_MEMBERS)}")
+        return self.net().node(name, ETCD_INDEX_BASE + ETCD_MEMBERS.index(name))
+
+    def etcd_member_url(self, member: str, plane: Plane) -> str:
+        return f"https://{self.etcd_member(member).address(plane)}:{ETCD_PORT}"
+
+    def etcd_urls(self, plane: Plane) -> list[str]:
+        """Every member's client URL on that plane: what agents, managers and lab commands are given."""
+        return [self.etcd_member_url(m, plane) for m in ETCD_MEMBERS]
 
     @property
     def pki(self) -> Pki:

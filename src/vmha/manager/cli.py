@@ -24,7 +24,7 @@ from vmha.core.queue import TERMINAL, Task
 from vmha.core.recovery import AGENT_STOPPED_KEY, MAINTENANCE_KEY, RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.etcd import health_store
-from vmha.etcd.client import EtcdClient, EtcdError, redact_url
+from vmha.etcd.client import EtcdClient, EtcdError, EtcdUnavailable, redact_url
 from vmha.etcd.election import leader_name
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import Event, EventLog, RecordStore
@@ -49,6 +49,11 @@ def _with_etcd(config_path: str, body: Callable[[config.Config, EtcdClient, Keys
 
     async def run() -> T:
         async with EtcdClient(_endpoints(cfg), timeout=3.0, name="vmha", tls=cfg.etcd.tls()) as client:
+            # An etcd member down: the client moved on to the next endpoint, and the command starts
+            # over there (its reads and writes are idempotent), once per other endpoint.
+            for _ in range(len(client.urls) - 1):
+                with contextlib.suppress(EtcdUnavailable):
+                    return await body(cfg, client, Keys(cfg.cluster.name))
             return await body(cfg, client, Keys(cfg.cluster.name))
 
     try:

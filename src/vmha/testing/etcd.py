@@ -10,7 +10,8 @@ Several client URLs make one member reachable through several planes (one addres
 A cluster of several members: give each the same ``initial_cluster`` ("n1=peer1,n2=peer2,...").
 
 With ``pki`` (vmha.lab.pki.Pki) etcd serves its clients over TLS only (https:// URLs) and requires
-a client certificate signed by the PKI's CA (--client-cert-auth; the CN is the etcd user):
+a client certificate signed by the PKI's CA (--client-cert-auth; the CN is the etcd user). An https://
+peer URL makes the members talk to each other over TLS too, with the PKI's peer certificate:
 
     with EtcdProcess(pki=Pki(tmp_path / "pki")) as e:
         client = EtcdClient(e.client_urls, tls=e.tls("h1"))   # a certificate with CN h1
@@ -35,7 +36,7 @@ from urllib.parse import urlsplit
 from vmha.etcd.auth import ROOT, setup_auth
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.tls import TlsFiles
-from vmha.lab.pki import Pki
+from vmha.lab.pki import PEER, Pki
 from vmha.testing.process import stop_process
 
 ETCD = "/usr/bin/etcd"
@@ -111,8 +112,15 @@ class EtcdProcess:
         ips = sorted({str(urlsplit(u).hostname) for u in self.client_urls})
         self.pki.create(ips, [ROOT])
         server = self.pki.client("etcd-server")
-        return ["--cert-file", str(server.cert), "--key-file", str(server.key), "--client-cert-auth",
+        args = ["--cert-file", str(server.cert), "--key-file", str(server.key), "--client-cert-auth",
                 "--trusted-ca-file", str(server.ca)]  # fmt: skip
+        if self.peer_url.startswith("https://"):
+            # One certificate for every member: its SANs are all the peer addresses of the cluster.
+            peers = [u for part in self.initial_cluster.split(",") for u in part.partition("=")[2:]]
+            peer = self.pki.issue(PEER, sorted({str(urlsplit(u).hostname) for u in peers}))
+            args += ["--peer-cert-file", str(peer.cert), "--peer-key-file", str(peer.key),
+                     "--peer-client-cert-auth", "--peer-trusted-ca-file", str(peer.ca)]  # fmt: skip
+        return args
 
     def _ctl_tls(self) -> list[str]:
         tls = self.tls()
