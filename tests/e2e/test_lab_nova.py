@@ -62,7 +62,7 @@ def test_vms_are_nova_servers(lab: LabState) -> None:
     assert meta == novalab.HA_METADATA
 
 
-def test_qemu_guests_are_defined_the_nova_way(lab: LabState) -> None:
+def test_guests_are_defined_the_nova_way(lab: LabState) -> None:
     """A QEMU guest's disk is in Nova's layout, its domain has no <lease>, and the lease QEMU holds is
     libvirt's disk lease, named after that disk's path (the name the managers' prover takes)."""
     if lab.guests != "qemu":
