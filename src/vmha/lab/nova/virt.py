@@ -189,10 +189,10 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
             with disk.open("wb") as f:
                 f.truncate(DISK_SIZE)
         link = Path(self.lab["disks"]) / f"{vm}.disk"
-        target = os.path.relpath(disk, link.parent)  # relative: the same on the controller's export
-        if not link.is_symlink() or os.readlink(link) != target:
-            link.unlink(missing_ok=True)
-            link.symlink_to(target)
+        # Relative: the same on the controller's export. Made at the boot; an evacuation keeps the uuid
+        # and finds it (over the lab's sshfs, a link made on an existing one fails with EPERM).
+        if not os.path.lexists(link):
+            link.symlink_to(os.path.relpath(disk, link.parent))
         xml = base / "libvirt.xml"  # where Nova's libvirt driver keeps it
         xml.write_text(domain_xml(vm, disk, float(self.lab["interval"])))
         t0 = time.monotonic()
