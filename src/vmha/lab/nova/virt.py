@@ -190,7 +190,7 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
                 f.truncate(DISK_SIZE)
         link = Path(self.lab["disks"]) / f"{vm}.disk"
         # Relative: the same on the controller's export. Made at the boot; an evacuation keeps the uuid
-        # and finds it (over the lab's sshfs, a link made on an existing one fails with EPERM).
+        # and finds it (the lab's sshfs answers readlink with EPERM: only whether it exists is asked).
         if not os.path.lexists(link):
             link.symlink_to(os.path.relpath(disk, link.parent))
         xml = base / "libvirt.xml"  # where Nova's libvirt driver keeps it
