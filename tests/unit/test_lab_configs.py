@@ -3,14 +3,21 @@ the RTO bench builds its lab under its own prefix and directory, never the demo'
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from vmha import config
 from vmha.bench.rto import rto
+from vmha.lab import libvirtd, novalab
 from vmha.lab.cli import up
-from vmha.lab.configs import manager_config
-from vmha.lab.state import LabState
+from vmha.lab.configs import agent_config, manager_config
+from vmha.lab.guestxml import domain_xml
+from vmha.lab.net import HOST_INDEX_BASE
+from vmha.lab.state import LabState, NodeState
+from vmha.locks.disk_leases import LOCKSPACE as DISK_LOCKSPACE
+from vmha.locks.disk_leases import disk_lease_name
+from vmha.locks.space import LockSpace
 
 
 def _power_fence(state: LabState) -> bool:
@@ -42,3 +49,23 @@ def test_bench_lab_never_shares_the_demo_labs_prefix_or_directory() -> None:
     lab, bench = defaults(up), defaults(rto)
     assert bench["prefix"] != lab["prefix"]
     assert bench["lab_dir"] != lab["lab_dir"]
+
+
+def test_nova_lab_with_qemu_guests_proves_with_the_disk_lease_libvirt_takes(tmp_path: Path) -> None:
+    """The managers (VM = server id) name the same lease libvirt takes for the disk the lab's virt driver
+    gives the server (Nova's layout), and the guest's domain carries no <lease> of its own."""
+    state = LabState(dir=tmp_path, created=time.time(), nova=True, guests="qemu")
+    state.hosts["h1"] = NodeState("h1", HOST_INDEX_BASE + 1)
+    mgr = config.load(manager_config(state, "m1"))
+    agent = config.load(agent_config(state, "h1"))
+    assert mgr.nova is not None and mgr.nova.vm_names == "id"
+    assert agent.locks == mgr.locks and agent.libvirt is not None
+    virt = json.loads(novalab.virt_config(state, "h1").read_text())
+    server = "5f0c9c3e-3d2a-4c1e-9a43-0f6a2b7d1e11"
+    disk = Path(virt["instances"]) / server / "disk"  # where vmha.lab.nova.virt puts the server's disk
+    space = LockSpace.from_config(mgr.require_locks())
+    assert space.name == DISK_LOCKSPACE == state.lockspace
+    assert space.resource(server) == disk_lease_name(str(disk))
+    assert "<lease" not in domain_xml("vm1", disk, virt["interval"])
+    assert (libvirtd.sanlock_conf((mgr.require_locks().path, libvirtd.host_id("h1"), state.io_timeout))
+            .count("auto_disk_leases = 1") == 1)

@@ -45,7 +45,8 @@ def lab_group() -> None:
               help="a real Nova runs the VMs (needs scripts/setup-nova.sh); the managers use the nova driver")
 @click.option("--guests", type=click.Choice(["process", "qemu"]), default="process", show_default=True,
               help="qemu: real QEMU guests under a libvirtd per host (scripts/build-guest.sh); the managers "
-                   "use the libvirt driver. process: the quick vmha-vm stand-ins")
+                   "use the libvirt driver (with --nova: Nova's, the guests in Nova's instance layout under "
+                   "libvirt's disk leases). process: the quick vmha-vm stand-ins")
 @click.option("--prefix", default="vl", show_default=True,
               help="network namespace prefix (another prefix: a second lab next to this one)")
 @_dir_option

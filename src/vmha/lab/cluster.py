@@ -39,8 +39,6 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
     lease through libvirt's sanlock lock manager; the managers use the libvirt driver."""
     if guests not in ("process", "qemu"):
         raise LabError(f"--guests {guests}: process or qemu")
-    if guests == "qemu" and nova:
-        raise LabError("--guests qemu with --nova: not yet (the Nova lab runs the stand-in VMs)")
     if not 1 <= hosts <= 50:
         raise LabError(f"--hosts {hosts}: 1 to 50")
     if not 0 <= vms <= 200:
@@ -71,7 +69,9 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
     state.save()
     controller.start_services(state)
     state.save()
-    init_leases(state, state.vms)
+    init_leases(state, [] if state.disk_leases else state.vms)  # libvirt creates disk leases itself
+    if state.disk_leases:
+        _reserve_host_ids(state)
     if state.nova:
         novalab.start_control(state, echo)
     for name in sorted(state.hosts, key=_host_order):
@@ -113,6 +113,17 @@ def init_leases(state: LabState, vms: list[str]) -> None:
          *vmha_command("locks", "init", "--config", str(cfg), *args)], timeout=120)
 
 
+def _reserve_host_ids(state: LabState) -> None:
+    """Host hN's sanlock host_id N in etcd (kept when present), before its agent starts: its libvirtd joins
+    libvirt's disk-lease lockspace with the host_id written in qemu-sanlock.conf (vmha.lab.libvirtd), and
+    the agent refuses a host whose libvirt uses another id than vmha allocated (the lowest free one)."""
+    have, _ = etcdq.get_json_prefix(state, KEYS.host_id_prefix)
+    for name in sorted(state.hosts, key=_host_order):
+        key = KEYS.host_id(libvirtd.host_id(name))
+        if key not in have:
+            etcdq.put_json(state, key, {"host": name})
+
+
 def _records(state: LabState) -> None:
     """Host and placement records in etcd (kept when present: they are the cloud's own state)."""
     have, _ = etcdq.get_json_prefix(state, KEYS.lab(""))
@@ -139,7 +150,7 @@ def _wait_joined(state: LabState, echo: Echo) -> None:
     deadline = time.monotonic() + HEALTHY_TIMEOUT
     waiting = [h for h in sorted(state.hosts, key=_host_order) if state.hosts[h].power == "on"]
     while waiting and time.monotonic() < deadline:
-        waiting = [h for h in waiting if not lockspace_joined(state.node(h))]
+        waiting = [h for h in waiting if not lockspace_joined(state.node(h), state.lockspace)]
         if waiting:
             time.sleep(0.5)
     if waiting:
@@ -191,7 +202,7 @@ def health_problems(state: LabState, since: float) -> list[str]:
         bad = [p.value for p in PLANES if planes.get(p.value) != "up"]
         if bad:
             out.append(f"{name}: {', '.join(bad)} not up in the manager's view")
-        elif not lockspace_joined(state.node(name)):
+        elif not lockspace_joined(state.node(name), state.lockspace):
             out.append(f"{name}: not joined to the sanlock lockspace (cannot take VM leases)")
     if state.nova:
         out += novalab.problems(state)

@@ -12,7 +12,7 @@ from vmha.etcd.auth import ROOT
 from vmha.lab.net import LabError, Node
 from vmha.lab.nova.rig import CLOUD
 from vmha.lab.pki import PkiError
-from vmha.lab.state import CLUSTER, LEASES_DIR, LabState
+from vmha.lab.state import CLUSTER, INSTANCES_DIR, LEASES_DIR, LabState
 from vmha.lab.storage import MOUNT_POINT
 
 
@@ -47,6 +47,8 @@ def _common(state: LabState, user: str) -> dict[str, dict[str, Value]]:
     for plane in PLANES:
         sections[f"planes.{plane.value}"] = {"endpoints": state.etcd_urls(plane)}
     sections["locks"] = {"path": str(MOUNT_POINT / LEASES_DIR), "io_timeout": state.io_timeout}
+    if state.disk_leases:  # libvirt names each lease after its disk's path: Nova's, by server id
+        sections["locks"] |= {"leases": "libvirt-disk", "vm_disk": f"{MOUNT_POINT / INSTANCES_DIR}/{{vm}}/disk"}
     return sections
 
 
@@ -78,9 +80,10 @@ def manager_config(state: LabState, name: str) -> Path:
     }
     if state.nova:
         # clouds.yaml comes through OS_CLIENT_CONFIG_FILE (vmha.lab.controller.manager_env); the
-        # servers are named after the lab VMs, whose leases carry those names.
-        sections["nova"] = {"cloud": CLOUD, "vm_names": "name"}
-    if state.guests == "qemu":
+        # servers are named after the lab VMs, whose leases carry those names; with QEMU guests a
+        # VM's lease is its disk's, whose path carries the server id (Nova's layout).
+        sections["nova"] = {"cloud": CLOUD, "vm_names": "id" if state.disk_leases else "name"}
+    elif state.guests == "qemu":
         # Each host's libvirtd over the management plane (vmha.lab.libvirtd: lab-only TCP transport).
         # The lab's sshfs storage is shared (disks with cache="none"), but libvirt 9 does not know it.
         sections["libvirt"] = {"migrate_unsafe": True}

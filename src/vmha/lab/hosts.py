@@ -10,6 +10,7 @@ were evacuated, or are started again by whoever decides so).
 from __future__ import annotations
 
 import sys
+import time
 
 from vmha.core.planes import Plane
 from vmha.lab import libvirtd, novalab
@@ -22,6 +23,7 @@ from vmha.lab.storage import SharedStorage
 # sanlock's -g: SIGTERM to SIGKILL of the holders of a lost lockspace. The lab VM honours SIGTERM at
 # once; a short grace bounds how long a hung one could keep its lease's disk open.
 KILL_GRACE = 5
+JOIN_TIMEOUT = 120.0  # the agent's first join of the lockspace (about 3 s at io_timeout 1; busy machine)
 
 
 def storage(state: LabState) -> SharedStorage:
@@ -56,11 +58,24 @@ def boot_host(state: LabState, ns: NodeState) -> Node:
                      state.logs / f"agent-{ns.name}.log")
         ns.pids["agent"] = proc.pid
     if state.guests == "qemu":
+        if state.disk_leases and not pid_alive(ns.pids.get("libvirtd", 0)):
+            # libvirtd joins libvirt's disk-lease lockspace at its start and exits when the agent's join of
+            # the same lockspace is still in progress (sanlock: EINPROGRESS): after the agent's join.
+            _wait_joined(state, node)
         ns.pids.update(libvirtd.start(state, node))
     if state.nova and not pid_alive(ns.pids.get(novalab.COMPUTE, 0)):
         ns.pids[novalab.COMPUTE] = novalab.start_compute(state, node)
     ns.power = "on"
     return node
+
+
+def _wait_joined(state: LabState, node: Node) -> None:
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    while not lockspace_joined(node, state.lockspace):
+        if time.monotonic() > deadline:
+            raise LabError(f"{node.name}: the agent did not join lockspace {state.lockspace} within "
+                           f"{JOIN_TIMEOUT:.0f} s (log: {state.logs}/agent-{node.name}.log)")
+        time.sleep(0.5)
 
 
 def lockspace_joined(node: Node, lockspace: str = "vmha") -> bool:

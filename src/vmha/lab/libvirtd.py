@@ -10,13 +10,13 @@ Lab-only choices, unsafe in production and said so: libvirtd listens on TCP with
 on the host's management address (production: TLS or SSH transports), QEMU runs as root with no
 security driver, cgroups and per-domain namespaces off (no systemd here).
 What is production's: `lock_manager = "sanlock"` with explicit `<lease>` elements (the VM's lease in
-vmha's lockspace), so QEMU holds the lease before the guest's CPUs run, and a lockspace failure makes
-sanlock end QEMU (`<on_lockfailure>poweroff</on_lockfailure>`: through libvirt).
+vmha's lockspace) or, in the Nova lab with QEMU guests, libvirt's automatic disk leases (Nova's domains
+carry no <lease>; vmha.locks.disk_leases), so QEMU holds the lease before the guest's CPUs run, and a
+lockspace failure makes sanlock end QEMU (`<on_lockfailure>poweroff</on_lockfailure>`: through libvirt).
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -26,20 +26,19 @@ from pathlib import Path
 
 from vmha.core.planes import Plane
 from vmha.drivers.libvirt import METADATA_NS
+from vmha.lab import guestxml
+from vmha.lab.guestxml import CLOCK_SOCKET, DISK_SIZE
 from vmha.lab.net import LabError, Node, pid_alive, run, spawn
 from vmha.lab.state import DISKS_DIR, LEASES_DIR, LabState
 from vmha.lab.storage import MOUNT_POINT
 from vmha.lab.vm import INTERVAL
 from vmha.locks.space import LEASE_SUFFIX
 
-GUEST_DIR = Path(os.environ.get("VMHA_GUEST_DIR", "/var/lib/vmha/lab-guest"))
-CLOCK_SOCKET = Path("/run/vmha/guest-clock.sock")  # in each host's /run/vmha tmpfs
 TCP_PORT = 16509
 # Host directory -> the part of <lab dir>/libvirt/<host> bind-mounted on it.
 BIND_DIRS = {"/etc/libvirt": "etc", "/var/lib/libvirt": "lib", "/var/log/libvirt": "log",
              "/var/cache/libvirt": "cache"}
 READY_TIMEOUT = 30.0
-GUEST_MEMORY_MIB = 96
 LOCKSPACE = "vmha"  # the lab's [locks] lockspace (vmha.lab.configs: the default)
 
 
@@ -62,7 +61,13 @@ def _write_configs(state: LabState, node: Node) -> None:
         f'listen_tls = 0\nlisten_tcp = 1\nlisten_addr = "{addr}"\nauth_tcp = "none"\nauth_unix_rw = "none"\n'
         f'host_uuid = "{host_uuid.read_text().strip()}"\nlog_outputs = "3:stderr"\n')
     (etc / "qemu.conf").write_text(qemu_conf(addr))
-    (etc / "qemu-sanlock.conf").write_text(sanlock_conf(None))
+    disk_leases = (MOUNT_POINT / LEASES_DIR, host_id(node.name), state.io_timeout) if state.disk_leases else None
+    (etc / "qemu-sanlock.conf").write_text(sanlock_conf(disk_leases))
+
+
+def host_id(host: str) -> int:
+    """The sanlock host_id the lab reserves for host hN in etcd (N) and writes in its qemu-sanlock.conf."""
+    return int(host[1:])
 
 
 def qemu_conf(migration_addr: str | None) -> str:
@@ -135,61 +140,15 @@ def virsh(node: Node, *args: str, check: bool = True, timeout: float = 30.0) -> 
     return run([*node.enter(), "virsh", "-q", "-c", "qemu:///system", *args], check=check, timeout=timeout)
 
 
-DISK_SIZE = 64 << 20  # a raw disk: ~26 hours of records at 10 writes a second
-
-
 def domain_xml(state: LabState, vm: str, priority: int = 0) -> str:
     """The lab guest's domain: protected (vmha metadata), its lease explicit in vmha's lockspace, its
-    disk and lease on the shared storage at the same path on every host (migration, evacuation).
-    on_lockfailure poweroff: when the host loses the lease (its lockspace fails: storage lost), sanlock
-    runs libvirt's helper, which destroys the domain at once (sanlock's SIGKILL after kill_grace stays
-    the fallback); libvirt then knows why the guest stopped, and no guest runs on without its lease."""
-    disk = MOUNT_POINT / DISKS_DIR / f"{vm}.disk"
+    disk and lease on the shared storage at the same path on every host (migration, evacuation)."""
     lease = MOUNT_POINT / LEASES_DIR / f"{vm}{LEASE_SUFFIX}"
-    return f"""<domain type='qemu'>
-  <name>{vm}</name>
-  <memory unit='MiB'>{GUEST_MEMORY_MIB}</memory>
-  <vcpu>1</vcpu>
-  <metadata>
-    <vmha:protect xmlns:vmha='{METADATA_NS}' priority='{priority}'/>
-  </metadata>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{GUEST_DIR / "vmlinuz"}</kernel>
-    <initrd>{GUEST_DIR / "initrd.img"}</initrd>
-    <cmdline>console=ttyS0 quiet vmha.vm={vm} vmha.interval={INTERVAL}</cmdline>
-  </os>
-  <features><acpi/></features>
-  <clock offset='utc'/>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <on_lockfailure>poweroff</on_lockfailure>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none' io='threads'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <lease>
-      <lockspace>{LOCKSPACE}</lockspace>
-      <key>{vm}</key>
-      <target path='{lease}' offset='0'/>
-    </lease>
-    <channel type='unix'>
-      <source mode='connect' path='{CLOCK_SOCKET}'>
-        <reconnect enabled='yes' timeout='1'/>
-      </source>
-      <target type='virtio' name='org.vmha.clock'/>
-    </channel>
-    <serial type='file'>
-      <source path='/var/log/libvirt/qemu/{vm}.console'/>
-    </serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
+    return guestxml.domain_xml(
+        vm, MOUNT_POINT / DISKS_DIR / f"{vm}.disk", INTERVAL,
+        lease=f"<lease><lockspace>{LOCKSPACE}</lockspace><key>{vm}</key><target path='{lease}' offset='0'/></lease>",
+        metadata=f"<vmha:protect xmlns:vmha='{METADATA_NS}' priority='{priority}'/>",
+    )  # fmt: skip
 
 
 def create_disk(state: LabState, vm: str) -> None:

@@ -3,8 +3,9 @@ namespaces on its management address, one nova-compute per host inside the host'
 VMs booted through the Nova API.
 
 Each host's nova-compute runs with the lab's virt driver (vmha.lab.nova.virt), which starts and
-stops the `vmha-vm` processes as Nova spawns, destroys, evacuates or migrates servers: a server's
-name is its lab VM's name. Every Nova process is in a lab namespace and recorded in lab.json
+stops the `vmha-vm` processes (with `--guests qemu`: QEMU guests of the host's libvirtd, in Nova's
+instance layout, protected by libvirt's disk leases) as Nova spawns, destroys, evacuates or migrates
+servers: a server's name is its lab VM's name. Every Nova process is in a lab namespace and recorded in lab.json
 (controller role rig-NAME, host role nova-compute), so `lab down` and a host's power-off remove them
 with the rest. The managers use the nova driver through <dir>/nova/clouds.yaml.
 """
@@ -19,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from vmha.core.planes import Plane
-from vmha.lab.configs import agent_config
+from vmha.lab.configs import agent_config, libvirt_uri
 from vmha.lab.net import LabError, Node, host_env, kill_pids, pid_alive, spawn
 from vmha.lab.nova.rig import FLAVOR, IMAGE_ID, NovaRig, RigError
 from vmha.lab.procs import vm_binary
-from vmha.lab.state import DISKS_DIR, LabState
+from vmha.lab.state import DISKS_DIR, INSTANCES_DIR, LabState
 from vmha.lab.storage import MOUNT_POINT
+from vmha.lab.vm import INTERVAL
 
 Echo = Callable[[str], None]
 NOVA_DIR = "nova"  # under the lab dir: the rig's configs, data, logs and clouds.yaml
@@ -76,10 +78,14 @@ def virt_config(state: LabState, host: str) -> Path:
     """What the host's virt driver needs to run lab VMs (vmha.lab.nova.virt, VMHA_LAB_VIRT)."""
     path = state.configs / f"virt-{host}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
+    lab: dict[str, Any] = {
         "host": host, "vm_binary": vm_binary(), "disks": str(MOUNT_POINT / DISKS_DIR),
         "config": str(agent_config(state, host)), "logs": str(state.logs),
-    }))  # fmt: skip
+    }  # fmt: skip
+    if state.guests == "qemu":
+        lab |= {"guests": "qemu", "instances": str(MOUNT_POINT / INSTANCES_DIR), "interval": INTERVAL,
+                "libvirt": {h: libvirt_uri(state.node(h)) for h in state.hosts}}  # fmt: skip
+    path.write_text(json.dumps(lab))
     return path
 
 
@@ -162,6 +168,14 @@ def boot_servers(state: LabState, echo: Echo) -> None:
             states = ", ".join(f"{vm} {now.get(vm, {}).get('status')}" for vm in booted)
             raise LabError(f"nova: servers not ACTIVE after {BOOT_TIMEOUT:.0f} s: {states}")
         time.sleep(0.5)
+
+
+def lab_names(state: LabState) -> dict[str, str]:
+    """The managers' VM name -> the lab VM's name, where they differ: with QEMU guests the managers name
+    VMs by server id (a VM's disk lease is named after its disk's path, which carries the id)."""
+    if not state.disk_leases:
+        return {}
+    return {s["id"]: vm for vm, s in servers(state).items()}
 
 
 def problems(state: LabState) -> list[str]:

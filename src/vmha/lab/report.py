@@ -24,7 +24,7 @@ from vmha import config
 from vmha.core.desired import RESTART
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.core.policy import Action, PolicyTable
-from vmha.lab import etcdq
+from vmha.lab import etcdq, novalab
 from vmha.lab.cluster import KEYS
 from vmha.lab.configs import manager_config
 from vmha.lab.state import LabState
@@ -185,10 +185,12 @@ def verify_lab(state: LabState, gap: float = DEFAULT_GAP) -> dict[str, Any]:
         disks[vm] = check_disk(vm, lines, gap)
     raw, bad = etcdq.get_json_prefix(state, KEYS.records_prefix())
     records: dict[str, list[dict[str, Any]]] = {}
+    names = novalab.lab_names(state) if state.nova else {}
     for key in sorted(raw):  # records/<vm>/<n>: oldest first
         value = raw[key]
         if isinstance(value, dict):
-            records.setdefault(str(value.get("vm")), []).append(value)
+            vm = str(value.get("vm"))
+            records.setdefault(names.get(vm, vm), []).append(value)
     policy = config.load(manager_config(state, "m1")).policy_table
     now = time.time()
     eps = episodes(state.faults())

@@ -112,9 +112,13 @@ def running_on(state: LabState) -> dict[str, list[str | None]]:
 def _records_since(state: LabState, vms: list[str], t0: float) -> list[dict[str, Any]]:
     raw, _ = etcdq.get_json_prefix(state, KEYS.records_prefix())
     tasks, _ = etcdq.get_json_prefix(state, KEYS.tasks_prefix)
+    names = novalab.lab_names(state) if state.nova else {}
     out = []
     for value in [*raw.values(), *tasks.values()]:
-        if isinstance(value, dict) and value.get("vm") in vms and float(value.get("created") or 0) >= t0:
+        if not isinstance(value, dict):
+            continue
+        value["vm"] = names.get(str(value.get("vm")), value.get("vm"))
+        if value["vm"] in vms and float(value.get("created") or 0) >= t0:
             out.append(value)
     return out
 

@@ -18,6 +18,7 @@ from typing import Any
 from vmha.core.planes import Plane
 from vmha.lab.net import LabError, LabNet, Node
 from vmha.lab.pki import Pki
+from vmha.locks.disk_leases import LOCKSPACE as DISK_LOCKSPACE
 
 DEFAULT_DIR = Path(os.environ.get("VMHA_LAB_DIR", "/var/tmp/vmha-lab/lab"))
 CLUSTER = "lab"
@@ -29,6 +30,9 @@ ETCD_MEMBERS = ("e1", "e2", "e3")
 ETCD_INDEX_BASE = 2
 LEASES_DIR = "locks"  # under the storage mount point: lockspace and VM leases
 DISKS_DIR = "disks"  # under the storage mount point: one file per lab VM
+# Under the storage mount point, Nova's instance layout (<uuid>/disk) of the Nova lab with QEMU guests,
+# whose disks/<vm>.disk is a link to its server's disk there.
+INSTANCES_DIR = "instances"
 
 
 @dataclass(slots=True)
@@ -54,6 +58,16 @@ class LabState:
     # --no-power-fence): power-off is then proven by sanlock's host_dead alone.
     power_fence: bool = True
     guests: str = "process"  # "process": vmha-vm stand-ins; "qemu": QEMU guests under a libvirtd per host
+
+    @property
+    def disk_leases(self) -> bool:
+        """Whether libvirt's automatic disk leases protect the VMs (locks.leases = "libvirt-disk"): the
+        Nova lab with QEMU guests, whose domains Nova's way carry no <lease>."""
+        return self.nova and self.guests == "qemu"
+
+    @property
+    def lockspace(self) -> str:
+        return DISK_LOCKSPACE if self.disk_leases else "vmha"
 
     # paths --------------------------------------------------------------------------------------
     @property

@@ -30,7 +30,7 @@ from lockhelp import A_HOST_ID, IO, MGR_HOST_ID, SimHost, assert_never_held_refu
 from vmha.agent.libvirt_locks import check_lock_settings
 from vmha.config import LibvirtConfig, LocksConfig
 from vmha.core.fencing import ProofMethod
-from vmha.lab import libvirtd
+from vmha.lab import guestxml, libvirtd
 from vmha.lab.net import kill_pids, pid_alive
 from vmha.lab.sanlockd import LabSanlock, start_sanlock, stop_sanlock
 from vmha.locks import LockSpace, ProofRefused, Prover
@@ -71,8 +71,8 @@ class Rig:
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{libvirtd.GUEST_DIR / "vmlinuz"}</kernel>
-    <initrd>{libvirtd.GUEST_DIR / "initrd.img"}</initrd>
+    <kernel>{guestxml.GUEST_DIR / "vmlinuz"}</kernel>
+    <initrd>{guestxml.GUEST_DIR / "initrd.img"}</initrd>
   </os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
@@ -101,8 +101,8 @@ class Rig:
 
 @pytest.fixture
 def rig(manager_sanlock: LabSanlock, tmp_path: Path) -> Iterator[Rig]:
-    if not (libvirtd.GUEST_DIR / "vmlinuz").exists():
-        pytest.skip(f"no lab guest in {libvirtd.GUEST_DIR}: run scripts/build-guest.sh")
+    if not (guestxml.GUEST_DIR / "vmlinuz").exists():
+        pytest.skip(f"no lab guest in {guestxml.GUEST_DIR}: run scripts/build-guest.sh")
     shared = tmp_path / "shared"
     shared.mkdir()
     instances = tmp_path / "instances"

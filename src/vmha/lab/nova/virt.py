@@ -18,6 +18,15 @@ the plain lab, so disks, leases and verify are the same):
 - live migration is the lab's handover: the destination copy starts with --incoming and waits for
   the lease, the source copy is told (SIGUSR1) to stop writing and release, the destination takes
   the lease and continues the disk.
+With QEMU guests (`lab up --nova --guests qemu`, {"guests": "qemu", "instances", "interval", "libvirt"} in
+the same file) a server is a QEMU guest of the host's libvirtd (vmha.lab.libvirtd), defined as Nova's
+libvirt driver defines one: its disk in Nova's layout, <instances>/<uuid>/disk on the shared storage,
+and no <lease> element, so libvirt's automatic disk lease (named after that path) is what QEMU holds;
+the domain is named after the server (QEMU's `-name guest=<name>`, as the lab's `ps` contract wants) and
+runs the lab guest (vmha.lab.guestxml), writing the same disk records. disks/<name>.disk links to the
+server's disk, so the lab's tools read it where they read every lab VM's disk. spawn is `virsh create`
+(libvirt takes the lease before the CPUs run; a lease held elsewhere fails it, the instance goes to
+ERROR), destroy is `virsh destroy`, a live migration libvirt's own (peer to peer, shared storage).
 Like a hypervisor's defined domains, the instances a compute knows survive its restart (a file in
 state_path), so Nova can destroy evacuated ones when the host comes back. Without VMHA_LAB_VIRT
 (the rig of the driver tests) it is the plain fake driver.
@@ -41,6 +50,7 @@ from nova.conf import CONF  # type: ignore[import-not-found, unused-ignore]
 from nova.virt import fake  # type: ignore[import-not-found, unused-ignore]
 from oslo_log import log as logging  # type: ignore[import-not-found, unused-ignore]
 
+from vmha.lab.guestxml import DISK_SIZE, domain_xml
 from vmha.lab.procs import EXIT_LEASE_REFUSED, VmProcess, copies_here
 
 LOG = logging.getLogger(__name__)
@@ -61,6 +71,7 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
         path = os.environ.get(CONFIG_ENV)
         self.lab: dict[str, Any] | None = json.loads(Path(path).read_text()) if path else None
         self._children: dict[str, subprocess.Popen[bytes]] = {}  # vm -> the copy this process started
+        self.qemu = self.lab is not None and self.lab.get("guests") == "qemu"
 
     # --- the instances this "hypervisor" knows, across restarts ------------------------------------
 
@@ -151,6 +162,9 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
         if running:
             LOG.info("lab: vm=%s already runs on host=%s (pid %s)", vm, self._host, running[0].pid)
             return
+        if self.qemu:
+            self._start_guest(instance)
+            return
         proc = self._start(vm, incoming=0.0)
         try:
             self._wait(vm, proc, lambda: self._holds_lease(vm, proc.pid), START_TIMEOUT, "start")
@@ -158,14 +172,51 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
             raise exception.BuildAbortException(instance_uuid=instance.uuid, reason=str(e)) from None
         LOG.info("lab: vm=%s host=%s running (pid %s, lease held)", vm, self._host, proc.pid)
 
+    def _virsh(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        # This process runs in the host's namespaces: qemu:///system is the host's libvirtd.
+        return subprocess.run(["virsh", "-q", "-c", "qemu:///system", *args], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    def _start_guest(self, instance: Any) -> None:
+        """The server's QEMU guest, defined as Nova's libvirt driver defines it (no <lease>: libvirt's disk
+        lease), started once libvirt holds that lease."""
+        assert self.lab is not None
+        vm = instance.display_name
+        base = Path(self.lab["instances"]) / instance.uuid
+        disk = base / "disk"
+        base.mkdir(parents=True, exist_ok=True)
+        if not disk.exists():  # an evacuation's rebuild finds it: the records go on
+            with disk.open("wb") as f:
+                f.truncate(DISK_SIZE)
+        link = Path(self.lab["disks"]) / f"{vm}.disk"
+        # Relative: the same on the controller's export. Made at the boot; an evacuation keeps the uuid
+        # and finds it (the lab's sshfs answers readlink with EPERM: only whether it exists is asked).
+        if not os.path.lexists(link):
+            link.symlink_to(os.path.relpath(disk, link.parent))
+        xml = base / "libvirt.xml"  # where Nova's libvirt driver keeps it
+        xml.write_text(domain_xml(vm, disk, float(self.lab["interval"])))
+        t0 = time.monotonic()
+        cp = self._virsh("create", str(xml))
+        if cp.returncode != 0:
+            why = cp.stderr.strip() or f"virsh exit status {cp.returncode}"
+            raise exception.BuildAbortException(instance_uuid=instance.uuid,
+                                                reason=f"lab guest {vm} on {self._host}: {why}")
+        LOG.info("lab: vm=%s host=%s guest started in %.1f s (libvirt holds its disk lease %s)", vm, self._host,
+                 time.monotonic() - t0, disk)
+
     def _stop_copies(self, vm: str, sig: signal.Signals, why: str) -> None:
         """Signals the host's copies of `vm`, waits until they are gone (SIGKILL after STOP_TIMEOUT)."""
         copies = self._copies(vm)
         if not copies:
             LOG.info("lab: vm=%s host=%s %s: no copy runs here (nothing to stop)", vm, self._host, why)
             return
-        for p in copies:
-            self._signal(p.pid, sig)
+        if self.qemu:  # libvirt ends QEMU and so releases the disk lease
+            cp = self._virsh("destroy", vm)
+            if cp.returncode != 0:
+                LOG.warning("lab: vm=%s host=%s %s: virsh destroy: %s", vm, self._host, why, cp.stderr.strip())
+        else:
+            for p in copies:
+                self._signal(p.pid, sig)
         deadline = time.monotonic() + STOP_TIMEOUT
         while self._copies(vm):
             if time.monotonic() > deadline:
@@ -218,8 +269,9 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
 
     def pre_live_migration(self, context: Any, instance: Any, block_device_info: Any, network_info: Any,
                            disk_info: Any, migrate_data: Any) -> Any:
-        """Destination: a copy waiting for the lease, ready before the source is told to hand over."""
-        if self.lab is not None:
+        """Destination: a copy waiting for the lease, ready before the source is told to hand over (QEMU
+        guests: libvirt starts the incoming QEMU itself)."""
+        if self.lab is not None and not self.qemu:
             vm = instance.display_name
             proc = self._start(vm, incoming=HANDOVER_TIMEOUT)
             # This process runs in the host's mount namespace: the host's /run/vmha is ours too.
@@ -231,9 +283,24 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
 
     def live_migration(self, context: Any, instance: Any, dest: str, post_method: Any, recover_method: Any,
                        block_migration: bool = False, migrate_data: Any = None) -> None:
-        """Source: the copy stops writing and releases its lease (SIGUSR1); the destination takes it."""
+        """Source: the copy stops writing and releases its lease (SIGUSR1); the destination takes it. QEMU
+        guests: libvirt's peer-to-peer live migration (it hands the disk lease over at the switch)."""
+        if self.qemu:
+            assert self.lab is not None
+            vm = instance.display_name
+            t0 = time.monotonic()
+            # --unsafe: the lab's sshfs storage is shared (cache="none"), libvirt 9 does not know it.
+            cp = self._virsh("migrate", "--live", "--p2p", "--unsafe", vm, self.lab["libvirt"][dest], timeout=300)
+            if cp.returncode != 0:
+                LOG.error("lab: vm=%s host=%s live migration to %s failed: %s", vm, self._host, dest,
+                          cp.stderr.strip())
+                recover_method(context, instance, dest, migrate_data)
+                return
+            LOG.info("lab: vm=%s host=%s live migration to %s done in %.1f s", vm, self._host, dest,
+                     time.monotonic() - t0)
         if self.lab is not None:
-            self._stop_copies(instance.display_name, signal.SIGUSR1, f"handover to {dest}")
+            if not self.qemu:
+                self._stop_copies(instance.display_name, signal.SIGUSR1, f"handover to {dest}")
             # The guest has left this host, as a migrated libvirt domain does: an evacuation back here
             # later must not find it ("already exists").
             fake.FakeDriver.destroy(self, context, instance, None)
@@ -245,8 +312,9 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
         if self.lab is not None:
             vm = instance.display_name
             proc = self._children.get(vm)
-            if proc is None:
-                # This compute restarted since pre_live_migration: take any copy that holds the lease.
+            if proc is None or self.qemu:
+                # libvirt's migration finished (QEMU), or this compute restarted since pre_live_migration:
+                # any copy that holds the lease.
                 if not any(p.active for p in self._copies(vm)):
                     raise exception.NovaException(f"lab VM {vm} on {self._host}: no incoming copy after the handover")
             else:
@@ -261,7 +329,7 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
     def rollback_live_migration_at_destination(self, context: Any, instance: Any, network_info: Any,
                                                block_device_info: Any, destroy_disks: bool = True,
                                                migrate_data: Any = None) -> None:
-        if self.lab is not None:
+        if self.lab is not None and not self.qemu:  # QEMU: libvirt ended its incoming QEMU itself
             vm = instance.display_name
             waiting = [p for p in self._copies(vm) if not p.active]
             for p in waiting:
