@@ -9,6 +9,7 @@ and a file holding secrets (passwords) must not be readable by group or others.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -253,6 +254,35 @@ class LoggingConfig(_Strict):
     format: Literal["auto", "text", "json", "journald"] = "auto"
 
 
+class MetricsConfig(_Strict):
+    # This process's Prometheus endpoint (vmha.metrics): "IP:port" or "[IPv6]:port", e.g. an address on
+    # the management network.
+    listen: str = Field(max_length=64)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        _address(v)
+        return v
+
+    def address(self) -> tuple[str, int]:
+        return _address(self.listen)
+
+
+def _address(listen: str) -> tuple[str, int]:
+    """'IP:port' or '[IPv6]:port' -> (IP, port); ValueError naming what is wrong."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{listen!r} is not IP:port ({host!r} is not an IP address)") from None
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{listen!r}: the port must be 1-65535") from None
+    return host, int(port)
+
+
 class Config(_Strict):
     cluster: ClusterConfig
     planes: PlanesConfig
@@ -264,6 +294,7 @@ class Config(_Strict):
     libvirt: LibvirtConfig | None = None  # absent: libvirt's lock settings are not checked
     nova: NovaConfig = NovaConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig | None = None  # absent: no /metrics listener
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[Name, dict[PowerOption, str | int | bool]] = Field(default_factory=dict)
@@ -388,4 +419,5 @@ def load(path: str | Path) -> Config:
     return cfg
 
 
-__all__ = ["CONFIG_ENV", "DEFAULT_PATH", "PLANES", "Config", "ConfigError", "default_path", "load", "parse"]
+__all__ = ["CONFIG_ENV", "DEFAULT_PATH", "PLANES", "Config", "ConfigError", "MetricsConfig", "default_path", "load",
+           "parse"]
