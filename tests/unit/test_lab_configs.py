@@ -8,9 +8,10 @@ from pathlib import Path
 
 from vmha import config
 from vmha.bench.rto import rto
+from vmha.lab import controller
 from vmha.lab.cli import up
-from vmha.lab.configs import manager_config
-from vmha.lab.state import LabState
+from vmha.lab.configs import MANAGER_METRICS_PORTS, agent_config, manager_config
+from vmha.lab.state import LabState, NodeState
 
 
 def _power_fence(state: LabState) -> bool:
@@ -42,3 +43,14 @@ def test_bench_lab_never_shares_the_demo_labs_prefix_or_directory() -> None:
     lab, bench = defaults(up), defaults(rto)
     assert bench["prefix"] != lab["prefix"]
     assert bench["lab_dir"] != lab["lab_dir"]
+
+
+def test_every_lab_daemon_serves_metrics_on_its_own_management_address(tmp_path: Path) -> None:
+    state = LabState(dir=tmp_path, created=time.time())
+    state.hosts = {h: NodeState(h, i) for i, h in enumerate(["h1", "h2"], start=2)}
+    assert sorted(MANAGER_METRICS_PORTS) == sorted(controller.MANAGERS)
+    listen = [config.load(manager_config(state, m)).metrics for m in controller.MANAGERS]
+    listen += [config.load(agent_config(state, h)).metrics for h in state.hosts]
+    addresses = [m.address() for m in listen if m is not None]
+    assert len(set(addresses)) == len(addresses) == 4
+    assert all(ip.startswith("198.18.") for ip, _ in addresses)
