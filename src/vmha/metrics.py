@@ -1,7 +1,7 @@
 """Prometheus metrics of the manager and the agent: every definition, and the updates the daemons call.
 
-Each process (one manager, or one agent) has one registry, REGISTRY, served on its own listener when
-the config has `[metrics] listen = "IP:port"` (served()); a process without it still counts, unseen.
+A manager serves the registry MANAGER, an agent AGENT (the etcd errors are in both), on a listener of
+its own when the config has `[metrics] listen = "IP:port"` (served()); without it they count unseen.
 Names follow Prometheus' conventions: the vmha_ prefix, base units (seconds), _total for counters.
 
 Manager (the leader fills the per-host and queue metrics; a standby shows vmha_manager_leader 0):
@@ -43,44 +43,48 @@ if TYPE_CHECKING:  # config imports the etcd client, which counts its errors her
 
 log = logging.getLogger("vmha.metrics")
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+# What each daemon serves: its own metrics, and the etcd errors both count.
+MANAGER = CollectorRegistry(auto_describe=True)
+AGENT = CollectorRegistry(auto_describe=True)
 
 # Seconds: from sub-second verdicts to sanlock's host-dead (8 io_timeout + 60 s) and slow evacuations.
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
-LEADER = Gauge("vmha_manager_leader", "1 while this manager leads the cluster", registry=REGISTRY)
-PLANE_UP = Gauge("vmha_plane_up", "1 when the host's plane is UP, else 0", ["host", "plane"], registry=REGISTRY)
+LEADER = Gauge("vmha_manager_leader", "1 while this manager leads the cluster", registry=MANAGER)
+PLANE_UP = Gauge("vmha_plane_up", "1 when the host's plane is UP, else 0", ["host", "plane"], registry=MANAGER)
 PLANE_STATE = Gauge("vmha_plane_state", "1 for the plane's current state", ["host", "plane", "state"],
-                    registry=REGISTRY)  # fmt: skip
+                    registry=MANAGER)  # fmt: skip
 DETECTION = Histogram("vmha_detection_latency_seconds", "From a plane's last heartbeat seen to its DOWN verdict",
-                      ["plane"], buckets=BUCKETS, registry=REGISTRY)  # fmt: skip
+                      ["plane"], buckets=BUCKETS, registry=MANAGER)  # fmt: skip
 PHASE = Histogram("vmha_recovery_phase_seconds", "Duration of each phase of a recovery (method: the proof's)",
-                  ["phase", "method"], buckets=BUCKETS, registry=REGISTRY)  # fmt: skip
-TASKS = Gauge("vmha_tasks", "Recovery tasks by state", ["state"], registry=REGISTRY)
-PROOFS = Counter("vmha_proofs", "Fence proofs obtained, by method", ["method"], registry=REGISTRY)
-PROOFS_REFUSED = Counter("vmha_proofs_refused", "Proof attempts that ended without a proof", registry=REGISTRY)
+                  ["phase", "method"], buckets=BUCKETS, registry=MANAGER)  # fmt: skip
+TASKS = Gauge("vmha_tasks", "Recovery tasks by state", ["state"], registry=MANAGER)
+PROOFS = Counter("vmha_proofs", "Fence proofs obtained, by method", ["method"], registry=MANAGER)
+PROOFS_REFUSED = Counter("vmha_proofs_refused", "Proof attempts that ended without a proof", registry=MANAGER)
 POWER_FENCE = Counter("vmha_power_fence", "Out-of-band power-offs, by result (off: confirmed; failed)",
-                      ["result"], registry=REGISTRY)  # fmt: skip
-ALERTS = Counter("vmha_alerts", "Alerts raised, by level", ["level"], registry=REGISTRY)
-ETCD_ERRORS = Counter("vmha_etcd_errors", "etcd calls that failed, by kind", ["kind"], registry=REGISTRY)
+                      ["result"], registry=MANAGER)  # fmt: skip
+ALERTS = Counter("vmha_alerts", "Alerts raised, by level", ["level"], registry=MANAGER)
+ETCD_ERRORS = Counter("vmha_etcd_errors", "etcd calls that failed, by kind", ["kind"], registry=None)
+MANAGER.register(ETCD_ERRORS)
+AGENT.register(ETCD_ERRORS)
 AGENT_REACHABLE = Gauge("vmha_agent_plane_reachable", "1 while the agent's heartbeat on the plane beats",
-                        ["plane"], registry=REGISTRY)  # fmt: skip
-AGENT_ISOLATED = Gauge("vmha_agent_isolated", "1 while the agent's isolation response has fired", registry=REGISTRY)
+                        ["plane"], registry=AGENT)  # fmt: skip
+AGENT_ISOLATED = Gauge("vmha_agent_isolated", "1 while the agent's isolation response has fired", registry=AGENT)
 
 _STATES = tuple(PlaneState)
 
 
 @contextlib.contextmanager
-def served(cfg: Config) -> Iterator[None]:
-    """Serve REGISTRY on http://[metrics] listen/metrics while in the block (no [metrics]: not at all),
-    from a thread of its own: a slow scrape never delays the event loop. ConfigError when it cannot
-    listen there."""
+def served(cfg: Config, registry: CollectorRegistry) -> Iterator[None]:
+    """Serve `registry` (MANAGER or AGENT) on http://[metrics] listen/metrics while in the block (no
+    [metrics]: not at all), from a thread of its own: a slow scrape never delays the event loop.
+    ConfigError when it cannot listen there."""
     if cfg.metrics is None:
         yield
         return
     host, port = cfg.metrics.address()
     try:
-        server, thread = start_http_server(port, host, registry=REGISTRY)
+        server, thread = start_http_server(port, host, registry=registry)
     except OSError as e:
         from vmha.config import ConfigError  # see TYPE_CHECKING above
 
@@ -189,7 +193,7 @@ def etcd_error(kind: str) -> None:
 
 
 __all__ = [
-    "REGISTRY", "agent_planes", "alert", "detected", "etcd_error", "forget_host", "forget_planes",
+    "AGENT", "MANAGER", "agent_planes", "alert", "detected", "etcd_error", "forget_host", "forget_planes",
     "plane_state", "power_fenced", "proof", "proof_refused", "recovery_finished", "recovery_started", "served",
     "tasks_by_state",
 ]

@@ -22,7 +22,8 @@ M, S = Plane.MANAGEMENT, Plane.STORAGE
 
 
 def value(name: str, **labels: str) -> float:
-    v = metrics.REGISTRY.get_sample_value(name, labels)
+    registry = metrics.AGENT if name.startswith("vmha_agent_") else metrics.MANAGER
+    v = registry.get_sample_value(name, labels)
     return 0.0 if v is None else v
 
 
@@ -47,7 +48,7 @@ def test_forget_host_removes_its_series_only() -> None:
     metrics.plane_state("mh2", M, PlaneState.UP)
     metrics.plane_state("mh3", S, PlaneState.SUSPECT)
     metrics.forget_host("mh2")
-    assert metrics.REGISTRY.get_sample_value("vmha_plane_up", {"host": "mh2", "plane": "management"}) is None
+    assert metrics.MANAGER.get_sample_value("vmha_plane_up", {"host": "mh2", "plane": "management"}) is None
     assert value("vmha_plane_state", host="mh3", plane="storage", state="suspect") == 1
 
 
@@ -122,7 +123,7 @@ def test_queue_depth_by_state() -> None:
     assert value("vmha_tasks", state="proving") == 3
     assert value("vmha_tasks", state="done") == 0
     metrics.forget_planes()  # the leadership ended: the queue is the next leader's
-    assert metrics.REGISTRY.get_sample_value("vmha_tasks", {"state": "proving"}) is None
+    assert metrics.MANAGER.get_sample_value("vmha_tasks", {"state": "proving"}) is None
 
 
 def test_the_detection_loop_feeds_the_plane_gauges_and_the_latency() -> None:
@@ -148,7 +149,7 @@ def test_the_detection_loop_feeds_the_plane_gauges_and_the_latency() -> None:
     assert value("vmha_detection_latency_seconds_count", plane="service") == before + 1
     assert value("vmha_detection_latency_seconds_sum", plane="service") - before_sum == pytest.approx(1.9)
     mon._host_delete(Keys("c").host("dh1"))
-    assert metrics.REGISTRY.get_sample_value("vmha_plane_up", {"host": "dh1", "plane": "service"}) is None
+    assert metrics.MANAGER.get_sample_value("vmha_plane_up", {"host": "dh1", "plane": "service"}) is None
 
 
 def cfg(listen: str | None) -> config.Config:
@@ -187,13 +188,24 @@ def free_port() -> int:
 def test_served_on_its_listener_and_stopped_after() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
-    with metrics.served(cfg(f"127.0.0.1:{port}")):
+    metrics.etcd_error("error")
+    with metrics.served(cfg(f"127.0.0.1:{port}"), metrics.MANAGER):
         body = urllib.request.urlopen(url, timeout=5).read().decode()
         assert "# TYPE vmha_recovery_phase_seconds histogram" in body
-        assert "vmha_manager_leader " in body
-        with pytest.raises(config.ConfigError, match="cannot listen there"), metrics.served(cfg(f"127.0.0.1:{port}")):
-            pass  # the port is taken
+        assert "vmha_manager_leader " in body and 'vmha_etcd_errors_total{kind="error"}' in body
+        assert "vmha_agent_" not in body  # a manager shows no agent metrics
+        taken = cfg(f"127.0.0.1:{port}")
+        with pytest.raises(config.ConfigError, match="cannot listen there"), metrics.served(taken, metrics.AGENT):
+            pass
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=5)
-    with metrics.served(cfg(None)):  # no [metrics]: nothing listens
+    with metrics.served(cfg(None), metrics.MANAGER):  # no [metrics]: nothing listens
         pass
+
+
+def test_an_agent_shows_its_metrics_and_the_etcd_errors_only() -> None:
+    port = free_port()
+    with metrics.served(cfg(f"127.0.0.1:{port}"), metrics.AGENT):
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "vmha_agent_isolated " in body and "vmha_etcd_errors_total" in body
+    assert "vmha_manager_leader" not in body and "vmha_plane_up" not in body

@@ -59,5 +59,5 @@ def agent(config_path: str, status_file: Path | None, show_status: bool, verbose
     logsetup.configure(cfg.logging.format, verbose=verbose, defaults={"host": host.name})
     locks = AgentLocks(cfg) if cfg.locks is not None else None
     on_isolated = locks.on_isolated if locks is not None else None
-    with metrics.served(cfg):
+    with metrics.served(cfg, metrics.AGENT):
         asyncio.run(_serve(Agent(cfg, status_path=path, on_isolated=on_isolated), locks))

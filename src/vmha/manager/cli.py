@@ -80,7 +80,7 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
         finally:
             supervisor.cancel()
 
-    with metrics.served(cfg):
+    with metrics.served(cfg, metrics.MANAGER):
         asyncio.run(run())
 
 
