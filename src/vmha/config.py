@@ -15,6 +15,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -283,6 +284,25 @@ def _address(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _webhook_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or _CONTROL.search(url):
+        shown = _URL_PASSWORD.sub(r"\1***@", url)
+        raise ValueError(f"{shown!r} is not an http:// or https:// URL")
+    return url
+
+
+class AlertsConfig(_Strict):
+    # The manager POSTs every alert as JSON to each URL (vmha.manager.webhooks).
+    webhooks: list[Annotated[str, Field(max_length=2000), AfterValidator(_webhook_url)]] = Field(
+        default_factory=list, max_length=16)
+    attempts: int = Field(5, ge=1, le=100, description="tries per alert and URL")
+    retry_base: float = Field(1.0, gt=0, le=600, description="seconds before the first retry, doubling")
+    retry_cap: float = Field(60.0, gt=0, le=3600)
+    timeout: float = Field(5.0, gt=0, le=60, description="seconds one POST may take")
+    undelivered: Path = Path("/var/lib/vmha/undelivered-alerts.jsonl")  # alerts given up on, one JSON a line
+
+
 class Config(_Strict):
     cluster: ClusterConfig
     planes: PlanesConfig
@@ -295,6 +315,7 @@ class Config(_Strict):
     nova: NovaConfig = NovaConfig()
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig | None = None  # absent: no /metrics listener
+    alerts: AlertsConfig = AlertsConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[Name, dict[PowerOption, str | int | bool]] = Field(default_factory=dict)
@@ -419,5 +440,5 @@ def load(path: str | Path) -> Config:
     return cfg
 
 
-__all__ = ["CONFIG_ENV", "DEFAULT_PATH", "PLANES", "Config", "ConfigError", "MetricsConfig", "default_path", "load",
-           "parse"]
+__all__ = ["CONFIG_ENV", "DEFAULT_PATH", "PLANES", "AlertsConfig", "Config", "ConfigError", "MetricsConfig",
+           "default_path", "load", "parse"]

@@ -14,7 +14,7 @@ Manager (the leader fills the per-host and queue metrics; a standby shows vmha_m
                                                (method: the proof's), recover (proof -> VM running)
   vmha_tasks{state}                            recovery tasks by state (queue depth)
   vmha_proofs_total{method}, vmha_proofs_refused_total, vmha_power_fence_total{result}
-  vmha_alerts_total{level}
+  vmha_alerts_total{level}, vmha_webhook_undelivered_total
 Both:
   vmha_etcd_errors_total{kind}                 etcd calls failed: unavailable, error, compacted
 Agent:
@@ -64,6 +64,8 @@ PROOFS_REFUSED = Counter("vmha_proofs_refused", "Proof attempts that ended witho
 POWER_FENCE = Counter("vmha_power_fence", "Out-of-band power-offs, by result (off: confirmed; failed)",
                       ["result"], registry=MANAGER)  # fmt: skip
 ALERTS = Counter("vmha_alerts", "Alerts raised, by level", ["level"], registry=MANAGER)
+UNDELIVERED = Counter("vmha_webhook_undelivered", "Alerts a webhook never took (in the undelivered log)",
+                      registry=MANAGER)  # fmt: skip
 ETCD_ERRORS = Counter("vmha_etcd_errors", "etcd calls that failed, by kind", ["kind"], registry=None)
 MANAGER.register(ETCD_ERRORS)
 AGENT.register(ETCD_ERRORS)
@@ -142,6 +144,10 @@ def proof_refused() -> None:
     PROOFS_REFUSED.inc()
 
 
+def webhook_undelivered() -> None:
+    UNDELIVERED.inc()
+
+
 def power_fenced(ok: bool) -> None:
     POWER_FENCE.labels("off" if ok else "failed").inc()
 
@@ -195,5 +201,5 @@ def etcd_error(kind: str) -> None:
 __all__ = [
     "AGENT", "MANAGER", "agent_planes", "alert", "detected", "etcd_error", "forget_host", "forget_planes",
     "plane_state", "power_fenced", "proof", "proof_refused", "recovery_finished", "recovery_started", "served",
-    "tasks_by_state",
+    "tasks_by_state", "webhook_undelivered",
 ]

@@ -68,6 +68,7 @@ from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import StaleTasks, TaskStore
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
+from vmha.manager.webhooks import Webhooks
 from vmha.runtime.env import TermOver
 from vmha.runtime.loop import Inbox, Loop
 
@@ -234,6 +235,7 @@ class Manager:
         self.clock = clock or unix_monotonic()
         self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)
         self.leadership: Leadership | None = None
+        self.webhooks: Webhooks | None = None  # [alerts] webhooks: created in run(), in its event loop
 
     def readiness(self) -> str | None:
         """For systemd (vmha.sdnotify): None until a campaign round got etcd's answer, then a one-line
@@ -245,6 +247,10 @@ class Manager:
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign, lead, and campaign again after a lost leadership, until `stop` is set."""
         parts = await self.make_parts(self.cfg, self.client)
+        hooks: asyncio.Task[None] | None = None
+        if self.cfg.alerts.webhooks:
+            self.webhooks = Webhooks(self.cfg.alerts, {"cluster": self.cfg.cluster.name, "manager": self.m.name})
+            hooks = asyncio.create_task(self.webhooks.run(), name="webhooks")
         try:
             while not stop.is_set():
                 campaign = asyncio.create_task(self.election.campaign())
@@ -269,6 +275,10 @@ class Manager:
                     if parts.release_all is not None:
                         await parts.release_all()
         finally:
+            if hooks is not None:
+                hooks.cancel()  # what is still queued goes to the undelivered log
+                with contextlib.suppress(asyncio.CancelledError):
+                    await hooks
             if parts.release_all is not None:
                 await parts.release_all()
             await self.client.close()
@@ -436,8 +446,7 @@ class Term:
             log.info("manager %s: %s", self.mgr.m.name, text)
         else:
             text, kind = f"host '{change.host}' is NOT protected: its agent refuses: {change.why}", "alert"
-            log.error("manager %s: ALERT %s", self.mgr.m.name, text)
-            metrics.alert(Level.ERROR.value)
+            self.alert(Alert(Level.ERROR, change.host, None, text))  # logged, counted, sent
         level = Level.ERROR if change.why else Level.INFO
         await self._durable(lambda: self.events.append(self.lead, [(level.value, "manager", text, kind)], time.time()))
 
@@ -510,6 +519,9 @@ class Term:
     def alert(self, alert: Alert) -> None:
         log.log(_LEVELS.get(alert.level, logging.WARNING), "ALERT %s", alert.text)
         metrics.alert(alert.level.value)
+        if self.mgr.webhooks is not None:
+            self.mgr.webhooks.send({"level": alert.level.value, "host": alert.host, "vm": alert.vm,
+                                    "text": alert.text, "t": round(time.time(), 3)})  # fmt: skip
 
     async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
         try:
