@@ -75,7 +75,6 @@ async def test_prometheus_sees_a_storage_fault_and_its_recoveries(etcd: EtcdProc
         with open(tmp_path / "agent.log", "wb") as out:
             agent = subprocess.Popen([VMHA, "agent", "--config", str(agent_cfg), "--status-file",
                                       str(tmp_path / "agent.json")], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-        manager = ManagerProcess("mgr-a", mgr_cfg, tmp_path)
 
         async def value(expr: str) -> float | None:
             return await asyncio.to_thread(prom.value, expr)
@@ -86,11 +85,14 @@ async def test_prometheus_sees_a_storage_fault_and_its_recoveries(etcd: EtcdProc
         async def holds(expr: str, want: float, what: str, timeout: float = 30) -> None:
             await until(lambda: equals(expr, want), f"{what}: {expr} == {want}", timeout=timeout, interval=0.5)
 
+        # The agent beats on every plane before the manager starts (a registered host without
+        # heartbeats is a failed host to a manager that lists it).
+        await holds("sum(vmha_agent_plane_reachable)", 3, "the agent beats on every plane")
+        manager = ManagerProcess("mgr-a", mgr_cfg, tmp_path)
         # Before the fault, as Prometheus scraped it: the manager leads and sees h1's three planes UP,
-        # the agent beats on all three, no recovery has run.
+        # no recovery has run.
         await holds("vmha_manager_leader", 1, "the manager leads")
         await holds('sum(vmha_plane_up{host="h1"})', 3, "h1's planes UP")
-        await holds("sum(vmha_agent_plane_reachable)", 3, "the agent beats on every plane")
         assert await value('sum(vmha_recovery_phase_seconds_count{phase="recover"}) or vector(0)') == 0
 
         await storage.cut(blackhole=True)  # h1's storage path: everything dropped, nothing refused
