@@ -4,8 +4,8 @@
 # gcc for the lab's setrlimit shim, fence-agents + ipmitool for the power fence and openipmi's ipmi_sim
 # as the BMC its tests fence; libvirt with its sanlock lock manager, QEMU, and the kernel and busybox the
 # lab's guest is built from; spin, whose verifiers gcc compiles, for `vmha model check`; systemd for
-# `systemd-analyze verify` of the units, click-man for the man pages) and a virtualenv in .venv with
-# vmha installed in it.
+# `systemd-analyze verify` of the units, click-man for the man pages; prometheus, which the metrics test
+# runs as its own process, no service) and a virtualenv in .venv with vmha installed in it.
 # Idempotent: a second run only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,7 +14,7 @@ cd "$here"
 apt_pkgs=(etcd-server etcd-client sanlock python3-sanlock sshfs fuse3 openssh-server openssh-client
           iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev fence-agents ipmitool openipmi
           libvirt-daemon libvirt-daemon-driver-qemu libvirt-sanlock libvirt-clients python3-libvirt
-          qemu-system-x86 linux-image-cloud-amd64 cpio spin systemd python3-click-man
+          qemu-system-x86 linux-image-cloud-amd64 cpio spin systemd python3-click-man prometheus
           libvirt-dev pkg-config)  # the last two: the libvirt binding for other Pythons (test-pythons.sh)
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -9,11 +9,13 @@ and a file holding secrets (passwords) must not be readable by group or others.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -269,6 +271,54 @@ class LoggingConfig(_Strict):
     format: Literal["auto", "text", "json", "journald"] = "auto"
 
 
+class MetricsConfig(_Strict):
+    # This process's Prometheus endpoint (vmha.metrics): "IP:port" or "[IPv6]:port", e.g. an address on
+    # the management network.
+    listen: str = Field(max_length=64)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        _address(v)
+        return v
+
+    def address(self) -> tuple[str, int]:
+        return _address(self.listen)
+
+
+def _address(listen: str) -> tuple[str, int]:
+    """'IP:port' or '[IPv6]:port' -> (IP, port); ValueError naming what is wrong."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{listen!r} is not IP:port ({host!r} is not an IP address)") from None
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{listen!r}: the port must be 1-65535") from None
+    return host, int(port)
+
+
+def _webhook_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or _CONTROL.search(url):
+        shown = _URL_PASSWORD.sub(r"\1***@", url)
+        raise ValueError(f"{shown!r} is not an http:// or https:// URL")
+    return url
+
+
+class AlertsConfig(_Strict):
+    # The manager POSTs every alert as JSON to each URL (vmha.manager.webhooks).
+    webhooks: list[Annotated[str, Field(max_length=2000), AfterValidator(_webhook_url)]] = Field(
+        default_factory=list, max_length=16)
+    attempts: int = Field(5, ge=1, le=100, description="tries per alert and URL")
+    retry_base: float = Field(1.0, gt=0, le=600, description="seconds before the first retry, doubling")
+    retry_cap: float = Field(60.0, gt=0, le=3600)
+    timeout: float = Field(5.0, gt=0, le=60, description="seconds one POST may take")
+    undelivered: Path = Path("/var/lib/vmha/undelivered-alerts.jsonl")  # alerts given up on, one JSON a line
+
+
 class Config(_Strict):
     cluster: ClusterConfig
     planes: PlanesConfig
@@ -281,6 +331,8 @@ class Config(_Strict):
     nova: NovaConfig = NovaConfig()
     logging: LoggingConfig = LoggingConfig()
     etcd: EtcdConfig = EtcdConfig()
+    metrics: MetricsConfig | None = None  # absent: no /metrics listener
+    alerts: AlertsConfig = AlertsConfig()
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[Name, dict[PowerOption, str | int | bool]] = Field(default_factory=dict)
@@ -442,4 +494,5 @@ def load(path: str | Path) -> Config:
     return cfg
 
 
-__all__ = ["CONFIG_ENV", "DEFAULT_PATH", "PLANES", "Config", "ConfigError", "default_path", "load", "parse"]
+__all__ = ["CONFIG_ENV", "DEFAULT_PATH", "PLANES", "AlertsConfig", "Config", "ConfigError", "MetricsConfig",
+           "default_path", "load", "parse"]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from vmha import config
 from vmha.bench.rto import rto
-from vmha.lab import libvirtd, novalab
+from vmha.lab import controller, libvirtd, novalab
 from vmha.lab.cli import up
-from vmha.lab.configs import agent_config, manager_config
+from vmha.lab.configs import MANAGER_METRICS_PORTS, agent_config, manager_config
 from vmha.lab.guestxml import domain_xml
 from vmha.lab.net import HOST_INDEX_BASE
 from vmha.lab.state import LabState, NodeState
@@ -69,3 +69,14 @@ def test_nova_lab_with_qemu_guests_proves_with_the_disk_lease_libvirt_takes(tmp_
     assert "<lease" not in domain_xml("vm1", disk, virt["interval"])
     assert (libvirtd.sanlock_conf((mgr.require_locks().path, libvirtd.host_id("h1"), state.io_timeout))
             .count("auto_disk_leases = 1") == 1)
+
+
+def test_every_lab_daemon_serves_metrics_on_its_own_management_address(tmp_path: Path) -> None:
+    state = LabState(dir=tmp_path, created=time.time())
+    state.hosts = {h: NodeState(h, i) for i, h in enumerate(["h1", "h2"], start=2)}
+    assert sorted(MANAGER_METRICS_PORTS) == sorted(controller.MANAGERS)
+    listen = [config.load(manager_config(state, m)).metrics for m in controller.MANAGERS]
+    listen += [config.load(agent_config(state, h)).metrics for h in state.hosts]
+    addresses = [m.address() for m in listen if m is not None]
+    assert len(set(addresses)) == len(addresses) == 4
+    assert all(ip.startswith("198.18.") for ip, _ in addresses)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from vmha import config, logsetup, sdnotify
+from vmha import config, logsetup, metrics, sdnotify
 from vmha.agent.daemon import Agent, default_status_path
 from vmha.agent.locks import AgentLocks
 from vmha.config_cli import config_option
@@ -59,4 +59,5 @@ def agent(config_path: str, status_file: Path | None, show_status: bool, verbose
     logsetup.configure(cfg.logging.format, verbose=verbose, defaults={"host": host.name})
     locks = AgentLocks(cfg) if cfg.locks is not None else None
     on_isolated = locks.on_isolated if locks is not None else None
-    asyncio.run(_serve(Agent(cfg, status_path=path, on_isolated=on_isolated), locks))
+    with metrics.served(cfg, metrics.AGENT):
+        asyncio.run(_serve(Agent(cfg, status_path=path, on_isolated=on_isolated), locks))

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from vmha import metrics
 from vmha.config import Config
 from vmha.core.health import fabric_not_isolation
 from vmha.core.planes import PLANES, Plane
@@ -210,6 +211,7 @@ class Agent:
             else:
                 self.isolation_withheld = ""
             self.write_status()
+            metrics.agent_planes({p: r.reachable for p, r in reach.items()}, self.isolation_fired)
             await asyncio.sleep(interval)
 
     async def _others_lost_them_too(self, reach: dict[Plane, PlaneReach]) -> str:

@@ -278,6 +278,11 @@ class HealthCore:
     def has_host(self, host: str) -> bool:
         return host in self._hosts
 
+    def last_seen(self, host: str, plane: Plane) -> float | None:
+        """When the host's heartbeat on the plane last changed (its last sign of life there), if ever."""
+        h = self._hosts.get(host)
+        return None if h is None else h.planes[plane].seen
+
     def fabric_outages(self) -> list[FabricChange]:
         return [
             FabricChange(plane, domain, True, tuple(sorted(o.hosts)), o.since)

@@ -41,6 +41,7 @@ import aetcd
 import aetcd.exceptions
 from aetcd import rpc  # re-exports the grpc names used here (grpc itself ships no type stubs)
 
+from vmha import metrics
 from vmha.etcd.tls import SecureClient, TlsError, TlsFiles
 
 log = logging.getLogger("vmha.etcd")
@@ -331,6 +332,7 @@ class EtcdClient:
                 raise  # this task is being cancelled
             # Nobody cancelled this task: gRPC cancelled the call because another task's failure
             # closed the shared channel (reset). That is a connectivity error, not a cancellation.
+            metrics.etcd_error("unavailable")
             raise EtcdUnavailable(f"{self.name}: {self.endpoint}: call cut by a connection reset") from None
         except (*_UNAVAILABLE, aetcd.exceptions.ClientError) as e:
             raise await self.fail(e) from None
@@ -343,10 +345,13 @@ class EtcdClient:
         if isinstance(e, EtcdError):
             return e
         if isinstance(e, aetcd.exceptions.RevisionCompactedError):
+            metrics.etcd_error("compacted")
             return Compacted(int(e.compacted_revision))
         reason = f"{self.endpoint}: {type(e).__name__}: {e}".strip()
         if not _is_connectivity(e):
+            metrics.etcd_error("error")
             return EtcdError(f"{self.name}: {reason}")
+        metrics.etcd_error("unavailable")
         await self.reset(reason)
         return EtcdUnavailable(f"{self.name}: {reason}")
 

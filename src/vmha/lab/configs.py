@@ -15,6 +15,18 @@ from vmha.lab.pki import PkiError
 from vmha.lab.state import CLUSTER, INSTANCES_DIR, LEASES_DIR, LabState
 from vmha.lab.storage import MOUNT_POINT
 
+# Prometheus metrics (README "Metrics"), on the management network: each agent at its host's address,
+# the managers at the controller's, a port each (the names of controller.MANAGERS).
+AGENT_METRICS_PORT = 9110
+MANAGER_METRICS_PORTS = {"m1": 9111, "m2": 9112}
+
+
+def metrics_listen(state: LabState, name: str) -> str:
+    """The [metrics] listen address of manager or host `name`."""
+    if name in MANAGER_METRICS_PORTS:
+        return f"{state.node('controller').address(Plane.MANAGEMENT)}:{MANAGER_METRICS_PORTS[name]}"
+    return f"{state.node(name).address(Plane.MANAGEMENT)}:{AGENT_METRICS_PORT}"
+
 
 def libvirt_uri(node: Node) -> str:
     """A host's libvirtd over the management plane (the lab's libvirtd listens on TCP there)."""
@@ -65,6 +77,7 @@ def agent_config(state: LabState, host: str) -> Path:
     sections["agent"] = {"isolation_response": "stop"}
     if state.guests == "qemu":  # the agent checks the host's libvirt lock settings (vmha.lab.libvirtd)
         sections["libvirt"] = {"config_dir": "/etc/libvirt"}
+    sections["metrics"] = {"listen": metrics_listen(state, host)}
     return _write(state.configs / f"agent-{host}.toml", sections)
 
 
@@ -88,6 +101,7 @@ def manager_config(state: LabState, name: str) -> Path:
         # The lab's sshfs storage is shared (disks with cache="none"), but libvirt 9 does not know it.
         sections["libvirt"] = {"migrate_unsafe": True}
         sections["libvirt.hosts"] = {h: libvirt_uri(state.node(h)) for h in sorted(state.hosts)}
+    sections["metrics"] = {"listen": metrics_listen(state, name)}
     return _write(state.configs / f"manager-{name}.toml", sections)
 
 

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from vmha import metrics
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.etcd.attest import AttestResponse, AttestTimeout
 from vmha.etcd.client import EtcdError
@@ -447,6 +448,7 @@ class Prover:
             def done(f: asyncio.Future[str]) -> None:
                 if self._powering.get(host) is f:
                     del self._powering[host]
+                metrics.power_fenced(not f.cancelled() and f.exception() is None)
 
             running.add_done_callback(done)
         try:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from vmha import config, logsetup, sdnotify
+from vmha import config, logsetup, metrics, sdnotify
 from vmha.config_cli import config_option
 from vmha.core.fencing import proof_methods
 from vmha.core.planes import PLANES, PlaneState
@@ -85,7 +85,8 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
         finally:
             supervisor.cancel()
 
-    asyncio.run(run())
+    with metrics.served(cfg, metrics.MANAGER):
+        asyncio.run(run())
 
 
 @click.command("manager")

@@ -39,11 +39,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aetcd import transactions as tx
 
+from vmha import metrics
 from vmha.config import Config, ConfigError
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import FabricChange, HealthChange
 from vmha.core.log import Level, LogLine
-from vmha.core.planes import PlaneState
+from vmha.core.planes import Plane, PlaneState
+from vmha.core.queue import Task
 from vmha.core.recovery import (
     AgentStopped,
     Alert,
@@ -68,6 +70,7 @@ from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import StaleTasks, TaskStore
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
+from vmha.manager.webhooks import Webhooks
 from vmha.runtime.env import TermOver
 from vmha.runtime.loop import Inbox, Loop
 
@@ -236,6 +239,7 @@ class Manager:
         self.clock = clock or unix_monotonic()
         self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)
         self.leadership: Leadership | None = None
+        self.webhooks: Webhooks | None = None  # [alerts] webhooks: created in run(), in its event loop
 
     def readiness(self) -> str | None:
         """For systemd (vmha.sdnotify): None until a campaign round got etcd's answer, then a one-line
@@ -247,6 +251,10 @@ class Manager:
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign, lead, and campaign again after a lost leadership, until `stop` is set."""
         parts = await self.make_parts(self.cfg, self.client)
+        hooks: asyncio.Task[None] | None = None
+        if self.cfg.alerts.webhooks:
+            self.webhooks = Webhooks(self.cfg.alerts, {"cluster": self.cfg.cluster.name, "manager": self.m.name})
+            hooks = asyncio.create_task(self.webhooks.run(), name="webhooks")
         try:
             while not stop.is_set():
                 campaign = asyncio.create_task(self.election.campaign())
@@ -260,14 +268,21 @@ class Manager:
                     break
                 lead = campaign.result()
                 self.leadership = lead
+                metrics.LEADER.set(1)
                 try:
                     await self._lead(lead, parts, stop)
                 finally:
                     self.leadership = None
+                    metrics.LEADER.set(0)
+                    metrics.forget_planes()
                     await self.election.resign()
                     if parts.release_all is not None:
                         await parts.release_all()
         finally:
+            if hooks is not None:
+                hooks.cancel()  # what is still queued goes to the undelivered log
+                with contextlib.suppress(asyncio.CancelledError):
+                    await hooks
             if parts.release_all is not None:
                 await parts.release_all()
             await self.client.close()
@@ -304,6 +319,8 @@ class Term:
         self.inventory_now = asyncio.Event()
         self.host_seen = asyncio.Event()  # a HealthUpdate came: a newly registered host may need a host_id
         self.pending_events: list[tuple[str, str, str, str]] = []  # health lines for the stream
+        self.started = self.clock()
+        self.recovering: set[tuple[str, int]] = set()  # (vm, recovery) started in this term, for metrics
         self.loop = Loop(RecoveryCore(mgr.cfg.policy_table, mgr.m.recovery_settings()), self,
                          proof_timeout=proof_timeout(mgr.cfg))
 
@@ -456,7 +473,7 @@ class Term:
             log.info("manager %s: %s", self.mgr.m.name, text)
         else:
             text, kind = f"host '{change.host}' is NOT protected: its agent refuses: {change.why}", "alert"
-            log.error("manager %s: ALERT %s", self.mgr.m.name, text)
+            self.alert(Alert(Level.ERROR, change.host, None, text))  # logged, counted, sent
         level = Level.ERROR if change.why else Level.INFO
         await self._durable(lambda: self.events.append(self.lead, [(level.value, "manager", text, kind)], time.time()))
 
@@ -504,17 +521,45 @@ class Term:
         if tasks or records:
             batch = [(r.vm, r.recovery, r.data) for r in records]
             await self._durable(lambda: self.store.write(self.lead, dict(tasks), batch))
+        self._observe(tasks, records)
         entries = self.pending_events + [_entry(line) for line in lines]
         entries += [(a.level.value, "manager", a.text, "alert") for a in alerts]
         self.pending_events = []
         if entries:
             await self._durable(lambda: self.events.append(self.lead, entries, time.time()))
 
+    def _observe(self, tasks: Mapping[str, dict[str, object]], records: Sequence[RecordEvidence]) -> None:
+        """The metrics of this output: queue depth, the phases of the recoveries begun and ended."""
+        queue = self.loop.core.queue
+        metrics.tasks_by_state(queue.count)
+        for data in tasks.values():
+            task = Task.from_dict(data)  # the core's own to_dict, of this step
+            key = (task.vm, task.recovery)
+            if task.created >= self.started and key not in self.recovering:
+                self.recovering.add(key)
+                last = {p: self.monitor.core.last_seen(task.source, Plane(p)) for p in task.failed}
+                metrics.recovery_started(task, {p: t for p, t in last.items() if t is not None})
+        for r in records:
+            self.recovering.discard((r.vm, r.recovery))
+            metrics.recovery_finished(Task.from_dict(r.data))
+
     def alert(self, alert: Alert) -> None:
         log.log(_LEVELS.get(alert.level, logging.WARNING), "ALERT %s", alert.text)
+        metrics.alert(alert.level.value)
+        if self.mgr.webhooks is not None:
+            self.mgr.webhooks.send({"level": alert.level.value, "host": alert.host, "vm": alert.vm,
+                                    "text": alert.text, "t": round(time.time(), 3)})  # fmt: skip
 
     async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
-        return await self.fencer.prove(vm, host, methods, timeout)
+        try:
+            proof = await self.fencer.prove(vm, host, methods, timeout)
+        except (asyncio.CancelledError, TermOver):
+            raise
+        except Exception:
+            metrics.proof_refused()
+            raise
+        metrics.proof(proof)
+        return proof
 
     async def release(self, vm: str) -> None:
         await self.fencer.release(vm)

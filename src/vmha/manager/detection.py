@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from vmha import metrics
 from vmha.core.health import (
     EtcdStatus,
     FabricChange,
@@ -50,7 +51,7 @@ from vmha.core.health import (
     LeaseGone,
 )
 from vmha.core.log import Level
-from vmha.core.planes import PLANES, Plane
+from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.core.recovery import AgentStopped
 from vmha.etcd import health_store, values
 from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError
@@ -232,6 +233,10 @@ class HealthMonitor:
                 log.log(level, line.render())
         for change in out.changes:
             self._dirty_hosts[change.host] = change.health
+            metrics.plane_state(change.host, change.plane, change.new)
+            if change.new == PlaneState.DOWN:
+                metrics.detected(change.plane, self.core.last_seen(change.host, change.plane),
+                                 change.health.planes[change.plane].since)
             self._publish(change)
         for fabric in out.fabric:
             self._dirty_fabric.append(fabric)
@@ -286,6 +291,7 @@ class HealthMonitor:
             self._set_refused(host, None)
         if self.core.has_host(host):
             self.step(HostGone(host))
+            metrics.forget_host(host)
             self._dirty_hosts[host] = None
             self._dirty.set()
 
