@@ -82,7 +82,7 @@ def test_status_json_shape(lab: LabState) -> None:
     cp = vmha(lab, "lab", "status", "--json")
     assert cp.returncode == 0, cp.stderr
     st = json.loads(cp.stdout)
-    assert set(st) == {"hosts", "vms", "tasks", "etcd", "metrics"}  # "etcd" (issue 14), "metrics" (issue 15): extend only
+    assert set(st) == {"hosts", "vms", "tasks", "etcd", "metrics"}  # etcd: issue 14, metrics: issue 15
     assert sorted(st["metrics"]) == ["h1", "h2", "h3", "h4", "m1", "m2"]
     assert [h["name"] for h in st["hosts"]] == ["h1", "h2", "h3", "h4"]
     for h in st["hosts"]:

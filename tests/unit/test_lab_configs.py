@@ -1,4 +1,5 @@
-"""The lab's generated manager config follows the lab's power-fence setting, which lab.json keeps;
+"""The lab's generated manager config follows the lab's power-fence and rebalancing settings, which
+lab.json keeps;
 the RTO bench builds its lab under its own prefix and directory, never the demo's."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from vmha import config
 from vmha.bench.rto import rto
 from vmha.lab import controller, libvirtd, novalab
 from vmha.lab.cli import up
-from vmha.lab.configs import MANAGER_METRICS_PORTS, agent_config, manager_config
+from vmha.lab.configs import MANAGER_METRICS_PORTS, REBALANCE_COOLDOWN, agent_config, manager_config
 from vmha.lab.guestxml import domain_xml
 from vmha.lab.net import HOST_INDEX_BASE
 from vmha.lab.state import LabState, NodeState
@@ -40,6 +41,17 @@ def test_a_lab_recorded_before_the_setting_keeps_its_power_fence(tmp_path: Path)
     assert "power_fence" not in raw
     (tmp_path / "lab.json").write_text(raw)
     assert LabState.load(tmp_path).power_fence is True
+
+
+def test_rebalance_setting_reaches_the_managers_and_survives_reload(tmp_path: Path) -> None:
+    state = LabState(dir=tmp_path, created=time.time())
+    assert not config.load(manager_config(state, "m1")).require_manager().rebalance  # off by default
+    state.rebalance = True
+    state.save()
+    loaded = LabState.load(tmp_path)
+    assert loaded.rebalance is True
+    settings = config.load(manager_config(loaded, "m1")).require_manager().recovery_settings()
+    assert (settings.rebalance, settings.rebalance_cooldown) == (True, REBALANCE_COOLDOWN)
 
 
 def test_bench_lab_never_shares_the_demo_labs_prefix_or_directory() -> None:
