@@ -10,6 +10,7 @@ Standby: campaign (etcd/election.py) and wait. Leader, for one "term" at a time:
   - watch keys.disabled_prefix: a deleted key is `vmha host enable HOST` (HostEnabled, and a fresh
     inventory); read it at start: what earlier leaders did to the hosts (HostOut), for their rejoin;
   - watch keys.maintenance_prefix: `vmha host maintenance HOST on|off` (Maintenance);
+  - watch keys.pause: `vmha pause on|off`, the cluster-wide pause of recoveries (Paused);
   - step the core through the runtime loop (vmha.runtime.loop: the simulator and the core bench run
     the same one), with this term as its environment: the decisions logged (logger "vmha.manager")
     and appended to the decision stream, the tasks and evidence persisted with CAS guarded by the
@@ -53,6 +54,7 @@ from vmha.core.recovery import (
     HostOut,
     Inventory,
     Maintenance,
+    Paused,
     RecordEvidence,
     RecoveryCore,
     RecoveryEvent,
@@ -64,6 +66,7 @@ from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import StaleTasks, TaskStore
+from vmha.etcd.values import PauseValue, read, refused
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
 from vmha.runtime.env import TermOver
@@ -323,6 +326,7 @@ class Term:
             asyncio.create_task(self._inventory(), name="inventory"),
             asyncio.create_task(self._enabled_hosts(), name="enabled hosts"),
             asyncio.create_task(self._maintenance(), name="maintenance"),
+            asyncio.create_task(self._pause(), name="pause"),
             asyncio.create_task(self.loop.run(self.inbox), name="decide"),
         ]
         try:
@@ -446,6 +450,13 @@ class Term:
         which hosts are in maintenance."""
         async for host, on in maintenance_marks(self.client, self.keys):
             self.inbox.put(Maintenance(host, on))
+
+    async def _pause(self) -> None:
+        """`vmha pause on|off` as it happens; the first listing tells a new leader about a pause."""
+        async for paused in pause_marks(self.client, self.keys):
+            log.warning("manager %s: recoveries %s", self.mgr.m.name,
+                        f"PAUSED cluster-wide ({paused})" if paused else "resumed")  # fmt: skip
+            self.inbox.put(Paused(paused is not None, paused or "by the operator"))
 
     async def _inventory(self) -> None:
         while not self.over:
@@ -584,6 +595,42 @@ async def maintenance_marks(client: EtcdClient, keys: Keys) -> AsyncIterator[tup
                 yield item.key.removeprefix(prefix), True
 
 
+async def pause_marks(client: EtcdClient, keys: Keys) -> AsyncIterator[str | None]:
+    """keys.pause as it changes: why recoveries are paused (a text), or None once resumed. The first
+    listing comes first. An unreadable value still pauses (someone wrote the key: in doubt, wait)."""
+    paused: str | None = None
+    async for item in watch_prefix(client, keys.pause):
+        match item:
+            case Snapshot(items, _, broken):
+                kv = next((kv for kv, _ in items if kv.key == keys.pause), None)
+                now: str | None = None
+                if kv is not None:
+                    now = _pause_reason(kv)
+                elif any(b.key == keys.pause for b in broken):
+                    now = "unreadable pause record"
+            case Delete(key):
+                if key != keys.pause:
+                    continue
+                now = None
+            case _:
+                if item.key != keys.pause:
+                    continue
+                now = _pause_reason(item.kv)
+        if now != paused:
+            paused = now
+            yield paused
+
+
+def _pause_reason(kv: KV) -> str:
+    """Who paused and why, as the pause record tells; an unreadable one still pauses."""
+    try:
+        value = read(PauseValue, kv)
+    except BadValue as e:
+        refused(e, kv, "recoveries stay paused while the key exists")
+        return "unreadable pause record"
+    return f"by {value.by or 'the operator'}: {value.why or 'no reason given'}"
+
+
 async def hosts_out(client: EtcdClient, keys: Keys) -> list[HostOut]:
     """The hosts an earlier leader disabled or marked down and no one enabled since (keys.disabled
     records, sorted), and whether it quarantined them (keys.quarantined); an unreadable record is
@@ -632,5 +679,6 @@ __all__ = [
     "enabled_hosts",
     "hosts_out",
     "maintenance_marks",
+    "pause_marks",
     "production_parts",
 ]
