@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import json
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -26,11 +27,11 @@ from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient, EtcdError, redact_url
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import Event, EventLog, RecordStore
-from vmha.etcd.tasks import TaskStore
 from vmha.manager import operations
 
 T = TypeVar("T")
 if TYPE_CHECKING:
+    from vmha.api.auth import Tokens
     from vmha.manager.daemon import Parts
 
     PartsFactory = Callable[[config.Config, EtcdClient], Awaitable[Parts]]
@@ -66,6 +67,7 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
 
     cfg.require_manager()
     logsetup.configure(cfg.logging.format, verbose=verbose)
+    api = _api_setup(cfg) if cfg.api is not None else None
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -74,12 +76,38 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, sdnotify.stop_handler(stop, f"manager {mgr.m.name}"))
         supervisor = asyncio.create_task(sdnotify.supervise(mgr.readiness), name="sdnotify")
+        runner = None
         try:
+            if api is not None and cfg.api is not None:
+                from vmha.api import server
+
+                try:
+                    runner = await server.start(cfg, cfg.api, api[1], api[0], mgr.vms)
+                except OSError as e:  # the port is taken: refused at start, like a bad config
+                    raise config.ConfigError(f"[api] listen {cfg.api.listen}: {e.strerror or e}") from None
             await mgr.run(stop)
         finally:
             supervisor.cancel()
+            if runner is not None:
+                await runner.cleanup()
 
     asyncio.run(run())
+
+
+def _api_setup(cfg: config.Config) -> tuple[Tokens, ssl.SSLContext]:
+    """[api]'s tokens and TLS context, checked before the manager starts: a bad one is a config error."""
+    from vmha.api.auth import TokenError, load_tokens
+    from vmha.api.server import tls_context
+
+    assert cfg.api is not None
+    try:
+        tokens = load_tokens(cfg.api.tokens_file)
+    except TokenError as e:
+        raise config.ConfigError(f"[api] tokens_file: {e}") from None
+    try:
+        return tokens, tls_context(cfg.api)
+    except (OSError, ssl.SSLError) as e:
+        raise config.ConfigError(f"[api] cert {cfg.api.cert} / key {cfg.api.key}: {e}") from None
 
 
 @click.command("manager")
@@ -185,13 +213,7 @@ def recovery_show(config_path: str, vm: str, show_all: bool, as_json: bool) -> N
     """Why was, or wasn't, this VM restarted: its evidence record."""
 
     async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> tuple[list[Task], str]:
-        done = await RecordStore(client, keys).records(vm)
-        current = next((t for t in await TaskStore(client, keys).load() if t.vm == vm), None)
-        # The task under tasks/ is the newest state of the newest recovery; a finished one is also a record.
-        shown = {t.recovery: t for t in done}
-        if current is not None:
-            shown[current.recovery] = current
-        ordered = [shown[n] for n in sorted(shown)]
+        ordered = await RecordStore(client, keys).history(vm)
         why_not = "" if ordered or as_json else await _why_not(cfg, client, keys, vm)
         return (ordered if show_all else ordered[-1:]), why_not
 

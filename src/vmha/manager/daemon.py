@@ -60,7 +60,7 @@ from vmha.core.recovery import (
     RecoveryEvent,
     TasksLoaded,
 )
-from vmha.drivers.base import ComputeDriver, DriverError
+from vmha.drivers.base import ComputeDriver, DriverError, VmInfo
 from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdUnavailable, encode_json
 from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
@@ -235,6 +235,13 @@ class Manager:
         self.clock = clock or unix_monotonic()
         self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)
         self.leadership: Leadership | None = None
+        self.parts: Parts | None = None
+
+    async def vms(self) -> Sequence[VmInfo]:
+        """The compute driver's VMs (for the REST API), once the parts are built."""
+        if self.parts is None:
+            raise DriverError("the manager is starting: no compute driver yet")
+        return await self.parts.driver.vms()
 
     def readiness(self) -> str | None:
         """For systemd (vmha.sdnotify): None until a campaign round got etcd's answer, then a one-line
@@ -246,6 +253,7 @@ class Manager:
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign, lead, and campaign again after a lost leadership, until `stop` is set."""
         parts = await self.make_parts(self.cfg, self.client)
+        self.parts = parts
         try:
             while not stop.is_set():
                 campaign = asyncio.create_task(self.election.campaign())
