@@ -82,7 +82,8 @@ def test_status_json_shape(lab: LabState) -> None:
     cp = vmha(lab, "lab", "status", "--json")
     assert cp.returncode == 0, cp.stderr
     st = json.loads(cp.stdout)
-    assert set(st) == {"hosts", "vms", "tasks"}
+    assert set(st) == {"hosts", "vms", "tasks", "api"}
+    assert st["api"]["url"].startswith("https://") and len(st["api"]["token"]) >= 16
     assert [h["name"] for h in st["hosts"]] == ["h1", "h2", "h3", "h4"]
     for h in st["hosts"]:
         assert set(h) == {"name", "planes", "power"}
