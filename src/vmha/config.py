@@ -256,6 +256,13 @@ class ApiConfig(_Strict):
     key: Path
     tokens_file: Path
 
+    @field_validator("listen")
+    @classmethod
+    def _port(cls, v: str) -> str:
+        if not 0 < int(v.rpartition(":")[2]) < 65536:
+            raise ValueError(f"{v!r}: the port must be 1 to 65535")
+        return v
+
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)

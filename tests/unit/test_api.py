@@ -65,8 +65,9 @@ def test_api_config_section() -> None:
                                                  for p in ("management", "service", "storage")}}
     cfg = parse({**base, "api": {"listen": "[::1]:9443", "cert": "/c", "key": "/k", "tokens_file": "/t"}})
     assert cfg.api is not None and cfg.api.address() == ("::1", 9443)
-    with pytest.raises(ConfigError, match="listen"):
-        parse({**base, "api": {"listen": "9443", "cert": "/c", "key": "/k", "tokens_file": "/t"}})
+    for listen in ("9443", "0.0.0.0:70000", "host name:80"):
+        with pytest.raises(ConfigError, match=r"api\.listen"):
+            parse({**base, "api": {"listen": listen, "cert": "/c", "key": "/k", "tokens_file": "/t"}})
 
 
 def _openapi_paths() -> dict[str, dict[str, object]]:

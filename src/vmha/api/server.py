@@ -82,8 +82,15 @@ class Hub:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for q in self.subscribers:
-            q.put_nowait(None)
+        for q in list(self.subscribers):
+            self._close(q)
+
+    def _close(self, q: asyncio.Queue[tuple[str, str] | None]) -> None:
+        """End that stream: None, its last message, in room made for it if need be."""
+        self.subscribers.discard(q)
+        if q.full():
+            q.get_nowait()
+        q.put_nowait(None)
 
     def _send(self, kind: str, data: dict[str, Any]) -> None:
         message = (kind, json.dumps(data, sort_keys=True))
@@ -91,10 +98,7 @@ class Hub:
             try:
                 q.put_nowait(message)
             except asyncio.QueueFull:  # too slow: closed, its page reconnects and reloads
-                self.subscribers.discard(q)
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    q.get_nowait()
-                q.put_nowait(None)
+                self._close(q)
 
     async def _changes(self, what: str, prefix: str) -> None:
         async for _ in watch_prefix(self.client, prefix):
@@ -218,7 +222,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     hub: Hub = request.app[_HUB]  # type: ignore[assignment]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    with hub.subscribe() as q:
+    with hub.subscribe() as q, contextlib.suppress(ConnectionResetError):  # the page went away
         await resp.write(b": vmha stream\n\n")
         while True:
             try:
