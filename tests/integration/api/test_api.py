@@ -191,6 +191,6 @@ async def test_a_taken_port_is_an_error_at_start(api: Api, etcd: EtcdProcess) ->
     cfg_api = config.ApiConfig(listen=host_port, cert=Path("/x"), key=Path("/x"), tokens_file=Path("/x"))
     cfg = config.parse({"cluster": {"name": "vapi"},
                         "planes": {p: {"endpoints": etcd.client_urls} for p in ("management", "storage", "service")},
-                        "manager": {"name": "m2", "endpoints": etcd.client_urls}})  # fmt: skip
+                        "manager": {"name": "m2", "endpoints": etcd.client_urls, "driver": "lab"}})  # fmt: skip
     with pytest.raises(OSError):
         await server.start(cfg, cfg_api, ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), Tokens({}), None)
