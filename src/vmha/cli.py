@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "events": "vmha.manager.cli:events",
     "recovery": "vmha.manager.cli:recovery",
     "host": "vmha.manager.cli:host",
+    "pause": "vmha.manager.cli:pause",
     "policy": "vmha.manager.cli:policy",
     "locks": "vmha.locks.cli:locks",
     "fence": "vmha.locks.fence_cli:fence",

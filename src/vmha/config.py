@@ -266,6 +266,26 @@ class LibvirtConfig(_Strict):
         return v
 
 
+class ApiConfig(_Strict):
+    # The manager's REST API and dashboard (vmha.api): HTTPS only; bearer tokens from tokens_file,
+    # one "TOKEN ROLE" a line (role read-only or admin), refused if group or others can read it.
+    listen: Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")] = "0.0.0.0:8443"
+    cert: Path
+    key: Path
+    tokens_file: Path
+
+    @field_validator("listen")
+    @classmethod
+    def _port(cls, v: str) -> str:
+        if not 0 < int(v.rpartition(":")[2]) < 65536:
+            raise ValueError(f"{v!r}: the port must be 1 to 65535")
+        return v
+
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class LoggingConfig(_Strict):
     # vmha.logsetup: "auto" is journald when stderr goes to the journal (under systemd), else text.
     format: Literal["auto", "text", "json", "journald"] = "auto"
@@ -333,6 +353,7 @@ class Config(_Strict):
     etcd: EtcdConfig = EtcdConfig()
     metrics: MetricsConfig | None = None  # absent: no /metrics listener
     alerts: AlertsConfig = AlertsConfig()
+    api: ApiConfig | None = None  # absent: the manager serves no API
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[Name, dict[PowerOption, str | int | bool]] = Field(default_factory=dict)

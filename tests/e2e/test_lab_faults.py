@@ -82,8 +82,9 @@ def test_status_json_shape(lab: LabState) -> None:
     cp = vmha(lab, "lab", "status", "--json")
     assert cp.returncode == 0, cp.stderr
     st = json.loads(cp.stdout)
-    assert set(st) == {"hosts", "vms", "tasks", "etcd", "metrics"}  # etcd: issue 14, metrics: issue 15
+    assert set(st) == {"hosts", "vms", "tasks", "etcd", "metrics", "api"}  # issues 14, 15: extend only
     assert sorted(st["metrics"]) == ["h1", "h2", "h3", "h4", "m1", "m2"]
+    assert st["api"]["url"].startswith("https://") and len(st["api"]["token"]) >= 16
     assert [h["name"] for h in st["hosts"]] == ["h1", "h2", "h3", "h4"]
     for h in st["hosts"]:
         assert set(h) == {"name", "planes", "power"}

@@ -154,7 +154,7 @@ def test_the_detection_loop_feeds_the_plane_gauges_and_the_latency() -> None:
 
 def cfg(listen: str | None) -> config.Config:
     planes = {p.value: {"endpoints": ["http://127.0.0.1:2379"]} for p in PLANES}
-    data: dict[str, object] = {"cluster": {"name": "c"}, "planes": planes}
+    data: dict[str, object] = {"cluster": {"name": "c"}, "planes": planes, "etcd": {"insecure": True}}
     if listen is not None:
         data["metrics"] = {"listen": listen}
     return config.parse(data)

@@ -32,6 +32,7 @@ from vmha.core.recovery import (
     LiveMigrate,
     Maintenance,
     MarkHostDown,
+    Paused,
     PersistTask,
     ProofObtained,
     ProofRefused,
@@ -797,6 +798,38 @@ def test_a_new_leader_lets_hosts_the_old_one_took_out_rejoin() -> None:
     out = c.step(HostOpFailed("h2", HostOp.ENABLE, "nova: 503"), 22.0)
     assert [a.text for a in of(out, Alert)] == [
         "host 'h2': enable failed (nova: 503): it stays out, tried again in 20s"]
+
+
+# -- cluster-wide pause ------------------------------------------------------------------------------
+
+
+def test_pause_holds_new_recoveries_and_resume_acts_on_them() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    out = c.step(Paused(True, "by the operator"), 5.0)
+    assert [a.text for a in of(out, Alert)] == [
+        "recoveries paused cluster-wide (by the operator): new recoveries wait, those started run to their end"]
+    out = fail_h2(c, 10.0)
+    assert not of(out, Prove) and c.tasks() == []
+    assert [a.text for a in of(out, Alert)] == [
+        "host 'h2': row storage (fence-evacuate) waits: recoveries are paused (storage down since 10.0)"]
+    assert c.next_deadline() is None  # a waiting host is no timer: no busy loop while paused
+    assert not of(c.step(Tick(), 30.0), Alert)  # alerted once
+    out = c.step(Paused(False, "by the operator"), 40.0)
+    assert "recoveries resumed (by the operator); hosts waiting: h2" in texts(out)
+    assert sorted(p.vm for p in of(out, Prove)) == ["vm1", "vm2"]
+
+
+def test_pause_lets_a_started_recovery_finish() -> None:
+    c = core()
+    c.step(inventory(VMS), 1.0)
+    fail_h2(c, 10.0)
+    c.step(Paused(True, "upgrade"), 12.0)
+    c.step(proof("vm1"), 15.0)
+    c.step(proof("vm2"), 15.0)
+    c.step(HostOpDone("h2", HostOp.MARK_DOWN), 15.5)
+    out = c.step(StepDone("vm1", Step.RELEASE), 15.6)
+    assert [e.vm for e in of(out, Evacuate)] == ["vm1"]  # proved: the restart must follow
 
 
 # -- maintenance and drain ---------------------------------------------------------------------------

@@ -248,6 +248,16 @@ class Maintenance:
 
 
 @dataclass(frozen=True, slots=True)
+class Paused:
+    """Cluster-wide pause of recoveries (keys.paused written / deleted, e.g. for an upgrade). On: a
+    host whose row calls for more than an alert waits, and is only alerted; recoveries already
+    started run to their end (a proved VM must be restarted). Off: the waiting hosts are acted upon."""
+
+    on: bool
+    why: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class HostOut:
     """At takeover: an earlier leader disabled (op disable) or marked down (op mark-down) this host,
     and no one enabled it since (keys.disabled(host) holds the record): it rejoins as if this leader
@@ -304,6 +314,7 @@ RecoveryEvent = (
     | HostEnabled
     | HostOut
     | Maintenance
+    | Paused
     | RejoinChecked
     | AgentStopped
     | TasksLoaded
@@ -553,6 +564,9 @@ class RecoveryCore:
         # Hosts in maintenance, and why: "operator" (`vmha host maintenance`), "agent" (a clean agent
         # stop with on_agent_stop = drain). Either keeps it; each ends only its own.
         self._maintenance: dict[str, set[str]] = {}
+        # Recoveries paused cluster-wide (Paused); the hosts whose action waits for the resume.
+        self._paused = False
+        self._pause_held: set[str] = set()
         # Desired state: protected VMs seen stopped; why each due one waits (logged when it changes).
         self._stopped = StoppedVms(settings.restart_after)
         self._restart_wait: dict[str, str] = {}
@@ -578,8 +592,8 @@ class RecoveryCore:
         deadlines = [t.retry_at for t in self.queue.in_state(TaskState.RETRY_WAIT) if t.retry_at is not None]
         deadlines += [
             d.act_at
-            for d in self._decisions.values()
-            if not d.acted and d.decision.action is not None
+            for h, d in self._decisions.items()
+            if not d.acted and d.decision.action is not None and h not in self._pause_held
         ]
         deadlines += [self._rejoin_at(h) for h in self._healthy_since
                       if h not in self._rejoin_wait and h not in self._rejoining]
@@ -638,6 +652,8 @@ class RecoveryCore:
                 self._reconcile(host, now, out)
             case Maintenance(host, on):
                 self._maintenance_set(host, "operator", on, "by the operator", now, out)
+            case Paused(on, why):
+                self._pause(on, why, now, out)
             case TasksLoaded(tasks):
                 self._load(tasks, now, out)
             case Tick():
@@ -674,6 +690,7 @@ class RecoveryCore:
             return
         cur = self._decisions.get(host)
         if cur is None or cur.decision != decision:
+            self._pause_held.discard(host)  # a new row: alerted anew if it waits for the resume
             old = cur.decision if cur is not None else Decision("", None)
             if decision.action is None:
                 self._decisions.pop(host, None)
@@ -861,6 +878,22 @@ class RecoveryCore:
             self._by_source.setdefault(src, set()).add(vm)
             self._move(task, TaskState.READY, now, f"rebalance, priority {task.priority}", out)
 
+    # -- pause ------------------------------------------------------------------------------------
+
+    def _pause(self, on: bool, why: str, now: float, out: RecoveryOutput) -> None:
+        if on == self._paused:
+            return
+        self._paused = on
+        if on:
+            out.actions.append(Alert(Level.WARN, None, None, f"recoveries paused cluster-wide ({why}): new "
+                                     "recoveries wait, those started run to their end"))
+            return
+        waiting = sorted(self._pause_held)
+        self._pause_held.clear()
+        out.log.append(LogLine(Level.INFO, now, ACTOR, f"recoveries resumed ({why}); hosts waiting: "
+                               f"{', '.join(waiting) or 'none'}"))
+        self._held.update(waiting)  # _timers acts on them in this step
+
     # -- maintenance ------------------------------------------------------------------------------
 
     def _maintenance_set(self, host: str, who: str, on: bool, why: str, now: float, out: RecoveryOutput) -> None:
@@ -1013,6 +1046,12 @@ class RecoveryCore:
                                      f"{self._agent_stopped.get(host, 0.0):.1f} ({self._failed_text(hh)}): its "
                                      "running VMs are not protected until the agent runs again; those it "
                                      "stopped are recovered once proved stopped"))
+            return
+        if self._paused and action != Action.ALERT:
+            if host not in self._pause_held:
+                self._pause_held.add(host)
+                out.actions.append(Alert(Level.WARN, host, None, f"host '{host}': row {key} ({action.value}) "
+                                         f"waits: recoveries are paused ({self._failed_text(hh)})"))
             return
         if action != Action.ALERT:
             self._count_failure(host, key, now, out)

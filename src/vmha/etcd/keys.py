@@ -13,6 +13,7 @@
   attest/req/<host>/<vm>        manager asks the host's agent to attest the VM's exit
   attest/resp/<host>/<vm>       the agent's answer
   disabled/<host>               hosts vmha disabled (re-enabled by `vmha host enable`)
+  pause                         present while recoveries are paused cluster-wide (`vmha pause`)
   lab/...                       lab-only state (VM placement of the lab driver)
 """
 
@@ -134,6 +135,11 @@ class Keys:
     @property
     def maintenance_prefix(self) -> str:
         return f"{self.root}maintenance/"
+
+    @property
+    def pause(self) -> str:
+        """Present while recoveries are paused cluster-wide (`vmha pause` / the API): the leader honours it."""
+        return f"{self.root}pause"
 
     def driver(self, driver: str, *parts: str) -> str:
         """A compute driver's own records (the libvirt driver's inventory and host flags)."""

@@ -84,6 +84,21 @@ class RecordStore:
                 refused(e, kv)
         return sorted(out, key=lambda t: t.recovery)
 
+    async def history(self, vm: str) -> list[Task]:
+        """Every recovery of the VM, oldest first: its records, and its task under tasks/ (the newest
+        state of the newest recovery; a finished one is also a record). Unreadable values are skipped."""
+        shown = {t.recovery: t for t in await self.records(vm)}
+        kv = await self.client.get(self.keys.task(vm))
+        if kv is not None:
+            try:
+                current = parse_task(kv)
+            except BadValue as e:
+                refused(e, kv)
+            else:
+                if current.vm == vm:
+                    shown[current.recovery] = current
+        return [shown[n] for n in sorted(shown)]
+
 
 class EventLog:
     """The decision stream. The leader calls `start()` once per leadership, then `append()`."""

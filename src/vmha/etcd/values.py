@@ -67,6 +67,20 @@ class HostValue(_Value):
     agent_stopped: Time | None = None
 
 
+class PauseValue(_Value):
+    """pause: recoveries paused cluster-wide, since t, by whom and why."""
+
+    t: Time
+    by: Text = ""
+    why: Text = ""
+
+
+class MaintenanceValue(_Value):
+    """maintenance/<host>: the operator put the host in maintenance at t."""
+
+    t: Time
+
+
 class HostIdValue(_Value):
     """hostid/<n>: sanlock host_id n belongs to this host."""
 
@@ -300,6 +314,8 @@ __all__ = [
     "LeaderValue",
     "LibvirtDomainValue",
     "LibvirtHostValue",
+    "MaintenanceValue",
+    "PauseValue",
     "PlaneStatusValue",
     "ProofValue",
     "StepValue",

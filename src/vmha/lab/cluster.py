@@ -13,7 +13,7 @@ from typing import Any
 from vmha.core.planes import PLANES
 from vmha.etcd.keys import Keys
 from vmha.lab import controller, etcdlab, etcdq, libvirtd, novalab
-from vmha.lab.configs import controller_config, metrics_listen
+from vmha.lab.configs import api_token, api_url, controller_config, metrics_listen
 from vmha.lab.hosts import boot_host, lockspace_joined, storage, vmha_command
 from vmha.lab.net import HOST_INDEX_BASE, LabError, LabNet, pid_alive, run
 from vmha.lab.procs import vm_processes
@@ -279,9 +279,12 @@ def status(state: LabState) -> dict[str, Any]:
     tasks_raw, _ = etcdq.get_json_prefix(state, KEYS.tasks_prefix)
     tasks = [{"vm": k[len(KEYS.tasks_prefix) :], **(v if isinstance(v, dict) else {"value": v})}
              for k, v in sorted(tasks_raw.items())]
+    # The first manager's REST API and dashboard (the next ones on the following ports), reachable
+    # inside the controller's netns; its admin token.
+    api = {"url": api_url(state), "token": api_token(state)}
     # Each daemon's Prometheus endpoint (reached from the controller's namespace).
     metrics = {name: f"http://{metrics_listen(state, name)}/metrics" for name in [*controller.MANAGERS, *state.hosts]}
-    return {"hosts": hosts, "vms": vms, "tasks": tasks, "metrics": metrics, "etcd": etcdlab.status(state)}
+    return {"hosts": hosts, "vms": vms, "tasks": tasks, "metrics": metrics, "api": api, "etcd": etcdlab.status(state)}
 
 
 def down(lab_dir: Path, prefix: str = "vl", echo: Echo = _quiet) -> list[str]:

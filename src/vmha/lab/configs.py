@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from vmha.lab.nova.rig import CLOUD
 from vmha.lab.pki import PkiError
 from vmha.lab.state import CLUSTER, INSTANCES_DIR, LEASES_DIR, LabState
 from vmha.lab.storage import MOUNT_POINT
+
+# Each manager's REST API and dashboard, on the controller's management address (reachable inside the
+# controller's netns, like the lab's etcd): m1 on API_PORT, the next manager on API_PORT + 1...
+API_PORT = 8443
 
 # Prometheus metrics (README "Metrics"), on the management network: each agent at its host's address,
 # the managers at the controller's, a port each (the names of controller.MANAGERS).
@@ -85,7 +90,29 @@ def agent_config(state: LabState, host: str) -> Path:
     return _write(state.configs / f"agent-{host}.toml", sections)
 
 
-def manager_config(state: LabState, name: str) -> Path:
+def api_url(state: LabState, index: int = 0) -> str:
+    return f"https://{state.node('controller').address(PLANES[0])}:{API_PORT + index}"
+
+
+def api_tokens(state: LabState) -> Path:
+    """The lab's API tokens file: one admin and one read-only token, made once (mode 600)."""
+    path = state.configs / "api-tokens"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(f"{secrets.token_urlsafe(24)} admin\n{secrets.token_urlsafe(24)} read-only\n")
+    return path
+
+
+def api_token(state: LabState, role: str = "admin") -> str | None:
+    """The lab's token of that role, None before the lab made its tokens file."""
+    path = state.configs / "api-tokens"
+    if not path.exists():
+        return None
+    return next((f[0] for f in (line.split() for line in path.read_text().splitlines()) if f[1:] == [role]), None)
+
+
+def manager_config(state: LabState, name: str, index: int = 0) -> Path:
     sections = _common(state, name)
     sections["manager"] = {
         "name": name,
@@ -108,6 +135,12 @@ def manager_config(state: LabState, name: str) -> Path:
         sections["libvirt"] = {"migrate_unsafe": True}
         sections["libvirt.hosts"] = {h: libvirt_uri(state.node(h)) for h in sorted(state.hosts)}
     sections["metrics"] = {"listen": metrics_listen(state, name)}
+    try:  # the API's server certificate, from the lab's CA (pki/vmha-api.crt)
+        tls = state.pki.issue("vmha-api", ips=[state.node("controller").address(PLANES[0])])
+    except PkiError as e:
+        raise LabError(f"lab certificates in {state.pki.dir}: {e}") from None
+    sections["api"] = {"listen": api_url(state, index).removeprefix("https://"), "cert": str(tls.cert),
+                       "key": str(tls.key), "tokens_file": str(api_tokens(state))}
     return _write(state.configs / f"manager-{name}.toml", sections)
 
 

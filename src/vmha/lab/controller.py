@@ -72,11 +72,11 @@ def sanlock_run_dir(state: LabState, manager: str) -> Path:
 def start_managers(state: LabState) -> None:
     pids = state.controller.pids
     node = state.node("controller")
-    for name in MANAGERS:
+    for index, name in enumerate(MANAGERS):
         role = f"manager-{name}"
         if pid_alive(pids.get(role, 0)):
             continue
-        cfg = manager_config(state, name)
+        cfg = manager_config(state, name, index)
         # The lab's own entry point: it gives the manager the lab's driver and power fence.
         proc = spawn([*node.enter(), sys.executable, "-m", "vmha.lab.manager", "--config", str(cfg),
                       "--lab-dir", str(state.dir)],

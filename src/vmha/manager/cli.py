@@ -8,8 +8,8 @@ import contextlib
 import datetime
 import json
 import signal
+import ssl
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -25,13 +25,13 @@ from vmha.core.recovery import AGENT_STOPPED_KEY, MAINTENANCE_KEY, RecoverySetti
 from vmha.drivers.base import DriverError
 from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient, EtcdError, EtcdUnavailable, redact_url
-from vmha.etcd.election import leader_name
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import Event, EventLog, RecordStore
-from vmha.etcd.tasks import TaskStore
+from vmha.manager import operations
 
 T = TypeVar("T")
 if TYPE_CHECKING:
+    from vmha.api.auth import Tokens
     from vmha.manager.daemon import Parts
 
     PartsFactory = Callable[[config.Config, EtcdClient], Awaitable[Parts]]
@@ -72,6 +72,7 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
 
     cfg.require_manager()
     logsetup.configure(cfg.logging.format, verbose=verbose)
+    api = _api_setup(cfg) if cfg.api is not None else None
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -80,13 +81,39 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, sdnotify.stop_handler(stop, f"manager {mgr.m.name}"))
         supervisor = asyncio.create_task(sdnotify.supervise(mgr.readiness), name="sdnotify")
+        runner = None
         try:
+            if api is not None and cfg.api is not None:
+                from vmha.api import server
+
+                try:
+                    runner = await server.start(cfg, cfg.api, api[1], api[0], mgr.vms)
+                except OSError as e:  # the port is taken: refused at start, like a bad config
+                    raise config.ConfigError(f"[api] listen {cfg.api.listen}: {e.strerror or e}") from None
             await mgr.run(stop)
         finally:
             supervisor.cancel()
+            if runner is not None:
+                await runner.cleanup()
 
     with metrics.served(cfg, metrics.MANAGER):
         asyncio.run(run())
+
+
+def _api_setup(cfg: config.Config) -> tuple[Tokens, ssl.SSLContext]:
+    """[api]'s tokens and TLS context, checked before the manager starts: a bad one is a config error."""
+    from vmha.api.auth import TokenError, load_tokens
+    from vmha.api.server import tls_context
+
+    assert cfg.api is not None
+    try:
+        tokens = load_tokens(cfg.api.tokens_file)
+    except TokenError as e:
+        raise config.ConfigError(f"[api] tokens_file: {e}") from None
+    try:
+        return tokens, tls_context(cfg.api)
+    except (OSError, ssl.SSLError) as e:
+        raise config.ConfigError(f"[api] cert {cfg.api.cert} / key {cfg.api.key}: {e}") from None
 
 
 @click.command("manager")
@@ -192,13 +219,7 @@ def recovery_show(config_path: str, vm: str, show_all: bool, as_json: bool) -> N
     """Why was, or wasn't, this VM restarted: its evidence record."""
 
     async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> tuple[list[Task], str]:
-        done = await RecordStore(client, keys).records(vm)
-        current = next((t for t in await TaskStore(client, keys).load() if t.vm == vm), None)
-        # The task under tasks/ is the newest state of the newest recovery; a finished one is also a record.
-        shown = {t.recovery: t for t in done}
-        if current is not None:
-            shown[current.recovery] = current
-        ordered = [shown[n] for n in sorted(shown)]
+        ordered = await RecordStore(client, keys).history(vm)
         why_not = "" if ordered or as_json else await _why_not(cfg, client, keys, vm)
         return (ordered if show_all else ordered[-1:]), why_not
 
@@ -222,37 +243,26 @@ def host() -> None:
     """Hosts: re-enable one vmha took out, or put one in maintenance."""
 
 
+def _operation(config_path: str, op: Callable[[config.Config, EtcdClient, Keys], Awaitable[str]]) -> str:
+    """Run an operator action (vmha.manager.operations, shared with the REST API); a refusal is a
+    clear CLI error. Returns the leader's name."""
+
+    async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> str:
+        try:
+            return await op(cfg, client, keys)
+        except operations.OperationError as e:
+            raise click.ClickException(str(e)) from None
+
+    return _with_etcd(config_path, body)
+
+
 @host.command("enable")
 @config_option
 @click.argument("name")
 def host_enable(config_path: str, name: str) -> None:
     """Re-enable a repaired host, after checking it is clean: every plane UP in the manager's
     health view and no recovery from it still running."""
-    from vmha.manager.daemon import compute_driver
-
-    async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> str:
-        view = await health_store.load(client, keys)
-        stored = view.hosts.get(name)
-        if stored is None:
-            raise click.ClickException(f"host '{name}': not in the manager's health view (is it registered?)")
-        states = {p: stored.health.planes[p].state if p in stored.health.planes else None for p in PLANES}
-        not_up = [f"{p.value} {s.value if s else 'unknown'}" for p, s in states.items() if s != PlaneState.UP]
-        if not_up:
-            raise click.ClickException(f"host '{name}' is not clean: {', '.join(not_up)}; repair it first")
-        store = TaskStore(client, keys)
-        running = [t for t in await store.load() if t.source == name and t.state not in TERMINAL]
-        if store.unreadable:  # any of them may be a recovery from this host: in doubt, refuse
-            raise click.ClickException(f"unreadable task(s) {', '.join(store.unreadable)}: fix or delete them first")
-        if running:
-            vms = ", ".join(f"{t.vm} ({t.state.value})" for t in running)
-            raise click.ClickException(f"host '{name}' still has recoveries running: {vms}; wait for them")
-        await compute_driver(cfg, client).enable_host(name)
-        await client.delete(keys.quarantined(name))
-        await client.delete(keys.disabled(name))
-        leader = leader_name(await client.get(keys.leader))
-        return leader or "none"
-
-    leader = _with_etcd(config_path, body)
+    leader = _operation(config_path, lambda cfg, c, k: operations.host_enable(cfg, c, k, name, by="cli"))
     click.echo(f"host '{name}' enabled (manager leader: {leader})")
 
 
@@ -263,19 +273,23 @@ def host_enable(config_path: str, name: str) -> None:
 def host_maintenance(config_path: str, name: str, state: str) -> None:
     """Maintenance on: the manager live-migrates the host's HA VMs away (priority order, within the
     concurrency limits), sends it none, and only alerts on its faults. Off: it returns to placement."""
-
-    async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> str:
-        view = await health_store.load(client, keys)
-        if name not in view.hosts:
-            raise click.ClickException(f"host '{name}': not in the manager's health view (is it registered?)")
-        if state == "on":
-            await client.put_json(keys.maintenance(name), {"t": round(time.time(), 3)})
-        else:
-            await client.delete(keys.maintenance(name))
-        return leader_name(await client.get(keys.leader)) or "none"
-
-    leader = _with_etcd(config_path, body)
+    leader = _operation(config_path, lambda cfg, c, k: operations.host_maintenance(c, k, name, state == "on",
+                                                                                   by="cli"))
     click.echo(f"host '{name}': maintenance {state} (manager leader: {leader})")
+
+
+# -- vmha pause on|off ------------------------------------------------------------------------------
+
+
+@click.command("pause")
+@config_option
+@click.argument("state", type=click.Choice(["on", "off"]))
+@click.option("--why", default="", help="the reason, shown in the alerts (e.g. 'upgrade to 1.4')")
+def pause(config_path: str, state: str, why: str) -> None:
+    """Pause (on) or resume (off) recoveries cluster-wide, e.g. for an upgrade: while paused the
+    leader starts no new recovery and alerts instead; recoveries already started run to their end."""
+    leader = _operation(config_path, lambda cfg, c, k: operations.pause(c, k, state == "on", by="cli", why=why))
+    click.echo(f"recoveries {'paused' if state == 'on' else 'resumed'} (manager leader: {leader})")
 
 
 # -- vmha policy show -------------------------------------------------------------------------------
@@ -314,4 +328,4 @@ def policy_show(config_path: str, as_json: bool) -> None:
     Console().print(table)
 
 
-__all__ = ["events", "host", "manager", "policy", "recovery"]
+__all__ = ["events", "host", "manager", "pause", "policy", "recovery"]

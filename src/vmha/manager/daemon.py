@@ -10,6 +10,7 @@ Standby: campaign (etcd/election.py) and wait. Leader, for one "term" at a time:
   - watch keys.disabled_prefix: a deleted key is `vmha host enable HOST` (HostEnabled, and a fresh
     inventory); read it at start: what earlier leaders did to the hosts (HostOut), for their rejoin;
   - watch keys.maintenance_prefix: `vmha host maintenance HOST on|off` (Maintenance);
+  - watch keys.pause: `vmha pause on|off`, the cluster-wide pause of recoveries (Paused);
   - step the core through the runtime loop (vmha.runtime.loop: the simulator and the core bench run
     the same one), with this term as its environment: the decisions logged (logger "vmha.manager")
     and appended to the decision stream, the tasks and evidence persisted with CAS guarded by the
@@ -56,18 +57,20 @@ from vmha.core.recovery import (
     HostOut,
     Inventory,
     Maintenance,
+    Paused,
     RecordEvidence,
     RecoveryCore,
     RecoveryEvent,
     TasksLoaded,
 )
-from vmha.drivers.base import ComputeDriver, DriverError
+from vmha.drivers.base import ComputeDriver, DriverError, VmInfo
 from vmha.etcd import hostids
 from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdUnavailable, encode_json
 from vmha.etcd.election import Election, Leadership, NotLeader, leader_txn
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import StaleTasks, TaskStore
+from vmha.etcd.values import PauseValue, read, refused
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
 from vmha.manager.webhooks import Webhooks
@@ -240,6 +243,13 @@ class Manager:
         self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)
         self.leadership: Leadership | None = None
         self.webhooks: Webhooks | None = None  # [alerts] webhooks: created in run(), in its event loop
+        self.parts: Parts | None = None
+
+    async def vms(self) -> Sequence[VmInfo]:
+        """The compute driver's VMs (for the REST API), once the parts are built."""
+        if self.parts is None:
+            raise DriverError("the manager is starting: no compute driver yet")
+        return await self.parts.driver.vms()
 
     def readiness(self) -> str | None:
         """For systemd (vmha.sdnotify): None until a campaign round got etcd's answer, then a one-line
@@ -255,6 +265,7 @@ class Manager:
         if self.cfg.alerts.webhooks:
             self.webhooks = Webhooks(self.cfg.alerts, {"cluster": self.cfg.cluster.name, "manager": self.m.name})
             hooks = asyncio.create_task(self.webhooks.run(), name="webhooks")
+        self.parts = parts
         try:
             while not stop.is_set():
                 campaign = asyncio.create_task(self.election.campaign())
@@ -345,6 +356,7 @@ class Term:
             asyncio.create_task(self._inventory(), name="inventory"),
             asyncio.create_task(self._enabled_hosts(), name="enabled hosts"),
             asyncio.create_task(self._maintenance(), name="maintenance"),
+            asyncio.create_task(self._pause(), name="pause"),
             asyncio.create_task(self.loop.run(self.inbox), name="decide"),
         ]
         if self.mgr.cfg.locks is not None:
@@ -490,6 +502,13 @@ class Term:
         which hosts are in maintenance."""
         async for host, on in maintenance_marks(self.client, self.keys):
             self.inbox.put(Maintenance(host, on))
+
+    async def _pause(self) -> None:
+        """`vmha pause on|off` as it happens; the first listing tells a new leader about a pause."""
+        async for paused in pause_marks(self.client, self.keys):
+            log.warning("manager %s: recoveries %s", self.mgr.m.name,
+                        f"PAUSED cluster-wide ({paused})" if paused else "resumed")  # fmt: skip
+            self.inbox.put(Paused(paused is not None, paused or "by the operator"))
 
     async def _inventory(self) -> None:
         while not self.over:
@@ -656,6 +675,42 @@ async def maintenance_marks(client: EtcdClient, keys: Keys) -> AsyncIterator[tup
                 yield item.key.removeprefix(prefix), True
 
 
+async def pause_marks(client: EtcdClient, keys: Keys) -> AsyncIterator[str | None]:
+    """keys.pause as it changes: why recoveries are paused (a text), or None once resumed. The first
+    listing comes first. An unreadable value still pauses (someone wrote the key: in doubt, wait)."""
+    paused: str | None = None
+    async for item in watch_prefix(client, keys.pause):
+        match item:
+            case Snapshot(items, _, broken):
+                kv = next((kv for kv, _ in items if kv.key == keys.pause), None)
+                now: str | None = None
+                if kv is not None:
+                    now = _pause_reason(kv)
+                elif any(b.key == keys.pause for b in broken):
+                    now = "unreadable pause record"
+            case Delete(key):
+                if key != keys.pause:
+                    continue
+                now = None
+            case _:
+                if item.key != keys.pause:
+                    continue
+                now = _pause_reason(item.kv)
+        if now != paused:
+            paused = now
+            yield paused
+
+
+def _pause_reason(kv: KV) -> str:
+    """Who paused and why, as the pause record tells; an unreadable one still pauses."""
+    try:
+        value = read(PauseValue, kv)
+    except BadValue as e:
+        refused(e, kv, "recoveries stay paused while the key exists")
+        return "unreadable pause record"
+    return f"by {value.by or 'the operator'}: {value.why or 'no reason given'}"
+
+
 async def hosts_out(client: EtcdClient, keys: Keys) -> list[HostOut]:
     """The hosts an earlier leader disabled or marked down and no one enabled since (keys.disabled
     records, sorted), and whether it quarantined them (keys.quarantined); an unreadable record is
@@ -704,5 +759,6 @@ __all__ = [
     "enabled_hosts",
     "hosts_out",
     "maintenance_marks",
+    "pause_marks",
     "production_parts",
 ]

@@ -1,0 +1,1 @@
+"""The manager's REST API and live dashboard (HTTPS, bearer tokens): vmha.api.server."""
