@@ -316,7 +316,7 @@ async def start(cfg: Config, api: ApiConfig, tls: ssl.SSLContext, tokens: Tokens
                 vms: views.VmLister | None) -> web.AppRunner:  # fmt: skip
     """Serve on api.listen until the returned runner's cleanup(); its own etcd client."""
     # Its own client: the API's reads and their failures do not touch the manager's connection.
-    client = EtcdClient(cfg.require_manager().endpoints, timeout=3.0, name="api")
+    client = EtcdClient(cfg.require_manager().endpoints, timeout=3.0, name="api", tls=cfg.etcd.tls())
     app = make_app(cfg, client, tokens, vms)
 
     async def close_client(app: web.Application) -> None:
