@@ -116,7 +116,7 @@ def manager_config(state: LabState, name: str, index: int = 0) -> Path:
     sections = _common(state, name)
     sections["manager"] = {
         "name": name,
-        "endpoints": state.etcd_urls(PLANES[0]),
+        "endpoints": state.etcd_control_urls(),
         "driver": "nova" if state.nova else ("libvirt" if state.guests == "qemu" else "lab"),
         # The lab's power fence (vmha.lab.power) kills every process of a host's namespace: the lab
         # starts its managers through vmha.lab.manager, which injects it, with any driver.
@@ -146,5 +146,8 @@ def manager_config(state: LabState, name: str, index: int = 0) -> Path:
 
 def controller_config(state: LabState) -> Path:
     """For lab-side commands run on the controller (lock initialisation, status, etcd setup-auth):
-    etcd's root user."""
-    return _write(state.configs / "controller.toml", _common(state, ROOT))
+    etcd's root user, on the controllers' link, which no fault of the hosts' fabric cuts."""
+    sections = _common(state, ROOT)
+    for plane in PLANES:
+        sections[f"planes.{plane.value}"] = {"endpoints": state.etcd_control_urls()}
+    return _write(state.configs / "controller.toml", sections)

@@ -41,8 +41,9 @@ def start_services(state: LabState) -> None:
     if len(etcdlab.running(state)) < len(ETCD_MEMBERS):
         try:
             # The published names (vmha.lab.pki): one certificate per host, manager, operator, root.
-            # etcd's server certificate names every member's address on every plane.
-            state.pki.create([state.etcd_member(m).address(p) for m in ETCD_MEMBERS for p in PLANES],
+            # etcd's server certificate names every member's address on every plane and the controllers' link.
+            state.pki.create([*(state.etcd_member(m).address(p) for m in ETCD_MEMBERS for p in PLANES),
+                              *(state.etcd_control_address(m) for m in ETCD_MEMBERS)],
                              [*sorted(state.hosts), *MANAGERS, OPERATOR, ROOT])
         except PkiError as e:
             raise LabError(f"lab certificates in {state.pki.dir}: {e} (the lab runs etcd with TLS only)") from None

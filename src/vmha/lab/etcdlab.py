@@ -1,7 +1,9 @@
 """The lab's etcd: three members (e1, e2, e3), each in a namespace of its own with a client address on
 every plane, as controllers are in production. The members replicate over a network of their own
 (bridge br-etcd, 198.19.0.0/24: the controllers' link, none of the three planes), so a plane's fabric
-outage cuts clients, never the cluster. Clients and peers use TLS with the lab's PKI (vmha.lab.pki:
+outage cuts clients, never the cluster. The controller is on that link too: its managers and the lab's
+tools reach the members there, as managers running next to etcd on the controllers do in production.
+Clients and peers use TLS with the lab's PKI (vmha.lab.pki:
 etcd-server, etcd-peer).
 
 Started, crashed (SIGKILL by recorded PID) and restarted by `vmha lab up` and `vmha lab fault etcd ...`.
@@ -19,7 +21,7 @@ from typing import Any
 from vmha.core.planes import PLANES
 from vmha.etcd.auth import ROOT
 from vmha.lab.net import LabError, kill_pids, pid_alive, run
-from vmha.lab.state import ETCD_MEMBERS, ETCD_PEER_PORT, LabState
+from vmha.lab.state import ETCD_MEMBERS, ETCD_PEER_PORT, ETCD_PORT, LabState
 from vmha.testing.etcd import ETCDCTL, EtcdProcess, EtcdStartError
 
 STATUS_TIMEOUT = 2.0  # seconds one member may take to answer `endpoint status`
@@ -34,19 +36,16 @@ PEER_BRIDGE = "br-etcd"
 PEER_NIC = "peer"
 
 
-def _peer_address(state: LabState, member: str) -> str:
-    return f"198.19.0.{state.etcd_member(member).index}"
-
-
 def _peer_url(state: LabState, member: str) -> str:
-    return f"https://{_peer_address(state, member)}:{ETCD_PEER_PORT}"
+    return f"https://{state.etcd_control_address(member)}:{ETCD_PEER_PORT}"
 
 
 def _process(state: LabState, member: str) -> EtcdProcess:
     node = state.etcd_member(member)
     return EtcdProcess(
         data_dir=state.dir / "etcd" / member,
-        client_urls=[state.etcd_member_url(member, p) for p in PLANES],
+        client_urls=[*(state.etcd_member_url(member, p) for p in PLANES),
+                     f"https://{state.etcd_control_address(member)}:{ETCD_PORT}"],
         peer_url=_peer_url(state, member),
         netns=node.netns,
         name=member,
@@ -59,21 +58,23 @@ def _process(state: LabState, member: str) -> EtcdProcess:
 
 
 def create_network(state: LabState) -> None:
-    """Each member's namespace with its three plane addresses and its peer link (kept when present)."""
+    """Each member's namespace with its three plane addresses and its peer link, and the controller's
+    link (kept when present)."""
     net = state.net()
     if run(["ip", "-n", net.fabric, "link", "show", PEER_BRIDGE], check=False).returncode != 0:
         run(["ip", "-n", net.fabric, "link", "add", PEER_BRIDGE, "type", "bridge", "stp_state", "0",
              "forward_delay", "0"])  # fmt: skip
     run(["ip", "-n", net.fabric, "link", "set", PEER_BRIDGE, "up"])
-    for m in ETCD_MEMBERS:
-        node = state.etcd_member(m)
-        net.add_node(node)
-        port = f"{m}-{PEER_NIC}"
+    for m in ["controller", *ETCD_MEMBERS]:
+        node = state.node(m) if m == "controller" else state.etcd_member(m)
+        if m != "controller":
+            net.add_node(node)
+        port = f"{m[:3]}-{PEER_NIC}"
         if run(["ip", "-n", net.fabric, "link", "show", port], check=False).returncode != 0:
             run(["ip", "-n", net.fabric, "link", "add", port, "type", "veth", "peer", "name", PEER_NIC,
                  "netns", node.netns])  # fmt: skip
         run(["ip", "-n", net.fabric, "link", "set", port, "master", PEER_BRIDGE, "up"])
-        run(["ip", "-n", node.netns, "addr", "replace", f"{_peer_address(state, m)}/24", "dev", PEER_NIC])
+        run(["ip", "-n", node.netns, "addr", "replace", f"{state.etcd_control_address(m)}/24", "dev", PEER_NIC])
         run(["ip", "-n", node.netns, "link", "set", PEER_NIC, "up"])
 
 

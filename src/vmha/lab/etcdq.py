@@ -11,7 +11,6 @@ import base64
 import json
 from typing import Any
 
-from vmha.core.planes import Plane
 from vmha.etcd.auth import ROOT
 from vmha.lab.net import LabError, run
 from vmha.lab.state import LabState
@@ -21,7 +20,7 @@ def _etcdctl(state: LabState, *args: str, timeout: float = 5.0) -> str:
     ctl = state.node("controller")
     tls = state.pki.client(ROOT)  # lab commands administer the lab: etcd's root user
     cmd = ["ip", "netns", "exec", ctl.netns, "env", "ETCDCTL_API=3", "etcdctl",
-           f"--endpoints={','.join(state.etcd_urls(Plane.MANAGEMENT))}", "--dial-timeout=2s",
+           f"--endpoints={','.join(state.etcd_control_urls())}", "--dial-timeout=2s",
            f"--cacert={tls.ca}", f"--cert={tls.cert}", f"--key={tls.key}",
            f"--command-timeout={timeout:.0f}s", *args]
     return run(cmd, timeout=timeout + 3).stdout

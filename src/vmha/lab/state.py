@@ -121,8 +121,20 @@ class LabState:
         return f"https://{self.etcd_member(member).address(plane)}:{ETCD_PORT}"
 
     def etcd_urls(self, plane: Plane) -> list[str]:
-        """Every member's client URL on that plane: what agents, managers and lab commands are given."""
+        """Every member's client URL on that plane: what the agents are given."""
         return [self.etcd_member_url(m, plane) for m in ETCD_MEMBERS]
+
+    def etcd_control_address(self, node: str) -> str:
+        """An address on the controllers' own link (bridge br-etcd, 198.19.0.0/24, none of the hosts'
+        planes): an etcd member's (its peer and control address) or the controller's (.1)."""
+        index = 1 if node == "controller" else self.etcd_member(node).index
+        return f"198.19.0.{index}"
+
+    def etcd_control_urls(self) -> list[str]:
+        """Every member's client URL on the controllers' link: the managers' and the lab's own tools'.
+        In production the managers run on the controllers next to etcd, so an outage of the hosts'
+        fabric never cuts a manager from etcd; nor does it here."""
+        return [f"https://{self.etcd_control_address(m)}:{ETCD_PORT}" for m in ETCD_MEMBERS]
 
     @property
     def pki(self) -> Pki:
