@@ -72,7 +72,7 @@ async def api(etcd: EtcdProcess, tmp_path: Path) -> AsyncIterator[Api]:
     assert cfg.api is not None
     runner = await server.start(cfg, cfg.api, server.tls_context(cfg.api), load_tokens(tokens), _vms)
     client = EtcdClient(etcd.client_urls, timeout=2.0, tls=etcd.tls())
-    trust = ssl.create_default_context(cafile=str(cert))  # the real certificate check, not ssl=False
+    trust = ssl.create_default_context(cafile=str(tls.ca))  # the real certificate check, not ssl=False
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
         try:
             yield Api(f"https://127.0.0.1:{port}", session, client)
@@ -199,6 +199,7 @@ async def test_a_taken_port_is_an_error_at_start(api: Api, etcd: EtcdProcess) ->
     cfg_api = config.ApiConfig(listen=host_port, cert=Path("/x"), key=Path("/x"), tokens_file=Path("/x"))
     cfg = config.parse({"cluster": {"name": "vapi"},
                         "planes": {p: {"endpoints": etcd.client_urls} for p in ("management", "storage", "service")},
-                        "manager": {"name": "m2", "endpoints": etcd.client_urls, "driver": "lab"}})  # fmt: skip
+                        "manager": {"name": "m2", "endpoints": etcd.client_urls, "driver": "lab"},
+                        "etcd": {f: str(getattr(etcd.tls(), f)) for f in ("ca", "cert", "key")}})  # fmt: skip
     with pytest.raises(OSError):
         await server.start(cfg, cfg_api, ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), Tokens({}), None)
