@@ -1,4 +1,5 @@
-"""The lab's generated manager config follows the lab's power-fence setting, which lab.json keeps;
+"""The lab's generated manager config follows the lab's power-fence and rebalancing settings, which
+lab.json keeps;
 the RTO bench builds its lab under its own prefix and directory, never the demo's."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 from vmha import config
 from vmha.bench.rto import rto
 from vmha.lab.cli import up
-from vmha.lab.configs import manager_config
+from vmha.lab.configs import REBALANCE_COOLDOWN, manager_config
 from vmha.lab.state import LabState
 
 
@@ -33,6 +34,17 @@ def test_a_lab_recorded_before_the_setting_keeps_its_power_fence(tmp_path: Path)
     assert "power_fence" not in raw
     (tmp_path / "lab.json").write_text(raw)
     assert LabState.load(tmp_path).power_fence is True
+
+
+def test_rebalance_setting_reaches_the_managers_and_survives_reload(tmp_path: Path) -> None:
+    state = LabState(dir=tmp_path, created=time.time())
+    assert not config.load(manager_config(state, "m1")).require_manager().rebalance  # off by default
+    state.rebalance = True
+    state.save()
+    loaded = LabState.load(tmp_path)
+    assert loaded.rebalance is True
+    settings = config.load(manager_config(loaded, "m1")).require_manager().recovery_settings()
+    assert (settings.rebalance, settings.rebalance_cooldown) == (True, REBALANCE_COOLDOWN)
 
 
 def test_bench_lab_never_shares_the_demo_labs_prefix_or_directory() -> None:

@@ -95,7 +95,7 @@ def _cell(v: object, digits: int = 1) -> str:
               help="the managers without the lab's power fence: power-off proven by sanlock's host_dead")
 @click.option("--rounds", default=0, show_default=True, type=int,
               help="instead of trials: this many random fault rounds, every class mixed, no operator action "
-                   "(vmha.lab.rounds); the table is of their faults")
+                   "(vmha.lab.rounds), on a lab whose managers rebalance; the table is of their faults")
 @click.option("--seed", type=int, default=None, help="the rounds' seed (default: drawn and printed)")
 def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir: Path, prefix: str,
         nova: bool, no_power_fence: bool, guests: str, rounds: int, seed: int | None) -> None:
@@ -148,7 +148,7 @@ def _run(trials: int, kinds: list[str], hosts: int, vms: int, lab_dir: Path, pre
 
     try:
         state = cluster.up(lab_dir, hosts, vms, 1, prefix=prefix, echo=echo, nova=nova,
-                           power_fence=not no_power_fence, guests=guests)
+                           power_fence=not no_power_fence, guests=guests, rebalance=bool(rounds))
         if guests == "qemu":
             guest_stats = guest_boot_and_rss(state)
             click.echo(f"guests: {guest_stats}", err=True)

@@ -1498,7 +1498,10 @@ class RecoveryCore:
                 out.log.append(LogLine(Level.INFO, now, ACTOR, f"vm '{task.vm}': proof lease released: its old "
                                        f"copy on '{task.source}' is proven dead, it may be started by hand"))
                 out.actions.append(DropProof(task.vm, task.source))
-            self._settle(task)
+            if task.kind == TaskKind.MIGRATE:
+                self._source_failed(task, now, out)  # a failed move recovered nothing: not settled
+            else:
+                self._settle(task)
             self._stopped.give_up(task.vm)
             self._finish(task, out)
             return
@@ -1512,6 +1515,20 @@ class RecoveryCore:
         if task.resume == TaskState.READY:
             task.dest = None  # after the slot is given back: the retry picks a destination again
         self._persist(task, out)
+
+    def _source_failed(self, task: Task, now: float, out: RecoveryOutput) -> None:
+        """A live migration failed: if its source failed meanwhile (a row to evacuate), the host's
+        evacuation covers the VM (proof first), acting again if it had acted while the migration held
+        the VM; a row that comes later covers it anyway (the VM is not settled)."""
+        cur = self._decisions.get(task.source)
+        if cur is None or cur.decision.action not in _EVACUATING_ACTIONS:
+            return
+        out.log.append(LogLine(Level.WARN, now, ACTOR, f"vm '{task.vm}': its source '{task.source}' failed during "
+                               f"the live migration (row {cur.decision.key}): its {cur.decision.action.value} "
+                               "covers the VM"))
+        if cur.acted:
+            cur.acted, cur.act_at = False, now
+            self._held.add(task.source)
 
     def _timers(self, now: float, out: RecoveryOutput) -> None:
         for host in sorted(self._held):

@@ -30,11 +30,13 @@ def _quiet(_: str) -> None:
 
 
 def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "vl",
-       echo: Echo = _quiet, nova: bool = False, power_fence: bool = True, guests: str = "process") -> LabState:
+       echo: Echo = _quiet, nova: bool = False, power_fence: bool = True, guests: str = "process",
+       rebalance: bool = False) -> LabState:
     """Builds (or completes) the lab and returns once every host is UP on every plane in the
     manager's view and every VM writes. Running it on a healthy lab changes nothing.
     nova: a real Nova runs the VMs (vmha.lab.novalab) and the managers use the nova driver.
     power_fence False: the managers have no power fence (a power-off is proven by host_dead).
+    rebalance: the managers rebalance (vmha.lab.configs.REBALANCE_COOLDOWN).
     guests "qemu": each VM is a QEMU guest under its host's libvirtd (vmha.lab.libvirtd), holding its
     lease through libvirt's sanlock lock manager; the managers use the libvirt driver."""
     if guests not in ("process", "qemu"):
@@ -50,16 +52,17 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
         state = LabState.load(lab_dir)
     except LabError:
         state = LabState(dir=lab_dir, prefix=prefix, io_timeout=io_timeout, created=time.time(), nova=nova,
-                         power_fence=power_fence, guests=guests)
+                         power_fence=power_fence, guests=guests, rebalance=rebalance)
     else:
-        asked = (hosts, len(state.vms), io_timeout, prefix, nova, power_fence, guests)
+        asked = (hosts, len(state.vms), io_timeout, prefix, nova, power_fence, guests, rebalance)
         have = (len(state.hosts), len(state.vms), state.io_timeout, state.prefix, state.nova, state.power_fence,
-                state.guests)
+                state.guests, state.rebalance)
         if asked != have:
             raise LabError(
                 f"a lab with {have[0]} hosts, {have[1]} VMs, io_timeout {have[2]} (prefix {have[3]}"
                 f"{', with Nova' if have[4] else ''}{'' if have[5] else ', without power fence'}, "
-                f"{have[6]} guests) is recorded in {lab_dir}: `vmha lab down` first to build another one"
+                f"{have[6]} guests{', rebalancing' if have[7] else ''}) is recorded in {lab_dir}: "
+                "`vmha lab down` first to build another one"
             )
     for i in range(1, hosts + 1):
         state.hosts.setdefault(f"h{i}", NodeState(f"h{i}", HOST_INDEX_BASE + i))

@@ -20,6 +20,10 @@ def libvirt_uri(node: Node) -> str:
 
 Value = str | int | float | bool | list[str]
 
+# A lab with rebalancing (LabState.rebalance): its rounds this far apart, not production's 300 s, so that
+# a run of faults ends evened out within minutes.
+REBALANCE_COOLDOWN = 20.0
+
 
 def to_toml(sections: Mapping[str, Mapping[str, Value]]) -> str:
     """TOML for flat sections of scalars and string lists (all the lab writes)."""
@@ -67,6 +71,8 @@ def manager_config(state: LabState, name: str) -> Path:
         # starts its managers through vmha.lab.manager, which injects it, with any driver.
         "power_fence": state.power_fence,
     }
+    if state.rebalance:
+        sections["manager"].update(rebalance=True, rebalance_cooldown=REBALANCE_COOLDOWN)
     if state.nova:
         # clouds.yaml comes through OS_CLIENT_CONFIG_FILE (vmha.lab.controller.manager_env); the
         # servers are named after the lab VMs, whose leases carry those names.

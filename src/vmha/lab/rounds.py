@@ -5,6 +5,13 @@ The run that found issue 11 (5 rounds, hosts never returning) ended with every V
 none running. A run of rounds passes when, once every host has rejoined, every VM runs exactly once
 and the VMs are spread over more than one host.
 
+Placement alone cannot promise that spread: a host taken out stays out for `rejoin_after` (60 s),
+longer than a round, so the faults of the next rounds send every VM to the few hosts left, and the
+hosts that rejoin come back empty (the CI run with seed 3294725129 ended with all 10 VMs on h3). What
+evens the load out once hosts return is rebalancing: in a lab with it (LabState.rebalance), the end
+also waits for the load to be even (at most one VM between the most and the least loaded host). Each
+round starts once no recovery or rebalancing move is in flight, from a settled lab.
+
 The host of each round is drawn among the powered hosts vmha has not taken out, preferring those
 that run VMs, and sparing a host that already failed QUARANTINE_SPARE times: a third failure within
 the hour would quarantine it (which has its own test), and a quarantined host never returns by itself.
@@ -19,12 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmha.core.recovery import RecoverySettings
-from vmha.lab.scenario import CLASSES, FABRIC, Echo, Timeline, _disabled, run_fault, running_on
+from vmha.lab.configs import REBALANCE_COOLDOWN
+from vmha.lab.scenario import CLASSES, FABRIC, Echo, Timeline, _disabled, in_flight, run_fault, running_on
 from vmha.lab.state import LabState
 
 QUARANTINE_SPARE = RecoverySettings().quarantine_after - 1
 ALERT_ONLY = FABRIC  # classes that are no host failure (they do not count towards quarantine)
 REJOIN_TIMEOUT = RecoverySettings().rejoin_after + 60.0  # the last repaired host's rejoin, with margin
+# The moves still in flight after a round's repair (a VM that arrived on a failed host, a rebalancing round).
+QUIET_TIMEOUT = 60.0
+# The end's rebalancing: from 10 VMs on one host of 5, four rounds of 2 moves, REBALANCE_COOLDOWN apart,
+# each on an inventory (every 10 s), with margin.
+EVEN_TIMEOUT = 4 * (REBALANCE_COOLDOWN + 10.0) + 60.0
 POLL = 0.5
 
 
@@ -57,12 +70,42 @@ def _pick(state: LabState, rng: random.Random, failures: Counter[str]) -> str | 
     deadline = time.monotonic() + REJOIN_TIMEOUT
     while True:
         state.reload()
-        load = Counter(h for hs in running_on(state).values() for h in hs if h is not None)
+        load = _loads(state)
         ok = [h for h, ns in sorted(state.hosts.items()) if ns.power == "on" and not _disabled(state, h)
               and failures[h] < QUARANTINE_SPARE]
         busy = [h for h in ok if load[h]]
         if ok or time.monotonic() > deadline:
             return rng.choice(busy or ok) if ok else None
+        time.sleep(POLL)
+
+
+def _quiet(state: LabState, timeout: float) -> list[str]:
+    """Waits until no recovery task is in flight; the VMs of those still in flight at the timeout."""
+    deadline = time.monotonic() + timeout
+    while (busy := in_flight(state)) and time.monotonic() < deadline:
+        time.sleep(POLL)
+    return busy
+
+
+def _loads(state: LabState) -> dict[str, int]:
+    """VM copies running per lab host (every host, 0 included)."""
+    load = dict.fromkeys(state.hosts, 0)
+    for hs in running_on(state).values():
+        for h in hs:
+            if h in load:
+                load[h] += 1
+    return load
+
+
+def _wait_even(state: LabState, timeout: float) -> dict[str, int]:
+    """Waits until nothing is in flight and the most and least loaded hosts differ by one VM at most;
+    the loads then, or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        loads = _loads(state)
+        even = max(loads.values()) - min(loads.values()) <= 1
+        if (even and not in_flight(state)) or time.monotonic() > deadline:
+            return loads
         time.sleep(POLL)
 
 
@@ -74,6 +117,9 @@ def run_rounds(state: LabState, rounds: int, seed: int, echo: Echo) -> Rounds:
     failures: Counter[str] = Counter()
     echo(f"{rounds} random fault rounds, seed {seed}")
     for n, kind in enumerate(plan(rounds, seed), 1):
+        busy = _quiet(state, QUIET_TIMEOUT)
+        if busy:
+            echo(f"round {n}: recoveries still in flight after {QUIET_TIMEOUT:.0f} s: {', '.join(busy)}")
         host = _pick(state, rng, failures)
         if host is None:
             out.problems.append(f"round {n}: no host left to fault (every host out or failed twice)")
@@ -90,6 +136,11 @@ def run_rounds(state: LabState, rounds: int, seed: int, echo: Echo) -> Rounds:
         out_hosts = sorted(h for h in state.hosts if _disabled(state, h))
     if out_hosts:
         out.problems.append(f"hosts still out {REJOIN_TIMEOUT:.0f} s after the last repair: {', '.join(out_hosts)}")
+    elif state.rebalance:
+        loads = _wait_even(state, EVEN_TIMEOUT)
+        if max(loads.values()) - min(loads.values()) > 1:
+            out.problems.append(f"load not even {EVEN_TIMEOUT:.0f} s after every host rejoined (rebalance on): "
+                                + ", ".join(f"{h}={n}" for h, n in sorted(loads.items())))
     out.placement = {vm: running_on(state).get(vm, []) for vm in sorted(state.vms)}
     wrong = {vm: hs for vm, hs in out.placement.items() if len(hs) != 1}
     if wrong:
@@ -97,7 +148,8 @@ def run_rounds(state: LabState, rounds: int, seed: int, echo: Echo) -> Rounds:
     hosts = {hs[0] for hs in out.placement.values() if len(hs) == 1}
     if len(hosts) < 2:
         out.problems.append(f"every VM on {len(hosts)} host(s): {sorted(h or '-' for h in hosts)}")
-    echo(f"end: {'ok' if out.ok else 'WRONG: ' + '; '.join(out.problems)}; VMs on {len(hosts)} hosts")
+    echo(f"end: {'ok' if out.ok else 'WRONG: ' + '; '.join(out.problems)}; VMs on {len(hosts)} hosts ("
+         + ", ".join(f"{h}={n}" for h, n in sorted(_loads(state).items())) + ")")
     return out
 
 

@@ -48,6 +48,9 @@ class LabState:
     # --no-power-fence): power-off is then proven by sanlock's host_dead alone.
     power_fence: bool = True
     guests: str = "process"  # "process": vmha-vm stand-ins; "qemu": QEMU guests under a libvirtd per host
+    # The managers rebalance (manager.rebalance, rounds configs.REBALANCE_COOLDOWN apart): only through the
+    # Python API (the random fault rounds), whose end checks that the load was evened out.
+    rebalance: bool = False
 
     # paths --------------------------------------------------------------------------------------
     @property
@@ -121,6 +124,7 @@ class LabState:
             nova=bool(d.get("nova", False)),
             power_fence=bool(d.get("power_fence", True)),
             guests=str(d.get("guests", "process")),
+            rebalance=bool(d.get("rebalance", False)),
         )
 
     def reload(self) -> None:
