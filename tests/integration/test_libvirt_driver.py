@@ -6,7 +6,9 @@ Checked: protection and priority from the domain's metadata (an unprotected doma
 inventory's definitions, live migration of a running guest (its records name the new host at once,
 seq going on), evacuation refused while the VM runs on the source and idempotent once done, a start
 from the recorded definition on another host, libvirt refusing a second copy while the lease is
-held, host flags, and a host whose libvirtd cannot be reached.
+held, host flags, a host whose libvirtd cannot be reached (its recorded VMs unknown, never stopped),
+a guest whose QEMU was killed (stopped, then restarted in place), and a domain whose protection its
+operator removed (forgotten, so its stop is not restarted).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from typing import Any
 
 import pytest
 
+from vmha.core.desired import STOPPED
 from vmha.core.planes import Plane
 from vmha.drivers.base import DriverError
+from vmha.drivers.libvirt import METADATA_NS
 from vmha.lab import cluster, faults, libvirtd, scenario
 from vmha.lab.configs import libvirt_uri
 from vmha.lab.net import pid_alive, run
@@ -155,3 +159,24 @@ def test_unreachable_host_is_down_and_keeps_its_recorded_vms(lab: LabState) -> N
         assert [(v.name, v.host, v.state) for v in vms] == [("vm1", "h1", "unknown")]
     finally:
         faults.host_plane(lab, "h1", "management", "up")
+
+
+def test_a_guest_killed_outside_vmha_is_stopped_and_restarts_in_place(lab: LabState) -> None:
+    h1 = lab.node("h1")
+    pid = int(run([*h1.enter(), "cat", "/run/libvirt/qemu/vm1.pid"]).stdout)
+    os.kill(pid, signal.SIGKILL)  # a crash: libvirt sees QEMU end, the transient domain is gone
+    until_sync(lambda: libvirtd.virsh(h1, "list", "--name").stdout.split() == [], "vm1 gone from h1", timeout=30)
+    vms = call(lab, "vms")
+    assert [(v.name, v.host, v.ha, v.state) for v in vms] == [("vm1", "h1", True, STOPPED)]
+    t0 = time.time()
+    assert call(lab, "evacuate", "vm1", "h1", "h1") == "h1"  # the manager's restart in place
+    until_sync(lambda: writing_on(lab, "vm1", "h1", t0), "vm1 writing on h1 again", timeout=60)
+    assert [(v.name, v.host, v.state) for v in call(lab, "vms")] == [("vm1", "h1", "running")]
+
+
+def test_removing_the_metadata_unprotects_so_a_stop_is_not_restarted(lab: LabState) -> None:
+    h1 = lab.node("h1")
+    libvirtd.virsh(h1, "metadata", "vm1", METADATA_NS, "--remove", "--live")
+    assert call(lab, "vms") == []  # the inventory forgot it
+    libvirtd.virsh(h1, "destroy", "vm1")
+    assert call(lab, "vms") == []  # stopped by its operator: not for vmha to restart

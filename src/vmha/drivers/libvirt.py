@@ -12,6 +12,14 @@ also when the host it ran on is gone; host flags (enabled, forced_down) live nex
 libvirt has no notion of a disabled host. Domains are started transient from the recorded
 definition: a powered-off host keeps no stale definition that could come back.
 
+Desired state (core/desired.py): like Proxmox's ha-manager, vmha keeps a protected domain running. A
+recorded protected domain that its recorded host, answering, no longer runs (a guest crash, QEMU
+killed, `virsh destroy` or shutdown outside vmha) is reported stopped, and the manager restarts it
+once proved stopped; a host that cannot be asked is no evidence of a stop (domain_state). To stop
+one for good, remove its metadata from the running domain first (`virsh metadata DOMAIN
+https://vmha.org/xmlns/domain/1 --remove --live`) and stop it after the next inventory, which
+drops its record.
+
 Starting a guest never bypasses its lease: with libvirt's sanlock lock manager, libvirt acquires the
 domain's lease before the guest's CPUs run and refuses to start it while another host holds it.
 Every libvirt call is blocking: they run in a pool of their own, bounded by CALL_TIMEOUT, so an
@@ -34,6 +42,7 @@ from typing import Any, TypeVar
 import libvirt
 from pydantic import ValidationError
 
+from vmha.core.desired import STOPPED
 from vmha.drivers.base import DriverError, HostInfo, VmInfo
 from vmha.etcd import values
 from vmha.etcd.client import BadValue, EtcdClient, EtcdError
@@ -65,6 +74,17 @@ def protection(xml: str) -> int | None:
         return max(0, min(1000, int(el.get("priority", "0"))))
     except ValueError:
         return 0
+
+
+def domain_state(vm: str, recorded: str, scan: Mapping[str, Mapping[str, str] | None]) -> str:
+    """The state of a recorded protected domain that was not recorded as running in this scan:
+    desired.STOPPED only when its recorded host answered and no host that answered runs it (a crash,
+    a killed QEMU, `virsh destroy` or shutdown outside vmha: vmha restarts it, like Proxmox's
+    ha-manager). A host that did not answer (scan None), or a domain of its name running anywhere
+    (its definition refused, or its protection just removed), is no evidence of a stop: "unknown"."""
+    if scan.get(recorded) is None or any(running and vm in running for running in scan.values()):
+        return "unknown"
+    return STOPPED
 
 
 class LibvirtDriver:
@@ -124,16 +144,12 @@ class LibvirtDriver:
             self._pool.submit(_close, conn)
 
     async def _running(self, host: str) -> dict[str, str]:
-        """Protected domains running on the host: name -> definition (XML)."""
+        """Domains running on the host, protected or not: name -> definition (XML)."""
         conn = await self._conn(host)
 
         def scan() -> dict[str, str]:
-            out: dict[str, str] = {}
-            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
-                if protection(xml) is not None:
-                    out[dom.name()] = xml
-            return out
+            return {dom.name(): dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+                    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
 
         try:
             return await self._call(scan, QUERY_TIMEOUT)
@@ -143,7 +159,7 @@ class LibvirtDriver:
             raise DriverError(f"libvirt: listing the domains of {host}: {_why(e)}") from None
 
     async def _scan(self) -> dict[str, dict[str, str] | None]:
-        """Every host at once: its protected running domains, or None when it cannot be asked now."""
+        """Every host at once: its running domains, or None when it cannot be asked now."""
         hosts = sorted(self.uris)
         results = await asyncio.gather(*(self._running(h) for h in hosts), return_exceptions=True)
         out: dict[str, dict[str, str] | None] = {}
@@ -209,12 +225,18 @@ class LibvirtDriver:
 
     async def vms(self, host: str | None = None) -> Sequence[VmInfo]:
         """Protected domains: those seen running now (recorded with their definition), and those
-        recorded before on a host that cannot be asked now (a failed host's VMs)."""
+        recorded before and not seen running (see domain_state)."""
         records = await self._records("domains", LibvirtDomainValue)
         seen: dict[str, str] = {}
         xmls: dict[str, str] = {}
-        for h, running in (await self._scan()).items():
+        scan = await self._scan()
+        for h, running in scan.items():
             for vm, xml in (running or {}).items():
+                if protection(xml) is None:
+                    rec = records.get(vm)
+                    if rec is not None and rec.host == h:
+                        await self._unprotect(vm, h, records)
+                    continue
                 if len(xml) > DOMAIN_XML_MAX:
                     log.error("libvirt: domain %s on %s: definition of %d bytes refused (max %d)", vm, h,
                               len(xml), DOMAIN_XML_MAX)
@@ -232,8 +254,20 @@ class LibvirtDriver:
             if where is None or (host is not None and where != host):
                 continue
             out.append(VmInfo(vm, where, True, protection(xmls[vm]) or 0 if vm in xmls else rec.priority if rec else 0,
-                              "running" if vm in seen else "unknown"))
+                              "running" if vm in seen else domain_state(vm, where, scan)))
         return out
+
+    async def _unprotect(self, vm: str, host: str, records: dict[str, LibvirtDomainValue]) -> None:
+        """The recorded domain runs on its host without vmha's metadata: the operator removed its
+        protection (the way to stop a protected domain for good). Its record goes, so that its stop is
+        not taken for a crash."""
+        try:
+            await self.client.delete(self.keys.driver(self.name, "domains", vm))
+        except EtcdError as e:
+            raise DriverError(f"libvirt driver: etcd: {e}") from None
+        del records[vm]
+        log.info("libvirt: vm=%s host=%s runs without vmha:protect metadata: no longer protected, record "
+                 "removed", vm, host)
 
     async def _flag(self, host: str, **change: Any) -> None:
         rec = (await self._records("hosts", LibvirtHostValue)).get(host, LibvirtHostValue())
