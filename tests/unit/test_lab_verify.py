@@ -16,6 +16,7 @@ from vmha.lab.verify import (
     downtime_between,
     downtime_starting,
     hosts_between,
+    restart_floor,
 )
 
 
@@ -177,6 +178,22 @@ def test_episode_verdicts_follow_the_policy() -> None:
     assert any("without a fence proof" in p for p in no_proof["problems"])
     not_moved = check_episode(storage, policy, stays, {}, 30)
     assert any("still on h1" in p for p in not_moved["problems"])
+
+
+def test_a_qemu_guest_pause_under_its_restart_floor_is_no_downtime() -> None:
+    policy = PolicyTable.parse(DEFAULT_POLICY)
+    service = episodes([fault(10, "h1", "service", "down"), fault(20, "h1", "service", "up")])[0]
+    mig = [{"vm": "vm1", "source": "h1", "created": 12.0, "action": "live-migrate", "kind": "migrate",
+            "state": "done", "running_on": "h2"}]
+
+    def migrated(pause: float) -> dict[str, DiskReport]:
+        return {"vm1": _disk(*run("h1", 1, 0.0, 120), *run("h2", 121, 11.9 + pause, 100))}
+
+    # 1.3 s: a live migration's hand-over on a loaded TCG machine; 4.5 s: a guest that booted again.
+    for pause, guests, ok in [(1.3, "process", False), (1.3, "qemu", True), (4.5, "qemu", False)]:
+        verdict = check_episode(service, policy, migrated(pause), {"vm1": mig}, 30, restart_floor(guests))
+        assert verdict["ok"] == ok, (pause, guests, verdict["problems"])
+        assert ok or verdict["problems"] == ["vm1: live migration with downtime (a restart?)"]
 
 
 def _two_power_offs() -> tuple[list[Episode], dict[str, DiskReport]]:

@@ -28,7 +28,7 @@ from vmha.lab import etcdq, novalab
 from vmha.lab.cluster import KEYS
 from vmha.lab.configs import manager_config
 from vmha.lab.state import LabState
-from vmha.lab.verify import DEFAULT_GAP, DiskReport, check_disk, downtime_starting, summary
+from vmha.lab.verify import DEFAULT_GAP, DiskReport, check_disk, downtime_starting, restart_floor, summary
 from vmha.lab.vm import disk_lines
 
 # After a repair, recoveries already under way may still finish: they belong to the episode.
@@ -106,8 +106,10 @@ def _runs_after(report: DiskReport, t: float, until: float) -> str | None:
 
 
 def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport],
-                  records: dict[str, list[dict[str, Any]]], window_end: float) -> dict[str, Any]:
-    """The episode's verdict; only what happened between its start and window_end counts."""
+                  records: dict[str, list[dict[str, Any]]], window_end: float,
+                  floor: float = 0.0) -> dict[str, Any]:
+    """The episode's verdict; only what happened between its start and window_end counts. Where the
+    policy keeps VMs running, only a gap longer than `floor` (restart_floor) is downtime."""
     decision = policy.decide(ep.row_states())
     expected = decision.action
     hosts = set(disks) if ep.target == "fabric" else None
@@ -132,7 +134,7 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
                                 f"{expected.value if expected else 'nothing'}")
             if any(not r.get("proof") for r in restarts):
                 problems.append(f"{vm}: restarted without a fence proof in its evidence record")
-            if not killed and downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP) > 0:
+            if not killed and downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP, floor) > 0:
                 problems.append(f"{vm}: downtime during a fault that must not touch it")
             continue
         if not moved[vm]:
@@ -140,7 +142,7 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
         if expected.value not in actions:
             problems.append(f"{vm}: no evidence record with action {expected.value} (saw {sorted(actions)})")
         if expected == Action.LIVE_MIGRATE:
-            if downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP) > 0:
+            if downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP, floor) > 0:
                 problems.append(f"{vm}: live migration with downtime (a restart?)")
         elif not any(r.get("proof") for r in recs[vm]):
             problems.append(f"{vm}: restarted without a fence proof in its evidence record")
@@ -194,7 +196,9 @@ def verify_lab(state: LabState, gap: float = DEFAULT_GAP) -> dict[str, Any]:
     policy = config.load(manager_config(state, "m1")).policy_table
     now = time.time()
     eps = episodes(state.faults())
-    faults = [check_episode(ep, policy, disks, records, window_end(eps, i, now)) for i, ep in enumerate(eps)]
+    floor = restart_floor(state.guests)
+    faults = [check_episode(ep, policy, disks, records, window_end(eps, i, now), floor)
+              for i, ep in enumerate(eps)]
     out = summary(disks)
     out.update({
         "ok": not out["split_brain"] and all(f["ok"] for f in faults),

@@ -24,6 +24,15 @@ from typing import Any
 DEFAULT_GAP = 1.0
 
 
+def restart_floor(guests: str) -> float:
+    """The shortest silence a restart of this kind of lab VM can cause: below it, a gap is a pause
+    (a live migration's hand-over, a busy machine's late write), never a restart. A QEMU guest is
+    silent for its boot at least (4.2 s at best, BENCHMARKS.md), while a live migration under TCG
+    on a loaded 2-core machine paused one for 1.26 s (CI, 2026-12-03). A stand-in VM restarts in
+    a fraction of a second, so for it every gap counts."""
+    return 3.0 if guests == "qemu" else 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     vm: str
@@ -218,20 +227,23 @@ def check_disk(vm: str, lines: Iterable[str], gap: float = DEFAULT_GAP) -> DiskR
     )
 
 
-def downtime_between(report: DiskReport, start: float, end: float) -> float:
-    """Seconds of the report's gaps that fall inside [start, end]."""
+def downtime_between(report: DiskReport, start: float, end: float, longer_than: float = 0.0) -> float:
+    """Seconds of the report's gaps (those longer than `longer_than`) that fall inside [start, end]."""
     total = 0.0
     for g in report.gaps:
+        if g.seconds <= longer_than:
+            continue
         lo, hi = max(g.start, start), min(g.end, end)
         if hi > lo:
             total += hi - lo
     return total
 
 
-def downtime_starting(report: DiskReport, start: float, end: float) -> float:
-    """Seconds of the gaps that begin inside [start, end]: the downtime a fault at `start` caused,
-    when the next fault comes at `end` (a gap it causes begins at most one write before it)."""
-    return sum(g.seconds for g in report.gaps if start <= g.start <= end)
+def downtime_starting(report: DiskReport, start: float, end: float, longer_than: float = 0.0) -> float:
+    """Seconds of the gaps (those longer than `longer_than`) that begin inside [start, end]: the
+    downtime a fault at `start` caused, when the next fault comes at `end` (a gap it causes begins
+    at most one write before it)."""
+    return sum(g.seconds for g in report.gaps if start <= g.start <= end and g.seconds > longer_than)
 
 
 def hosts_between(report: DiskReport, start: float, end: float) -> list[str]:
