@@ -40,7 +40,7 @@ journalctl --directory=/run/log/journal -o json --no-pager SYSLOG_IDENTIFIER=vmh
 
 
 async def test_agent_lines_reach_journald_with_fields(tmp_path: Path, etcd: EtcdProcess) -> None:
-    host = await ProxiedHost.create(tmp_path, "t", "h1", "r1", etcd.client_urls[0])
+    host = await ProxiedHost.create(tmp_path, "t", "h1", "r1", etcd)
     try:
         host.config_path.write_text(host.config_path.read_text() + '[logging]\nformat = "journald"\n')
         env = {**os.environ, "VMHA": str(Path(sys.executable).with_name("vmha")), "CONFIG": str(host.config_path),

@@ -54,7 +54,7 @@ def systemd(tmp_path: Path) -> Iterator[Systemd]:
 
 
 async def test_agent_ready_once_every_plane_beats(tmp_path: Path, etcd: EtcdProcess, systemd: Systemd) -> None:
-    host = await ProxiedHost.create(tmp_path, "t", "h1", "r1", etcd.client_urls[0])
+    host = await ProxiedHost.create(tmp_path, "t", "h1", "r1", etcd)
     # A cut plane at start: no READY while it has not beaten (READY_WAIT is 30 s).
     await host.cut(Plane.SERVICE)
     try:
@@ -86,7 +86,8 @@ async def test_manager_ready_once_campaigning(tmp_path: Path, etcd: EtcdProcess,
     url = etcd.client_urls[0]
     cfg = tmp_path / "vmha.toml"
     planes = "".join(f'[planes.{p.value}]\nendpoints = ["{url}"]\n' for p in PLANES)
-    cfg.write_text(f'[cluster]\nname = "sd"\n{planes}[manager]\nname = "m1"\nendpoints = ["{url}"]\ndriver = "lab"\n')
+    cfg.write_text(f'[cluster]\nname = "sd"\n{planes}[manager]\nname = "m1"\nendpoints = ["{url}"]\ndriver = "lab"\n'
+                   + etcd.toml())
     env = {**os.environ, **systemd.env(), "VMHA_TEST_DIR": str(tmp_path),
            "PYTHONPATH": os.pathsep.join([str(HERE / "manager"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     # etcd frozen: the manager cannot campaign, so it is not ready (but its loop runs: the watchdog is fed).
