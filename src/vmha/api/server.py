@@ -46,6 +46,7 @@ MAX_EVENTS = 5000
 MAX_BODY = 16 * 1024
 SSE_PING = 15.0  # seconds between keep-alive comments on an idle stream
 SSE_QUEUE = 512  # messages a slow stream may lag behind before it is closed (the page reconnects)
+STOP_TIMEOUT = 5.0  # seconds the watches get to end when the API stops
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -85,7 +86,11 @@ class Hub:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: a watch stuck in aetcd must not hang the manager's shutdown with it.
+        _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+        for t in stuck:
+            log.warning("api: %s did not end within %.0f s of its cancellation; left behind", t.get_name(),
+                        STOP_TIMEOUT)
         for q in list(self.subscribers):
             self._close(q)
 

@@ -229,6 +229,21 @@ def _is_connectivity(e: BaseException) -> bool:
     return isinstance(cause, rpc.AioRpcError) and cause.code() in _TRANSIENT_CODES
 
 
+def cancelling() -> bool:
+    """This task is being cancelled: an error caught now may be aetcd's or gRPC's translation of
+    the cancellation, and a loop that retried it would run on forever (a shutdown that hangs)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def cancel_watch(watch: Any, timeout: float = 1.0) -> None:
+    """Cancel an aetcd watch, bounded: aetcd queues the cancel request, and on a stuck stream that
+    queue is full. asyncio.timeout, not wait_for: Python 3.11's wait_for swallows the caller's own
+    cancellation when it arrives as the inner call ends (an API shutdown hung on it)."""
+    async with asyncio.timeout(timeout):
+        await watch.cancel()
+
+
 class EtcdClient:
     """A connection to one etcd cluster through a list of endpoints, with bounded calls.
 
@@ -296,7 +311,8 @@ class EtcdClient:
         client, self._client = self._client, None
         if client is not None:
             try:
-                await asyncio.wait_for(client.close(), timeout=self.timeout)
+                async with asyncio.timeout(self.timeout):  # not wait_for: see cancel_watch
+                    await client.close()
             except (*_UNAVAILABLE, aetcd.exceptions.ClientError) as e:
                 # The connection is being dropped anyway; a failing close changes nothing.
                 log.debug("%s: closing %s: %r", self.name, self.endpoint, e)
@@ -327,8 +343,7 @@ class EtcdClient:
             async with asyncio.timeout(limit):
                 result = await op(self.raw())
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if cancelling():
                 raise  # this task is being cancelled
             # Nobody cancelled this task: gRPC cancelled the call because another task's failure
             # closed the shared channel (reset). That is a connectivity error, not a cancellation.

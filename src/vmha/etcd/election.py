@@ -39,7 +39,7 @@ import aetcd.rtypes
 from aetcd import transactions as tx
 
 from vmha.etcd import values
-from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError, encode_json
+from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError, cancel_watch, cancelling, encode_json
 from vmha.etcd.quorum import QuorumWatch
 from vmha.etcd.values import refused
 
@@ -232,12 +232,14 @@ class Election:
                     if event.kind == aetcd.rtypes.EventKind.DELETE:
                         return
         except (TimeoutError, EtcdError, aetcd.exceptions.ClientError) as e:
+            if cancelling():
+                raise asyncio.CancelledError from e
             # Time to re-read the key: the caller campaigns again, which is a read as well.
             log.debug("manager %s: watching %s: %r", self.name, self.key, e)
         finally:
             if watch is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(watch.cancel(), timeout=1.0)
+                    await cancel_watch(watch)
 
     async def _keep(self, lead: Leadership) -> None:
         """Keep the lease alive; set `lost` when it is, or may be, gone."""

@@ -29,7 +29,16 @@ import aetcd.exceptions
 import aetcd.rtypes
 from aetcd import rpc as _rpc
 
-from vmha.etcd.client import KV, BadValue, Compacted, EtcdClient, EtcdError, EtcdUnavailable
+from vmha.etcd.client import (
+    KV,
+    BadValue,
+    Compacted,
+    EtcdClient,
+    EtcdError,
+    EtcdUnavailable,
+    cancel_watch,
+    cancelling,
+)
 from vmha.etcd.values import refused
 
 log = logging.getLogger("vmha.etcd.watch")
@@ -108,10 +117,9 @@ async def watch_prefix(
                 raise await client.fail(e) from None
             finally:
                 # A closed connection took its watches with it: only an open one has one to cancel.
-                # Bounded: aetcd queues the cancel request, and on a stuck stream that queue is full.
                 if conn.channel is not None:
                     try:
-                        await asyncio.wait_for(watch.cancel(), timeout=1.0)
+                        await cancel_watch(watch)
                     # AttributeError: aetcd's cancel() races with a close() of the connection by
                     # another task (its watcher is gone by then): nothing left to cancel.
                     except (aetcd.exceptions.ClientError, _rpc.RpcError, TimeoutError, AttributeError) as e:
@@ -122,11 +130,15 @@ async def watch_prefix(
             log.warning("watch on %s: %s; listing again", prefix, e)
             next_rev = None
         except EtcdError as e:
+            if cancelling():
+                raise asyncio.CancelledError from e
             if on_error is not None:
                 on_error(e)
             log.info("watch on %s interrupted (%s); resuming from revision %s", prefix, e, next_rev)
             await client.wait_backoff()
         except Exception as e:
+            if cancelling():
+                raise asyncio.CancelledError from e
             # A bug in aetcd/gRPC (seen under heavy load) must not end the watch, and with it the
             # manager's sight: log it, start on a fresh connection, resume from the same revision.
             log.exception("watch on %s failed unexpectedly; resuming from revision %s", prefix, next_rev)
