@@ -228,6 +228,8 @@ class Election:
         try:
             async with asyncio.timeout(self.ttl):
                 watch = await self.client.call(open_watch)
+                if cancelling():  # aetcd's watch creation (3.11's wait_for) swallowed our cancellation
+                    raise asyncio.CancelledError
                 async for event in watch:
                     if event.kind == aetcd.rtypes.EventKind.DELETE:
                         return

@@ -106,6 +106,8 @@ async def watch_prefix(
             if on_ok is not None:
                 on_ok()
             try:
+                if cancelling():  # aetcd's watch creation (3.11's wait_for) swallowed our cancellation
+                    raise asyncio.CancelledError
                 async for raw in watch:
                     kv = KV.from_aetcd(raw.kv)
                     next_rev = kv.mod_revision + 1
