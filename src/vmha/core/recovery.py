@@ -20,22 +20,61 @@ THE INVARIANT: no Evacuate without a FenceProof for that VM and host. It is enfo
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Literal, Protocol
+from dataclasses import dataclass
 
+from vmha.core.actions import (
+    Alert,
+    CancelProof,
+    CheckRejoin,
+    DisableHost,
+    DropProof,
+    EnableHost,
+    Evacuate,
+    InvariantError,
+    LiveMigrate,
+    MarkHostDown,
+    PersistTask,
+    Prove,
+    QuarantineHost,
+    RecordEvidence,
+    RecoveryOutput,
+    ReleaseProof,
+)
 from vmha.core.desired import RESTART, STOPPED, STOPPED_KEY, StoppedVms, observing_methods
+from vmha.core.events import (
+    AgentStopped,
+    Attempt,
+    FabricUpdate,
+    HealthUpdate,
+    HostEnabled,
+    HostLike,
+    HostOp,
+    HostOpDone,
+    HostOpFailed,
+    HostOut,
+    Inventory,
+    Maintenance,
+    Paused,
+    ProofObtained,
+    ProofRefused,
+    RecoveryEvent,
+    RejoinChecked,
+    StepDone,
+    StepFailed,
+    TasksLoaded,
+    Tick,
+    VmLike,
+)
 from vmha.core.fencing import FenceProof, ProofMethod, proof_methods
-from vmha.core.health import FabricChange, HealthOutput, HostHealth
+from vmha.core.health import FabricChange, HostHealth
 from vmha.core.log import Level, LogLine
 from vmha.core.planes import PLANES, PlaneState
-from vmha.core.policy import FABRIC_KEY, Action, Decision, PolicyTable
+from vmha.core.policy import AGENT_STOPPED_KEY, FABRIC_KEY, MAINTENANCE_KEY, Action, Decision, PolicyTable
 from vmha.core.queue import (
     ACTOR,
     RUNNING,
     STEP_STATE,
     TERMINAL,
-    QueueLimits,
     RecoveryQueue,
     Step,
     Task,
@@ -43,464 +82,7 @@ from vmha.core.queue import (
     TaskState,
 )
 from vmha.core.rebalance import REBALANCE_KEY, plan
-
-# -- settings --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RecoverySettings:
-    """The manager's knobs (config.ManagerConfig.recovery_settings() builds one)."""
-
-    max_parallel: int = 8  # restarts/migrations in flight, cluster-wide
-    max_per_host: int = 4  # restarts/migrations in flight towards one destination host
-    retry_base: float = 2.0  # first retry after this many seconds, doubling each time
-    retry_cap: float = 60.0  # longest wait between retries
-    max_attempts: int = 5  # failed attempts before a task is FAILED
-    # Hold a host's new policy row this long before acting on it: a dead host's three leases expire
-    # up to ~1 s apart, and acting on the first of them decides on a partial row.
-    decide_after: float = 1.0
-    # A host getting better (fewer failed planes) passes through rows on its way back, one plane's
-    # heartbeat at a time: its new row is acted upon only if it lasts this long.
-    settle_after: float = 5.0
-    power_fence: bool = False  # an out-of-band power fence exists for every host
-    allow_exit_attested: bool = True  # VM disks bypass the page cache: exit attestation is a proof
-    host_capacity: int = 0  # VMs per host (0: unlimited)
-    # A host back before its VMs were proved dead: one lease-taken attempt this long decides whether
-    # sanlock killed them meanwhile (recovery continues) or they still run (cancelled).
-    recheck_timeout: float = 5.0
-    # A host vmha took out (disabled, or fenced and marked down) rejoins once healthy this long: every
-    # plane UP and, if it was fenced, the rejoin check passed (CheckRejoin). 0: never, the operator
-    # runs `vmha host enable`.
-    rejoin_after: float = 60.0
-    # A host that failed this many times within quarantine_window seconds stays out until the
-    # operator enables it (0: no quarantine). Hyper-V's rule: 3 failures in an hour.
-    quarantine_after: int = 3
-    quarantine_window: float = 3600.0
-    # A clean agent stop: "alert" (its VMs run on, unprotected) or "drain" (maintenance on: its HA
-    # VMs are live-migrated away first; off again once the agent runs again).
-    on_agent_stop: Literal["drain", "alert"] = "alert"
-    # Desired state: a protected VM the inventory shows stopped this long (two snapshots this far
-    # apart), with no recovery in flight, is restarted once proved stopped (core/desired.py). 0: never.
-    restart_after: float = 20.0
-    # Rebalancing (core/rebalance.py): once a host is a destination again, live-migrate VMs to even
-    # out the load, at most rebalance_moves per round, rounds rebalance_cooldown seconds apart.
-    rebalance: bool = False
-    rebalance_moves: int = 2
-    rebalance_cooldown: float = 300.0
-
-    @property
-    def limits(self) -> QueueLimits:
-        return QueueLimits(
-            self.max_parallel, self.max_per_host, self.retry_base, self.retry_cap, self.max_attempts
-        )
-
-
-# -- inventory: drivers.base.VmInfo / HostInfo match these shapes (the core imports no adapter) -----
-
-
-class VmLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def host(self) -> str | None: ...
-    @property
-    def ha(self) -> bool: ...
-    @property
-    def priority(self) -> int: ...
-    @property
-    def state(self) -> str: ...  # the driver's word; desired.STOPPED: no copy runs
-
-
-class HostLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def enabled(self) -> bool: ...
-    @property
-    def up(self) -> bool: ...
-    @property
-    def forced_down(self) -> bool: ...
-
-
-# -- events in -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class HealthUpdate:
-    """A host's whole health view (HealthChange.health, or HealthCore.view() at start-up)."""
-
-    health: HostHealth
-
-
-@dataclass(frozen=True, slots=True)
-class FabricUpdate:
-    """A fabric outage began or ended (HealthOutput.fabric). Logged and alerted; the plane states
-    themselves arrive as HealthUpdate (FABRIC planes select the 'fabric' policy row)."""
-
-    change: FabricChange
-
-
-@dataclass(frozen=True, slots=True)
-class Inventory:
-    """A full snapshot of the compute hosts and VMs (driver.hosts(), driver.vms())."""
-
-    hosts: tuple[HostLike, ...]
-    vms: tuple[VmLike, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """Which proof attempt a Prove and its result belong to: the VM's recovery number and the count
-    of its prove steps so far (both persisted in the task, so they survive a leader change). A result
-    of an older attempt is stale: it is logged and ignored."""
-
-    recovery: int
-    n: int
-
-    def __str__(self) -> str:
-        return f"{self.recovery}.{self.n}"
-
-
-@dataclass(frozen=True, slots=True)
-class ProofObtained:
-    """Result of Prove: the old copy of the VM can no longer write."""
-
-    proof: FenceProof
-    attempt: Attempt
-
-
-@dataclass(frozen=True, slots=True)
-class ProofRefused:
-    """Result of Prove: no method succeeded (yet). retryable=False gives up at once. alert: a cause the
-    operator must fix, beyond "no proof yet" (a lease never held on the VM's host), alerted once."""
-
-    vm: str
-    host: str
-    attempt: Attempt
-    reason: str
-    retryable: bool = True
-    alert: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class StepDone:
-    """Result of ReleaseProof (step release), Evacuate (evacuate) or LiveMigrate (migrate).
-    running_on: where the VM runs now (evacuate / migrate).
-
-    Unlike proofs, step results need no attempt tag: a step's own result is the only way out of its
-    state and nothing cancels a step in flight, so a VM never has two attempts of a step out at once
-    (a new leader's core gets no result of the old one's actions: they end with its term)."""
-
-    vm: str
-    step: Step
-    running_on: str | None = None
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class StepFailed:
-    """A step of a VM's task failed (DriverError.retryable says whether to retry)."""
-
-    vm: str
-    step: Step
-    reason: str
-    retryable: bool = True
-
-
-class HostOp(StrEnum):
-    DISABLE = "disable"
-    MARK_DOWN = "mark-down"
-    ENABLE = "enable"
-
-
-@dataclass(frozen=True, slots=True)
-class HostOpDone:
-    """Result of DisableHost (op disable), MarkHostDown (op mark-down) or EnableHost (op enable)."""
-
-    host: str
-    op: HostOp
-
-
-@dataclass(frozen=True, slots=True)
-class HostOpFailed:
-    host: str
-    op: HostOp
-    reason: str
-    retryable: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class HostEnabled:
-    """The operator re-enabled the host (`vmha host enable`: keys.disabled(host) deleted): what this
-    manager did to it (disable, mark down) no longer keeps it out of the destinations."""
-
-    host: str
-
-
-@dataclass(frozen=True, slots=True)
-class Maintenance:
-    """`vmha host maintenance HOST on|off` (keys.maintenance(host) written / deleted). On: the host's
-    HA VMs are live-migrated away (priority order, within the concurrency limits), it receives no VM,
-    and its faults only alert. Off: it returns to placement (at once if healthy, else once it is)."""
-
-    host: str
-    on: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Paused:
-    """Cluster-wide pause of recoveries (keys.paused written / deleted, e.g. for an upgrade). On: a
-    host whose row calls for more than an alert waits, and is only alerted; recoveries already
-    started run to their end (a proved VM must be restarted). Off: the waiting hosts are acted upon."""
-
-    on: bool
-    why: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class HostOut:
-    """At takeover: an earlier leader disabled (op disable) or marked down (op mark-down) this host,
-    and no one enabled it since (keys.disabled(host) holds the record): it rejoins as if this leader
-    had taken it out, unless that leader quarantined it (`quarantine`: why; keys.quarantined(host))."""
-
-    host: str
-    op: HostOp
-    quarantine: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class RejoinChecked:
-    """Result of CheckRejoin: what the core cannot see itself, checked by the runtime on the shared
-    storage. ok: the host renews its sanlock lockspace and holds the lease of none of `vms` (no copy of
-    a VM that runs elsewhere); evidence: what was seen (or why not ok)."""
-
-    host: str
-    ok: bool
-    evidence: str
-
-
-@dataclass(frozen=True, slots=True)
-class AgentStopped:
-    """The host's agent was stopped cleanly at `since` (unix time; its host record says so), or runs
-    again (None). A planned stop or restart is not a failure: while the mark holds, lost planes only
-    alert (row 'agent-stopped'), and nothing is fenced or evacuated."""
-
-    host: str
-    since: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class TasksLoaded:
-    """This manager became leader: the tasks persisted under tasks/ (Task.from_dict of each)."""
-
-    tasks: tuple[Task, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """Time passed: retries and held decisions whose time has come are acted upon."""
-
-
-RecoveryEvent = (
-    HealthUpdate
-    | FabricUpdate
-    | Inventory
-    | ProofObtained
-    | ProofRefused
-    | StepDone
-    | StepFailed
-    | HostOpDone
-    | HostOpFailed
-    | HostEnabled
-    | HostOut
-    | Maintenance
-    | Paused
-    | RejoinChecked
-    | AgentStopped
-    | TasksLoaded
-    | Tick
-)
-
-# The row of a host whose agent was stopped cleanly: alert only, whatever its planes.
-AGENT_STOPPED_KEY = "agent-stopped"
-# The row of a host in maintenance: alert only, whatever its planes; also the row of its drain tasks.
-MAINTENANCE_KEY = "maintenance"
-
-
-# -- actions out -----------------------------------------------------------------------------------
-
-
-class InvariantError(AssertionError):
-    """An evacuation without a matching fence proof was about to be emitted: a bug, never allowed."""
-
-
-@dataclass(frozen=True, slots=True)
-class PersistTask:
-    """Write tasks/<vm> = data (JSON) with compare-and-swap. Comes before the step it records."""
-
-    vm: str
-    data: dict[str, object]
-
-
-@dataclass(frozen=True, slots=True)
-class RecordEvidence:
-    """Write records/<vm>/<recovery> = data: the finished (done, failed, cancelled) recovery."""
-
-    vm: str
-    recovery: int
-    data: dict[str, object]
-
-
-@dataclass(frozen=True, slots=True)
-class Alert:
-    """Tell the operator (events stream, notification)."""
-
-    level: Level
-    host: str | None
-    vm: str | None
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class DisableHost:
-    """driver.disable_host(host, reason); result: HostOpDone/HostOpFailed(op=disable)."""
-
-    host: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class CheckRejoin:
-    """A fenced host is back and healthy: check on the shared storage that it renews its lockspace and
-    holds the lease of none of `vms` (recovered from it, now placed elsewhere). Result: RejoinChecked."""
-
-    host: str
-    vms: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class EnableHost:
-    """driver.enable_host(host) and keys.disabled(host) deleted: the host rejoins (a decision of the
-    core, `reason` its evidence). Result: HostOpDone/HostOpFailed(op=enable)."""
-
-    host: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class QuarantineHost:
-    """Record keys.quarantined(host) = reason, so that a new leader keeps the host out too (`vmha host
-    enable` deletes it). Fire and forget: the alert already told the operator."""
-
-    host: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Prove:
-    """Obtain a FenceProof for the VM's old copy on host, trying `methods` in order, within `timeout`
-    seconds (None: the runtime's default, long enough for host-dead); result: ProofObtained or
-    ProofRefused, tagged with `attempt`."""
-
-    vm: str
-    host: str
-    methods: tuple[ProofMethod, ...]
-    attempt: Attempt
-    timeout: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CancelProof:
-    """Stop the Prove of `attempt` in flight. A result that still arrives is fed back anyway."""
-
-    vm: str
-    host: str
-    attempt: Attempt
-
-
-@dataclass(frozen=True, slots=True)
-class MarkHostDown:
-    """driver.mark_host_down(host) (Nova force_down); only emitted once a proof exists for the host.
-    Result: HostOpDone/HostOpFailed(op=mark-down)."""
-
-    host: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseProof:
-    """Release the VM's lease that the proof holds, right before its restart, so the new copy can
-    acquire it. Result: StepDone/StepFailed(step=release)."""
-
-    vm: str
-    host: str
-    proof: FenceProof
-
-
-@dataclass(frozen=True, slots=True)
-class DropProof:
-    """Release the lease a proof holds for a recovery that FAILED: the old copy is proven dead, and
-    the operator must be able to start the VM by hand (its own lease acquisition would be refused
-    while the manager holds it). Fire and forget: no result event."""
-
-    vm: str
-    host: str
-
-
-@dataclass(frozen=True, slots=True)
-class Evacuate:
-    """driver.evacuate(vm, source, dest). Result: StepDone/StepFailed(step=evacuate).
-
-    THE INVARIANT lives here, and only here: the action cannot exist without a proof for this VM
-    and this source host."""
-
-    vm: str
-    source: str
-    dest: str | None
-    proof: FenceProof
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.proof, FenceProof):
-            raise InvariantError(f"evacuate vm '{self.vm}' refused: no fence proof")
-        if self.proof.vm != self.vm or self.proof.host != self.source:
-            raise InvariantError(
-                f"evacuate vm '{self.vm}' from '{self.source}' refused: the proof is for vm "
-                f"'{self.proof.vm}' on '{self.proof.host}'"
-            )
-
-
-@dataclass(frozen=True, slots=True)
-class LiveMigrate:
-    """driver.live_migrate(vm, source, dest). No proof: the VM keeps running, nothing restarts.
-    Result: StepDone/StepFailed(step=migrate)."""
-
-    vm: str
-    source: str
-    dest: str | None
-
-
-RecoveryAction = (
-    PersistTask
-    | RecordEvidence
-    | Alert
-    | DisableHost
-    | CheckRejoin
-    | EnableHost
-    | QuarantineHost
-    | Prove
-    | CancelProof
-    | MarkHostDown
-    | ReleaseProof
-    | DropProof
-    | Evacuate
-    | LiveMigrate
-)
-
-
-@dataclass(slots=True)
-class RecoveryOutput:
-    actions: list[RecoveryAction] = field(default_factory=list)
-    log: list[LogLine] = field(default_factory=list)
-
+from vmha.core.settings import RecoverySettings
 
 # -- the core --------------------------------------------------------------------------------------
 
@@ -1844,22 +1426,4 @@ def _better(old: Decision, new: Decision) -> bool:
     return after < before
 
 
-def from_health(out: HealthOutput) -> list[RecoveryEvent]:
-    """The RecoveryCore events of one HealthCore output: each changed host's last view (its planes
-    changed at the same instant: deciding on the first of them would act on half the picture), then
-    the fabric changes."""
-    last = {c.host: c.health for c in out.changes}  # dicts keep the order of first appearance
-    events: list[RecoveryEvent] = [HealthUpdate(h) for h in last.values()]
-    events += [FabricUpdate(f) for f in out.fabric]
-    return events
-
-
-__all__ = [
-    "AGENT_STOPPED_KEY", "MAINTENANCE_KEY", "AgentStopped", "Alert", "Attempt", "CancelProof", "CheckRejoin",
-    "DisableHost", "DropProof", "EnableHost", "Evacuate", "FabricUpdate", "HealthUpdate", "HostEnabled", "HostLike",
-    "HostOp", "HostOpDone", "HostOpFailed", "HostOut", "InvariantError", "Inventory", "LiveMigrate", "Maintenance",
-    "MarkHostDown", "PersistTask", "ProofObtained", "ProofRefused", "Prove", "QuarantineHost", "RecordEvidence",
-    "RecoveryAction",
-    "RecoveryCore", "RecoveryEvent", "RecoveryOutput", "RecoverySettings", "RejoinChecked", "ReleaseProof",
-    "StepDone", "StepFailed", "Tick", "VmLike", "from_health",
-]
+__all__ = ["RecoveryCore"]

@@ -25,39 +25,41 @@ import logging
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
-from vmha.core.fencing import ProofMethod
-from vmha.core.queue import Step
-from vmha.core.recovery import (
+from vmha.core.actions import (
     Alert,
-    Attempt,
     CancelProof,
     CheckRejoin,
     DisableHost,
     DropProof,
     EnableHost,
     Evacuate,
-    HealthUpdate,
-    HostOp,
-    HostOpDone,
-    HostOpFailed,
     LiveMigrate,
     MarkHostDown,
     PersistTask,
-    ProofObtained,
-    ProofRefused,
     Prove,
     QuarantineHost,
     RecordEvidence,
     RecoveryAction,
-    RecoveryCore,
-    RecoveryEvent,
     RecoveryOutput,
-    RejoinChecked,
     ReleaseProof,
+)
+from vmha.core.events import (
+    Attempt,
+    HealthUpdate,
+    HostOp,
+    HostOpDone,
+    HostOpFailed,
+    ProofObtained,
+    ProofRefused,
+    RecoveryEvent,
+    RejoinChecked,
     StepDone,
     StepFailed,
     Tick,
 )
+from vmha.core.fencing import ProofMethod
+from vmha.core.queue import Step
+from vmha.core.recovery import RecoveryCore
 from vmha.drivers.base import DriverError
 from vmha.runtime.env import Env, Running, TermOver
 
