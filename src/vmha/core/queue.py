@@ -79,10 +79,10 @@ TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     _S.QUEUED: frozenset({_S.PROVING, _S.READY, _S.CANCELLED}),
     # PROVING -> PROVING: the host came back, the proof in flight is replaced by a lease-taken recheck.
     # PROVING/RETRY_WAIT -> DONE: a resumed evacuation proved again that the previous leader completed
-    # (RecoveryCore._confirm_deposed): the VM runs on that leader's destination.
+    # (takeover.py, _confirm_deposed): the VM runs on that leader's destination.
     _S.PROVING: frozenset({_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RETRY_WAIT, _S.DONE, _S.FAILED,
                            _S.CANCELLED}),
-    # A task a new leader resumes is checked first (RecoveryCore._verify_resumed): -> PROVING when its
+    # A task a new leader resumes is checked first (takeover.py, _verify_resumed): -> PROVING when its
     # stored proof is not this manager's to trust (proved again), -> CANCELLED when it contradicts the
     # world (its host is UP, its VM runs elsewhere).
     _S.MARKING_DOWN: frozenset({_S.PROVING, _S.READY, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
