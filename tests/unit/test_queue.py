@@ -115,6 +115,19 @@ def test_running_state_without_destination_is_refused() -> None:
         q.transition(t, TaskState.RELEASING, 4.0, "")
 
 
+def test_retry_wait_is_entered_only_with_its_retry_time_and_state() -> None:
+    q = RecoveryQueue(QueueLimits())
+    t = q.add(task("a"), 0.0)
+    q.transition(t, TaskState.PROVING, 1.0, "")
+    with pytest.raises(TransitionError, match="needs retry time and state"):
+        q.transition(t, TaskState.RETRY_WAIT, 2.0, "proof refused")
+    with pytest.raises(TransitionError, match="takes no retry time and state"):
+        q.transition(t, TaskState.MARKING_DOWN, 2.0, "proved", retry=(4.0, TaskState.PROVING))
+    assert t.state == TaskState.PROVING and t.retry_at is None and t.resume is None
+    q.transition(t, TaskState.RETRY_WAIT, 2.0, "proof refused", retry=(4.0, TaskState.PROVING))
+    assert (t.state, t.retry_at, t.resume) == (TaskState.RETRY_WAIT, 4.0, TaskState.PROVING)
+
+
 def test_task_survives_json_with_proof_and_steps() -> None:
     t = task("vm1", priority=7)
     t.proof = FenceProof("vm1", "h1", ProofMethod.REQUEST_FORCE, 10.0, 12.0, {"pid": "42"})

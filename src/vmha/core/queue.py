@@ -397,13 +397,20 @@ class RecoveryQueue:
             self._recoveries[t.vm] = max(self._recoveries.get(t.vm, 0), t.recovery)
             self._account(t, +1)
 
-    def transition(self, task: Task, new: TaskState, now: float, why: str, level: Level = Level.INFO) -> LogLine:
-        """THE state change: checked against TRANSITIONS, slots kept in step, one log line out."""
+    def transition(self, task: Task, new: TaskState, now: float, why: str, level: Level = Level.INFO,
+                   retry: tuple[float, TaskState] | None = None) -> LogLine:
+        """THE state change: checked against TRANSITIONS, slots kept in step, one log line out.
+        retry: (retry_at, resume), the state's data, given for RETRY_WAIT and only for it."""
         old = task.state
         if new not in TRANSITIONS[old]:
             raise TransitionError(f"vm '{task.vm}': {old.value} -> {new.value} is not a valid transition")
+        if (retry is not None) != (new == TaskState.RETRY_WAIT):
+            raise TransitionError(f"vm '{task.vm}': -> {new.value} " + ("needs" if retry is None else "takes no")
+                                  + " retry time and state")
         self._account(task, -1)
         task.state, task.since = new, now
+        if retry is not None:
+            task.retry_at, task.resume = retry
         self._account(task, +1)
         return LogLine(
             level, now, ACTOR, f"vm '{task.vm}' on host '{task.source}': {old.value} -> {new.value} ({why})"

@@ -129,8 +129,8 @@ class CoreState:
             heapq.heappush(self._dest_heap, (self._load_of(host), host))
 
     def _move(self, task: Task, new: TaskState, now: float, why: str, out: RecoveryOutput,
-              level: Level = Level.INFO, persist: bool = True) -> None:
-        out.log.append(self.queue.transition(task, new, now, why, level))
+              level: Level = Level.INFO, persist: bool = True, retry: tuple[float, TaskState] | None = None) -> None:
+        out.log.append(self.queue.transition(task, new, now, why, level, retry))
         self._touch(task.dest)  # a slot towards task.dest was taken or given back
         if persist:
             self._persist(task, out)

@@ -236,12 +236,11 @@ class TaskSteps(Placement):
             self._finish(task, out)
             return
         wait = limits.backoff(task.attempts)
-        task.retry_at = now + wait
         # A restart step retries from READY: it gives its slot back and may get another destination.
-        task.resume = STEP_STATE[step] if step in (Step.PROVE, Step.MARK_DOWN) else TaskState.READY
+        resume = STEP_STATE[step] if step in (Step.PROVE, Step.MARK_DOWN) else TaskState.READY
         self._move(task, TaskState.RETRY_WAIT, now,
                    f"{step.value} failed: {reason}; attempt {task.attempts}/{limits.max_attempts}, "
-                   f"retry in {wait:g}s", out, Level.WARN, persist=False)
+                   f"retry in {wait:g}s", out, Level.WARN, persist=False, retry=(now + wait, resume))
         if task.resume == TaskState.READY:
             task.dest = None  # after the slot is given back: the retry picks a destination again
         self._persist(task, out)
