@@ -43,7 +43,7 @@ class HostDecisions(Rejoin):
             old = cur.decision if cur is not None else Decision("", None)
             if decision.action is None:
                 self._decisions.pop(host, None)
-                self._settled.pop(host, None)
+                self._handled.pop(host, None)
                 self._episode.discard(host)
                 # What we did to the host (disable, mark down) holds until it rejoins (rejoin_after)
                 # or the operator re-enables it (`vmha host enable`, HostEnabled): until then it
@@ -104,8 +104,8 @@ class HostDecisions(Rejoin):
                 self._late_proof[vm] = attempt
                 task.finish(Step.PROVE, now, "cancelled")
             task.reason = f"cancelled: {why}"
-            self._move(task, TaskState.CANCELLED, now, f"cancelled: {why}", out)
-            self._finish(task, out)
+            self._transition(task, TaskState.CANCELLED, now, f"cancelled: {why}", out)
+            self._record_evidence(task, out)
         if proved:
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': row {decision.key or 'none'}, but "
                                    f"{', '.join(proved)} already proved dead there: their recovery continues"))
@@ -161,7 +161,7 @@ class HostDecisions(Rejoin):
         kind = TaskKind.MIGRATE if action == Action.LIVE_MIGRATE else TaskKind.EVACUATE
         failed = {p.value: hh.planes[p].since for p in PLANES
                   if hh.planes[p].state in (PlaneState.DOWN, PlaneState.FABRIC)}
-        settled = self._settled.get(host, set())
+        handled = self._handled.get(host, set())
         vms = [self._vms[v] for v in sorted(self._vms_on.get(host, ()))]
         new: list[Task] = []
         skipped_non_ha = skipped_known = 0
@@ -169,7 +169,7 @@ class HostDecisions(Rejoin):
             if not vm.ha:
                 skipped_non_ha += 1
                 continue
-            if vm.name in settled or self.queue.active(vm.name) is not None:
+            if vm.name in handled or self.queue.active(vm.name) is not None:
                 skipped_known += 1
                 continue
             task = Task(vm=vm.name, source=host, kind=kind, recovery=self.queue.next_recovery(vm.name),
@@ -188,8 +188,8 @@ class HostDecisions(Rejoin):
                                 allow_exit_attested=self.settings.allow_exit_attested)
         for task in new:
             if kind == TaskKind.MIGRATE:
-                self._move(task, TaskState.READY, now,
-                           f"row {key}, action {action.value}, priority {task.priority}", out)
+                self._transition(task, TaskState.READY, now,
+                                 f"row {key}, action {action.value}, priority {task.priority}", out)
             else:
                 self._prove(task, methods, now, out, f"row {key}, action {action.value}")
 
@@ -264,8 +264,8 @@ class HostDecisions(Rejoin):
             if task.state == TaskState.RETRY_WAIT:
                 task.retry_at, task.resume = None, None
             task.reason = "cancelled: maintenance off"
-            self._move(task, TaskState.CANCELLED, now, task.reason, out)
-            self._finish(task, out)
+            self._transition(task, TaskState.CANCELLED, now, task.reason, out)
+            self._record_evidence(task, out)
 
     def _host_op_done(self, host: str, op: HostOp, now: float, out: RecoveryOutput) -> None:
         if op == HostOp.ENABLE:
@@ -282,7 +282,7 @@ class HostDecisions(Rejoin):
             task = self.queue.get(vm)
             if task is not None and task.state == TaskState.MARKING_DOWN and task.source == host:
                 task.finish(Step.MARK_DOWN, now, "ok")
-                self._move(task, TaskState.READY, now, f"host marked down, priority {task.priority}", out)
+                self._transition(task, TaskState.READY, now, f"host marked down, priority {task.priority}", out)
 
     def _host_op_failed(self, host: str, op: HostOp, reason: str, retryable: bool, now: float,
                         out: RecoveryOutput) -> None:

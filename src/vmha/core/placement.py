@@ -112,7 +112,7 @@ class Placement(CoreState):
             return
         for t in self.queue.in_state(TaskState.UNPLACED):
             if t.vm not in self._unverified and not self._kept_for_others(t):
-                self._move(t, TaskState.READY, now, "room on a host again", out)
+                self._transition(t, TaskState.READY, now, "room on a host again", out)
 
     def _place(self, vm: str, host: str | None) -> None:
         """The VM moved (our own evacuation/migration), before the next inventory says so."""
@@ -151,7 +151,7 @@ class Placement(CoreState):
                         failed={}, created=now)
             self.queue.add(task, now)
             self._by_source.setdefault(src, set()).add(vm)
-            self._move(task, TaskState.READY, now, f"rebalance, priority {task.priority}", out)
+            self._transition(task, TaskState.READY, now, f"rebalance, priority {task.priority}", out)
 
     def _drain(self, host: str, vms: list[str], why: str, now: float, out: RecoveryOutput) -> None:
         """Live-migrate the HA VMs among `vms` away from `host` (no task for those that have one)."""
@@ -169,4 +169,4 @@ class Placement(CoreState):
         out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': {why}: draining {len(new)} HA VM(s), "
                                "its faults alert only"))
         for task in new:
-            self._move(task, TaskState.READY, now, f"drain, priority {task.priority}", out)
+            self._transition(task, TaskState.READY, now, f"drain, priority {task.priority}", out)

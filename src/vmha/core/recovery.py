@@ -19,7 +19,7 @@ THE INVARIANT: no Evacuate without a FenceProof for that VM and host. It is enfo
 Where each part lives, read in this order (each module a class over the one before; RecoveryCore is the
 last and the only one callers use):
   events.py, actions.py   what the core takes in and gives out; settings.py its knobs
-  state.py                what it knows, and `_move`: the one place a task changes state (queue.transition)
+  state.py                what it knows, and `_transition`: the one place a task changes state (queue.transition)
   placement.py            destinations, room and slots, the room kept for higher priorities, rebalance, drain
   steps.py                a task's steps: prove, mark down, release, evacuate / migrate, retries, dispatch
   takeover.py             a new leader: load the tasks, check them against the world, resume
@@ -133,7 +133,7 @@ class RecoveryCore(HostDecisions):
             case Paused(on, why):
                 self._pause(on, why, now, out)
             case TasksLoaded(tasks):
-                self._load(tasks, now, out)
+                self._take_over(tasks, now, out)
             case Tick():
                 pass
         self._timers(now, out)
@@ -173,7 +173,7 @@ class RecoveryCore(HostDecisions):
             elif resume == TaskState.MARKING_DOWN:
                 self._mark_down(task, now, out, why)
             else:
-                self._move(task, TaskState.READY, now, why, out)
+                self._transition(task, TaskState.READY, now, why, out)
 
     def _set_inventory(self, inv: Inventory, now: float, out: RecoveryOutput) -> None:
         self._hosts = {h.name: h for h in inv.hosts}

@@ -1,5 +1,5 @@
 """CoreState: what the recovery core knows (hosts, VMs, tasks, decisions in progress) and the
-primitives shared by its parts, among them `_move`, the one place a task changes state (through
+primitives shared by its parts, among them `_transition`, the one place a task changes state (through
 `RecoveryQueue.transition`), is persisted and logged.
 
 RecoveryCore is built in layers, each a class over the one below, each in a module named after what it
@@ -56,7 +56,7 @@ class CoreState:
         self._marking_down: set[str] = set()  # MarkHostDown in flight
         # VMs recovered (done / failed) from a host while it stayed failed: no second task for them
         # until the host has been seen healthy again.
-        self._settled: dict[str, set[str]] = {}
+        self._handled: dict[str, set[str]] = {}
         # vm -> the attempt of a Prove cancelled in flight (its task cancelled): a proof that still
         # arrives for it continues the recovery
         self._late_proof: dict[str, Attempt] = {}
@@ -128,8 +128,9 @@ class CoreState:
         if host is not None and self._dests is not None and host in self._dest_set:
             heapq.heappush(self._dest_heap, (self._load_of(host), host))
 
-    def _move(self, task: Task, new: TaskState, now: float, why: str, out: RecoveryOutput,
-              level: Level = Level.INFO, persist: bool = True, retry: tuple[float, TaskState] | None = None) -> None:
+    def _transition(self, task: Task, new: TaskState, now: float, why: str, out: RecoveryOutput,
+                    level: Level = Level.INFO, persist: bool = True,
+                    retry: tuple[float, TaskState] | None = None) -> None:
         out.log.append(self.queue.transition(task, new, now, why, level, retry))
         self._touch(task.dest)  # a slot towards task.dest was taken or given back
         if persist:
@@ -140,5 +141,5 @@ class CoreState:
         out.actions.append(PersistTask(task.vm, task.to_dict()))
 
     @staticmethod
-    def _finish(task: Task, out: RecoveryOutput) -> None:
+    def _record_evidence(task: Task, out: RecoveryOutput) -> None:
         out.actions.append(RecordEvidence(task.vm, task.recovery, task.to_dict()))

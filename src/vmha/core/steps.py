@@ -35,8 +35,8 @@ class TaskSteps(Placement):
             task.proof_started = now
         timeout = self._restart_timeout(task, methods) or timeout
         attempt = self._attempt(task)
-        self._move(task, TaskState.PROVING, now,
-                   f"{why}, methods {','.join(m.value for m in methods)}, attempt {attempt}", out)
+        self._transition(task, TaskState.PROVING, now,
+                         f"{why}, methods {','.join(m.value for m in methods)}, attempt {attempt}", out)
         out.actions.append(Prove(task.vm, task.source, methods, attempt, timeout))
 
     def _restart_timeout(self, task: Task, methods: tuple[ProofMethod, ...]) -> float | None:
@@ -108,7 +108,7 @@ class TaskSteps(Placement):
         why = f"proof {proof.method.value} after {proof.proved - proof.started:.1f}s"
         if task.row == STOPPED_KEY and task.source not in self._decisions and task.source not in self._marked_down:
             # Its host is up: nothing there to fence or mark down; the VM starts there again.
-            self._move(task, TaskState.READY, now, f"{why}, its host is up: restart in place", out)
+            self._transition(task, TaskState.READY, now, f"{why}, its host is up: restart in place", out)
             return
         self._mark_down(task, now, out, why)
 
@@ -131,8 +131,8 @@ class TaskSteps(Placement):
             task.finish(Step.PROVE, now, f"refused: {reason}")
             why = f"cancelled: host back and the VM still holds its lease ({reason})"
             task.reason = why
-            self._move(task, TaskState.CANCELLED, now, why, out)
-            self._finish(task, out)
+            self._transition(task, TaskState.CANCELLED, now, why, out)
+            self._record_evidence(task, out)
             return
         task.recheck = False  # failed again meanwhile: an ordinary proof, with every method, follows
         self._fail_step(task, Step.PROVE, f"proof refused: {reason}", retryable, now, out)
@@ -147,10 +147,10 @@ class TaskSteps(Placement):
         host = task.source
         if host in self._marked_down:
             task.finish(Step.MARK_DOWN, now, "ok", "host already marked down")
-            self._move(task, TaskState.READY, now, f"{why}, host already marked down", out)
+            self._transition(task, TaskState.READY, now, f"{why}, host already marked down", out)
             return
         task.begin(Step.MARK_DOWN, now)
-        self._move(task, TaskState.MARKING_DOWN, now, why, out)
+        self._transition(task, TaskState.MARKING_DOWN, now, why, out)
         if host not in self._marking_down:
             self._marking_down.add(host)
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{host}': mark down (fenced: {why})"))
@@ -178,11 +178,11 @@ class TaskSteps(Placement):
             task.finish(ev.step, now, "ok", ev.detail)
             task.running_on = ev.running_on or task.dest
             task.reason = ""
-            self._move(task, TaskState.DONE, now, f"running on '{task.running_on}'", out)
+            self._transition(task, TaskState.DONE, now, f"running on '{task.running_on}'", out)
             self._place(task.vm, task.running_on)
-            self._settle(task)
+            self._mark_handled(task)
             self._stopped.forget(task.vm)  # an inventory taken before the move may still say stopped
-            self._finish(task, out)
+            self._record_evidence(task, out)
             if task.running_on in self._maintenance:
                 # It arrived on a host that entered maintenance while it travelled: drain it too.
                 self._drain(task.running_on, [task.vm], f"vm '{task.vm}' arrived in maintenance", now, out)
@@ -197,18 +197,18 @@ class TaskSteps(Placement):
             return
         out.log.append(LogLine(Level.WARN, now, ACTOR, f"vm '{ev.vm}': unexpected result of {ev.step.value}"))
 
-    def _settle(self, task: Task) -> None:
+    def _mark_handled(self, task: Task) -> None:
         """No second task for the VM while its source stays failed. A source already seen healthy again
-        (a move can end after that) settles nothing: its next failure must cover the VM."""
+        (a move can end after that) marks nothing: its next failure must cover the VM."""
         if task.source in self._decisions:
-            self._settled.setdefault(task.source, set()).add(task.vm)
+            self._handled.setdefault(task.source, set()).add(task.vm)
 
     def _evacuate(self, task: Task, now: float, out: RecoveryOutput, why: str) -> None:
         proof = task.proof
         if proof is None:  # unreachable by the state table; Evacuate itself refuses it anyway
             raise InvariantError(f"vm '{task.vm}': evacuating state without a proof")
         task.begin(Step.EVACUATE, now)
-        self._move(task, TaskState.EVACUATING, now, f"{why}, to '{task.dest}'", out)
+        self._transition(task, TaskState.EVACUATING, now, f"{why}, to '{task.dest}'", out)
         out.actions.append(Evacuate(task.vm, task.source, task.dest, proof))
 
     def _fail_step(self, task: Task, step: Step, reason: str, retryable: bool, now: float,
@@ -221,7 +221,7 @@ class TaskSteps(Placement):
             why = (f"{step.value} failed: {reason}; "
                    + ("not retryable" if not retryable else f"{task.attempts} attempts"))
             task.reason = why
-            self._move(task, TaskState.FAILED, now, why, out, Level.ERROR)
+            self._transition(task, TaskState.FAILED, now, why, out, Level.ERROR)
             out.actions.append(Alert(Level.ERROR, task.source, task.vm,
                                      f"vm '{task.vm}' recovery FAILED: {why}"))
             if task.proof is not None and not task.released():
@@ -229,18 +229,18 @@ class TaskSteps(Placement):
                                        f"copy on '{task.source}' is proven dead, it may be started by hand"))
                 out.actions.append(DropProof(task.vm, task.source))
             if task.kind == TaskKind.MIGRATE:
-                self._source_failed(task, now, out)  # a failed move recovered nothing: not settled
+                self._source_failed(task, now, out)  # a failed move recovered nothing: not handled
             else:
-                self._settle(task)
+                self._mark_handled(task)
             self._stopped.give_up(task.vm)
-            self._finish(task, out)
+            self._record_evidence(task, out)
             return
         wait = limits.backoff(task.attempts)
         # A restart step retries from READY: it gives its slot back and may get another destination.
         resume = STEP_STATE[step] if step in (Step.PROVE, Step.MARK_DOWN) else TaskState.READY
-        self._move(task, TaskState.RETRY_WAIT, now,
-                   f"{step.value} failed: {reason}; attempt {task.attempts}/{limits.max_attempts}, "
-                   f"retry in {wait:g}s", out, Level.WARN, persist=False, retry=(now + wait, resume))
+        self._transition(task, TaskState.RETRY_WAIT, now,
+                         f"{step.value} failed: {reason}; attempt {task.attempts}/{limits.max_attempts}, "
+                         f"retry in {wait:g}s", out, Level.WARN, persist=False, retry=(now + wait, resume))
         if task.resume == TaskState.READY:
             task.dest = None  # after the slot is given back: the retry picks a destination again
         self._persist(task, out)
@@ -248,7 +248,7 @@ class TaskSteps(Placement):
     def _source_failed(self, task: Task, now: float, out: RecoveryOutput) -> None:
         """A live migration failed: if its source failed meanwhile (a row to evacuate), the host's
         evacuation covers the VM (proof first), acting again if it had acted while the migration held
-        the VM; a row that comes later covers it anyway (the VM is not settled)."""
+        the VM; a row that comes later covers it anyway (the VM is not marked handled)."""
         cur = self._decisions.get(task.source)
         if cur is None or cur.decision.action not in EVACUATING_ACTIONS:
             return
@@ -302,7 +302,7 @@ class TaskSteps(Placement):
             kept = self._kept_for_others(task) if room else ""
             if not room or kept:
                 task.reason = kept or ("no surviving host has room" if self._eligible() else "no healthy host")
-                self._move(task, TaskState.UNPLACED, now, task.reason, out, Level.WARN)
+                self._transition(task, TaskState.UNPLACED, now, task.reason, out, Level.WARN)
                 out.actions.append(Alert(Level.WARN, task.source, task.vm,
                                          f"vm '{task.vm}' cannot be placed: {task.reason}"))
                 continue
@@ -313,12 +313,12 @@ class TaskSteps(Placement):
             slots = f"slot {self.queue.running() + 1}/{self.queue.limits.max_parallel}"
             if task.kind == TaskKind.MIGRATE:
                 task.begin(Step.MIGRATE, now)
-                self._move(task, TaskState.MIGRATING, now, f"live-migrate to '{dest}', {slots}", out)
+                self._transition(task, TaskState.MIGRATING, now, f"live-migrate to '{dest}', {slots}", out)
                 out.actions.append(LiveMigrate(task.vm, task.source, dest))
             elif task.released():
                 self._evacuate(task, now, out, f"proof lease already released, {slots}")
             else:
                 task.begin(Step.RELEASE, now)
                 assert task.proof is not None  # READY evacuate tasks are proved (state table)
-                self._move(task, TaskState.RELEASING, now, f"to '{dest}', {slots}", out)
+                self._transition(task, TaskState.RELEASING, now, f"to '{dest}', {slots}", out)
                 out.actions.append(ReleaseProof(task.vm, task.source, task.proof))

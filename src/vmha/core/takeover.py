@@ -25,10 +25,10 @@ from vmha.core.steps import TaskSteps
 class Takeover(TaskSteps):
     """Resuming the tasks of an earlier leader."""
 
-    def _load(self, tasks: tuple[Task, ...], now: float, out: RecoveryOutput) -> None:
+    def _take_over(self, tasks: tuple[Task, ...], now: float, out: RecoveryOutput) -> None:
         self.queue.load(list(tasks))
         self._by_source = {}
-        self._settled = {}
+        self._handled = {}
         self._marked_down = set()
         self._marking_down = set()
         self._late_proof = {}
@@ -41,7 +41,7 @@ class Takeover(TaskSteps):
             if t.done(Step.MARK_DOWN) and t.state not in TERMINAL and t.vm not in self._unverified:
                 self._marked_down.add(t.source)
             if t.state in (TaskState.DONE, TaskState.FAILED):
-                self._settled.setdefault(t.source, set()).add(t.vm)
+                self._handled.setdefault(t.source, set()).add(t.vm)
         active = [t for t in self.queue if t.state not in TERMINAL]
         out.log.append(LogLine(Level.INFO, now, ACTOR,
                                f"leader: loaded {len(self.queue)} task(s), {len(active)} active"))
@@ -80,9 +80,9 @@ class Takeover(TaskSteps):
             if wrong:
                 why = f"resumed task refused: {wrong} (stored state {task.state.value})"
                 task.reason = why
-                self._move(task, TaskState.CANCELLED, now, why, out, Level.ERROR)
+                self._transition(task, TaskState.CANCELLED, now, why, out, Level.ERROR)
                 out.actions.append(Alert(Level.ERROR, task.source, vm, f"vm '{vm}': {why}; not acted on"))
-                self._finish(task, out)
+                self._record_evidence(task, out)
             elif (placed is not None and placed == task.dest and task.state in RUNNING) or (
                     task.state in (TaskState.QUEUED, TaskState.PROVING) and not observe):
                 self._resume(task, now, out)
@@ -122,11 +122,11 @@ class Takeover(TaskSteps):
             task.retry_at, task.resume, task.recheck = None, None, False
             task.finish(Step.EVACUATE, now, "ok", "started by the previous leader")
             task.running_on, task.reason, task.proof = dest, "", proof
-            self._move(task, TaskState.DONE, now, f"running on '{dest}': the previous leader's evacuation, "
-                       "confirmed by the inventory", out)
-            self._settle(task)
+            self._transition(task, TaskState.DONE, now, f"running on '{dest}': the previous leader's evacuation, "
+                             "confirmed by the inventory", out)
+            self._mark_handled(task)
             self._stopped.forget(vm)
-            self._finish(task, out)
+            self._record_evidence(task, out)
 
     def _resume(self, task: Task, now: float, out: RecoveryOutput) -> None:
         """Repeat the (idempotent) step that was in flight when the old leader stopped; steps already
@@ -147,7 +147,7 @@ class Takeover(TaskSteps):
             case TaskState.MARKING_DOWN:
                 if task.source in self._marked_down:
                     task.finish(Step.MARK_DOWN, now, "ok", "host already marked down")
-                    self._move(task, TaskState.READY, now, f"{why}, host already marked down", out)
+                    self._transition(task, TaskState.READY, now, f"{why}, host already marked down", out)
                 elif task.source not in self._marking_down:
                     self._marking_down.add(task.source)
                     out.log.append(LogLine(Level.INFO, now, ACTOR, f"host '{task.source}': mark down ({why})"))
@@ -165,7 +165,7 @@ class Takeover(TaskSteps):
                 out.actions.append(LiveMigrate(task.vm, task.source, task.dest))
             case TaskState.QUEUED:
                 if task.kind == TaskKind.MIGRATE:
-                    self._move(task, TaskState.READY, now, why, out)
+                    self._transition(task, TaskState.READY, now, why, out)
                 else:
                     self._prove(task, self._methods(task), now, out, why)
             case _:
