@@ -128,6 +128,27 @@ def test_retry_wait_is_entered_only_with_its_retry_time_and_state() -> None:
     assert (t.state, t.retry_at, t.resume) == (TaskState.RETRY_WAIT, 4.0, TaskState.PROVING)
 
 
+def test_transition_sets_the_reason_of_a_cancelled_failed_or_unplaced_task_and_clears_it_when_done() -> None:
+    q = RecoveryQueue(QueueLimits())
+    t = q.add(task("a"), 0.0)
+    _to_ready(q, t)
+    q.transition(t, TaskState.UNPLACED, 4.0, "no healthy host")
+    assert t.reason == "no healthy host"
+    q.transition(t, TaskState.READY, 5.0, "room on a host again")
+    t.dest = "h2"
+    q.transition(t, TaskState.RELEASING, 6.0, "to 'h2'")
+    q.transition(t, TaskState.EVACUATING, 7.0, "released")
+    q.transition(t, TaskState.DONE, 8.0, "running on 'h2'")
+    assert t.reason == ""
+    b = q.add(task("b"), 0.0)
+    q.transition(b, TaskState.CANCELLED, 1.0, "cancelled: host back")
+    assert b.reason == "cancelled: host back"
+    c = q.add(task("c"), 0.0)
+    q.transition(c, TaskState.PROVING, 1.0, "")
+    q.transition(c, TaskState.FAILED, 2.0, "prove failed: refused; not retryable")
+    assert c.reason == "prove failed: refused; not retryable"
+
+
 def test_task_survives_json_with_proof_and_steps() -> None:
     t = task("vm1", priority=7)
     t.proof = FenceProof("vm1", "h1", ProofMethod.REQUEST_FORCE, 10.0, 12.0, {"pid": "42"})

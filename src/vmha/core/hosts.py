@@ -103,7 +103,6 @@ class HostDecisions(Rejoin):
                 out.actions.append(CancelProof(vm, host, attempt))
                 self._late_proof[vm] = attempt
                 task.finish(Step.PROVE, now, "cancelled")
-            task.reason = f"cancelled: {why}"
             self._transition(task, TaskState.CANCELLED, now, f"cancelled: {why}", out)
             self._record_evidence(task, out)
         if proved:
@@ -263,8 +262,7 @@ class HostDecisions(Rejoin):
                 continue
             if task.state == TaskState.RETRY_WAIT:
                 task.retry_at, task.resume = None, None
-            task.reason = "cancelled: maintenance off"
-            self._transition(task, TaskState.CANCELLED, now, task.reason, out)
+            self._transition(task, TaskState.CANCELLED, now, "cancelled: maintenance off", out)
             self._record_evidence(task, out)
 
     def _host_op_done(self, host: str, op: HostOp, now: float, out: RecoveryOutput) -> None:

@@ -102,6 +102,10 @@ TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
 }
 
 
+# States whose reason (Task.reason) is the transition's why: what ended the task or what it waits for.
+_EXPLAINED: frozenset[TaskState] = frozenset({TaskState.CANCELLED, TaskState.FAILED, TaskState.UNPLACED})
+
+
 class TransitionError(ValueError):
     """A state change outside TRANSITIONS: a bug in the caller, never silently accepted."""
 
@@ -172,7 +176,7 @@ class Task:
     proof: FenceProof | None = None
     proof_started: float | None = None
     steps: list[StepRecord] = field(default_factory=list)
-    reason: str = ""  # why it is FAILED / CANCELLED / UNPLACED, or the last error
+    reason: str = ""  # why it is FAILED / CANCELLED / UNPLACED (set by transition), or the last error
     running_on: str | None = None  # where the VM runs once DONE
     # The host came back before a proof: the task is proving with lease-taken only, to learn whether
     # the VM died meanwhile (then its recovery continues) or still runs (then it is cancelled).
@@ -400,7 +404,8 @@ class RecoveryQueue:
     def transition(self, task: Task, new: TaskState, now: float, why: str, level: Level = Level.INFO,
                    retry: tuple[float, TaskState] | None = None) -> LogLine:
         """THE state change: checked against TRANSITIONS, slots kept in step, one log line out.
-        retry: (retry_at, resume), the state's data, given for RETRY_WAIT and only for it."""
+        retry: (retry_at, resume), the state's data, given for RETRY_WAIT and only for it. The reason is
+        set here too: `why` for a cancelled, failed or unplaced task, none once done."""
         old = task.state
         if new not in TRANSITIONS[old]:
             raise TransitionError(f"vm '{task.vm}': {old.value} -> {new.value} is not a valid transition")
@@ -411,6 +416,10 @@ class RecoveryQueue:
         task.state, task.since = new, now
         if retry is not None:
             task.retry_at, task.resume = retry
+        if new in _EXPLAINED:
+            task.reason = why
+        elif new == TaskState.DONE:
+            task.reason = ""
         self._account(task, +1)
         return LogLine(
             level, now, ACTOR, f"vm '{task.vm}' on host '{task.source}': {old.value} -> {new.value} ({why})"

@@ -130,7 +130,6 @@ class TaskSteps(Placement):
             task.recheck = False
             task.finish(Step.PROVE, now, f"refused: {reason}")
             why = f"cancelled: host back and the VM still holds its lease ({reason})"
-            task.reason = why
             self._transition(task, TaskState.CANCELLED, now, why, out)
             self._record_evidence(task, out)
             return
@@ -177,7 +176,6 @@ class TaskSteps(Placement):
         if ev.step in (Step.EVACUATE, Step.MIGRATE):
             task.finish(ev.step, now, "ok", ev.detail)
             task.running_on = ev.running_on or task.dest
-            task.reason = ""
             self._transition(task, TaskState.DONE, now, f"running on '{task.running_on}'", out)
             self._place(task.vm, task.running_on)
             self._mark_handled(task)
@@ -220,7 +218,6 @@ class TaskSteps(Placement):
         if not retryable or task.attempts >= limits.max_attempts:
             why = (f"{step.value} failed: {reason}; "
                    + ("not retryable" if not retryable else f"{task.attempts} attempts"))
-            task.reason = why
             self._transition(task, TaskState.FAILED, now, why, out, Level.ERROR)
             out.actions.append(Alert(Level.ERROR, task.source, task.vm,
                                      f"vm '{task.vm}' recovery FAILED: {why}"))
@@ -301,10 +298,9 @@ class TaskSteps(Placement):
                 dest, room = self._pick_dest(task.source if task.kind == TaskKind.MIGRATE else None)
             kept = self._kept_for_others(task) if room else ""
             if not room or kept:
-                task.reason = kept or ("no surviving host has room" if self._eligible() else "no healthy host")
-                self._transition(task, TaskState.UNPLACED, now, task.reason, out, Level.WARN)
-                out.actions.append(Alert(Level.WARN, task.source, task.vm,
-                                         f"vm '{task.vm}' cannot be placed: {task.reason}"))
+                why = kept or ("no surviving host has room" if self._eligible() else "no healthy host")
+                self._transition(task, TaskState.UNPLACED, now, why, out, Level.WARN)
+                out.actions.append(Alert(Level.WARN, task.source, task.vm, f"vm '{task.vm}' cannot be placed: {why}"))
                 continue
             if dest is None:
                 self.queue.push_back(task)  # every destination with room is busy: wait for a slot

@@ -79,7 +79,6 @@ class Takeover(TaskSteps):
             observe = all(hh.planes[p].state == PlaneState.UP for p in PLANES) or task.recheck
             if wrong:
                 why = f"resumed task refused: {wrong} (stored state {task.state.value})"
-                task.reason = why
                 self._transition(task, TaskState.CANCELLED, now, why, out, Level.ERROR)
                 out.actions.append(Alert(Level.ERROR, task.source, vm, f"vm '{vm}': {why}; not acted on"))
                 self._record_evidence(task, out)
@@ -121,7 +120,7 @@ class Takeover(TaskSteps):
                 task.finish(Step.PROVE, now, "cancelled", f"vm running on '{dest}'")
             task.retry_at, task.resume, task.recheck = None, None, False
             task.finish(Step.EVACUATE, now, "ok", "started by the previous leader")
-            task.running_on, task.reason, task.proof = dest, "", proof
+            task.running_on, task.proof = dest, proof
             self._transition(task, TaskState.DONE, now, f"running on '{dest}': the previous leader's evacuation, "
                              "confirmed by the inventory", out)
             self._mark_handled(task)
