@@ -19,7 +19,7 @@ from vmha.core.state import EVACUATING_ACTIONS, HostDecision
 
 
 class HostDecisions(Rejoin):
-    """What to do about each host."""
+    """What to do about each host: its policy row, held until it lasts, then acted upon (`_act`)."""
 
     def _reconcile(self, host: str, now: float, out: RecoveryOutput) -> None:
         hh = self._health.get(host)

@@ -16,7 +16,7 @@ from vmha.core.state import CoreState
 
 
 class Placement(CoreState):
-    """Where VMs go."""
+    """Where VMs go: the layer over CoreState (what the core knows); task steps dispatch through it."""
 
     def _is_eligible(self, h: str) -> bool:
         """May receive VMs: every plane UP, enabled and up in the cloud, not disabled by us, not in

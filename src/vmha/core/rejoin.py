@@ -13,7 +13,7 @@ from vmha.core.takeover import Takeover
 
 
 class Rejoin(Takeover):
-    """Hosts coming back."""
+    """Hosts coming back to placement, and those kept out (quarantine)."""
 
     def _healthy(self, host: str, now: float, out: RecoveryOutput) -> None:
         """Every plane of the host is UP: if we took it out, its rejoin clock starts."""

@@ -28,6 +28,8 @@ MOVING_ACTIONS = EVACUATING_ACTIONS | {Action.LIVE_MIGRATE}
 
 @dataclass(slots=True)
 class HostDecision:
+    """A host's current policy row, and when (and whether) it was acted upon."""
+
     decision: Decision
     since: float  # when the row took effect
     act_at: float  # when to act on it, if it still holds

@@ -26,7 +26,7 @@ from vmha.core.state import EVACUATING_ACTIONS, MOVING_ACTIONS
 
 
 class TaskSteps(Placement):
-    """A recovery task, step by step."""
+    """A recovery task, step by step: each step begun, its result taken in, retried or given up."""
 
     def _prove(self, task: Task, methods: tuple[ProofMethod, ...], now: float, out: RecoveryOutput,
                why: str, timeout: float | None = None) -> None:

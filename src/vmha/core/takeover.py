@@ -23,7 +23,7 @@ from vmha.core.steps import TaskSteps
 
 
 class Takeover(TaskSteps):
-    """Resuming the tasks of an earlier leader."""
+    """Resuming the tasks of an earlier leader, which are not trusted until the world agrees with them."""
 
     def _take_over(self, tasks: tuple[Task, ...], now: float, out: RecoveryOutput) -> None:
         self.queue.load(list(tasks))
