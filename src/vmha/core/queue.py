@@ -402,20 +402,27 @@ class RecoveryQueue:
             self._account(t, +1)
 
     def transition(self, task: Task, new: TaskState, now: float, why: str, level: Level = Level.INFO,
-                   retry: tuple[float, TaskState] | None = None) -> LogLine:
-        """THE state change: checked against TRANSITIONS, slots kept in step, one log line out.
-        retry: (retry_at, resume), the state's data, given for RETRY_WAIT and only for it. The reason is
-        set here too: `why` for a cancelled, failed or unplaced task, none once done."""
+                   retry: tuple[float, TaskState] | None = None, dest: str | None = None) -> LogLine:
+        """THE state change: checked against TRANSITIONS, slots kept in step, one log line out. The state's
+        data changes with it: retry, (retry_at, resume), given for RETRY_WAIT and only for it (a retry from
+        READY gives its destination up); dest, given only for a state that holds a slot towards it; the
+        reason, `why` for a cancelled, failed or unplaced task, none once done."""
         old = task.state
         if new not in TRANSITIONS[old]:
             raise TransitionError(f"vm '{task.vm}': {old.value} -> {new.value} is not a valid transition")
         if (retry is not None) != (new == TaskState.RETRY_WAIT):
             raise TransitionError(f"vm '{task.vm}': -> {new.value} " + ("needs" if retry is None else "takes no")
                                   + " retry time and state")
-        self._account(task, -1)
+        if dest is not None and new not in RUNNING:
+            raise TransitionError(f"vm '{task.vm}': -> {new.value} takes no destination")
+        self._account(task, -1)  # the slot towards the old destination is given back first
         task.state, task.since = new, now
         if retry is not None:
             task.retry_at, task.resume = retry
+            if task.resume == TaskState.READY:
+                task.dest = None
+        if dest is not None:
+            task.dest = dest
         if new in _EXPLAINED:
             task.reason = why
         elif new == TaskState.DONE:

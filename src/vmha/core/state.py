@@ -131,12 +131,15 @@ class CoreState:
             heapq.heappush(self._dest_heap, (self._load_of(host), host))
 
     def _transition(self, task: Task, new: TaskState, now: float, why: str, out: RecoveryOutput,
-                    level: Level = Level.INFO, persist: bool = True,
-                    retry: tuple[float, TaskState] | None = None) -> None:
-        out.log.append(self.queue.transition(task, new, now, why, level, retry))
-        self._touch(task.dest)  # a slot towards task.dest was taken or given back
-        if persist:
-            self._persist(task, out)
+                    level: Level = Level.INFO, retry: tuple[float, TaskState] | None = None,
+                    dest: str | None = None) -> None:
+        old_dest = task.dest
+        out.log.append(self.queue.transition(task, new, now, why, level, retry, dest))
+        # A slot towards the destination was taken or given back: its load changed.
+        self._touch(old_dest)
+        if task.dest != old_dest:
+            self._touch(task.dest)
+        self._persist(task, out)
 
     @staticmethod
     def _persist(task: Task, out: RecoveryOutput) -> None:

@@ -171,7 +171,7 @@ class TaskSteps(Placement):
             return
         if ev.step == Step.RELEASE:
             task.finish(Step.RELEASE, now, "ok", ev.detail)
-            self._evacuate(task, now, out, "proof lease released")
+            self._evacuate(task, now, out, "proof lease released", task.dest)
             return
         if ev.step in (Step.EVACUATE, Step.MIGRATE):
             task.finish(ev.step, now, "ok", ev.detail)
@@ -201,13 +201,13 @@ class TaskSteps(Placement):
         if task.source in self._decisions:
             self._handled.setdefault(task.source, set()).add(task.vm)
 
-    def _evacuate(self, task: Task, now: float, out: RecoveryOutput, why: str) -> None:
+    def _evacuate(self, task: Task, now: float, out: RecoveryOutput, why: str, dest: str | None) -> None:
         proof = task.proof
         if proof is None:  # unreachable by the state table; Evacuate itself refuses it anyway
             raise InvariantError(f"vm '{task.vm}': evacuating state without a proof")
         task.begin(Step.EVACUATE, now)
-        self._transition(task, TaskState.EVACUATING, now, f"{why}, to '{task.dest}'", out)
-        out.actions.append(Evacuate(task.vm, task.source, task.dest, proof))
+        self._transition(task, TaskState.EVACUATING, now, f"{why}, to '{dest}'", out, dest=dest)
+        out.actions.append(Evacuate(task.vm, task.source, dest, proof))
 
     def _fail_step(self, task: Task, step: Step, reason: str, retryable: bool, now: float,
                    out: RecoveryOutput) -> None:
@@ -237,10 +237,7 @@ class TaskSteps(Placement):
         resume = STEP_STATE[step] if step in (Step.PROVE, Step.MARK_DOWN) else TaskState.READY
         self._transition(task, TaskState.RETRY_WAIT, now,
                          f"{step.value} failed: {reason}; attempt {task.attempts}/{limits.max_attempts}, "
-                         f"retry in {wait:g}s", out, Level.WARN, persist=False, retry=(now + wait, resume))
-        if task.resume == TaskState.READY:
-            task.dest = None  # after the slot is given back: the retry picks a destination again
-        self._persist(task, out)
+                         f"retry in {wait:g}s", out, Level.WARN, retry=(now + wait, resume))
 
     def _source_failed(self, task: Task, now: float, out: RecoveryOutput) -> None:
         """A live migration failed: if its source failed meanwhile (a row to evacuate), the host's
@@ -305,16 +302,15 @@ class TaskSteps(Placement):
             if dest is None:
                 self.queue.push_back(task)  # every destination with room is busy: wait for a slot
                 return
-            task.dest = dest
             slots = f"slot {self.queue.running() + 1}/{self.queue.limits.max_parallel}"
             if task.kind == TaskKind.MIGRATE:
                 task.begin(Step.MIGRATE, now)
-                self._transition(task, TaskState.MIGRATING, now, f"live-migrate to '{dest}', {slots}", out)
+                self._transition(task, TaskState.MIGRATING, now, f"live-migrate to '{dest}', {slots}", out, dest=dest)
                 out.actions.append(LiveMigrate(task.vm, task.source, dest))
             elif task.released():
-                self._evacuate(task, now, out, f"proof lease already released, {slots}")
+                self._evacuate(task, now, out, f"proof lease already released, {slots}", dest)
             else:
                 task.begin(Step.RELEASE, now)
                 assert task.proof is not None  # READY evacuate tasks are proved (state table)
-                self._transition(task, TaskState.RELEASING, now, f"to '{dest}', {slots}", out)
+                self._transition(task, TaskState.RELEASING, now, f"to '{dest}', {slots}", out, dest=dest)
                 out.actions.append(ReleaseProof(task.vm, task.source, task.proof))
