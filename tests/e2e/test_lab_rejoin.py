@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from labcheck import assert_nothing_left, echo
 
-from vmha.core.recovery import RecoverySettings
+from vmha.core.settings import RecoverySettings
 from vmha.lab import cluster, etcdq, faults, scenario
 from vmha.lab.cluster import KEYS, health_view
 from vmha.lab.configs import manager_config

@@ -14,9 +14,9 @@ import pytest
 
 from vmha import config
 from vmha.agent.daemon import Agent
+from vmha.core.events import AgentStopped
 from vmha.core.health import HealthTimings
 from vmha.core.planes import PLANES, Plane
-from vmha.core.recovery import AgentStopped
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import register

@@ -5,27 +5,24 @@ from __future__ import annotations
 
 from test_recovery import DOWN, FABRIC, UP, core, health, inventory, of
 
+from vmha.core.actions import Evacuate, MarkHostDown, Prove, ReleaseProof
 from vmha.core.desired import STOPPED_KEY, StoppedVms, observing_methods
-from vmha.core.fencing import FenceProof, ProofMethod
-from vmha.core.planes import PLANES, Plane, PlaneState
-from vmha.core.queue import Step, Task, TaskState
-from vmha.core.recovery import (
+from vmha.core.events import (
     AgentStopped,
     Attempt,
-    Evacuate,
     HealthUpdate,
     HostOp,
     HostOpDone,
-    MarkHostDown,
     ProofObtained,
     ProofRefused,
-    Prove,
-    ReleaseProof,
     StepDone,
     StepFailed,
     TasksLoaded,
     Tick,
 )
+from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.core.planes import PLANES, Plane, PlaneState
+from vmha.core.queue import Step, Task, TaskState
 from vmha.drivers.base import VmInfo
 
 FIRST = Attempt(1, 1)

@@ -14,18 +14,22 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmha.core.fencing import FenceProof, ProofMethod
-from vmha.core.health import HostHealth, PlaneStatus
-from vmha.core.planes import PLANES, PlaneState
-from vmha.core.policy import DEFAULT_POLICY, PolicyTable
-from vmha.core.queue import RUNNING, STEP_STATE, Step, Task, TaskKind, TaskState
-from vmha.core.recovery import (
-    AgentStopped,
-    Attempt,
+from vmha.core.actions import (
     CheckRejoin,
     DisableHost,
     EnableHost,
     Evacuate,
+    LiveMigrate,
+    MarkHostDown,
+    PersistTask,
+    Prove,
+    QuarantineHost,
+    RecoveryAction,
+    ReleaseProof,
+)
+from vmha.core.events import (
+    AgentStopped,
+    Attempt,
     HealthUpdate,
     HostEnabled,
     HostOp,
@@ -33,25 +37,23 @@ from vmha.core.recovery import (
     HostOpFailed,
     HostOut,
     Inventory,
-    LiveMigrate,
     Maintenance,
-    MarkHostDown,
-    PersistTask,
     ProofObtained,
     ProofRefused,
-    Prove,
-    QuarantineHost,
-    RecoveryAction,
-    RecoveryCore,
     RecoveryEvent,
-    RecoverySettings,
     RejoinChecked,
-    ReleaseProof,
     StepDone,
     StepFailed,
     TasksLoaded,
     Tick,
 )
+from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.core.health import HostHealth, PlaneStatus
+from vmha.core.planes import PLANES, PlaneState
+from vmha.core.policy import DEFAULT_POLICY, PolicyTable
+from vmha.core.queue import RUNNING, STEP_STATE, Step, Task, TaskKind, TaskState
+from vmha.core.recovery import RecoveryCore
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import HostInfo, VmInfo
 
 HOSTS = ("h1", "h2", "h3", "h4")

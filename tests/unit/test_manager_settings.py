@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 
 from vmha import config
-from vmha.core.recovery import RecoverySettings
+from vmha.core.settings import RecoverySettings
 
 
 def manager(**fields_: object) -> config.ManagerConfig:

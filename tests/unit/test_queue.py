@@ -115,6 +115,56 @@ def test_running_state_without_destination_is_refused() -> None:
         q.transition(t, TaskState.RELEASING, 4.0, "")
 
 
+def test_retry_wait_is_entered_only_with_its_retry_time_and_state() -> None:
+    q = RecoveryQueue(QueueLimits())
+    t = q.add(task("a"), 0.0)
+    q.transition(t, TaskState.PROVING, 1.0, "")
+    with pytest.raises(TransitionError, match="needs retry time and state"):
+        q.transition(t, TaskState.RETRY_WAIT, 2.0, "proof refused")
+    with pytest.raises(TransitionError, match="takes no retry time and state"):
+        q.transition(t, TaskState.MARKING_DOWN, 2.0, "proved", retry=(4.0, TaskState.PROVING))
+    assert t.state == TaskState.PROVING and t.retry_at is None and t.resume is None
+    q.transition(t, TaskState.RETRY_WAIT, 2.0, "proof refused", retry=(4.0, TaskState.PROVING))
+    assert (t.state, t.retry_at, t.resume) == (TaskState.RETRY_WAIT, 4.0, TaskState.PROVING)
+
+
+def test_transition_sets_the_reason_of_a_cancelled_failed_or_unplaced_task_and_clears_it_when_done() -> None:
+    q = RecoveryQueue(QueueLimits())
+    t = q.add(task("a"), 0.0)
+    _to_ready(q, t)
+    q.transition(t, TaskState.UNPLACED, 4.0, "no healthy host")
+    assert t.reason == "no healthy host"
+    q.transition(t, TaskState.READY, 5.0, "room on a host again")
+    q.transition(t, TaskState.RELEASING, 6.0, "to 'h2'", dest="h2")
+    q.transition(t, TaskState.EVACUATING, 7.0, "released")
+    q.transition(t, TaskState.DONE, 8.0, "running on 'h2'")
+    assert t.reason == ""
+    b = q.add(task("b"), 0.0)
+    q.transition(b, TaskState.CANCELLED, 1.0, "cancelled: host back")
+    assert b.reason == "cancelled: host back"
+    c = q.add(task("c"), 0.0)
+    q.transition(c, TaskState.PROVING, 1.0, "")
+    q.transition(c, TaskState.FAILED, 2.0, "prove failed: refused; not retryable")
+    assert c.reason == "prove failed: refused; not retryable"
+
+
+def test_the_destination_changes_with_the_state_that_holds_a_slot_towards_it() -> None:
+    q = RecoveryQueue(QueueLimits(max_per_host=1))
+    t = q.add(task("a"), 0.0)
+    _to_ready(q, t)
+    with pytest.raises(TransitionError, match="takes no destination"):
+        q.transition(t, TaskState.UNPLACED, 4.0, "no healthy host", dest="h2")
+    q.transition(t, TaskState.RELEASING, 4.0, "to 'h2'", dest="h2")
+    assert t.dest == "h2" and not q.has_slot("h2")
+    # A restart step retries from READY: its slot is given back and its destination chosen again.
+    q.transition(t, TaskState.RETRY_WAIT, 5.0, "release failed", retry=(7.0, TaskState.READY))
+    assert t.dest is None and q.has_slot("h2")
+    q.transition(t, TaskState.READY, 7.0, "retry 2/5")
+    q.transition(t, TaskState.RELEASING, 8.0, "to 'h3'", dest="h3")
+    q.transition(t, TaskState.RETRY_WAIT, 9.0, "release failed", retry=(13.0, TaskState.RELEASING))
+    assert t.dest == "h3"  # a retry in its own step keeps its destination
+
+
 def test_task_survives_json_with_proof_and_steps() -> None:
     t = task("vm1", priority=7)
     t.proof = FenceProof("vm1", "h1", ProofMethod.REQUEST_FORCE, 10.0, 12.0, {"pid": "42"})

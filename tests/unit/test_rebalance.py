@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from test_recovery import core, inventory, of
 
+from vmha.core.actions import LiveMigrate
+from vmha.core.events import HostEnabled
 from vmha.core.rebalance import REBALANCE_KEY, plan
-from vmha.core.recovery import HostEnabled, LiveMigrate
 from vmha.drivers.base import VmInfo
 
 

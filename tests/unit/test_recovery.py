@@ -7,49 +7,51 @@ import json
 
 import pytest
 
-from vmha.core.fencing import FenceProof, ProofMethod
-from vmha.core.health import HostHealth, PlaneStatus
-from vmha.core.log import Level
-from vmha.core.planes import PLANES, PlaneState
-from vmha.core.policy import DEFAULT_POLICY, PolicyTable
-from vmha.core.queue import Step, Task, TaskKind, TaskState
-from vmha.core.recovery import (
+from vmha.core.actions import (
     Alert,
-    Attempt,
     CancelProof,
     CheckRejoin,
     DisableHost,
     EnableHost,
     Evacuate,
+    InvariantError,
+    LiveMigrate,
+    MarkHostDown,
+    PersistTask,
+    Prove,
+    QuarantineHost,
+    RecordEvidence,
+    RecoveryAction,
+    RecoveryOutput,
+    ReleaseProof,
+)
+from vmha.core.events import (
+    Attempt,
     HealthUpdate,
     HostEnabled,
     HostOp,
     HostOpDone,
     HostOpFailed,
     HostOut,
-    InvariantError,
     Inventory,
-    LiveMigrate,
     Maintenance,
-    MarkHostDown,
     Paused,
-    PersistTask,
     ProofObtained,
     ProofRefused,
-    Prove,
-    QuarantineHost,
-    RecordEvidence,
-    RecoveryAction,
-    RecoveryCore,
-    RecoveryOutput,
-    RecoverySettings,
     RejoinChecked,
-    ReleaseProof,
     StepDone,
     StepFailed,
     TasksLoaded,
     Tick,
 )
+from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.core.health import HostHealth, PlaneStatus
+from vmha.core.log import Level
+from vmha.core.planes import PLANES, PlaneState
+from vmha.core.policy import DEFAULT_POLICY, PolicyTable
+from vmha.core.queue import Step, Task, TaskKind, TaskState
+from vmha.core.recovery import RecoveryCore
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import HostInfo, VmInfo
 
 UP, DOWN, SUSPECT, FABRIC, UNKNOWN = (PlaneState.UP, PlaneState.DOWN, PlaneState.SUSPECT,
@@ -531,8 +533,8 @@ def test_a_forged_resumed_task_is_refused() -> None:
 
 
 def test_from_health_keeps_each_hosts_last_view_of_one_instant() -> None:
+    from vmha.core.events import from_health
     from vmha.core.health import HealthChange, HealthOutput
-    from vmha.core.recovery import from_health
 
     first = health("h2", 5.0, management=DOWN)
     last = health("h2", 5.0, management=DOWN, storage=DOWN)

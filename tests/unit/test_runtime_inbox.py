@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+from vmha.core.events import HealthUpdate, Tick
 from vmha.core.health import HostHealth, PlaneStatus
 from vmha.core.planes import PLANES, Plane, PlaneState
-from vmha.core.recovery import HealthUpdate, Tick
 from vmha.runtime.loop import Inbox, coalesce
 
 

@@ -10,22 +10,15 @@ from typing import Any
 
 import pytest
 
+from vmha.core.actions import Alert, RecordEvidence
+from vmha.core.events import Attempt, HealthUpdate, Inventory, ProofRefused, RecoveryEvent
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import HostHealth, PlaneStatus
 from vmha.core.log import LogLine
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
-from vmha.core.recovery import (
-    Alert,
-    Attempt,
-    HealthUpdate,
-    Inventory,
-    ProofRefused,
-    RecordEvidence,
-    RecoveryCore,
-    RecoveryEvent,
-    RecoverySettings,
-)
+from vmha.core.recovery import RecoveryCore
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import HostInfo, VmInfo
 from vmha.runtime.env import TermOver
 from vmha.runtime.loop import Loop

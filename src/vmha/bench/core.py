@@ -31,22 +31,16 @@ from typing import Any
 
 import click
 
+from vmha.core.actions import Alert, RecordEvidence
+from vmha.core.events import Inventory, RecoveryEvent, Tick, from_health
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import HealthCore, HealthEvent, HealthTick, HealthTimings, Heartbeat, HostSeen, LeaseGone
 from vmha.core.log import LogLine
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
 from vmha.core.queue import TaskState
-from vmha.core.recovery import (
-    Alert,
-    Inventory,
-    RecordEvidence,
-    RecoveryCore,
-    RecoveryEvent,
-    RecoverySettings,
-    Tick,
-    from_health,
-)
+from vmha.core.recovery import RecoveryCore
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import HostInfo, VmInfo
 from vmha.runtime.env import Running
 from vmha.runtime.loop import Loop, run_now

@@ -24,6 +24,10 @@ class Action(StrEnum):
 
 
 FABRIC_KEY = "fabric"
+# Rows outside the table that replace a host's own row (RecoveryCore): its agent was stopped cleanly, or it
+# is in maintenance (also the row of its drain tasks). Either alerts only, whatever the planes.
+AGENT_STOPPED_KEY = "agent-stopped"
+MAINTENANCE_KEY = "maintenance"
 
 COMBINATIONS: tuple[str, ...] = (
     *(combination_key(set(c)) for n in range(1, len(PLANES) + 1) for c in combinations(PLANES, n)),

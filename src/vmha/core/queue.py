@@ -79,10 +79,10 @@ TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     _S.QUEUED: frozenset({_S.PROVING, _S.READY, _S.CANCELLED}),
     # PROVING -> PROVING: the host came back, the proof in flight is replaced by a lease-taken recheck.
     # PROVING/RETRY_WAIT -> DONE: a resumed evacuation proved again that the previous leader completed
-    # (RecoveryCore._confirm_deposed): the VM runs on that leader's destination.
+    # (takeover.py, _confirm_deposed): the VM runs on that leader's destination.
     _S.PROVING: frozenset({_S.PROVING, _S.MARKING_DOWN, _S.READY, _S.RETRY_WAIT, _S.DONE, _S.FAILED,
                            _S.CANCELLED}),
-    # A task a new leader resumes is checked first (RecoveryCore._verify_resumed): -> PROVING when its
+    # A task a new leader resumes is checked first (takeover.py, _verify_resumed): -> PROVING when its
     # stored proof is not this manager's to trust (proved again), -> CANCELLED when it contradicts the
     # world (its host is UP, its VM runs elsewhere).
     _S.MARKING_DOWN: frozenset({_S.PROVING, _S.READY, _S.RETRY_WAIT, _S.FAILED, _S.CANCELLED}),
@@ -100,6 +100,10 @@ TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     _S.DONE: frozenset(),
     _S.FAILED: frozenset(),
 }
+
+
+# States whose reason (Task.reason) is the transition's why: what ended the task or what it waits for.
+_EXPLAINED: frozenset[TaskState] = frozenset({TaskState.CANCELLED, TaskState.FAILED, TaskState.UNPLACED})
 
 
 class TransitionError(ValueError):
@@ -172,7 +176,7 @@ class Task:
     proof: FenceProof | None = None
     proof_started: float | None = None
     steps: list[StepRecord] = field(default_factory=list)
-    reason: str = ""  # why it is FAILED / CANCELLED / UNPLACED, or the last error
+    reason: str = ""  # why it is FAILED / CANCELLED / UNPLACED (set by transition), or the last error
     running_on: str | None = None  # where the VM runs once DONE
     # The host came back before a proof: the task is proving with lease-taken only, to learn whether
     # the VM died meanwhile (then its recovery continues) or still runs (then it is cancelled).
@@ -397,13 +401,32 @@ class RecoveryQueue:
             self._recoveries[t.vm] = max(self._recoveries.get(t.vm, 0), t.recovery)
             self._account(t, +1)
 
-    def transition(self, task: Task, new: TaskState, now: float, why: str, level: Level = Level.INFO) -> LogLine:
-        """THE state change: checked against TRANSITIONS, slots kept in step, one log line out."""
+    def transition(self, task: Task, new: TaskState, now: float, why: str, level: Level = Level.INFO,
+                   retry: tuple[float, TaskState] | None = None, dest: str | None = None) -> LogLine:
+        """THE state change: checked against TRANSITIONS, slots kept in step, one log line out. The state's
+        data changes with it: retry, (retry_at, resume), given for RETRY_WAIT and only for it (a retry from
+        READY gives its destination up); dest, given only for a state that holds a slot towards it; the
+        reason, `why` for a cancelled, failed or unplaced task, none once done."""
         old = task.state
         if new not in TRANSITIONS[old]:
             raise TransitionError(f"vm '{task.vm}': {old.value} -> {new.value} is not a valid transition")
-        self._account(task, -1)
+        if (retry is not None) != (new == TaskState.RETRY_WAIT):
+            raise TransitionError(f"vm '{task.vm}': -> {new.value} " + ("needs" if retry is None else "takes no")
+                                  + " retry time and state")
+        if dest is not None and new not in RUNNING:
+            raise TransitionError(f"vm '{task.vm}': -> {new.value} takes no destination")
+        self._account(task, -1)  # the slot towards the old destination is given back first
         task.state, task.since = new, now
+        if retry is not None:
+            task.retry_at, task.resume = retry
+            if task.resume == TaskState.READY:
+                task.dest = None
+        if dest is not None:
+            task.dest = dest
+        if new in _EXPLAINED:
+            task.reason = why
+        elif new == TaskState.DONE:
+            task.reason = ""
         self._account(task, +1)
         return LogLine(
             level, now, ACTOR, f"vm '{task.vm}' on host '{task.source}': {old.value} -> {new.value} ({why})"

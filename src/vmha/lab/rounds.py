@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmha.core.recovery import RecoverySettings
+from vmha.core.settings import RecoverySettings
 from vmha.lab.configs import REBALANCE_COOLDOWN
 from vmha.lab.scenario import CLASSES, FABRIC, Echo, Timeline, _disabled, in_flight, run_fault, running_on
 from vmha.lab.state import LabState

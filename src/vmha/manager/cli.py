@@ -19,9 +19,9 @@ from vmha import config, logsetup, metrics, sdnotify
 from vmha.config_cli import config_option
 from vmha.core.fencing import proof_methods
 from vmha.core.planes import PLANES, PlaneState
-from vmha.core.policy import Action
+from vmha.core.policy import AGENT_STOPPED_KEY, MAINTENANCE_KEY, Action
 from vmha.core.queue import TERMINAL, Task
-from vmha.core.recovery import AGENT_STOPPED_KEY, MAINTENANCE_KEY, RecoverySettings
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient, EtcdError, EtcdUnavailable, redact_url

@@ -42,14 +42,9 @@ from aetcd import transactions as tx
 
 from vmha import metrics
 from vmha.config import Config, ConfigError
-from vmha.core.fencing import FenceProof, ProofMethod
-from vmha.core.health import FabricChange, HealthChange
-from vmha.core.log import Level, LogLine
-from vmha.core.planes import Plane, PlaneState
-from vmha.core.queue import Task
-from vmha.core.recovery import (
+from vmha.core.actions import Alert, RecordEvidence
+from vmha.core.events import (
     AgentStopped,
-    Alert,
     FabricUpdate,
     HealthUpdate,
     HostEnabled,
@@ -58,11 +53,15 @@ from vmha.core.recovery import (
     Inventory,
     Maintenance,
     Paused,
-    RecordEvidence,
-    RecoveryCore,
     RecoveryEvent,
     TasksLoaded,
 )
+from vmha.core.fencing import FenceProof, ProofMethod
+from vmha.core.health import FabricChange, HealthChange
+from vmha.core.log import Level, LogLine
+from vmha.core.planes import Plane, PlaneState
+from vmha.core.queue import Task
+from vmha.core.recovery import RecoveryCore
 from vmha.drivers.base import ComputeDriver, DriverError, VmInfo
 from vmha.etcd import hostids
 from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdUnavailable, encode_json

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmha import metrics
+from vmha.core.events import AgentStopped
 from vmha.core.health import (
     EtcdStatus,
     FabricChange,
@@ -52,7 +53,6 @@ from vmha.core.health import (
 )
 from vmha.core.log import Level
 from vmha.core.planes import PLANES, Plane, PlaneState
-from vmha.core.recovery import AgentStopped
 from vmha.etcd import health_store, values
 from vmha.etcd.client import KV, BadValue, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
+from vmha.core.actions import Alert, RecordEvidence
+from vmha.core.events import RecoveryEvent
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.log import LogLine
-from vmha.core.recovery import Alert, RecordEvidence, RecoveryEvent
 
 
 class TermOver(Exception):

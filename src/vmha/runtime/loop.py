@@ -12,8 +12,8 @@ are stepped one after another at env.now(), and their outputs applied together:
      leader that dies in between leaves a task naming the step in flight, which the next one repeats),
   3. the other actions start concurrently (env.spawn; the core bounds how many), each feeding its
      result back (env.result) to be stepped with the next batch.
-The path of a fault: plane event -> core/health.py -> core/policy.py (via core/recovery.py's
-decisions) -> core/fencing.py (Prove, here carried out by env.prove) -> core/queue.py -> the driver
+The path of a fault: plane event -> core/health.py -> core/policy.py (via core/hosts.py's
+per-host decisions) -> core/fencing.py (Prove, here carried out by env.prove) -> core/queue.py -> the driver
 (env.evacuate / migrate / mark_down).
 """
 
@@ -25,39 +25,41 @@ import logging
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
-from vmha.core.fencing import ProofMethod
-from vmha.core.queue import Step
-from vmha.core.recovery import (
+from vmha.core.actions import (
     Alert,
-    Attempt,
     CancelProof,
     CheckRejoin,
     DisableHost,
     DropProof,
     EnableHost,
     Evacuate,
-    HealthUpdate,
-    HostOp,
-    HostOpDone,
-    HostOpFailed,
     LiveMigrate,
     MarkHostDown,
     PersistTask,
-    ProofObtained,
-    ProofRefused,
     Prove,
     QuarantineHost,
     RecordEvidence,
     RecoveryAction,
-    RecoveryCore,
-    RecoveryEvent,
     RecoveryOutput,
-    RejoinChecked,
     ReleaseProof,
+)
+from vmha.core.events import (
+    Attempt,
+    HealthUpdate,
+    HostOp,
+    HostOpDone,
+    HostOpFailed,
+    ProofObtained,
+    ProofRefused,
+    RecoveryEvent,
+    RejoinChecked,
     StepDone,
     StepFailed,
     Tick,
 )
+from vmha.core.fencing import ProofMethod
+from vmha.core.queue import Step
+from vmha.core.recovery import RecoveryCore
 from vmha.drivers.base import DriverError
 from vmha.runtime.env import Env, Running, TermOver
 

@@ -36,6 +36,19 @@ from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmha.core.actions import Alert, RecordEvidence
+from vmha.core.events import (
+    AgentStopped,
+    HostEnabled,
+    HostOp,
+    HostOut,
+    Inventory,
+    Maintenance,
+    RecoveryEvent,
+    TasksLoaded,
+    from_health,
+)
+from vmha.core.events import Tick as RecoveryTick
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import (
     EtcdStatus,
@@ -51,22 +64,8 @@ from vmha.core.log import Level, LogLine
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import PolicyTable
 from vmha.core.queue import Step, Task, TaskKind, TaskState
-from vmha.core.recovery import (
-    AgentStopped,
-    Alert,
-    HostEnabled,
-    HostOp,
-    HostOut,
-    Inventory,
-    Maintenance,
-    RecordEvidence,
-    RecoveryCore,
-    RecoveryEvent,
-    RecoverySettings,
-    TasksLoaded,
-    from_health,
-)
-from vmha.core.recovery import Tick as RecoveryTick
+from vmha.core.recovery import RecoveryCore
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import DriverError, HostInfo, VmInfo
 from vmha.etcd.values import TaskValue
 from vmha.runtime.env import Running

@@ -35,7 +35,7 @@ from vmha.core.log import Level
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
 from vmha.core.queue import TaskState
-from vmha.core.recovery import RecoverySettings
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import VmInfo
 from vmha.sim.env import SIM, Sim, SimTimings
 
