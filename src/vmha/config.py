@@ -266,6 +266,17 @@ class LibvirtConfig(_Strict):
         return v
 
 
+def _public_url(url: str) -> str:
+    """The API's address as people reach it: a plain http(s) URL, no credentials, query or fragment
+    (it goes into every alert); without its trailing slash."""
+    _webhook_url(url)
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        shown = _URL_PASSWORD.sub(r"\1***@", url)
+        raise ValueError(f"{shown!r}: no user, password, query or fragment here (it is shown in every alert)")
+    return url.rstrip("/")
+
+
 class ApiConfig(_Strict):
     # The manager's REST API and dashboard (vmha.api): HTTPS only; bearer tokens from tokens_file,
     # one "TOKEN ROLE" a line (role read-only or admin), refused if group or others can read it.
@@ -273,6 +284,9 @@ class ApiConfig(_Strict):
     cert: Path
     key: Path
     tokens_file: Path
+    # The API's URL as operators reach it (a load balancer's, a DNS name): each alert links to its
+    # evidence there. Absent: alerts carry no link.
+    public_url: Annotated[str, Field(max_length=2000), AfterValidator(_public_url)] | None = None
 
     @field_validator("listen")
     @classmethod

@@ -12,7 +12,7 @@ from vmha import config
 from vmha.bench.rto import rto
 from vmha.lab import controller, libvirtd, novalab
 from vmha.lab.cli import up
-from vmha.lab.configs import MANAGER_METRICS_PORTS, REBALANCE_COOLDOWN, agent_config, manager_config
+from vmha.lab.configs import MANAGER_METRICS_PORTS, REBALANCE_COOLDOWN, agent_config, api_url, manager_config
 from vmha.lab.guestxml import domain_xml
 from vmha.lab.net import HOST_INDEX_BASE
 from vmha.lab.state import LabState, NodeState
@@ -92,3 +92,10 @@ def test_every_lab_daemon_serves_metrics_on_its_own_management_address(tmp_path:
     addresses = [m.address() for m in listen if m is not None]
     assert len(set(addresses)) == len(addresses) == 4
     assert all(ip.startswith("198.18.") for ip, _ in addresses)
+
+
+def test_the_lab_managers_alerts_link_to_their_own_api(tmp_path: Path) -> None:
+    state = LabState(dir=tmp_path, created=time.time())
+    state.hosts = {h: NodeState(h, i) for i, h in enumerate(["h1", "h2"], start=2)}
+    apis = [config.load(manager_config(state, m, i)).api for i, m in enumerate(controller.MANAGERS)]
+    assert [a.public_url for a in apis if a is not None] == [api_url(state, i) for i in range(len(apis))]

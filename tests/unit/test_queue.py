@@ -204,10 +204,10 @@ def test_describe_answers_why_the_vm_was_restarted() -> None:
     t.begin(Step.EVACUATE, 81.0)
     t.finish(Step.EVACUATE, 83.0, "ok")
     t.state, t.running_on = TaskState.DONE, "h3"
-    text = t.describe()
+    text = t.describe(lambda at: f"<{at:g}>")  # each time through the caller's formatter
     assert "vm 'vm1' recovery 1: done" in text
     assert "row storage, action fence-evacuate" in text
-    assert "storage since 3.0" in text
-    assert "proof: host-dead started 10.0 proved 80.0" in text
-    assert "step evacuate: 81.0 -> 83.0 ok" in text
+    assert "storage since <3>" in text
+    assert "proof: host-dead started <10>, proved <80> (70.0 s)" in text
+    assert "step evacuate: <81> -> <83> (2.0 s) ok" in text
     assert "running on 'h3'" in text

@@ -128,3 +128,45 @@ def test_a_webhook_must_be_an_http_url(url: str) -> None:
             "alerts": {"webhooks": [url]}}  # fmt: skip
     with pytest.raises(config.ConfigError, match=r"alerts\.webhooks\.0.*is not an http:// or https:// URL"):
         config.parse(data)
+
+
+async def test_each_alert_carries_its_evidence_link_when_the_api_has_a_public_url(tmp_path: Path) -> None:
+    receiver = Receiver()
+    hooks = Webhooks(settings(tmp_path, receiver.url), {"cluster": "c"}, public_url="https://vmha.example.org:8443")
+    task = asyncio.create_task(hooks.run())
+    try:
+        hooks.send({"level": "err", "host": "h1", "vm": "db 1/a", "text": "vm 'db 1/a' recovery FAILED"})
+        hooks.send({"level": "err", "host": "h1", "vm": None, "text": "host 'h1' quarantined"})
+        hooks.send({"level": "err", "host": None, "vm": None, "text": "fabric outage"})
+        await until(lambda: len(receiver.got) == 3, "the three alerts delivered", timeout=10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        receiver.close()
+    assert [(a["evidence"], a["dashboard"]) for a in receiver.got] == [
+        ("https://vmha.example.org:8443/v1/recoveries/db%201%2Fa", "https://vmha.example.org:8443/#vm=db%201%2Fa"),
+        ("https://vmha.example.org:8443/v1/hosts", "https://vmha.example.org:8443/"),
+        ("https://vmha.example.org:8443/v1/events", "https://vmha.example.org:8443/"),
+    ]
+    # Without [api] public_url (test_delivered_in_order_after_retries): no link, and no error.
+
+
+@pytest.mark.parametrize(("url", "error"), [
+    ("https://vmha.example.org:8443/", None),
+    ("http://10.0.0.5:8443", None),
+    ("https://admin:secret@vmha.example.org/", "no user, password"),
+    ("https://vmha.example.org/?token=x", "no user, password, query or fragment"),
+    ("vmha.example.org", "is not an http:// or https:// URL"),
+])  # fmt: skip
+def test_the_api_public_url_is_a_plain_http_url(url: str, error: str | None) -> None:
+    data = {"cluster": {"name": "c"}, "planes": {p: {"endpoints": ["http://127.0.0.1:2379"]}
+                                                for p in ("management", "storage", "service")},
+            "etcd": {"insecure": True},
+            "api": {"cert": "/c.pem", "key": "/k.pem", "tokens_file": "/t", "public_url": url}}  # fmt: skip
+    if error is None:
+        api = config.parse(data).api
+        assert api is not None and api.public_url == url.rstrip("/")
+        return
+    with pytest.raises(config.ConfigError, match=r"api\.public_url") as e:
+        config.parse(data)
+    assert error in str(e.value) and "secret" not in str(e.value)

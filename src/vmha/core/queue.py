@@ -21,7 +21,7 @@ destination and may wait a long time for sanlock's host-dead.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -268,27 +268,27 @@ class Task:
             recheck=d.get("recheck") is True,
         )
 
-    def describe(self) -> str:
-        """The evidence record as operator text (`vmha recovery show VM`)."""
+    def describe(self, when: Callable[[float], str]) -> str:
+        """The evidence record as operator text (`vmha recovery show VM`), each time as `when` shows it."""
         lines = [
             f"vm '{self.vm}' recovery {self.recovery}: {self.state.value}"
             + (f" ({self.reason})" if self.reason else ""),
             f"  host '{self.source}', row {self.row or '-'}, action {self.action}, priority {self.priority}",
             "  failed planes: "
-            + (", ".join(f"{p} since {t:.1f}" for p, t in sorted(self.failed.items())) or "none"),
+            + (", ".join(f"{p} since {when(t)}" for p, t in sorted(self.failed.items())) or "none"),
         ]
         if self.proof is not None:
             lines.append(
-                f"  proof: {self.proof.method.value} started {self.proof.started:.1f} "
-                f"proved {self.proof.proved:.1f}"
+                f"  proof: {self.proof.method.value} started {when(self.proof.started)}, "
+                f"proved {when(self.proof.proved)} ({self.proof.proved - self.proof.started:.1f} s)"
                 + "".join(f" {k}={v}" for k, v in sorted(self.proof.details.items()))
             )
         else:
             lines.append("  proof: none")
         for r in self.steps:
-            end = "..." if r.finished is None else f"{r.finished:.1f}"
+            end = "..." if r.finished is None else f"{when(r.finished)} ({r.finished - r.started:.1f} s)"
             lines.append(
-                f"  step {r.step.value}: {r.started:.1f} -> {end} {r.result}"
+                f"  step {r.step.value}: {when(r.started)} -> {end} {r.result}"
                 + (f" ({r.detail})" if r.detail else "")
             )
         if self.running_on:

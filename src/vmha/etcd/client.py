@@ -88,6 +88,7 @@ class BadValue(EtcdError):
     def __init__(self, key: str, reason: str) -> None:
         super().__init__(f"etcd key {key}: unreadable value ({reason})")
         self.key = key
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ class TaskStore:
         self.keys = keys
         self._revs: dict[str, int] = {}  # vm -> mod_revision of tasks/<vm> as last read or written
         self.unreadable: list[str] = []  # keys the last load() refused (whose task it is, nobody knows)
+        self.refused: dict[str, str] = {}  # those keys -> why (for the operator: `vmha recovery list`)
 
     async def load(self) -> list[Task]:
         """Every readable task, sorted by VM. Remembers each key's revision, also of broken values,
@@ -63,6 +64,7 @@ class TaskStore:
         kvs, _ = await self.client.get_prefix(self.keys.tasks_prefix)
         self._revs = {}
         self.unreadable = []
+        self.refused = {}
         tasks: list[Task] = []
         for kv in kvs:
             vm = kv.key[len(self.keys.tasks_prefix) :]
@@ -74,6 +76,7 @@ class TaskStore:
             except BadValue as e:
                 values.refused(e, kv, f"task of vm {vm} skipped (fix or delete the key)")
                 self.unreadable.append(kv.key)
+                self.refused[kv.key] = e.reason
                 continue
             tasks.append(task)
         return tasks

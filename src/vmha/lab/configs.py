@@ -140,7 +140,8 @@ def manager_config(state: LabState, name: str, index: int = 0) -> Path:
     except PkiError as e:
         raise LabError(f"lab certificates in {state.pki.dir}: {e}") from None
     sections["api"] = {"listen": api_url(state, index).removeprefix("https://"), "cert": str(tls.cert),
-                       "key": str(tls.key), "tokens_file": str(api_tokens(state))}
+                       "key": str(tls.key), "tokens_file": str(api_tokens(state)),
+                       "public_url": api_url(state, index)}  # the alerts' evidence links
     return _write(state.configs / f"manager-{name}.toml", sections)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import signal
 import ssl
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,7 +27,9 @@ from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient, EtcdError, EtcdUnavailable, redact_url
 from vmha.etcd.keys import Keys
 from vmha.etcd.records import Event, EventLog, RecordStore
+from vmha.etcd.tasks import TaskStore
 from vmha.manager import operations
+from vmha.timefmt import when
 
 T = TypeVar("T")
 if TYPE_CHECKING:
@@ -131,10 +133,10 @@ def _show_event(ev: Event, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(ev.to_dict(), sort_keys=True))
         return
-    when = datetime.datetime.fromtimestamp(ev.t).isoformat(sep=" ", timespec="milliseconds")
+    at = when(ev.t, time.time(), ms=True)
     colour = {"warn": "yellow", "err": "red"}.get(ev.level)
     tag = "ALERT " if ev.kind == "alert" else ""
-    click.secho(f"{ev.seq:>7} {when} {ev.level:<4} {ev.actor}: {tag}{ev.text}", fg=colour)
+    click.secho(f"{ev.seq:>7} {at} {ev.level:<4} {ev.actor}: {tag}{ev.text}", fg=colour)
 
 
 @click.command("events")
@@ -230,9 +232,44 @@ def recovery_show(config_path: str, vm: str, show_all: bool, as_json: bool) -> N
     if not ordered:
         click.echo(why_not)
         sys.exit(1)
+    now = time.time()
     for t in ordered:
         state = "in progress" if t.state not in TERMINAL else "finished"
-        click.echo(f"{t.describe()}\n  ({state})")
+        click.echo(f"{t.describe(lambda at: when(at, now))}\n  ({state})")
+
+
+@recovery.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="the tasks as JSON (the shape of the API's /v1/tasks)")
+def recovery_list(config_path: str, as_json: bool) -> None:
+    """The recovery queue: each VM's latest recovery task, its phase, proof and since when; an
+    unreadable task is listed by its key with what is wrong with it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    async def body(cfg: config.Config, client: EtcdClient, keys: Keys) -> tuple[list[Task], dict[str, str]]:
+        store = TaskStore(client, keys)
+        return await store.load(), store.refused
+
+    tasks, refused = _with_etcd(config_path, body)
+    if as_json:
+        click.echo(json.dumps({"tasks": [t.to_dict() for t in tasks], "unreadable": sorted(refused),
+                               "unreadable_why": refused}, indent=2, sort_keys=True))  # fmt: skip
+        return
+    now = time.time()
+    table = Table(title=f"vmha recoveries ({len(tasks)} task(s), {len(refused)} unreadable)")
+    for column in ("vm", "from", "state", "action", "proof", "destination", "since", "last error"):
+        table.add_column(column)
+    for t in tasks:
+        state = t.state.value + (f" -> {t.resume.value}" if t.resume is not None else "")
+        retry = f"retry {when(t.retry_at, now)}" if t.retry_at is not None and t.state not in TERMINAL else ""
+        place = f"runs on {t.running_on}" if t.running_on else (f"to {t.dest}" if t.dest else "-")
+        table.add_row(t.vm, t.source, state, f"{t.kind.value} ({t.action})",
+                      t.proof.method.value if t.proof is not None else "-", place, when(t.since or t.created, now),
+                      "; ".join(x for x in (t.reason, retry) if x) or "-")  # fmt: skip
+    for key, why in sorted(refused.items()):
+        table.add_row(key, "?", "UNREADABLE", "-", "-", "-", "-", f"{why} (fix or delete the key)", style="red")
+    Console().print(table)
 
 
 # -- vmha host enable HOST --------------------------------------------------------------------------

@@ -72,7 +72,7 @@ from vmha.etcd.tasks import StaleTasks, TaskStore
 from vmha.etcd.values import PauseValue, read, refused
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
-from vmha.manager.webhooks import Webhooks
+from vmha.manager.webhooks import Webhooks, evidence_links
 from vmha.runtime.env import TermOver
 from vmha.runtime.loop import Inbox, Loop
 
@@ -242,6 +242,7 @@ class Manager:
         self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)
         self.leadership: Leadership | None = None
         self.webhooks: Webhooks | None = None  # [alerts] webhooks: created in run(), in its event loop
+        self.public_url = cfg.api.public_url if cfg.api is not None else None  # the alerts' evidence links
         self.parts: Parts | None = None
 
     async def vms(self) -> Sequence[VmInfo]:
@@ -262,7 +263,8 @@ class Manager:
         parts = await self.make_parts(self.cfg, self.client)
         hooks: asyncio.Task[None] | None = None
         if self.cfg.alerts.webhooks:
-            self.webhooks = Webhooks(self.cfg.alerts, {"cluster": self.cfg.cluster.name, "manager": self.m.name})
+            self.webhooks = Webhooks(self.cfg.alerts, {"cluster": self.cfg.cluster.name, "manager": self.m.name},
+                                     public_url=self.public_url)
             hooks = asyncio.create_task(self.webhooks.run(), name="webhooks")
         self.parts = parts
         try:
@@ -562,7 +564,9 @@ class Term:
             metrics.recovery_finished(Task.from_dict(r.data))
 
     def alert(self, alert: Alert) -> None:
-        log.log(_LEVELS.get(alert.level, logging.WARNING), "ALERT %s", alert.text)
+        links = evidence_links(self.mgr.public_url, alert.vm, alert.host)
+        log.log(_LEVELS.get(alert.level, logging.WARNING), "ALERT %s%s", alert.text,
+                f" (evidence: {links['evidence']})" if links else "")  # fmt: skip
         metrics.alert(alert.level.value)
         if self.mgr.webhooks is not None:
             self.mgr.webhooks.send({"level": alert.level.value, "host": alert.host, "vm": alert.vm,

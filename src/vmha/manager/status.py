@@ -1,16 +1,20 @@
-"""`vmha status`: the manager's persisted health view, hosts x planes, and the fabric outages.
+"""`vmha status`: the cluster's verdict for people and monitors (vmha.manager.assess: exit 0 OK,
+1 DEGRADED, 2 CRITICAL, 3 UNKNOWN), then the manager's persisted health view, hosts x planes, and
+the fabric outages.
 
-Reads etcd only (health/ and fabric/ keys written by the active manager's HealthMonitor); works
-from any machine that reaches etcd, while the manager runs or not (then `updated` grows old).
+Reads etcd only (health/ and fabric/ keys written by the active manager's HealthMonitor, the leader,
+operator states, tasks) and asks each etcd member its own status; works from any machine that
+reaches etcd, while the manager runs or not (then `updated` grows old).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -19,10 +23,15 @@ from rich.text import Text
 
 from vmha import config
 from vmha.core.planes import PLANES, PlaneState
+from vmha.core.queue import Task
 from vmha.etcd import health_store
 from vmha.etcd.client import EtcdClient, EtcdError, redact_url
 from vmha.etcd.keys import Keys
+from vmha.etcd.quorum import Answer, ask_members
+from vmha.etcd.tasks import TaskStore
 from vmha.etcd.tls import TlsFiles
+from vmha.manager.assess import FAILED_WINDOW, Verdict, assess, cannot_read
+from vmha.timefmt import when
 
 COLOURS = {
     PlaneState.UP: "green",
@@ -31,15 +40,6 @@ COLOURS = {
     PlaneState.FABRIC: "magenta",
     PlaneState.UNKNOWN: "dim",
 }
-
-
-def age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    return f"{s // 3600}h"
 
 
 def view_data(view: health_store.HealthView, now: float) -> dict[str, Any]:
@@ -81,8 +81,8 @@ def render(data: dict[str, Any], console: Console) -> None:
                 cells.append(Text("-", style="dim"))
                 continue
             state = PlaneState(st["state"])
-            cells.append(Text(f"{state.value.upper()} {age(st['age'])}", style=COLOURS[state]))
-        cells.append(age(data["time"] - h["updated"]))
+            cells.append(Text(f"{state.value.upper()}\n{when(st['since'], data['time'])}", style=COLOURS[state]))
+        cells.append(when(h["updated"], data["time"]))
         table.add_row(*cells)
     console.print(table)
     if data["fabric"]:
@@ -90,7 +90,7 @@ def render(data: dict[str, Any], console: Console) -> None:
             where = "whole cluster" if f["domain"] is None else f"domain {f['domain']}"
             console.print(
                 Text(
-                    f"FABRIC OUTAGE: plane {f['plane']} in {where} for {age(f['age'])}: "
+                    f"FABRIC OUTAGE: plane {f['plane']} in {where} since {when(f['since'], data['time'])}: "
                     f"hosts {', '.join(f['hosts'])} (no evacuation because of it)",
                     style="bold magenta",
                 )
@@ -99,9 +99,29 @@ def render(data: dict[str, Any], console: Console) -> None:
         console.print(Text("no fabric outage", style="green"))
 
 
-async def _load(endpoints: list[str], cluster: str, tls: TlsFiles | None) -> health_store.HealthView:
-    async with EtcdClient(endpoints, timeout=3.0, name="status", tls=tls) as client:
-        return await health_store.load(client, Keys(cluster))
+async def _load(urls: list[str], cluster: str, tls: TlsFiles | None) -> tuple[dict[str, Any], list[Task],
+                                                                           dict[str, str]]:  # fmt: skip
+    """What `vmha status` judges, through the API's own readers: the hosts (health view, operator
+    states, leader, pause) and the recovery tasks with the unreadable ones (key -> why)."""
+    from vmha.api import views  # here: views imports this module's view_data
+
+    keys = Keys(cluster)
+    async with EtcdClient(urls, timeout=3.0, name="status", tls=tls) as client:
+        hosts = await views.hosts(client, keys)
+        store = TaskStore(client, keys)
+        tasks = await store.load()
+        return hosts, tasks, store.refused
+
+
+async def _judge(urls: list[str], cluster: str, tls: TlsFiles | None,
+                 failed_window: float) -> tuple[Verdict, dict[str, Any] | None]:  # fmt: skip
+    """The verdict and the hosts' data it judged (None when etcd could not be read)."""
+    members: asyncio.Task[dict[str, Answer]] = asyncio.create_task(ask_members(urls, tls, 3.0, "status"))
+    try:
+        hosts, tasks, unreadable = await _load(urls, cluster, tls)
+    except (EtcdError, ValueError) as e:
+        return cannot_read(f"cannot read etcd ({', '.join(map(redact_url, urls))}): {e}", await members), None
+    return assess(hosts, tasks, unreadable, await members, time.time(), failed_window), hosts
 
 
 @click.command("status")
@@ -114,9 +134,13 @@ async def _load(endpoints: list[str], cluster: str, tls: TlsFiles | None) -> hea
               help="client certificate (PEM; its CN is the etcd user, e.g. operator)")
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="the client certificate's key (PEM)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the grid")
+@click.option("--failed-window", type=click.FloatRange(min=0), default=FAILED_WINDOW, show_default=True,
+              help="seconds a FAILED recovery counts as critical")
 def status(config_path: str | None, endpoints: str | None, cluster: str | None, ca: Path | None, cert: Path | None,
-           key: Path | None, as_json: bool) -> None:  # fmt: skip
-    """Hosts x planes with state and age, and fabric outages, as the manager last recorded them."""
+           key: Path | None, as_json: bool, failed_window: float) -> None:  # fmt: skip
+    """The cluster's state for people and monitors (Nagios plugin exit codes: 0 OK, 1 DEGRADED,
+    2 CRITICAL, 3 UNKNOWN), each problem with its evidence, then hosts x planes with state and
+    since when, and fabric outages, as the manager last recorded them."""
     tls = None
     if endpoints and cluster and not config_path:
         urls = [u.strip() for u in endpoints.split(",") if u.strip()]
@@ -131,17 +155,27 @@ def status(config_path: str | None, endpoints: str | None, cluster: str | None, 
         if ca is not None and cert is not None and key is not None:
             tls = TlsFiles(ca, cert, key)
     else:
-        cfg = config.load(config_path or config.DEFAULT_PATH)
+        try:
+            cfg = config.load(config_path or config.DEFAULT_PATH)
+        except config.ConfigError as e:  # nothing can be read: the monitor's UNKNOWN, not a CRITICAL
+            _show(cannot_read(str(e).splitlines()[0], {}), None, as_json)
         tls = cfg.etcd.tls()
         urls = cfg.manager.endpoints if cfg.manager else cfg.planes.endpoints(PLANES[0])
         cluster = cluster or cfg.cluster.name
-    try:
-        view = asyncio.run(_load(urls, cluster, tls))
-    except (EtcdError, ValueError) as e:
-        raise click.ClickException(
-            f"cannot read the health view from etcd ({', '.join(map(redact_url, urls))}): {e}") from None
-    data = view_data(view, time.time())
+    verdict, hosts = asyncio.run(_judge(urls, cluster, tls, failed_window))
+    _show(verdict, hosts, as_json)
+
+
+def _show(verdict: Verdict, hosts: dict[str, Any] | None, as_json: bool) -> NoReturn:
+    """Print the verdict (first line: its summary) and the hosts, and exit with its code."""
     if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        data = hosts if hosts is not None else {"time": round(time.time(), 3)}
+        click.echo(json.dumps({**data, "status": verdict.to_dict()}, indent=2, sort_keys=True))
     else:
-        render(data, Console())
+        click.echo(verdict.summary)
+        for p in verdict.problems:
+            if p.text not in verdict.summary:  # UNKNOWN's reason is its summary already
+                click.echo(f"  {p.level.name:<8} {p.text}")
+        if hosts is not None:
+            render(hosts, Console())
+    sys.exit(int(verdict.level))

@@ -1,6 +1,6 @@
 """Alerts that reach people: every alert of the manager POSTed as JSON to each `[alerts] webhooks` URL.
 
-    hooks = Webhooks(cfg.alerts, source={"cluster": ..., "manager": ...})
+    hooks = Webhooks(cfg.alerts, source={"cluster": ..., "manager": ...}, public_url=cfg.api.public_url)
     task = asyncio.create_task(hooks.run())
     hooks.send(payload)                  # never blocks, never raises: the decision loop goes on
 
@@ -9,6 +9,10 @@ One worker per URL, in order: a receiver that is down delays only its own alerts
 doubling, capped at retry_cap). An alert that still was not delivered, or was waiting when the
 manager stopped, is appended to the undelivered log (one JSON object a line: url, alert, error, t),
 logged as an error and counted (vmha_webhook_undelivered_total): never silently lost.
+
+With `[api] public_url`, each alert carries its evidence links (evidence_links): "evidence", the
+API's record of what it is about (the VM's recoveries, else the hosts), and "dashboard", the page
+opened on that VM's timeline. Without it, no links.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 from vmha import metrics
 from vmha.config import AlertsConfig
@@ -30,14 +35,26 @@ from vmha.etcd.client import redact_url
 log = logging.getLogger("vmha.manager.webhooks")
 
 
+def evidence_links(public_url: str | None, vm: str | None, host: str | None) -> dict[str, str]:
+    """The links an alert about this VM (or host, or the cluster) carries: {} without a public URL."""
+    if public_url is None:
+        return {}
+    if vm is not None:
+        return {"evidence": f"{public_url}/v1/recoveries/{quote(vm, safe='')}",
+                "dashboard": f"{public_url}/#vm={quote(vm, safe='')}"}  # fmt: skip
+    return {"evidence": f"{public_url}/v1/hosts" if host is not None else f"{public_url}/v1/events",
+            "dashboard": f"{public_url}/"}  # fmt: skip
+
+
 class Webhooks:
-    def __init__(self, cfg: AlertsConfig, source: Mapping[str, str]) -> None:
+    def __init__(self, cfg: AlertsConfig, source: Mapping[str, str], public_url: str | None = None) -> None:
         self.cfg = cfg
         self.source = dict(source)  # added to every alert (cluster, manager)
+        self.public_url = public_url  # [api] public_url: the alerts' evidence links
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {url: asyncio.Queue() for url in cfg.webhooks}
 
     def send(self, alert: Mapping[str, Any]) -> None:
-        payload = {**self.source, **alert}
+        payload = {**self.source, **evidence_links(self.public_url, alert.get("vm"), alert.get("host")), **alert}
         for q in self._queues.values():
             q.put_nowait(payload)
 
@@ -106,4 +123,4 @@ class Webhooks:
             log.error("cannot write the undelivered alerts log %s: %s", self.cfg.undelivered, e)
 
 
-__all__ = ["Webhooks"]
+__all__ = ["Webhooks", "evidence_links"]

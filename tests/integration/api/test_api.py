@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import subprocess
 import time
 import tomllib
 from collections.abc import AsyncIterator
@@ -203,3 +204,20 @@ async def test_a_taken_port_is_an_error_at_start(api: Api, etcd: EtcdProcess) ->
                         "etcd": {f: str(getattr(etcd.tls(), f)) for f in ("ca", "cert", "key")}})  # fmt: skip
     with pytest.raises(OSError):
         await server.start(cfg, cfg_api, ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), Tokens({}), None)
+
+
+async def test_an_alerts_dashboard_link_opens_that_vms_timeline(api: Api, tmp_path: Path) -> None:
+    # The webhook payload's "dashboard" link (vmha.manager.webhooks.evidence_links): /#vm=VM, here
+    # with the token in the fragment too, in headless Chromium; the page opens vm1's timeline itself.
+    for vm in ("vm1", "vm2"):
+        await api.client.put_json(KEYS.task(vm), {
+            "vm": vm, "source": "h1", "kind": "evacuate", "recovery": 1, "priority": 5, "row": "storage",
+            "action": "fence-evacuate", "failed": {"storage": 100.0}, "created": 100.0, "state": "proving",
+            "steps": [{"step": "prove", "started": 100.0, "finished": None, "result": "", "detail": ""}]})  # fmt: skip
+    link = f"{api.url}/#token={ADMIN}&vm=vm1"
+    cp = await asyncio.to_thread(
+        subprocess.run, ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors",
+                         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000", "--dump-dom",
+                         link], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert 'data-task="vm1"' in cp.stdout and 'data-task="vm2"' in cp.stdout, cp.stdout[-3000:] + cp.stderr[-2000:]
+    assert 'data-timeline="vm1"' in cp.stdout and 'data-timeline="vm2"' not in cp.stdout

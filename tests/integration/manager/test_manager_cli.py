@@ -26,7 +26,7 @@ from vmha.etcd.keys import Keys
 from vmha.etcd.records import EventLog
 from vmha.etcd.tasks import TaskStore
 from vmha.manager import daemon
-from vmha.testing.etcd import EtcdProcess
+from vmha.testing.etcd import EtcdProcess, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -197,3 +197,67 @@ async def test_host_enable_checks_the_host_is_clean(
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     assert [(c["call"], c["host"]) for c in calls] == [("enable_host", "h1")]
     assert await client.get(KEYS.disabled("h1")) is None
+
+
+async def test_status_exit_codes_for_monitors(cfg_path: Path, etcd: EtcdProcess, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("COLUMNS", "250")
+    client = EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0)
+    election = Election(client, KEYS.leader, "mgr-test", 2)
+    try:
+        r = await vmha("status", "--config", str(cfg_path))
+        assert r.exit_code == 2 and r.output.startswith("VMHA CRITICAL - no active manager"), r.output
+        await election.campaign()
+        for h in ("h1", "h2"):
+            await _health(client, h)
+        r = await vmha("status", "--config", str(cfg_path))
+        assert r.exit_code == 0, r.output
+        assert r.output.splitlines()[0] == "VMHA OK - 2 hosts, all planes up, leader mgr-test"
+
+        await _health(client, "h1", down=Plane.STORAGE)
+        r = await vmha("status", "--config", str(cfg_path))
+        assert r.exit_code == 1, r.output
+        assert r.output.splitlines()[0] == "VMHA DEGRADED - 1 host degraded"
+        # Local time and relative (the test's plane went down at t=1.0: in 1970).
+        assert "DEGRADED host 'h1': storage DOWN since 1970-01-01 " in r.output and " days ago)" in r.output
+        r = await vmha("status", "--config", str(cfg_path), "--json")
+        data = json.loads(r.output)
+        assert r.exit_code == 1 and data["status"]["code"] == 1 and data["status"]["level"] == "degraded"
+        assert {h["host"]: h["failed"] for h in data["hosts"]} == {"h1": ["storage"], "h2": []}  # the old shape
+        assert data["hosts"][0]["planes"]["storage"]["since"] == 1.0  # raw numbers in JSON
+
+        await election.resign()
+        r = await vmha("status", "--config", str(cfg_path))
+        assert r.exit_code == 2, r.output
+        assert r.output.splitlines()[0] == "VMHA CRITICAL - no active manager; 1 host degraded"
+    finally:
+        await election.resign()
+        await client.close()
+    # etcd unreachable: nothing can be told (Nagios UNKNOWN), in one line.
+    unreachable = tmp_path / "unreachable.toml"
+    port = etcd.client_urls[0].rsplit(":", 1)[1]
+    unreachable.write_text(cfg_path.read_text().replace(f":{port}", f":{free_ports(1)[0]}"))
+    r = await vmha("status", "--config", str(unreachable))
+    assert r.exit_code == 3, r.output
+    assert r.output.startswith("VMHA UNKNOWN - cannot read etcd (http://") and len(r.output.splitlines()) == 1
+
+
+async def test_recovery_list_shows_a_malformed_task_by_its_key(
+    cfg_path: Path, leader: tuple[EtcdClient, Leadership], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, lead = leader
+    monkeypatch.setenv("COLUMNS", "250")  # one table row per line
+    await TaskStore(client, KEYS).write(lead, {"vm1": _task("vm1", "evacuating"), "vm2": _task("vm2", "done")})
+    await client.put(KEYS.task("vm3"), b'{"vm": "vm3", "state": "exploded"')  # not even JSON
+    r = await vmha("recovery", "list", "--config", str(cfg_path))
+    assert r.exit_code == 0, r.output
+    rows = {cells[0]: cells[1:] for line in r.output.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 8}  # fmt: skip
+    assert rows["vm1"][:5] == ["h1", "evacuating", "evacuate (fence-evacuate)", "host-dead", "to h2"]
+    assert rows["vm2"][4] == "runs on h2"
+    assert rows["vm1"][5].endswith("ago)") and "1970" in rows["vm1"][5]  # local time and relative, not 100.0
+    assert rows[KEYS.task("vm3")][1] == "UNREADABLE" and "not JSON" in rows[KEYS.task("vm3")][6]
+    r = await vmha("recovery", "list", "--config", str(cfg_path), "--json")
+    data = json.loads(r.output)
+    assert [t["vm"] for t in data["tasks"]] == ["vm1", "vm2"] and data["tasks"][0]["since"] == 0.0
+    assert data["unreadable"] == [KEYS.task("vm3")] and "not JSON" in data["unreadable_why"][KEYS.task("vm3")]
