@@ -210,7 +210,7 @@ async def test_host_enable_checks_the_host_is_clean(
 async def test_status_exit_codes_for_monitors(cfg_path: Path, etcd: EtcdProcess, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("COLUMNS", "250")
-    client = EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0)
+    client = EtcdClient(etcd.client_urls, tls=etcd.tls("mgr-test"), timeout=2.0)
     election = Election(client, KEYS.leader, "mgr-test", 2)
     try:
         r = await vmha("status", "--config", str(cfg_path))
@@ -247,7 +247,7 @@ async def test_status_exit_codes_for_monitors(cfg_path: Path, etcd: EtcdProcess,
     unreachable.write_text(cfg_path.read_text().replace(f":{port}", f":{free_ports(1)[0]}"))
     r = await vmha("status", "--config", str(unreachable))
     assert r.exit_code == 3, r.output
-    assert r.output.startswith("VMHA UNKNOWN - cannot read etcd (http://") and len(r.output.splitlines()) == 1
+    assert r.output.startswith("VMHA UNKNOWN - cannot read etcd (https://") and len(r.output.splitlines()) == 1
 
 
 async def test_recovery_list_shows_a_malformed_task_by_its_key(
