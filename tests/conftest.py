@@ -22,14 +22,6 @@ def etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
 
 
 @pytest.fixture
-def etcd_plain(tmp_path: Path) -> Iterator[EtcdProcess]:
-    """A plaintext etcd (http://, no client certificates), for the folders that still use one
-    (tests/integration/manager, tests/integration/locks: not yet moved to TLS)."""
-    with EtcdProcess(tmp_path / "etcd") as proc:
-        yield proc
-
-
-@pytest.fixture
 async def client(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
     c = EtcdClient(etcd.client_urls, tls=etcd.tls())
     yield c

@@ -1,12 +1,13 @@
-"""The detection benchmark's load generator against a real etcd: its hand-written gRPC client
-(RawGrpcConnection) must produce exactly an agent's traffic, one connection per (host, plane)."""
+"""The detection benchmark's load generator against a real etcd (TLS, client certificates): its
+hand-written gRPC client (RawGrpcConnection) must produce exactly an agent's traffic, one connection
+per (host, plane)."""
 
 from __future__ import annotations
 
 import psutil
 import pytest
 
-from vmha.bench.grpc_raw import CallFailed, RawGrpcConnection, pb_bytes, pb_fields, pb_int, pb_int_field
+from vmha.bench.grpc_raw import CallFailed, RawGrpcConnection, client_context, pb_bytes, pb_fields, pb_int, pb_int_field
 from vmha.bench.heartbeat_load import HeartbeatLoad
 from vmha.core.planes import PLANES, Plane
 from vmha.etcd.client import EtcdClient, parse_endpoint
@@ -25,15 +26,11 @@ async def _values(client: EtcdClient) -> dict[str, tuple[int, int]]:
     return {kv.key: (kv.json()["seq"], kv.lease) for kv in kvs}
 
 
-@pytest.fixture
-def etcd(etcd_plain: EtcdProcess) -> EtcdProcess:
-    """Plaintext: the load generator's hand-written HTTP/2 client speaks it (vmha.bench.grpc_raw)."""
-    return etcd_plain
-
-
 async def test_raw_calls_and_errors(etcd: EtcdProcess, client: EtcdClient) -> None:
     host, port = parse_endpoint(etcd.client_urls[0])
-    conn = await RawGrpcConnection.open(host, port)
+    tls = etcd.tls()
+    assert tls is not None
+    conn = await RawGrpcConnection.open(host, port, tls=client_context(tls))  # TLS as root, auth off
     try:
         lease = pb_int_field(pb_fields(await conn.unary("/etcdserverpb.Lease/LeaseGrant", pb_int(1, 5))), 2)
         assert lease > 0 and await client.refresh(lease) > 0  # etcd knows the lease we granted
@@ -66,7 +63,11 @@ async def test_raw_calls_and_errors(etcd: EtcdProcess, client: EtcdClient) -> No
 
 async def test_load_beats_cut_restore_close(etcd: EtcdProcess, client: EtcdClient) -> None:
     hosts = ["h1", "h2"]
-    load = HeartbeatLoad(etcd.client_urls[0], K, [(h, p) for h in hosts for p in PLANES], ttl=2, interval=0.5)
+    # Auth on, as in the benchmark's TLS runs: each host's connections present its own certificate.
+    await etcd.setup_auth("t", hosts)
+    assert etcd.pki is not None
+    load = HeartbeatLoad(etcd.client_urls[0], K, [(h, p) for h in hosts for p in PLANES], ttl=2, interval=0.5,
+                         tls=etcd.pki.issue)
     await load.start()
     try:
 

@@ -17,7 +17,6 @@ import pytest
 from lockhelp import IO, LockCluster, SimHost, join_both, leave_manager, new_lockspace
 
 from vmha.lab.sanlockd import LabSanlock, start_sanlock, stop_sanlock
-from vmha.testing.etcd import EtcdProcess
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +45,3 @@ def cluster(manager_sanlock: LabSanlock, tmp_path: Path) -> Iterator[LockCluster
         stop_sanlock(d)
         c.release_all()
         leave_manager(space)
-
-
-@pytest.fixture
-def etcd(etcd_plain: EtcdProcess) -> EtcdProcess:
-    """Plaintext here: these tests and their configs are not yet moved to TLS (tests/conftest.py)."""
-    return etcd_plain

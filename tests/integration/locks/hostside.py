@@ -16,6 +16,7 @@ import sanlock
 from vmha.etcd.attest import serve_attestations
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
+from vmha.etcd.tls import TlsFiles
 from vmha.locks import Attestation, LockSpace, acquire_self, attest_exit, register_self, stop_lease_holders
 from vmha.locks.disk_leases import DiskLeaseSpace
 from vmha.locks.lease import record_seen_holders
@@ -71,7 +72,10 @@ async def agent(a: dict[str, object]) -> None:
     async def check(vm: str) -> Attestation:
         return await asyncio.to_thread(attest_exit, s, vm)
 
-    async with EtcdClient([str(a["etcd"])], timeout=1.0) as c:
+    files = a["tls"]  # the host's own etcd certificate: {"ca", "cert", "key"} paths
+    assert isinstance(files, dict)
+    tls = TlsFiles(*(Path(files[f]) for f in ("ca", "cert", "key")))
+    async with EtcdClient([str(a["etcd"])], timeout=1.0, tls=tls) as c:
         print("serving", flush=True)
         await serve_attestations(c, Keys(str(a["cluster"])), str(a["host"]), check, poll=0.2)
 

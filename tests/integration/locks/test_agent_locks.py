@@ -21,6 +21,7 @@ from vmha import config
 from vmha.agent import locks as agent_locks
 from vmha.agent.locks import REJOIN_CHECK, AgentLocks
 from vmha.core.health import HealthTimings
+from vmha.core.planes import PLANES
 from vmha.etcd import hostids
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
@@ -29,15 +30,18 @@ from vmha.locks import LockSpace, acquire_for
 from vmha.locks.lease import recorded_holders
 from vmha.manager.detection import HealthMonitor, LocksRefused
 from vmha.testing.etcd import EtcdProcess
+from vmha.testing.hosts import config_text
 from vmha.testing.wait import until
 
 pytestmark = pytest.mark.integration
 
 
-async def allocate_as_manager(etcd: EtcdProcess, cluster: str) -> None:
-    """What the leading manager does for a registered host (only managers allocate host_ids)."""
-    async with EtcdClient(etcd.client_urls, timeout=2.0) as client:
-        await hostids.allocate(client, Keys(cluster), "vt2mgr")
+MANAGER = "m1"  # the etcd user of the manager's part in these tests
+
+
+async def auth_on(etcd: EtcdProcess, cluster: str) -> None:
+    """`vmha etcd setup-auth` for host vt2mgr (its user and role, its host_id allocated) and the manager."""
+    await etcd.setup_auth(cluster, ["vt2mgr"], [MANAGER])
 
 
 def agent_config(tmp_path: Path, etcd: EtcdProcess, cluster: str, extra: str = "") -> tuple[LockSpace, Path]:
@@ -45,14 +49,10 @@ def agent_config(tmp_path: Path, etcd: EtcdProcess, cluster: str, extra: str = "
     space = new_lockspace(tmp_path / "shared")
     space.init()
     space.create_lease("vm1")
-    url = etcd.client_urls[0]
     cfg_path = tmp_path / "agent.toml"
-    cfg_path.write_text(
-        f'[cluster]\nname = "{cluster}"\n[host]\nname = "vt2mgr"\n'
-        + "".join(f'[planes.{p}]\nendpoints = ["{url}"]\n' for p in ("management", "storage", "service"))
-        + "[etcd]\ninsecure = true\n"
-        + f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = 1\n' + extra
-    )
+    locks = f'[locks]\npath = "{space.path}"\nlockspace = "{space.name}"\nio_timeout = 1\n'
+    cfg_path.write_text(config_text(cluster, "vt2mgr", "default", {p: etcd.client_urls for p in PLANES},
+                                    extra=locks + extra, etcd=etcd.toml("vt2mgr")))  # fmt: skip
     return space, cfg_path
 
 
@@ -72,8 +72,12 @@ async def test_agent_joins_with_the_host_id_a_manager_allocated_and_leaves_only_
     manager_sanlock: LabSanlock, etcd: EtcdProcess, tmp_path: Path
 ) -> None:
     space, cfg_path = agent_config(tmp_path, etcd, "vt2")
-    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(MANAGER), timeout=2.0) as client:
         await client.create(Keys("vt2").host_id(1), {"host": "someone-else"})  # id 1 is taken
+        await auth_on(etcd, "vt2")
+        # setup-auth allocated vt2mgr's id; removed (as for a host added later) to show that the
+        # agent waits for a manager to allocate one rather than taking one itself.
+        assert await client.delete(Keys("vt2").host_id(2))
         agent = AgentLocks(config.load(str(cfg_path)))
         run = asyncio.create_task(agent.run())
         child: subprocess.Popen[str] | None = None
@@ -118,7 +122,7 @@ async def test_agent_records_holders_it_only_sees_through_sanlock(
     """A lease acquired for a process by someone else (libvirt for QEMU) has no vmha record: the
     running agent records it within a REJOIN_CHECK, and forgets the record once the process is gone."""
     space, cfg_path = agent_config(tmp_path, etcd, "vt2r")
-    await allocate_as_manager(etcd, "vt2r")
+    await auth_on(etcd, "vt2r")
     agent = AgentLocks(config.load(str(cfg_path)))
     run = asyncio.create_task(agent.run())
     child = registered_child()
@@ -164,10 +168,10 @@ async def test_agent_refuses_a_host_whose_libvirt_lock_settings_are_wrong(
     etc.mkdir()
     (etc / "qemu.conf").write_text('#lock_manager = "sanlock"\nuser = "libvirt-qemu"\n')
     space, cfg_path = agent_config(tmp_path, etcd, "vt2l", f'[libvirt]\nconfig_dir = "{etc}"\n')
-    await allocate_as_manager(etcd, "vt2l")
+    await auth_on(etcd, "vt2l")
     keys = Keys("vt2l")
     agent = AgentLocks(config.load(str(cfg_path)))
-    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls(MANAGER), timeout=2.0) as client:
         monitor = HealthMonitor(client, keys, HealthTimings(), persist=False)
         changes = monitor.subscribe()
         watching = asyncio.create_task(monitor.run())

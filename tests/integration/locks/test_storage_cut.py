@@ -102,12 +102,17 @@ async def test_storage_cut_gives_exit_attested_proof(storage_lab: StorageLab, et
     that survives sanlock's SIGTERM: the attestation then rests on sanlock removing the failed
     lockspace only once the holder is gone (SIGKILL after kill_grace, 5 s here)."""
     lab = storage_lab
-    lab.agent_side.start("agent", "serving", etcd=etcd.client_urls[0], cluster="vt2", host="vt2a")
+    # Auth on: A's agent answers as vt2a, the manager (this process) asks as vt2mgr.
+    await etcd.setup_auth("vt2", ["vt2a"], ["vt2mgr"])
+    tls = etcd.tls("vt2a")
+    assert tls is not None
+    lab.agent_side.start("agent", "serving", etcd=etcd.client_urls[0], cluster="vt2", host="vt2a",
+                         tls={f: str(getattr(tls, f)) for f in ("ca", "cert", "key")})
     if holder_kind == "recorded":
         holder = lab.cluster.a.start("hold", "held", vm="vm1")
     else:
         holder = lab.cluster.a.start("hold", "held", vm="vm1", ignore_term=True, vmha_run="/run/vmha/elsewhere")
-    async with EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=1.0) as client:
+    async with EtcdClient(etcd.client_urls, tls=etcd.tls("vt2mgr"), timeout=1.0) as client:
 
         async def attest(host: str, vm: str, timeout: float) -> AttestResponse:
             return await request_attestation(client, K, host, vm, timeout, poll=0.1)

@@ -25,7 +25,7 @@ async def main(path: str) -> None:
     space.create_lease("vm1")
     space.create_lease("vm2")
     host = cfg.require_manager().name
-    async with EtcdClient(cfg.require_manager().endpoints) as client:
+    async with EtcdClient(cfg.require_manager().endpoints, tls=cfg.etcd.tls()) as client:
         parts = await production_parts(cfg, client)
         try:
             await parts.fencer.prove("vm2", host, [ProofMethod.LEASE_TAKEN], 30.0)

@@ -68,8 +68,7 @@ async def test_one_leader_then_takeover_after_crash(etcd: EtcdProcess) -> None:
 
 
 async def test_leader_cut_off_from_etcd_stops_before_another_is_elected(etcd: EtcdProcess) -> None:
-    host, port = etcd.client_urls[0].removeprefix("http://").split(":")
-    proxy = await TcpProxy.start(host, int(port))
+    proxy = await TcpProxy.to(etcd.client_urls[0])
     a = EtcdClient([proxy.url], tls=etcd.tls(), timeout=0.5, name="a")
     b = EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=1.0, name="b")
     lost_at: list[float] = []

@@ -9,7 +9,8 @@ import urllib.request
 
 import pytest
 
-from vmha.etcd.client import EtcdClient, parse_endpoint
+from vmha.bench.grpc_raw import client_context
+from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.manager.daemon import enabled_hosts
 from vmha.testing.etcd import EtcdProcess
@@ -26,11 +27,15 @@ async def _collect(client: EtcdClient, into: asyncio.Queue[list[str]]) -> None:
         await into.put(hosts)
 
 
-async def _watching(url: str, timeout: float = 10.0) -> None:
+async def _watching(etcd: EtcdProcess, timeout: float = 10.0) -> None:
     """Until etcd counts a watcher (etcd's own metric): the listing is done, the watch is open."""
+    tls = etcd.tls()
+    assert tls is not None
+    context = client_context(tls)  # etcd serves /metrics on its client port: TLS, certificate required
+    context.set_alpn_protocols(["http/1.1"])  # urllib speaks HTTP/1.1, not gRPC's h2
 
     def watchers() -> float:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=2) as r:
+        with urllib.request.urlopen(f"{etcd.client_urls[0]}/metrics", timeout=2, context=context) as r:
             for line in r.read().decode().splitlines():
                 if line.startswith("etcd_debugging_mvcc_watcher_total "):
                     return float(line.split()[1])
@@ -48,8 +53,7 @@ async def _next(q: asyncio.Queue[list[str]], timeout: float = 10.0) -> list[str]
 
 
 async def test_deleted_disabled_keys_are_reported_once_each(etcd: EtcdProcess) -> None:
-    host, port = parse_endpoint(etcd.client_urls[0])
-    proxy = await TcpProxy.start(host, port)
+    proxy = await TcpProxy.to(etcd.client_urls[0])
     writer = EtcdClient(etcd.client_urls, tls=etcd.tls())
     watcher = EtcdClient([proxy.url], tls=etcd.tls(), timeout=1.0)
     got: asyncio.Queue[list[str]] = asyncio.Queue()
@@ -58,7 +62,7 @@ async def test_deleted_disabled_keys_are_reported_once_each(etcd: EtcdProcess) -
     task = asyncio.create_task(_collect(watcher, got))
     try:
         # the hosts disabled at start are not "enabled"; a new disable is not either
-        await _watching(etcd.client_urls[0])
+        await _watching(etcd)
         await writer.put_json(KEYS.disabled("h3"), {"op": "disable"})
         await writer.delete(KEYS.disabled("h1"))
         assert await _next(got) == ["h1"]

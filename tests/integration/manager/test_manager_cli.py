@@ -47,11 +47,19 @@ def _task(vm: str, state: str, source: str = "h1", recovery: int = 1) -> dict[st
 
 
 @pytest.fixture
-def cfg_path(etcd: EtcdProcess, tmp_path: Path) -> Path:
-    url = etcd.client_urls[0]
+async def managers(etcd: EtcdProcess) -> EtcdProcess:
+    """Auth on, with this file's managers: mgr-cli (the commands' config) and mgr-test (the leader)."""
+    await etcd.setup_auth("vt5", managers=["mgr-cli", "mgr-test"])
+    return etcd
+
+
+@pytest.fixture
+def cfg_path(managers: EtcdProcess, tmp_path: Path) -> Path:
+    """The commands run as the manager mgr-cli (host enable writes: the operator's role only reads)."""
+    url = managers.client_urls[0]
     path = tmp_path / "vmha.toml"
     path.write_text(
-        config_text(url, f"""[manager]
+        config_text(managers, "mgr-cli", f"""[manager]
 name = "mgr-cli"
 endpoints = ["{url}"]
 driver = "lab"
@@ -63,8 +71,8 @@ management = "alert"
 
 
 @pytest.fixture
-async def leader(etcd: EtcdProcess) -> AsyncIterator[tuple[EtcdClient, Leadership]]:
-    client = EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0)
+async def leader(managers: EtcdProcess) -> AsyncIterator[tuple[EtcdClient, Leadership]]:
+    client = EtcdClient(managers.client_urls, tls=managers.tls("mgr-test"), timeout=2.0)
     election = Election(client, KEYS.leader, "mgr-test", 2)
     lead = await election.campaign()
     try:
@@ -202,7 +210,7 @@ async def test_host_enable_checks_the_host_is_clean(
 async def test_status_exit_codes_for_monitors(cfg_path: Path, etcd: EtcdProcess, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("COLUMNS", "250")
-    client = EtcdClient(etcd.client_urls, tls=etcd.tls(), timeout=2.0)
+    client = EtcdClient(etcd.client_urls, tls=etcd.tls("mgr-test"), timeout=2.0)
     election = Election(client, KEYS.leader, "mgr-test", 2)
     try:
         r = await vmha("status", "--config", str(cfg_path))
@@ -239,7 +247,7 @@ async def test_status_exit_codes_for_monitors(cfg_path: Path, etcd: EtcdProcess,
     unreachable.write_text(cfg_path.read_text().replace(f":{port}", f":{free_ports(1)[0]}"))
     r = await vmha("status", "--config", str(unreachable))
     assert r.exit_code == 3, r.output
-    assert r.output.startswith("VMHA UNKNOWN - cannot read etcd (http://") and len(r.output.splitlines()) == 1
+    assert r.output.startswith("VMHA UNKNOWN - cannot read etcd (https://") and len(r.output.splitlines()) == 1
 
 
 async def test_recovery_list_shows_a_malformed_task_by_its_key(

@@ -47,9 +47,10 @@ VMS = [f"vm{i:02d}" for i in range(1, 13)]  # all on h1
 DELAY = 0.6  # each prove / evacuation takes this long: the queue runs for several seconds
 
 
-def write_config(path: Path, name: str, url: str) -> Path:
+def write_config(path: Path, name: str, etcd: EtcdProcess, url: str) -> Path:
+    """Manager ``name``'s config, reaching etcd at ``url`` as etcd user ``name`` (its certificate)."""
     path.write_text(
-        config_text(url, f"""[manager]
+        config_text(etcd, name, f"""[manager]
 name = "{name}"
 endpoints = ["{url}"]
 driver = "lab"  # replaced by the recording double (recording_parts.py)
@@ -62,7 +63,7 @@ decide_after = 1.0
 [locks]  # the lockspace is the recording double's; the leader still allocates the hosts' host_ids
 path = "{path.parent / "shared"}"
 io_timeout = 1
-""", cluster=CLUSTER)
+""", cluster=CLUSTER, url=url)
     )
     return path
 
@@ -98,8 +99,10 @@ def calls(workdir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-async def heartbeats(url: str) -> AsyncIterator[dict[str, list[PlaneHeartbeat]]]:
-    beats = {h: [PlaneHeartbeat(KEYS, h, p, [url], ttl=2, interval=0.5) for p in PLANES] for h in HOSTS}
+async def heartbeats(etcd: EtcdProcess) -> AsyncIterator[dict[str, list[PlaneHeartbeat]]]:
+    """Each host's heartbeats, as its agent sends them: with its own certificate (its etcd user)."""
+    beats = {h: [PlaneHeartbeat(KEYS, h, p, etcd.client_urls, ttl=2, interval=0.5, tls=etcd.tls(h)) for p in PLANES]
+             for h in HOSTS}
     for hb in (b for bs in beats.values() for b in bs):
         hb.start()
     try:
@@ -123,29 +126,33 @@ async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: s
     """kill: the leader is SIGKILLed. partition: the leader's path to etcd silently drops everything
     (a TCP proxy in between, blackholed) while its process runs on: it must stop acting by itself."""
     url = etcd.client_urls[0]
-    host, port = url.removeprefix("http://").split(":")
-    proxy = await TcpProxy.start(host, int(port))
+    proxy = await TcpProxy.to(url)
     (tmp_path / "state.json").write_text(
         json.dumps(
             {"hosts": HOSTS, "placement": dict.fromkeys(VMS, FAILED), "restarts": {}, "disabled": [], "down": []}
         )
     )
-    client = EtcdClient([url], timeout=2.0)
+    client = EtcdClient([url], timeout=2.0, tls=etcd.tls())
     managers: list[ManagerProcess] = []
-    beats_gen = heartbeats(url)
+    beats_gen = heartbeats(etcd)
     try:
+        # Auth on: each host and manager writes as itself, with what its role allows.
+        await etcd.setup_auth(CLUSTER, HOSTS, ["mgr-a", "mgr-b"])
+        # setup-auth allocated the hosts' sanlock host_ids; removed, so that what is checked below
+        # is the leader allocating them for registered hosts (as for a host added later).
+        await client.delete_prefix(KEYS.host_id_prefix)
         for h in HOSTS:
             await register(client, KEYS, h, "default")
         beats = await anext(beats_gen)
         a_url = proxy.url if fault == "partition" else url
-        a = ManagerProcess("mgr-a", write_config(tmp_path / "a.toml", "mgr-a", a_url), tmp_path)
+        a = ManagerProcess("mgr-a", write_config(tmp_path / "a.toml", "mgr-a", etcd, a_url), tmp_path)
         managers.append(a)
 
         async def leader() -> str | None:
             return leader_name(await client.get(KEYS.leader))
 
         await until(lambda: _is(leader, "mgr-a"), "mgr-a to lead", timeout=20, interval=0.2)
-        b = ManagerProcess("mgr-b", write_config(tmp_path / "b.toml", "mgr-b", url), tmp_path)
+        b = ManagerProcess("mgr-b", write_config(tmp_path / "b.toml", "mgr-b", etcd, url), tmp_path)
         managers.append(b)
         # b campaigns and stands by; a's monitor sees every host UP (its persisted view): the events,
         # not a fixed sleep, so that h1's crash below is seen by a leader that knew h1 was up.

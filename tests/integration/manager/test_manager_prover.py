@@ -3,6 +3,7 @@ a real etcd: the manager allocates a host_id, joins the lockspace and proves thr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -17,12 +18,13 @@ from vmha.testing.etcd import EtcdProcess
 pytestmark = pytest.mark.integration
 
 
-def test_production_prover_joins_and_proves(etcd: EtcdProcess, tmp_path: Path) -> None:
+async def test_production_prover_joins_and_proves(etcd: EtcdProcess, tmp_path: Path) -> None:
+    await etcd.setup_auth("vt5", managers=["mgr-p"])  # the probe connects as the manager mgr-p
     url = etcd.client_urls[0]
     (tmp_path / "shared").mkdir()
     cfg = tmp_path / "vmha.toml"
     cfg.write_text(
-        config_text(url, f"""[locks]
+        config_text(etcd, "mgr-p", f"""[locks]
 path = "{tmp_path / "shared"}"
 lockspace = "vt5"
 io_timeout = 1
@@ -34,7 +36,8 @@ driver = "nova"
     )
     daemon = start_sanlock("vt5mgr", run_dir=tmp_path / "run", log_path=tmp_path / "sanlock.log")
     try:
-        r = subprocess.run(
+        r = await asyncio.to_thread(
+            subprocess.run,
             [sys.executable, str(Path(__file__).with_name("prover_probe.py")), str(cfg)],
             env={**daemon.env(), "VMHA_RUN_DIR": str(tmp_path / "vmha")},
             capture_output=True,

@@ -16,15 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from manager_config import config_text
 from test_manager_failover import ManagerProcess, write_config
 
-from vmha.core.planes import PLANES
+from vmha.core.planes import PLANES, Plane
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.heartbeat import PlaneHeartbeat
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import register
 from vmha.testing.etcd import EtcdProcess, free_ports
+from vmha.testing.hosts import config_text
 from vmha.testing.process import stop_process
 from vmha.testing.prometheus import PROMETHEUS, PrometheusServer
 from vmha.testing.proxy import TcpProxy
@@ -42,24 +42,26 @@ VMS = ["vm1", "vm2", "vm3", "vm4"]  # all on h1
 VMHA = str(Path(sys.executable).with_name("vmha"))
 
 
-def agent_config(path: Path, url: str, storage_url: str, listen: str) -> Path:
-    text = config_text(url, f'[host]\nname = "h1"\n[metrics]\nlisten = "{listen}"\n', cluster=CLUSTER)
-    path.write_text(text.replace(f'[planes.storage]\nendpoints = ["{url}"]',
-                                 f'[planes.storage]\nendpoints = ["{storage_url}"]'))  # fmt: skip
+def agent_config(path: Path, etcd: EtcdProcess, storage_url: str, listen: str) -> Path:
+    """h1's agent: etcd user h1, its storage plane through ``storage_url``."""
+    endpoints = {p: [storage_url if p is Plane.STORAGE else etcd.client_urls[0]] for p in PLANES}
+    path.write_text(config_text(CLUSTER, "h1", "default", endpoints, extra=f'[metrics]\nlisten = "{listen}"\n',
+                                etcd=etcd.toml("h1")))  # fmt: skip
     return path
 
 
 async def test_prometheus_sees_a_storage_fault_and_its_recoveries(etcd: EtcdProcess, tmp_path: Path) -> None:
     url = etcd.client_urls[0]
-    host, port = url.removeprefix("http://").split(":")
-    storage = await TcpProxy.start(host, int(port))
+    storage = await TcpProxy.to(url)
     (tmp_path / "state.json").write_text(json.dumps(
         {"hosts": HOSTS, "placement": dict.fromkeys(VMS, "h1"), "restarts": {}, "disabled": [], "down": []}))
     agent_port, manager_port = free_ports(2)
-    client = EtcdClient([url], timeout=2.0)
-    beats = [PlaneHeartbeat(KEYS, h, p, [url], ttl=2, interval=0.5) for h in HOSTS[1:] for p in PLANES]
-    agent_cfg = agent_config(tmp_path / "agent.toml", url, storage.url, f"127.0.0.1:{agent_port}")
-    mgr_cfg = write_config(tmp_path / "manager.toml", "mgr-a", url)
+    client = EtcdClient([url], timeout=2.0, tls=etcd.tls())
+    # Auth on: the agent, the other hosts' heartbeats and the manager each write as themselves.
+    await etcd.setup_auth(CLUSTER, HOSTS, ["mgr-a"])
+    beats = [PlaneHeartbeat(KEYS, h, p, [url], ttl=2, interval=0.5, tls=etcd.tls(h)) for h in HOSTS[1:] for p in PLANES]
+    agent_cfg = agent_config(tmp_path / "agent.toml", etcd, storage.url, f"127.0.0.1:{agent_port}")
+    mgr_cfg = write_config(tmp_path / "manager.toml", "mgr-a", etcd, url)
     with open(mgr_cfg, "a") as f:
         f.write(f'[metrics]\nlisten = "127.0.0.1:{manager_port}"\n')
     prom = PrometheusServer(tmp_path / "prometheus", {"manager": [f"127.0.0.1:{manager_port}"],
