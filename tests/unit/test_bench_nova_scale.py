@@ -93,10 +93,11 @@ def test_notification_is_what_the_host_monitor_sends() -> None:
         host_failure_notification("h", t, "normal")
 
 
-def test_masakari_settings_shortest_changes_only_the_wait() -> None:
+def test_masakari_settings_shortest_changes_only_the_waits() -> None:
     d, s = MasakariSettings(), MasakariSettings.shortest()
-    assert (d.wait_period_after_service_update, d.host_failure_recovery_threads) == (180, 3)
-    assert s.wait_period_after_service_update == 0
+    assert d.wait_period_after_service_update == 180
+    assert (d.host_failure_recovery_threads, d.notification_delay_max) == (3, 5)
+    assert (s.wait_period_after_service_update, s.notification_delay_max) == (0, 0)
     assert (s.host_failure_recovery_threads, s.process_unfinished_notifications_interval) == (3, 120)
 
 

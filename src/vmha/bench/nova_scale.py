@@ -246,8 +246,9 @@ def _http_counter(conn: Any, seen: collections.Counter[str]) -> None:
 
     def hook(response: Any, *args: Any, **kwargs: Any) -> None:
         if response.status_code >= 400:
-            path = response.request.path_url.split("?")[0].split("/")
-            kind = "/".join(p for p in path[2:4] if p and not any(c.isdigit() for c in p[:8])) or "/"
+            # /v2.1/servers/<id>/action -> servers/action: the kind of call, not the server
+            path = response.request.path_url.split("?")[0].split("/")[2:]
+            kind = "/".join(p for p in path if p and not (p.isdigit() or len(p) >= 32)) or "/"
             seen[f"{response.request.method} {kind} {response.status_code}"] += 1
 
     conn.session.session.hooks["response"].append(hook)
@@ -492,7 +493,9 @@ async def masakari_phase(rig: NovaRig, conn: Any, m: Masakari, segment: str, sou
     observer = asyncio.create_task(_observe(conn, phase, sources, t0))
     await asyncio.sleep(detection)
     sent = time.monotonic() - t0
-    uuids = [await asyncio.to_thread(m.notify, host_failure_notification(h, datetime.now(UTC))) for h in failed]
+    # All at once, as each host's failure is seen: the API's random pre-record delays overlap.
+    uuids = await asyncio.gather(*(asyncio.to_thread(m.notify, host_failure_notification(h, datetime.now(UTC)))
+                                   for h in failed))
     await observer
     statuses = collections.Counter([str((await asyncio.to_thread(m.notification, u))["status"]) for u in uuids])
     phase.notes.append(f"{len(uuids)} notifications (STOPPED, host_status NORMAL) POSTed at +{sent:.2f} s; "

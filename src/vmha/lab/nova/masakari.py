@@ -44,19 +44,23 @@ class MasakariSettings:
     process_unfinished_notifications_interval: int = 120
     wait_period_after_evacuation: int = 90  # per server: how long its evacuation is polled
     verify_interval: int = 1  # the poll period
+    # the API sleeps up to this long (random) before it records a notification, without coordination
+    notification_delay_max: int = 5
 
     @classmethod
     def shortest(cls) -> MasakariSettings:
-        """The shortest wait the options accept (no minimum declared): no sleep after the disable.
-        The rest as shipped: threads, the poll limit and period are no waits, and the periodic retry
-        of a failed notification runs it only once more (then it is 'failed' for good), so a shorter
-        spacing only fails sooner while Nova still sees the dead compute up."""
-        return cls(wait_period_after_service_update=0)
+        """The shortest waits the options accept: no sleep after the disable (no minimum declared),
+        no random delay in the API (minimum 0). The rest as shipped: threads, the poll limit and
+        period are no waits, and the periodic retry of a failed notification runs it only once more
+        (then it is 'failed' for good), so a shorter spacing only fails sooner while Nova still
+        sees the dead compute up."""
+        return cls(wait_period_after_service_update=0, notification_delay_max=0)
 
     def label(self) -> str:
         return (f"wait_period_after_service_update={self.wait_period_after_service_update} "
                 f"host_failure_recovery_threads={self.host_failure_recovery_threads} "
-                f"process_unfinished_notifications_interval={self.process_unfinished_notifications_interval}")
+                f"process_unfinished_notifications_interval={self.process_unfinished_notifications_interval} "
+                f"notification_delay_max={self.notification_delay_max}")
 
 
 def host_failure_notification(host: str, generated: datetime, host_status: str = "NORMAL") -> dict[str, Any]:
@@ -115,6 +119,7 @@ host_failure_recovery_threads = {s.host_failure_recovery_threads}
 process_unfinished_notifications_interval = {s.process_unfinished_notifications_interval}
 wait_period_after_evacuation = {s.wait_period_after_evacuation}
 verify_interval = {s.verify_interval}
+notification_delay_max = {s.notification_delay_max}
 debug = false
 [wsgi]
 api_paste_config = {rig.venv}/etc/masakari/api-paste.ini
