@@ -149,11 +149,11 @@ class Phase:
         return max(self.active.values()) if len(self.active) == self.servers and self.active else None
 
     def rate(self) -> float | None:
-        """Evacuations per second, from the first asked to the last ACTIVE."""
-        total = self.total()
-        if total is None or self.first_evacuate is None or total <= self.first_evacuate:
+        """Servers ACTIVE elsewhere per second, from the first to the last (the same for every recoverer)."""
+        if self.total() is None or self.servers < 2:
             return None
-        return self.servers / (total - self.first_evacuate)
+        first, last = min(self.active.values()), max(self.active.values())
+        return (self.servers - 1) / (last - first) if last > first else None
 
     def report(self) -> list[str]:
         spread = Spread.of(list(self.active.values()))
@@ -164,8 +164,10 @@ class Phase:
         if spread is not None:
             lines.append(f"  per server after the fault: {spread.text()}")
         rate = self.rate()
-        if rate is not None and self.first_evacuate is not None:
-            lines.append(f"  first evacuation asked +{self.first_evacuate:.1f} s; {rate:.2f} evacuations/s from then")
+        if rate is not None:
+            lines.append(f"  evacuations/s, first to last server ACTIVE: {rate:.2f}")
+        if self.first_evacuate is not None:
+            lines.append(f"  first evacuation asked of Nova at +{self.first_evacuate:.1f} s")
         lines += [f"  {n}" for n in self.notes]
         return lines
 
@@ -217,10 +219,14 @@ def _delete_all(conn: Any) -> None:
         time.sleep(1.0)
 
 
-async def _observe(conn: Any, phase: Phase, sources: Mapping[str, str], t0: float) -> None:
-    """Record when each server of a failed host is first ACTIVE on another host with no task."""
+async def _observe(conn: Any, phase: Phase, sources: Mapping[str, str], t0: float,
+                   settled: asyncio.Event | None = None) -> None:
+    """Record when each server of a failed host is first ACTIVE on another host with no task; until
+    all are, PHASE_TIMEOUT, or one listing after `settled` (the recoverer gave up or finished)."""
     deadline = t0 + PHASE_TIMEOUT
-    while len(phase.active) < len(sources) and time.monotonic() < deadline:
+    last = False
+    while len(phase.active) < len(sources) and time.monotonic() < deadline and not last:
+        last = settled is not None and settled.is_set()
         servers = await asyncio.to_thread(lambda: list(conn.compute.servers(details=True, all_projects=True)))
         seen = time.monotonic() - t0
         for s in servers:
@@ -484,22 +490,36 @@ async def vmha_phase(rig: NovaRig, conn: Any, driver: NovaDriver, settings: Reco
 # -- Masakari ---------------------------------------------------------------------------------------
 
 
-async def masakari_phase(rig: NovaRig, conn: Any, m: Masakari, segment: str, sources: Mapping[str, str],
+async def masakari_phase(rig: NovaRig, conn: Any, m: Masakari, sources: Mapping[str, str],
                          failed: Sequence[str], detection: float) -> Phase:
     phase = Phase(f"Masakari ({m.settings.label()})", len(sources))
+    log = rig.dir / "logs" / "masakari-engine.log"
+    log_from = log.stat().st_size if log.exists() else 0
     t0 = time.monotonic()
     for h in failed:
         rig.kill_compute(h)
-    observer = asyncio.create_task(_observe(conn, phase, sources, t0))
+    settled = asyncio.Event()
+    observer = asyncio.create_task(_observe(conn, phase, sources, t0, settled))
     await asyncio.sleep(detection)
     sent = time.monotonic() - t0
     # All at once, as each host's failure is seen: the API's random pre-record delays overlap.
     uuids = await asyncio.gather(*(asyncio.to_thread(m.notify, host_failure_notification(h, datetime.now(UTC)))
                                    for h in failed))
+    statuses: collections.Counter[str] = collections.Counter()
+    while not observer.done():
+        statuses = collections.Counter([str((await asyncio.to_thread(m.notification, u))["status"]) for u in uuids])
+        if set(statuses) <= {"finished", "failed", "ignored"}:
+            settled.set()  # Masakari is done with them: one more listing, then the phase ends
+        await asyncio.sleep(2.0)
     await observer
-    statuses = collections.Counter([str((await asyncio.to_thread(m.notification, u))["status"]) for u in uuids])
     phase.notes.append(f"{len(uuids)} notifications (STOPPED, host_status NORMAL) POSTed at +{sent:.2f} s; "
                        f"their status at the end: {dict(sorted(statuses.items()))}")
+    text = log.read_text(errors="replace")[log_from:] if log.exists() else ""
+    phase.notes.append(
+        f"engine log: {text.count('Call evacuate command')} evacuate calls, "
+        f"{text.count('still in use')} refused as the source compute service still in use (400), "
+        f"{text.count('Failed to process notification')} notification attempts failed"
+    )
     return phase
 
 
@@ -534,9 +554,9 @@ async def run(hosts: int, fail: int, vms: int, masakari: bool, settings: Recover
         if masakari:
             for ms in (MasakariSettings(), MasakariSettings.shortest()):
                 with Masakari(rig, ms) as m:
-                    segment = await asyncio.to_thread(m.segment, "bench", names)
+                    await asyncio.to_thread(m.segment, "bench", names)
                     sources = await once("masakari")
-                    phases.append(await masakari_phase(rig, conn, m, segment, sources, failed, detection))
+                    phases.append(await masakari_phase(rig, conn, m, sources, failed, detection))
                     print("\n".join(phases[-1].report()), flush=True)
                     await _restore(rig, driver, failed)
                     await asyncio.to_thread(_delete_all, conn)

@@ -180,12 +180,6 @@ lock_path = {self.dir}/locks
                      {"host": {"name": h, "type": "COMPUTE", "control_attributes": "SSH"}})
         return str(seg["uuid"])
 
-    def end_maintenance(self, segment: str) -> None:
-        """The engine puts a failed host on maintenance; an operator takes it off once repaired."""
-        for h in self.api("GET", f"/v1/segments/{segment}/hosts")["hosts"]:
-            if h["on_maintenance"]:
-                self.api("PUT", f"/v1/segments/{segment}/hosts/{h['uuid']}", {"host": {"on_maintenance": False}})
-
     def notify(self, body: dict[str, Any]) -> str:
         """POST the notification; its uuid."""
         return str(self.api("POST", "/v1/notifications", body)["notification"]["notification_uuid"])
