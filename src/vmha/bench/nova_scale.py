@@ -242,9 +242,11 @@ async def _restore(rig: NovaRig, driver: NovaDriver, failed: Sequence[str]) -> N
     for h in failed:
         rig.start_compute(h)
     for h in failed:
-        await asyncio.to_thread(rig.wait_compute, h, True, 180)
+        # Nova shows a forced-down compute down until un-forced, which waits for its cleanup.
         await asyncio.to_thread(rig.wait_evacuations_completed, h, 300)
         await driver.enable_host(h)
+    for h in failed:
+        await asyncio.to_thread(rig.wait_compute, h, True, 180)
 
 
 def _http_counter(conn: Any, seen: collections.Counter[str]) -> None:
