@@ -125,6 +125,8 @@ debug = false
 api_paste_config = {rig.venv}/etc/masakari/api-paste.ini
 [database]
 connection = {rig.db_url("masakari")}
+[taskflow]
+connection = {rig.db_url("masakari")}
 [keystone_authtoken]
 auth_type = vmha_rig
 [oslo_concurrency]
