@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Nova test rig on Debian 12, as root: MariaDB and RabbitMQ from Debian, and a venv of
 # its own (default /opt/vmha-nova, override with VMHA_NOVA_VENV) holding pinned Nova and Placement
-# from PyPI, served by gunicorn. vmha itself never imports Nova: only the rig's processes run from
-# this venv (vmha.lab.nova.rig starts and stops them). Idempotent: a second run only checks.
+# from PyPI, served by gunicorn, and pinned Masakari (API and engine, for `vmha bench nova --masakari`;
+# in the same venv: its requirements only add packages to Nova's set, none changes version). vmha
+# itself never imports Nova or Masakari: only the rig's processes run from this venv
+# (vmha.lab.nova.rig and vmha.lab.nova.masakari start and stop them). Idempotent: a second run only checks.
 set -euo pipefail
 venv=${VMHA_NOVA_VENV:-/opt/vmha-nova}
 py=${PYTHON:-python3}
-pins=(nova==34.0.0 openstack-placement==16.0.0 gunicorn==27.0.1 pymysql==1.2.4)
+pins=(nova==34.0.0 openstack-placement==16.0.0 masakari==22.0.0 gunicorn==27.0.1 pymysql==1.2.4)
 
 apt_pkgs=(mariadb-server mariadb-client rabbitmq-server)
 missing=()
@@ -32,16 +34,19 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 want=$(printf '%s\n' "${pins[@]}" | sort)
-have=$("$venv/bin/python" -m pip freeze 2>/dev/null | grep -i -E '^(nova|openstack-placement|gunicorn|pymysql)==' \
+have=$("$venv/bin/python" -m pip freeze 2>/dev/null | grep -i -E '^(nova|openstack-placement|masakari|gunicorn|pymysql)==' \
        | tr 'A-Z' 'a-z' | sort || true)
 if [ "$(echo "$want" | tr 'A-Z' 'a-z')" != "$have" ]; then
   echo "setup-nova: installing ${pins[*]} into $venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   "$venv/bin/python" -m pip install -q "${pins[@]}"
 fi
-"$venv/bin/python" -c 'import nova.virt.fake, placement.wsgi, pymysql, gunicorn' \
-  || { echo "setup-nova: import check failed in $venv" >&2; exit 1; }
-for b in nova-manage nova-conductor nova-scheduler nova-compute placement-manage gunicorn; do
+# Nova and Masakari register oslo options of the same names: each is checked in a process of its own.
+for mods in 'nova.virt.fake, placement.wsgi, pymysql, gunicorn' 'masakari.engine.manager'; do
+  "$venv/bin/python" -c "import $mods" || { echo "setup-nova: import check failed in $venv ($mods)" >&2; exit 1; }
+done
+for b in nova-manage nova-conductor nova-scheduler nova-compute placement-manage masakari-api masakari-engine \
+         masakari-manage gunicorn; do
   [ -x "$venv/bin/$b" ] || { echo "setup-nova: $venv/bin/$b is missing" >&2; exit 1; }
 done
 command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || { echo "setup-nova: mariadbd missing" >&2; exit 1; }
