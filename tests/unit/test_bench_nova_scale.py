@@ -13,7 +13,7 @@ import pytest
 
 from vmha.bench.nova_scale import InFlight, Manager, Phase, Spread, pick_failed, plan_servers, ratio
 from vmha.core.health import HealthTimings
-from vmha.core.recovery import RecoverySettings
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import HostInfo, VmInfo
 from vmha.lab.nova.masakari import MasakariSettings, host_failure_notification
 from vmha.lab.nova.masakari_auth import RigToken

@@ -31,7 +31,7 @@ import click
 import psutil
 
 from vmha.config import NovaConfig
-from vmha.core.recovery import RecoverySettings
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.drivers.nova import NovaDriver, connect
 from vmha.lab.nova.rig import FLAVOR, IMAGE_ID, NovaRig

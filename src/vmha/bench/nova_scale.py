@@ -42,23 +42,16 @@ from typing import Any
 
 from vmha.bench.rto import percentile
 from vmha.config import NovaConfig
+from vmha.core.actions import Alert, RecordEvidence
+from vmha.core.events import HostOpFailed, Inventory, RecoveryEvent, StepFailed, from_health
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import HealthCore, HealthEvent, HealthTick, HealthTimings, Heartbeat, HostSeen, LeaseGone
 from vmha.core.log import LogLine
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
 from vmha.core.queue import TaskState
-from vmha.core.recovery import (
-    Alert,
-    HostOpFailed,
-    Inventory,
-    RecordEvidence,
-    RecoveryCore,
-    RecoveryEvent,
-    RecoverySettings,
-    StepFailed,
-    from_health,
-)
+from vmha.core.recovery import RecoveryCore
+from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.drivers.nova import NovaDriver, connect
 from vmha.lab.nova.masakari import Masakari, MasakariSettings, host_failure_notification
