@@ -26,7 +26,7 @@ def relative(seconds: float) -> str:
 
 def when(t: float, now: float, ms: bool = False) -> str:
     """Local time of a Unix time, with the date when it is not today's, and how long ago:
-    `10:41:07 (12 s ago)`, `2026-12-01 23:59:58 (1 day ago)`; ms adds milliseconds (event times)."""
+    `10:41:07 (12 s ago)`, `2026-12-01 23:59:58 (26 h ago)`; ms adds milliseconds (event times)."""
     at = datetime.datetime.fromtimestamp(t)
     clock = at.strftime("%H:%M:%S") + (f".{at.microsecond // 1000:03d}" if ms else "")
     if at.date() != datetime.datetime.fromtimestamp(now).date():
