@@ -230,16 +230,17 @@ async def test_isolation_response_withheld_when_the_other_hosts_lost_the_same_pl
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     eps = {p: ["http://127.0.0.1:1"] for p in PLANES}
-    bad.write_text(config_text("t", "h1", "r1", eps, {"lease_ttl": 2, "keepalive_interval": 1.5}))
+    plain = "[etcd]\ninsecure = true\n"  # these configs are refused before any etcd is reached
+    bad.write_text(config_text("t", "h1", "r1", eps, {"lease_ttl": 2, "keepalive_interval": 1.5}, etcd=plain))
     out = subprocess.run([VMHA, "agent", "--config", str(bad)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "timings" in out.stderr and "keepalive_interval" in out.stderr, out.stderr
 
     eps[Plane.STORAGE] = ["198.18.0.1:2379"]
-    bad.write_text(config_text("t", "h1", "r1", eps))
+    bad.write_text(config_text("t", "h1", "r1", eps, etcd=plain))
     out = subprocess.run([VMHA, "agent", "--config", str(bad)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "planes.storage.endpoints" in out.stderr, out.stderr
 
-    bad.write_text(config_text("t", None, "r1", {p: ["http://127.0.0.1:1"] for p in PLANES}))
+    bad.write_text(config_text("t", None, "r1", {p: ["http://127.0.0.1:1"] for p in PLANES}, etcd=plain))
     out = subprocess.run([VMHA, "agent", "--config", str(bad)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "[host]" in out.stderr, out.stderr

@@ -30,6 +30,7 @@ from vmha.etcd.attest import AttestResponse, request_attestation
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
 from vmha.lab.net import LabNet, Node, kill_pids, pid_alive
+from vmha.lab.pki import Pki
 from vmha.lab.sanlockd import LabSanlock, start_sanlock, stop_sanlock
 from vmha.lab.storage import MOUNT_POINT, SharedStorage
 from vmha.locks import LeaseHold, LockSpace, Prover
@@ -49,14 +50,17 @@ _HOLD = ("import signal; from vmha.locks import LockSpace as S, acquire_self as 
 _AGENT = """
 import asyncio
 from vmha.etcd.attest import serve_attestations
+from pathlib import Path
 from vmha.etcd.client import EtcdClient
 from vmha.etcd.keys import Keys
+from vmha.etcd.tls import TlsFiles
 from vmha.locks import LockSpace, attest_exit
 s = LockSpace({path!r}, {ls!r}, {io})
+tls = TlsFiles(*(Path(f) for f in {tls!r}))
 async def check(vm):
     return await asyncio.to_thread(attest_exit, s, vm)
 async def main():
-    async with EtcdClient([{etcd!r}], timeout=1.0) as c:
+    async with EtcdClient([{etcd!r}], timeout=1.0, tls=tls) as c:
         print("serving", flush=True)
         await serve_attestations(c, Keys("vt2b"), "vt2ba", check, poll=0.1)
 asyncio.run(main())
@@ -316,7 +320,9 @@ def _exit_attested(base: Path, io: int, repeat: int) -> None:
     net = LabNet("vt2b", log_dir=base / "logs")
     net.destroy()
     storage = SharedStorage(base / "export", base / "state", base / "logs")
-    etcd = EtcdProcess(base / "etcd")
+    # TLS with client certificates, as every etcd connection of vmha: host A's agent as its host, the
+    # prover as a manager (auth stays off: the bench measures proofs, not roles).
+    etcd = EtcdProcess(base / "etcd", pki=Pki(base / "pki"))
     host = net.host(1)
     sshd = sshfs = 0
     a: HostA | None = None
@@ -340,13 +346,15 @@ def _exit_attested(base: Path, io: int, repeat: int) -> None:
             join.wait(timeout=120)
             while {h.host_id for h in space.hosts()} < {A_ID, MGR_ID}:
                 time.sleep(0.2)
-            agent = a.spawn(_AGENT.format(path=str(MOUNT_POINT), ls=space.name, io=io, etcd=etcd.client_urls[0]),
-                            enter=mount_only)
+            tls_a = etcd.tls("vt2ba")
+            assert tls_a is not None
+            agent = a.spawn(_AGENT.format(path=str(MOUNT_POINT), ls=space.name, io=io, etcd=etcd.client_urls[0],
+                                          tls=(str(tls_a.ca), str(tls_a.cert), str(tls_a.key))), enter=mount_only)
             assert agent.stdout is not None and agent.stdout.readline().strip() == "serving"
             holder = a.hold(vm)
 
             async def prove(vm: str = vm, holder: subprocess.Popen[str] = holder, sp: LockSpace = space) -> float:
-                async with EtcdClient(etcd.client_urls, timeout=1.0) as client:
+                async with EtcdClient(etcd.client_urls, timeout=1.0, tls=etcd.tls("vt2bmgr")) as client:
                     async def attest(host_name: str, vm_name: str, timeout: float) -> AttestResponse:
                         return await request_attestation(client, Keys("vt2b"), host_name, vm_name, timeout,
                                                          poll=0.05)

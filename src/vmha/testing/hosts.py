@@ -30,10 +30,12 @@ def config_text(
     endpoints: dict[Plane, list[str]],
     timings: dict[str, Any] | None = None,
     extra: str = "",
-    etcd: str = "[etcd]\ninsecure = true\n",
+    *,
+    etcd: str,
 ) -> str:
     """A vmha TOML config (json.dumps of a str or list is valid TOML for these values); ``etcd``
-    is its [etcd] section (EtcdProcess.toml(user))."""
+    is its [etcd] section (EtcdProcess.toml(user)): no default, so that no test config is plaintext
+    without saying so."""
     lines = ["[cluster]", f"name = {json.dumps(cluster)}"]
     if host is not None:
         lines += ["[host]", f"name = {json.dumps(host)}", f"domain = {json.dumps(domain)}"]
