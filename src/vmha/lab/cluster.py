@@ -12,7 +12,7 @@ from typing import Any
 
 from vmha.core.planes import PLANES
 from vmha.etcd.keys import Keys
-from vmha.lab import controller, etcdlab, etcdq, libvirtd, novalab
+from vmha.lab import controller, etcdlab, etcdq, libvirtd, novalab, owner
 from vmha.lab.configs import api_token, api_url, controller_config, metrics_listen
 from vmha.lab.hosts import boot_host, lockspace_joined, storage, vmha_command
 from vmha.lab.net import HOST_INDEX_BASE, LabError, LabNet, pid_alive, run
@@ -62,6 +62,7 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
                 f"{have[6]} guests{', rebalancing' if have[7] else ''}) is recorded in {lab_dir}: "
                 "`vmha lab down` first to build another one"
             )
+    owner.claim(state.prefix, lab_dir)  # before anything is built into the prefix's namespaces
     for i in range(1, hosts + 1):
         state.hosts.setdefault(f"h{i}", NodeState(f"h{i}", HOST_INDEX_BASE + i))
     state.vms = [f"vm{i}" for i in range(1, vms + 1)]
@@ -297,6 +298,8 @@ def down(lab_dir: Path, prefix: str = "vl", echo: Echo = _quiet) -> list[str]:
         state = None
     if state is not None:
         prefix = state.prefix
+    owner.refuse_if_owned(prefix, lab_dir, "down")
+    if state is not None:
         # Hosts first, their sshfs unmounted while the server still answers (no hung FUSE I/O).
         for name in sorted(state.hosts):
             ns = state.hosts[name]
@@ -317,4 +320,5 @@ def down(lab_dir: Path, prefix: str = "vl", echo: Echo = _quiet) -> list[str]:
         for f in ("lab.json", "faults.jsonl"):
             with contextlib.suppress(FileNotFoundError):
                 (state.dir / f).unlink()
+    owner.release(prefix, lab_dir)
     return removed
