@@ -178,24 +178,39 @@ def _boot(conn: Any, plan: Mapping[str, list[str]], tag: str) -> dict[str, str]:
     """Boot the plan's servers on their hosts (HA_Enabled), wait until all are ACTIVE; id -> host."""
     flavor = conn.compute.find_flavor(FLAVOR, ignore_missing=False)
 
-    def one(name: str, host: str) -> tuple[str, str]:
+    def one(name: str, host: str) -> tuple[str, tuple[str, str]]:
         s = conn.compute.create_server(name=f"{tag}-{name}", image_id=IMAGE_ID, flavor_id=flavor.id,
                                        networks="none", host=host, metadata={"HA_Enabled": "True"})
-        return str(s.id), host
+        return str(s.id), (name, host)
 
-    with ThreadPoolExecutor(8) as ex:
-        placed = dict(ex.map(lambda nh: one(*nh), [(n, h) for h, names in plan.items() for n in names]))
+    def boot(todo: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+        with ThreadPoolExecutor(8) as ex:
+            return dict(ex.map(lambda nh: one(*nh), todo))
+
+    booted = boot([(n, h) for h, names in plan.items() for n in names])
+    rebooted = 0
     deadline = time.monotonic() + 600
     while True:
         states = {str(s.id): (s.status, s.compute_host) for s in conn.compute.servers(details=True, all_projects=True)}
-        bad = [i for i in placed if states.get(i, ("", ""))[0] == "ERROR"]
+        bad = [i for i in booted if states.get(i, ("", ""))[0] == "ERROR"]
         if bad:
-            raise RuntimeError(f"boot: {len(bad)} servers ended in ERROR (first {bad[0]})")
-        if all(states.get(i, ("", ""))[0] == "ACTIVE" for i in placed):
-            wrong = [i for i, h in placed.items() if states[i][1] != h]
+            # A compute restarted by the previous phase is left out of placement's candidates until it
+            # reports its resources again (NoValidHost meanwhile): boot those servers again, a bounded
+            # number of times. Not timed: the phases measure recoveries, not boots.
+            if rebooted >= 5 or time.monotonic() > deadline:
+                raise RuntimeError(f"boot: {len(bad)} servers ended in ERROR (first {bad[0]}), {rebooted} retries")
+            rebooted += 1
+            again = [booted.pop(i) for i in bad]
+            for i in bad:
+                conn.compute.delete_server(i, force=True)
+            time.sleep(10.0)
+            booted |= boot(again)
+            continue
+        if all(states.get(i, ("", ""))[0] == "ACTIVE" for i in booted):
+            wrong = [i for i, (_, h) in booted.items() if states[i][1] != h]
             if wrong:
                 raise RuntimeError(f"boot: {len(wrong)} servers not on their planned host")
-            return placed
+            return {i: h for i, (_, h) in booted.items()}
         if time.monotonic() > deadline:
             raise RuntimeError("boot: servers not ACTIVE after 600 s")
         time.sleep(1.0)
