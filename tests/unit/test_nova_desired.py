@@ -33,6 +33,9 @@ def test_stop_by_names_who_made_the_newest_stop() -> None:
     assert stop_by(list(reversed(USER_STOP))) == "u1"  # newest by time, whatever the order Nova lists
     # A self-stop after the user's stop: the guest was started again, then ended by itself.
     assert stop_by([*USER_STOP, act("start", "u1", "2026-12-03T13:00"), act("stop", None, "2026-12-03T14:00")]) == ""
+    # A user id that is none (untrusted answer): not Nova's own stop.
+    for odd in ("", 7, ["u1"]):
+        assert stop_by([act("stop", odd, "t")]) not in ("", None)  # type: ignore[arg-type]
 
 
 def test_only_a_server_that_ended_by_itself_is_stopped() -> None:
@@ -71,6 +74,7 @@ class Compute:
 
     def start_server(self, sid: str) -> None:
         self.started.append(sid)
+        self.actions[sid] = [*self.actions.get(sid, []), act("start", "admin", "2026-12-03T15:00:00")]
         s = self.get_server(sid)
         s.status, s.power_state, s.updated_at = "ACTIVE", RUNNING, "t-started"
 
@@ -124,6 +128,15 @@ async def test_a_server_that_ended_by_itself_is_started_on_its_host() -> None:
     # Repeated (a new leader unsure of the step): already ACTIVE, not started twice.
     assert await driver(compute).evacuate("a", "cmp1", "cmp1") == "cmp1"
     assert compute.started == ["a"]
+
+
+async def test_active_on_its_host_with_no_start_since_is_retried_not_done() -> None:
+    """Nova still shows the server ACTIVE on its host (its compute has not seen the guest end, e.g. an
+    evacuation to a source that rejoined): neither done nor started, retried."""
+    compute = Compute([srv("a", status="ACTIVE", power=RUNNING)], {"a": [act("create", "u1", "t1")]})
+    with pytest.raises(DriverError, match="still shows it ACTIVE on host=cmp1 \\(newest action create\\)") as e:
+        await driver(compute).evacuate("a", "cmp1", "cmp1")
+    assert e.value.retryable and compute.started == []
 
 
 async def test_an_operators_stop_since_the_inventory_is_not_undone() -> None:

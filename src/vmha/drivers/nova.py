@@ -76,14 +76,26 @@ _POWERED_OFF = frozenset({4, 6})
 
 def stop_by(actions: Sequence[Any]) -> str | None:
     """Who made the server's newest "stop" action: "" for Nova itself (its power-state sync calls
-    the stop API with no user when the guest ended by itself), the user id for an API stop, None
-    when the history holds no stop."""
-    stops = [a for a in actions if getattr(a, "action", None) == "stop"]
-    if not stops:
+    the stop API with no user, null, when the guest ended by itself), the user id for an API stop,
+    None when the history holds no stop."""
+    newest = _newest([a for a in actions if getattr(a, "action", None) == "stop"])
+    if newest is None:
         return None
-    newest = max(stops, key=lambda a: str(getattr(a, "start_time", "") or ""))
     user = getattr(newest, "user_id", None)
-    return user if isinstance(user, str) else ""
+    if user is None:
+        return ""
+    # Anything else that is no user id is not Nova's own stop either: never read as "ended by itself".
+    return user if isinstance(user, str) and user else f"(unreadable user id {user!r})"
+
+
+def _newest(actions: Sequence[Any]) -> Any:
+    """The newest of the server actions (by start time; Nova lists them newest first, not promised)."""
+    return max(actions, key=lambda a: str(getattr(a, "start_time", "") or ""), default=None)
+
+
+def ended_by_itself(server: Any, actions: Sequence[Any]) -> bool:
+    """Whether the server, with this action history, is desired.STOPPED."""
+    return run_state(server.status, server.task_state, server.power_state, stop_by(actions)) == STOPPED
 
 
 def run_state(status: object, task_state: object, power_state: object, stopped_by: str | None) -> str:
@@ -259,18 +271,20 @@ class NovaDriver:
         if cached is not None and cached[0] == updated:
             return cached[1]
         try:
-            who = await self._stop_maker(sid)
+            who = stop_by(await self._actions(sid))
         except DriverError as e:
             log.warning("nova: vm=%s SHUTOFF, but its action history is unreadable (%s): not taken as stopped", sid, e)
             return None
         self._stops[sid] = (updated, who)
         return who
 
-    async def _stop_maker(self, sid: str) -> str | None:
+    async def _actions(self, sid: str) -> list[Any]:
+        """The server's action history (`openstack server event list`)."""
+
         def run() -> list[Any]:
             return list(self.conn.compute.server_actions(sid))
 
-        return stop_by(await self._call(f"list actions of server {sid}", run))
+        return await self._call(f"list actions of server {sid}", run)
 
     def _unique_names(self, servers: list[Any]) -> list[Any]:
         """The servers whose name no other server has. A name two servers share names no one VM (its
@@ -459,7 +473,8 @@ class NovaDriver:
         server = await self._server(vm)
         # Evacuated at 2.94, a stopped server stays stopped there: the operator's stop is kept, a
         # guest that ended by itself is started (desired state).
-        start = server.status != "SHUTOFF" or await self._ended_by_itself(server)
+        # The history read afresh (not the inventory's cache): an operator's stop made since is seen.
+        start = server.status != "SHUTOFF" or ended_by_itself(server, await self._actions(str(server.id)))
         if server.compute_host != source and server.task_state is None and (
             server.status == "ACTIVE" or (server.status == "SHUTOFF" and not start)
         ):
@@ -492,18 +507,13 @@ class NovaDriver:
         log.info("nova: vm=%s evacuate requested from host=%s to %s", vm, source, dest or "scheduler choice")
         return await self._wait_moved(vm, source, self.evacuate_timeout, "evacuation", start=start)
 
-    async def _ended_by_itself(self, server: Any) -> bool:
-        """The server is desired.STOPPED now: its history read afresh (not the inventory's cache), so an
-        operator's stop made since is seen."""
-        who = await self._stop_maker(str(server.id)) if server.status == "SHUTOFF" else None
-        return run_state(server.status, server.task_state, server.power_state, who) == STOPPED
-
     async def _start_in_place(self, vm: str, host: str) -> str:
         """Start a server that ended by itself on its own host (the caller holds the proof that no copy
-        runs). Idempotent: a server already ACTIVE there, or moved and ACTIVE elsewhere, is done."""
+        runs). Idempotent: a server ACTIVE elsewhere, or ACTIVE here after a start (a previous attempt),
+        is done; ACTIVE here with no start since is a guest Nova has not seen end yet: retried."""
         server = await self._server(vm)
         where, task, status = server.compute_host, server.task_state, server.status
-        if task is None and status == "ACTIVE":
+        if where != host and task is None and status == "ACTIVE":
             log.info("nova: vm=%s already ACTIVE on host=%s: restart done before", vm, where)
             return str(where)
         if where != host:
@@ -512,11 +522,19 @@ class NovaDriver:
             log.info("nova: vm=%s start already in progress on host=%s: waiting", vm, host)
         elif task is not None:
             raise DriverError(f"nova: vm={vm} is busy (task_state={task}): restart later")
-        elif not await self._ended_by_itself(server):
-            # An operator's stop since the inventory (or a state that is not "stopped"): theirs.
-            raise DriverError(f"nova: vm={vm} on host={host} is {status} and did not end by itself "
-                              "(an operator's stop, or not stopped): not restarted", retryable=False)
         else:
+            actions = await self._actions(str(server.id))
+            last = getattr(_newest(actions), "action", None)
+            if status == "ACTIVE" and last == "start":
+                log.info("nova: vm=%s ACTIVE on host=%s after a start: restart done before", vm, host)
+                return host
+            if status == "ACTIVE":
+                raise DriverError(f"nova: vm={vm} Nova still shows it ACTIVE on host={host} (newest action "
+                                  f"{last}): its compute has not seen the guest end yet; restart later")
+            if not ended_by_itself(server, actions):
+                # An operator's stop since the inventory (or a state that is not "stopped"): theirs.
+                raise DriverError(f"nova: vm={vm} on host={host} is {status} and did not end by itself "
+                                  "(an operator's stop, or not stopped): not restarted", retryable=False)
             await self._call(f"start {vm}", self.conn.compute.start_server, server.id)
             log.info("nova: vm=%s start requested on its host=%s (ended by itself, proved stopped)", vm, host)
         deadline = time.monotonic() + self.evacuate_timeout
