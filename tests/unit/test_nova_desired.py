@@ -165,3 +165,17 @@ async def test_a_start_that_fails_is_reported() -> None:
     compute.start_server = lambda sid: setattr(s, "status", "ERROR")  # type: ignore[method-assign]
     with pytest.raises(DriverError, match="start on cmp1 failed: host=cmp1 status=ERROR"):
         await driver(compute).evacuate("a", "cmp1", "cmp1")
+
+
+@pytest.mark.parametrize(("history", "started"), [(SELF_STOP, ["a"]), (USER_STOP, [])])
+async def test_an_evacuated_server_is_started_only_if_it_had_ended_by_itself(history: list[Any],
+                                                                              started: list[str]) -> None:
+    """At 2.94 Nova keeps an evacuated stopped server stopped: the driver starts the one that had ended
+    by itself (desired state), not the one its owner stopped."""
+    s = srv("a")
+    compute = Compute([s], {"a": history})
+    compute.evacuate_server = lambda sid, host: setattr(s, "compute_host", host or "cmp2")  # type: ignore[attr-defined]
+    compute.migrations = lambda **_: []  # type: ignore[attr-defined]
+    assert await driver(compute).evacuate("a", "cmp1", "cmp2") == "cmp2"
+    assert compute.started == started
+    assert s.status == ("ACTIVE" if started else "SHUTOFF")
