@@ -1,15 +1,31 @@
-"""What both end-to-end lab suites check after `lab down`, and their progress output."""
+"""What the end-to-end lab suites share: the check after `lab down`, progress output, waiting."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from vmha.lab.procs import vm_processes
+
+POLL = 0.5
 
 
 def echo(text: str) -> None:
     print(f"  {text}", flush=True)
+
+
+def wait_for(what: str, ok: Callable[[], bool], timeout: float) -> float:
+    """Seconds until ok() holds; fails the test after `timeout`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if ok():
+            return time.monotonic() - t0
+        time.sleep(POLL)
+    pytest.fail(f"{what}: not within {timeout:.0f} s")
 
 
 def assert_nothing_left(lab_dir: Path, prefix: str) -> None:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from labcheck import assert_nothing_left, echo
+from labcheck import POLL, assert_nothing_left, echo, wait_for
 
 from vmha.core.settings import RecoverySettings
 from vmha.lab import cluster, etcdq, faults, scenario
@@ -42,7 +42,6 @@ PREFIX = "vr3"
 REJOIN_AFTER = RecoverySettings().rejoin_after  # the lab's managers run with the default
 RESTART_AFTER = RecoverySettings().restart_after
 INVENTORY = 10.0  # manager.daemon.INVENTORY_INTERVAL
-POLL = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +59,6 @@ def events_about(lab: LabState, host: str, since: float) -> list[str]:
     raw, _ = etcdq.get_json_prefix(lab, KEYS.events_prefix)
     return [str(e["text"]) for _, e in sorted(raw.items()) if isinstance(e, dict)
             and float(e.get("t") or 0) >= since and f"host '{host}'" in str(e.get("text"))]
-
-
-def wait_for(what: str, ok: Callable[[], bool], timeout: float) -> float:
-    """Seconds until ok() holds; fails the test after `timeout`."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if ok():
-            return time.monotonic() - t0
-        time.sleep(POLL)
-    pytest.fail(f"{what}: not within {timeout:.0f} s")
 
 
 def all_up(lab: LabState, host: str) -> bool:

@@ -14,8 +14,9 @@ from vmha.drivers.nova import PRIORITY_SPEC, NovaDriver, duplicate_names
 
 
 def srv(sid: str, name: str, *, specs: dict[str, str] | None = None, **meta: str) -> Any:
-    return SimpleNamespace(id=sid, name=name, compute_host="cmp1", status="ACTIVE", metadata={"HA_Enabled": "true",
-                           **meta}, tags=[], flavor={"original_name": "m1", "extra_specs": specs or {}})
+    return SimpleNamespace(id=sid, name=name, compute_host="cmp1", status="ACTIVE", task_state=None, power_state=1,
+                           metadata={"HA_Enabled": "true", **meta}, tags=[],
+                           flavor={"original_name": "m1", "extra_specs": specs or {}})
 
 
 def driver(servers: list[Any], vm_names: str = "name") -> NovaDriver:

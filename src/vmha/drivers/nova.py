@@ -12,6 +12,21 @@ Nova's rules this driver is built around (all seen against a real Nova API):
 - disabling a host whose dead compute Nova still believes up saves the disable, then waits for
   an RPC answer up to rpc_response_timeout (60 s): the driver checks the saved state instead;
   once forced down (or seen down) Nova answers at once.
+
+Desired state (core/desired.py): a protected server is reported desired.STOPPED only when Nova
+shows it SHUTOFF, with no task, powered off (power_state SHUTDOWN or CRASHED), and the newest
+"stop" in its action history was made by no user: that is the stop nova-compute's power-state sync
+(or the libvirt lifecycle event) calls when the guest ended by itself - a crash, its QEMU killed, a
+shutdown inside the guest. A stop through the API (`openstack server stop`, by its owner or an
+admin) carries the caller's user id: that server is the operator's, reported SHUTOFF, and never
+restarted (start it with `openstack server start`; to keep a self-stopped one down, remove its HA
+flag first). Everything else is not "stopped": ERROR (a failed operation may leave the guest
+running), PAUSED, SUSPENDED, SHELVED (user actions), any state Nova's API does not define (logged,
+refused) and a server whose action history cannot be read now. A server on a down compute keeps
+the last status that compute reported (ACTIVE while it is dead): the host's failure is the agents'
+to detect and the fence proof's to settle, not the inventory's. A stopped server is started on its
+own host (evacuate with dest == source: `start`) or, after a proof and mark down, evacuated and
+started elsewhere.
 openstacksdk blocks, so every call runs in a thread (asyncio.to_thread) under a timeout.
 """
 
@@ -29,6 +44,7 @@ import openstack
 import openstack.exceptions as os_exc
 
 from vmha.config import NovaConfig
+from vmha.core.desired import STOPPED
 from vmha.drivers.base import DriverError, HostInfo, VmInfo
 
 log = logging.getLogger("vmha.drivers.nova")
@@ -48,6 +64,49 @@ _MIGRATION_FAILED = frozenset({"failed", "error", "cancelled"})
 _MIGRATION_ACTIVE = frozenset({"accepted", "pre-migrating", "running", "done"})
 # Task states of an evacuation (a rebuild on another host) that is under way.
 _REBUILDING = frozenset({"rebuilding", "rebuild_block_device_mapping", "rebuild_spawning"})
+# The server statuses Nova's API defines; any other word is refused (never read as stopped).
+NOVA_STATUSES = frozenset({
+    "ACTIVE", "BUILD", "DELETED", "ERROR", "HARD_REBOOT", "MIGRATING", "PASSWORD", "PAUSED", "REBOOT", "REBUILD",
+    "RESCUE", "RESIZE", "REVERT_RESIZE", "SHELVED", "SHELVED_OFFLOADED", "SHUTOFF", "SOFT_DELETED", "SUSPENDED",
+    "UNKNOWN", "VERIFY_RESIZE",
+})
+# Nova's power states of a guest that no longer runs (nova.compute.power_state SHUTDOWN, CRASHED).
+_POWERED_OFF = frozenset({4, 6})
+
+
+def stop_by(actions: Sequence[Any]) -> str | None:
+    """Who made the server's newest "stop" action: "" for Nova itself (its power-state sync calls
+    the stop API with no user, null, when the guest ended by itself), the user id for an API stop,
+    None when the history holds no stop."""
+    newest = _newest([a for a in actions if getattr(a, "action", None) == "stop"])
+    if newest is None:
+        return None
+    user = getattr(newest, "user_id", None)
+    if user is None:
+        return ""
+    # Anything else that is no user id is not Nova's own stop either: never read as "ended by itself".
+    return user if isinstance(user, str) and user else f"(unreadable user id {user!r})"
+
+
+def _newest(actions: Sequence[Any]) -> Any:
+    """The newest of the server actions (by start time; Nova lists them newest first, not promised)."""
+    return max(actions, key=lambda a: str(getattr(a, "start_time", "") or ""), default=None)
+
+
+def ended_by_itself(server: Any, actions: Sequence[Any]) -> bool:
+    """Whether the server, with this action history, is desired.STOPPED."""
+    return run_state(server.status, server.task_state, server.power_state, stop_by(actions)) == STOPPED
+
+
+def run_state(status: object, task_state: object, power_state: object, stopped_by: str | None) -> str:
+    """The VmInfo.state of a server: desired.STOPPED for a server that ended by itself (SHUTOFF, no
+    task, powered off, its newest stop made by no user); "unknown" for a status Nova does not define;
+    otherwise Nova's status (an operator's stop stays "SHUTOFF": not restarted)."""
+    if not isinstance(status, str) or status not in NOVA_STATUSES:
+        return "unknown"
+    if status == "SHUTOFF" and task_state is None and power_state in _POWERED_OFF and stopped_by == "":
+        return STOPPED
+    return status
 
 
 def connect(cloud: str | None = None, *, microversion: str = "2.94", api_timeout: float = 30.0, **options: Any) -> Any:
@@ -141,6 +200,9 @@ class NovaDriver:
         self._conn = connection
         self._ids: dict[str, str] = {}  # VM name -> server id (config.vm_names "name")
         self._duplicates: dict[str, list[str]] = {}  # name -> ids of the servers sharing it (alerted)
+        # server id -> (its `updated` time, who made its newest stop): a history read once per change
+        self._stops: dict[str, tuple[str, str | None]] = {}
+        self._told: dict[str, str] = {}  # server id -> the state line last logged for it (once per change)
 
     @property
     def conn(self) -> Any:
@@ -190,7 +252,39 @@ class NovaDriver:
         servers = sorted(await self._call(f"list servers on {host or 'all hosts'}", run), key=lambda s: s.id)
         if self.config.vm_names == "name":
             servers = self._unique_names(servers)
-        return [self._vm_info(s) for s in servers]
+        infos = [self._vm_info(s, await self._stopped_by(s)) for s in servers]
+        if host is None:
+            seen = {str(s.id) for s in servers}
+            self._stops = {k: v for k, v in self._stops.items() if k in seen}
+            self._told = {k: v for k, v in self._told.items() if k in seen}
+        return infos
+
+    async def _stopped_by(self, server: Any) -> str | None:
+        """stop_by of a protected server that may have ended by itself (SHUTOFF, no task, powered off),
+        its history read once per change of the server; None for every other server, and when the
+        history cannot be read now (then it is not "stopped": the next inventory asks again)."""
+        if not (_is_ha(server, self.config.ha_metadata_key, self.config.ha_tag) and server.status == "SHUTOFF"
+                and server.task_state is None and server.power_state in _POWERED_OFF):
+            return None
+        sid, updated = str(server.id), str(server.updated_at or "")
+        cached = self._stops.get(sid)
+        if cached is not None and cached[0] == updated:
+            return cached[1]
+        try:
+            who = stop_by(await self._actions(sid))
+        except DriverError as e:
+            log.warning("nova: vm=%s SHUTOFF, but its action history is unreadable (%s): not taken as stopped", sid, e)
+            return None
+        self._stops[sid] = (updated, who)
+        return who
+
+    async def _actions(self, sid: str) -> list[Any]:
+        """The server's action history (`openstack server event list`)."""
+
+        def run() -> list[Any]:
+            return list(self.conn.compute.server_actions(sid))
+
+        return await self._call(f"list actions of server {sid}", run)
 
     def _unique_names(self, servers: list[Any]) -> list[Any]:
         """The servers whose name no other server has. A name two servers share names no one VM (its
@@ -207,7 +301,7 @@ class NovaDriver:
         self._ids.update({s.name: str(s.id) for s in unique})
         return unique
 
-    def _vm_info(self, server: Any) -> VmInfo:
+    def _vm_info(self, server: Any, stopped_by: str | None) -> VmInfo:
         ha = _is_ha(server, self.config.ha_metadata_key, self.config.ha_tag)
         priority = 0
         raw = _extra_specs(server).get(PRIORITY_SPEC)
@@ -218,7 +312,33 @@ class NovaDriver:
                 log.warning("nova: vm=%s flavor extra spec %s=%r is not an integer: priority 0 used "
                             "(set it to a whole number, higher recovers first)", server.id, PRIORITY_SPEC, raw)
         name = server.name if self.config.vm_names == "name" else server.id
-        return VmInfo(name=name, host=server.compute_host, ha=ha, priority=priority, state=server.status)
+        state = run_state(server.status, server.task_state, server.power_state, stopped_by)
+        if ha:
+            self._tell(server, state, stopped_by)
+        return VmInfo(name=name, host=server.compute_host, ha=ha, priority=priority, state=state)
+
+    def _tell(self, server: Any, state: str, stopped_by: str | None) -> None:
+        """One log line when a protected server enters a state the desired state reads specially."""
+        sid, host = str(server.id), server.compute_host
+        if state == "unknown":
+            line = (f"nova: vm={sid} host={host} status {server.status!r} is none Nova defines: "
+                    "not taken as stopped, not restarted")
+        elif state == STOPPED:
+            line = (f"nova: vm={sid} host={host} SHUTOFF, stopped by Nova itself (no user: the guest ended by "
+                    f"itself): runs nowhere, the desired state restarts it")
+        elif state == "SHUTOFF":
+            who = (f"stopped by user {stopped_by}" if stopped_by else
+                   f"no stop by Nova itself (power_state {server.power_state}, newest stop: none)")
+            line = f"nova: vm={sid} host={host} SHUTOFF, {who}: left stopped (an operator's stop)"
+        elif state == "ERROR":
+            line = (f"nova: vm={sid} host={host} ERROR: not taken as stopped (its guest may run), not restarted; "
+                    f"an operator resets its state {_fault(server)}".rstrip())
+        else:
+            self._told.pop(sid, None)
+            return
+        if self._told.get(sid) != line:
+            self._told[sid] = line
+            (log.error if state == "unknown" else log.warning if state == "ERROR" else log.info)("%s", line)
 
     async def _sid(self, vm: str) -> str:
         """The server id of VM `vm` (itself, unless VMs are named by server name)."""
@@ -346,9 +466,18 @@ class NovaDriver:
     # --- VM actions ------------------------------------------------------------------------------
 
     async def evacuate(self, vm: str, source: str, dest: str | None) -> str:
-        _check_dest(vm, source, dest)
+        """Elsewhere: Nova's evacuate (a rebuild), and a server that had ended by itself is started
+        there. dest == source: a proved-stopped server is started again on its own host."""
+        if dest == source:
+            return await self._start_in_place(vm, source)
         server = await self._server(vm)
-        if server.compute_host != source and server.task_state is None and server.status in ("ACTIVE", "SHUTOFF"):
+        # Evacuated at 2.94, a stopped server stays stopped there: the operator's stop is kept, a
+        # guest that ended by itself is started (desired state).
+        # The history read afresh (not the inventory's cache): an operator's stop made since is seen.
+        start = server.status != "SHUTOFF" or ended_by_itself(server, await self._actions(str(server.id)))
+        if server.compute_host != source and server.task_state is None and (
+            server.status == "ACTIVE" or (server.status == "SHUTOFF" and not start)
+        ):
             # Already done (a previous leader's attempt, or a retry after a lost answer).
             log.info("nova: vm=%s already on host=%s (not %s): evacuation done before", vm, server.compute_host, source)
             return str(server.compute_host)
@@ -358,6 +487,9 @@ class NovaDriver:
             # An evacuation already in flight (a retry after a timeout or a lost answer): wait for it.
             # If its destination died, the server stays 'rebuilding' until an operator resets it.
             log.info("nova: vm=%s evacuation already in progress (task_state=%s): waiting", vm, server.task_state)
+            return await self._wait_moved(vm, source, self.evacuate_timeout, "evacuation", start=True)
+        if server.compute_host != source and server.task_state is None and server.status == "SHUTOFF":
+            # Evacuated before (a lost answer), not started yet.
             return await self._wait_moved(vm, source, self.evacuate_timeout, "evacuation", start=True)
         if server.task_state is not None:
             # A task left over from the dead host (e.g. 'migrating' or 'powering-off') blocks the
@@ -373,7 +505,51 @@ class NovaDriver:
             host=dest,
         )
         log.info("nova: vm=%s evacuate requested from host=%s to %s", vm, source, dest or "scheduler choice")
-        return await self._wait_moved(vm, source, self.evacuate_timeout, "evacuation", start=server.status != "SHUTOFF")
+        return await self._wait_moved(vm, source, self.evacuate_timeout, "evacuation", start=start)
+
+    async def _start_in_place(self, vm: str, host: str) -> str:
+        """Start a server that ended by itself on its own host (the caller holds the proof that no copy
+        runs). Idempotent: a server ACTIVE elsewhere, or ACTIVE here after a start (a previous attempt),
+        is done; ACTIVE here with no start since is a guest Nova has not seen end yet: retried."""
+        server = await self._server(vm)
+        where, task, status = server.compute_host, server.task_state, server.status
+        if where != host and task is None and status == "ACTIVE":
+            log.info("nova: vm=%s already ACTIVE on host=%s: restart done before", vm, where)
+            return str(where)
+        if where != host:
+            raise DriverError(f"nova: vm={vm} is on host {where}, not {host}: not restarted in place", retryable=False)
+        if task == "powering-on":
+            log.info("nova: vm=%s start already in progress on host=%s: waiting", vm, host)
+        elif task is not None:
+            raise DriverError(f"nova: vm={vm} is busy (task_state={task}): restart later")
+        else:
+            actions = await self._actions(str(server.id))
+            last = getattr(_newest(actions), "action", None)
+            if status == "ACTIVE" and last == "start":
+                log.info("nova: vm=%s ACTIVE on host=%s after a start: restart done before", vm, host)
+                return host
+            if status == "ACTIVE":
+                raise DriverError(f"nova: vm={vm} Nova still shows it ACTIVE on host={host} (newest action "
+                                  f"{last}): its compute has not seen the guest end yet; restart later")
+            if not ended_by_itself(server, actions):
+                # An operator's stop since the inventory (or a state that is not "stopped"): theirs.
+                raise DriverError(f"nova: vm={vm} on host={host} is {status} and did not end by itself "
+                                  "(an operator's stop, or not stopped): not restarted", retryable=False)
+            await self._call(f"start {vm}", self.conn.compute.start_server, server.id)
+            log.info("nova: vm=%s start requested on its host=%s (ended by itself, proved stopped)", vm, host)
+        deadline = time.monotonic() + self.evacuate_timeout
+        while True:
+            s = await self._server(vm)
+            if s.task_state is None and s.status == "ACTIVE":
+                log.info("nova: vm=%s restarted on host=%s", vm, s.compute_host)
+                return str(s.compute_host)
+            # The API sets task_state powering-on before it answers: no task and not ACTIVE is a failure.
+            failed = s.task_state is None
+            if failed or time.monotonic() >= deadline:
+                why = "failed" if failed else f"not done after {self.evacuate_timeout:.0f} s"
+                raise DriverError(f"nova: vm={vm} start on {host} {why}: host={s.compute_host} status={s.status} "
+                                  f"task_state={s.task_state} {_fault(s)}".rstrip())
+            await asyncio.sleep(self.poll_interval)
 
     async def live_migrate(self, vm: str, source: str, dest: str | None) -> str:
         _check_dest(vm, source, dest)

@@ -56,6 +56,7 @@ ADMIN_TOKEN = "admin:admin"
 CLOUD = "vmha-rig"  # the rig's entry in its clouds.yaml
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 EPMD = "/usr/bin/epmd"
+SYNC_POWER_STATE_INTERVAL = 3  # seconds
 
 
 class RigError(RuntimeError):
@@ -309,6 +310,9 @@ connection = {self.db_url("placement")}
             (d / "state" / "locks").mkdir(parents=True, exist_ok=True)
             (d / "compute.conf").write_text(
                 f"[DEFAULT]\nhost = {h}\nstate_path = {d}/state\ninstances_path = {d}/state/instances\n"
+                # A guest that ended by itself is seen (and stopped by Nova) within seconds, as libvirt's
+                # lifecycle events make it on a real compute (the fake driver sends none; default 600 s).
+                f"sync_power_state_interval = {SYNC_POWER_STATE_INTERVAL}\n"
                 f"[oslo_concurrency]\nlock_path = {d}/state/locks\n"
             )
         (self.dir / "state" / "locks").mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,9 @@ the plain lab, so disks, leases and verify are the same):
   host not in the lockspace) exits, and spawn fails: the instance goes to ERROR, never two writers;
 - destroy stops the host's copy (SIGTERM, wait until gone: the lease is released); nothing to stop
   is fine (a restarted compute destroys the copies evacuated while it was off);
+- get_info reports a running instance whose copy ended behind Nova's back (killed, crashed, ended
+  by sanlock) as SHUTDOWN, as a hypervisor would: nova-compute's power-state sync then calls the
+  stop API itself, with no user (the "ended by itself" the nova driver's desired state restarts);
 - live migration is the lab's handover: the destination copy starts with --incoming and waits for
   the lease, the source copy is told (SIGUSR1) to stop writing and release, the destination takes
   the lease and continues the disk.
@@ -47,7 +50,7 @@ from typing import Any
 from nova import exception  # type: ignore[import-not-found, unused-ignore]
 from nova.compute import power_state  # type: ignore[import-not-found, unused-ignore]
 from nova.conf import CONF  # type: ignore[import-not-found, unused-ignore]
-from nova.virt import fake  # type: ignore[import-not-found, unused-ignore]
+from nova.virt import fake, hardware  # type: ignore[import-not-found, unused-ignore]
 from oslo_log import log as logging  # type: ignore[import-not-found, unused-ignore]
 
 from vmha.lab.guestxml import DISK_SIZE, domain_xml
@@ -235,6 +238,17 @@ class LabFakeDriver(fake.FakeDriverWithoutFakeNodes):  # type: ignore[misc, unus
             os.kill(pid, sig)
 
     # --- the virt driver interface -----------------------------------------------------------------
+
+    def get_info(self, instance: Any, use_cache: bool = True) -> Any:
+        info = super().get_info(instance, use_cache)
+        if self.lab is None or info.state != power_state.RUNNING:
+            return info
+        if any(p.active for p in self._copies(instance.display_name)):
+            return info
+        LOG.warning("lab: vm=%s host=%s no copy runs here although Nova started it: reported SHUTDOWN",
+                    instance.display_name, self._host)
+        self.instances[instance.uuid].state = power_state.SHUTDOWN
+        return hardware.InstanceInfo(state=power_state.SHUTDOWN)
 
     def spawn(self, context: Any, instance: Any, image_meta: Any, injected_files: Any, admin_password: Any,
               allocations: Any, network_info: Any = None, block_device_info: Any = None, power_on: bool = True,
