@@ -1,7 +1,7 @@
 """`vmha bench core`: the decision core at scale (issue 4). Prints numbers, never passes or fails.
 
 1,000 hosts x 20 HA VMs. The whole pure core runs, as in the manager: the HealthCore (heartbeats, lease
-expiries, the fabric guard) feeds the RecoveryCore (policy, tasks, queue) through from_health. Every
+expiries, the fabric guard) feeds the RecoveryCore (policy, tasks, queue) through the runtime's health feed. Every
 live plane of every host beats once per keepalive interval (0.5 s), in one batch per round, as the
 monitor batches them. Then:
   1. a fabric outage: 60 % of the hosts lose the management plane (beats stop, leases expire), the
@@ -32,9 +32,9 @@ from typing import Any
 import click
 
 from vmha.core.actions import Alert, RecordEvidence
-from vmha.core.events import Inventory, RecoveryEvent, Tick, from_health
+from vmha.core.events import Inventory, RecoveryEvent, Tick
 from vmha.core.fencing import FenceProof, ProofMethod
-from vmha.core.health import HealthCore, HealthEvent, HealthTick, HealthTimings, Heartbeat, HostSeen, LeaseGone
+from vmha.core.health import HealthEvent, HealthOutput, HealthTick, HealthTimings, Heartbeat, HostSeen, LeaseGone
 from vmha.core.log import LogLine
 from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
@@ -43,6 +43,7 @@ from vmha.core.recovery import RecoveryCore
 from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import HostInfo, VmInfo
 from vmha.runtime.env import Running
+from vmha.runtime.health import HealthFeed
 from vmha.runtime.loop import Loop, run_now
 
 
@@ -62,7 +63,7 @@ class _Cluster:
 
     def __init__(self, hosts: Sequence[str], timings: HealthTimings, core: RecoveryCore) -> None:
         self.timings = timings
-        self.health = HealthCore(timings)
+        self.health = HealthFeed(timings, self._recover, self._observe)
         self.core = core
         self.now = 0.0
         self.spent = _Spent()
@@ -74,6 +75,7 @@ class _Cluster:
         self._rev = 0
         self._leases: dict[tuple[str, Plane], int] = {}
         self.fabric: list[str] = []  # the fabric verdicts, as text
+        self._recovering = 0.0  # recovery core time within the current health step
 
     def phase(self) -> _Spent:
         done, self.spent = self.spent, _Spent()
@@ -83,25 +85,29 @@ class _Cluster:
         for ev in events:
             t0 = time.perf_counter()
             run_now(self.loop.step([ev]))
-            self.spent.decide += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.spent.decide += spent
             self.spent.decide_steps += 1
+            self._recovering += spent
 
     def count(self, action: str, n: int = 1) -> None:
         self.spent.counts[action] = self.spent.counts.get(action, 0) + n
 
+    def _observe(self, out: HealthOutput) -> None:
+        self.fabric += [f"{'began' if f.active else 'ended'} at {self.now:.1f} s over {len(f.hosts)} hosts"
+                        for f in out.fabric]
+
     def _health(self, events: Sequence[HealthEvent], beats: bool) -> None:
-        t0 = time.perf_counter()
-        out = self.health.step_many(events, self.now)
-        spent = time.perf_counter() - t0
+        t0, self._recovering = time.perf_counter(), 0.0
+        out = self.health.step(events, self.now)
+        # The feed steps the recovery core with its output (_recover counts that time itself).
+        spent = time.perf_counter() - t0 - self._recovering
         if beats and not out.changes and not out.fabric:
             self.spent.beats += spent
             self.spent.beat_events += len(events)
         else:  # it changed a plane state or a fabric verdict: part of a decision
             self.spent.decide += spent
             self.spent.decide_steps += 1
-        self.fabric += [f"{'began' if f.active else 'ended'} at {self.now:.1f} s over {len(f.hosts)} hosts"
-                        for f in out.fabric]
-        self._recover(from_health(out))
 
     def register(self) -> None:
         self._health([HostSeen(h, "default") for h in self.hosts], beats=False)

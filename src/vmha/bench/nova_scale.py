@@ -43,9 +43,9 @@ from typing import Any
 from vmha.bench.rto import percentile
 from vmha.config import NovaConfig
 from vmha.core.actions import Alert, RecordEvidence
-from vmha.core.events import HostOpFailed, Inventory, RecoveryEvent, StepFailed, from_health
+from vmha.core.events import HostOpFailed, Inventory, RecoveryEvent, StepFailed
 from vmha.core.fencing import FenceProof, ProofMethod
-from vmha.core.health import HealthCore, HealthEvent, HealthTick, HealthTimings, Heartbeat, HostSeen, LeaseGone
+from vmha.core.health import HealthEvent, HealthOutput, HealthTimings, Heartbeat, HostSeen, LeaseGone
 from vmha.core.log import LogLine
 from vmha.core.planes import PLANES, PlaneState
 from vmha.core.policy import DEFAULT_POLICY, PolicyTable
@@ -58,6 +58,7 @@ from vmha.lab.nova.masakari import Masakari, MasakariSettings, host_failure_noti
 from vmha.lab.nova.rig import FLAVOR, IMAGE_ID, NovaRig
 from vmha.manager.daemon import INVENTORY_INTERVAL
 from vmha.runtime.env import Running
+from vmha.runtime.health import HealthFeed
 from vmha.runtime.loop import Inbox, Loop
 
 OBSERVE_EVERY = 1.0  # s between the observer's listings of every server
@@ -354,23 +355,21 @@ class _Heartbeats:
     `detection` after it."""
 
     def __init__(self, hosts: Sequence[str], timings: HealthTimings, inbox: Inbox) -> None:
-        self.core = HealthCore(timings)
+        self.feed = HealthFeed(timings, inbox.put_all, self._observe)
         self.timings = timings
         self.hosts = list(hosts)
-        self.inbox = inbox
         self.silent: set[str] = set()
         self.rev = 0
         self.seq = 0
         self.down_at: dict[str, float] = {}
 
-    def _step(self, events: Sequence[HealthEvent]) -> None:
-        now = time.monotonic()
-        out = self.core.step_many(events, now)
+    def _observe(self, out: HealthOutput) -> None:
         for ch in out.changes:
             if ch.new == PlaneState.DOWN:
-                self.down_at.setdefault(ch.host, now)
-        for ev in from_health(out):
-            self.inbox.put(ev)
+                self.down_at.setdefault(ch.host, ch.health.planes[ch.plane].since)
+
+    def _step(self, events: Sequence[HealthEvent]) -> None:
+        self.feed.step(events, time.monotonic())
 
     def beat(self) -> None:
         self.seq += 1
@@ -404,7 +403,7 @@ class _Heartbeats:
             if now >= next_beat:
                 self.beat()
                 next_beat = now + self.timings.keepalive_interval
-            self._step([HealthTick()])
+            self.feed.tick(time.monotonic())
             await asyncio.sleep(0.05)
 
 

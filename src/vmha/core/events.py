@@ -238,12 +238,12 @@ RecoveryEvent = (
 )
 
 
-def from_health(out: HealthOutput) -> list[RecoveryEvent]:
+def from_health(out: HealthOutput) -> list[HealthUpdate | FabricUpdate]:
     """The RecoveryCore events of one HealthCore output: each changed host's last view (its planes
     changed at the same instant: deciding on the first of them would act on half the picture), then
     the fabric changes."""
     last = {c.host: c.health for c in out.changes}  # dicts keep the order of first appearance
-    events: list[RecoveryEvent] = [HealthUpdate(h) for h in last.values()]
+    events: list[HealthUpdate | FabricUpdate] = [HealthUpdate(h) for h in last.values()]
     events += [FabricUpdate(f) for f in out.fabric]
     return events
 

@@ -4,7 +4,8 @@
 
 Standby: campaign (etcd/election.py) and wait. Leader, for one "term" at a time:
   - load the persisted tasks (etcd/tasks.py) and hand them to a fresh RecoveryCore (TasksLoaded);
-  - run the HealthMonitor (manager/detection.py) and feed its HealthChange / FabricChange;
+  - run the HealthMonitor (manager/detection.py) and put the recovery events of its health feed
+    (vmha.runtime.health: HealthUpdate, FabricUpdate) in the runtime loop's inbox;
   - take an inventory snapshot from the compute driver at start, every INVENTORY_INTERVAL, and
     at once when a plane goes DOWN or FABRIC;
   - watch keys.disabled_prefix: a deleted key is `vmha host enable HOST` (HostEnabled, and a fresh
@@ -57,7 +58,7 @@ from vmha.core.events import (
     TasksLoaded,
 )
 from vmha.core.fencing import FenceProof, ProofMethod
-from vmha.core.health import FabricChange, HealthChange
+from vmha.core.health import HealthChange
 from vmha.core.log import Level, LogLine
 from vmha.core.planes import Plane, PlaneState
 from vmha.core.queue import Task
@@ -424,8 +425,7 @@ class Term:
     async def _health_feed(self) -> None:
         changes = self.monitor.subscribe()
         await self.monitor.ready.wait()
-        for health in self.monitor.view().values():
-            self.inbox.put(HealthUpdate(health))
+        self.inbox.put_all(self.monitor.feed.whole_view())
         self.host_seen.set()
         for host, since in sorted(self.monitor.agent_marks().items()):
             self._agent_mark(AgentStopped(host, since))
@@ -449,10 +449,10 @@ class Term:
                 )
                 if change.new in (PlaneState.DOWN, PlaneState.FABRIC):
                     self.inventory_now.set()
-                self.inbox.put(HealthUpdate(change.health))
+            elif isinstance(change, HealthUpdate | FabricUpdate):
+                # The health output's events for the recovery core (vmha.runtime.health), after its changes.
+                self.inbox.put(change)
                 self.host_seen.set()
-            elif isinstance(change, FabricChange):
-                self.inbox.put(FabricUpdate(change))
 
     async def _host_ids(self, max_hosts: int) -> None:
         """Only managers allocate sanlock host_ids (an agent reads its own and writes no hostid/ key):

@@ -1,4 +1,4 @@
-"""HealthMonitor: the manager's detection loop around the pure HealthCore.
+"""HealthMonitor: the manager's detection loop, feeding the pure HealthCore (vmha.runtime.health).
 
 It lists, then watches (resuming from the last revision), the host registrations and the heartbeat
 keys, and turns them into core events:
@@ -10,15 +10,16 @@ keys, and turns them into core events:
     own etcd probe       -> EtcdStatus(ok)             (only when it changes)
     core.next_deadline() -> HealthTick()
 
-Heartbeats are applied in batches (core.step_many, at most batch_window = 50 ms late): one core step
+Heartbeats are applied in batches (one feed step, at most batch_window = 50 ms late): one core step
 and one round of output handling per batch instead of per heartbeat (3000 heartbeats/s at 500 hosts).
 The core indexes its deadlines, so a heartbeat costs it O(log hosts): 5 to 9 us a step at 500 or
 2000 hosts, against 2.4 ms at 500 hosts when every step scanned every host. Every other event flushes
 the batch first, so the order of events is kept.
 
 Each core output is handled at once: log lines go to the "vmha.health" logger, changes to every
-subscriber (the recovery part), and the hosts whose view changed are persisted in etcd by a
-separate writer task (health_store), so a slow etcd write never delays detection.
+subscriber, then the recovery core's events of it (the feed's HealthUpdate, FabricUpdate: the
+daemon's term puts them in its runtime loop's inbox), and the hosts whose view changed are persisted
+in etcd by a separate writer task (health_store), so a slow etcd write never delays detection.
 
 The core's clock is monotonic, offset to unix time at start: immune to wall-clock steps, yet the
 persisted `since` times are comparable with other machines' clocks for `vmha status`.
@@ -30,17 +31,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vmha import metrics
-from vmha.core.events import AgentStopped
+from vmha.core.events import AgentStopped, FabricUpdate, HealthUpdate
 from vmha.core.health import (
     EtcdStatus,
     FabricChange,
     HealthChange,
-    HealthCore,
     HealthEvent,
     HealthOutput,
     HealthTick,
@@ -59,6 +59,7 @@ from vmha.etcd.keys import Keys
 from vmha.etcd.registry import parse_host
 from vmha.etcd.values import refused
 from vmha.etcd.watch import Delete, Put, Snapshot, watch_prefix
+from vmha.runtime.health import HealthFeed
 
 log = logging.getLogger("vmha.health")
 
@@ -77,7 +78,7 @@ class LocksRefused:
     why: str | None
 
 
-Change = HealthChange | FabricChange | AgentStopped | LocksRefused
+Change = HealthChange | FabricChange | HealthUpdate | FabricUpdate | AgentStopped | LocksRefused
 
 _LEVELS = {Level.INFO: logging.INFO, Level.WARN: logging.WARNING, Level.ERROR: logging.ERROR}
 
@@ -104,7 +105,8 @@ class HealthMonitor:
     ) -> None:
         self.client = client
         self.keys = keys
-        self.core = HealthCore(timings)
+        self.feed = HealthFeed(timings, self._hand, self._observe)
+        self.core = self.feed.core  # its queries (view, hosts, last_seen); stepped through the feed only
         self.name = name
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
@@ -151,8 +153,9 @@ class HealthMonitor:
         return dict(self._locks_refused)
 
     def subscribe(self) -> AsyncIterator[Change]:
-        """Every HealthChange, FabricChange and AgentStopped from now on, in order (an unbounded
-        queue: the consumer never slows detection down)."""
+        """Every Change from now on, in order (an unbounded queue: the consumer never slows detection
+        down). A core output's HealthChanges and FabricChanges come first, then its events for the
+        recovery core (HealthUpdate, FabricUpdate: vmha.runtime.health)."""
         queue: asyncio.Queue[Change] = asyncio.Queue()
         self._subscribers.append(queue)
 
@@ -205,7 +208,7 @@ class HealthMonitor:
         self._flush()
         self.counters["steps"] += 1
         # Anything but a HealthTick may bring a deadline closer (a lease gone, a new host, etcd back).
-        self._handle(self.core.step(event, self.clock()), wake=not isinstance(event, HealthTick))
+        self._woken(self.feed.step([event], self.clock()), wake=not isinstance(event, HealthTick))
 
     def _heartbeat_event(self, hb: Heartbeat) -> None:
         # Heartbeats arrive by thousands a second at scale: applied in batches, at most batch_window
@@ -223,10 +226,11 @@ class HealthMonitor:
             events, self._pending = self._pending, []
             self.counters["batches"] += 1
             # Heartbeats only move deadlines later, unless the core said something (a plane changed
-            # state, a new host, staleness counting again after a silence): _handle wakes the ticker then.
-            self._handle(self.core.step_many(events, self.clock()), wake=False)
+            # state, a new host, staleness counting again after a silence): _woken wakes the ticker then.
+            self._woken(self.feed.step(events, self.clock()), wake=False)
 
-    def _handle(self, out: HealthOutput, wake: bool) -> None:
+    def _observe(self, out: HealthOutput) -> None:
+        """The monitor's own use of a core output, before its recovery events are published."""
         for line in out.log:
             level = _LEVELS.get(line.level, logging.INFO)
             if log.isEnabledFor(level):  # rendering costs, and a storm of changes has thousands of lines
@@ -243,6 +247,12 @@ class HealthMonitor:
             self._publish(fabric)
         if out.changes or out.fabric:
             self._dirty.set()
+
+    def _hand(self, events: Sequence[HealthUpdate | FabricUpdate]) -> None:
+        for event in events:
+            self._publish(event)
+
+    def _woken(self, out: HealthOutput, wake: bool) -> None:
         if wake or out.changes or out.log:
             self._wake.set()
 

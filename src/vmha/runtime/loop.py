@@ -12,8 +12,10 @@ are stepped one after another at env.now(), and their outputs applied together:
      leader that dies in between leaves a task naming the step in flight, which the next one repeats),
   3. the other actions start concurrently (env.spawn; the core bounds how many), each feeding its
      result back (env.result) to be stepped with the next batch.
-The path of a fault: plane event -> core/health.py -> core/policy.py (via core/hosts.py's
-per-host decisions) -> core/fencing.py (Prove, here carried out by env.prove) -> core/queue.py -> the driver
+The path of a fault: plane event (manager/detection.py's etcd watch, the simulator's model) ->
+runtime/health.py (the health feed: core/health.py stepped, its output turned into HealthUpdate
+events, put in this loop's inbox) -> core/policy.py (via core/hosts.py's per-host decisions) ->
+core/fencing.py (Prove, here carried out by env.prove) -> core/queue.py -> the driver
 (env.evacuate / migrate / mark_down).
 """
 
@@ -75,6 +77,11 @@ class Inbox:
 
     def put(self, event: RecoveryEvent) -> None:
         self._items.append(event)
+        self._ready.set()
+
+    def put_all(self, events: Sequence[RecoveryEvent]) -> None:
+        """Events that arrived together (a health output's: vmha.runtime.health), in one batch."""
+        self._items += events
         self._ready.set()
 
     async def take(self, timeout: float | None) -> list[RecoveryEvent]:

@@ -46,15 +46,13 @@ from vmha.core.events import (
     Maintenance,
     RecoveryEvent,
     TasksLoaded,
-    from_health,
 )
 from vmha.core.events import Tick as RecoveryTick
 from vmha.core.fencing import FenceProof, ProofMethod
 from vmha.core.health import (
     EtcdStatus,
-    HealthCore,
     HealthEvent,
-    HealthTick,
+    HealthOutput,
     HealthTimings,
     Heartbeat,
     HostSeen,
@@ -69,6 +67,7 @@ from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import DriverError, HostInfo, VmInfo
 from vmha.etcd.values import TaskValue
 from vmha.runtime.env import Running
+from vmha.runtime.health import HealthFeed
 from vmha.runtime.loop import Loop, run_now
 
 WORLD = "world"
@@ -177,7 +176,7 @@ class Sim:
         self._lease_ids = 0
         self._ticks: set[tuple[str, float]] = set()
         self._inventory_at: float | None = None
-        self.health = HealthCore(timings)
+        self.health = self._health_feed()
         self.manager = _Manager(self)
         self._start()
 
@@ -214,11 +213,17 @@ class Sim:
         if self.now + self.st.inventory <= self.st.duration:
             self.at(self.now + self.st.inventory, _WORLD, self._periodic_inventory)
 
+    def _health_feed(self) -> HealthFeed:
+        """The leading manager's health core (a new one at each failover), feeding its runtime loop."""
+
+        def observe(out: HealthOutput) -> None:
+            if self.log_health:
+                self.lines.extend(out.log)
+
+        return HealthFeed(self.timings, lambda events: self.manager.feed(events), observe)
+
     def _health(self, ev: HealthEvent) -> None:
-        out = self.health.step(ev, self.now)
-        if self.log_health:
-            self.lines.extend(out.log)
-        self.manager.feed(from_health(out))
+        self.health.step([ev], self.now)
         self._schedule_tick("health", self.health.next_deadline())
 
     def _recover(self, ev: RecoveryEvent) -> None:
@@ -235,7 +240,8 @@ class Sim:
             if manager is not self.manager:
                 return
             if which == "health":
-                self._health(HealthTick())
+                self.health.tick(self.now)
+                self._schedule_tick("health", self.health.next_deadline())
             else:
                 self._recover(RecoveryTick())
 
@@ -438,7 +444,7 @@ class Sim:
         # The old manager's actions in flight still act on the world; their results reach no one.
         self.manager.loop.over = True
         self._ticks.clear()
-        self.health = HealthCore(self.timings)
+        self.health = self._health_feed()
         self.manager = _Manager(self)
         tasks = tuple(Task.from_dict(json.loads(json.dumps(d))) for _, d in sorted(self.store.items()))
         self.log(Level.INFO, SIM, f"manager failover: the new leader loads {len(tasks)} task(s)")
