@@ -64,9 +64,13 @@ class Takeover(TaskSteps):
                 self._unverified.discard(vm)
                 continue
             hh = self._health.get(task.source)
+            # Known and settled: a new leader sees a dead host's planes go SUSPECT, then DOWN one by one
+            # (ms apart). Resumed on a half-changed view (management DOWN, the others SUSPECT), the task
+            # was then cancelled by that row's withdrawal and the VM recovered a second time.
             if not self._inventory or hh is None or any(
-                    hh.planes.get(p) is None or hh.planes[p].state == PlaneState.UNKNOWN for p in PLANES):
-                continue  # not everything known yet: wait
+                    hh.planes.get(p) is None or hh.planes[p].state in (PlaneState.UNKNOWN, PlaneState.SUSPECT)
+                    for p in PLANES):
+                continue  # not everything known, or not settled yet: wait
             self._unverified.discard(vm)
             placed = self._placed.get(vm)
             wrong = ""
