@@ -150,11 +150,11 @@ class KeystoneTokens:
         info = await self._validate(token)
         if info.expires <= now:
             raise KeystoneDenied(401, "keystone token expired")
-        role = self._decided(info)
+        # Remembered before the decision: a valid token without a vmha role is not asked about again.
         self._cache[key] = (info, min(info.expires, now + self.cfg.cache_ttl))
         while len(self._cache) > self.cfg.cache_size:
             self._cache.popitem(last=False)
-        return role
+        return self._decided(info)
 
     def _decided(self, info: TokenInfo) -> Role:
         try:
