@@ -36,6 +36,9 @@ log = logging.getLogger("vmha.api")
 MAX_TOKEN = 8192  # Fernet tokens are ~200 characters, JWS ones ~800
 MAX_ROLES = 1000
 
+# What a caller is told: the details (Keystone's address among them) are for the manager's log only.
+_UNAVAILABLE = "keystone: no usable answer, Keystone tokens cannot be checked now (the manager's log says why)"
+
 # (HTTP status, JSON body or None) of GET /v3/auth/tokens for one token; blocking.
 Fetch = Callable[[str], tuple[int, Any]]
 
@@ -182,10 +185,10 @@ class KeystoneTokens:
                 raise KeystoneUnavailable(f"malformed answer: {e}") from None
         except TimeoutError:
             self._failed(f"no answer within {self.cfg.timeout + 1:.0f} s")
-            raise KeystoneUnavailable("keystone: no answer in time") from None
+            raise KeystoneUnavailable(_UNAVAILABLE) from None
         except KeystoneUnavailable as e:
             self._failed(str(e))
-            raise KeystoneUnavailable(f"keystone: {e}") from None
+            raise KeystoneUnavailable(_UNAVAILABLE) from None
         self._answered()
         return info
 
