@@ -22,9 +22,11 @@ from vmha import config
 from vmha.api import server
 from vmha.api.auth import load_tokens
 from vmha.api.keystone import KeystoneTokens
+from vmha.core.planes import PLANES
 from vmha.lab.nova.keystone import Keystone
 from vmha.lab.nova.rig import VENV
 from vmha.testing.etcd import EtcdProcess, free_ports
+from vmha.testing.hosts import config_text
 
 pytestmark = pytest.mark.integration
 
@@ -55,11 +57,7 @@ class Api:
 
     async def call(self, method: str, path: str, headers: dict[str, str], body: Any = None) -> tuple[int, Any]:
         async with self.session.request(method, self.url + path, headers=headers, json=body) as r:
-            text = await r.text()
-            try:
-                return r.status, json.loads(text)
-            except ValueError:
-                return r.status, text
+            return r.status, await r.json(content_type=None)  # every answer used here is JSON
 
 
 def ks(token: str) -> dict[str, str]:
@@ -82,12 +80,10 @@ async def api(etcd: EtcdProcess, keystone: Keystone, tmp_path: Path,
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
     port = free_ports(1)[0]
     url = etcd.client_urls[0]
-    planes = "".join(f'[planes.{p}]\nendpoints = ["{url}"]\n' for p in ("management", "storage", "service"))
-    cfg = config.parse(tomllib.loads(
-        f'[cluster]\nname = "vks"\n{etcd.toml()}{planes}'
+    cfg = config.parse(tomllib.loads(config_text("vks", None, "", {p: [url] for p in PLANES}, etcd=etcd.toml(), extra=(
         f'[manager]\nname = "m1"\nendpoints = ["{url}"]\ndriver = "lab"\n'
         f'[api]\nlisten = "127.0.0.1:{port}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\ntokens_file = "{tokens}"\n'
-        f'[api.keystone]\ncloud = "vmha-keystone"\nproject = "admin"\ncache_ttl = {CACHE_TTL}\n'))
+        f'[api.keystone]\ncloud = "vmha-keystone"\nproject = "admin"\ncache_ttl = {CACHE_TTL}\n'))))
     assert cfg.api is not None and cfg.api.keystone is not None
     validator = KeystoneTokens.connect(cfg.api.keystone, "vmha-keystone")
     runner = await server.start(cfg, cfg.api, server.tls_context(cfg.api), load_tokens(tokens), None, validator)
