@@ -44,7 +44,9 @@ def keystone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystone]:
         ks.create_user("vmha", "vmha-pw", "service", project="service")  # what vmha validates with
         ks.create_user("op-admin", "admin-pw", "admin")
         ks.create_user("op-reader", "reader-pw", "reader")
-        ks.create_user("op-member", "member-pw", "member")  # a scoped token needs some role on the project
+        # A role outside Keystone's admin > member > reader chain: member would imply reader, read-only here.
+        ks.create_role("auditor")
+        ks.create_user("op-auditor", "auditor-pw", "auditor")
         ks.create_project("other")
         ks.create_user("other-admin", "other-pw", "admin", project="other")
         yield ks
@@ -110,8 +112,8 @@ async def test_roles_and_scope(api: Api, keystone: Keystone) -> None:
     status, body = await api.call("POST", "/v1/pause", ks(reader), {"on": True})
     assert status == 403 and "read-only" in body["error"], body
 
-    # Valid tokens without a vmha role here: member only, admin of another project, unscoped.
-    for token, why in ((await _token(keystone, "op-member", "member-pw"), "none of the roles"),
+    # Valid tokens without a vmha role here: another role only, admin of another project, unscoped.
+    for token, why in ((await _token(keystone, "op-auditor", "auditor-pw"), "none of the roles"),
                        (await _token(keystone, "other-admin", "other-pw", "other"), "scoped to project other"),
                        (await _token(keystone, "op-admin", "admin-pw", None), "not scoped to a project")):  # fmt: skip
         status, body = await api.call("GET", "/v1/hosts", ks(token))
