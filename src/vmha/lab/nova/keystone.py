@@ -77,7 +77,11 @@ class Keystone:
         self._manage("bootstrap", "--bootstrap-password", ADMIN_PASSWORD, "--bootstrap-admin-url", self.url,
                      "--bootstrap-public-url", self.url, "--bootstrap-internal-url", self.url,
                      "--bootstrap-region-id", "RegionOne")  # fmt: skip
-        self.start_server(timeout)
+        try:
+            self.start_server(timeout)
+        except BaseException:
+            self.stop_server()
+            raise
         return self
 
     def start_server(self, timeout: float = 120.0) -> None:
