@@ -151,6 +151,7 @@ class KeystoneTokens:
             return decide(cached[0], self.cfg)
         self._cache.pop(key, None)
         info = await self._validate(token)
+        now = self._clock()  # after Keystone's answer, which may have taken seconds
         if info.expires <= now:
             raise KeystoneDenied(401, "keystone token expired")
         # Remembered before the decision: a valid token without a vmha role is not asked about again.
