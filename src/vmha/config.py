@@ -277,9 +277,36 @@ def _public_url(url: str) -> str:
     return url.rstrip("/")
 
 
+RoleName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f,]+$")]
+
+
+class KeystoneApiConfig(_Strict):
+    # Keystone tokens on the API (vmha.api.keystone): a token in X-Auth-Token is validated against
+    # Keystone with vmha's service user, whose credentials come from clouds.yaml (no secret here).
+    cloud: str | None = Field(None, min_length=1, max_length=255, description="clouds.yaml entry; absent: [nova] cloud")
+    interface: Literal["public", "internal", "admin"] = "public"  # the identity endpoint's, from the catalog
+    # Only tokens scoped to this project count: a role elsewhere gives no role here.
+    project: str = Field(min_length=1, max_length=64)
+    project_domain: str = Field("Default", min_length=1, max_length=64)
+    admin_roles: list[RoleName] = Field(default_factory=lambda: ["admin"], min_length=1, max_length=32)
+    read_only_roles: list[RoleName] = Field(default_factory=lambda: ["reader"], min_length=1, max_length=32)
+    # A valid token is trusted unasked this long (never past its expiry): a revocation waits as long.
+    cache_ttl: float = Field(60.0, ge=0, le=3600, description="seconds")
+    cache_size: int = Field(10_000, ge=1, le=1_000_000, description="tokens remembered at most")
+    timeout: float = Field(5.0, gt=0, le=60, description="seconds one validation may take")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> KeystoneApiConfig:
+        both = sorted(set(self.admin_roles) & set(self.read_only_roles))
+        if both:
+            raise ValueError(f"role(s) {', '.join(both)} in both admin_roles and read_only_roles")
+        return self
+
+
 class ApiConfig(_Strict):
     # The manager's REST API and dashboard (vmha.api): HTTPS only; bearer tokens from tokens_file,
     # one "TOKEN ROLE" a line (role read-only or admin), refused if group or others can read it.
+    # [api.keystone]: Keystone tokens (X-Auth-Token) as well.
     listen: Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")] = "0.0.0.0:8443"
     cert: Path
     key: Path
@@ -287,6 +314,7 @@ class ApiConfig(_Strict):
     # The API's URL as operators reach it (a load balancer's, a DNS name): each alert links to its
     # evidence there. Absent: alerts carry no link.
     public_url: Annotated[str, Field(max_length=2000), AfterValidator(_public_url)] | None = None
+    keystone: KeystoneApiConfig | None = None  # absent: file tokens only
 
     @field_validator("listen")
     @classmethod

@@ -13,6 +13,8 @@ Every manager serves it, leader or standby: reads come from etcd, and each actio
 the leader watches (vmha.manager.operations, shared with the CLI), so whichever manager answers, the
 leader acts. No token: 401; a read-only token on an action: 403. /metrics needs a token too (Prometheus:
 `authorization: {credentials_file: ...}`); the [metrics] listener serves the same registry without one.
+With [api.keystone], a Keystone token in X-Auth-Token works too (vmha.api.keystone): invalid 401, no
+vmha role 403, Keystone down 503.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vmha import metrics
 from vmha.api import views
 from vmha.api.auth import Role, Tokens
+from vmha.api.keystone import KeystoneDenied, KeystoneTokens, KeystoneUnavailable
 from vmha.config import ApiConfig, Config
 from vmha.drivers.base import DriverError
 from vmha.etcd.client import EtcdClient, EtcdError
@@ -54,6 +57,7 @@ _CLIENT = web.AppKey("client", EtcdClient)
 _KEYS = web.AppKey("keys", Keys)
 _CFG = web.AppKey("cfg", Config)
 _TOKENS = web.AppKey("tokens", Tokens)
+_KEYSTONE = web.AppKey("keystone", object)
 _VMS = web.AppKey("vms", object)
 _HUB = web.AppKey("hub", object)
 
@@ -144,6 +148,15 @@ async def _auth_and_errors(request: web.Request, handler: Handler) -> web.Stream
     if not request.path.startswith("/v1/") and request.path != "/metrics":
         return await handler(request)  # the dashboard page and the OpenAPI document: no data in them
     role = request.app[_TOKENS].role(request.headers.get("Authorization"))
+    keystone: KeystoneTokens | None = request.app[_KEYSTONE]  # type: ignore[assignment]
+    subject = request.headers.get("X-Auth-Token")
+    if role is None and keystone is not None and subject is not None:
+        try:
+            role = await keystone.role(subject)
+        except KeystoneDenied as e:
+            return _error(e.status, str(e))
+        except KeystoneUnavailable as e:
+            return _error(503, str(e))
     if role is None:
         return web.json_response({"error": "a bearer token is required"}, status=401,
                                  headers={"WWW-Authenticate": 'Bearer realm="vmha"'})
@@ -291,10 +304,12 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 )
 
 
-def make_app(cfg: Config, client: EtcdClient, tokens: Tokens, vms: views.VmLister | None) -> web.Application:
+def make_app(cfg: Config, client: EtcdClient, tokens: Tokens, vms: views.VmLister | None,
+             keystone: KeystoneTokens | None = None) -> web.Application:  # fmt: skip
     app = web.Application(middlewares=[_auth_and_errors], client_max_size=MAX_BODY)
     keys = Keys(cfg.cluster.name)
     app[_CFG], app[_CLIENT], app[_KEYS], app[_TOKENS], app[_VMS] = cfg, client, keys, tokens, vms
+    app[_KEYSTONE] = keystone
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
 
@@ -318,11 +333,11 @@ def tls_context(api: ApiConfig) -> ssl.SSLContext:
 
 
 async def start(cfg: Config, api: ApiConfig, tls: ssl.SSLContext, tokens: Tokens,
-                vms: views.VmLister | None) -> web.AppRunner:  # fmt: skip
+                vms: views.VmLister | None, keystone: KeystoneTokens | None = None) -> web.AppRunner:  # fmt: skip
     """Serve on api.listen until the returned runner's cleanup(); its own etcd client."""
     # Its own client: the API's reads and their failures do not touch the manager's connection.
     client = EtcdClient(cfg.require_manager().endpoints, timeout=3.0, name="api", tls=cfg.etcd.tls())
-    app = make_app(cfg, client, tokens, vms)
+    app = make_app(cfg, client, tokens, vms, keystone)
 
     async def close_client(app: web.Application) -> None:
         await client.close()
@@ -336,7 +351,8 @@ async def start(cfg: Config, api: ApiConfig, tls: ssl.SSLContext, tokens: Tokens
     except OSError:
         await runner.cleanup()
         raise
-    log.info("api: serving https://%s:%d/ (%d token(s))", host, port, len(tokens))
+    log.info("api: serving https://%s:%d/ (%d token(s)%s)", host, port, len(tokens),
+             "" if keystone is None else f", Keystone tokens on project {keystone.cfg.project}")
     return runner
 
 

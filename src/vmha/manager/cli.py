@@ -34,6 +34,7 @@ from vmha.timefmt import when
 T = TypeVar("T")
 if TYPE_CHECKING:
     from vmha.api.auth import Tokens
+    from vmha.api.keystone import KeystoneTokens
     from vmha.manager.daemon import Parts
 
     PartsFactory = Callable[[config.Config, EtcdClient], Awaitable[Parts]]
@@ -89,7 +90,7 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
                 from vmha.api import server
 
                 try:
-                    runner = await server.start(cfg, cfg.api, api[1], api[0], mgr.vms)
+                    runner = await server.start(cfg, cfg.api, api[1], api[0], mgr.vms, api[2])
                 except OSError as e:  # the port is taken: refused at start, like a bad config
                     raise config.ConfigError(f"[api] listen {cfg.api.listen}: {e.strerror or e}") from None
             await mgr.run(stop)
@@ -102,9 +103,11 @@ def serve(cfg: config.Config, parts: PartsFactory | None = None, verbose: bool =
         asyncio.run(run())
 
 
-def _api_setup(cfg: config.Config) -> tuple[Tokens, ssl.SSLContext]:
-    """[api]'s tokens and TLS context, checked before the manager starts: a bad one is a config error."""
+def _api_setup(cfg: config.Config) -> tuple[Tokens, ssl.SSLContext, KeystoneTokens | None]:
+    """[api]'s tokens, TLS context and Keystone validation, checked before the manager starts: a bad
+    one is a config error."""
     from vmha.api.auth import TokenError, load_tokens
+    from vmha.api.keystone import KeystoneTokens
     from vmha.api.server import tls_context
 
     assert cfg.api is not None
@@ -113,9 +116,16 @@ def _api_setup(cfg: config.Config) -> tuple[Tokens, ssl.SSLContext]:
     except TokenError as e:
         raise config.ConfigError(f"[api] tokens_file: {e}") from None
     try:
-        return tokens, tls_context(cfg.api)
+        tls = tls_context(cfg.api)
     except (OSError, ssl.SSLError) as e:
         raise config.ConfigError(f"[api] cert {cfg.api.cert} / key {cfg.api.key}: {e}") from None
+    ks = cfg.api.keystone
+    if ks is None:
+        return tokens, tls, None
+    try:
+        return tokens, tls, KeystoneTokens.connect(ks, ks.cloud or cfg.nova.cloud)
+    except DriverError as e:
+        raise config.ConfigError(f"[api.keystone] cloud: {e}") from None
 
 
 @click.command("manager")
