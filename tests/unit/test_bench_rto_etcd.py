@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
+from vmha.bench import rto as rto_module
 from vmha.bench.rto import EtcdTrials, etcd_report, rto
 from vmha.lab.scenario import Timeline
 
@@ -15,7 +17,12 @@ def _tl(kind: str, detected: float | None) -> Timeline:
     return Timeline(kind, "h1", 1000.0, ["vm1"], detected=None if detected is None else 1000.0 + detected)
 
 
-def test_unknown_repeated_or_mixed_with_rounds_conditions_are_refused_before_any_lab() -> None:
+def test_unknown_repeated_or_mixed_with_rounds_conditions_are_refused_before_any_lab(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_lab(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a lab was about to be built")
+
+    monkeypatch.setattr(rto_module, "_run", no_lab)  # a missed refusal must not build a lab here
     runner = CliRunner()
     for args, text in ((["--etcd", "healthy,bogus"], "unknown condition(s) ['bogus']"),
                        (["--etcd", "healthy,healthy"], "a condition twice"),
