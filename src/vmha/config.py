@@ -10,6 +10,7 @@ and a file holding secrets (passwords) must not be readable by group or others.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -24,6 +25,7 @@ from vmha.core.planes import PLANES, Plane
 from vmha.core.policy import DEFAULT_POLICY, PolicyError, PolicyTable
 from vmha.core.settings import RecoverySettings
 from vmha.etcd.client import parse_endpoint
+from vmha.etcd.election import ride_out
 from vmha.etcd.tls import TlsFiles
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # hosts, managers, clusters: also etcd users and key parts
@@ -97,6 +99,9 @@ class EtcdConfig(_Strict):
     cert: Path | None = None
     key: Path | None = None
     insecure: bool = False  # true: http:// endpoints (plaintext, no client identity) are accepted
+    # The etcd cluster's --election-timeout (etcd's default 1000 ms), in seconds: vmha cannot read it
+    # from etcd; manager.election_ttl is checked against it.
+    election_timeout: float = Field(1.0, gt=0, le=50, description="etcd's --election-timeout, seconds")
 
     def tls(self) -> TlsFiles | None:
         if self.ca is None or self.cert is None or self.key is None:
@@ -164,7 +169,9 @@ class ManagerConfig(_Strict):
     # The compute driver (manager/daemon.py DRIVERS): no default, a production manager must not
     # drive the lab because a line was left out.
     driver: Literal["nova", "libvirt", "lab"]
-    election_ttl: int = Field(2, ge=2, le=60)
+    # The manager's term lease: a standby takes over this long (+ up to 0.5 s) after the leader died;
+    # it must outlast an etcd leader election (checked against etcd.election_timeout).
+    election_ttl: int = Field(3, ge=2, le=60, description="the leader manager's lease TTL, whole seconds")
     max_parallel: int = Field(8, ge=1, le=10_000)
     max_per_host: int = Field(4, ge=1, le=10_000, description="recoveries running towards one destination host")
     retry_base: float = Field(2.0, gt=0, le=3600)
@@ -429,6 +436,13 @@ class Config(_Strict):
             # partial row (the first plane to expire).
             errors.append(f"manager.decide_after ({self.manager.decide_after}) must be at least "
                           f"timings.keepalive_interval ({t.keepalive_interval})")  # fmt: skip
+        if self.manager is not None and ride_out(self.manager.election_ttl) < 2 * self.etcd.election_timeout:
+            # raft draws each member's election timeout between 1x and 2x the configured one: a shorter
+            # term ends on an etcd leader change, leaving no acting manager until the next one is elected.
+            need = math.ceil(2 * self.etcd.election_timeout / ride_out(1))
+            errors.append(f"manager.election_ttl ({self.manager.election_ttl}) must be at least {need} s to outlast "
+                          f"an etcd leader election (up to 2 x etcd.election_timeout = "
+                          f"{2 * self.etcd.election_timeout:g} s)")  # fmt: skip
         errors += self._etcd_errors()
         if errors:
             raise ValueError("; ".join(errors))

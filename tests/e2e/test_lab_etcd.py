@@ -6,7 +6,8 @@ agents, managers (3 hosts, 6 stand-in VMs, io_timeout 1, prefix ve3).
 Each "nothing moves" test watches a window: no plane of any host goes DOWN or FABRIC (in the
 manager's persisted view, when etcd answers; a SUSPECT blip is printed, not failed), no recovery task
 appears, no agent logs an isolation response,
-every VM keeps its process and writes without a gap over 1 s. Timings are printed (run with -s).
+every VM keeps its process and writes without a gap over 1 s. A member crash, the leader's included,
+also leaves the leader manager's term alone. Timings are printed (run with -s).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ TTL = 2.0  # the lab's lease TTL (vmha.config defaults)
 QUIET = 10.0  # seconds a "nothing moves" window lasts after the fault: five lease TTLs
 PROBE_KEY = "/vmha-test/etcd-probe"  # outside every vmha prefix: nothing reads it
 ISOLATION_LINE = " isolated: management and service unreachable"
+TERM_LOST = ": leadership lost: "  # Leadership.end, when a manager stops acting (not a resignation)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,8 @@ def test_member_crash_moves_nothing(lab: LabState, member: str) -> None:
     assert lead is not None
     victim = lead if member == "leader" else next(m for m in ETCD_MEMBERS if m != lead)
     q = _quiet_start(lab)
+    term, ends = _manager_term(lab), _logs(lab, "manager-*.log").count(TERM_LOST)
+    assert term is not None, "no manager leads"
     faults.etcd(lab, victim, "down")
     t_fault = time.time()
     # The blip: until a member says it leads again (a new election, when the leader was crashed).
@@ -165,7 +169,15 @@ def test_member_crash_moves_nothing(lab: LabState, member: str) -> None:
     echo(f"etcd {member} {victim} crashed: leader {new_lead} after {elected:.2f} s; agents' planes unreachable "
          f"for at most {max(spans.values(), default=0.0):.2f} s ({len(spans)} of {3 * len(lab.hosts)} planes)")
     q.check(lab)
+    # The leader manager rode the blip out: the same term (its leader key, lease and all), no term ended.
+    assert _logs(lab, "manager-*.log").count(TERM_LOST) == ends, "a manager's term ended"
+    assert _manager_term(lab) == term, "the managers changed term"
     assert [m["up"] for m in etcdlab.status(lab) if m["name"] == victim] == [False]
+
+
+def _manager_term(lab: LabState) -> bytes | None:
+    """The leader manager's term: the leader key's value (its name and lease)."""
+    return etcdq.get_prefix(lab, KEYS.leader).get(KEYS.leader)
 
 
 def test_quorum_lost_30s_moves_nothing_then_detection_works(lab: LabState) -> None:

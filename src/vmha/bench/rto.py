@@ -21,6 +21,12 @@ recovery times. Downtime counts every gap longer than two write intervals (0.2 s
 --nova runs the lab with a real Nova (vmha.lab.novalab) and adds the phase "active": every server of
 the host ACTIVE on another host in Nova's view, next to Masakari's defaults (it waits 180 s after
 disabling the compute service, then evacuates with 3 threads, waiting up to 90 s per server).
+
+--etcd healthy,member-down,leader-change runs the same classes and trials under each etcd condition in
+one run (issue 14): member-down crashes an etcd follower before the fault and restarts it after the
+repair; leader-change crashes the etcd leader LEADER_CRASH_BEFORE s before the fault (the fault lands
+in the etcd election) and restarts it after. A table per condition, and detection p50 / p99 per
+condition over every class.
 """
 
 from __future__ import annotations
@@ -30,16 +36,17 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
-from vmha.lab import cluster, scenario
+from vmha.lab import cluster, etcdlab, faults, scenario
 from vmha.lab.net import LabError
 from vmha.lab.procs import vm_processes
 from vmha.lab.rounds import run_rounds
 from vmha.lab.scenario import Timeline
-from vmha.lab.state import LabState
+from vmha.lab.state import ETCD_MEMBERS, LabState
 from vmha.lab.vm import disk_lines
 
 BENCH_DIR = Path("/var/tmp/vmha-lab/bench")
@@ -47,6 +54,8 @@ BENCH_PREFIX = "vb"
 PHASES = ("detected", "decided", "proved", "recovered", "active")
 MASAKARI_WAIT = 180  # s: Masakari's wait after disabling the service, before evacuating
 MASAKARI_PER_VM = 90  # s: the most Masakari waits for one evacuated server
+ETCD_CONDITIONS = ("healthy", "member-down", "leader-change")
+LEADER_CRASH_BEFORE = 0.5  # s: etcd leader crash to fault, so the fault lands in the 1-2 s etcd election
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,9 +106,12 @@ def _cell(v: object, digits: int = 1) -> str:
               help="instead of trials: this many random fault rounds, every class mixed, no operator action "
                    "(vmha.lab.rounds), on a lab whose managers rebalance; the table is of their faults")
 @click.option("--seed", type=int, default=None, help="the rounds' seed (default: drawn and printed)")
+@click.option("--etcd", "etcd_conditions", default="", metavar="CONDITIONS",
+              help=f"run every class under each etcd condition, comma-separated: {', '.join(ETCD_CONDITIONS)}")
 def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir: Path, prefix: str,
-        nova: bool, no_power_fence: bool, guests: str, rounds: int, seed: int | None) -> None:
+        nova: bool, no_power_fence: bool, guests: str, rounds: int, seed: int | None, etcd_conditions: str) -> None:
     """Fault to recovery, per phase and fault class, on a fresh lab (io_timeout 1)."""
+    conditions = _etcd_conditions(etcd_conditions, rounds)
     if rounds and rounds < len(scenario.CLASSES):
         raise click.BadParameter(f"--rounds {rounds}: at least {len(scenario.CLASSES)}, one per fault class")
     if seed is None:
@@ -114,17 +126,20 @@ def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir:
     out: dict[str, object] = {}
     recovered: dict[str, dict[str, float]] = {}
     for g in kinds_of_guests:
+        by_etcd = {c: EtcdTrials({k: [] for k in kinds}) for c in conditions}
         results, guest_stats, ran = _run(trials, kinds, hosts, vms, lab_dir, prefix, nova, no_power_fence, g,
-                                         rounds, seed)
+                                         rounds, seed, by_etcd)
         rows = table({k: v for k, v in results.items() if v})
         recovered[g] = {str(r["class"]): float(r["recovered"]["p50"])
                         for r in rows if isinstance(r["recovered"], dict)}
         if as_json:
             out[g] = {"rows": rows, "guests": guest_stats,
                       "timelines": {k: [tl.to_dict() for tl in v] for k, v in results.items()},
-                      **({"rounds": ran} if rounds else {})}
+                      **({"rounds": ran} if rounds else {}), **({"etcd": etcd_report(by_etcd)} if conditions else {})}
             continue
         _print(rows, results, trials, hosts, vms, nova, no_power_fence, g, guest_stats)
+        if conditions:
+            _print_etcd(by_etcd, trials, hosts, vms, nova, no_power_fence, g)
     if as_json:
         click.echo(json.dumps(out if len(out) > 1 else next(iter(out.values())), indent=2))
     elif {"qemu", "process"} <= set(recovered):
@@ -135,10 +150,25 @@ def rto(trials: int, classes: str, hosts: int, vms: int, as_json: bool, lab_dir:
                 click.echo(f"  {kind:<11} {q:.1f} / {p:.1f} s = {q / p:.2f}x")
 
 
+@dataclass
+class EtcdTrials:
+    """The faults run under one etcd condition."""
+
+    timelines: dict[str, list[Timeline]]  # by class
+    crashed_before: list[float] = field(default_factory=list)  # s from the etcd member's crash to each fault
+
+    def detection(self) -> dict[str, float] | None:
+        """Detection p50 / p99 (seconds after the fault) over every class, and how many were detected."""
+        vals = [v for tls in self.timelines.values() for tl in tls if (v := tl.rel(tl.detected)) is not None]
+        return None if not vals else {"p50": percentile(vals, 50), "p99": percentile(vals, 99), "n": len(vals)}
+
+
 def _run(trials: int, kinds: list[str], hosts: int, vms: int, lab_dir: Path, prefix: str, nova: bool,
-         no_power_fence: bool, guests: str, rounds: int = 0,
-         seed: int = 0) -> tuple[dict[str, list[Timeline]], dict[str, object], dict[str, object]]:
-    """The timelines by class, the guests' figures, and the rounds' verdict (with `rounds`)."""
+         no_power_fence: bool, guests: str, rounds: int = 0, seed: int = 0,
+         by_etcd: dict[str, EtcdTrials] | None = None,
+         ) -> tuple[dict[str, list[Timeline]], dict[str, object], dict[str, object]]:
+    """The timelines by class, the guests' figures, and the rounds' verdict (with `rounds`). With
+    `by_etcd` (by condition), each trial runs every class under each etcd condition, recorded there too."""
     results: dict[str, list[Timeline]] = {k: [] for k in (scenario.CLASSES if rounds else kinds)}
     guest_stats: dict[str, object] = {}
     verdict: dict[str, object] = {}
@@ -160,15 +190,88 @@ def _run(trials: int, kinds: list[str], hosts: int, vms: int, lab_dir: Path, pre
             click.echo(f"rounds (seed {seed}): {'ok' if ran.ok else 'WRONG: ' + '; '.join(ran.problems)}", err=True)
             return results, guest_stats, verdict
         for n in range(trials):
-            for kind in kinds:
-                tl = scenario.run_fault(state, kind, scenario.busiest_host(state), echo)
-                results[kind].append(tl)
-                click.echo(f"trial {n + 1} {tl.line()}", err=True)
+            for condition in list(by_etcd or [""]):
+                for kind in kinds:
+                    if by_etcd:
+                        tl = _under_etcd(state, condition, kind, by_etcd[condition], echo)
+                    else:
+                        tl = scenario.run_fault(state, kind, scenario.busiest_host(state), echo)
+                    results[kind].append(tl)
+                    click.echo(f"trial {n + 1} {f'etcd {condition}: ' if condition else ''}{tl.line()}", err=True)
     except LabError as e:
         click.echo(f"bench stopped: {e}", err=True)
     finally:
         cluster.down(lab_dir, prefix=prefix)  # the prefix: also when up failed before recording the lab
     return results, guest_stats, verdict
+
+
+def _etcd_conditions(text: str, rounds: int) -> list[str]:
+    conditions = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in conditions if c not in ETCD_CONDITIONS]
+    if unknown:
+        raise click.BadParameter(f"--etcd: unknown condition(s) {unknown}; known: {', '.join(ETCD_CONDITIONS)}")
+    if len(set(conditions)) != len(conditions):
+        raise click.BadParameter(f"--etcd {text}: a condition twice")
+    if conditions and rounds:
+        raise click.BadParameter("--etcd runs trials: not with --rounds")
+    return conditions
+
+
+def _under_etcd(state: LabState, condition: str, kind: str, trials: EtcdTrials, echo: scenario.Echo) -> Timeline:
+    """One fault of `kind` under the etcd `condition`, recorded in `trials`; the crashed member is
+    restarted after the repair, and the lab is healthy again before the next fault."""
+    host = scenario.busiest_host(state)
+    if condition == "healthy":
+        tl = scenario.run_fault(state, kind, host, echo)
+        trials.timelines[kind].append(tl)
+        return tl
+    lead = etcdlab.leader(state)
+    if lead is None:
+        raise LabError("no etcd member says it leads: cannot set up an etcd condition")
+    member = lead if condition == "leader-change" else next(m for m in ETCD_MEMBERS if m != lead)
+    crashed = float(str(faults.etcd(state, member, "down")["t"]))
+    try:
+        if condition == "leader-change":
+            time.sleep(max(0.0, crashed + LEADER_CRASH_BEFORE - time.time()))
+        tl = scenario.run_fault(state, kind, host, echo)
+    finally:
+        faults.etcd(state, member, "up")
+    trials.timelines[kind].append(tl)
+    trials.crashed_before.append(round(tl.t0 - crashed, 2))
+    echo(f"etcd {condition}: {member} crashed {tl.t0 - crashed:.2f} s before the fault, restarted after the repair")
+    cluster.wait_healthy(state, echo)
+    return tl
+
+
+def etcd_report(by_etcd: dict[str, EtcdTrials]) -> dict[str, object]:
+    """Per etcd condition: the table's rows, detection p50 / p99 over every class, the timelines."""
+    out: dict[str, object] = {}
+    for condition, trials in by_etcd.items():
+        results = trials.timelines
+        out[condition] = {
+            "rows": table({k: v for k, v in results.items() if v}),
+            "detected": trials.detection(),
+            "crashed_before": trials.crashed_before,
+            "timelines": {k: [tl.to_dict() for tl in v] for k, v in results.items()},
+        }
+    return {"leader_crash_before": LEADER_CRASH_BEFORE, "conditions": out}
+
+
+def _print_etcd(by_etcd: dict[str, EtcdTrials], trials: int, hosts: int, vms: int, nova: bool,
+                no_power_fence: bool, guests: str) -> None:
+    for condition, runs in by_etcd.items():
+        results = runs.timelines
+        how = {"member-down": " (a follower crashed before each fault, restarted after)",
+               "leader-change": f" (the leader crashed {LEADER_CRASH_BEFORE:g} s before each fault, restarted after)",
+               }.get(condition, "")
+        click.echo(f"\netcd {condition}{how}:")
+        _print(table({k: v for k, v in results.items() if v}), results, trials, hosts, vms, nova, no_power_fence,
+               guests, {})
+    click.echo("\ndetection p50 / p99 per etcd condition, every class:")
+    for condition, runs in by_etcd.items():
+        d = runs.detection()
+        click.echo(f"  {condition:<14} "
+                   + ("-" if d is None else f"{d['p50']:.1f} / {d['p99']:.1f} s ({d['n']:g} faults)"))
 
 
 def guest_boot_and_rss(state: LabState) -> dict[str, object]:

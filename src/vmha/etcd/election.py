@@ -13,14 +13,20 @@ How it works:
 - A standby whose campaign failed watches the key and campaigns again when it is deleted (the
   leader resigned or its lease expired). The watch is re-armed at least every `ttl` seconds with a
   fresh read, so a silently dead watch stream delays a takeover by one TTL at most.
-- The leader refreshes its lease every ttl/3. Leadership is LOST (the `lost` event is set, and
+- The leader refreshes its lease every ttl/6. Leadership is LOST (the `lost` event is set, and
   `on_lost` is called once) as soon as:
     * etcd answers that the lease is gone (TTL <= 0), or the key no longer holds our token, or
     * no keepalive succeeded for 0.9 TTL, counted from the SEND time of the last successful one.
   The last rule is the safety margin: etcd expires the lease no earlier than TTL after it received
   that keepalive, which is after we sent it, so a manager cut off from etcd stops acting before
-  another one can be elected (with a tenth of the TTL to spare for a busy event loop).
+  another one can be elected (with a tenth of the TTL to spare for a busy event loop). Nothing an
+  unreachable or leaderless member answers moves that deadline: a majority we cannot see may have
+  a leader, and it expires our lease on time.
   Once lost, a Leadership never comes back: the daemon campaigns anew.
+- An etcd leader change (one to two etcd election timeouts, 1 to 2 s by default) is ridden out, not
+  waited out: after a failed keepalive the next one goes at once to the next member, so the first
+  answer after the new etcd leader is elected renews the term. A term survives an outage of
+  `ride_out(ttl)` seconds whatever its phase (config.py checks election_ttl against etcd's timeout).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +51,16 @@ from vmha.etcd.values import refused
 
 log = logging.getLogger("vmha.manager.election")
 
+MARGIN = 0.1  # of the TTL, kept in hand for the event loop's own lateness (a long decision step)
+REFRESHES = 6  # keepalives per TTL: the last success is at most ttl/6 old when etcd loses its leader
+RETRY = 0.05  # s between keepalive attempts after a failure (etcd's own forwarding retries every 50 ms)
+
+
+def ride_out(ttl: float) -> float:
+    """The longest etcd outage (an etcd leader election) a term of `ttl` seconds survives in its worst
+    phase: the deadline (ttl less the margin) less the age of the last successful keepalive."""
+    return ttl * (1 - MARGIN - 1 / REFRESHES)
+
 
 @dataclass(slots=True)
 class Leadership:
@@ -54,7 +70,7 @@ class Leadership:
     key: str
     lease: int
     token: bytes
-    since: float  # time.monotonic() when elected
+    since: float  # Election.clock() (time.monotonic()) when elected
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""  # why it was lost
     on_lost: Callable[[Leadership], None] | None = None
@@ -134,6 +150,8 @@ class Election:
         ttl: int,
         *,
         on_lost: Callable[[Leadership], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if ttl < 2:
             raise ValueError("election ttl must be at least 2 s (etcd's minimum lease TTL)")
@@ -142,6 +160,8 @@ class Election:
         self.name = name
         self.ttl = ttl
         self.on_lost = on_lost
+        self.clock = clock  # the keepalive's time and pauses: inputs, so its timing is tested on a fake clock
+        self.sleep = sleep
         self.leadership: Leadership | None = None
         self.reached = False  # a campaign round got etcd's answer: campaigning, not only starting
         self._seen_leader: str | None = None  # the leader last logged by this standby
@@ -172,7 +192,7 @@ class Election:
         """One campaign: the Leadership if won, else the revision to watch the leader key from
         (0: try again at once)."""
         lease = await self.client.grant(self.ttl)
-        started = time.monotonic()
+        started = self.clock()
         token = encode_json({"name": self.name, "lease": f"{lease:x}"})
         k = self.key.encode()
 
@@ -245,12 +265,12 @@ class Election:
 
     async def _keep(self, lead: Leadership) -> None:
         """Keep the lease alive; set `lost` when it is, or may be, gone."""
-        interval = self.ttl / 3
-        # A tenth of the TTL is kept in hand for the event loop's own lateness (a long decision step).
-        margin = self.ttl / 10
+        interval = self.ttl / REFRESHES
+        margin = self.ttl * MARGIN
         deadline = lead.since + self.ttl - margin  # no successful keepalive by then: stop acting
+        failing: float | None = None  # when the current run of failed keepalives began
         while lead.active:
-            now = time.monotonic()
+            now = self.clock()
             if now >= deadline:
                 lead.end(f"no keepalive answered for {self.ttl - margin:g} s")
                 return
@@ -261,17 +281,24 @@ class Election:
                     lead.end("lease expired in etcd")
                     return
                 deadline = sent + ttl - margin
-                kv = await self.client.get(self.key, timeout=max(0.05, min(interval, deadline - time.monotonic())))
+                kv = await self.client.get(self.key, timeout=max(0.05, min(interval, deadline - self.clock())))
                 if kv is None or kv.value != lead.token:
                     lead.end(f"leader key now held by {leader_name(kv) or 'nobody'}")
                     return
             except EtcdError as e:
-                left = max(0.0, deadline - time.monotonic())
-                log.warning(
-                    "manager %s: keepalive failed (%s); leadership ends in %.1f s without one", self.name, e, left
-                )
-            pause = min(interval - (time.monotonic() - sent), deadline - time.monotonic())
-            await asyncio.sleep(max(0.0, pause))
+                if failing is None:
+                    failing = sent
+                    log.warning("manager %s: keepalive failed (%s); retrying on every member, leadership ends in "
+                                "%.1f s without an answer", self.name, e, max(0.0, deadline - self.clock()))
+                # Retry at once (client.call moved to the next member on a connectivity error): during
+                # an etcd leader change the first answer after the election must find us asking.
+                await self.sleep(max(0.0, min(RETRY, deadline - self.clock())))
+                continue
+            if failing is not None:
+                log.info("manager %s: keepalive answered again after %.1f s (lease %x, term kept)",
+                         self.name, sent - failing, lead.lease)  # fmt: skip
+                failing = None
+            await self.sleep(max(0.0, min(interval - (self.clock() - sent), deadline - self.clock())))
 
     async def resign(self) -> None:
         """Give up leadership (if held): stop the keepalive and revoke the lease (deletes the key)."""
@@ -286,4 +313,4 @@ class Election:
             await self._revoke_quietly(lead.lease)
 
 
-__all__ = ["Election", "Leadership", "NotLeader", "leader_name", "leader_txn"]
+__all__ = ["Election", "Leadership", "NotLeader", "leader_name", "leader_txn", "ride_out"]

@@ -96,7 +96,7 @@ def up(lab_dir: Path, hosts: int, vms: int, io_timeout: int = 1, prefix: str = "
         novalab.boot_servers(state, echo)
     else:
         _start_vms(state, echo)
-    _wait_healthy(state, echo)
+    wait_healthy(state, echo)
     echo(f"lab up in {time.monotonic() - t0:.1f} s")
     return state
 
@@ -181,7 +181,7 @@ def _start_vms(state: LabState, echo: Echo) -> None:
         echo(f"VMs: started {started} of {len(state.vms)}")
 
 
-def _wait_healthy(state: LabState, echo: Echo) -> None:
+def wait_healthy(state: LabState, echo: Echo) -> None:
     deadline = time.monotonic() + HEALTHY_TIMEOUT
     since = time.time()
     problems: list[str] = []

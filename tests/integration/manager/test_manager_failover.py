@@ -54,7 +54,7 @@ def write_config(path: Path, name: str, etcd: EtcdProcess, url: str) -> Path:
 name = "{name}"
 endpoints = ["{url}"]
 driver = "lab"  # replaced by the recording double (recording_parts.py)
-election_ttl = 2
+election_ttl = 3  # the default: it outlasts an etcd leader election
 max_parallel = 2
 max_per_host = 1
 # A dead host's three heartbeat leases expire up to ~1 s apart; acting at the first DOWN would act
@@ -193,7 +193,7 @@ async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: s
             left_by_a = None  # a may still be finishing a write: its last state is not known here
 
         await until(lambda: _is(leader, "mgr-b"), "mgr-b to lead", timeout=20, interval=0.2)
-        print(f"\nleader {fault} -> standby elected: {time.monotonic() - faulted:.2f} s (election_ttl 2)")
+        print(f"\nleader {fault} -> standby elected: {time.monotonic() - faulted:.2f} s (election_ttl 3)")
 
         async def all_done() -> bool:
             tasks = await TaskStore(client, KEYS).load()
