@@ -534,7 +534,7 @@ connection = {self.db_url("placement")}
     def start_broker(self) -> NovaRig:
         """RabbitMQ alone, as the rig runs it (for the tests of what vmha publishes on the bus; needs
         Debian's rabbitmq-server only); stop() stops it."""
-        (self.dir / "logs").mkdir(exist_ok=True)
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
             self._start_rabbit()
         except BaseException:
