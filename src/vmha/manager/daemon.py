@@ -556,7 +556,8 @@ class Term:
             await self._durable(lambda: self.events.append(self.lead, entries, time.time()))
 
     def _observe(self, tasks: Mapping[str, dict[str, object]], records: Sequence[RecordEvidence]) -> None:
-        """The metrics of this output: queue depth, the phases of the recoveries begun and ended."""
+        """The metrics of this output: queue depth, the phases of the recoveries begun and ended; and
+        their notifications on the message bus (once persisted)."""
         queue = self.loop.core.queue
         metrics.tasks_by_state(queue.count)
         for data in tasks.values():
