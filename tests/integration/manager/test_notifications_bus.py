@@ -95,7 +95,7 @@ async def test_the_manager_s_recoveries_reach_the_bus_and_a_broker_down_stops_no
     assert etcd.pki is not None
     tls = etcd.pki.issue("vmha-api", ips=["127.0.0.1"])
     tokens = tmp_path / "tokens"
-    tokens.write_text("t0ken admin\n")
+    tokens.write_text("t0ken-0123456789abcdef admin\n")
     tokens.chmod(0o600)
     undelivered = tmp_path / "undelivered-notifications.jsonl"
     cfg = write_config(tmp_path / "manager.toml", "mgr-a", etcd, url)
