@@ -8,7 +8,7 @@ notifications (masakari/notifications/objects): each recovery and each alert, wi
 
 Event types (`publisher_id` "vmha-manager:MANAGER", as Masakari's "masakari-engine:HOST"):
 
-    recovery.process.start   INFO   a recovery began (status "queued")
+    recovery.process.start   INFO   a recovery began (status: its first state, "queued" or "proving")
     recovery.process.end     INFO   it ended: status "done" (running_on says where) or "cancelled"
     recovery.process.error   ERROR  it failed: status "failed", `fault` an ExceptionPayload with the reason
     alert                    INFO, WARN or ERROR as the alert's level
