@@ -388,6 +388,53 @@ class AlertsConfig(_Strict):
     undelivered: Path = Path("/var/lib/vmha/undelivered-alerts.jsonl")  # alerts given up on, one JSON a line
 
 
+def redact_transport(url: str) -> str:
+    """A transport URL with the password of each host's user part replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return scheme + sep + re.sub(r"([^,@/:]*:)[^,@/]*@", r"\1***@", netloc) + slash + path
+
+
+def _transport_url(url: str) -> str:
+    """oslo.messaging's form, rabbit://USER:PASS@HOST:PORT[,USER:PASS@HOST2:PORT]/VHOST: a broker per
+    host, tried in order; no query (oslo's driver options are not vmha's)."""
+    shown = redact_transport(url)
+    scheme, sep, rest = url.partition("://")
+    netloc, _, path = rest.partition("/")
+    if scheme not in ("rabbit", "amqp", "amqps") or not sep or _CONTROL.search(url) or " " in url:
+        raise ValueError(f"{shown!r} is not a rabbit:// (or amqp://, amqps://) transport URL")
+    if "?" in url or "#" in url:
+        raise ValueError(f"{shown!r}: no query or fragment (oslo.messaging's driver options are not read)")
+    for host in netloc.split(","):
+        try:
+            parts = urlsplit(f"amqp://{host}/")
+            parts.port  # noqa: B018  (a bad port raises)
+        except ValueError:
+            parts = None
+        if parts is None or not parts.hostname:
+            raise ValueError(f"{shown!r}: {host.rpartition('@')[2]!r} is not HOST or HOST:PORT")
+    if "/" in path:
+        raise ValueError(f"{shown!r}: the virtual host is one path segment")
+    return url
+
+
+_BusName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class NotificationsConfig(_Strict):
+    # Versioned notifications in Masakari's shape on the OpenStack message bus, for Nova deployments
+    # (vmha.manager.notifications): the exchange and topic that oslo.messaging's notifier uses.
+    transport_url: Annotated[str, Field(max_length=2000), AfterValidator(_transport_url)]
+    topic: _BusName = "versioned_notifications"  # routing key TOPIC.PRIORITY, as oslo.messaging's
+    exchange: _BusName = "vmha"  # oslo.messaging's control_exchange of the publishing service
+    durable: bool = False  # the exchange and queues durable: the cloud's [oslo_messaging_rabbit] amqp_durable_queues
+    attempts: int = Field(5, ge=1, le=100, description="tries per notification")
+    retry_base: float = Field(1.0, gt=0, le=600, description="seconds before the first retry, doubling")
+    retry_cap: float = Field(60.0, gt=0, le=3600)
+    timeout: float = Field(5.0, gt=0, le=60, description="seconds one connect or publish may take")
+    undelivered: Path = Path("/var/lib/vmha/undelivered-notifications.jsonl")  # given up on, one JSON a line
+
+
 class Config(_Strict):
     cluster: ClusterConfig
     planes: PlanesConfig
@@ -403,6 +450,7 @@ class Config(_Strict):
     metrics: MetricsConfig | None = None  # absent: no /metrics listener
     alerts: AlertsConfig = AlertsConfig()
     api: ApiConfig | None = None  # absent: the manager serves no API
+    notifications: NotificationsConfig | None = None  # absent: nothing on the message bus
     policy: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     # host -> {agent = "fence_ipmilan", ip = ..., ...}: power fencing (vmha.locks.power.fence_agents)
     power: dict[Name, dict[PowerOption, str | int | bool]] = Field(default_factory=dict)
@@ -524,7 +572,7 @@ def _format(source: str, err: ValidationError) -> str:
             msg = "unknown field (misspelt?)"
         got = e.get("input")
         quiet = (e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
-                 or any(str(p) in _SECRET_OPTIONS for p in e["loc"]))  # fmt: skip
+                 or any(str(p) in _SECRET_OPTIONS or p == "transport_url" for p in e["loc"]))  # fmt: skip
         suffix = "" if quiet else f" (got {got!r})"
         # A password in a URL is no business of the terminal or the log this message goes to.
         lines.append(_URL_PASSWORD.sub(r"\1***@", f"  {field}: {msg}{suffix}"))
@@ -544,6 +592,8 @@ def secrets(cfg: Config) -> list[str]:
              if any(_USERINFO.search(u) for u in us)]  # fmt: skip
     found += [f"power.{host}.{name}" for host, options in sorted(cfg.power.items()) for name in sorted(options)
               if name in _SECRET_OPTIONS]  # fmt: skip
+    if cfg.notifications is not None and _URL_PASSWORD.search(cfg.notifications.transport_url):
+        found.append("notifications.transport_url (a password in a URL)")
     return found
 
 

@@ -15,6 +15,7 @@ Manager (the leader fills the per-host and queue metrics; a standby shows vmha_m
   vmha_tasks{state}                            recovery tasks by state (queue depth)
   vmha_proofs_total{method}, vmha_proofs_refused_total, vmha_power_fence_total{result}
   vmha_alerts_total{level}, vmha_webhook_undelivered_total
+  vmha_notification_undelivered_total          message-bus notifications given up on
 Both:
   vmha_etcd_errors_total{kind}                 etcd calls failed: unavailable, error, compacted
 Agent:
@@ -66,6 +67,8 @@ POWER_FENCE = Counter("vmha_power_fence", "Out-of-band power-offs, by result (of
 ALERTS = Counter("vmha_alerts", "Alerts raised, by level", ["level"], registry=MANAGER)
 UNDELIVERED = Counter("vmha_webhook_undelivered", "Alerts a webhook never took (in the undelivered log)",
                       registry=MANAGER)  # fmt: skip
+BUS_UNDELIVERED = Counter("vmha_notification_undelivered",
+                          "Notifications the message bus never took (in their undelivered log)", registry=MANAGER)
 ETCD_ERRORS = Counter("vmha_etcd_errors", "etcd calls that failed, by kind", ["kind"], registry=None)
 MANAGER.register(ETCD_ERRORS)
 AGENT.register(ETCD_ERRORS)
@@ -148,6 +151,10 @@ def webhook_undelivered() -> None:
     UNDELIVERED.inc()
 
 
+def notification_undelivered() -> None:
+    BUS_UNDELIVERED.inc()
+
+
 def power_fenced(ok: bool) -> None:
     POWER_FENCE.labels("off" if ok else "failed").inc()
 
@@ -200,6 +207,6 @@ def etcd_error(kind: str) -> None:
 
 __all__ = [
     "AGENT", "MANAGER", "agent_planes", "alert", "detected", "etcd_error", "forget_host", "forget_planes",
-    "plane_state", "power_fenced", "proof", "proof_refused", "recovery_finished", "recovery_started", "served",
-    "tasks_by_state", "webhook_undelivered",
+    "notification_undelivered", "plane_state", "power_fenced", "proof", "proof_refused", "recovery_finished",
+    "recovery_started", "served", "tasks_by_state", "webhook_undelivered",
 ]

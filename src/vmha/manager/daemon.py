@@ -73,6 +73,7 @@ from vmha.etcd.tasks import StaleTasks, TaskStore
 from vmha.etcd.values import PauseValue, read, refused
 from vmha.etcd.watch import Delete, Snapshot, watch_prefix
 from vmha.manager.detection import HealthMonitor, LocksRefused, unix_monotonic
+from vmha.manager.notifications import BusNotifier
 from vmha.manager.webhooks import Webhooks, evidence_links
 from vmha.runtime.env import TermOver
 from vmha.runtime.loop import Inbox, Loop
@@ -243,6 +244,7 @@ class Manager:
         self.election = Election(self.client, self.keys.leader, self.m.name, self.m.election_ttl)
         self.leadership: Leadership | None = None
         self.webhooks: Webhooks | None = None  # [alerts] webhooks: created in run(), in its event loop
+        self.bus: BusNotifier | None = None  # [notifications]: created in run(), in its event loop
         self.public_url = cfg.api.public_url if cfg.api is not None else None  # the alerts' evidence links
         self.parts: Parts | None = None
 
@@ -267,6 +269,10 @@ class Manager:
             self.webhooks = Webhooks(self.cfg.alerts, {"cluster": self.cfg.cluster.name, "manager": self.m.name},
                                      public_url=self.public_url)
             hooks = asyncio.create_task(self.webhooks.run(), name="webhooks")
+        bus: asyncio.Task[None] | None = None
+        if self.cfg.notifications is not None:
+            self.bus = BusNotifier(self.cfg.notifications, self.cfg.cluster.name, self.m.name, self.public_url)
+            bus = asyncio.create_task(self.bus.run(), name="notifications")
         self.parts = parts
         try:
             while not stop.is_set():
@@ -292,10 +298,11 @@ class Manager:
                     if parts.release_all is not None:
                         await parts.release_all()
         finally:
-            if hooks is not None:
-                hooks.cancel()  # what is still queued goes to the undelivered log
-                with contextlib.suppress(asyncio.CancelledError):
-                    await hooks
+            for sender in (hooks, bus):
+                if sender is not None:
+                    sender.cancel()  # what is still queued goes to the undelivered log
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sender
             if parts.release_all is not None:
                 await parts.release_all()
             await self.client.close()
@@ -549,7 +556,8 @@ class Term:
             await self._durable(lambda: self.events.append(self.lead, entries, time.time()))
 
     def _observe(self, tasks: Mapping[str, dict[str, object]], records: Sequence[RecordEvidence]) -> None:
-        """The metrics of this output: queue depth, the phases of the recoveries begun and ended."""
+        """The metrics of this output: queue depth, the phases of the recoveries begun and ended; and
+        their notifications on the message bus (once persisted)."""
         queue = self.loop.core.queue
         metrics.tasks_by_state(queue.count)
         for data in tasks.values():
@@ -559,9 +567,14 @@ class Term:
                 self.recovering.add(key)
                 last = {p: self.monitor.core.last_seen(task.source, Plane(p)) for p in task.failed}
                 metrics.recovery_started(task, {p: t for p, t in last.items() if t is not None})
+                if self.mgr.bus is not None:
+                    self.mgr.bus.recovery(task, time.time())
         for r in records:
             self.recovering.discard((r.vm, r.recovery))
-            metrics.recovery_finished(Task.from_dict(r.data))
+            ended = Task.from_dict(r.data)
+            metrics.recovery_finished(ended)
+            if self.mgr.bus is not None:
+                self.mgr.bus.recovery(ended, time.time())
 
     def alert(self, alert: Alert) -> None:
         links = evidence_links(self.mgr.public_url, alert.vm, alert.host)
@@ -571,6 +584,8 @@ class Term:
         if self.mgr.webhooks is not None:
             self.mgr.webhooks.send({"level": alert.level.value, "host": alert.host, "vm": alert.vm,
                                     "text": alert.text, "t": round(time.time(), 3)})  # fmt: skip
+        if self.mgr.bus is not None:
+            self.mgr.bus.alert(alert.level, alert.host, alert.vm, alert.text, time.time())
 
     async def prove(self, vm: str, host: str, methods: Sequence[ProofMethod], timeout: float) -> FenceProof:
         try:

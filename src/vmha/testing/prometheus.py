@@ -4,6 +4,9 @@ with a temporary config and storage directory and stopped by PID; PromQL through
     with PrometheusServer(workdir, {"manager": ["127.0.0.1:9101"], "agent": ["127.0.0.1:9102"]}) as prom:
         prom.query('vmha_plane_up{host="h1",plane="storage"}')      # [(labels, value), ...]
         prom.value('sum(vmha_recovery_phase_seconds_count{phase="recover"})')   # one number or None
+
+With `netns` (a lab's controller namespace, where the lab's daemons are reachable), Prometheus runs
+in that network namespace and the queries are made from it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from vmha.lab.net import in_netns
 from vmha.testing.etcd import free_ports
 from vmha.testing.process import stop_process
 
@@ -30,12 +34,14 @@ class PrometheusError(RuntimeError):
 
 class PrometheusServer:
     def __init__(self, workdir: Path, targets: Mapping[str, Sequence[str]], *, scrape_interval: float = 1.0,
-                 ready_timeout: float = 60.0) -> None:  # fmt: skip
+                 ready_timeout: float = 60.0, netns: str | None = None) -> None:  # fmt: skip
         self.dir = workdir
         self.targets = targets
         self.scrape_interval = scrape_interval
         self.ready_timeout = ready_timeout
-        self.port = free_ports(1)[0]
+        self.netns = netns
+        with in_netns(netns):  # free there
+            self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "prometheus.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -54,8 +60,9 @@ class PrometheusServer:
         config = self.dir / "prometheus.yml"
         config.write_text(self._config())
         with open(self.log, "wb") as out:
+            enter = ["ip", "netns", "exec", self.netns] if self.netns is not None else []  # it execs: PID kept
             self.proc = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={self.dir / 'data'}",
+                [*enter, PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={self.dir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}"],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -64,7 +71,7 @@ class PrometheusServer:
             if self.proc.poll() is not None:
                 raise PrometheusError(f"prometheus exited ({self.proc.returncode}): {self._tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                with in_netns(self.netns), urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
@@ -80,7 +87,7 @@ class PrometheusServer:
         """An instant PromQL query: each series' labels and value (a scalar: one series, no labels)."""
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
         try:
-            with urllib.request.urlopen(url, timeout=10) as r:
+            with in_netns(self.netns), urllib.request.urlopen(url, timeout=10) as r:
                 answer = json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise PrometheusError(f"query {expr!r}: HTTP {e.code}: {e.read().decode(errors='replace')}") from None

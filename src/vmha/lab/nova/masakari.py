@@ -104,7 +104,7 @@ class Masakari:
         conf = self.dir / "masakari.conf"
         conf.write_text(
             f"""[DEFAULT]
-transport_url = rabbit://guest:guest@{rig.bind}:{rig.ports["amqp"]}/
+transport_url = {rig.transport_url}
 auth_strategy = noauth2
 masakari_api_listen = {rig.bind}
 masakari_api_listen_port = {self.port}

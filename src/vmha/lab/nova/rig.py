@@ -188,6 +188,10 @@ class NovaRig:
     def clouds_yaml(self) -> Path:
         return self.dir / "clouds.yaml"
 
+    @property
+    def transport_url(self) -> str:
+        return f"rabbit://guest:guest@{self.bind}:{self.ports['amqp']}/"
+
     def db_url(self, name: str) -> str:
         return f"mysql+pymysql://root@{self.bind}:{self.ports['db']}/{name}?charset=utf8"
 
@@ -222,7 +226,7 @@ class NovaRig:
         admin_auth = f"auth_type = admin_token\ntoken = {ADMIN_TOKEN}\nregion_name = RegionOne\n"
         (etc / "nova" / "nova.conf").write_text(
             f"""[DEFAULT]
-transport_url = rabbit://guest:guest@{self.bind}:{p["amqp"]}/
+transport_url = {self.transport_url}
 state_path = {self.dir}/state
 my_ip = {self.bind}
 host = controller
@@ -530,6 +534,17 @@ connection = {self.db_url("placement")}
         if self.own_computes:
             for h in self.hosts:
                 self.start_compute(h)
+
+    def start_broker(self) -> NovaRig:
+        """RabbitMQ alone, as the rig runs it (for the tests of what vmha publishes on the bus; needs
+        Debian's rabbitmq-server only); stop() stops it."""
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_rabbit()
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Until the APIs answer, every service (a compute per host) is up, the hosts are discovered
