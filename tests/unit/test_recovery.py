@@ -473,6 +473,32 @@ def test_new_leader_resumes_each_task_at_its_step_without_repeating_done_ones() 
     assert not of(out, MarkHostDown) and new.task("vm2").state == TaskState.RELEASING  # type: ignore[union-attr]
 
 
+def test_a_resumed_task_waits_until_its_hosts_planes_are_settled() -> None:
+    """A new leader sees a dead host's planes go SUSPECT, then DOWN one by one, ms apart. Acted on
+    before they settle, the resumed tasks were proved, then cancelled by the passing row `management`
+    (disable), and each VM recovered a second time (test_leader_lost_mid_queue[kill], 2026-12-03)."""
+    c = core()
+    store: dict[str, dict[str, object]] = {}
+    persisted(c.step(inventory(VMS), 1.0), store)
+    persisted(fail_h2(c, management=DOWN, storage=DOWN, service=DOWN), store)  # vm1, vm2 proving
+    # The new leader knows the other hosts UP, h2 not yet (its monitor starts from nothing).
+    new = RecoveryCore(PolicyTable.parse(DEFAULT_POLICY), RecoverySettings(decide_after=0.0))
+    for h in ("h1", "h3", "h4"):
+        new.step(HealthUpdate(health(h)), 30.0)
+    new.step(TasksLoaded(tuple(Task.from_dict(d) for d in store.values())), 30.0)
+    new.step(inventory(VMS), 30.0)
+    steps = [dict.fromkeys(("management", "storage", "service"), SUSPECT),
+             {"management": DOWN, "storage": SUSPECT, "service": SUSPECT},
+             {"management": DOWN, "storage": DOWN, "service": SUSPECT}]
+    for i, states in enumerate(steps):
+        out = new.step(HealthUpdate(health("h2", 30.1 + i / 100, **states)), 30.1 + i / 100)
+        assert not of(out, Prove), states
+        assert {new.task(vm).state for vm in ("vm1", "vm2")} == {TaskState.PROVING}, states  # type: ignore[union-attr]
+    out = new.step(HealthUpdate(health("h2", 30.2, management=DOWN, storage=DOWN, service=DOWN)), 30.2)
+    assert sorted(p.vm for p in of(out, Prove)) == ["vm1", "vm2"]
+    assert all(new.task(vm).recovery == 1 for vm in ("vm1", "vm2"))  # type: ignore[union-attr]
+
+
 def test_new_leader_does_not_recreate_finished_recoveries() -> None:
     c = core()
     store: dict[str, dict[str, object]] = {}
