@@ -136,7 +136,12 @@ class Placement(CoreState):
                        if (v := self._vms[name]).ha and self._placed.get(name) == h] for h in hosts}
         moves = plan(loads, movable, self.settings.rebalance_moves, self.settings.host_capacity)
         self._rebalance_next = now + self.settings.rebalance_cooldown
-        self._rebalance_due = bool(moves)  # moved some: another round after the cool-down, until even
+        # Moved some: another round after the cool-down, until even. Fewer than two destinations (a
+        # fabric outage, the hosts still out): nothing can be judged now, so the round stays due; it
+        # was dropped, and a host that rejoined during a fabric outage kept its 10 VMs for good.
+        self._rebalance_due = bool(moves) or len(hosts) < 2
+        if len(hosts) < 2:
+            return
         text = ", ".join(f"{h}={n}" for h, n in sorted(loads.items()))
         if not moves:
             out.log.append(LogLine(Level.INFO, now, ACTOR, f"rebalance: loads {text}: even, nothing to move"))
