@@ -296,8 +296,7 @@ def down(lab_dir: Path, prefix: str = "vl", echo: Echo = _quiet) -> list[str]:
         state: LabState | None = LabState.load(lab_dir)
     except LabError:
         state = None
-    if state is not None:
-        prefix = state.prefix
+    prefix = state.prefix if state is not None else prefix
     owner.refuse_if_owned(prefix, lab_dir, "down")
     if state is not None:
         # Hosts first, their sshfs unmounted while the server still answers (no hung FUSE I/O).
