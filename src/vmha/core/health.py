@@ -454,9 +454,11 @@ class HealthCore:
                 self._reindex(host, plane, tr)
 
     def _restart_staleness(self, now: float) -> None:
+        # Only UP planes: a lost plane's `seen` is its last sign of life, which the detect phase
+        # and the detection latency are measured from.
         for h in self._hosts.values():
             for tr in h.planes.values():
-                if tr.seen is not None:
+                if tr.state == PlaneState.UP and tr.seen is not None:
                     tr.seen = max(tr.seen, now)
         self._reindex_all()
 
