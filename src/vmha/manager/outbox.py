@@ -90,6 +90,9 @@ class Outbox:
                 await self.destinations[name](payload)
             except Undelivered as e:
                 error = str(e)
+            except Exception as e:  # a sender's bug must not end this destination's worker
+                log.exception("%s %s: delivering %s failed unexpectedly", self.kind, name, summary)
+                error = f"{type(e).__name__}: {e}"
             else:
                 return
             if attempt < self.cfg.attempts:
