@@ -69,7 +69,9 @@ def status(config_path: str, as_json: bool) -> None:
     con = Console()
     note = "" if here == "joined" else " (this host has not joined: states unknown; run it on a member)"
     con.print(f"lockspace {space.name} at {space.ids_path}, io_timeout {space.io_timeout}{note}")
-    t = Table("host_id", "host", "state", "generation", "last renewal")
+    # sanlock stamps a renewal with the renewing host's monotonic clock: its uptime, comparable only
+    # with that host's own earlier stamps, not a time of day.
+    t = Table("host_id", "host", "state", "generation", "last renewal (its uptime, s)")
     for h in hosts:
         t.add_row(str(h["host_id"]), str(h["name"]), str(h["state"]), str(h["generation"]), str(h["timestamp"]))
     con.print(t)
