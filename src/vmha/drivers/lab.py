@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -31,6 +32,8 @@ from vmha.lab.procs import EXIT_LEASE_REFUSED, VmProcess, vm_processes
 from vmha.lab.state import DEFAULT_DIR, LabState
 from vmha.lab.vm import incoming_marker
 from vmha.lab.vms import start_copy, writing_on
+
+log = logging.getLogger("vmha.drivers.lab")
 
 START_TIMEOUT = 30.0  # a copy takes its lease (sanlock acquire: ~1 s) and writes within this
 MIGRATE_WAIT = 30.0  # a migration destination waits this long for the source to release
@@ -174,6 +177,9 @@ class LabDriver:
             restarted = await self._start_first(state, vm, await self._targets(state, None, {source}), errors)
             if restarted is None:
                 raise DriverError(f"{vm}: not running anywhere: {'; '.join(errors)}") from None
+            # The task records a live migration; say plainly that the VM restarted (its state lost).
+            log.warning("lab: vm=%s live migration from host=%s failed (%s): RESTARTED on host=%s, not migrated",
+                        vm, source, e, restarted)  # fmt: skip
             target = restarted
         await self._place(vm, target)
         await self._wait_gone(state, vm, source)
