@@ -106,6 +106,18 @@ def test_whole_view_is_every_hosts_view() -> None:
     assert {e.health.host for e in r.feed.whole_view()} == {"h1", "h2"}
 
 
+def test_whole_view_carries_the_fabric_outage_in_progress() -> None:
+    # A leader that starts during an outage must know of it (its alert, and the log line of its end),
+    # not only see FABRIC planes.
+    hosts = ["h1", "h2", "h3", "h4"]
+    r = Recorder()
+    r.feed.step([HostSeen(h, "r1") for h in hosts], 0.0)
+    r.feed.step(beats(hosts, 0.1, 1), 0.1)
+    out = r.feed.step([LeaseGone(h, Plane.MANAGEMENT, 10) for h in hosts[:3]], 1.0)
+    view = r.feed.core.view()
+    assert r.feed.whole_view() == [HealthUpdate(view[h]) for h in hosts] + [FabricUpdate(f) for f in out.fabric]
+
+
 async def test_the_monitor_publishes_an_outputs_changes_then_its_recovery_events() -> None:
     """The daemon's term takes the HealthUpdates from this stream into its inbox: they must follow the
     changes of their output, one per host, as the feed made them."""

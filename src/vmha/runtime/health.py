@@ -52,10 +52,11 @@ class HealthFeed:
     def next_deadline(self) -> float | None:
         return self.core.next_deadline()
 
-    def whole_view(self) -> list[HealthUpdate]:
-        """Every host's current view as recovery events: what a recovery core that starts now (a new
-        leader's) must know before the changes that follow."""
-        return [HealthUpdate(h) for h in self.core.view().values()]
+    def whole_view(self) -> list[HealthUpdate | FabricUpdate]:
+        """Every host's current view, then the fabric outages in progress, as recovery events: what a
+        recovery core that starts now (a new leader's) must know before the changes that follow."""
+        hosts: list[HealthUpdate | FabricUpdate] = [HealthUpdate(h) for h in self.core.view().values()]
+        return hosts + [FabricUpdate(f) for f in self.core.fabric_outages()]
 
 
 __all__ = ["Deliver", "HealthFeed", "Observe"]
