@@ -180,16 +180,23 @@ async def test_the_manager_s_recoveries_reach_the_bus_and_a_broker_down_stops_no
             print(f"--- manager (exit {manager.proc.returncode}):\n{manager.log.read_text()[-3000:]}")
 
 
+# The threading executor runs two notifications' handlers at once: each line is written whole, under
+# a lock (two print() calls interleaved once, two objects on one line: integration run of 2026-12-03).
 LISTENER = """
-import json, sys
+import json, sys, threading
 import oslo_messaging
 from oslo_config import cfg
 
+lock = threading.Lock()
+
 class Endpoint:
     def _got(self, priority, publisher_id, event_type, payload, metadata):
-        print(json.dumps({"priority": priority, "publisher_id": publisher_id, "event_type": event_type,
-                          "payload": payload, "message_id": metadata["message_id"],
-                          "timestamp": metadata["timestamp"]}), flush=True)
+        line = json.dumps({"priority": priority, "publisher_id": publisher_id, "event_type": event_type,
+                           "payload": payload, "message_id": metadata["message_id"],
+                           "timestamp": metadata["timestamp"]}) + "\\n"
+        with lock:
+            sys.stdout.write(line)
+            sys.stdout.flush()
     def info(self, ctxt, publisher_id, event_type, payload, metadata):
         self._got("info", publisher_id, event_type, payload, metadata)
     def error(self, ctxt, publisher_id, event_type, payload, metadata):
@@ -225,7 +232,8 @@ async def test_oslo_messaging_s_own_listener_reads_them(tmp_path: Path, broker: 
         bus.alert(Level.INFO, "h1", None, "host 'h1' enabled", 1796230301.0)
 
         def received() -> list[dict[str, Any]]:
-            return [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
+            lines = out.read_text().split("\n")[:-1]  # whole lines only: the listener may be writing one
+            return [json.loads(line) for line in lines if line.startswith("{")]
 
         await until(lambda: len(received()) == 2, "both notifications, through oslo.messaging", timeout=30)
     finally:
