@@ -96,7 +96,8 @@ class ManagerProcess:
 
 def calls(workdir: Path) -> list[dict[str, Any]]:
     path = workdir / "calls.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    # Whole lines only: polled while a manager may be appending one.
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
 async def heartbeats(etcd: EtcdProcess) -> AsyncIterator[dict[str, list[PlaneHeartbeat]]]:
