@@ -100,6 +100,15 @@ def calls(workdir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
+async def sees_all_up(client: EtcdClient, manager: str) -> bool:
+    """The manager's persisted health view holds every host, each plane UP: its monitor has seen them beat."""
+    view = await health_store.load(client, KEYS)
+    return sorted(view.hosts) == HOSTS and all(
+        s.manager == manager and all(p.state == PlaneState.UP for p in s.health.planes.values())
+        for s in view.hosts.values()
+    )
+
+
 async def heartbeats(etcd: EtcdProcess) -> AsyncIterator[dict[str, list[PlaneHeartbeat]]]:
     """Each host's heartbeats, as its agent sends them: with its own certificate (its etcd user)."""
     beats = {h: [PlaneHeartbeat(KEYS, h, p, etcd.client_urls, ttl=2, interval=0.5, tls=etcd.tls(h)) for p in PLANES]
@@ -160,14 +169,7 @@ async def test_leader_lost_mid_queue(etcd: EtcdProcess, tmp_path: Path, fault: s
         await until(lambda: "manager mgr-b: standby, leader is mgr-a" in b.log.read_text(), "mgr-b standing by",
                     timeout=20, interval=0.2)  # fmt: skip
 
-        async def a_sees_all_up() -> bool:
-            view = await health_store.load(client, KEYS)
-            return sorted(view.hosts) == HOSTS and all(
-                s.manager == "mgr-a" and all(p.state == PlaneState.UP for p in s.health.planes.values())
-                for s in view.hosts.values()
-            )
-
-        await until(a_sees_all_up, "mgr-a's view: every host UP", timeout=20, interval=0.2)
+        await until(lambda: sees_all_up(client, "mgr-a"), "mgr-a's view: every host UP", timeout=20, interval=0.2)
 
         async def host_ids_allocated() -> bool:
             return sorted((await hostids.host_ids(client, KEYS)).values()) == HOSTS

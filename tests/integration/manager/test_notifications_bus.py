@@ -20,7 +20,7 @@ from typing import Any
 
 import aio_pika
 import pytest
-from test_manager_failover import CLUSTER, HOSTS, KEYS, ManagerProcess, calls, heartbeats, write_config
+from test_manager_failover import CLUSTER, HOSTS, KEYS, ManagerProcess, calls, heartbeats, sees_all_up, write_config
 
 from vmha.config import NotificationsConfig
 from vmha.core.log import Level
@@ -119,7 +119,8 @@ async def test_the_manager_s_recoveries_reach_the_bus_and_a_broker_down_stops_no
             return leader_name(await client.get(KEYS.leader)) == "mgr-a"
 
         await until(leads, "mgr-a leads", timeout=30, interval=0.2)
-        await asyncio.sleep(3)  # its monitor sees every host beat before the fault
+        # Its monitor has seen every host UP (not a fixed sleep): h1's crash is then a host failure.
+        await until(lambda: sees_all_up(client, "mgr-a"), "mgr-a's view: every host UP", timeout=20, interval=0.2)
         for hb in beats["h1"]:
             await hb.stop(revoke=False)  # h1 crashes
         await until(lambda: len(consumer.events("recovery.process.end")) == len(ON_H1),
