@@ -581,7 +581,19 @@ class NovaDriver:
         deadline = time.monotonic() + timeout
         started = False
         while True:
-            s = await self._server(vm)
+            try:
+                s = await self._server(vm)
+                # Back on the source with no task: only the migration record tells done from failed.
+                back = s.task_state is None and s.compute_host == source
+                migration = await self._last_migration(vm, kind) if back else None
+            except DriverError as e:
+                if not e.retryable or time.monotonic() >= deadline:
+                    raise
+                # A read that failed (429, 5xx, no answer) says nothing of the move under way: read
+                # again. Failing here would cost the queue an attempt per API hiccup while Nova works.
+                log.warning("nova: vm=%s %s: reading its state failed (%s): polling again", vm, what, e)
+                await asyncio.sleep(self.poll_interval)
+                continue
             host, task, status = s.compute_host, s.task_state, s.status
             if task is None and host != source:
                 if status == "ACTIVE" or (status == "SHUTOFF" and not start):
@@ -594,14 +606,12 @@ class NovaDriver:
                     started = True
                 elif status == "ERROR":
                     raise DriverError(f"nova: vm={vm} {what} to {host} ended in ERROR {_fault(s)}".rstrip())
-            elif task is None and host == source:
-                migration = await self._last_migration(vm, kind)
-                if status == "ERROR" or (migration is not None and migration.status in _MIGRATION_FAILED):
-                    state = "none" if migration is None else migration.status
-                    raise DriverError(
-                        f"nova: vm={vm} {what} from {source} failed: status={status} migration={state} "
-                        f"{_fault(s)}".rstrip()
-                    )
+            elif back and (status == "ERROR" or (migration is not None and migration.status in _MIGRATION_FAILED)):
+                state = "none" if migration is None else migration.status
+                raise DriverError(
+                    f"nova: vm={vm} {what} from {source} failed: status={status} migration={state} "
+                    f"{_fault(s)}".rstrip()
+                )
             if time.monotonic() >= deadline:
                 raise DriverError(
                     f"nova: vm={vm} {what} not finished after {timeout:.0f} s "

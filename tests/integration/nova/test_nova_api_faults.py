@@ -7,6 +7,7 @@ through it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -85,5 +86,31 @@ async def test_evacuation_through_rate_limits_errors_and_a_lost_answer(
     # What Nova saw of the evacuate calls: `limited` once (after 429, 503 answered by the proxy),
     # `lost` once (the retry found its evacuation under way or done and sent none).
     posts = [(p.split("/")[-2], code, fwd) for m, p, code, fwd in answers if m == "POST" and p.endswith("/action")]
-    assert [(c, f) for sid, c, f in posts if sid == limited.id] == [(429, False), (503, False), (202, True)]
+    assert [(c, f) for sid, c, f in posts if sid == limited.id] == [(429, False), (503, False), (200, True)]
     assert [(c, f) for sid, c, f in posts if sid == lost.id] == [(502, True)]
+
+
+async def test_failed_reads_while_an_evacuation_runs_cost_no_attempt(
+    rig: NovaRig, admin: Any, boot: Boot, fault_cmp1: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    vm = boot(admin, "cmp1", "faults-polled", metadata={"HA_Enabled": "True"})
+    rig.kill_compute("cmp1")
+    with FaultProxy(rig.nova_url, []) as proxy:
+        conn = nova.connect(**(rig.connect_options() | {"compute_endpoint_override": proxy.url}))
+        driver = nova.NovaDriver(NovaConfig(), connection=conn, poll_interval=0.3, evacuate_timeout=90)
+        await driver.mark_host_down("cmp1")
+        with caplog.at_level(logging.WARNING, logger="vmha.drivers.nova"):
+            moving = asyncio.create_task(driver.evacuate(vm.id, "cmp1", "cmp2"))
+            try:
+                await until(lambda: any(m == "POST" and fwd for m, _, _, fwd in proxy.answers),
+                            "the evacuate call reached Nova", timeout=30)  # fmt: skip
+                # The next reads of the server while Nova evacuates it: 503, 503, 429, then answered.
+                reads = f"/servers/{vm.id}$"
+                proxy.set_rules([Fault(503, "GET", reads, first=2), Fault(429, "GET", reads, first=1)])
+                assert await moving == "cmp2"
+            finally:
+                moving.cancel()
+    # The wait read again: the evacuation's one attempt survived three failed polls.
+    assert caplog.text.count(f"vm={vm.id} evacuation: reading its state failed") == 3
+    assert [c for m, _, c, fwd in proxy.answers if not fwd] == [503, 503, 429]
+    assert [x.action for x in admin.compute.server_actions(vm.id)].count("evacuate") == 1

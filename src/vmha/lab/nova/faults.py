@@ -4,6 +4,7 @@
     proxy.start()
     conn = nova.connect(**(rig.connect_options() | {"compute_endpoint_override": proxy.url}))
     proxy.answers       # [(method, path, code, forwarded)], one per request
+    proxy.set_rules([...])  # other faults from now on
     proxy.close()
 
 Per request the first rule that matches (method, path regex) and fires decides:
@@ -106,6 +107,11 @@ class FaultProxy:
             self._thread.join()
             self._thread = None
         self._server.server_close()
+
+    def set_rules(self, rules: list[Fault]) -> None:
+        """New rules from now on (a test's faults after some request went through), counted afresh."""
+        with self._lock:
+            self.rules, self._reached = rules, [0] * len(rules)
 
     def decide(self, method: str, path: str) -> int | None:
         """The fault for this request, or None: forward it as it is."""
