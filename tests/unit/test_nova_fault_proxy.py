@@ -61,12 +61,12 @@ def call(proxy: FaultProxy, method: str, path: str, body: bytes = b"") -> tuple[
 
 
 def test_first_requests_of_a_rule_and_the_answer_lost_after_forwarding(upstream: str) -> None:
-    rules = [Fault(429, "POST", ACTION, first=1), Fault(503, "POST", ACTION, first=1),
+    rules = [Fault(429, "POST", ACTION, first=1, retry_after=7), Fault(503, "POST", ACTION, first=1),
              Fault(502, "POST", ACTION, first=1)]  # fmt: skip
     with FaultProxy(upstream, rules) as proxy:
         assert proxy.url.endswith("/v2.1")
         code, headers, body = call(proxy, "POST", "/v2.1/servers/abc/action", b'{"evacuate": {}}')
-        assert (code, headers["Retry-After"], json.loads(body)["overLimit"]["code"]) == (429, "1", 429)
+        assert (code, headers["Retry-After"], json.loads(body)["overLimit"]["code"]) == (429, "7", 429)
         assert call(proxy, "GET", "/v2.1/servers/abc")[0] == 202  # another path: forwarded
         assert call(proxy, "POST", "/v2.1/servers/abc/action", b"x")[0] == 503
         assert _Upstream.seen == [("GET", "/v2.1/servers/abc", b"")]  # neither fault reached the API

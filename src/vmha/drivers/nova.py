@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -147,6 +148,17 @@ def _extra_specs(server: Any) -> dict[str, Any]:
     return specs if isinstance(specs, dict) else {}
 
 
+def _retry_after(e: os_exc.HttpException) -> float:
+    """The answer's Retry-After in seconds; 0 for none, an HTTP date, or a value no wait can be
+    (negative, not a number): the queue's own backoff then decides."""
+    headers = getattr(getattr(e, "response", None), "headers", None) or {}
+    try:
+        seconds = float(str(headers.get("Retry-After", "")))
+    except (AttributeError, ValueError):
+        return 0.0
+    return seconds if 0.0 <= seconds < math.inf else 0.0
+
+
 def _error(what: str, e: BaseException) -> DriverError:
     """Map an openstacksdk / keystoneauth failure to DriverError, deciding whether a retry can help."""
     if isinstance(e, os_exc.HttpException):
@@ -165,7 +177,7 @@ def _error(what: str, e: BaseException) -> DriverError:
             # Wrong VM state for the action (e.g. live-migrating a stopped server): a retry won't help.
             return DriverError(text, retryable=False)
         # 409: the server is busy with another task; 5xx and 429: the API is struggling.
-        return DriverError(text, retryable=code in (409, 429) or code >= 500)
+        return DriverError(text, retryable=code in (409, 429) or code >= 500, retry_after=_retry_after(e))
     if isinstance(e, ks_exc.ConnectionError | ks_exc.RetriableConnectionFailure):
         return DriverError(f"nova: {what}: cannot reach the API: {e}")
     if isinstance(e, TimeoutError):
@@ -592,7 +604,7 @@ class NovaDriver:
                 # A read that failed (429, 5xx, no answer) says nothing of the move under way: read
                 # again. Failing here would cost the queue an attempt per API hiccup while Nova works.
                 log.warning("nova: vm=%s %s: reading its state failed (%s): polling again", vm, what, e)
-                await asyncio.sleep(self.poll_interval)
+                await asyncio.sleep(min(max(self.poll_interval, e.retry_after), deadline - time.monotonic()))
                 continue
             host, task, status = s.compute_host, s.task_state, s.status
             if task is None and host != source:

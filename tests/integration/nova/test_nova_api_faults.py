@@ -37,10 +37,11 @@ async def test_evacuation_through_rate_limits_errors_and_a_lost_answer(
 ) -> None:
     limited = boot(admin, "cmp1", "faults-limited", metadata={"HA_Enabled": "True"})
     lost = boot(admin, "cmp1", "faults-lost", metadata={"HA_Enabled": "True"})
-    # `limited`: its first evacuate answered 429 (Retry-After 1), the next 503, neither reaching Nova.
+    # `limited`: its first evacuate answered 429 with Retry-After 5 (longer than the queue's first
+    # backoff, 2 s), the next 503, neither reaching Nova.
     # `lost`: its first evacuate reaches Nova, which starts the evacuation; the answer becomes a 502.
     rules = [
-        Fault(429, "POST", f"/servers/{limited.id}/action", first=1),
+        Fault(429, "POST", f"/servers/{limited.id}/action", first=1, retry_after=5),
         Fault(503, "POST", f"/servers/{limited.id}/action", first=1),
         Fault(502, "POST", f"/servers/{lost.id}/action", first=1),
     ]
@@ -68,13 +69,14 @@ async def test_evacuation_through_rate_limits_errors_and_a_lost_answer(
     a, b = tasks[limited.id], tasks[lost.id]
     log = "\n".join(line.render() for line in manager.env.lines)
     assert (a.state, b.state) == (TaskState.DONE, TaskState.DONE), log
-    # The evidence names each failed attempt and its HTTP code; the queue waited 2 s, then 4 s.
+    # The evidence names each failed attempt and its HTTP code; the queue waited as Nova's answer
+    # asked (Retry-After 5 s), then its own backoff (4 s).
     (_, f1, r1), (s2, f2, r2), (s3, _, r3) = evacuations(a)
     assert "HTTP 429" in r1 and "HTTP 503" in r2 and r3 == "ok", log
-    assert s2 - f1 >= 2.0 and s3 - f2 >= 4.0
+    assert s2 - f1 >= 5.0 and s3 - f2 >= 4.0
     (_, _, r1), (_, _, r2) = evacuations(b)
     assert "HTTP 502" in r1 and r2 == "ok", log
-    assert "evacuate failed: nova: evacuate" in log and "retry in 2s" in log
+    assert "retry in 5s (API asked 5s)" in log and "retry in 4s" in log and "retry in 2s" in log
 
     # Nova: both ACTIVE elsewhere, each evacuated exactly once.
     for s, t in ((limited, a), (lost, b)):

@@ -48,6 +48,7 @@ class Fault:
     path: str = ""  # regex searched in the request path; "" any
     first: int = 0  # fires for the first `first` requests reaching the rule...
     fraction: float = 0.0  # ...else for this fraction of them
+    retry_after: int = RETRY_AFTER  # s, the Retry-After header of a 429
 
     def __post_init__(self) -> None:
         if self.code not in CODES:
@@ -113,8 +114,8 @@ class FaultProxy:
         with self._lock:
             self.rules, self._reached = rules, [0] * len(rules)
 
-    def decide(self, method: str, path: str) -> int | None:
-        """The fault for this request, or None: forward it as it is."""
+    def decide(self, method: str, path: str) -> Fault | None:
+        """The rule answering this request, or None: forward it as it is."""
         with self._lock:
             draw, share = self._random.random(), 0.0
             for i, rule in enumerate(self.rules):
@@ -123,7 +124,7 @@ class FaultProxy:
                 self._reached[i] += 1
                 share += rule.fraction
                 if self._reached[i] <= rule.first or draw < share:
-                    return rule.code
+                    return rule
             return None
 
     def record(self, method: str, path: str, code: int, forwarded: bool) -> None:
@@ -151,10 +152,12 @@ class _Handler(BaseHTTPRequestHandler):
     def relay(self) -> None:
         proxy = self.server.proxy
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        fault = proxy.decide(self.command, self.path)
-        if fault in (429, 503):
-            proxy.record(self.command, self.path, fault, False)
-            self.answer(fault, [("Retry-After", str(RETRY_AFTER))] if fault == 429 else [], _fault_body(fault))
+        rule = proxy.decide(self.command, self.path)
+        fault = None if rule is None else rule.code
+        if rule is not None and rule.code != 502:
+            proxy.record(self.command, self.path, rule.code, False)
+            retry_after = [("Retry-After", str(rule.retry_after))] if rule.code == 429 else []
+            self.answer(rule.code, retry_after, _fault_body(rule.code))
             return
         upstream = http.client.HTTPConnection(*proxy.target, timeout=120)
         try:
