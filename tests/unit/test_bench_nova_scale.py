@@ -10,7 +10,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from click.testing import CliRunner
 
+from vmha.bench import nova as nova_bench
+from vmha.bench import nova_scale
 from vmha.bench.nova_scale import InFlight, Manager, Phase, Spread, pick_failed, plan_servers, ratio
 from vmha.core.health import HealthTimings
 from vmha.core.settings import RecoverySettings
@@ -162,3 +165,20 @@ async def test_bench_manager_evacuates_every_vm_of_the_failed_hosts_within_the_l
     assert m.env.failures == []
     assert m.env.first_evacuate is not None and m.env.first_evacuate >= 0.3
     assert sorted(m.health.down_at) == ["h1", "h3"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--hosts", "4", "--api-faults", "404:0.1"], "api fault '404:0.1'"),
+    (["--hosts", "4", "--api-faults", "429:0.7,503:0.5"], "add up to more than 1"),
+    (["--api-faults", "429:0.1"], "need --hosts"),
+])  # fmt: skip
+def test_api_faults_refused_before_any_rig_starts(args: list[str], message: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_rig(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a rig was about to be started")
+
+    # A missed refusal must not start a rig here (either run: --hosts or the rounds).
+    monkeypatch.setattr(nova_scale, "run", no_rig)
+    monkeypatch.setattr(nova_bench, "_run", no_rig)
+    result = CliRunner().invoke(nova_bench.nova, args)
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -1,5 +1,6 @@
-"""The nova driver's reading of what tenants control: server names (vm_names = "name") and the HA
-priority. A stand-in connection answers the listing; what is tested is the driver's own logic."""
+"""The nova driver's reading of what tenants and the API control: server names (vm_names = "name"), the
+HA priority, an answer's Retry-After. A stand-in connection answers the listing; what is tested is the
+driver's own logic."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import logging
 from types import SimpleNamespace
 from typing import Any
 
+import openstack.exceptions as os_exc
 import pytest
+import requests
 
 from vmha.config import NovaConfig
-from vmha.drivers.nova import PRIORITY_SPEC, NovaDriver, duplicate_names
+from vmha.drivers.nova import PRIORITY_SPEC, NovaDriver, _error, duplicate_names
 
 
 def srv(sid: str, name: str, *, specs: dict[str, str] | None = None, **meta: str) -> Any:
@@ -48,3 +51,17 @@ async def test_priority_comes_from_the_flavor_not_from_what_tenants_set() -> Non
     d = driver([srv("a", "a", specs={PRIORITY_SPEC: "7"}), srv("b", "b", HA_Priority="99"),
                 srv("c", "c", specs={PRIORITY_SPEC: "high"})])
     assert {v.name: v.priority for v in await d.vms()} == {"a": 7, "b": 0, "c": 0}
+
+
+@pytest.mark.parametrize(("header", "wait"), [
+    ("7", 7.0), ("0.5", 0.5), (None, 0.0), ("Wed, 21 Oct 2026 07:28:00 GMT", 0.0), ("-3", 0.0), ("nan", 0.0),
+    ("inf", 0.0),
+])  # fmt: skip
+def test_retry_after_of_an_answer_is_read_and_untrusted(header: str | None, wait: float) -> None:
+    """Retry-After comes from whatever answers on the API's address (Nova, a proxy, a rate limiter)."""
+    r = requests.Response()
+    r.status_code, r.url, r._content = 429, "http://nova/v2.1/servers/a/action", b"{}"
+    if header is not None:
+        r.headers["Retry-After"] = header
+    err = _error("evacuate a", os_exc.HttpException("rate-limited", response=r))
+    assert (err.retryable, err.retry_after) == (True, wait) and "HTTP 429" in str(err)

@@ -916,3 +916,13 @@ def test_maintenance_off_does_not_end_a_quarantine_and_a_new_leader_keeps_it() -
     new.step(TasksLoaded(()), 0.5)
     new.step(HostOut("h2", HostOp.DISABLE, "3 failures"), 1.0)
     assert new.quarantined() == ["h2"] and not of(new.step(Tick(), 100.0), EnableHost)
+
+
+@pytest.mark.parametrize(("retry_after", "wait"), [(0.0, 2.0), (1.0, 2.0), (9.0, 9.0), (1e9, 60.0)])
+def test_the_apis_retry_after_lengthens_the_backoff_up_to_the_cap(retry_after: float, wait: float) -> None:
+    c = core(retry_base=2.0, retry_cap=60.0)
+    proved_and_marked(c)
+    c.step(StepDone("vm1", Step.RELEASE), 16.0)
+    out = c.step(StepFailed("vm1", Step.EVACUATE, "HTTP 429: rate-limited", retry_after=retry_after), 17.0)
+    assert c.next_deadline() == 17.0 + wait
+    assert ("API asked" in out.log[-1].text) == (retry_after > 0), out.log[-1].text

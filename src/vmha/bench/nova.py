@@ -34,6 +34,7 @@ from vmha.config import NovaConfig
 from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.drivers.nova import NovaDriver, connect
+from vmha.lab.nova.faults import parse_spec
 from vmha.lab.nova.rig import FLAVOR, IMAGE_ID, NovaRig
 
 MASAKARI_WAIT = 180.0  # wait_period_after_service_update
@@ -176,21 +177,28 @@ async def _run(vms: int, rounds: int, parallel: int, workdir: str | None) -> Non
               help="with --hosts: fault -> planes DOWN (vmha bench detection p99), also when Masakari is told")
 @click.option("--proof", type=click.FloatRange(min=0), default=POWER_PROOF, show_default=True,
               help="with --hosts: each fence proof's time (power fence through fence_ipmilan, median)")
+@click.option("--api-faults", "api_faults", default=None, metavar="SPEC",
+              help="with --hosts: this fraction of vmha's Nova API calls answered by a fault proxy, e.g. "
+                   "429:0.2,503:0.1 (429 and 503 not forwarded, 502 after Nova acted)")
 def nova(vms: int, rounds: int, parallel: int | None, workdir: str | None, hosts: int | None, fail: int | None,
-         masakari: bool, detection: float, proof: float) -> None:
+         masakari: bool, detection: float, proof: float, api_faults: str | None) -> None:
     """Fault to ACTIVE elsewhere through the nova driver and a real Nova; Masakari's defaults beside
     (with --hosts --masakari: Masakari running on the same failures)."""
     settings = RecoverySettings(power_fence=True)  # the manager's defaults (ManagerConfig.recovery_settings)
     if parallel is not None:
         settings = dataclasses.replace(settings, max_parallel=parallel)
     if hosts is None:
-        if fail is not None or masakari:
-            raise click.UsageError("--fail and --masakari need --hosts")
+        if fail is not None or masakari or api_faults is not None:
+            raise click.UsageError("--fail, --masakari and --api-faults need --hosts")
         asyncio.run(_run(vms, rounds, settings.max_parallel, workdir))
         return
     from vmha.bench import nova_scale  # the scale run and Masakari: imported on use
 
+    try:
+        faults = parse_spec(api_faults or "")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--api-faults") from None
     fail = 5 if fail is None else fail
     if fail >= hosts:
         raise click.UsageError(f"--fail ({fail}) must be below --hosts ({hosts}): the survivors take the servers")
-    asyncio.run(nova_scale.run(hosts, fail, vms, masakari, settings, detection, proof, workdir))
+    asyncio.run(nova_scale.run(hosts, fail, vms, masakari, settings, detection, proof, workdir, faults))

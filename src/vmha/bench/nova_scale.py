@@ -15,6 +15,11 @@ whose fence proofs are the one thing not real: the rig has no sanlock or BMC, so
 after --proof seconds (default: the production power fence's median through fence_ipmilan,
 BENCHMARKS.md). Task persistence to etcd is not done (no etcd here).
 
+--api-faults SPEC (vmha.lab.nova.faults): the vmha phase's driver talks to Nova through a proxy that
+answers that fraction of its API calls 429 (Retry-After) or 503 without forwarding them, or 502 after
+Nova acted (the answer lost): the queue's retries and the driver's idempotent steps, provoked. The
+observer, the boots and the restore use their own connection, never faulted.
+
 Masakari (--masakari, vmha.lab.nova.masakari): its API and engine, as shipped, on the same Nova; the
 same hosts in one segment; at t=detection the bench POSTs for each failed host the notification
 masakari-monitors' host monitor sends (STOPPED, host_status NORMAL: IPMI confirmed the power off).
@@ -54,6 +59,7 @@ from vmha.core.recovery import RecoveryCore
 from vmha.core.settings import RecoverySettings
 from vmha.drivers.base import DriverError
 from vmha.drivers.nova import NovaDriver, connect
+from vmha.lab.nova.faults import Fault, FaultProxy
 from vmha.lab.nova.masakari import Masakari, MasakariSettings, host_failure_notification
 from vmha.lab.nova.rig import FLAVOR, IMAGE_ID, NovaRig
 from vmha.manager.daemon import INVENTORY_INTERVAL
@@ -464,7 +470,7 @@ class Manager:
             f"queue: {dict(sorted(states.items()))}; limits max_parallel={settings.max_parallel} "
             f"max_per_host={settings.max_per_host}; evacuations in flight at most {env.inflight.max} overall, "
             f"{max(env.inflight.max_per.values(), default=0)} towards one host",
-            f"Nova API answers >= 400 on the bench's connection: {dict(sorted(http.items())) or 'none'} "
+            f"Nova API answers >= 400 on the driver's connection: {dict(sorted(http.items())) or 'none'} "
             f"(429 rate limits: {sum(n for k, n in http.items() if k.endswith(' 429'))})",
             f"step failures fed back to the queue (retried with backoff unless retryable=False): {len(env.failures)}",
             *[f"  {f}" for f in env.failures[:10]],
@@ -475,25 +481,45 @@ class Manager:
         return notes
 
 
-async def vmha_phase(rig: NovaRig, conn: Any, driver: NovaDriver, settings: RecoverySettings,
-                     sources: Mapping[str, str], failed: Sequence[str], detection: float,
-                     proof: float) -> Phase:
+async def vmha_phase(rig: NovaRig, conn: Any, settings: RecoverySettings, sources: Mapping[str, str],
+                     failed: Sequence[str], detection: float, proof: float,
+                     api_faults: Sequence[Fault] = ()) -> Phase:
     phase = Phase("vmha", len(sources))
-    manager = Manager(driver, rig.hosts, settings, detection, proof)
-    http: collections.Counter[str] = collections.Counter()
-    _http_counter(conn, http)
-    manager.start()
+    proxy = FaultProxy(rig.nova_url, list(api_faults)).start() if api_faults else None
     try:
-        await asyncio.sleep(3.0)  # every plane UP, the first inventory in
-        for h in failed:
-            rig.kill_compute(h)
-        t0 = manager.fault(failed)
-        await _observe(conn, phase, sources, t0)
+        # The manager's construction of the driver (manager/daemon.py), on its own connection.
+        options = rig.connect_options() | ({"compute_endpoint_override": proxy.url} if proxy else {})
+        driver_conn = connect(**options)
+        http: collections.Counter[str] = collections.Counter()
+        _http_counter(driver_conn, http)
+        manager = Manager(NovaDriver(NovaConfig(), connection=driver_conn), rig.hosts, settings, detection, proof)
+        manager.start()
+        try:
+            await asyncio.sleep(3.0)  # every plane UP, the first inventory in
+            for h in failed:
+                rig.kill_compute(h)
+            t0 = manager.fault(failed)
+            await _observe(conn, phase, sources, t0)
+        finally:
+            await manager.stop()
     finally:
-        await manager.stop()
+        if proxy is not None:
+            proxy.close()
     phase.first_evacuate = manager.env.first_evacuate
     phase.notes += manager.notes(http)
+    if proxy is not None:
+        phase.notes.append(_proxy_note(proxy))
     return phase
+
+
+def _proxy_note(proxy: FaultProxy) -> str:
+    """What the fault proxy did: requests, faults answered, answers lost after Nova acted."""
+    answers = list(proxy.answers)
+    faulted = collections.Counter(code for _, _, code, fwd in answers if not fwd)
+    lost = collections.Counter(f"{m} {p.split('/')[-1]}" for m, p, code, fwd in answers if fwd and code == 502)
+    return (f"fault proxy: {len(answers)} driver requests; answered without forwarding "
+            f"{dict(sorted(faulted.items())) or 'none'}; forwarded, answer replaced by 502: {sum(lost.values())} "
+            f"({dict(sorted(lost.items())) or 'none'})")
 
 
 # -- Masakari ---------------------------------------------------------------------------------------
@@ -536,7 +562,7 @@ async def masakari_phase(rig: NovaRig, conn: Any, m: Masakari, sources: Mapping[
 
 
 async def run(hosts: int, fail: int, vms: int, masakari: bool, settings: RecoverySettings, detection: float,
-              proof: float, workdir: str | None) -> None:
+              proof: float, workdir: str | None, api_faults: Sequence[Fault] = ()) -> None:
     names = [f"cmp{i:02d}" for i in range(1, hosts + 1)]
     failed = pick_failed(names, fail)
     plan = plan_servers(names, vms)
@@ -546,8 +572,7 @@ async def run(hosts: int, fail: int, vms: int, masakari: bool, settings: Recover
         print(f"rig: {hosts} computes up in {rig.timings['total']} s; {vms} HA servers, {on_failed} on the "
               f"{fail} failed hosts ({', '.join(failed)}); detection {detection} s, proof {proof} s")
         conn = connect(**rig.connect_options())
-        # The manager's construction of the driver (manager/daemon.py), on the rig's connection.
-        driver = NovaDriver(NovaConfig(), connection=conn)
+        driver = NovaDriver(NovaConfig(), connection=conn)  # restores the failed hosts between phases
 
         async def once(tag: str) -> dict[str, str]:
             t = time.monotonic()
@@ -556,7 +581,7 @@ async def run(hosts: int, fail: int, vms: int, masakari: bool, settings: Recover
             return {sid: h for sid, h in placed.items() if h in failed}
 
         sources = await once("vmha")
-        phases.append(await vmha_phase(rig, conn, driver, settings, sources, failed, detection, proof))
+        phases.append(await vmha_phase(rig, conn, settings, sources, failed, detection, proof, api_faults))
         print("\n".join(phases[-1].report()), flush=True)
         await _restore(rig, driver, failed)
         await asyncio.to_thread(_delete_all, conn)

@@ -121,6 +121,7 @@ class StepFailed:
     step: Step
     reason: str
     retryable: bool = True
+    retry_after: float = 0.0  # s the API asked to wait (Retry-After): the retry comes no sooner
 
 
 class HostOp(StrEnum):

@@ -104,10 +104,10 @@ class RecoveryCore(HostDecisions):
                 self._proof_refused(vm, host, attempt, reason, retryable, now, out, alert)
             case StepDone():
                 self._step_done(event, now, out)
-            case StepFailed(vm, step, reason, retryable):
+            case StepFailed(vm, step, reason, retryable, retry_after):
                 task = self._expect(vm, step, now, out)
                 if task is not None:
-                    self._fail_step(task, step, reason, retryable, now, out)
+                    self._fail_step(task, step, reason, retryable, now, out, retry_after)
             case HostOpDone(host, op):
                 self._host_op_done(host, op, now, out)
             case HostOpFailed(host, op, reason, retryable):

@@ -210,7 +210,7 @@ class TaskSteps(Placement):
         out.actions.append(Evacuate(task.vm, task.source, dest, proof))
 
     def _fail_step(self, task: Task, step: Step, reason: str, retryable: bool, now: float,
-                   out: RecoveryOutput) -> None:
+                   out: RecoveryOutput, retry_after: float = 0.0) -> None:
         task.finish(step, now, reason)
         task.attempts += 1
         task.reason = reason
@@ -232,12 +232,14 @@ class TaskSteps(Placement):
             self._stopped.give_up(task.vm)
             self._record_evidence(task, out)
             return
-        wait = limits.backoff(task.attempts)
+        # The API's own ask (Retry-After) lengthens the backoff, never beyond the cap.
+        wait = max(limits.backoff(task.attempts), min(retry_after, limits.retry_cap))
         # A restart step retries from READY: it gives its slot back and may get another destination.
         resume = STEP_STATE[step] if step in (Step.PROVE, Step.MARK_DOWN) else TaskState.READY
         self._transition(task, TaskState.RETRY_WAIT, now,
                          f"{step.value} failed: {reason}; attempt {task.attempts}/{limits.max_attempts}, "
-                         f"retry in {wait:g}s", out, Level.WARN, retry=(now + wait, resume))
+                         f"retry in {wait:g}s" + (f" (API asked {retry_after:g}s)" if retry_after > 0 else ""),
+                         out, Level.WARN, retry=(now + wait, resume))
 
     def _source_failed(self, task: Task, now: float, out: RecoveryOutput) -> None:
         """A live migration failed: if its source failed meanwhile (a row to evacuate), the host's

@@ -29,11 +29,13 @@ class HostInfo:
 
 
 class DriverError(Exception):
-    """A driver call failed; `retryable` says whether the queue should try again."""
+    """A driver call failed; `retryable` says whether the queue should try again, `retry_after` how
+    many seconds the API asked to wait before that (HTTP Retry-After; 0: it did not ask)."""
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after = retry_after
 
 
 class ComputeDriver(Protocol):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -147,6 +148,17 @@ def _extra_specs(server: Any) -> dict[str, Any]:
     return specs if isinstance(specs, dict) else {}
 
 
+def _retry_after(e: os_exc.HttpException) -> float:
+    """The answer's Retry-After in seconds; 0 for none, an HTTP date, or a value no wait can be
+    (negative, not a number): the queue's own backoff then decides."""
+    headers = getattr(getattr(e, "response", None), "headers", None) or {}
+    try:
+        seconds = float(str(headers.get("Retry-After", "")))
+    except (AttributeError, ValueError):
+        return 0.0
+    return seconds if 0.0 <= seconds < math.inf else 0.0
+
+
 def _error(what: str, e: BaseException) -> DriverError:
     """Map an openstacksdk / keystoneauth failure to DriverError, deciding whether a retry can help."""
     if isinstance(e, os_exc.HttpException):
@@ -165,7 +177,7 @@ def _error(what: str, e: BaseException) -> DriverError:
             # Wrong VM state for the action (e.g. live-migrating a stopped server): a retry won't help.
             return DriverError(text, retryable=False)
         # 409: the server is busy with another task; 5xx and 429: the API is struggling.
-        return DriverError(text, retryable=code in (409, 429) or code >= 500)
+        return DriverError(text, retryable=code in (409, 429) or code >= 500, retry_after=_retry_after(e))
     if isinstance(e, ks_exc.ConnectionError | ks_exc.RetriableConnectionFailure):
         return DriverError(f"nova: {what}: cannot reach the API: {e}")
     if isinstance(e, TimeoutError):
@@ -581,7 +593,19 @@ class NovaDriver:
         deadline = time.monotonic() + timeout
         started = False
         while True:
-            s = await self._server(vm)
+            try:
+                s = await self._server(vm)
+                # Back on the source with no task: only the migration record tells done from failed.
+                back = s.task_state is None and s.compute_host == source
+                migration = await self._last_migration(vm, kind) if back else None
+            except DriverError as e:
+                if not e.retryable or time.monotonic() >= deadline:
+                    raise
+                # A read that failed (429, 5xx, no answer) says nothing of the move under way: read
+                # again. Failing here would cost the queue an attempt per API hiccup while Nova works.
+                log.warning("nova: vm=%s %s: reading its state failed (%s): polling again", vm, what, e)
+                await asyncio.sleep(min(max(self.poll_interval, e.retry_after), deadline - time.monotonic()))
+                continue
             host, task, status = s.compute_host, s.task_state, s.status
             if task is None and host != source:
                 if status == "ACTIVE" or (status == "SHUTOFF" and not start):
@@ -594,14 +618,12 @@ class NovaDriver:
                     started = True
                 elif status == "ERROR":
                     raise DriverError(f"nova: vm={vm} {what} to {host} ended in ERROR {_fault(s)}".rstrip())
-            elif task is None and host == source:
-                migration = await self._last_migration(vm, kind)
-                if status == "ERROR" or (migration is not None and migration.status in _MIGRATION_FAILED):
-                    state = "none" if migration is None else migration.status
-                    raise DriverError(
-                        f"nova: vm={vm} {what} from {source} failed: status={status} migration={state} "
-                        f"{_fault(s)}".rstrip()
-                    )
+            elif back and (status == "ERROR" or (migration is not None and migration.status in _MIGRATION_FAILED)):
+                state = "none" if migration is None else migration.status
+                raise DriverError(
+                    f"nova: vm={vm} {what} from {source} failed: status={status} migration={state} "
+                    f"{_fault(s)}".rstrip()
+                )
             if time.monotonic() >= deadline:
                 raise DriverError(
                     f"nova: vm={vm} {what} not finished after {timeout:.0f} s "

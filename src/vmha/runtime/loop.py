@@ -263,7 +263,7 @@ class Loop:
         except asyncio.CancelledError:
             raise
         except DriverError as e:
-            self.env.result(StepFailed(vm, step, _reason(e), e.retryable))
+            self.env.result(StepFailed(vm, step, _reason(e), e.retryable, e.retry_after))
             return
         except Exception as e:  # an unexpected driver bug must not kill the manager: retry it
             log.exception("%s of vm %s failed", step.value, vm)

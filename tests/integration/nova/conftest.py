@@ -77,3 +77,20 @@ def cleanup(admin: Any) -> Iterator[list[str]]:
     yield ids
     for sid in ids:
         admin.compute.delete_server(sid, ignore_missing=True, force=True)
+
+
+@pytest.fixture
+def fault_cmp1(rig: NovaRig, admin: Any) -> Iterator[None]:
+    """cmp1's nova-compute killed for the test; afterwards running, un-forced and enabled again."""
+    yield
+    if not rig.computes["cmp1"].alive():
+        rig.start_compute("cmp1")
+    (svc,) = admin.compute.services(host="cmp1", binary="nova-compute")
+    if svc.is_forced_down or svc.status != "enabled":
+        rig.wait_evacuations_completed("cmp1", timeout=60)
+        admin.compute.update_service_forced_down(svc, forced=False)
+        admin.compute.enable_service(svc)
+    rig.wait_compute("cmp1", up=True, timeout=60)
+    # Re-enabled while Nova saw its compute down, cmp1 is offered to the scheduler again only after
+    # the compute's next resource update (the rig: every 10 s).
+    rig.wait_schedulable("cmp1", timeout=60)

@@ -9,7 +9,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -179,23 +179,6 @@ async def test_vms_named_by_server_name(rig: NovaRig, admin: Any, boot: Boot, pr
     with pytest.raises(DriverError) as err:
         await by_name.live_migrate("twice", "cmp1", None)
     assert not err.value.retryable and "2 servers of that name" in str(err.value)
-
-
-@pytest.fixture
-def fault_cmp1(rig: NovaRig, admin: Any) -> Iterator[None]:
-    """cmp1's nova-compute killed for the test; afterwards running, un-forced and enabled again."""
-    yield
-    if not rig.computes["cmp1"].alive():
-        rig.start_compute("cmp1")
-    svc = service(admin, "cmp1")
-    if svc.is_forced_down or svc.status != "enabled":
-        rig.wait_evacuations_completed("cmp1", timeout=60)
-        admin.compute.update_service_forced_down(svc, forced=False)
-        admin.compute.enable_service(svc)
-    rig.wait_compute("cmp1", up=True, timeout=60)
-    # Re-enabled while Nova saw its compute down, cmp1 is offered to the scheduler again only after
-    # the compute's next resource update (the rig: every 10 s).
-    rig.wait_schedulable("cmp1", timeout=60)
 
 
 async def test_evacuation_after_fence(

@@ -5,5 +5,5 @@ installs (/opt/vmha-nova), all on loopback, started and stopped by PID (rig.Nova
 
 The modules auth, virt, wsgi, compute and stubs run *inside the rig's processes* (the Nova venv,
 with vmha's src on PYTHONPATH): they import Nova, paste and webob, which vmha proper never does.
-Only rig.py runs in vmha's own venv, and it imports the standard library only.
+Only rig.py and faults.py (the API fault proxy) run in vmha's own venv, and import the standard library only.
 """
