@@ -413,11 +413,12 @@ class _Heartbeats:
             await asyncio.sleep(0.05)
 
 
-async def _inventory(driver: NovaDriver, inbox: Inbox) -> None:
-    """As the manager: a snapshot of hosts and VMs every INVENTORY_INTERVAL."""
+async def _inventory(driver: NovaDriver, inbox: Inbox, taken: asyncio.Event) -> None:
+    """As the manager: a snapshot of hosts and VMs every INVENTORY_INTERVAL (`taken` set at the first)."""
     while True:
         try:
             inbox.put(Inventory(tuple(await driver.hosts()), tuple(await driver.vms())))
+            taken.set()
         except DriverError as e:
             print(f"  inventory failed: {e}")
         await asyncio.sleep(INVENTORY_INTERVAL)
@@ -439,13 +440,25 @@ class Manager:
         self.detection = detection
         self.failing = asyncio.Event()
         self.failed: list[str] = []
+        self.inventoried = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(c) for c in (
             self.health.run(self.failing, self.failed, self.detection),
-            _inventory(self.driver, self.inbox),
+            _inventory(self.driver, self.inbox, self.inventoried),
             self.loop.run(self.inbox))]  # fmt: skip
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        """Until the first inventory is in and every plane of every host is UP: a fault from then on
+        is a host failure with the servers known."""
+        async def up() -> None:
+            await self.inventoried.wait()
+            while not all(s.state == PlaneState.UP for h in self.health.feed.core.view().values()
+                          for s in h.planes.values()):  # fmt: skip
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(up(), timeout)
 
     def fault(self, failed: Sequence[str]) -> float:
         """The hosts failed now (the caller has killed them): their beats stop. Returns t0."""
@@ -495,7 +508,7 @@ async def vmha_phase(rig: NovaRig, conn: Any, settings: RecoverySettings, source
         manager = Manager(NovaDriver(NovaConfig(), connection=driver_conn), rig.hosts, settings, detection, proof)
         manager.start()
         try:
-            await asyncio.sleep(3.0)  # every plane UP, the first inventory in
+            await manager.ready()
             for h in failed:
                 rig.kill_compute(h)
             t0 = manager.fault(failed)

@@ -52,7 +52,7 @@ async def test_evacuation_through_rate_limits_errors_and_a_lost_answer(
         manager = Manager(driver, rig.hosts, RecoverySettings(power_fence=True), detection=0.5, proof=0.1)
         manager.start()
         try:
-            await asyncio.sleep(3.0)  # every plane UP, the first inventory in
+            await manager.ready()
             rig.kill_compute("cmp1")
             manager.fault(["cmp1"])
 
