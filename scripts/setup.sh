@@ -14,7 +14,7 @@ cd "$here"
 apt_pkgs=(etcd-server etcd-client sanlock python3-sanlock sshfs fuse3 openssh-server openssh-client
           iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev fence-agents ipmitool openipmi
           libvirt-daemon libvirt-daemon-driver-qemu libvirt-sanlock libvirt-clients python3-libvirt
-          qemu-system-x86 linux-image-cloud-amd64 cpio spin systemd python3-click-man prometheus
+          qemu-system-x86 linux-image-cloud-amd64 cpio lz4 binutils spin systemd python3-click-man prometheus
           libvirt-dev pkg-config  # the libvirt binding for other Pythons (test-pythons.sh)
           chromium chromium-driver)  # chromium: the dashboard test (tests/e2e/test_lab_dashboard.py)
 missing=()

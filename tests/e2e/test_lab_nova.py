@@ -22,7 +22,7 @@ import pytest
 from labcheck import assert_nothing_left, echo
 
 from vmha.lab import cluster, novalab, scenario
-from vmha.lab.guestxml import GUEST_DIR
+from vmha.lab.guestxml import GUEST_DIR, KERNEL
 from vmha.lab.nova.rig import VENV
 from vmha.lab.report import verify_lab
 from vmha.lab.state import DISKS_DIR, INSTANCES_DIR, LEASES_DIR, LabState
@@ -41,7 +41,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     guests, prefix = request.param, PREFIXES[request.param]
     if not (VENV / "bin" / "nova-manage").exists():
         pytest.skip(f"the Nova rig is not installed in {VENV}: run `bash scripts/setup-nova.sh`")
-    if guests == "qemu" and not (GUEST_DIR / "vmlinuz").exists():
+    if guests == "qemu" and not KERNEL.exists():
         pytest.skip(f"no lab guest in {GUEST_DIR}: run scripts/build-guest.sh")
     lab_dir = tmp_path_factory.mktemp(f"novalab-{guests}")
     try:

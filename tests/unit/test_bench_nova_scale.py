@@ -6,9 +6,12 @@ of the failed hosts evacuated, within the queue's limits."""
 from __future__ import annotations
 
 import asyncio
+import time
+import types
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 
+import keystoneauth1.exceptions as ks_exc
 import pytest
 from click.testing import CliRunner
 
@@ -182,3 +185,26 @@ def test_api_faults_refused_before_any_rig_starts(args: list[str], message: str,
     monkeypatch.setattr(nova_bench, "_run", no_rig)
     result = CliRunner().invoke(nova_bench.nova, args)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_observer_outlives_a_failed_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An overloaded Nova API (a listing timing out, as in the 200-server run) costs the observer one
+    listing, not the measurement: the server is seen ACTIVE elsewhere at the next one, and the failure
+    is in the phase's notes."""
+    monkeypatch.setattr(nova_scale, "OBSERVE_EVERY", 0.01)
+    answers: list[object] = [ks_exc.ConnectTimeout("timed out"),
+                             [types.SimpleNamespace(id="s1", status="ACTIVE", task_state=None, compute_host="b")]]
+
+    def servers(**_: object) -> list[object]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, list)
+        return answer
+
+    conn = types.SimpleNamespace(compute=types.SimpleNamespace(servers=servers))
+    phase = Phase("vmha", servers=1)
+    asyncio.run(nova_scale._observe(conn, phase, {"s1": "a"}, t0=time.monotonic()))
+    assert list(phase.active) == ["s1"]
+    assert len(phase.notes) == 1 and phase.notes[0].startswith("observer: 1 server listing(s) failed")
+    assert "ConnectTimeout" in phase.notes[0]

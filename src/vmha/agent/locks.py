@@ -26,7 +26,7 @@ from vmha.agent.libvirt_locks import LibvirtConfError, LockSettingsError, check_
 from vmha.config import Config
 from vmha.core.planes import Plane
 from vmha.etcd.attest import serve_attestations
-from vmha.etcd.client import EtcdClient, EtcdError
+from vmha.etcd.client import Backoff, EtcdClient, EtcdError
 from vmha.etcd.keys import Keys
 from vmha.etcd.registry import LOCKS_REFUSED, register
 from vmha.locks import Attestation, LockError, LockSpace, attest_exit, prune_records, stop_lease_holders
@@ -37,6 +37,7 @@ log = logging.getLogger("vmha.agent")
 
 REJOIN_CHECK = 2.0  # seconds between checks that the lockspace is still joined
 REFUSED_RECHECK = 10.0  # seconds between checks of libvirt's lock settings while they are wrong
+JOIN_RETRY_CAP = 2.0  # seconds: the longest wait between two attempts to join the lockspace
 
 
 class AgentLocks:
@@ -47,6 +48,7 @@ class AgentLocks:
         # Why libvirt's lock settings refuse this host ('' when they do not; None before the first check,
         # which clears a mark an earlier run left).
         self.refused: str | None = None
+        self.checked = ""  # the lock settings last found right (logged when they change)
         self.keys = Keys(cfg.cluster.name)
         self.space = LockSpace.from_config(cfg.require_locks())
         self.host_id: int | None = None
@@ -115,17 +117,22 @@ class AgentLocks:
         if why and why != self.refused:
             log.error("host %s NOT protected: libvirt's lock settings are wrong: %s; not joining lockspace %s, "
                       "checking again every %.0f s", self.host, why, self.space.name, REFUSED_RECHECK)  # fmt: skip
-        elif not why and found is not None:
+        elif not why and found is not None and found.text != self.checked:
             log.info("host %s: libvirt lock settings checked: %s", self.host, found.text)
         elif not why:
             log.warning("host %s: no %s/qemu.conf: libvirt not configured here, its lock settings not checked "
                         "(libvirt.required = false)", self.host, self.cfg.libvirt.config_dir)  # fmt: skip
+        self.checked = found.text if found is not None else ""
         if why != self.refused:
             await register(client, self.keys, self.host, self.domain, **{LOCKS_REFUSED: why or None})
         self.refused = why
         return bool(why)
 
     async def _join(self, client: EtcdClient) -> None:
+        # Its own backoff: the etcd calls between two attempts succeed and reset the client's, and a
+        # storage outage would otherwise be retried (and logged) ten times a second until it ends.
+        backoff = Backoff(cap=JOIN_RETRY_CAP)
+        failing = ""
         while self.host_id is None:
             try:
                 if await self._settings_refuse(client):
@@ -135,11 +142,14 @@ class AgentLocks:
                 log.info("host %s joined lockspace %s as host_id %d", self.host, self.space.name, self.host_id)
             except NoHostId as e:  # hosts never allocate one (etcd refuses them hostid/): a manager does
                 log.warning("host %s: not joining lockspace %s yet: %s; waiting", self.host, self.space.name, e)
-                await client.wait_backoff()
+                await asyncio.sleep(backoff.next())
             # OSError: the lease area on a storage mount still reconnecting (ENOTCONN, EIO) after an outage.
             except (EtcdError, LockError, OSError) as e:
-                log.error("host %s: cannot join lockspace %s: %s; retrying", self.host, self.space.name, e)
-                await client.wait_backoff()
+                if str(e) != failing:  # once per distinct error, not once per attempt
+                    log.error("host %s: cannot join lockspace %s: %s; retrying, at most %.0f s apart",
+                              self.host, self.space.name, e, JOIN_RETRY_CAP)  # fmt: skip
+                failing = str(e)
+                await asyncio.sleep(backoff.next())
 
     async def _serve(self, client: EtcdClient) -> None:
         async def check(vm: str) -> Attestation:

@@ -45,6 +45,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import keystoneauth1.exceptions as ks_exc
+import openstack.exceptions as os_exc
+
 from vmha.bench.rto import percentile
 from vmha.config import NovaConfig
 from vmha.core.actions import Alert, RecordEvidence
@@ -240,9 +243,16 @@ async def _observe(conn: Any, phase: Phase, sources: Mapping[str, str], t0: floa
     all are, PHASE_TIMEOUT, or one listing after `settled` (the recoverer gave up or finished)."""
     deadline = t0 + PHASE_TIMEOUT
     last = False
+    failed: list[str] = []
     while len(phase.active) < len(sources) and time.monotonic() < deadline and not last:
         last = settled is not None and settled.is_set()
-        servers = await asyncio.to_thread(lambda: list(conn.compute.servers(details=True, all_projects=True)))
+        try:
+            servers = await asyncio.to_thread(lambda: list(conn.compute.servers(details=True, all_projects=True)))
+        except (os_exc.SDKException, ks_exc.ClientException) as e:
+            # An overloaded API (both recoverers' evacuations share it) must not end the measurement: the
+            # next listing sees what this one missed, a little later (times are upper bounds).
+            failed.append(f"+{time.monotonic() - t0:.0f} s {type(e).__name__}")
+            servers = []
         seen = time.monotonic() - t0
         for s in servers:
             sid = str(s.id)
@@ -250,6 +260,8 @@ async def _observe(conn: Any, phase: Phase, sources: Mapping[str, str], t0: floa
                     and s.compute_host not in (None, sources[sid])):
                 phase.active[sid] = seen
         await asyncio.sleep(OBSERVE_EVERY)
+    if failed:
+        phase.notes.append(f"observer: {len(failed)} server listing(s) failed: {', '.join(failed)[:300]}")
 
 
 async def _restore(rig: NovaRig, driver: NovaDriver, failed: Sequence[str]) -> None:

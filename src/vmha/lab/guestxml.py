@@ -6,6 +6,12 @@ it inside nova-compute.
 on_lockfailure poweroff: when the host loses the lease (its lockspace fails: storage lost), sanlock runs
 libvirt's helper, which destroys the domain at once (sanlock's SIGKILL after kill_grace stays the
 fallback); libvirt then knows why the guest stopped, and no guest runs on without its lease.
+
+Boot time is recovery time (a restarted guest counts as down until it writes), and under TCG every
+instruction of firmware and kernel set-up is emulated: the uncompressed kernel through its PVH entry
+point, qboot in place of SeaBIOS, no USB controller, and kernel options that skip work a lab guest does
+not need (crypto self-tests, speculation mitigations, probing absent UARTs and i8042 ports, TSC checks).
+Measured in BENCHMARKS.md ("guest boot").
 """
 
 from __future__ import annotations
@@ -14,6 +20,11 @@ import os
 from pathlib import Path
 
 GUEST_DIR = Path(os.environ.get("VMHA_GUEST_DIR", "/var/lib/vmha/lab-guest"))
+KERNEL = GUEST_DIR / "vmlinux"
+INITRD = GUEST_DIR / "initrd.img"
+FIRMWARE = "/usr/share/qemu/qboot.rom"  # Debian's qemu-system-data
+KERNEL_OPTIONS = ("console=ttyS0 quiet cryptomgr.notests mitigations=off 8250.nr_uarts=1 i8042.noaux i8042.nopnp "
+                  "tsc=reliable no_timer_check")
 CLOCK_SOCKET = Path("/run/vmha/guest-clock.sock")  # in each host's /run/vmha tmpfs
 GUEST_MEMORY_MIB = 96
 DISK_SIZE = 64 << 20  # a raw disk: ~26 hours of records at 10 writes a second
@@ -31,9 +42,10 @@ def domain_xml(vm: str, disk: Path, interval: float, lease: str = "", metadata: 
   <vcpu>1</vcpu>{meta}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{GUEST_DIR / "vmlinuz"}</kernel>
-    <initrd>{GUEST_DIR / "initrd.img"}</initrd>
-    <cmdline>console=ttyS0 quiet vmha.vm={vm} vmha.interval={interval}</cmdline>
+    <loader type='rom' readonly='yes'>{FIRMWARE}</loader>
+    <kernel>{KERNEL}</kernel>
+    <initrd>{INITRD}</initrd>
+    <cmdline>{KERNEL_OPTIONS} vmha.vm={vm} vmha.interval={interval}</cmdline>
   </os>
   <features><acpi/></features>
   <clock offset='utc'/>
@@ -57,6 +69,7 @@ def domain_xml(vm: str, disk: Path, interval: float, lease: str = "", metadata: 
     <serial type='file'>
       <source path='/var/log/libvirt/qemu/{vm}.console'/>
     </serial>
+    <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
 </domain>

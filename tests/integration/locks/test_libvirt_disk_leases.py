@@ -71,8 +71,8 @@ class Rig:
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{guestxml.GUEST_DIR / "vmlinuz"}</kernel>
-    <initrd>{guestxml.GUEST_DIR / "initrd.img"}</initrd>
+    <kernel>{guestxml.KERNEL}</kernel>
+    <initrd>{guestxml.INITRD}</initrd>
   </os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
@@ -101,7 +101,7 @@ class Rig:
 
 @pytest.fixture
 def rig(manager_sanlock: LabSanlock, tmp_path: Path) -> Iterator[Rig]:
-    if not (guestxml.GUEST_DIR / "vmlinuz").exists():
+    if not guestxml.KERNEL.exists():
         pytest.skip(f"no lab guest in {guestxml.GUEST_DIR}: run scripts/build-guest.sh")
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -8,7 +8,7 @@
  * disk's last record. The guest knows neither which host it runs on (it may have been live-migrated)
  * nor the time to 0.1 s (TCG guests and an RTC of 1 s resolution): before each write it asks the
  * host's clock service over a virtio-serial port ("org.vmha.clock"), which answers with its host name
- * and Unix time. A question lost in a migration is asked again after a short timeout.
+ * and Unix time. A question lost in a migration is sent again after ASK_AGAIN_MS (see ask()).
  *
  * It is the guest's init (pid 1): it mounts /dev, /proc and /sys and loads the virtio modules listed in
  * /modules.order itself, since every program started under TCG costs boot time.
@@ -122,35 +122,56 @@ static int open_port(void) {
     return -1;
 }
 
-/* Asks the host's clock service: "? NONCE\n" -> "NONCE HOST TIME\n". 0 on an answer. */
-static int ask(int port, unsigned nonce, char *host, size_t hostlen, char *t, size_t tlen) {
-    char q[32], buf[256];
-    size_t have = 0;
-    int len = snprintf(q, sizeof q, "? %u\n", nonce);
-    if (write(port, q, (size_t)len) != len) return -1;
+/* The clock service's answers as they arrive: a line may come in pieces. */
+struct answers {
+    char buf[256];
+    size_t have;
+};
+
+#define ASK_AGAIN_MS 125
+#define ASK_TIMEOUT_MS 500
+
+/* Reads answers until ASK_AGAIN_MS pass without a byte: 0 on the answer to `nonce`. */
+static int await_answer(int port, struct answers *a, unsigned nonce, char *host, size_t hostlen, char *t,
+                        size_t tlen) {
     struct pollfd p = {.fd = port, .events = POLLIN};
-    while (poll(&p, 1, 500) > 0) {
-        ssize_t n = read(port, buf + have, sizeof buf - 1 - have);
+    while (poll(&p, 1, ASK_AGAIN_MS) > 0) {
+        ssize_t n = read(port, a->buf + a->have, sizeof a->buf - 1 - a->have);
         if (n <= 0) return -1;
-        have += (size_t)n;
-        buf[have] = 0;
+        a->have += (size_t)n;
+        a->buf[a->have] = 0;
         char *nl;
-        while ((nl = strchr(buf, '\n'))) {
+        while ((nl = strchr(a->buf, '\n'))) {
             *nl = 0;
             unsigned got;
             char h[64], tt[32];
-            int ok = sscanf(buf, "%u %63s %31s", &got, h, tt) == 3 && got == nonce;
-            memmove(buf, nl + 1, strlen(nl + 1) + 1);
-            have = strlen(buf);
+            int ok = sscanf(a->buf, "%u %63s %31s", &got, h, tt) == 3 && got == nonce;
+            memmove(a->buf, nl + 1, strlen(nl + 1) + 1);
+            a->have = strlen(a->buf);
             if (ok) {
                 snprintf(host, hostlen, "%s", h);
                 snprintf(t, tlen, "%s", tt);
                 return 0;
             }
         }
-        if (have >= sizeof buf - 1) have = 0;
+        if (a->have >= sizeof a->buf - 1) a->have = 0;
     }
-    return -1; /* no answer: a migration in between, or the service restarting */
+    return -1;
+}
+
+/* Asks the host's clock service: "? NONCE\n" -> "NONCE HOST TIME\n". 0 on an answer.
+ * A question sent just before a live migration's switch-over is answered to the old host, and lost:
+ * the same question goes out again every ASK_AGAIN_MS (the new host answers it; a late answer from the
+ * old one carries the same nonce and is as good), for at most ASK_TIMEOUT_MS. */
+static int ask(int port, unsigned nonce, char *host, size_t hostlen, char *t, size_t tlen) {
+    struct answers a = {.have = 0};
+    char q[32];
+    int len = snprintf(q, sizeof q, "? %u\n", nonce);
+    for (int waited = 0; waited < ASK_TIMEOUT_MS; waited += ASK_AGAIN_MS) {
+        if (write(port, q, (size_t)len) != len) return -1;
+        if (await_answer(port, &a, nonce, host, hostlen, t, tlen) == 0) return 0;
+    }
+    return -1; /* no answer: the service restarting */
 }
 
 /* pid 1's set-up: the filesystems the writer reads, the virtio drivers, and the disk's device node. */
