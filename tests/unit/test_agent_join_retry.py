@@ -1,7 +1,8 @@
 """The agent's retries to join the lockspace while the shared storage fails (EIO on the lease area, as
 after the lab's storage cut): paced by a growing backoff of their own, and logged once per distinct
-error. The etcd client's backoff is reset by every successful etcd call, so pacing by it retried (and
-logged an ERROR) about ten times a second for as long as the outage lasted."""
+error; the libvirt lock settings it checks before each attempt are logged when they change. The etcd
+client's backoff is reset by every successful etcd call, so pacing by it retried (and logged an ERROR)
+about ten times a second for as long as the outage lasted."""
 
 from __future__ import annotations
 
@@ -13,17 +14,22 @@ import pytest
 
 from vmha import config
 from vmha.agent import locks as agent_locks
+from vmha.agent.libvirt_locks import LockSettings
 from vmha.agent.locks import JOIN_RETRY_CAP, AgentLocks
+
+
+def agent(tmp_path: Path, **extra: object) -> AgentLocks:
+    ep = {"endpoints": ["http://198.18.1.1:2379"]}
+    return AgentLocks(config.parse({
+        "cluster": {"name": "c1"}, "planes": {"management": ep, "storage": ep, "service": ep},
+        "etcd": {"insecure": True}, "host": {"name": "h1", "domain": "rack1"},
+        "locks": {"path": str(tmp_path / "leases")}, **extra,
+    }, "test.toml"))  # fmt: skip
 
 
 async def test_join_retries_back_off_and_log_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    ep = {"endpoints": ["http://198.18.1.1:2379"]}
-    agent = AgentLocks(config.parse({
-        "cluster": {"name": "c1"}, "planes": {"management": ep, "storage": ep, "service": ep},
-        "etcd": {"insecure": True}, "host": {"name": "h1", "domain": "rack1"},
-        "locks": {"path": str(tmp_path / "leases")},
-    }, "test.toml"))  # fmt: skip
+    locks = agent(tmp_path)
     attempts = 0
 
     async def join(*_: object) -> int:
@@ -43,10 +49,35 @@ async def test_join_retries_back_off_and_log_once(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(agent_locks, "join", join)
     monkeypatch.setattr(asyncio, "sleep", sleep)  # the module calls asyncio.sleep
     with caplog.at_level(logging.INFO, logger="vmha.agent"):
-        await agent._join(client=None)  # type: ignore[arg-type]  # no libvirt section: no etcd call
-    assert agent.host_id == 3 and attempts == 7
+        await locks._join(client=None)  # type: ignore[arg-type]  # no libvirt section: no etcd call
+    assert locks.host_id == 3 and attempts == 7
     assert len(waits) == 6
     assert waits[-1] >= 4 * waits[0]  # growing: 0.05-0.1 s first, 0.8-1.6 s by the fifth
     assert max(waits) <= JOIN_RETRY_CAP
     errors = [r.getMessage() for r in caplog.records if "cannot join lockspace" in r.getMessage()]
     assert len(errors) == 1 and "Input/output error" in errors[0]
+
+
+async def test_lock_settings_logged_when_they_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    locks = agent(tmp_path, libvirt={"config_dir": str(tmp_path / "libvirt")})
+    same = LockSettings("sanlock", False, "lock_manager=sanlock")
+    found = [same, same, LockSettings("sanlock", True, "lock_manager=sanlock; auto_disk_leases=1")]
+
+    async def allocated_host_id(*_: object) -> int:
+        return 3
+
+    async def register(*_: object, **__: object) -> None:
+        return None
+
+    monkeypatch.setattr(agent_locks, "allocated_host_id", allocated_host_id)
+    monkeypatch.setattr(agent_locks, "register", register)
+    monkeypatch.setattr(agent_locks, "check_lock_settings", lambda *_: found.pop(0))
+    with caplog.at_level(logging.INFO, logger="vmha.agent"):
+        for _ in range(3):
+            assert await locks._settings_refuse(client=None) is False  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if "settings checked" in line] == [
+        "host h1: libvirt lock settings checked: lock_manager=sanlock",
+        "host h1: libvirt lock settings checked: lock_manager=sanlock; auto_disk_leases=1"]
+    assert not [line for line in lines if "not configured" in line]

@@ -117,8 +117,9 @@ class AgentLocks:
         if why and why != self.refused:
             log.error("host %s NOT protected: libvirt's lock settings are wrong: %s; not joining lockspace %s, "
                       "checking again every %.0f s", self.host, why, self.space.name, REFUSED_RECHECK)  # fmt: skip
-        elif not why and found is not None and found.text != self.checked:
-            log.info("host %s: libvirt lock settings checked: %s", self.host, found.text)
+        elif not why and found is not None:
+            if found.text != self.checked:
+                log.info("host %s: libvirt lock settings checked: %s", self.host, found.text)
         elif not why:
             log.warning("host %s: no %s/qemu.conf: libvirt not configured here, its lock settings not checked "
                         "(libvirt.required = false)", self.host, self.cfg.libvirt.config_dir)  # fmt: skip
