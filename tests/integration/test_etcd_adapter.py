@@ -11,7 +11,7 @@ import pytest
 
 from vmha.core.health import FabricChange, HostHealth, PlaneStatus
 from vmha.core.planes import PLANES, Plane, PlaneState
-from vmha.etcd import health_store
+from vmha.etcd import health_store, heartbeat
 from vmha.etcd.client import BadValue, EtcdClient, EtcdUnavailable
 from vmha.etcd.heartbeat import PlaneHeartbeat
 from vmha.etcd.keys import Keys
@@ -251,6 +251,32 @@ async def test_one_plane_cut_does_not_delay_the_others(client: EtcdClient, etcd:
     finally:
         await asyncio.gather(*(hb.stop() for hb in hbs.values()))
         for px in proxies.values():
+            await px.close()
+
+
+async def test_heartbeat_returns_to_its_first_member_once_it_answers(
+        etcd: EtcdProcess, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Two paths to etcd, as two members: cut from its first, the heartbeat moves to the other and
+    stays there while the first is cut; once the first answers again it returns within HOME_EVERY."""
+    monkeypatch.setattr(heartbeat, "HOME_EVERY", 0.5)
+    proxies = [await TcpProxy.to(etcd.client_urls[0]) for _ in range(2)]
+    hb = PlaneHeartbeat(K, "h1", Plane.STORAGE, [px.url for px in proxies], ttl=2, interval=0.2, tls=etcd.tls())
+    first, other = proxies[hb.client.first], proxies[1 - hb.client.first]
+    hb.start()
+    try:
+        await until(lambda: hb.seq >= 2, "beating through its first member")
+        assert hb.client.endpoint == first.url
+        await first.cut()
+        await until(lambda: hb.client.endpoint == other.url and hb.reach().reachable, "moved to the other")
+        await asyncio.sleep(1.5)  # three checks of the first, refused: it stays
+        assert hb.client.endpoint == other.url and hb.reach().reachable
+        first.restore()
+        await until(lambda: hb.client.endpoint == first.url, "back on its first member", timeout=5.0)
+        seq = hb.seq
+        await until(lambda: hb.seq >= seq + 2 and hb.reach().reachable, "beating through it again")
+    finally:
+        await hb.stop()
+        for px in proxies:
             await px.close()
 
 

@@ -119,11 +119,11 @@ def test_numbers_are_finite_and_bounded_and_related_fields_agree() -> None:
 
 
 def test_the_manager_term_must_outlast_an_etcd_leader_election() -> None:
-    assert config.parse(manager()).manager.election_ttl == 3  # type: ignore[union-attr]
+    assert config.parse(manager()).manager.election_ttl == 4  # type: ignore[union-attr]
     assert ("manager.election_ttl (2) must be at least 3 s to outlast an etcd leader election (up to 2 x "
             "etcd.election_timeout = 2 s)") in error_of(manager(election_ttl=2))
     slow_etcd = {"insecure": True, "election_timeout": 2.5}
-    assert "election_ttl (3) must be at least 7 s" in error_of({**manager(), "etcd": slow_etcd})
+    assert "election_ttl (4) must be at least 7 s" in error_of({**manager(), "etcd": slow_etcd})
     config.parse({**manager(election_ttl=7), "etcd": slow_etcd})
     config.parse({**manager(election_ttl=2), "etcd": {"insecure": True, "election_timeout": 0.5}})
     assert "etcd.election_timeout" in error_of({**minimal(), "etcd": {"insecure": True, "election_timeout": 0}})

@@ -267,3 +267,24 @@ def test_a_storage_fabric_outage_allows_only_proved_restarts_in_place() -> None:
     assert check_episode(service, policy, killed, {"vm1": [restart]}, 100)["problems"] == [
         "vm1 moved (h1 -> h1) or has a recovery, but the policy says alert",
         "vm1: downtime during a fault that must not touch it"]
+
+
+def test_rebalancing_after_the_repair_is_no_response_to_the_fault() -> None:
+    """The rounds' last fault, a fabric outage repaired at 40 s: rebalancing then evens the load out
+    within SETTLE (CI, seed 3929105252: 'vm1 moved ... but the policy says alert'). A move decided
+    after the repair ends the VM's window; the same move without a rebalancing record, or one decided
+    during the outage, is still a violation."""
+    policy = PolicyTable.parse(DEFAULT_POLICY)
+    fabric = episodes([fault(10, "fabric", "management", "down"), fault(10, "fabric", "service", "down"),
+                       fault(40, "fabric", "management", "up"), fault(40, "fabric", "service", "up")])[0]
+    moved = {"vm1": _disk(*run("h1", 1, 0.0, 550), *run("h2", 551, 55.2, 100))}  # live-migrated at 55 s
+
+    def rebalance(created: float) -> dict[str, object]:
+        return {"vm": "vm1", "source": "h1", "created": created, "action": "live-migrate", "kind": "migrate",
+                "row": "rebalance", "state": "done", "running_on": "h2"}
+
+    assert check_episode(fabric, policy, moved, {"vm1": [rebalance(54.0)]}, 100)["problems"] == []
+    unexplained = check_episode(fabric, policy, moved, {}, 100)["problems"]
+    assert unexplained == ["vm1 moved (h1 -> h2) or has a recovery, but the policy says alert"]
+    during = check_episode(fabric, policy, moved, {"vm1": [rebalance(30.0)]}, 100)["problems"]
+    assert during == ["vm1 moved (h1 -> h2) or has a recovery, but the policy says alert"]

@@ -1,8 +1,8 @@
 """The one etcd client every vmha process uses: aetcd behind a small, typed, failure-aware wrapper.
 
 Why a wrapper:
-- aetcd talks to one host:port; vmha configures a list of endpoint URLs. EtcdClient rotates to the
-  next endpoint when a call fails for connectivity reasons and rebuilds the gRPC channel.
+- aetcd talks to one host:port; vmha configures a list of endpoint URLs. EtcdClient moves to
+  another endpoint when a call fails for connectivity reasons and rebuilds the gRPC channel.
 - Every call is bounded (``timeout`` per client, overridable per call), so a silently dead network
   path turns into EtcdUnavailable within that time instead of a hang.
 - Every connectivity failure raises EtcdUnavailable (one exception for callers to catch), and a
@@ -259,7 +259,9 @@ class EtcdClient:
         backoff: Backoff | None = None,
         name: str = "etcd",
         tls: TlsFiles | None = None,
+        first: int = 0,
     ) -> None:
+        """`first`: the endpoint to use first (modulo their number), to spread clients over the members."""
         if not endpoints:
             raise ValueError("EtcdClient needs at least one endpoint")
         self.endpoints = [parse_endpoint(u) for u in endpoints]
@@ -273,7 +275,8 @@ class EtcdClient:
         self.timeout = timeout
         self.backoff = backoff or Backoff()
         self.name = name
-        self._index = 0
+        self.first = first % len(self.endpoints)
+        self._index = self.first
         self._client: aetcd.Client | None = None
         self.last_ok: float | None = None  # time.monotonic() of the last successful call
         self.last_error: str | None = None  # text of the last failure, cleared by a success
@@ -319,10 +322,34 @@ class EtcdClient:
                 log.debug("%s: closing %s: %r", self.name, self.endpoint, e)
 
     async def reset(self, reason: str) -> None:
-        """Drop the current connection and move to the next endpoint (called on connectivity errors)."""
+        """Drop the current connection and move to another endpoint (called on connectivity errors): one
+        drawn at random, so the clients of a failed member spread over the others, not all onto one."""
         self.last_error = reason
         await self.close()
-        self._index = (self._index + 1) % len(self.endpoints)
+        others = [i for i in range(len(self.endpoints)) if i != self._index]
+        self._index = random.choice(others) if others else self._index
+
+    @property
+    def away(self) -> bool:
+        """On another endpoint than the first one: a failure moved this client."""
+        return self._index != self.first
+
+    async def first_answers(self, timeout: float) -> bool:
+        """Whether the first endpoint serves a linearizable read now (it is up and in the quorum),
+        through a connection of its own: the current one is left alone."""
+        probe = EtcdClient([self.urls[self.first]], timeout=timeout, name=f"{self.name} probe", tls=self.tls)
+        try:
+            await probe.revision()
+            return True
+        except EtcdError:
+            return False
+        finally:
+            await probe.close()
+
+    async def back_to_first(self) -> None:
+        """Use the first endpoint again (after first_answers): the next call connects to it."""
+        await self.close()
+        self._index = self.first
 
     async def wait_backoff(self) -> None:
         """Sleep the current backoff delay; loops call this after EtcdUnavailable."""
@@ -335,7 +362,7 @@ class EtcdClient:
 
     async def call(self, op: Callable[[aetcd.Client], Awaitable[T]], timeout: float | None = None) -> T:
         """Run ``op(aetcd_client)`` bounded by ``timeout``; connectivity errors raise EtcdUnavailable
-        after the connection has been dropped (the next call reconnects, to the next endpoint)."""
+        after the connection has been dropped (the next call reconnects, to another endpoint)."""
         limit = self.timeout if timeout is None else timeout
         try:
             # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when the call

@@ -24,7 +24,7 @@ How it works:
   a leader, and it expires our lease on time.
   Once lost, a Leadership never comes back: the daemon campaigns anew.
 - An etcd leader change (one to two etcd election timeouts, 1 to 2 s by default) is ridden out, not
-  waited out: after a failed keepalive the next one goes at once to the next member, so the first
+  waited out: after a failed keepalive the next one goes at once to another member, so the first
   answer after the new etcd leader is elected renews the term. A term survives an outage of
   `ride_out(ttl)` seconds whatever its phase (config.py checks election_ttl against etcd's timeout).
 """
@@ -290,7 +290,7 @@ class Election:
                     failing = sent
                     log.warning("manager %s: keepalive failed (%s); retrying on every member, leadership ends in "
                                 "%.1f s without an answer", self.name, e, max(0.0, deadline - self.clock()))
-                # Retry at once (client.call moved to the next member on a connectivity error): during
+                # Retry at once (client.call moved to another member on a connectivity error): during
                 # an etcd leader change the first answer after the election must find us asking.
                 await self.sleep(max(0.0, min(RETRY, deadline - self.clock())))
                 continue

@@ -7,6 +7,9 @@ new value {"host","plane","seq","t"}: the manager sees a *changing* value, a str
 than a key that merely still exists (an etcd leader change extends every lease). A lease that etcd
 reports gone (TTL <= 0), or that has not been refreshed for a whole TTL, is granted again.
 
+Hosts start on different etcd members (by their name's hash) and a failure moves a heartbeat to
+another member drawn at random; once its first member answers again, it returns there (HOME_EVERY).
+
 Each heartbeat also keeps the agent's own view of the plane (PlaneReach): reachable or not since
 when, last success, last error. The agent's isolation check and status file read it.
 """
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +30,12 @@ from vmha.etcd.keys import Keys
 from vmha.etcd.tls import TlsFiles
 
 log = logging.getLogger("vmha.agent")
+
+# While a failure keeps a plane's heartbeat on another member than its first, this often it checks
+# (on a connection of its own) whether the first answers again, and then returns to it: otherwise a
+# member lost and restarted leaves every host on the members left, all at once on one after a lost
+# quorum, and the next loss of that one stalls every host's heartbeat together.
+HOME_EVERY = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +88,11 @@ class PlaneHeartbeat:
         self.interval = interval
         # Long enough for a loaded etcd, short enough that a dead path is noticed well inside the TTL.
         self.timeout = timeout if timeout is not None else max(interval, ttl / 2)
-        self.client = client or EtcdClient(endpoints, timeout=self.timeout, name=f"{host}/{plane.value}", tls=tls)
+        # Hosts start on different members: a silent member (or its NIC on this plane) then stalls a
+        # share of the heartbeats, not every host's at once, which the fabric guard would read as a
+        # fabric outage of the plane (a false alert; tests/e2e/test_lab_etcd.py saw it).
+        self.client = client or EtcdClient(endpoints, timeout=self.timeout, name=f"{host}/{plane.value}", tls=tls,
+                                           first=zlib.crc32(host.encode()))
         self.clock = clock
         self.lease: int | None = None
         self.lease_refreshed: float | None = None
@@ -140,39 +154,58 @@ class PlaneHeartbeat:
 
     async def run(self) -> None:
         next_at = self.clock()
-        while True:
-            try:
-                await self.beat()
-                self._mark(True, f"lease {self.lease:x} seq {self.seq}")
-            except EtcdUnavailable as e:
-                self._mark(False, str(e))
-                await self.client.wait_backoff()
-                next_at = self.clock()
-                continue
-            except EtcdError as e:
-                # A refused request, e.g. "lease not found" on the put: start over with a new lease.
-                self._mark(False, str(e))
-                self.lease = None
-                await self.client.wait_backoff()
-                next_at = self.clock()
-                continue
-            except Exception as e:
-                # A bug in a library or here must not end this plane's heartbeat for good (the
-                # manager would see the plane DOWN while the path works): log it, start over.
-                log.exception("host %s plane %s: unexpected error in the heartbeat", self.host, self.plane.value)
-                self._mark(False, repr(e))
-                self.lease = None
-                await self.client.reset(repr(e))
-                await self.client.wait_backoff()
-                next_at = self.clock()
-                continue
-            # A fixed cadence (not interval-after-work), so a slow call does not stretch the period.
-            next_at += self.interval
-            delay = next_at - self.clock()
-            if delay < 0:
-                next_at = self.clock()
-                delay = 0
-            await asyncio.sleep(delay)
+        homing: asyncio.Task[bool] | None = None  # the check that the first member answers again
+        home_check = self.clock() + HOME_EVERY
+        try:
+            while True:
+                if homing is not None and homing.done():
+                    # Any failure of the check (a bug included) keeps this member: only a sure answer moves.
+                    answered = not homing.cancelled() and homing.exception() is None and homing.result()
+                    if answered and self.client.away:
+                        await self.client.back_to_first()
+                        log.info("host %s plane %s: back on its first etcd member %s",
+                                 self.host, self.plane.value, self.client.endpoint)  # fmt: skip
+                    homing = None
+                elif homing is None and self.client.away and self.clock() >= home_check:
+                    home_check = self.clock() + HOME_EVERY
+                    homing = asyncio.create_task(self.client.first_answers(self.timeout))
+                next_at = await self._beat_once(next_at)
+        finally:
+            if homing is not None:
+                homing.cancel()
+
+    async def _beat_once(self, next_at: float) -> float:
+        """One beat, then the wait for the next one; when the one after is due."""
+        try:
+            await self.beat()
+            self._mark(True, f"lease {self.lease:x} seq {self.seq}")
+        except EtcdUnavailable as e:
+            self._mark(False, str(e))
+            await self.client.wait_backoff()
+            return self.clock()
+        except EtcdError as e:
+            # A refused request, e.g. "lease not found" on the put: start over with a new lease.
+            self._mark(False, str(e))
+            self.lease = None
+            await self.client.wait_backoff()
+            return self.clock()
+        except Exception as e:
+            # A bug in a library or here must not end this plane's heartbeat for good (the
+            # manager would see the plane DOWN while the path works): log it, start over.
+            log.exception("host %s plane %s: unexpected error in the heartbeat", self.host, self.plane.value)
+            self._mark(False, repr(e))
+            self.lease = None
+            await self.client.reset(repr(e))
+            await self.client.wait_backoff()
+            return self.clock()
+        # A fixed cadence (not interval-after-work), so a slow call does not stretch the period.
+        next_at += self.interval
+        delay = next_at - self.clock()
+        if delay < 0:
+            next_at = self.clock()
+            delay = 0
+        await asyncio.sleep(delay)
+        return next_at
 
     async def stop(self, revoke: bool = True) -> None:
         """Stop beating; revoke the lease (the key disappears at once) and close the connection."""

@@ -12,6 +12,7 @@ whether that is what happened:
                     live-migrate, no gap in its disk);
   *-evacuate        every VM that ran on the host runs elsewhere, each restart backed by an
                     evidence record with a fence proof.
+A rebalancing move decided after the repair is no response to the fault: a VM's window ends there.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vmha import config
 from vmha.core.desired import RESTART
 from vmha.core.planes import PLANES, Plane, PlaneState
 from vmha.core.policy import Action, PolicyTable
+from vmha.core.rebalance import REBALANCE_KEY
 from vmha.lab import etcdq, novalab
 from vmha.lab.cluster import KEYS
 from vmha.lab.configs import manager_config
@@ -115,13 +117,15 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
     hosts = set(disks) if ep.target == "fabric" else None
     affected = sorted(vm for vm, r in disks.items()
                       if (hosts is not None and r.writes) or _host_at(r, ep.start) == ep.target)
-    recs = {vm: [r for r in records.get(vm, []) if ep.start <= float(r.get("created", 0)) <= window_end
-                 and (ep.target == "fabric" or r.get("source") == ep.target)] for vm in affected}
+    until = {vm: _until(ep, records.get(vm, []), window_end) for vm in affected}
+    recs = {vm: [r for r in records.get(vm, []) if ep.start <= float(r.get("created", 0)) <= until[vm]
+                 and not _rebalanced_after(ep, r) and (ep.target == "fabric" or r.get("source") == ep.target)]
+            for vm in affected}
     problems: list[str] = []
     moved: dict[str, str | None] = {}
     for vm in affected:
         before = _host_at(disks[vm], ep.start)
-        after = _runs_after(disks[vm], ep.start, window_end)
+        after = _runs_after(disks[vm], ep.start, until[vm])
         moved[vm] = after if after != before else None
         actions = {str(r.get("action")) for r in recs[vm]}
         if expected in (None, Action.ALERT, Action.DISABLE):
@@ -134,7 +138,7 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
                                 f"{expected.value if expected else 'nothing'}")
             if any(not r.get("proof") for r in restarts):
                 problems.append(f"{vm}: restarted without a fence proof in its evidence record")
-            if not killed and downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP, floor) > 0:
+            if not killed and downtime_starting(disks[vm], ep.start, until[vm] - DEFAULT_GAP, floor) > 0:
                 problems.append(f"{vm}: downtime during a fault that must not touch it")
             continue
         if not moved[vm]:
@@ -142,7 +146,7 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
         if expected.value not in actions:
             problems.append(f"{vm}: no evidence record with action {expected.value} (saw {sorted(actions)})")
         if expected == Action.LIVE_MIGRATE:
-            if downtime_starting(disks[vm], ep.start, window_end - DEFAULT_GAP, floor) > 0:
+            if downtime_starting(disks[vm], ep.start, until[vm] - DEFAULT_GAP, floor) > 0:
                 problems.append(f"{vm}: live migration with downtime (a restart?)")
         elif not any(r.get("proof") for r in recs[vm]):
             problems.append(f"{vm}: restarted without a fence proof in its evidence record")
@@ -161,6 +165,18 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
         "ok": not problems,
         "problems": problems,
     }
+
+
+def _rebalanced_after(ep: Episode, record: dict[str, Any]) -> bool:
+    """A rebalancing move decided after the episode's repair. One decided during the episode is still
+    judged: no host in a fault is a rebalancing source or destination."""
+    return record.get("row") == REBALANCE_KEY and ep.end is not None and float(record.get("created", 0)) > ep.end
+
+
+def _until(ep: Episode, records: list[dict[str, Any]], window_end: float) -> float:
+    """Until when a VM's moves count for the episode: window_end, or the first rebalancing move decided
+    after the repair (the rounds' end evens the load out within SETTLE of the last repair)."""
+    return min((float(r.get("created", 0)) for r in records if _rebalanced_after(ep, r)), default=window_end)
 
 
 def window_end(eps: list[Episode], i: int, now: float) -> float:

@@ -52,7 +52,7 @@ def _with_etcd(config_path: str, body: Callable[[config.Config, EtcdClient, Keys
 
     async def run() -> T:
         async with EtcdClient(_endpoints(cfg), timeout=3.0, name="vmha", tls=cfg.etcd.tls()) as client:
-            # An etcd member down: the client moved on to the next endpoint, and the command starts
+            # An etcd member down: the client moved on to another endpoint, and the command starts
             # over there (its reads and writes are idempotent), once per other endpoint.
             for _ in range(len(client.urls) - 1):
                 with contextlib.suppress(EtcdUnavailable):

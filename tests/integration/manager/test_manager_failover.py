@@ -54,7 +54,7 @@ def write_config(path: Path, name: str, etcd: EtcdProcess, url: str) -> Path:
 name = "{name}"
 endpoints = ["{url}"]
 driver = "lab"  # replaced by the recording double (recording_parts.py)
-election_ttl = 3  # the default: it outlasts an etcd leader election
+election_ttl = 3  # the least that outlasts an etcd leader election at etcd's default timeout
 max_parallel = 2
 max_per_host = 1
 # A dead host's three heartbeat leases expire up to ~1 s apart; acting at the first DOWN would act
