@@ -160,7 +160,11 @@ class PlaneHeartbeat:
             while True:
                 if homing is not None and homing.done():
                     # Any failure of the check (a bug included) keeps this member: only a sure answer moves.
-                    answered = not homing.cancelled() and homing.exception() is None and homing.result()
+                    failed = None if homing.cancelled() else homing.exception()
+                    if failed is not None:
+                        log.warning("host %s plane %s: checking its first etcd member failed: %r",
+                                    self.host, self.plane.value, failed)  # fmt: skip
+                    answered = not homing.cancelled() and failed is None and homing.result()
                     if answered and self.client.away:
                         await self.client.back_to_first()
                         log.info("host %s plane %s: back on its first etcd member %s",
