@@ -11,25 +11,16 @@ import logging
 from pathlib import Path
 
 import pytest
+from agent_config import agent_locks_for
 
-from vmha import config
 from vmha.agent import locks as agent_locks
 from vmha.agent.libvirt_locks import LockSettings
-from vmha.agent.locks import JOIN_RETRY_CAP, AgentLocks
-
-
-def agent(tmp_path: Path, **extra: object) -> AgentLocks:
-    ep = {"endpoints": ["http://198.18.1.1:2379"]}
-    return AgentLocks(config.parse({
-        "cluster": {"name": "c1"}, "planes": {"management": ep, "storage": ep, "service": ep},
-        "etcd": {"insecure": True}, "host": {"name": "h1", "domain": "rack1"},
-        "locks": {"path": str(tmp_path / "leases")}, **extra,
-    }, "test.toml"))  # fmt: skip
+from vmha.agent.locks import JOIN_RETRY_CAP
 
 
 async def test_join_retries_back_off_and_log_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    locks = agent(tmp_path)
+    locks = agent_locks_for(tmp_path)
     attempts = 0
 
     async def join(*_: object) -> int:
@@ -60,7 +51,7 @@ async def test_join_retries_back_off_and_log_once(tmp_path: Path, monkeypatch: p
 
 async def test_lock_settings_logged_when_they_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    locks = agent(tmp_path, libvirt={"config_dir": str(tmp_path / "libvirt")})
+    locks = agent_locks_for(tmp_path, libvirt={"config_dir": str(tmp_path / "libvirt")})
     same = LockSettings("sanlock", False, "lock_manager=sanlock")
     found = [same, same, LockSettings("sanlock", True, "lock_manager=sanlock; auto_disk_leases=1")]
 

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_config import agent_locks_for
 
-from vmha import config
-from vmha.agent.locks import AgentLocks
 from vmha.locks.lease import holder_of, record, recorded_holders
 
 
@@ -32,25 +31,14 @@ def holder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[subproce
         proc.wait()
 
 
-def agent_locks(tmp_path: Path, response: str) -> AgentLocks:
-    ep = {"endpoints": ["http://198.18.1.1:2379"]}
-    return AgentLocks(config.parse({
-        "cluster": {"name": "c1"}, "planes": {"management": ep, "storage": ep, "service": ep},
-            "etcd": {"insecure": True},
-        "host": {"name": "h1", "domain": "rack1"},
-        "locks": {"path": str(tmp_path / "leases")},
-        "agent": {"isolation_response": response},
-    }, "test.toml"))  # fmt: skip
-
-
 async def test_stop_ends_every_lease_holder(holder: subprocess.Popen[bytes], tmp_path: Path) -> None:
-    await agent_locks(tmp_path, "stop").on_isolated()
+    await agent_locks_for(tmp_path, agent={"isolation_response": "stop"}).on_isolated()
     assert holder.wait(timeout=1) == -15  # SIGTERM
     assert not any(h.alive() for h in recorded_holders("vm1"))
 
 
 async def test_leave_keeps_the_vms_running(holder: subprocess.Popen[bytes], tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    await agent_locks(tmp_path, "leave").on_isolated()
+    await agent_locks_for(tmp_path, agent={"isolation_response": "leave"}).on_isolated()
     assert holder.poll() is None
     assert "isolation_response=leave, HA VMs keep running" in caplog.text
