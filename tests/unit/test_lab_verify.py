@@ -288,3 +288,6 @@ def test_rebalancing_after_the_repair_is_no_response_to_the_fault() -> None:
     assert unexplained == ["vm1 moved (h1 -> h2) or has a recovery, but the policy says alert"]
     during = check_episode(fabric, policy, moved, {"vm1": [rebalance(30.0)]}, 100)["problems"]
     assert during == ["vm1 moved (h1 -> h2) or has a recovery, but the policy says alert"]
+    # A later fault began at 50 s and moved vm1 at 55 s: a rebalancing move long after (200 s) must not
+    # stretch this episode's window over it (the first version did: CI dry run, seed 1375670898).
+    assert check_episode(fabric, policy, moved, {"vm1": [rebalance(200.0)]}, 50)["problems"] == []

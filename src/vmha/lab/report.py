@@ -176,7 +176,7 @@ def _rebalanced_after(ep: Episode, record: dict[str, Any]) -> bool:
 def _until(ep: Episode, records: list[dict[str, Any]], window_end: float) -> float:
     """Until when a VM's moves count for the episode: window_end, or the first rebalancing move decided
     after the repair (the rounds' end evens the load out within SETTLE of the last repair)."""
-    return min((float(r.get("created", 0)) for r in records if _rebalanced_after(ep, r)), default=window_end)
+    return min([window_end, *(float(r.get("created", 0)) for r in records if _rebalanced_after(ep, r))])
 
 
 def window_end(eps: list[Episode], i: int, now: float) -> float:
