@@ -49,11 +49,8 @@ async def test_join_retries_back_off_and_log_once(tmp_path: Path, monkeypatch: p
     assert len(errors) == 1 and "Input/output error" in errors[0]
 
 
-async def test_lock_settings_logged_when_they_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
-    locks = agent_locks_for(tmp_path, libvirt={"config_dir": str(tmp_path / "libvirt")})
-    same = LockSettings("sanlock", False, "lock_manager=sanlock")
-    found = [same, same, LockSettings("sanlock", True, "lock_manager=sanlock; auto_disk_leases=1")]
+def _settings_found(monkeypatch: pytest.MonkeyPatch, found: list[LockSettings | None]) -> None:
+    """Each lock settings check finds the next of `found`; no etcd behind host ids and registration."""
 
     async def allocated_host_id(*_: object) -> int:
         return 3
@@ -64,6 +61,16 @@ async def test_lock_settings_logged_when_they_change(tmp_path: Path, monkeypatch
     monkeypatch.setattr(agent_locks, "allocated_host_id", allocated_host_id)
     monkeypatch.setattr(agent_locks, "register", register)
     monkeypatch.setattr(agent_locks, "check_lock_settings", lambda *_: found.pop(0))
+
+
+async def test_lock_settings_logged_when_they_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    locks = agent_locks_for(tmp_path, libvirt={"config_dir": str(tmp_path / "libvirt")})
+    same = LockSettings("sanlock", False, "lock_manager=sanlock")
+    found: list[LockSettings | None] = [same, same,
+                                        LockSettings("sanlock", True, "lock_manager=sanlock; auto_disk_leases=1")]
+
+    _settings_found(monkeypatch, found)
     with caplog.at_level(logging.INFO, logger="vmha.agent"):
         for _ in range(3):
             assert await locks._settings_refuse(client=None) is False  # type: ignore[arg-type]
@@ -72,3 +79,18 @@ async def test_lock_settings_logged_when_they_change(tmp_path: Path, monkeypatch
         "host h1: libvirt lock settings checked: lock_manager=sanlock",
         "host h1: libvirt lock settings checked: lock_manager=sanlock; auto_disk_leases=1"]
     assert not [line for line in lines if "not configured" in line]
+
+
+async def test_libvirt_not_configured_is_logged_once_not_per_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    locks = agent_locks_for(tmp_path, libvirt={"config_dir": str(tmp_path / "libvirt")})
+    found: list[LockSettings | None] = [None, None, None, LockSettings("sanlock", False, "lock_manager=sanlock")]
+
+    _settings_found(monkeypatch, found)
+    with caplog.at_level(logging.INFO, logger="vmha.agent"):
+        for _ in range(4):
+            assert await locks._settings_refuse(client=None) is False  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([line for line in lines if "libvirt not configured here" in line]) == 1
+    assert [line for line in lines if "settings checked" in line] == [
+        "host h1: libvirt lock settings checked: lock_manager=sanlock"]

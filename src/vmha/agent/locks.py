@@ -38,6 +38,7 @@ log = logging.getLogger("vmha.agent")
 REJOIN_CHECK = 2.0  # seconds between checks that the lockspace is still joined
 REFUSED_RECHECK = 10.0  # seconds between checks of libvirt's lock settings while they are wrong
 JOIN_RETRY_CAP = 2.0  # seconds: the longest wait between two attempts to join the lockspace
+NOT_CONFIGURED = ""  # AgentLocks.checked when this host has no qemu.conf (and libvirt.required is false)
 
 
 class AgentLocks:
@@ -48,7 +49,9 @@ class AgentLocks:
         # Why libvirt's lock settings refuse this host ('' when they do not; None before the first check,
         # which clears a mark an earlier run left).
         self.refused: str | None = None
-        self.checked = ""  # the lock settings last found right (logged when they change)
+        # What the last check found right: the settings' text, or NOT_CONFIGURED; None after a refusal
+        # and before the first check. Logged when it changes, not at every join attempt.
+        self.checked: str | None = None
         self.keys = Keys(cfg.cluster.name)
         self.space = LockSpace.from_config(cfg.require_locks())
         self.host_id: int | None = None
@@ -117,13 +120,14 @@ class AgentLocks:
         if why and why != self.refused:
             log.error("host %s NOT protected: libvirt's lock settings are wrong: %s; not joining lockspace %s, "
                       "checking again every %.0f s", self.host, why, self.space.name, REFUSED_RECHECK)  # fmt: skip
-        elif not why and found is not None:
-            if found.text != self.checked:
+        text = found.text if found is not None else NOT_CONFIGURED
+        if not why and text != self.checked:
+            if found is not None:
                 log.info("host %s: libvirt lock settings checked: %s", self.host, found.text)
-        elif not why:
-            log.warning("host %s: no %s/qemu.conf: libvirt not configured here, its lock settings not checked "
-                        "(libvirt.required = false)", self.host, self.cfg.libvirt.config_dir)  # fmt: skip
-        self.checked = found.text if found is not None else ""
+            else:
+                log.warning("host %s: no %s/qemu.conf: libvirt not configured here, its lock settings not checked "
+                            "(libvirt.required = false)", self.host, self.cfg.libvirt.config_dir)  # fmt: skip
+        self.checked = None if why else text
         if why != self.refused:
             await register(client, self.keys, self.host, self.domain, **{LOCKS_REFUSED: why or None})
         self.refused = why
