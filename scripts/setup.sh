@@ -2,10 +2,11 @@
 # Installs everything vmha, its lab and its tests need on Debian 12, as root:
 # Debian packages (etcd, sanlock and its Python binding, sshfs/sshd for the lab's shared storage,
 # gcc for the lab's setrlimit shim, fence-agents + ipmitool for the power fence and openipmi's ipmi_sim
-# as the BMC its tests fence; libvirt with its sanlock lock manager, QEMU, and the kernel and busybox the
-# lab's guest is built from; spin, whose verifiers gcc compiles, for `vmha model check`; systemd for
-# `systemd-analyze verify` of the units, click-man for the man pages; prometheus, which the metrics test
-# runs as its own process, no service) and a virtualenv in .venv with vmha installed in it.
+# as the BMC its tests fence; libvirt with its sanlock lock manager, QEMU, and the kernel source and
+# tools the lab guest's kernel is compiled with; spin, whose verifiers gcc compiles, for `vmha model
+# check`; systemd for `systemd-analyze verify` of the units, click-man for the man pages; prometheus,
+# which the metrics test runs as its own process, no service) and a virtualenv in .venv with vmha
+# installed in it.
 # Idempotent: a second run only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,8 +15,9 @@ cd "$here"
 apt_pkgs=(etcd-server etcd-client sanlock python3-sanlock sshfs fuse3 openssh-server openssh-client
           iproute2 procps psmisc gcc libc6-dev python3-venv python3-dev fence-agents ipmitool openipmi
           libvirt-daemon libvirt-daemon-driver-qemu libvirt-sanlock libvirt-clients python3-libvirt
-          qemu-system-x86 linux-image-cloud-amd64 cpio lz4 binutils spin systemd python3-click-man prometheus
+          qemu-system-x86 cpio binutils spin systemd python3-click-man prometheus
           libvirt-dev pkg-config  # the libvirt binding for other Pythons (test-pythons.sh)
+          linux-source-6.1 xz-utils make bc flex bison libelf-dev  # the lab guest's kernel (build-guest.sh)
           chromium chromium-driver)  # chromium: the dashboard test (tests/e2e/test_lab_dashboard.py)
 missing=()
 for p in "${apt_pkgs[@]}"; do
@@ -56,6 +58,6 @@ done
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent passwd libvirt-qemu >/dev/null || useradd --system --gid libvirt-qemu --no-create-home \
   --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
-# The lab's QEMU guest (vmha lab up --guests qemu): the cloud kernel and vmha's disk writer as init.
+# The lab's QEMU guest (vmha lab up --guests qemu): its kernel and vmha's disk writer as init.
 bash scripts/build-guest.sh
 echo "setup: ready (.venv/bin/vmha)"

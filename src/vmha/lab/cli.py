@@ -193,8 +193,8 @@ DEMO_FAULTS = ("management", "service", "storage", "isolation", "power-off", "fa
 
 @click.command("demo")
 @click.option("--keep", is_flag=True, help="leave the lab up afterwards (`vmha lab down` removes it)")
-@click.option("--guests", type=click.Choice(["process", "qemu"]), default="process", show_default=True,
-              help="qemu: real QEMU guests under libvirt (slower to boot); process: the vmha-vm stand-ins")
+@click.option("--guests", type=click.Choice(["process", "qemu"]), default="qemu", show_default=True,
+              help="qemu: real QEMU guests under libvirt; process: the vmha-vm stand-ins (quicker)")
 @_dir_option
 def demo(keep: bool, guests: str, lab_dir: Path) -> None:
     """Lab up (4 hosts, 8 VMs), one fault of each class with its timeline, verify, lab down."""
