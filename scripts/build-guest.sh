@@ -7,7 +7,7 @@
 # time Debian's cloud kernel took (BENCHMARKS.md, "guest boot").
 # Output: $VMHA_GUEST_DIR (default /var/lib/vmha/lab-guest)/{vmlinux,initrd.img}. vmlinux is an ELF that
 # QEMU boots through its PVH entry point: no real-mode loader, no decompression under emulation.
-# Idempotent: rebuilds only when an input is newer than the image (the kernel build takes about 3 min
+# Idempotent: rebuilds only when an input is newer than the image (the whole build takes about 4 min
 # on 2 cores).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
