@@ -291,3 +291,27 @@ def test_rebalancing_after_the_repair_is_no_response_to_the_fault() -> None:
     # A later fault began at 50 s and moved vm1 at 55 s: a rebalancing move long after (200 s) must not
     # stretch this episode's window over it (the first version did: CI dry run, seed 1375670898).
     assert check_episode(fabric, policy, moved, {"vm1": [rebalance(200.0)]}, 50)["problems"] == []
+
+
+def test_a_rebalancing_move_decided_before_the_fault_is_no_response_to_it() -> None:
+    """CI dry run, seed 4135235935: rebalancing decided to live-migrate vm1 26 ms before a fabric
+    outage began; the move completed 0.9 s into it, and verify judged it the fault's move ('vm1 moved
+    ... but the policy says alert'). The same move decided during the outage, or with no rebalancing
+    record, or a rebalancing record older than the VM's latest one, is still a violation."""
+    policy = PolicyTable.parse(DEFAULT_POLICY)
+    fabric = episodes([fault(10, "fabric", "management", "down"), fault(10, "fabric", "service", "down"),
+                       fault(20, "fabric", "management", "up"), fault(20, "fabric", "service", "up")])[0]
+    moved = {"vm1": _disk(*run("h1", 1, 0.0, 109), *run("h5", 110, 10.9, 100))}  # on h5 from 10.9 s
+
+    def rebalance(created: float, dest: str = "h5") -> dict[str, object]:
+        return {"vm": "vm1", "source": "h1", "created": created, "action": "live-migrate", "kind": "migrate",
+                "row": "rebalance", "state": "done", "running_on": dest}
+
+    violation = ["vm1 moved (h1 -> h5) or has a recovery, but the policy says alert"]
+    assert check_episode(fabric, policy, moved, {"vm1": [rebalance(9.97)]}, 100)["problems"] == []
+    assert check_episode(fabric, policy, moved, {"vm1": [rebalance(10.5)]}, 100)["problems"] == violation
+    assert check_episode(fabric, policy, moved, {}, 100)["problems"] == violation
+    assert check_episode(fabric, policy, moved, {"vm1": [rebalance(9.97, dest="h2")]}, 100)["problems"] == violation
+    evacuated = {"vm": "vm1", "source": "h3", "created": 9.99, "action": "fence-evacuate", "kind": "evacuate",
+                 "row": "power-off", "state": "done", "running_on": "h1"}
+    assert check_episode(fabric, policy, moved, {"vm1": [rebalance(5.0), evacuated]}, 100)["problems"] == violation
