@@ -315,3 +315,10 @@ def test_a_rebalancing_move_decided_before_the_fault_is_no_response_to_it() -> N
     evacuated = {"vm": "vm1", "source": "h3", "created": 9.99, "action": "fence-evacuate", "kind": "evacuate",
                  "row": "power-off", "state": "done", "running_on": "h1"}
     assert check_episode(fabric, policy, moved, {"vm1": [rebalance(5.0), evacuated]}, 100)["problems"] == violation
+    # A host fault: a VM that came to h1 by an old rebalancing move and was restarted there, on the failed
+    # host, is still unrecovered.
+    storage = episodes([fault(10, "h1", "storage", "down"), fault(25, "h1", "storage", "up")])[0]
+    in_place = {"vm1": _disk(*run("h1", 1, 0.0, 110), *run("h1", 111, 17.0, 100))}
+    came = rebalance(2.0, dest="h1")
+    assert "vm1 still on h1: expected fence-evacuate" in check_episode(
+        storage, policy, in_place, {"vm1": [came]}, 30)["problems"]

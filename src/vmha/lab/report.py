@@ -142,7 +142,7 @@ def check_episode(ep: Episode, policy: PolicyTable, disks: dict[str, DiskReport]
             if not killed and downtime_starting(disks[vm], ep.start, until[vm] - DEFAULT_GAP, floor) > 0:
                 problems.append(f"{vm}: downtime during a fault that must not touch it")
             continue
-        if in_flight is not None and after == in_flight:
+        if in_flight not in (None, before) and after == in_flight:
             continue  # it left on a move decided before the fault: there is no response to judge
         if not moved[vm]:
             problems.append(f"{vm} still on {before}: expected {expected.value}")
