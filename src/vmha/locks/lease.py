@@ -6,8 +6,11 @@ with the processes): by vmha when it acquires, and by the agent for holders it o
 sanlock (record_seen_holders: a QEMU whose lease libvirt's lock manager acquired). The record
 outlives the sanlock daemon's knowledge: once a lockspace has failed or the daemon has died,
 sanlock can no longer say which processes held the VM's lease, and the exit attestation must still
-check that each of them has left the process table. The record names the pid and its start time,
-so a reused pid is not mistaken for the holder.
+check that each of them has left the process table. The record names the pid and its start in
+clock ticks after boot, so a reused pid is not mistaken for the holder. Not its start in Unix time
+(psutil's create_time): that adds the kernel's boot time, which moves with every step of the wall
+clock (CI saw one of 7 s), and every live holder would then look gone: pruned, not stopped by the
+isolation response, and attested as exited.
 
 sanlock keeps at most 8 leases per registered client; every LeaseHold registers its own client, so
 one process (the manager) can hold any number of leases, bounded by its file descriptors.
@@ -32,22 +35,32 @@ def holders_dir() -> Path:
     return Path(os.environ.get("VMHA_RUN_DIR", "/run/vmha")) / "lease-holders"
 
 
+def _proc_stat(pid: int) -> tuple[str, int]:
+    """(state, start) of `pid` from /proc/PID/stat: its state letter and its start in clock ticks after
+    boot, fixed for the process's life. FileNotFoundError or ProcessLookupError once it is gone."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # the name in parentheses may hold spaces
+    return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+
+
 @dataclass(frozen=True, slots=True)
 class Holder:
     """A process that holds (or held) a VM's lease on this host."""
 
     vm: str  # the lease's resource name (LockSpace.resource): the VM's name, or libvirt's disk-lease name
     pid: int
-    started: float  # the process's start time (psutil create_time), against pid reuse
+    # Its start in clock ticks after boot, against pid reuse; None in a record written before vmha kept
+    # it (such a holder counts as alive while its pid exists: never a proof from a guess).
+    start_ticks: int | None
 
     def alive(self) -> bool:
         """Still in the process table as the same process and not a zombie (a zombie cannot write:
         its memory and files are gone and its in-flight I/O was completed by exit)."""
         try:
-            p = psutil.Process(self.pid)
-            return bool(abs(p.create_time() - self.started) < 0.01 and p.status() != psutil.STATUS_ZOMBIE)
-        except psutil.NoSuchProcess:
+            state, start = _proc_stat(self.pid)
+        except (FileNotFoundError, ProcessLookupError):
             return False
+        return state not in ("Z", "X") and self.start_ticks in (None, start)
 
     def text(self) -> str:
         return f"pid={self.pid}"
@@ -55,8 +68,8 @@ class Holder:
 
 def holder_of(vm: str, pid: int) -> Holder:
     try:
-        return Holder(vm, pid, psutil.Process(pid).create_time())
-    except psutil.NoSuchProcess:
+        return Holder(vm, pid, _proc_stat(pid)[1])
+    except (FileNotFoundError, ProcessLookupError):
         raise LockError(f"VM {vm}: process {pid} does not exist, it cannot hold the lease") from None
 
 
@@ -67,7 +80,7 @@ def _record_path(h: Holder) -> Path:
 def record(h: Holder) -> None:
     holders_dir().mkdir(parents=True, exist_ok=True)
     tmp = _record_path(h).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"vm": h.vm, "pid": h.pid, "started": h.started}))
+    tmp.write_text(json.dumps({"vm": h.vm, "pid": h.pid, "start_ticks": h.start_ticks}))
     tmp.rename(_record_path(h))
 
 
@@ -83,7 +96,8 @@ def recorded_holders(vm: str | None = None) -> list[Holder]:
     for p in sorted(holders_dir().iterdir()):
         try:
             d = json.loads(p.read_text())
-            h = Holder(str(d["vm"]), int(d["pid"]), float(d["started"]))
+            ticks = d.get("start_ticks")
+            h = Holder(str(d["vm"]), int(d["pid"]), None if ticks is None else int(ticks))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a half-written or foreign file: the live sanlock scan still covers its holder
         if vm is None or h.vm == vm:
