@@ -95,6 +95,46 @@ def test_downtime_between_clips_gaps_to_the_window() -> None:
     assert downtime_starting(r, 9.9, 30) == 10.0
 
 
+def timed(*writes: tuple[str, int, float, float]) -> list[str]:
+    """Records with the monotonic time too: (host, seq, t, mono)."""
+    return [json.dumps({"vm": "vm1", "host": h, "seq": s, "t": t, "mono": m}) for h, s, t, m in writes]
+
+
+def test_a_step_of_the_wall_clock_is_no_silence() -> None:
+    """CI, 2026-12-05: the machine's wall clock jumped 7 s ahead of its monotonic clock, and by t every
+    lab VM was silent for 6.6 s during a fault that must not touch them. By mono they wrote every 0.1 s."""
+    writes = [("h1", i, 100.0 + i / 10 + (7.0 if i >= 10 else 0.0), 500.0 + i / 10) for i in range(20)]
+    r = check_disk("vm1", timed(*writes))
+    assert (r.gaps, r.downtime) == ((), 0)
+    assert [(i.start, i.end, i.writes) for i in r.intervals] == [(100.0, 108.9, 20)]
+    assert downtime_between(r, 100.0, 110.0, restart_floor("qemu")) == 0.0
+    # The same records without mono (older ones): the step reads as a silence.
+    assert round(check_disk("vm1", lines(*[(h, s, t) for h, s, t, _ in writes])).downtime, 3) == 7.1
+
+
+def test_a_stop_across_a_wall_clock_step_lasts_its_monotonic_time() -> None:
+    # h1 stops at mono 501.0; h2 writes from mono 506.0 on, after the wall clock stepped 7 s ahead.
+    r = check_disk("vm1", timed(("h1", 1, 100.0, 500.0), ("h1", 2, 101.0, 501.0),
+                                ("h2", 3, 113.0, 506.0), ("h2", 4, 113.1, 506.1)))
+    assert [(g.start, g.end, g.seconds) for g in r.gaps] == [(101.0, 113.0, 5.0)]
+    assert r.downtime == 5.0
+    assert [i.host for i in r.intervals] == ["h1", "h2"]
+    # A window cutting the gap counts its part in proportion: half the wall span, half the stop.
+    assert downtime_between(r, 107.0, 200.0) == 2.5
+
+
+def test_mono_running_backwards_falls_back_to_the_wall_clock() -> None:
+    """The machine restarted between two writes (its monotonic clock starts again near 0)."""
+    r = check_disk("vm1", timed(("h1", 1, 100.0, 900.0), ("h2", 2, 160.0, 12.0)))
+    assert [g.seconds for g in r.gaps] == [60.0]
+
+
+def test_a_record_with_a_bad_mono_is_a_bad_line() -> None:
+    ls = [*timed(("h1", 1, 100.0, 500.0)), json.dumps({"vm": "vm1", "host": "h1", "seq": 2, "t": 100.1, "mono": "x"})]
+    r = check_disk("vm1", ls)
+    assert (r.writes, r.bad_lines) == (1, (2,))
+
+
 def test_empty_disk() -> None:
     r = check_disk("vm1", [])
     assert (r.writes, r.split_brain, r.downtime, r.last_t) == (0, False, 0, None)

@@ -1,10 +1,12 @@
 """The lab host's clock service for its QEMU guests: `python -m vmha.lab.guestclock HOST SOCKET`.
 
 Each guest asks before every disk record which host it runs on and what time it is ("? NONCE"), over a
-virtio-serial port that QEMU connects to this socket; the answer is "NONCE HOST UNIXTIME". So a record
-names the host the guest runs on now, also after a live migration (the destination's QEMU connects to
-the destination's service), and its time is the host's clock within the round trip (milliseconds),
-which a TCG guest's own clock (set from a 1 s RTC) could not give.
+virtio-serial port that QEMU connects to this socket; the answer is "NONCE HOST UNIXTIME MONOTONIC". So
+a record names the host the guest runs on now, also after a live migration (the destination's QEMU
+connects to the destination's service), and its times are the host's clocks within the round trip
+(milliseconds), which a TCG guest's own clock (set from a 1 s RTC) could not give. MONOTONIC (the
+machine's CLOCK_MONOTONIC, shared by every lab host) lets verify measure a silence across a step of
+the wall clock.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ async def _serve(host: str, reader: asyncio.StreamReader, writer: asyncio.Stream
             parts = line.split()
             if len(line) > MAX_LINE or len(parts) != 2 or parts[0] != b"?" or not parts[1].isdigit():
                 continue
-            writer.write(b"%s %s %.4f\n" % (parts[1], host.encode(), time.time()))
+            writer.write(b"%s %s %.4f %.4f\n" % (parts[1], host.encode(), time.time(), time.monotonic()))
             await writer.drain()
     except (ConnectionError, asyncio.LimitOverrunError, ValueError):
         pass

@@ -1,10 +1,14 @@
 """`vmha lab verify`: what the lab VMs' disks say happened (pure functions, no I/O here).
 
-A lab VM appends one JSON line per write to its disk: {"vm", "host", "seq", "t"} (t: unix time).
-From those records alone:
+A lab VM appends one JSON line per write to its disk: {"vm", "host", "seq", "t", "mono"} (t: unix
+time; mono: the lab machine's CLOCK_MONOTONIC, absent from records older than it). From those
+records alone:
 - split-brain: two hosts writing in the same time span (their writing intervals overlap), or a
   sequence number that does not grow in file order (two copies continued from the same record);
 - downtime: gaps between consecutive writes (any host) longer than `gap`.
+Records are placed in time by t, while the time between two of them is measured by mono when both
+carry it: a step of the machine's wall clock (seen in CI: +7 s at once, every lab VM "silent" for
+6.6 s by t) is no silence of the VM. All lab hosts share one kernel, so one monotonic clock.
 Faults (from the lab's fault log) are matched with the manager's evidence records by fault_report.
 """
 
@@ -39,6 +43,15 @@ class Record:
     host: str
     seq: int
     t: float
+    mono: float | None = None
+
+
+def elapsed(a: Record, b: Record) -> float:
+    """Seconds from write a to write b: by the monotonic clock when both carry it and it runs forward
+    between them (it restarts with the machine), else by their wall-clock times."""
+    if a.mono is not None and b.mono is not None and b.mono >= a.mono:
+        return b.mono - a.mono
+    return b.t - a.t
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,14 +70,13 @@ class Interval:
 
 @dataclass(frozen=True, slots=True)
 class Gap:
+    """A silence between two writes: placed by their wall-clock times, `seconds` long (elapsed())."""
+
     start: float
     end: float
     from_host: str
     to_host: str
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start
+    seconds: float
 
     def to_dict(self) -> dict[str, Any]:
         return {"start": self.start, "end": self.end, "seconds": round(self.seconds, 3),
@@ -145,7 +157,9 @@ def parse_disk(vm: str, lines: Iterable[str]) -> tuple[list[tuple[int, Record]],
             continue
         try:
             d = json.loads(line)
-            rec = Record(vm=str(d["vm"]), host=str(d["host"]), seq=int(d["seq"]), t=float(d["t"]))
+            mono = d.get("mono")
+            rec = Record(vm=str(d["vm"]), host=str(d["host"]), seq=int(d["seq"]), t=float(d["t"]),
+                         mono=None if mono is None else float(mono))
         except (ValueError, KeyError, TypeError):
             bad.append(n)
             continue
@@ -165,7 +179,7 @@ def intervals(records: Sequence[Record], gap: float = DEFAULT_GAP) -> list[Inter
     for host in sorted(by_host):
         run: list[Record] = []
         for r in sorted(by_host[host], key=lambda x: x.t):
-            if run and r.t - run[-1].t > gap:
+            if run and elapsed(run[-1], r) > gap:
                 out.append(_interval(host, run))
                 run = []
             run.append(r)
@@ -204,9 +218,7 @@ def seq_errors(numbered: Sequence[tuple[int, Record]]) -> list[SeqError]:
 def gaps(records: Sequence[Record], gap: float = DEFAULT_GAP) -> list[Gap]:
     """Silences longer than `gap` between consecutive writes of any copy: the VM was not running."""
     ordered = sorted(records, key=lambda r: r.t)
-    return [
-        Gap(a.t, b.t, a.host, b.host) for a, b in itertools.pairwise(ordered) if b.t - a.t > gap
-    ]
+    return [Gap(a.t, b.t, a.host, b.host, s) for a, b in itertools.pairwise(ordered) if (s := elapsed(a, b)) > gap]
 
 
 def check_disk(vm: str, lines: Iterable[str], gap: float = DEFAULT_GAP) -> DiskReport:
@@ -228,14 +240,17 @@ def check_disk(vm: str, lines: Iterable[str], gap: float = DEFAULT_GAP) -> DiskR
 
 
 def downtime_between(report: DiskReport, start: float, end: float, longer_than: float = 0.0) -> float:
-    """Seconds of the report's gaps (those longer than `longer_than`) that fall inside [start, end]."""
+    """Seconds of the report's gaps (those longer than `longer_than`) that fall inside [start, end]: a
+    gap cut by the window counts in proportion to the wall-clock part of it inside."""
     total = 0.0
     for g in report.gaps:
         if g.seconds <= longer_than:
             continue
         lo, hi = max(g.start, start), min(g.end, end)
         if hi > lo:
-            total += hi - lo
+            total += g.seconds * (hi - lo) / (g.end - g.start)
+        elif g.end <= g.start and start <= g.start <= end:  # the wall clock stepped back across it
+            total += g.seconds
     return total
 
 

@@ -2,7 +2,8 @@
 
 A real process standing for a VM (so `ps` finds it by name). It takes the VM's sanlock lease for
 itself before writing anything, then appends one JSON line per write to its disk, a file on the
-shared storage: {"vm", "host", "seq", "t"} (t: unix time), each followed by fsync (the write reaches
+shared storage: {"vm", "host", "seq", "t", "mono"} (t: unix time; mono: the machine's monotonic
+clock, which verify measures silences by), each followed by fsync (the write reaches
 the storage server before the next one starts: no cached write can land after the process is gone,
 which is what lets the manager accept an exit attestation). A new copy continues seq from the last
 record on the disk.
@@ -164,7 +165,8 @@ class LabVm:
         failing = False
         try:
             while not self.stop.is_set():
-                rec = {"vm": self.name, "host": self.host, "seq": seq + 1, "t": round(time.time(), 4)}
+                rec = {"vm": self.name, "host": self.host, "seq": seq + 1, "t": round(time.time(), 4),
+                       "mono": round(time.monotonic(), 4)}
                 try:
                     os.write(fd, (json.dumps(rec) + "\n").encode())
                     os.fsync(fd)

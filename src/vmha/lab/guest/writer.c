@@ -1,14 +1,14 @@
 /* The lab guest's workload: appends the lab VM's disk records to its raw disk, as the stand-in
  * `vmha-vm` process does to its file, so that the lab's verify reads both alike.
  *
- *   {"vm": "vm1", "host": "h2", "seq": 17, "t": 1796230287.1234}\n
+ *   {"vm": "vm1", "host": "h2", "seq": 17, "t": 1796230287.1234, "mono": 35045.1234}\n
  *
  * one JSON line per write, plain text from the disk's first byte (no filesystem), each write
  * synchronous (O_SYNC: on the shared storage before the next one starts). `seq` continues from the
  * disk's last record. The guest knows neither which host it runs on (it may have been live-migrated)
  * nor the time to 0.1 s (TCG guests and an RTC of 1 s resolution): before each write it asks the
- * host's clock service over a virtio-serial port ("org.vmha.clock"), which answers with its host name
- * and Unix time. A question lost in a migration is sent again after ASK_AGAIN_MS (see ask()).
+ * host's clock service over a virtio-serial port ("org.vmha.clock"), which answers with its host name,
+ * Unix time and monotonic time (verify measures silences by the latter: the wall clock may step). A question lost in a migration is sent again after ASK_AGAIN_MS (see ask()).
  *
  * It is the guest's init (pid 1): it mounts /dev, /proc and /sys itself, since every program started
  * under TCG costs boot time. The guest's kernel has its virtio drivers built in (no modules).
@@ -130,9 +130,10 @@ struct answers {
 #define ASK_AGAIN_MS 125
 #define ASK_TIMEOUT_MS 500
 
-/* Reads answers until ASK_AGAIN_MS pass without a byte: 0 on the answer to `nonce`. */
+/* Reads answers until ASK_AGAIN_MS pass without a byte: 0 on the answer to `nonce`. `mono` stays empty
+ * when the service gives no monotonic time (an older one). */
 static int await_answer(int port, struct answers *a, unsigned nonce, char *host, size_t hostlen, char *t,
-                        size_t tlen) {
+                        size_t tlen, char *mono, size_t monolen) {
     struct pollfd p = {.fd = port, .events = POLLIN};
     while (poll(&p, 1, ASK_AGAIN_MS) > 0) {
         ssize_t n = read(port, a->buf + a->have, sizeof a->buf - 1 - a->have);
@@ -143,13 +144,14 @@ static int await_answer(int port, struct answers *a, unsigned nonce, char *host,
         while ((nl = strchr(a->buf, '\n'))) {
             *nl = 0;
             unsigned got;
-            char h[64], tt[32];
-            int ok = sscanf(a->buf, "%u %63s %31s", &got, h, tt) == 3 && got == nonce;
+            char h[64], tt[32], mm[32] = "";
+            int ok = sscanf(a->buf, "%u %63s %31s %31s", &got, h, tt, mm) >= 3 && got == nonce;
             memmove(a->buf, nl + 1, strlen(nl + 1) + 1);
             a->have = strlen(a->buf);
             if (ok) {
                 snprintf(host, hostlen, "%s", h);
                 snprintf(t, tlen, "%s", tt);
+                snprintf(mono, monolen, "%s", mm);
                 return 0;
             }
         }
@@ -158,17 +160,18 @@ static int await_answer(int port, struct answers *a, unsigned nonce, char *host,
     return -1;
 }
 
-/* Asks the host's clock service: "? NONCE\n" -> "NONCE HOST TIME\n". 0 on an answer.
+/* Asks the host's clock service: "? NONCE\n" -> "NONCE HOST TIME MONOTONIC\n". 0 on an answer.
  * A question sent just before a live migration's switch-over is answered to the old host, and lost:
  * the same question goes out again every ASK_AGAIN_MS (the new host answers it; a late answer from the
  * old one carries the same nonce and is as good), for at most ASK_TIMEOUT_MS. */
-static int ask(int port, unsigned nonce, char *host, size_t hostlen, char *t, size_t tlen) {
+static int ask(int port, unsigned nonce, char *host, size_t hostlen, char *t, size_t tlen, char *mono,
+               size_t monolen) {
     struct answers a = {.have = 0};
     char q[32];
     int len = snprintf(q, sizeof q, "? %u\n", nonce);
     for (int waited = 0; waited < ASK_TIMEOUT_MS; waited += ASK_AGAIN_MS) {
         if (write(port, q, (size_t)len) != len) return -1;
-        if (await_answer(port, &a, nonce, host, hostlen, t, tlen) == 0) return 0;
+        if (await_answer(port, &a, nonce, host, hostlen, t, tlen, mono, monolen) == 0) return 0;
     }
     return -1; /* no answer: the service restarting */
 }
@@ -202,14 +205,16 @@ int main(void) {
     unsigned nonce = 0;
     struct timespec pause = {(time_t)interval, (long)((interval - (time_t)interval) * 1e9)};
     for (;;) {
-        char host[64], t[32], rec[256];
+        char host[64], t[32], mono[32], rec[256];
         if (port < 0) port = open_port();
-        if (port < 0 || ask(port, ++nonce, host, sizeof host, t, sizeof t) != 0) {
+        if (port < 0 || ask(port, ++nonce, host, sizeof host, t, sizeof t, mono, sizeof mono) != 0) {
             nanosleep(&pause, NULL);
             continue;
         }
-        int n = snprintf(rec, sizeof rec, "{\"vm\": \"%s\", \"host\": \"%s\", \"seq\": %lld, \"t\": %s}\n", vm, host,
-                         seq + 1, t);
+        char mono_field[48] = "";
+        if (mono[0]) snprintf(mono_field, sizeof mono_field, ", \"mono\": %s", mono);
+        int n = snprintf(rec, sizeof rec, "{\"vm\": \"%s\", \"host\": \"%s\", \"seq\": %lld, \"t\": %s%s}\n", vm,
+                         host, seq + 1, t, mono_field);
         if (end + n > size) {
             say("%s", "disk full: no more records");
             pause.tv_sec = 60;
