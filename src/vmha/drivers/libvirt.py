@@ -87,6 +87,18 @@ def domain_state(vm: str, recorded: str, scan: Mapping[str, Mapping[str, str] | 
     return STOPPED
 
 
+def protected_per_host(scan: Mapping[str, Mapping[str, str] | None],
+                       records: Mapping[str, LibvirtDomainValue]) -> dict[str, int]:
+    """Protected domains per host: those running there in this scan, and those recorded there and not
+    seen running anywhere (a stopped one comes back where it was)."""
+    seen = {vm: h for h, running in scan.items() for vm, xml in (running or {}).items() if protection(xml) is not None}
+    out: dict[str, int] = {}
+    for vm in set(seen) | set(records):
+        host = seen.get(vm) or records[vm].host
+        out[host] = out.get(host, 0) + 1
+    return out
+
+
 class LibvirtDriver:
     name = "libvirt"
 
@@ -169,10 +181,11 @@ class LibvirtDriver:
             out[host] = None if isinstance(res, BaseException) else res
         return out
 
-    async def _where(self, vm: str) -> list[str]:
+    @staticmethod
+    def _where(vm: str, scan: Mapping[str, Mapping[str, str] | None]) -> list[str]:
         """Hosts where the VM runs, of those that answer. One that does not answer may run it too: the
         lease, which libvirt takes before the CPUs run, keeps a second copy from starting."""
-        return [h for h, doms in (await self._scan()).items() if doms is not None and vm in doms]
+        return [h for h, doms in scan.items() if doms is not None and vm in doms]
 
     # inventory in etcd ------------------------------------------------------------------------------
     async def _records(self, kind: str, model: type[M]) -> dict[str, M]:
@@ -196,8 +209,9 @@ class LibvirtDriver:
         except EtcdError as e:
             raise DriverError(f"libvirt driver: etcd: {e}") from None
 
-    async def _domain(self, vm: str) -> LibvirtDomainValue:
-        rec = (await self._records("domains", LibvirtDomainValue)).get(vm)
+    @staticmethod
+    def _domain(vm: str, records: Mapping[str, LibvirtDomainValue]) -> LibvirtDomainValue:
+        rec = records.get(vm)
         if rec is None or protection(rec.xml) is None:
             raise DriverError(f"libvirt: no recorded definition of protected domain {vm}", retryable=False)
         return rec
@@ -282,43 +296,51 @@ class LibvirtDriver:
     async def enable_host(self, host: str) -> None:
         await self._flag(host, enabled=True, forced_down=False, reason="")
 
-    async def _targets(self, dest: str | None, exclude: set[str]) -> list[str]:
-        """[dest] when the caller chose one; else enabled, reachable hosts, least loaded first."""
+    async def _targets(self, dest: str | None, exclude: set[str], scan: Mapping[str, Mapping[str, str] | None],
+                       records: Mapping[str, LibvirtDomainValue]) -> list[str]:
+        """[dest] when the caller chose one; else enabled, reachable hosts, least loaded first. From the
+        caller's scan: one round of questions to every libvirtd per move, not one per step of it."""
         if dest is not None:
             return [dest]
-        load: dict[str, int] = {}
-        for vm in await self.vms():
-            if vm.host is not None:
-                load[vm.host] = load.get(vm.host, 0) + 1
-        ok = [h.name for h in await self.hosts() if h.enabled and h.up and not h.forced_down and h.name not in exclude]
+        flags = await self._records("hosts", LibvirtHostValue)
+        ok = [h for h in sorted(self.uris) if h not in exclude and scan.get(h) is not None
+              and (f := flags.get(h, LibvirtHostValue())).enabled and not f.forced_down]
         if not ok:
             raise DriverError("libvirt: no enabled, reachable host to run on")
-        return sorted(ok, key=lambda h: (load.get(h, 0), h))
+        per_host = protected_per_host(scan, records)
+        return sorted(ok, key=lambda h: (per_host.get(h, 0), h))
 
     async def evacuate(self, vm: str, source: str, dest: str | None) -> str:
-        running = await self._where(vm)
+        began = time.monotonic()
+        scan = await self._scan()
+        running = self._where(vm, scan)
         if source in running:
             # The caller holds a fence proof, yet the old copy still runs: never start a second one.
             raise DriverError(f"evacuate {vm}: it still runs on {source}; refusing")
         if running:  # already done (a new leader repeating the step)
             await self._place(vm, running[0])
             return running[0]
-        rec = await self._domain(vm)
+        records = await self._records("domains", LibvirtDomainValue)
+        rec = self._domain(vm, records)
         errors = []
-        for target in await self._targets(dest, exclude={source}):
+        for target in await self._targets(dest, {source}, scan, records):
             try:
                 conn = await self._conn(target)
+                create = time.monotonic()
                 await self._call(functools.partial(conn.createXML, rec.xml, 0))
+                created = time.monotonic()
             except (DriverError, libvirt.libvirtError, TimeoutError) as e:
                 errors.append(f"{target}: {_why(e)}")
                 continue
-            await self._place(vm, target)
-            log.info("libvirt: %s started on %s", vm, target)
+            await self._place(vm, target, known=records)
+            log.info("libvirt: %s started on %s in %.2f s (createXML %.2f s)", vm, target, created - began,
+                     created - create)
             return target
         raise DriverError(f"evacuate {vm}: no host could start it: {'; '.join(errors)}")
 
     async def live_migrate(self, vm: str, source: str, dest: str | None) -> str:
-        running = await self._where(vm)
+        scan = await self._scan()
+        running = self._where(vm, scan)
         if running and source not in running:
             await self._place(vm, running[0])
             return running[0]
@@ -326,7 +348,8 @@ class LibvirtDriver:
             raise DriverError(f"live migration of {vm}: no running copy on {source} to move")
         conn = await self._conn(source)
         errors = []
-        for target in await self._targets(dest, exclude={source}):
+        records = await self._records("domains", LibvirtDomainValue)
+        for target in await self._targets(dest, {source}, scan, records):
             flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
             if self.migrate_unsafe:
                 flags |= libvirt.VIR_MIGRATE_UNSAFE
@@ -338,7 +361,7 @@ class LibvirtDriver:
             except (libvirt.libvirtError, TimeoutError) as e:
                 errors.append(f"{target}: {_why(e)}")
                 continue
-            await self._place(vm, target)
+            await self._place(vm, target, known=records)
             log.info("libvirt: %s live-migrated from %s to %s", vm, source, target)
             return target
         raise DriverError(f"live migration of {vm} from {source}: {'; '.join(errors)}")
