@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmha.core.planes import PLANES, Plane
+from vmha.procstat import proc_stat
 
 # Third octet of each plane's /24 inside 198.18.0.0/15 (reserved for benchmarks: never routed).
 PLANE_OCTET: dict[Plane, int] = {Plane.MANAGEMENT: 1, Plane.STORAGE: 2, Plane.SERVICE: 3}
@@ -100,10 +101,9 @@ def pid_alive(pid: int) -> bool:
         return True
     # A zombie child of ours still answers kill(0): look at its state.
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return proc_stat(pid)[0] != "Z"
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def kill_pids(pids: Sequence[int], *, grace: float | None = 3.0) -> None:

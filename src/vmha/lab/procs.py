@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmha.procstat import proc_stat
+
 NETNS_DIR = Path("/run/netns")
 EXIT_LEASE_REFUSED = 3  # vmha-vm's exit status when the lease cannot be taken (held elsewhere, no lockspace)
 
@@ -54,7 +56,7 @@ def netns_names(prefix: str) -> dict[int, str]:
 def _cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = proc_stat(pid)[0]
     except OSError:
         return []
     return [] if state == "Z" else [a.decode(errors="replace") for a in raw.split(b"\0") if a]
@@ -104,7 +106,7 @@ def qemu_guest(argv: list[str]) -> str | None:
 
 def _started(pid: int) -> int:
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return proc_stat(pid)[1]
     except (OSError, IndexError, ValueError):
         return 0
 

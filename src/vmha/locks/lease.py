@@ -29,6 +29,7 @@ import psutil
 
 from vmha.locks.binding import sanlock
 from vmha.locks.space import LEASE_HELD, LeaseBusy, LockError, LockSpace, SanlockUnavailable, is_unavailable, why
+from vmha.procstat import proc_stat
 
 STATUS_TIMEOUT = 10.0  # seconds for `sanlock client status`: a daemon that answers at all does in milliseconds
 
@@ -36,14 +37,6 @@ STATUS_TIMEOUT = 10.0  # seconds for `sanlock client status`: a daemon that answ
 def holders_dir() -> Path:
     """/run/vmha/lease-holders, or under $VMHA_RUN_DIR (tests run several hosts in one mount namespace)."""
     return Path(os.environ.get("VMHA_RUN_DIR", "/run/vmha")) / "lease-holders"
-
-
-def _proc_stat(pid: int) -> tuple[str, int]:
-    """(state, start) of `pid` from /proc/PID/stat: its state letter and its start in clock ticks after
-    boot, fixed for the process's life. FileNotFoundError or ProcessLookupError once it is gone."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()  # the name in parentheses may hold spaces
-    return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +53,7 @@ class Holder:
         """Still in the process table as the same process and not a zombie (a zombie cannot write:
         its memory and files are gone and its in-flight I/O was completed by exit)."""
         try:
-            state, start = _proc_stat(self.pid)
+            state, start = proc_stat(self.pid)
         except (FileNotFoundError, ProcessLookupError):
             return False
         return state not in ("Z", "X") and self.start_ticks in (None, start)
@@ -71,7 +64,7 @@ class Holder:
 
 def holder_of(vm: str, pid: int) -> Holder:
     try:
-        return Holder(vm, pid, _proc_stat(pid)[1])
+        return Holder(vm, pid, proc_stat(pid)[1])
     except (FileNotFoundError, ProcessLookupError):
         raise LockError(f"VM {vm}: process {pid} does not exist, it cannot hold the lease") from None
 

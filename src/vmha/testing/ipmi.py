@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from vmha.procstat import proc_stat
 from vmha.testing.etcd import free_ports
 from vmha.testing.process import stop_process
 
@@ -55,11 +56,10 @@ def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks (tells a reused PID apart), or None if it is gone.
     A zombie counts as gone: it runs no more code."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        state, start = proc_stat(pid)
     except FileNotFoundError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3, starttime 22
-    return None if fields[0] == "Z" else int(fields[19])
+    return None if state == "Z" else start
 
 
 class IpmiSim:
