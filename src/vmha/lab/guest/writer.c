@@ -8,7 +8,8 @@
  * disk's last record. The guest knows neither which host it runs on (it may have been live-migrated)
  * nor the time to 0.1 s (TCG guests and an RTC of 1 s resolution): before each write it asks the
  * host's clock service over a virtio-serial port ("org.vmha.clock"), which answers with its host name,
- * Unix time and monotonic time (verify measures silences by the latter: the wall clock may step). A question lost in a migration is sent again after ASK_AGAIN_MS (see ask()).
+ * Unix time and monotonic time (verify measures silences by the latter: the wall clock may step). A
+ * question lost in a migration is sent again after ASK_AGAIN_MS (see ask()).
  *
  * It is the guest's init (pid 1): it mounts /dev, /proc and /sys itself, since every program started
  * under TCG costs boot time. The guest's kernel has its virtio drivers built in (no modules).
